@@ -1,0 +1,375 @@
+"""Study files: TOML in, frozen validated objects out.
+
+Every key is checked once, here, against a declared constraint, and every mistake is
+reported with one template: ``FILE: [section].key: expected …, got …``. Nothing is
+created before a file has passed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from lrsearch.errors import ConfigError
+from lrsearch.space import HYPERPARAMETERS, Choices, Fixed, Hyperparameter, ParamSpec, Range
+
+DIRECTIONS = ("maximize", "minimize")
+METRICS = ("val/acc", "val/loss", "train/acc", "train/loss")
+SAMPLERS = ("tpe", "random", "grid", "qmc")
+PRUNERS = ("none", "median", "hyperband", "successive_halving")
+SOURCES = ("blobs", "moons", "digits", "csv")
+ACTIVATIONS = ("relu", "tanh", "sigmoid", "elu", "leaky_relu", "gelu")
+INITS = ("he_uniform", "glorot_uniform", "torch_default")
+DEFAULT_TRIALS = 20
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    name: str
+    direction: str = "maximize"
+    metric: str = "val/acc"
+    trials: int | None = None  # None: the grid's size for grid studies, else DEFAULT_TRIALS
+    sampler: str = "tpe"
+    seed: int | None = None
+    pruner: str = "median"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "blobs"
+    val_fraction: float = 0.5
+    seed: int = 0  # the train/validation split
+    n_samples: int = 1000
+    centers: int = 3
+    n_features: int = 2
+    cluster_std: float = 2.0
+    noise: float = 0.2
+    random_state: int = 2
+    path: Path | None = None
+    label: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    hidden: tuple[int, ...] = (50,)
+    activation: str = "relu"
+    init: str = "he_uniform"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 200
+    batch_size: int = 32
+
+
+@dataclass(frozen=True)
+class Config:
+    """A validated study file."""
+
+    source: str
+    study: StudyConfig
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    params: Mapping[str, ParamSpec] = field(default_factory=dict)
+
+    def with_overrides(
+        self, *, trials: int | None = None, epochs: int | None = None, name: str | None = None
+    ) -> Config:
+        """This config with the CLI's ``--trials``, ``--epochs`` and ``--name`` applied."""
+        study = dataclasses.replace(
+            self.study, trials=trials or self.study.trials, name=name or self.study.name
+        )
+        train = dataclasses.replace(self.train, epochs=epochs or self.train.epochs)
+        return dataclasses.replace(self, study=study, train=train)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready view of the config (paths as strings, specs as tables)."""
+        def plain(value: Any) -> Any:
+            if isinstance(value, Path):
+                return str(value)
+            if isinstance(value, tuple):
+                return [plain(v) for v in value]
+            return value
+
+        out: dict[str, Any] = {}
+        for part in ("study", "data", "model", "train"):
+            out[part] = {k: plain(v) for k, v in dataclasses.asdict(getattr(self, part)).items()}
+        out["params"] = {name: _spec_to_toml(spec) for name, spec in self.params.items()}
+        return out
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a study file; raise :class:`ConfigError` on the first mistake."""
+    path = Path(path)
+    source = str(path)
+    try:
+        with path.open("rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(source, "", "no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(source, "", "is a directory, expected a TOML study file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(source, "", f"invalid TOML: {e}") from None
+    return parse_config(raw, source, base_dir=path.parent)
+
+
+def parse_config(raw: Mapping[str, Any], source: str, base_dir: Path = Path(".")) -> Config:
+    """Validate a parsed study file (a dict as ``tomllib`` returns it)."""
+    top = _Table(raw, source, "")
+    study = _study(top.table("study", required=True))
+    data = _data(top.table("data"), base_dir)
+    model = _model(top.table("model"))
+    train = _train(top.table("train"))
+    params = _params(top.table("params"), study.sampler)
+    top.finish()
+    if study.sampler == "grid" and not params:
+        raise ConfigError(source, "[params]", "expected at least one entry with choices for sampler 'grid'")
+    return Config(source, study, data, model, train, params)
+
+
+# -- sections -----------------------------------------------------------------------------
+
+def _study(t: _Table) -> StudyConfig:
+    s = StudyConfig(
+        name=t.get("name", str, required=True, check=_nonblank, expected="a non-empty name"),
+        direction=t.one_of("direction", DIRECTIONS, "maximize"),
+        metric=t.one_of("metric", METRICS, "val/acc"),
+        trials=t.get("trials", int, None, check=_positive, expected="an integer >= 1"),
+        sampler=t.one_of("sampler", SAMPLERS, "tpe"),
+        seed=t.get("seed", int, None, check=lambda v: v >= 0, expected="an integer >= 0"),
+        pruner=t.one_of("pruner", PRUNERS, "median"),
+    )
+    t.finish()
+    return s
+
+
+def _data(t: _Table, base_dir: Path) -> DataConfig:
+    d = DataConfig(
+        source=t.one_of("source", SOURCES, "blobs"),
+        val_fraction=t.get("val_fraction", float, 0.5, check=lambda v: 0 < v < 1,
+                           expected="a number in (0, 1)"),
+        seed=t.get("seed", int, 0, check=lambda v: v >= 0, expected="an integer >= 0"),
+        n_samples=t.get("n_samples", int, 1000, check=lambda v: v >= 4, expected="an integer >= 4"),
+        centers=t.get("centers", int, 3, check=lambda v: v >= 2, expected="an integer >= 2"),
+        n_features=t.get("n_features", int, 2, check=_positive, expected="an integer >= 1"),
+        cluster_std=t.get("cluster_std", float, 2.0, check=lambda v: v > 0, expected="a number > 0"),
+        noise=t.get("noise", float, 0.2, check=lambda v: v >= 0, expected="a number >= 0"),
+        random_state=t.get("random_state", int, 2, check=lambda v: v >= 0, expected="an integer >= 0"),
+        path=None,
+        label=t.get("label", str, None, check=_nonblank, expected="a column name"),
+    )
+    raw_path = t.get("path", str, None, check=_nonblank, expected="a file path")
+    if d.source == "csv":
+        if raw_path is None:
+            raise t.error("path", "expected the CSV file's path for source 'csv'", show_got=False)
+        if d.label is None:
+            raise t.error("label", "expected the label column's name for source 'csv'", show_got=False)
+        path = (base_dir / raw_path).resolve()
+        if not path.is_file():
+            raise t.error("path", f"expected an existing CSV file, got {raw_path!r} (no such file: {path})",
+                          show_got=False)
+        d = dataclasses.replace(d, path=path)
+    elif raw_path is not None or d.label is not None:
+        key = "path" if raw_path is not None else "label"
+        raise t.error(key, f"expected only with source 'csv', got source {d.source!r}", show_got=False)
+    t.finish()
+    return d
+
+
+def _model(t: _Table) -> ModelConfig:
+    hidden = t.get("hidden", list, [50], check=lambda v: all(type(x) is int and x >= 1 for x in v),
+                   expected="a list of integers >= 1")
+    m = ModelConfig(
+        hidden=tuple(hidden),
+        activation=t.one_of("activation", ACTIVATIONS, "relu"),
+        init=t.one_of("init", INITS, "he_uniform"),
+    )
+    t.finish()
+    return m
+
+
+def _train(t: _Table) -> TrainConfig:
+    tr = TrainConfig(
+        epochs=t.get("epochs", int, 200, check=_positive, expected="an integer >= 1"),
+        batch_size=t.get("batch_size", int, 32, check=_positive, expected="an integer >= 1"),
+    )
+    t.finish()
+    return tr
+
+
+def _params(t: _Table, sampler: str) -> dict[str, ParamSpec]:
+    specs: dict[str, ParamSpec] = {}
+    for name, value in t.items():
+        hp = HYPERPARAMETERS.get(name)
+        if hp is None:
+            raise t.error(name, "unknown hyperparameter; expected one of " + ", ".join(HYPERPARAMETERS),
+                          show_got=False)
+        specs[name] = _param(t, hp, value)
+        if sampler == "grid" and isinstance(specs[name], Range):
+            raise t.error(name, "expected a fixed value or { choices = [...] } for sampler 'grid' "
+                                "(a grid cannot enumerate a range)", show_got=False)
+    t.consumed.update(specs)
+    return specs
+
+
+def _param(t: _Table, hp: Hyperparameter, value: Any) -> ParamSpec:
+    key = hp.name
+    if not isinstance(value, dict):
+        return Fixed(_param_value(t, key, hp, value))
+    if "choices" in value:
+        extra = set(value) - {"choices"}
+        if extra:
+            raise t.error(f"{key}.{sorted(extra)[0]}", "unknown key; a choices table has only 'choices'",
+                          show_got=False)
+        choices = value["choices"]
+        if not isinstance(choices, list) or not choices:
+            raise t.error(f"{key}.choices", f"expected a non-empty list of {hp.expected}", choices)
+        values = tuple(_param_value(t, f"{key}.choices", hp, c) for c in choices)
+        if len(set(values)) != len(values):
+            raise t.error(f"{key}.choices", "expected distinct values", choices)
+        return Choices(values)
+    if hp.kind == "category":
+        raise t.error(key, f"expected {hp.expected}, or {{ choices = [...] }}", value)
+    unknown = set(value) - {"low", "high", "log", "step"}
+    if unknown:
+        raise t.error(f"{key}.{sorted(unknown)[0]}",
+                      "unknown key; expected low, high, log, step (or choices)", show_got=False)
+    for bound in ("low", "high"):
+        if bound not in value:
+            raise t.error(f"{key}.{bound}", f"expected a {bound} bound ({hp.expected})", show_got=False)
+    low = _param_value(t, f"{key}.low", hp, value["low"])
+    high = _param_value(t, f"{key}.high", hp, value["high"])
+    if low > high:
+        raise t.error(key, "expected low <= high", f"low={low}, high={high}", raw=True)
+    log = value.get("log", False)
+    if not isinstance(log, bool):
+        raise t.error(f"{key}.log", "expected true or false", log)
+    if log and low <= 0:
+        raise t.error(f"{key}.low", "expected a number > 0 when log = true", low)
+    step = value.get("step")
+    if step is not None:
+        if _number(step, hp.kind) is None or step <= 0:
+            raise t.error(f"{key}.step", "expected a number > 0", step)
+        if log:
+            raise t.error(f"{key}.step", "expected no step when log = true", step)
+    return Range(low, high, log, step)
+
+
+def _param_value(t: _Table, key: str, hp: Hyperparameter, value: Any) -> Any:
+    if hp.kind == "category":
+        ok = isinstance(value, str) and hp.valid(value)
+    else:
+        value = _number(value, hp.kind)
+        ok = value is not None and hp.valid(value)
+    if not ok:
+        raise t.error(key, f"expected {hp.expected}", value)
+    return value
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+def _number(value: Any, kind: str) -> float | int | None:
+    """``value`` as the hyperparameter's numeric kind, or None if it is not one."""
+    if isinstance(value, bool):
+        return None
+    if kind == "int":
+        return value if isinstance(value, int) else None
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def _positive(v: int) -> bool:
+    return v >= 1
+
+
+def _nonblank(v: str) -> bool:
+    return bool(v.strip())
+
+
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", list: "a list", dict: "a table"}
+
+
+def _spec_to_toml(spec: ParamSpec) -> Any:
+    if isinstance(spec, Fixed):
+        return spec.value
+    if isinstance(spec, Choices):
+        return {"choices": list(spec.values)}
+    table: dict[str, Any] = {"low": spec.low, "high": spec.high, "log": spec.log}
+    if spec.step is not None:
+        table["step"] = spec.step
+    return table
+
+
+class _Table:
+    """One TOML table being read: typed getters, and unknown keys reported at the end."""
+
+    def __init__(self, raw: Mapping[str, Any], source: str, section: str) -> None:
+        self.raw = raw
+        self.source = source
+        self.section = section
+        self.consumed: set[str] = set()
+
+    def _key(self, key: str) -> str:
+        return f"[{self.section}].{key}" if self.section else f"[{key}]"
+
+    def error(self, key: str, expected: str, got: Any = None, *, show_got: bool = True,
+              raw: bool = False) -> ConfigError:
+        message = expected
+        if show_got:
+            message += f", got {got if raw else _show(got)}"
+        return ConfigError(self.source, self._key(key), message)
+
+    def items(self) -> list[tuple[str, Any]]:
+        return list(self.raw.items())
+
+    def table(self, key: str, required: bool = False) -> _Table:
+        self.consumed.add(key)
+        if key not in self.raw:
+            if required:
+                raise ConfigError(self.source, f"[{key}]", "expected this table (it is required)")
+            return _Table({}, self.source, key)
+        value = self.raw[key]
+        if not isinstance(value, dict):
+            raise ConfigError(self.source, f"[{key}]", f"expected a table, got {_show(value)}")
+        return _Table(value, self.source, key)
+
+    def get(self, key: str, kind: type, default: Any = None, *, required: bool = False,
+            check: Callable[[Any], bool] | None = None, expected: str = "") -> Any:
+        self.consumed.add(key)
+        if key not in self.raw:
+            if required:
+                raise self.error(key, f"expected {expected} (it is required)", show_got=False)
+            return default
+        value = self.raw[key]
+        number = kind is float and isinstance(value, int) and not isinstance(value, bool)
+        if not (isinstance(value, kind) and not isinstance(value, bool) or number):
+            raise self.error(key, f"expected {expected or _TYPE_NAMES[kind]}", value)
+        value = float(value) if kind is float else value
+        if check is not None and not check(value):
+            raise self.error(key, f"expected {expected}", value)
+        return value
+
+    def one_of(self, key: str, choices: tuple[str, ...], default: str) -> str:
+        expected = "one of " + ", ".join(repr(c) for c in choices)
+        return self.get(key, str, default, check=lambda v: v in choices, expected=expected)
+
+    def finish(self) -> None:
+        for key in self.raw:
+            if key not in self.consumed:
+                if self.section:
+                    known = ", ".join(k for k in self.consumed)
+                    raise self.error(key, f"unknown key; expected one of {known}", show_got=False)
+                raise ConfigError(self.source, f"[{key}]",
+                                  "unknown table; expected study, data, model, train, params")
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "a table"
+    return repr(value)

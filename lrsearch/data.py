@@ -1,0 +1,88 @@
+"""Datasets as whole tensors: a seeded train/validation split, no per-sample loaders."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from lrsearch.config import DataConfig
+from lrsearch.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Train and validation tensors (float32 features, int64 class indices)."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    n_classes: int
+
+    @property
+    def n_features(self) -> int:
+        return self.x_train.shape[1]
+
+
+def load_data(cfg: DataConfig) -> Dataset:
+    """Build the dataset the ``[data]`` table describes and split it with ``cfg.seed``."""
+    x, y = _LOADERS[cfg.source](cfg)
+    classes, y = np.unique(y, return_inverse=True)
+    n_val = int(round(len(x) * cfg.val_fraction))
+    if n_val < 1 or n_val >= len(x):
+        raise UsageError(f"[data].val_fraction: {cfg.val_fraction} leaves no rows for training "
+                         f"or validation out of {len(x)}")
+    order = np.random.default_rng(cfg.seed).permutation(len(x))
+    train, val = order[: len(x) - n_val], order[len(x) - n_val:]
+    xt = torch.as_tensor(np.asarray(x, dtype=np.float32))
+    yt = torch.as_tensor(y.astype(np.int64))
+    return Dataset(xt[train], yt[train], xt[val], yt[val], len(classes))
+
+
+def _blobs(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import make_blobs
+
+    return make_blobs(n_samples=cfg.n_samples, centers=cfg.centers, n_features=cfg.n_features,
+                      cluster_std=cfg.cluster_std, random_state=cfg.random_state)
+
+
+def _moons(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import make_moons
+
+    return make_moons(n_samples=cfg.n_samples, noise=cfg.noise, random_state=cfg.random_state)
+
+
+def _digits(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits  # ships with scikit-learn: no download
+
+    x, y = load_digits(return_X_y=True)
+    return x / 16.0, y  # pixels are 0..16
+
+
+def _csv(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
+    assert cfg.path is not None and cfg.label is not None  # checked by config
+    where = f"{cfg.path}"
+    with cfg.path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise UsageError(f"{where}: no data rows")
+    columns = list(rows[0])
+    if cfg.label not in columns:
+        raise UsageError(f"{where}: no column {cfg.label!r} (columns: {', '.join(columns)})")
+    features = [c for c in columns if c != cfg.label]
+    if not features:
+        raise UsageError(f"{where}: no feature column besides {cfg.label!r}")
+    try:
+        x = np.array([[float(r[c]) for c in features] for r in rows], dtype=np.float32)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"{where}: feature columns must be numeric ({e})") from None
+    y = np.array([r[cfg.label] for r in rows])
+    if len(np.unique(y)) < 2:
+        raise UsageError(f"{where}: column {cfg.label!r} has fewer than 2 classes")
+    return x, y
+
+
+_LOADERS = {"blobs": _blobs, "moons": _moons, "digits": _digits, "csv": _csv}

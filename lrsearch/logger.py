@@ -1,0 +1,45 @@
+"""A Lightning logger that keeps metrics in memory, for one batched write per trial."""
+
+from __future__ import annotations
+
+import time
+from argparse import Namespace
+from typing import Any, Mapping
+
+from pytorch_lightning.loggers import Logger
+
+# LearningRateMonitor calls momentum "<scheduler name>-momentum"; store it as plain "momentum".
+_RENAMES = {"lr-momentum": "momentum"}
+
+
+class MemoryLogger(Logger):
+    """Collects ``(step, value, timestamp_ms)`` per metric key; nothing leaves the process
+    until the trial's tracking code sends the whole history in a few batched calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.history: dict[str, list[tuple[int, float, int]]] = {}
+
+    @property
+    def name(self) -> str:
+        return "lrsearch"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params: dict[str, Any] | Namespace, *args: Any, **kwargs: Any) -> None:
+        pass  # hyperparameters go to MLflow as run params, once, by the tracking code
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        now = int(time.time() * 1000)
+        for key, value in metrics.items():
+            if key == "epoch":  # Lightning's convenience key: the step already is the epoch
+                continue
+            key = _RENAMES.get(key, key)
+            self.history.setdefault(key, []).append((step or 0, float(value), now))
+
+    def last(self, key: str) -> float | None:
+        """The last value logged under ``key``, or None."""
+        points = self.history.get(key)
+        return points[-1][1] if points else None

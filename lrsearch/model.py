@@ -1,0 +1,111 @@
+"""The MLP and the LightningModule that trains it on whole-epoch tensors."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lrsearch.config import ModelConfig
+from lrsearch.optim import Schedule, make_optimizer, make_schedule
+
+_ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "elu": nn.ELU,
+                "leaky_relu": nn.LeakyReLU, "gelu": nn.GELU}
+
+# The name LearningRateMonitor logs the learning rate under, whatever the optimizer.
+LR_NAME = "lr"
+
+
+def build_mlp(n_in: int, n_out: int, cfg: ModelConfig, generator: torch.Generator) -> nn.Sequential:
+    """Hidden layers with ``cfg.init`` (He-uniform by default), a Glorot-uniform output
+    layer and zero biases, as in the classic Keras experiments."""
+    layers: list[nn.Module] = []
+    width = n_in
+    for size in cfg.hidden:
+        linear = nn.Linear(width, size)
+        _init(linear, cfg.init, generator)
+        layers += [linear, _ACTIVATIONS[cfg.activation]()]
+        width = size
+    out = nn.Linear(width, n_out)
+    _init(out, "torch_default" if cfg.init == "torch_default" else "glorot_uniform", generator)
+    layers.append(out)
+    return nn.Sequential(*layers)
+
+
+def _init(linear: nn.Linear, scheme: str, generator: torch.Generator) -> None:
+    if scheme == "torch_default":
+        return
+    if scheme == "he_uniform":  # bound sqrt(6 / fan_in)
+        nn.init.kaiming_uniform_(linear.weight, nonlinearity="relu", generator=generator)
+    else:
+        nn.init.xavier_uniform_(linear.weight, generator=generator)
+    nn.init.zeros_(linear.bias)
+
+
+class MLPClassifier(pl.LightningModule):
+    """Trains with manual optimization: one Lightning "batch" is the whole shuffled epoch,
+    sliced into minibatches here, so Lightning's per-step hooks run once per epoch instead
+    of once per optimizer update (they cost more than this small network's compute)."""
+
+    def __init__(self, net: nn.Module, hp: Mapping[str, Any], batch_size: int, generator: torch.Generator):
+        super().__init__()
+        self.automatic_optimization = False
+        self.net = net
+        self.hp = dict(hp)
+        self.batch_size = batch_size
+        self.generator = generator
+        self.schedule: Schedule | None = None
+        self.diverged_at: int | None = None
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = make_optimizer(self.net.parameters(), self.hp)
+        self.schedule = make_schedule(optimizer, self.hp)
+        # Every trial has a scheduler named LR_NAME, so the LR curve keeps one key.
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.schedule.scheduler, "name": LR_NAME}}
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        # The raw optimizer: LightningOptimizer.step and manual_backward add per-update hooks
+        # this CPU-only, single-device loop has no use for.
+        optimizer = self.optimizers().optimizer
+        per_update = self.schedule is not None and self.schedule.interval == "step"
+        order = torch.randperm(len(x), generator=self.generator)
+        loss_sum, correct = 0.0, 0
+        for start in range(0, len(x), self.batch_size):
+            idx = order[start:start + self.batch_size]
+            xb, yb = x[idx], y[idx]
+            logits = self.net(xb)
+            loss = F.cross_entropy(logits, yb)
+            value = loss.item()
+            if not math.isfinite(value):
+                self.diverged_at = self.current_epoch
+                self.trainer.should_stop = True
+                loss_sum = value * len(x)
+                break
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if per_update:
+                self.schedule.scheduler.step()
+            loss_sum += value * len(idx)
+            correct += int((logits.argmax(1) == yb).sum())
+        self._log_epoch("train", loss_sum / len(x), correct / len(x))
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        logits = self.net(x)
+        self._log_epoch("val", F.cross_entropy(logits, y).item(), int((logits.argmax(1) == y).sum()) / len(y))
+
+    def _log_epoch(self, split: str, loss: float, acc: float) -> None:
+        # float64 tensors: self.log would store Python floats as float32 (0.842 -> 0.84200000763).
+        for name, value in (("loss", loss), ("acc", acc)):
+            self.log(f"{split}/{name}", torch.tensor(value, dtype=torch.float64), on_step=False, on_epoch=True)
+
+    def on_train_epoch_end(self) -> None:
+        if self.schedule is not None and self.diverged_at is None:
+            metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items()}
+            self.schedule.step_epoch(metrics)

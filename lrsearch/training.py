@@ -1,0 +1,104 @@
+"""One training run: hyperparameters and data in, a Lightning fit, a metric history out."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import optuna
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import LearningRateMonitor
+from torch.utils.data import DataLoader
+from torch.utils.data import Dataset as TorchDataset
+
+from lrsearch.config import Config
+from lrsearch.data import Dataset
+from lrsearch.logger import MemoryLogger
+from lrsearch.model import MLPClassifier, build_mlp
+from lrsearch.pruning import PruningCallback
+
+
+@dataclass
+class TrainResult:
+    """What a fit produced: the per-epoch history and why it stopped early, if it did."""
+
+    logger: MemoryLogger = field(default_factory=MemoryLogger)
+    epochs: int = 0
+    pruned_at: int | None = None
+    diverged_at: int | None = None
+
+    @property
+    def history(self) -> dict[str, list[tuple[int, float, int]]]:
+        return self.logger.history
+
+    def final(self, key: str) -> float | None:
+        return self.logger.last(key)
+
+
+class _WholeSet(TorchDataset):
+    """A one-item dataset: the whole tensor pair is the epoch's only batch (see MLPClassifier)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.pair = (x, y)
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.pair
+
+
+def _whole(x: torch.Tensor, y: torch.Tensor) -> DataLoader:
+    return DataLoader(_WholeSet(x, y), batch_size=None)
+
+
+def quiet_lightning() -> None:
+    """Silence Lightning's start-up banners and hints, which repeat on every trial."""
+    for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="pytorch_lightning")
+    warnings.filterwarnings("ignore", module="lightning_fabric")
+
+
+def train(
+    cfg: Config,
+    data: Dataset,
+    hp: Mapping[str, Any],
+    seed: int,
+    trial: optuna.trial.Trial | None = None,
+    result: TrainResult | None = None,
+) -> TrainResult:
+    """Train the study's MLP with ``hp`` for ``cfg.train.epochs`` epochs.
+
+    ``result`` may be passed in so its history survives an exception inside ``fit``.
+    """
+    result = result or TrainResult()
+    generator = torch.Generator().manual_seed(seed)
+    net = build_mlp(data.n_features, data.n_classes, cfg.model, generator)
+    module = MLPClassifier(net, hp, cfg.train.batch_size, generator)
+    callbacks: list[pl.Callback] = [LearningRateMonitor(logging_interval="epoch", log_momentum=True)]
+    pruning = PruningCallback(trial, cfg.study.metric) if trial is not None else None
+    if pruning is not None:
+        callbacks.append(pruning)
+    trainer = pl.Trainer(
+        max_epochs=cfg.train.epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=result.logger,
+        callbacks=callbacks,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=1,
+        default_root_dir=None,
+    )
+    trainer.fit(module, train_dataloaders=_whole(data.x_train, data.y_train),
+                val_dataloaders=_whole(data.x_val, data.y_val))
+    result.epochs = trainer.current_epoch
+    result.diverged_at = module.diverged_at
+    result.pruned_at = pruning.pruned_at if pruning is not None else None
+    return result
