@@ -261,14 +261,10 @@ def _param(t: _Table, hp: Hyperparameter, value: Any) -> ParamSpec:
 
 
 def _param_value(t: _Table, key: str, hp: Hyperparameter, value: Any) -> Any:
-    if hp.kind == "category":
-        ok = isinstance(value, str) and hp.valid(value)
-    else:
-        value = _number(value, hp.kind)
-        ok = value is not None and hp.valid(value)
-    if not ok:
+    parsed = value if hp.kind == "category" and isinstance(value, str) else _number(value, hp.kind)
+    if parsed is None or not hp.valid(parsed):
         raise t.error(key, f"expected {hp.expected}", value)
-    return value
+    return parsed
 
 
 # -- helpers ------------------------------------------------------------------------------

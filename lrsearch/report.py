@@ -13,7 +13,8 @@ def plot_learning_curves(history: History, title: str, path: Path) -> Path:
     """Loss, accuracy and learning rate per epoch, side by side, as a PNG at ``path``."""
     from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
 
-    fig = Figure(figsize=(12, 3.6), layout="constrained")
+    fig = Figure(figsize=(12, 3.6))
+    fig.subplots_adjust(left=0.06, right=0.99, bottom=0.14, top=0.83, wspace=0.28)
     loss_ax, acc_ax, lr_ax = fig.subplots(1, 3)
     for ax, kind in ((loss_ax, "loss"), (acc_ax, "acc")):
         for split in ("train", "val"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import tempfile
 from pathlib import Path
@@ -24,6 +25,10 @@ UI_QUERY = "?workflowType=machine_learning"  # MLflow 3 opens on GenAI views oth
 DEFAULT_UI = "http://127.0.0.1:5000"
 # log_batch limits (MLflow REST API): per request.
 _MAX_METRICS, _MAX_PARAMS = 1000, 100
+# Bounds on each call to a tracking server (MLflow's defaults can stall a call for minutes);
+# a variable already set in the environment wins.
+HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0.5",
+               "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
 
 History = Mapping[str, Sequence[tuple[int, float, int]]]
 
@@ -45,6 +50,9 @@ class Tracker:
         path = sqlite_path(uri)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
+        else:
+            for name, value in HTTP_LIMITS.items():
+                os.environ.setdefault(name, value)
         self.client = MlflowClient(tracking_uri=uri, registry_uri=uri if path is None else None)
 
     def check(self) -> None:

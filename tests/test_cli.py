@@ -1,0 +1,85 @@
+"""The CLI through a subprocess, as a user runs it: exit codes, one-line messages, outputs."""
+
+from __future__ import annotations
+
+import json
+
+BAD_STUDY = '[study]\nname = "x"\n[params]\nlr = { low = 1.0, high = 0.1 }\n'
+
+
+def _one_line_error(stderr: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert "Traceback" not in stderr
+    return lines[0]
+
+
+def test_help_lists_the_commands(cli):
+    result = cli("--help")
+    assert result.returncode == 0
+    for command in ("run", "best", "validate", "ui"):
+        assert command in result.stdout
+
+
+def test_validate(cli, write_study, tmp_path):
+    good = cli("validate", str(write_study()))
+    assert good.returncode == 0 and "ok" in good.stdout
+    bad = cli("validate", str(write_study(BAD_STUDY, "bad.toml")))
+    assert bad.returncode == 2
+    message = _one_line_error(bad.stderr)
+    assert message == f"lrsearch: error: {tmp_path / 'bad.toml'}: [params].lr: expected low <= high, got low=1.0, high=0.1"
+
+
+def test_bad_input_creates_nothing(cli, write_study, tmp_path):
+    bad = cli("run", str(write_study('[study]\nname = "x"\ntrails = 3\n', "typo.toml")))
+    assert bad.returncode == 2
+    assert "[study].trails: unknown key" in _one_line_error(bad.stderr)
+    missing = cli("run", "no-such.toml")
+    assert missing.returncode == 2 and "no-such.toml: no such file" in _one_line_error(missing.stderr)
+    assert not (tmp_path / "lrsearch-data").exists()
+
+
+def test_bad_options_exit_2(cli, write_study):
+    assert cli("run", str(write_study()), "--trials", "0").returncode == 2
+    bad_url = cli("run", str(write_study()), "--storage", "nosuchdb://x", "--tracking-uri", "sqlite:///m.db")
+    assert bad_url.returncode == 2 and "bad storage URL nosuchdb://x" in _one_line_error(bad_url.stderr)
+
+
+def test_unreachable_tracking_server_fails_before_any_trial(cli, write_study, tmp_path):
+    result = cli("run", str(write_study()), "--tracking-uri", "http://127.0.0.1:9")
+    assert result.returncode == 1
+    assert "cannot reach MLflow tracking at http://127.0.0.1:9" in _one_line_error(result.stderr)
+    assert not (tmp_path / "lrsearch-data" / "optuna.db").exists()
+
+
+def test_run_then_best_on_the_embedded_default(cli, write_study, tmp_path):
+    run = cli("run", str(write_study()), "--trials", "2", "--epochs", "2")
+    assert run.returncode == 0, run.stderr
+    assert "study 'tiny': 2 trials (2 COMPLETE), target 2" in run.stdout
+    assert "?workflowType=machine_learning" in run.stdout and "2/2" in run.stderr
+    assert (tmp_path / "lrsearch-data" / "optuna.db").is_file()
+    assert (tmp_path / "lrsearch-data" / "mlflow.db").is_file()
+
+    best = cli("best", "tiny", "--format", "json")
+    assert best.returncode == 0, best.stderr
+    rows = json.loads(best.stdout)
+    assert len(rows) == 2 and rows[0]["value"] >= rows[1]["value"]
+    assert set(rows[0]) >= {"number", "value", "state", "params", "mlflow_run_id"}
+    assert rows[0]["params"]["schedule"] == "time_decay" and len(rows[0]["mlflow_run_id"]) == 32
+
+    table = cli("best", "tiny", "--top", "1")
+    assert table.returncode == 0 and table.stdout.splitlines()[0].split()[:3] == ["number", "value", "state"]
+    assert len(table.stdout.strip().splitlines()) == 2
+    csv_out = cli("best", "tiny", "--format", "csv")
+    assert csv_out.stdout.splitlines()[0] == "number,value,state,params,duration_s,mlflow_run_id"
+
+    unknown = cli("best", "nope")
+    assert unknown.returncode == 2
+    assert _one_line_error(unknown.stderr).endswith("no study named 'nope' in "
+                                                    f"sqlite:///{tmp_path / 'lrsearch-data' / 'optuna.db'} (studies: tiny)")
+
+
+def test_best_without_any_store_exits_2(cli, tmp_path):
+    result = cli("best", "tiny")
+    assert result.returncode == 2 and "no lrsearch store at" in _one_line_error(result.stderr)
+    assert not (tmp_path / "lrsearch-data").exists()

@@ -1,0 +1,113 @@
+"""Study-file validation: every mistake named by file and key, before anything is created."""
+
+from __future__ import annotations
+
+import pytest
+
+from lrsearch.config import load_config, parse_config
+from lrsearch.errors import ConfigError
+from lrsearch.space import Choices, Fixed, Range
+
+
+def _raw(params: dict | None = None, **sections: dict) -> dict:
+    raw = {"study": {"name": "s"}, "params": params or {}}
+    for name, table in sections.items():
+        raw.setdefault(name, {}).update(table)
+    return raw
+
+
+def test_example_from_the_docs_parses(tmp_path):
+    cfg = load_config("studies/quickstart.toml")
+    assert cfg.study.name == "quickstart"
+    assert cfg.params["optimizer"] == Choices(("sgd", "adam", "rmsprop", "adagrad"))
+    assert cfg.params["lr"] == Range(1e-5, 1.0, log=True)
+    assert cfg.params["patience"] == Choices((2, 5, 10, 15))
+    assert cfg.data.source == "blobs" and cfg.data.cluster_std == 2.0 and cfg.data.random_state == 2
+
+
+def test_defaults_and_fixed_values():
+    cfg = parse_config(_raw({"lr": 0.1, "optimizer": "adam"}), "f.toml")
+    assert cfg.params == {"lr": Fixed(0.1), "optimizer": Fixed("adam")}
+    assert (cfg.study.direction, cfg.study.metric, cfg.study.sampler) == ("maximize", "val/acc", "tpe")
+    assert (cfg.train.epochs, cfg.train.batch_size, cfg.model.hidden) == (200, 32, (50,))
+
+
+def test_integers_are_accepted_where_numbers_are_expected():
+    cfg = parse_config(_raw({"momentum": {"low": 0, "high": 0.9}}, data={"cluster_std": 1}), "f.toml")
+    assert cfg.params["momentum"] == Range(0.0, 0.9)
+    assert cfg.data.cluster_std == 1.0
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"study": {"name": "s", "trails": 3}}, "f.toml: [study].trails: unknown key; expected one of"),
+        ({"study": {"name": "s"}, "optimizer": {}}, "f.toml: [optimizer]: unknown table"),
+        ({"study": {}}, "f.toml: [study].name: expected a non-empty name (it is required)"),
+        ({}, "f.toml: [study]: expected this table (it is required)"),
+        ({"study": {"name": "s", "trials": "ten"}}, "f.toml: [study].trials: expected an integer >= 1, got 'ten'"),
+        ({"study": {"name": "s", "trials": 0}}, "f.toml: [study].trials: expected an integer >= 1, got 0"),
+        ({"study": {"name": "s", "sampler": "bayes"}},
+         "f.toml: [study].sampler: expected one of 'tpe', 'random', 'grid', 'qmc', got 'bayes'"),
+        ({"study": {"name": "s", "direction": "up"}}, "f.toml: [study].direction: expected one of 'maximize'"),
+        ({"study": {"name": "s", "pruner": "early"}}, "f.toml: [study].pruner: expected one of 'none'"),
+        ({"study": {"name": "s", "metric": "acc"}}, "f.toml: [study].metric: expected one of 'val/acc'"),
+        (_raw(train={"epochs": 2.5}), "f.toml: [train].epochs: expected an integer >= 1, got 2.5"),
+        (_raw(train={"batch_size": True}), "f.toml: [train].batch_size: expected an integer >= 1, got true"),
+        (_raw(data={"source": "mnist"}), "f.toml: [data].source: expected one of 'blobs', 'moons', 'digits', 'csv'"),
+        (_raw(data={"val_fraction": 1.0}), "f.toml: [data].val_fraction: expected a number in (0, 1), got 1.0"),
+        (_raw(data={"source": "csv", "label": "y"}), "f.toml: [data].path: expected the CSV file's path"),
+        (_raw(data={"source": "csv", "path": "missing.csv", "label": "y"}),
+         "f.toml: [data].path: expected an existing CSV file, got 'missing.csv'"),
+        (_raw(model={"hidden": [50, 0]}), "f.toml: [model].hidden: expected a list of integers >= 1, got [50, 0]"),
+        (_raw(model={"activation": "swish"}), "f.toml: [model].activation: expected one of 'relu'"),
+        (_raw({"learning_rate": 0.1}), "f.toml: [params].learning_rate: unknown hyperparameter; expected one of optimizer, lr,"),
+        (_raw({"lr": {"low": 1.0, "high": 0.1}}), "f.toml: [params].lr: expected low <= high, got low=1.0, high=0.1"),
+        (_raw({"lr": {"low": 0.0, "high": 0.1, "log": True}}),
+         "f.toml: [params].lr.low: expected a number > 0, got 0.0"),
+        (_raw({"decay": {"low": 0.0, "high": 0.1, "log": True}}),
+         "f.toml: [params].decay.low: expected a number > 0 when log = true, got 0.0"),
+        (_raw({"lr": {"low": 0.1}}), "f.toml: [params].lr.high: expected a high bound (a number > 0)"),
+        (_raw({"lr": {"low": 0.1, "high": 1, "scale": "log"}}), "f.toml: [params].lr.scale: unknown key"),
+        (_raw({"lr": {"choices": []}}), "f.toml: [params].lr.choices: expected a non-empty list of a number > 0, got []"),
+        (_raw({"lr": {"choices": [0.1, "fast"]}}), "f.toml: [params].lr.choices: expected a number > 0, got 'fast'"),
+        (_raw({"momentum": 1.5}), "f.toml: [params].momentum: expected a number in [0, 1), got 1.5"),
+        (_raw({"optimizer": "adamw"}),
+         "f.toml: [params].optimizer: expected one of 'sgd', 'adam', 'rmsprop', 'adagrad', got 'adamw'"),
+        (_raw({"optimizer": {"choices": ["sgd", "lbfgs"]}}),
+         "f.toml: [params].optimizer.choices: expected one of 'sgd', 'adam', 'rmsprop', 'adagrad', got 'lbfgs'"),
+        (_raw({"schedule": "warmup"}), "f.toml: [params].schedule: expected one of 'constant', 'time_decay'"),
+        (_raw({"optimizer": {"low": 0, "high": 1}}), "f.toml: [params].optimizer: expected one of 'sgd'"),
+        (_raw({"patience": {"low": 2.5, "high": 10}}), "f.toml: [params].patience.low: expected an integer >= 0 (epochs), got 2.5"),
+        (_raw({"lr": {"low": 1e-3, "high": 1.0}}, study={"sampler": "grid"}),
+         "f.toml: [params].lr: expected a fixed value or { choices = [...] } for sampler 'grid'"),
+        (_raw(study={"sampler": "grid"}), "f.toml: [params]: expected at least one entry with choices for sampler 'grid'"),
+    ],
+)
+def test_mistakes_are_reported_with_file_and_key(raw, message):
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw, "f.toml")
+    text = str(info.value)
+    assert text.startswith(message), text
+    assert "\n" not in text
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match=r"nope\.toml: no such file"):
+        load_config(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[study\nname = 1\n")
+    with pytest.raises(ConfigError, match=r"bad\.toml: invalid TOML: "):
+        load_config(bad)
+
+
+def test_csv_path_is_relative_to_the_study_file(tmp_path):
+    (tmp_path / "d.csv").write_text("a,b,y\n1,2,x\n")
+    study = tmp_path / "s.toml"
+    study.write_text('[study]\nname = "s"\n[data]\nsource = "csv"\npath = "d.csv"\nlabel = "y"\n')
+    assert load_config(study).data.path == (tmp_path / "d.csv").resolve()
+
+
+def test_overrides_replace_trials_epochs_and_name():
+    cfg = parse_config(_raw(study={"trials": 5}), "f.toml").with_overrides(trials=9, epochs=4, name="other")
+    assert (cfg.study.trials, cfg.train.epochs, cfg.study.name) == (9, 4, "other")

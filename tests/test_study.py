@@ -1,0 +1,171 @@
+"""A real study on temporary SQLite files: the Optuna side and the MLflow structure."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import optuna
+import pytest
+from mlflow import MlflowClient
+
+from lrsearch.config import load_config, parse_config
+from lrsearch.data import load_data
+from lrsearch.objective import Objective
+from lrsearch.storage import open_storage, redact
+from lrsearch.study import best_trials, load_study, run_study
+from lrsearch.tracking import Tracker
+
+
+def _children(client: MlflowClient, experiment_id: str, parent_id: str):
+    runs = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'")
+    return sorted(runs, key=lambda r: int(r.data.tags["trial_number"]))
+
+
+def test_three_trial_study_records_everything(write_study, stores, tmp_path):
+    storage, tracking = stores
+    path = write_study()
+    result = run_study(load_config(path), storage=storage, tracking=tracking, study_file=path)
+
+    # Optuna: three finished trials, each pointing at its MLflow run.
+    trials = result.study.trials
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 3
+    assert all(0 <= t.value <= 1 for t in trials)
+    assert result.study.user_attrs["mlflow_parent_run_id"] == result.parent_run_id
+
+    client = MlflowClient(tracking_uri=tracking)
+    experiment = client.get_experiment_by_name("tiny")
+    assert experiment.experiment_id == result.experiment_id
+    parent = client.get_run(result.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "tiny"
+    assert parent.data.tags["sampler"] == "tpe" and parent.data.tags["pruner"] == "none"
+    assert parent.data.tags["storage"] == storage
+    assert parent.data.params["study.name"] == "tiny"
+    assert json.loads(parent.data.params["params.lr"]) == {"low": 0.001, "high": 0.1, "log": True}
+    assert parent.data.metrics["n_complete"] == 3
+    assert [a.path for a in client.list_artifacts(parent.info.run_id)] == ["study.toml"]
+    assert result.url.endswith(f"/#/experiments/{experiment.experiment_id}/runs/{parent.info.run_id}"
+                               "?workflowType=machine_learning")
+
+    children = _children(client, experiment.experiment_id, parent.info.run_id)
+    assert [c.info.run_name for c in children] == ["trial-0", "trial-1", "trial-2"]
+    for trial, child in zip(trials, children):
+        assert trial.user_attrs["mlflow_run_id"] == child.info.run_id
+        assert child.info.status == "FINISHED"
+        assert child.data.tags["state"] == "COMPLETE" and child.data.tags["study"] == "tiny"
+        assert child.data.params["optimizer"] == trial.params["optimizer"]
+        assert float(child.data.params["lr"]) == trial.params["lr"]
+        assert ("momentum" in child.data.params) == (trial.params["optimizer"] == "sgd")
+        assert child.data.params["schedule"] == "time_decay" and child.data.params["epochs"] == "3"
+        lr = client.get_metric_history(child.info.run_id, "lr")
+        assert [m.step for m in lr] == [0, 1, 2]
+        assert lr[0].value == pytest.approx(trial.params["lr"])
+        assert lr[1].value < lr[0].value  # time decay
+        val_acc = client.get_metric_history(child.info.run_id, "val/acc")
+        assert [m.step for m in val_acc] == [0, 1, 2] and val_acc[-1].value == trial.value
+        for key in ("train/loss", "train/acc", "val/loss", "momentum"):
+            assert len(client.get_metric_history(child.info.run_id, key)) == 3, key
+        names = sorted(a.path for a in client.list_artifacts(child.info.run_id))
+        assert names == ["learning_curves.png", "trial_config.json"]
+        config = json.loads(open(client.download_artifacts(child.info.run_id, "trial_config.json",
+                                                           str(tmp_path))).read())
+        assert config["hyperparameters"]["lr"] == trial.params["lr"] and config["trial"] == trial.number
+
+
+def test_resume_reaches_the_new_total_under_the_same_parent_run(write_study, stores):
+    storage, tracking = stores
+    cfg = load_config(write_study())
+    first = run_study(cfg, storage=storage, tracking=tracking)
+    second = run_study(cfg.with_overrides(trials=5), storage=storage, tracking=tracking)
+    assert second.parent_run_id == first.parent_run_id
+    assert len(second.study.trials) == 5
+    params = [tuple(sorted(t.params.items())) for t in second.study.trials]
+    assert len(set(params)) == 5  # the re-seeded sampler does not repeat the first trials
+    again = run_study(cfg.with_overrides(trials=5), storage=storage, tracking=tracking)
+    assert len(again.study.trials) == 5  # already at its total: nothing more runs
+    runs = MlflowClient(tracking_uri=tracking).search_runs([first.experiment_id])
+    assert len(runs) == 6 and {r.info.status for r in runs} == {"FINISHED"}
+
+
+def test_same_seed_same_params_and_metrics(write_study, tmp_path):
+    cfg = load_config(write_study())
+    results = []
+    for i in range(2):
+        run = run_study(cfg, storage=f"sqlite:///{tmp_path}/o{i}.db", tracking=f"sqlite:///{tmp_path}/m{i}.db")
+        results.append([(t.params, t.value, t.intermediate_values) for t in run.study.trials])
+    assert results[0] == results[1]
+
+
+def _objective(cfg, storage, tracking):
+    tracker = Tracker(tracking)
+    experiment_id = tracker.experiment(cfg.study.name)
+    parent = tracker.start_study(experiment_id, cfg.study.name, {}, {}, None)
+    study = optuna.create_study(storage=open_storage(storage), study_name=cfg.study.name,
+                                direction=cfg.study.direction,
+                                pruner=optuna.pruners.ThresholdPruner(lower=0.99))
+    return study, Objective(cfg, load_data(cfg.data), tracker, experiment_id, parent), tracker.client
+
+
+def test_pruned_trial_is_killed_in_mlflow_with_its_history(write_study, stores):
+    cfg = load_config(write_study()).with_overrides(epochs=6)
+    study, objective, client = _objective(cfg, *stores)
+    study.optimize(objective, n_trials=1)
+    trial = study.trials[0]
+    assert trial.state.name == "PRUNED"
+    assert trial.user_attrs["reason"].startswith("pruned at epoch 0 (val/acc=")
+    run = client.get_run(trial.user_attrs["mlflow_run_id"])
+    assert run.info.status == "KILLED"
+    assert run.data.tags["state"] == "PRUNED" and run.data.tags["reason"] == trial.user_attrs["reason"]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/acc")] == [0]
+    assert trial.intermediate_values == {0: client.get_metric_history(run.info.run_id, "val/acc")[0].value}
+
+
+def test_diverging_trial_is_pruned_never_complete(write_study, stores):
+    cfg = parse_config({"study": {"name": "div", "pruner": "none"}, "train": {"epochs": 5},
+                        "params": {"optimizer": "sgd", "lr": 1e8, "momentum": 0.9}}, "div.toml")
+    study, objective, client = _objective(cfg, *stores)
+    study.pruner = optuna.pruners.NopPruner()
+    study.optimize(objective, n_trials=1)
+    trial = study.trials[0]
+    assert trial.state.name == "PRUNED"
+    assert trial.user_attrs["reason"].startswith("non-finite train/loss at epoch ")
+    run = client.get_run(trial.user_attrs["mlflow_run_id"])
+    assert run.info.status == "KILLED" and run.data.tags["state"] == "PRUNED"
+    losses = client.get_metric_history(run.info.run_id, "train/loss")
+    assert not math.isfinite(losses[-1].value)  # the non-finite value is recorded, not dropped
+
+
+def test_a_crashing_trial_fails_in_both_stores(write_study, stores):
+    cfg = load_config(write_study())
+    study, objective, client = _objective(cfg, *stores)
+    # Labels beyond the output layer: cross_entropy raises inside Lightning's fit.
+    objective.data = type(objective.data)(objective.data.x_train, objective.data.y_train + 5,
+                                          objective.data.x_val, objective.data.y_val, objective.data.n_classes)
+    with pytest.raises(IndexError):
+        study.optimize(objective, n_trials=1)
+    trial = study.trials[0]
+    assert trial.state.name == "FAIL" and trial.user_attrs["reason"].startswith("IndexError")
+    run = client.get_run(trial.user_attrs["mlflow_run_id"])
+    assert run.info.status == "FAILED" and run.data.tags["state"] == "FAIL"
+
+
+def test_best_trials_follow_the_direction(write_study, stores):
+    storage, tracking = stores
+    cfg = load_config(write_study()).with_overrides(trials=4)
+    loss = parse_config({"study": {"name": "loss", "direction": "minimize", "metric": "val/loss",
+                                   "trials": 4, "seed": 1, "pruner": "none"},
+                         "train": {"epochs": 2}, "params": {"lr": {"low": 1e-3, "high": 0.5, "log": True}}},
+                        "loss.toml")
+    run_study(cfg, storage=storage, tracking=tracking)
+    run_study(loss, storage=storage, tracking=tracking)
+    acc_best = best_trials(load_study("tiny", storage), 10)
+    loss_best = best_trials(load_study("loss", storage), 10)
+    assert [r["value"] for r in acc_best] == sorted((r["value"] for r in acc_best), reverse=True)
+    assert [r["value"] for r in loss_best] == sorted(r["value"] for r in loss_best)
+    assert set(acc_best[0]) >= {"number", "value", "state", "params", "mlflow_run_id"}
+
+
+def test_redact_hides_passwords():
+    assert redact("postgresql+psycopg://bob:s3cret@db:5432/lr") == "postgresql+psycopg://bob:***@db:5432/lr"
+    assert "s3cret" not in redact("http://bob:s3cret@host:5000")
+    assert redact("sqlite:///x/optuna.db") == "sqlite:///x/optuna.db"
