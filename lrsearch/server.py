@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import subprocess
+import os
 import sys
 
 from lrsearch.storage import artifact_root, sqlite_path
@@ -21,9 +21,12 @@ def server_command(backend_uri: str, *, host: str = "127.0.0.1", port: int = 500
 
 
 def serve(backend_uri: str, *, host: str = "127.0.0.1", port: int = 5000, artifacts: str | None = None) -> int:
-    """Run the tracking server in the foreground until interrupted; return its exit code."""
+    """Become the tracking server (exec), so signals reach it directly; returns only on error."""
     path = sqlite_path(backend_uri)
     if path is not None and not path.exists():
         raise UsageError(f"no MLflow store at {path} (run a study first, or pass --tracking-uri)")
     print(f"MLflow UI: http://{host}:{port}/#/experiments?workflowType=machine_learning", file=sys.stderr)
-    return subprocess.call(server_command(backend_uri, host=host, port=port, artifacts=artifacts))
+    sys.stderr.flush()
+    cmd = server_command(backend_uri, host=host, port=port, artifacts=artifacts)
+    os.execv(cmd[0], cmd)
+    return 1  # not reached: execv replaces this process or raises
