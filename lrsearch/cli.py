@@ -16,9 +16,9 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from lrsearch.errors import LrsearchError, UsageError, first_line
+from lrsearch.errors import LrsearchError, first_line
 
-EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_RUNTIME, EXIT_INTERRUPTED = 0, 1, 130
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -26,10 +26,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return args.command(args) or EXIT_OK
-    except UsageError as e:
-        return _fail(args, e, EXIT_USAGE, str(e))
-    except LrsearchError as e:
-        return _fail(args, e, EXIT_RUNTIME, str(e))
+    except LrsearchError as e:  # UsageError: 2, Interrupted: 128 + signal, others: 1
+        return _fail(args, e, e.exit_code, str(e))
     except KeyboardInterrupt as e:
         return _fail(args, e, EXIT_INTERRUPTED, "interrupted")
     except Exception as e:  # anything unforeseen: still one line, --debug for the traceback
@@ -55,22 +53,110 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    cfg = _study_config(args)
+    if args.workers > 1:
+        return _run_workers(args, cfg)
+    result = _work_here(args, cfg)
+    _print_result(result.study, result.target, result.url, result.warnings)
+    return EXIT_OK
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    result = _work_here(args, _study_config(args), progress=False)
+    print(f"worker {args.worker_index}: study {result.study.study_name!r} done "
+          f"({_state_counts(result.study)}), target {result.target}", file=sys.stderr)
+    _warn(result.warnings)
+    return EXIT_OK
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    from lrsearch.server import serve
+
+    return serve(args.db, host=args.host, port=args.port,
+                 artifacts=str(Path(args.artifacts).resolve()) if args.artifacts else None)
+
+
+def _study_config(args: argparse.Namespace) -> Any:
     from lrsearch.config import load_config
 
-    cfg = load_config(args.file).with_overrides(trials=args.trials, epochs=args.epochs, name=args.name)
-    _setup_workers()
-    from lrsearch.study import best_trials, run_study
+    return load_config(args.file).with_overrides(trials=args.trials, epochs=args.epochs, name=args.name)
 
-    with _Progress(cfg.study.name) as progress:
-        result = run_study(cfg, storage=args.storage, tracking=args.tracking_uri,
-                           study_file=Path(args.file), callbacks=[progress], on_start=progress.start)
-    rows = best_trials(result.study, 5)
-    print(f"study {cfg.study.name!r}: {len(result.study.trials)} trials "
-          f"({_state_counts(result.study)}), target {result.target}")
+
+def _work_here(args: argparse.Namespace, cfg: Any, progress: bool = True) -> Any:
+    """Run trials in this process until the study's total is reached."""
+    _setup_workers()
+    from lrsearch.stopping import StopFlag
+    from lrsearch.study import run_study
+
+    stop = StopFlag()
+    stop.install()
+    with _Progress(cfg.study.name, enabled=progress) as bar:
+        return run_study(cfg, storage=args.storage, tracking=args.tracking_uri, study_file=Path(args.file),
+                         callbacks=[bar], on_start=bar.start, stop=stop,
+                         worker=os.getpid() if args.worker_index is None else args.worker_index)
+
+
+def _run_workers(args: argparse.Namespace, cfg: Any) -> int:
+    """``run --workers N``: open the study once, start N ``lrsearch worker`` processes on
+    this host, show their progress, and pass SIGINT/SIGTERM on to them."""
+    import signal
+    import subprocess
+    import time
+
+    _setup_workers()
+    from lrsearch.stopping import Interrupted
+    from lrsearch.study import close_parent, count_finished, open_session, tracking_warnings
+
+    session = open_session(cfg, storage=args.storage, tracking=args.tracking_uri, study_file=Path(args.file))
+    command = [sys.executable, "-m", "lrsearch.cli", "worker", args.file, "--storage", session.url,
+               "--tracking-uri", session.tracker.uri, "--trials", str(session.target),
+               "--epochs", str(cfg.train.epochs), "--name", cfg.study.name]
+    # Own sessions: a Ctrl-C reaches this process only, which passes it on once.
+    workers = [subprocess.Popen([*command, "--worker-index", str(i)], start_new_session=True)
+               for i in range(args.workers)]
+    received: list[int] = []
+
+    def forward(signum: int, frame: Any) -> None:
+        received.append(signum)
+        for w in workers:
+            if w.poll() is None:
+                w.send_signal(signal.SIGTERM if len(received) == 1 else signal.SIGKILL)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, forward)
+    with _Progress(cfg.study.name) as bar:
+        bar.start(session.target, count_finished(session.study))
+        while any(w.poll() is None for w in workers):
+            time.sleep(0.5)
+            bar.refresh(session.study)
+        bar.refresh(session.study)
+    failed = [w.returncode for w in workers if w.returncode != 0]
+    # Workers close the parent run themselves; this covers those that stopped together.
+    close_parent(session, "KILLED" if received else "FAILED" if failed else "FINISHED")
+    if received:
+        raise Interrupted(received[0])
+    _print_result(session.study, session.target, session.mlflow_url,
+                  session.warnings + tracking_warnings(session.study))
+    if failed:
+        raise LrsearchError(f"{len(failed)} of {len(workers)} workers failed (exit codes "
+                            f"{', '.join(map(str, failed))}); run the same command again to resume")
+    return EXIT_OK
+
+
+def _print_result(study: Any, target: int, url: str, warnings: list[str]) -> None:
+    from lrsearch.study import best_trials
+
+    rows = best_trials(study, 5)
+    print(f"study {study.study_name!r}: {len(study.trials)} trials ({_state_counts(study)}), target {target}")
     if rows:
         print(_format(rows, "table"))
-    print(f"MLflow: {result.url}")
-    return EXIT_OK
+    print(f"MLflow: {url}")
+    _warn(warnings)
+
+
+def _warn(lines: list[str]) -> None:
+    for line in lines:
+        print(f"lrsearch: warning: {line}", file=sys.stderr)
 
 
 def cmd_best(args: argparse.Namespace) -> int:
@@ -126,27 +212,35 @@ def _state_counts(study: Any) -> str:
 
 
 class _Progress:
-    """Trial n/N and the best value so far, on stderr."""
+    """Trials n/N (COMPLETE + PRUNED) and the best value so far, on stderr."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, enabled: bool = True) -> None:
         self.name = name
+        self.enabled = enabled
         self.bar: Any = None
 
     def start(self, total: int, done: int) -> None:
+        if not self.enabled:
+            return
         from tqdm import tqdm
 
         self.bar = tqdm(total=total, initial=min(done, total), desc=self.name, unit="trial",
                         file=sys.stderr, dynamic_ncols=True)
 
     def __call__(self, study: Any, trial: Any) -> None:
-        from lrsearch.study import FINISHED_STATES, best_trials
+        self.refresh(study)
 
-        if self.bar is None or trial.state not in FINISHED_STATES:
+    def refresh(self, study: Any) -> None:
+        """Show the study's state as its store has it (any worker's trials count)."""
+        from lrsearch.study import best_trials, count_finished
+
+        if self.bar is None:
             return
-        self.bar.update(1)
+        self.bar.n = min(count_finished(study), self.bar.total)
         best = best_trials(study, 1)
         if best:
-            self.bar.set_postfix_str(f"best {best[0]['value']:.4g} (trial {best[0]['number']})")
+            self.bar.set_postfix_str(f"best {best[0]['value']:.4g} (trial {best[0]['number']})", refresh=False)
+        self.bar.refresh()
 
     def __enter__(self) -> _Progress:
         return self
@@ -164,7 +258,8 @@ def _setup_workers() -> None:
 
     from lrsearch.training import quiet_lightning
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Optuna logs a failed trial with its traceback: lrsearch reports failures in one line.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     torch.set_num_threads(int(os.environ.get("LRSEARCH_TORCH_THREADS", "1")))
     quiet_lightning()
 
@@ -196,13 +291,32 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--tracking-uri", metavar="URI",
                        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./lrsearch-data/mlflow.db)")
 
+    def study_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("file", help="study file, e.g. studies/quickstart.toml")
+        p.add_argument("--trials", type=_positive_int, metavar="N", help="the study's total number of trials")
+        p.add_argument("--epochs", type=_positive_int, metavar="N", help="epochs per trial")
+        p.add_argument("--name", metavar="NAME", help="study name (default: [study].name)")
+        stores(p)
+
     p = sub.add_parser("run", help="run (or resume) a study from a TOML study file")
-    p.add_argument("file", help="study file, e.g. studies/quickstart.toml")
-    p.add_argument("--trials", type=_positive_int, metavar="N", help="the study's total number of trials")
-    p.add_argument("--epochs", type=_positive_int, metavar="N", help="epochs per trial")
-    p.add_argument("--name", metavar="NAME", help="study name (default: [study].name)")
-    stores(p)
-    p.set_defaults(command=cmd_run)
+    study_options(p)
+    p.add_argument("--workers", type=_positive_int, default=1, metavar="N",
+                   help="worker processes on this host (default 1: trials run in this process)")
+    p.set_defaults(command=cmd_run, worker_index=0)
+
+    p = sub.add_parser("worker", help="join a study's workers from any host (server mode)")
+    study_options(p)
+    p.add_argument("--worker-index", type=int, default=None, metavar="I",
+                   help="this worker's index, for its sampler seed (default: from the process id)")
+    p.set_defaults(command=cmd_worker)
+
+    p = sub.add_parser("server", help="the MLflow tracking server on a PostgreSQL (or SQLite) database")
+    p.add_argument("--db", required=True, metavar="URL", help="postgresql+psycopg://user:pass@host/db")
+    p.add_argument("--artifacts", metavar="DIR", help="where the server stores artifacts "
+                   "(default: ./lrsearch-data/artifacts)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    p.add_argument("--port", type=_positive_int, default=5000)
+    p.set_defaults(command=cmd_server)
 
     p = sub.add_parser("best", help="show a study's best trials")
     p.add_argument("name", help="study name")

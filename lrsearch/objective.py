@@ -4,76 +4,123 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import optuna
 
 from lrsearch.config import Config
 from lrsearch.data import Dataset
+from lrsearch.errors import first_line
 from lrsearch.report import plot_learning_curves
 from lrsearch.space import sample_params
+from lrsearch.stopping import Interrupted, StopFlag
 from lrsearch.tracking import Tracker, artifact_dir, write_json
 from lrsearch.training import TrainResult, train
 
 MLFLOW_RUN_ATTR = "mlflow_run_id"
 REASON_ATTR = "reason"
+TRACKING_ERROR_ATTR = "tracking_error"
 
 
 @dataclass
 class Objective:
-    """Called by ``study.optimize`` once per trial."""
+    """Called by ``study.optimize`` once per trial.
+
+    ``on_trial_start`` runs as soon as Optuna has created the trial (the worker loop uses
+    it to release the lock under which it claimed a slot of the study's total).
+    """
 
     cfg: Config
     data: Dataset
     tracker: Tracker
     experiment_id: str
     parent_run_id: str
+    stop: StopFlag = field(default_factory=StopFlag)
+    on_trial_start: Callable[[], None] = lambda: None
 
     def __call__(self, trial: optuna.trial.Trial) -> float:
+        self.on_trial_start()
         cfg = self.cfg
         hp = sample_params(trial, cfg.params, cfg.train.epochs)
         seed = trial_seed(cfg.study.seed, trial.number)
-        run_id = self.tracker.start_trial(self.experiment_id, self.parent_run_id, cfg.study.name,
-                                          trial.number, {**hp, **_fixed_settings(cfg, seed)})
-        trial.set_user_attr(MLFLOW_RUN_ATTR, run_id)
         trial.set_user_attr("hyperparameters", hp)
+        run = _TrialRun(self.tracker, trial)
+        run.start(self.experiment_id, self.parent_run_id, cfg.study.name, {**hp, **_fixed_settings(cfg, seed)})
         result = TrainResult()
         try:
-            train(cfg, self.data, hp, seed, trial, result)
+            train(cfg, self.data, hp, seed, trial, result, self.stop)
         except BaseException as e:
             # Record what was measured before the failure; Optuna marks the trial FAIL.
             interrupted = isinstance(e, KeyboardInterrupt)
-            reason = "interrupted" if interrupted else f"{type(e).__name__}: {e}"
+            reason = "interrupted" if interrupted else f"{type(e).__name__}: {first_line(e)}"
             trial.set_user_attr(REASON_ATTR, reason)
-            self._finish(trial, run_id, hp, seed, result, "FAIL", reason, "KILLED" if interrupted else None)
+            run.finish(self._artifacts(trial, hp, seed, result), result, "FAIL", reason,
+                       "KILLED" if interrupted else None)
             raise
-        state, value, reason = outcome(result, cfg.study.metric)
         trial.set_user_attr("epochs_trained", result.epochs)
+        if self.stop.requested:
+            reason = f"interrupted at epoch {result.epochs - 1}"
+            trial.set_user_attr(REASON_ATTR, reason)
+            run.finish(self._artifacts(trial, hp, seed, result), result, "FAIL", reason, "KILLED")
+            raise Interrupted(self.stop.signum or 0)
+        state, value, reason = outcome(result, cfg.study.metric)
         if reason:
             trial.set_user_attr(REASON_ATTR, reason)
-        self._finish(trial, run_id, hp, seed, result, state, reason)
+        run.finish(self._artifacts(trial, hp, seed, result), result, state, reason)
         if state == "PRUNED":
             raise optuna.TrialPruned(reason)
         return value
 
-    def _finish(self, trial: optuna.trial.Trial, run_id: str, hp: dict[str, Any], seed: int,
-                result: TrainResult, state: str, reason: str | None, status: str | None = None) -> None:
-        with artifact_dir() as tmp:
-            folder = Path(tmp)
-            write_json(self._trial_config(trial, hp, seed), folder / "trial_config.json")
+    def _artifacts(self, trial: optuna.trial.Trial, hp: dict[str, Any], seed: int,
+                   result: TrainResult) -> Callable[[Path], None]:
+        def write(folder: Path) -> None:
+            config = self.cfg.to_dict()
+            write_json({"study": self.cfg.study.name, "trial": trial.number, "seed": seed,
+                        "hyperparameters": hp, **{k: config[k] for k in ("data", "model", "train")}},
+                       folder / "trial_config.json")
             if result.history:
                 plot_learning_curves(result.history, f"{self.cfg.study.name} trial {trial.number}: "
                                      f"{_describe(hp)}", folder / "learning_curves.png")
-            self.tracker.finish_trial(run_id, result.history, state, reason=reason, artifacts=folder,
-                                      status=status)
+        return write
 
-    def _trial_config(self, trial: optuna.trial.Trial, hp: dict[str, Any], seed: int) -> dict[str, Any]:
-        config = self.cfg.to_dict()
-        config.pop("params")
-        return {"study": self.cfg.study.name, "trial": trial.number, "seed": seed,
-                "hyperparameters": hp, **{k: config[k] for k in ("data", "model", "train")}}
+
+class _TrialRun:
+    """A trial's MLflow run, tolerant of a tracking store that stops answering: the trial
+    trains and is stored in Optuna regardless, with the error in ``tracking_error``."""
+
+    def __init__(self, tracker: Tracker, trial: optuna.trial.Trial) -> None:
+        self.tracker = tracker
+        self.trial = trial
+        self.run_id: str | None = None
+        self.lost = False
+
+    def start(self, experiment_id: str, parent_run_id: str, study: str, params: dict[str, Any]) -> None:
+        self.run_id = self._call(self.tracker.start_trial, experiment_id, parent_run_id, study,
+                                 self.trial.number, params)
+        if self.run_id is not None:
+            self.trial.set_user_attr(MLFLOW_RUN_ATTR, self.run_id)
+
+    def finish(self, write_artifacts: Callable[[Path], None], result: TrainResult, state: str,
+               reason: str | None, status: str | None = None) -> None:
+        if self.run_id is None or self.lost:
+            return
+        with artifact_dir() as tmp:
+            folder = Path(tmp)
+            write_artifacts(folder)
+            self._call(self.tracker.finish_trial, self.run_id, result.history, state, reason=reason,
+                       artifacts=folder, status=status)
+
+    def _call(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if self.lost:
+            return None
+        try:
+            return method(*args, **kwargs)
+        except Exception as e:  # one failure is enough: later calls would wait out timeouts too
+            self.lost = True
+            self.trial.set_user_attr(TRACKING_ERROR_ATTR, f"MLflow tracking lost: {first_line(e)}")
+            return None
 
 
 def outcome(result: TrainResult, metric: str) -> tuple[str, float, str | None]:

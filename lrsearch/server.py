@@ -5,28 +5,37 @@ from __future__ import annotations
 import os
 import sys
 
-from lrsearch.storage import artifact_root, sqlite_path
 from lrsearch.errors import UsageError
+from lrsearch.storage import artifact_root, data_dir, is_postgres, prepare_database, schema_url, sqlite_path
 
 
-def server_command(backend_uri: str, *, host: str = "127.0.0.1", port: int = 5000,
+def backend_uri(db: str) -> str:
+    """The MLflow backend store for ``db``: an SQLite file as is, a PostgreSQL database
+    with MLflow's tables in schema ``mlflow`` (created if missing)."""
+    if is_postgres(db):
+        prepare_database(db)
+        return schema_url(db, "mlflow")
+    path = sqlite_path(db)
+    if path is None:
+        raise UsageError(f"expected a postgresql:// or sqlite:/// database URL, got {db!r}")
+    if not path.exists():
+        raise UsageError(f"no MLflow store at {path} (run a study first, or pass another URL)")
+    return db
+
+
+def server_command(backend: str, *, host: str = "127.0.0.1", port: int = 5000,
                    artifacts: str | None = None) -> list[str]:
-    """The ``mlflow server`` command line for ``backend_uri``, artifacts served by the server."""
-    destination = artifacts or artifact_root(backend_uri)
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri,
-           "--host", host, "--port", str(port), "--serve-artifacts"]
-    if destination:
-        cmd += ["--artifacts-destination", destination]
-    return cmd
+    """The ``mlflow server`` command line for ``backend``, artifacts served by the server."""
+    destination = artifacts or artifact_root(backend) or (data_dir() / "artifacts").as_uri()
+    return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
+            "--host", host, "--port", str(port), "--serve-artifacts",
+            "--artifacts-destination", destination]
 
 
-def serve(backend_uri: str, *, host: str = "127.0.0.1", port: int = 5000, artifacts: str | None = None) -> int:
-    """Become the tracking server (exec), so signals reach it directly; returns only on error."""
-    path = sqlite_path(backend_uri)
-    if path is not None and not path.exists():
-        raise UsageError(f"no MLflow store at {path} (run a study first, or pass --tracking-uri)")
+def serve(db: str, *, host: str = "127.0.0.1", port: int = 5000, artifacts: str | None = None) -> int:
+    """Become the tracking server on ``db`` (exec, so signals reach it directly)."""
+    cmd = server_command(backend_uri(db), host=host, port=port, artifacts=artifacts)
     print(f"MLflow UI: http://{host}:{port}/#/experiments?workflowType=machine_learning", file=sys.stderr)
     sys.stderr.flush()
-    cmd = server_command(backend_uri, host=host, port=port, artifacts=artifacts)
     os.execv(cmd[0], cmd)
     return 1  # not reached: execv replaces this process or raises

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from lrsearch.errors import LrsearchError, UsageError, first_line
 
@@ -14,6 +16,8 @@ TRACKING_ENV = "MLFLOW_TRACKING_URI"
 DEFAULT_DATA_DIR = "lrsearch-data"
 # How long an SQLite writer waits for a lock before "database is locked".
 SQLITE_TIMEOUT_S = 60
+SCHEMAS = ("optuna", "mlflow", "lrsearch")
+_LOCK_KEY = 0x6C7273  # "lrs": advisory-lock keys of this project
 
 
 def data_dir() -> Path:
@@ -22,7 +26,8 @@ def data_dir() -> Path:
 
 
 def storage_url(url: str | None = None) -> str:
-    """The Optuna storage URL: ``url``, ``$LRSEARCH_STORAGE`` or the embedded SQLite file."""
+    """The Optuna storage URL as given: ``url``, ``$LRSEARCH_STORAGE`` or the embedded
+    SQLite file. A plain PostgreSQL URL is fine: ``open_storage`` adds the schema."""
     return url or os.environ.get(STORAGE_ENV) or f"sqlite:///{data_dir() / 'optuna.db'}"
 
 
@@ -52,12 +57,16 @@ def redact(url: str) -> str:
         return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
 
 
-def open_storage(url: str, *, create: bool = True) -> Any:
-    """An ``optuna.storages.RDBStorage`` for ``url``.
+def open_storage(url: str, *, create: bool = True,
+                 stale_trial_callback: Callable[[Any, Any], None] | None = None) -> Any:
+    """An ``optuna.storages.RDBStorage`` for ``url``, with heartbeats on.
 
+    A PostgreSQL URL gets its ``optuna`` schema (created if missing) and ``pool_pre_ping``.
     With ``create=False`` a missing SQLite file is an error instead of a new empty store.
+    ``stale_trial_callback`` runs for each trial whose worker stopped beating.
     """
     import optuna
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
     engine_kwargs: dict[str, Any] = {}
     path = sqlite_path(url)
@@ -67,17 +76,110 @@ def open_storage(url: str, *, create: bool = True) -> Any:
         path.parent.mkdir(parents=True, exist_ok=True)
         engine_kwargs["connect_args"] = {"timeout": SQLITE_TIMEOUT_S}
     else:
-        engine_kwargs["pool_pre_ping"] = True  # Optuna sets it only for MySQL
-    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
-
+        engine_kwargs["pool_pre_ping"] = True  # Optuna sets it only for MySQL; idle PG links drop
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+        if is_postgres(url):
+            prepare_database(url)
+            url = schema_url(url, "optuna")
+        with store_lock(url), warnings.catch_warnings():  # workers must not race to create tables
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats
+            return optuna.storages.RDBStorage(
+                url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval(),
+                grace_period=grace_period(), heartbeat_stale_trial_callback=stale_trial_callback)
     except (ArgumentError, NoSuchModuleError, ValueError) as e:  # not a database URL
         raise UsageError(f"bad storage URL {redact(url)}: {first_line(e)}") from e
+    except LrsearchError:
+        raise
     except Exception as e:  # server down, wrong credentials, unreadable file
         raise LrsearchError(f"cannot open storage {redact(url)}: {first_line(e)}") from e
 
 
+# -- heartbeats ---------------------------------------------------------------------------
+
+def heartbeat_interval() -> int:
+    """Seconds between a running trial's heartbeats (``$LRSEARCH_HEARTBEAT_INTERVAL``)."""
+    return int(os.environ.get("LRSEARCH_HEARTBEAT_INTERVAL", "5"))
+
+
+def grace_period() -> int:
+    """Seconds without a heartbeat after which a running trial counts as dead
+    (``$LRSEARCH_HEARTBEAT_GRACE``)."""
+    return int(os.environ.get("LRSEARCH_HEARTBEAT_GRACE", "20"))
+
+
+# -- PostgreSQL: one database, one schema per owner ----------------------------------------
+
+def is_postgres(url: str) -> bool:
+    return url.startswith(("postgresql", "postgres://"))
+
+
+def pg_url(url: str) -> str:
+    """``url`` with the psycopg 3 driver spelled out (``postgresql://`` maps to it anyway)."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
+    return url
+
+
+def schema_url(url: str, schema: str) -> str:
+    """The URL whose connections put ``schema`` first on the search path, so Optuna's and
+    MLflow's tables (both have an ``alembic_version``) live apart in one database."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(pg_url(url))
+    if "options" in parsed.query:
+        return parsed.render_as_string(hide_password=False)  # the user chose the search path
+    return parsed.update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(
+        hide_password=False)
+
+
+def prepare_database(url: str) -> None:
+    """Create the ``optuna``, ``mlflow`` and ``lrsearch`` schemas if missing."""
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(pg_url(url), pool_pre_ping=True, poolclass=sa.pool.NullPool)
+    try:
+        with engine.begin() as conn:
+            # Serialize with other workers: concurrent CREATE SCHEMA IF NOT EXISTS can collide.
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _LOCK_KEY})
+            for schema in SCHEMAS:
+                conn.execute(sa.text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
+    except sa.exc.OperationalError as e:
+        raise LrsearchError(f"cannot connect to {redact(url)}: {first_line(e)}") from e
+    finally:
+        engine.dispose()
+
+
+@contextlib.contextmanager
+def store_lock(url: str) -> Iterator[None]:
+    """Hold a lock shared by every lrsearch process on this store: a PostgreSQL advisory
+    lock, or a lock file beside an SQLite file. For short critical sections only."""
+    path = sqlite_path(url)
+    if path is not None:
+        import fcntl
+
+        with open(f"{path}.lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+        return
+    if not is_postgres(url):
+        yield
+        return
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(pg_url(url), poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT pg_advisory_lock(:key)"), {"key": _LOCK_KEY + 1})
+            try:
+                yield
+            finally:
+                conn.execute(sa.text("SELECT pg_advisory_unlock(:key)"), {"key": _LOCK_KEY + 1})
+    finally:
+        engine.dispose()
 
 def artifact_root(tracking: str) -> str | None:
     """Where an embedded (SQLite) tracking store keeps artifacts: beside its file.

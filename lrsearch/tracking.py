@@ -27,8 +27,8 @@ DEFAULT_UI = "http://127.0.0.1:5000"
 _MAX_METRICS, _MAX_PARAMS = 1000, 100
 # Bounds on each call to a tracking server (MLflow's defaults can stall a call for minutes);
 # a variable already set in the environment wins.
-HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0.5",
-               "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
+HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+               "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 History = Mapping[str, Sequence[tuple[int, float, int]]]
 
@@ -46,6 +46,8 @@ class Tracker:
         from mlflow import MlflowClient
 
         quiet_mlflow()
+        # set_terminated would print "View run … at …" to stdout for every trial.
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         self.uri = uri
         path = sqlite_path(uri)
         if path is not None:
@@ -105,6 +107,11 @@ class Tracker:
         if artifacts is not None:
             self.client.log_artifacts(run_id, str(artifacts))
         self.client.set_terminated(run_id, status=status or STATUS_FOR_STATE[state])
+
+    def kill_run(self, run_id: str, reason: str) -> None:
+        """End a trial's run whose worker died: KILLED, with tag ``state=FAIL`` and the reason."""
+        self._log(run_id, tags={"state": "FAIL", "reason": reason})
+        self.client.set_terminated(run_id, status="KILLED")
 
     def end_run(self, run_id: str, status: str, metrics: Mapping[str, float] | None = None) -> None:
         """Close a run (the study's parent) with ``status``, logging summary ``metrics`` first."""

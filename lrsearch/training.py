@@ -19,6 +19,7 @@ from lrsearch.data import Dataset
 from lrsearch.logger import MemoryLogger
 from lrsearch.model import MLPClassifier, build_mlp
 from lrsearch.pruning import PruningCallback
+from lrsearch.stopping import StopCallback, StopFlag
 
 
 @dataclass
@@ -70,10 +71,12 @@ def train(
     seed: int,
     trial: optuna.trial.Trial | None = None,
     result: TrainResult | None = None,
+    stop: StopFlag | None = None,
 ) -> TrainResult:
     """Train the study's MLP with ``hp`` for ``cfg.train.epochs`` epochs.
 
-    ``result`` may be passed in so its history survives an exception inside ``fit``.
+    ``result`` may be passed in so its history survives an exception inside ``fit``;
+    ``stop`` ends training at the next epoch boundary once a signal sets it.
     """
     result = result or TrainResult()
     generator = torch.Generator().manual_seed(seed)
@@ -83,6 +86,8 @@ def train(
     pruning = PruningCallback(trial, cfg.study.metric) if trial is not None else None
     if pruning is not None:
         callbacks.append(pruning)
+    if stop is not None:
+        callbacks.append(StopCallback(stop))
     trainer = pl.Trainer(
         max_epochs=cfg.train.epochs,
         accelerator="cpu",

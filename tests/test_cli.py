@@ -17,7 +17,7 @@ def _one_line_error(stderr: str) -> str:
 def test_help_lists_the_commands(cli):
     result = cli("--help")
     assert result.returncode == 0
-    for command in ("run", "best", "validate", "ui"):
+    for command in ("run", "worker", "server", "best", "validate", "ui"):
         assert command in result.stdout
 
 
@@ -48,7 +48,9 @@ def test_bad_options_exit_2(cli, write_study):
 def test_unreachable_tracking_server_fails_before_any_trial(cli, write_study, tmp_path):
     result = cli("run", str(write_study()), "--tracking-uri", "http://127.0.0.1:9")
     assert result.returncode == 1
-    assert "cannot reach MLflow tracking at http://127.0.0.1:9" in _one_line_error(result.stderr)
+    message = _one_line_error(result.stderr)
+    assert message.startswith("lrsearch: error: cannot reach MLflow tracking at http://127.0.0.1:9: ")
+    assert "Failed to convert" not in message and "Connection refused" in message or "Max retries" in message
     assert not (tmp_path / "lrsearch-data" / "optuna.db").exists()
 
 
