@@ -72,7 +72,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def cmd_server(args: argparse.Namespace) -> int:
     from lrsearch.server import serve
 
-    return serve(args.db, host=args.host, port=args.port,
+    return serve(args.db, host=args.host, port=args.port, allowed_hosts=args.allowed_hosts,
                  artifacts=str(Path(args.artifacts).resolve()) if args.artifacts else None)
 
 
@@ -93,7 +93,15 @@ def _work_here(args: argparse.Namespace, cfg: Any, progress: bool = True) -> Any
     with _Progress(cfg.study.name, enabled=progress) as bar:
         return run_study(cfg, storage=args.storage, tracking=args.tracking_uri, study_file=Path(args.file),
                          callbacks=[bar], on_start=bar.start, stop=stop,
-                         worker=os.getpid() if args.worker_index is None else args.worker_index)
+                         worker=_default_worker_index() if args.worker_index is None else args.worker_index)
+
+
+def _default_worker_index() -> int:
+    """Distinct per process and per host (in containers every worker may be pid 1)."""
+    import socket
+    import zlib
+
+    return zlib.crc32(f"{socket.gethostname()}:{os.getpid()}".encode())
 
 
 def _run_workers(args: argparse.Namespace, cfg: Any) -> int:
@@ -316,6 +324,8 @@ def _parser() -> argparse.ArgumentParser:
                    "(default: ./lrsearch-data/artifacts)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--port", type=_positive_int, default=5000)
+    p.add_argument("--allowed-hosts", metavar="HOSTS",
+                   help="Host headers MLflow accepts when bound beyond loopback, e.g. mlflow:5000")
     p.set_defaults(command=cmd_server)
 
     p = sub.add_parser("best", help="show a study's best trials")

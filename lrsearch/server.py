@@ -24,17 +24,21 @@ def backend_uri(db: str) -> str:
 
 
 def server_command(backend: str, *, host: str = "127.0.0.1", port: int = 5000,
-                   artifacts: str | None = None) -> list[str]:
+                   artifacts: str | None = None, allowed_hosts: str | None = None) -> list[str]:
     """The ``mlflow server`` command line for ``backend``, artifacts served by the server."""
     destination = artifacts or artifact_root(backend) or (data_dir() / "artifacts").as_uri()
-    return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
-            "--host", host, "--port", str(port), "--serve-artifacts",
-            "--artifacts-destination", destination]
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
+           "--host", host, "--port", str(port), "--serve-artifacts", "--artifacts-destination", destination]
+    if allowed_hosts:
+        cmd += ["--allowed-hosts", allowed_hosts]
+    return cmd
 
 
-def serve(db: str, *, host: str = "127.0.0.1", port: int = 5000, artifacts: str | None = None) -> int:
+def serve(db: str, *, host: str = "127.0.0.1", port: int = 5000, artifacts: str | None = None,
+          allowed_hosts: str | None = None) -> int:
     """Become the tracking server on ``db`` (exec, so signals reach it directly)."""
-    cmd = server_command(backend_uri(db), host=host, port=port, artifacts=artifacts)
+    cmd = server_command(backend_uri(db), host=host, port=port, artifacts=artifacts,
+                         allowed_hosts=allowed_hosts)
     print(f"MLflow UI: http://{host}:{port}/#/experiments?workflowType=machine_learning", file=sys.stderr)
     sys.stderr.flush()
     os.execv(cmd[0], cmd)

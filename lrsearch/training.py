@@ -11,6 +11,7 @@ import optuna
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import LearningRateMonitor
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
@@ -101,8 +102,14 @@ def train(
         log_every_n_steps=1,
         default_root_dir=None,
     )
-    trainer.fit(module, train_dataloaders=_whole(data.x_train, data.y_train),
-                val_dataloaders=_whole(data.x_val, data.y_val))
+    try:
+        trainer.fit(module, train_dataloaders=_whole(data.x_train, data.y_train),
+                    val_dataloaders=_whole(data.x_val, data.y_val))
+    except SIGTERMException:
+        # Lightning's own SIGTERM handler ends fit with a SystemExit; our handler, which
+        # Lightning chains, has set `stop`, and the caller records the interruption.
+        if stop is None or not stop.requested:
+            raise
     result.epochs = trainer.current_epoch
     result.diverged_at = module.diverged_at
     result.pruned_at = pruning.pruned_at if pruning is not None else None

@@ -1,0 +1,234 @@
+"""Server mode on a real PostgreSQL and a real `lrsearch server`: parallel workers, crashes,
+signals, a tracking server that goes away, and the compose file's commands run natively."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import sqlalchemy as sa
+from mlflow import MlflowClient
+
+from conftest import compose_command, start_server, stop_process_group
+from lrsearch.storage import schema_url
+
+STUDY = """\
+[study]
+name = "{name}"
+trials = {trials}
+seed = 11
+pruner = "none"
+
+[train]
+epochs = {epochs}
+batch_size = 64
+
+[params]
+optimizer = {{ choices = ["sgd", "adam"] }}
+lr = {{ low = 1e-3, high = 0.1, log = true }}
+"""
+# Short heartbeats so a dead worker's trial is detected within seconds in these tests.
+FAST_HEARTBEAT = {"LRSEARCH_HEARTBEAT_INTERVAL": "1", "LRSEARCH_HEARTBEAT_GRACE": "4"}
+
+
+def _study_file(tmp_path: Path, name: str, trials: int, epochs: int) -> Path:
+    path = tmp_path / f"{name}.toml"
+    path.write_text(STUDY.format(name=name, trials=trials, epochs=epochs))
+    return path
+
+
+def _lrsearch(*args: str, env: dict | None = None, **popen) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "lrsearch.cli", *args], env={**os.environ, **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, **popen)
+
+
+def _study(pg_url: str, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=schema_url(pg_url, "optuna"))
+
+
+def _states(study: optuna.Study) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for t in study.get_trials(deepcopy=False):
+        counts[t.state.name] = counts.get(t.state.name, 0) + 1
+    return counts
+
+
+def _wait_for_running_trial(pg_url: str, name: str, proc: subprocess.Popen, timeout: float = 120):
+    """The first RUNNING trial that already has its MLflow run."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        try:
+            running = _study(pg_url, name).get_trials(states=(optuna.trial.TrialState.RUNNING,))
+        except KeyError:  # the study is not created yet
+            running = []
+        for trial in running:
+            if "mlflow_run_id" in trial.user_attrs:
+                return trial
+        time.sleep(0.1)
+    raise TimeoutError("no trial started")
+
+
+def _runs(tracking: str, experiment_name: str):
+    client = MlflowClient(tracking_uri=tracking)
+    experiment = client.get_experiment_by_name(experiment_name)
+    return client, client.search_runs([experiment.experiment_id], max_results=1000)
+
+
+def _assert_nothing_running(pg_url: str, name: str, tracking: str) -> None:
+    assert "RUNNING" not in _states(_study(pg_url, name))
+    _, runs = _runs(tracking, name)
+    assert [r.info.run_name for r in runs if r.info.status == "RUNNING"] == []
+
+
+def test_two_workers_share_one_study(pg_url, tracking_server, tmp_path):
+    path = _study_file(tmp_path, "two-workers", trials=6, epochs=3)
+    proc = _lrsearch("run", str(path), "--storage", pg_url, "--tracking-uri", tracking_server, "--workers", "2")
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert "study 'two-workers': 6 trials (6 COMPLETE), target 6" in out
+
+    study = _study(pg_url, "two-workers")
+    assert len({tuple(sorted(t.params.items())) for t in study.trials}) == 6  # no duplicates
+
+    client, runs = _runs(tracking_server, "two-workers")  # through the server's REST API
+    parents = [r for r in runs if r.data.tags.get("lrsearch.role") == "study"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert sorted(r.info.run_name for r in children) == [f"trial-{i}" for i in range(6)]
+    assert {r.info.status for r in children} == {"FINISHED"}
+    assert {t.user_attrs["mlflow_run_id"] for t in study.trials} == {r.info.run_id for r in children}
+    artifacts = {a.path for a in client.list_artifacts(children[0].info.run_id)}
+    assert artifacts == {"learning_curves.png", "trial_config.json"}  # served by the server
+
+    engine = sa.create_engine(pg_url, poolclass=sa.pool.NullPool)
+    with engine.connect() as conn:
+        tables = set(conn.execute(sa.text(
+            "SELECT table_schema || '.' || table_name FROM information_schema.tables "
+            "WHERE table_schema IN ('optuna', 'mlflow', 'public')")).scalars())
+    engine.dispose()
+    assert {"optuna.trials", "optuna.studies", "optuna.alembic_version"} <= tables
+    assert {"mlflow.runs", "mlflow.metrics", "mlflow.alembic_version"} <= tables
+    assert not [t for t in tables if t.startswith("public.")]
+
+
+def test_a_killed_worker_loses_no_trial(pg_url, tracking_server, tmp_path):
+    path = _study_file(tmp_path, "kill-9", trials=4, epochs=400)
+    args = ("worker", str(path), "--storage", pg_url, "--tracking-uri", tracking_server)
+    doomed = _lrsearch(*args, "--worker-index", "0", env=FAST_HEARTBEAT)
+    victim = _wait_for_running_trial(pg_url, "kill-9", doomed)
+    os.killpg(doomed.pid, signal.SIGKILL)
+    doomed.wait()
+
+    survivor = _lrsearch(*args, "--worker-index", "1", env=FAST_HEARTBEAT)
+    out, err = survivor.communicate(timeout=300)
+    assert survivor.returncode == 0, err
+
+    study = _study(pg_url, "kill-9")
+    states = _states(study)
+    assert states["COMPLETE"] == 4 and states["FAIL"] == 1 and "RUNNING" not in states
+    dead = study.trials[victim.number]
+    assert dead.state.name == "FAIL"
+    retry = [t for t in study.trials if t.system_attrs.get("failed_trial") == victim.number]
+    assert len(retry) == 1 and retry[0].state.name == "COMPLETE" and retry[0].params == victim.params
+    client, _ = _runs(tracking_server, "kill-9")
+    killed = client.get_run(victim.user_attrs["mlflow_run_id"])
+    assert killed.info.status == "KILLED" and killed.data.tags["state"] == "FAIL"
+    assert killed.data.tags["reason"] == "worker lost: no heartbeat for 4 s"
+    _assert_nothing_running(pg_url, "kill-9", tracking_server)
+
+
+def test_sigterm_stops_cleanly_and_the_same_command_resumes(pg_url, tracking_server, tmp_path):
+    path = _study_file(tmp_path, "sigterm", trials=3, epochs=400)
+    args = ("run", str(path), "--storage", pg_url, "--tracking-uri", tracking_server)
+    proc = _lrsearch(*args)
+    trial = _wait_for_running_trial(pg_url, "sigterm", proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert err.strip().splitlines()[-1] == ("lrsearch: error: interrupted by SIGTERM; "
+                                            "run the same command again to resume the study")
+    assert "Traceback" not in err
+    stopped = _study(pg_url, "sigterm").trials[trial.number]
+    assert stopped.state.name == "FAIL" and stopped.user_attrs["reason"].startswith("interrupted at epoch")
+    client, runs = _runs(tracking_server, "sigterm")
+    assert client.get_run(trial.user_attrs["mlflow_run_id"]).info.status == "KILLED"
+    assert "RUNNING" not in {r.info.status for r in runs}
+    parent = [r for r in runs if r.data.tags.get("lrsearch.role") == "study"]
+    assert len(parent) == 1 and parent[0].info.status == "KILLED"
+
+    again = _lrsearch(*args)
+    out, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err
+    assert _states(_study(pg_url, "sigterm"))["COMPLETE"] == 3
+    _assert_nothing_running(pg_url, "sigterm", tracking_server)
+    parent = [r for r in _runs(tracking_server, "sigterm")[1] if r.data.tags.get("lrsearch.role") == "study"]
+    assert len(parent) == 1 and parent[0].info.status == "FINISHED"
+
+
+def test_study_completes_when_the_tracking_server_goes_away(pg_url, tmp_path):
+    server, uri = start_server(pg_url, tmp_path / "artifacts")
+    try:
+        path = _study_file(tmp_path, "lost-tracking", trials=6, epochs=150)
+        proc = _lrsearch("run", str(path), "--storage", pg_url, "--tracking-uri", uri)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if _states(_study(pg_url, "lost-tracking")).get("COMPLETE", 0) >= 2:
+                    break
+            except KeyError:
+                pass
+            time.sleep(0.1)
+        stop_process_group(server, signal.SIGKILL)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        stop_process_group(server, signal.SIGKILL)
+    assert proc.returncode == 0, err
+    study = _study(pg_url, "lost-tracking")
+    assert _states(study) == {"COMPLETE": 6}
+    lost = [t for t in study.trials if "tracking_error" in t.user_attrs]
+    assert lost and all(t.user_attrs["tracking_error"].startswith("MLflow tracking lost: ") for t in lost)
+    assert "lrsearch: warning: MLflow tracking was lost for" in err
+    assert "Traceback" not in err
+
+
+def test_sqlite_with_four_workers(tmp_path, cli):
+    path = _study_file(tmp_path, "sqlite-4", trials=40, epochs=2)
+    result = cli("run", str(path), "--workers", "4", timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "database is locked" not in result.stderr
+    assert "study 'sqlite-4': 40 trials (40 COMPLETE), target 40" in result.stdout
+
+
+def test_the_dashboard_command_reads_the_optuna_schema(pg_url, tracking_server, tmp_path):
+    pytest.importorskip("optuna_dashboard")
+    from conftest import free_port, wait_for_http
+
+    port = free_port()
+    command = compose_command("dashboard", {
+        "postgresql+psycopg://${POSTGRES_USER}:${POSTGRES_PASSWORD}@postgres:5432/${POSTGRES_DB}": pg_url,
+        "0.0.0.0": "127.0.0.1", "8080": str(port)})
+    assert command[0] == "optuna-dashboard"
+    _study_file(tmp_path, "dash", trials=1, epochs=1)
+    assert subprocess.run([sys.executable, "-m", "lrsearch.cli", "run", str(tmp_path / "dash.toml"),
+                           "--storage", pg_url, "--tracking-uri", tracking_server],
+                          capture_output=True, timeout=120).returncode == 0
+    dashboard = subprocess.Popen([str(Path(sys.executable).parent / "optuna-dashboard"), *command[1:]],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/api/studies", dashboard, timeout=60)
+        import json
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies") as response:
+            names = {s["study_name"] for s in json.loads(response.read())["study_summaries"]}
+        assert "dash" in names
+    finally:
+        stop_process_group(dashboard)
