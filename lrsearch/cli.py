@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from lrsearch.errors import LrsearchError, first_line
+from lrsearch.errors import LrsearchError, UsageError, first_line
 
 EXIT_OK, EXIT_RUNTIME, EXIT_INTERRUPTED = 0, 1, 130
 
@@ -157,7 +157,7 @@ def _print_result(study: Any, target: int, url: str, warnings: list[str]) -> Non
     rows = best_trials(study, 5)
     print(f"study {study.study_name!r}: {len(study.trials)} trials ({_state_counts(study)}), target {target}")
     if rows:
-        print(_format(rows, "table"))
+        print(_format(rows, "table", TRIAL_COLUMNS))
     print(f"MLflow: {url}")
     _warn(warnings)
 
@@ -168,10 +168,28 @@ def _warn(lines: list[str]) -> None:
 
 
 def cmd_best(args: argparse.Namespace) -> int:
-    from lrsearch.study import best_trials, load_study
+    from lrsearch.queries import best_trials_sql
 
-    rows = best_trials(load_study(args.name, args.storage), args.top)
-    print(_format(rows, args.format))
+    rows = [{"number": r.pop("trial_number"), **r} for r in
+            best_trials_sql(args.storage, args.tracking_uri, args.name, args.top)]
+    columns = ["rank", *TRIAL_COLUMNS] if args.format == "table" else [
+        "rank", "number", "value", "state", "params", "optimizer", "lr", "momentum", "schedule",
+        "duration_s", "mlflow_run_id", "mlflow_status", "val_acc", "val_loss", "train_loss"]
+    print(_format(rows, args.format, columns) if rows or args.format != "table" else "(no completed trials)")
+    return EXIT_OK
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    from lrsearch.queries import ResultsDatabase, schema_script
+
+    if args.schema:
+        print(schema_script(args.storage, args.tracking_uri))
+        return EXIT_OK
+    if not args.query:
+        raise UsageError("expected a query, e.g. lrsearch sql \"SELECT * FROM best_trials WHERE rank <= 3\"")
+    with ResultsDatabase(args.storage, args.tracking_uri) as db:
+        result = db.query(args.query)
+    print(_format(result.records(), args.format, result.columns))
     return EXIT_OK
 
 
@@ -184,32 +202,38 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 # -- output -------------------------------------------------------------------------------
 
-def _format(rows: list[dict[str, Any]], fmt: str) -> str:
+TRIAL_COLUMNS = ["number", "value", "state", "params", "duration_s", "mlflow_run_id"]
+
+
+def _format(rows: list[dict[str, Any]], fmt: str, columns: list[str] | None = None) -> str:
+    """Rows as a text table, JSON (a list of objects) or CSV."""
+    columns = columns or (list(rows[0]) if rows else [])
     if fmt == "json":
-        return json.dumps(rows, indent=2)
-    flat = [{"number": r["number"], "value": _num(r["value"]), "state": r["state"],
-             "params": " ".join(f"{k}={_num(v)}" for k, v in r["params"].items()),
-             "duration_s": _num(r["duration_s"]), "mlflow_run_id": r["mlflow_run_id"] or ""}
-            for r in rows]
-    columns = ["number", "value", "state", "params", "duration_s", "mlflow_run_id"]
+        return json.dumps([{c: row.get(c) for c in columns} for row in rows], indent=2, default=str)
+    cells = [[_cell(row.get(c), fmt) for c in columns] for row in rows]
     if fmt == "csv":
         out = io.StringIO()
-        writer = csv.DictWriter(out, columns, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(flat)
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(columns)
+        writer.writerows(cells)
         return out.getvalue().rstrip("\n")
-    if not flat:
-        return "(no completed trials)"
-    widths = {c: max(len(c), *(len(str(r[c])) for r in flat)) for c in columns}
-    lines = ["  ".join(c.ljust(widths[c]) for c in columns)]
-    lines += ["  ".join(str(r[c]).ljust(widths[c]) for c in columns) for r in flat]
-    return "\n".join(line.rstrip() for line in lines)
+    if not rows:
+        return "(no rows)"
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = [columns, *cells]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip() for line in lines)
 
 
-def _num(value: Any) -> Any:
-    if isinstance(value, float):
-        return f"{value:.4g}" if math.isfinite(value) else str(value)
-    return "" if value is None else value
+def _cell(value: Any, fmt: str) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, dict):
+        if fmt == "csv":
+            return json.dumps(value)
+        return " ".join(f"{k}={_cell(v, fmt)}" for k, v in value.items())
+    if isinstance(value, float) and fmt == "table":
+        return f"{value:.4g}"
+    return str(value)
 
 
 def _state_counts(study: Any) -> str:
@@ -334,6 +358,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("table", "json", "csv"), default="table")
     stores(p)
     p.set_defaults(command=cmd_best)
+
+    p = sub.add_parser("sql", help="run a read-only SQL query over the results views")
+    p.add_argument("query", nargs="?", help='e.g. "SELECT * FROM best_trials WHERE rank <= 3"')
+    p.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    p.add_argument("--schema", action="store_true", help="print the SQL that creates the views and exit")
+    stores(p)
+    p.set_defaults(command=cmd_sql)
 
     p = sub.add_parser("validate", help="check a study file and exit (2 on a mistake)")
     p.add_argument("file")

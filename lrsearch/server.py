@@ -14,13 +14,30 @@ def backend_uri(db: str) -> str:
     with MLflow's tables in schema ``mlflow`` (created if missing)."""
     if is_postgres(db):
         prepare_database(db)
-        return schema_url(db, "mlflow")
+        backend = schema_url(db, "mlflow")
+        _create_tables(backend, db)
+        return backend
     path = sqlite_path(db)
     if path is None:
         raise UsageError(f"expected a postgresql:// or sqlite:/// database URL, got {db!r}")
     if not path.exists():
         raise UsageError(f"no MLflow store at {path} (run a study first, or pass another URL)")
     return db
+
+
+def _create_tables(backend: str, db: str) -> None:
+    """Create MLflow's and Optuna's tables now (MLflow would at start-up), so the lrsearch
+    views over both can be created before the server runs."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    from lrsearch.queries import ensure_views
+    from lrsearch.storage import open_storage
+    from lrsearch.tracking import quiet_mlflow
+
+    quiet_mlflow()
+    SqlAlchemyStore(backend, (data_dir() / "artifacts").as_uri()).engine.dispose()
+    open_storage(db).remove_session()
+    ensure_views(db)
 
 
 def server_command(backend: str, *, host: str = "127.0.0.1", port: int = 5000,

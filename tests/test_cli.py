@@ -70,10 +70,22 @@ def test_run_then_best_on_the_embedded_default(cli, write_study, tmp_path):
     assert rows[0]["params"]["schedule"] == "time_decay" and len(rows[0]["mlflow_run_id"]) == 32
 
     table = cli("best", "tiny", "--top", "1")
-    assert table.returncode == 0 and table.stdout.splitlines()[0].split()[:3] == ["number", "value", "state"]
+    assert table.returncode == 0 and table.stdout.splitlines()[0].split()[:4] == ["rank", "number", "value", "state"]
     assert len(table.stdout.strip().splitlines()) == 2
     csv_out = cli("best", "tiny", "--format", "csv")
-    assert csv_out.stdout.splitlines()[0] == "number,value,state,params,duration_s,mlflow_run_id"
+    assert csv_out.stdout.splitlines()[0] == ("rank,number,value,state,params,optimizer,lr,momentum,schedule,"
+                                              "duration_s,mlflow_run_id,mlflow_status,val_acc,val_loss,train_loss")
+
+    sql = cli("sql", "select optimizer, max(value) as best from best_trials group by optimizer", "--format", "json")
+    assert sql.returncode == 0, sql.stderr
+    by_optimizer = {r["optimizer"]: r["best"] for r in json.loads(sql.stdout)}
+    assert max(by_optimizer.values()) == rows[0]["value"] and set(by_optimizer) <= {"sgd", "adam"}
+    refused = cli("sql", "delete from optuna.trials")
+    assert refused.returncode == 2
+    assert _one_line_error(refused.stderr).startswith("lrsearch: error: lrsearch sql runs read-only queries: ")
+    schema = cli("sql", "--schema")
+    assert schema.returncode == 0 and schema.stdout.startswith("ATTACH DATABASE ")
+    assert "CREATE TEMP VIEW best_trials AS" in schema.stdout
 
     unknown = cli("best", "nope")
     assert unknown.returncode == 2

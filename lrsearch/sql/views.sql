@@ -1,0 +1,96 @@
+-- lrsearch's SQL views over Optuna's tables (schema `optuna`) and MLflow's (schema `mlflow`).
+-- One text for PostgreSQL and SQLite: a macro name and its arguments (split by ;;) in
+-- braces mark the few dialect-specific expressions, expanded by lrsearch/queries.py.
+-- On PostgreSQL the views live in schema `lrsearch`; on SQLite they are TEMP views over the attached `optuna` and `mlflow` files.
+
+-- One row per trial of every study. `value` is NULL unless finite; categorical params are
+-- decoded to their labels; typed columns come from the trial's hyperparameters (defaults
+-- included) or, for studies lrsearch did not run, from its Optuna params.
+{create_view: trials}
+SELECT
+    s.study_name,
+    t.number AS trial_number,
+    CAST(t.state AS TEXT) AS state,
+    CASE WHEN tv.value_type = 'FINITE' THEN tv.value END AS value,
+    lower(CAST(sd.direction AS TEXT)) AS direction,
+    COALESCE({text: hp.value_json ;; optimizer}, {param_text: optimizer}) AS optimizer,
+    COALESCE({number: hp.value_json ;; lr}, {param_number: lr}) AS lr,
+    COALESCE({number: hp.value_json ;; momentum}, {param_number: momentum}) AS momentum,
+    COALESCE({text: hp.value_json ;; schedule}, {param_text: schedule}) AS schedule,
+    (SELECT {object_agg: p.param_name ;; CASE
+                 WHEN {text: p.distribution_json ;; name} = 'CategoricalDistribution'
+                     THEN {choice_json: p.distribution_json ;; p.param_value}
+                 WHEN {text: p.distribution_json ;; name} = 'IntDistribution'
+                     THEN {to_json: CAST(p.param_value AS BIGINT)}
+                 ELSE {to_json: p.param_value} END}
+       FROM optuna.trial_params p WHERE p.trial_id = t.trial_id) AS params,
+    t.datetime_start,
+    t.datetime_complete,
+    {seconds: t.datetime_start ;; t.datetime_complete} AS duration_s,
+    r.run_uuid AS mlflow_run_id,
+    r.status AS mlflow_status,
+    {final_metric: val/acc} AS val_acc,
+    {final_metric: val/loss} AS val_loss,
+    {final_metric: train/loss} AS train_loss,
+    t.trial_id
+FROM optuna.trials t
+JOIN optuna.studies s ON s.study_id = t.study_id
+LEFT JOIN optuna.study_directions sd ON sd.study_id = t.study_id AND sd.objective = 0
+LEFT JOIN optuna.trial_values tv ON tv.trial_id = t.trial_id AND tv.objective = 0
+LEFT JOIN optuna.trial_user_attributes hp ON hp.trial_id = t.trial_id AND hp.key = 'hyperparameters'
+LEFT JOIN optuna.trial_user_attributes ra ON ra.trial_id = t.trial_id AND ra.key = 'mlflow_run_id'
+LEFT JOIN mlflow.runs r ON r.run_uuid = {scalar: ra.value_json};
+
+-- The COMPLETE trials with a finite value of each single-objective study, ranked in the
+-- study's own direction: rank 1 is the best, ties broken by trial number.
+{create_view: best_trials}
+SELECT
+    ranked.rank, ranked.study_name, tr.trial_number, tr.state, tr.value, tr.direction,
+    tr.optimizer, tr.lr, tr.momentum, tr.schedule, tr.params, tr.datetime_start,
+    tr.datetime_complete, tr.duration_s, tr.mlflow_run_id, tr.mlflow_status, tr.val_acc,
+    tr.val_loss, tr.train_loss, tr.trial_id
+FROM (
+    SELECT
+        t.trial_id,
+        s.study_name,
+        RANK() OVER (
+            PARTITION BY s.study_name
+            ORDER BY CASE WHEN CAST(sd.direction AS TEXT) = 'MAXIMIZE' THEN -tv.value ELSE tv.value END,
+                     t.number
+        ) AS rank
+    FROM optuna.trials t
+    JOIN optuna.studies s ON s.study_id = t.study_id
+    JOIN optuna.study_directions sd ON sd.study_id = t.study_id AND sd.objective = 0
+    JOIN optuna.trial_values tv ON tv.trial_id = t.trial_id AND tv.objective = 0
+    WHERE CAST(t.state AS TEXT) = 'COMPLETE' AND CAST(tv.value_type AS TEXT) = 'FINITE'
+      AND NOT EXISTS (SELECT 1 FROM optuna.study_directions d
+                      WHERE d.study_id = t.study_id AND d.objective > 0)
+) ranked
+JOIN {view: trials} tr ON tr.trial_id = ranked.trial_id;
+
+-- One row per study: its trials by state, its best trial and its MLflow parent run.
+-- best_* are NULL for multi-objective studies (a Pareto front has no single best).
+{create_view: studies}
+SELECT
+    s.study_name,
+    lower(CAST(sd.direction AS TEXT)) AS direction,
+    (SELECT COUNT(*) FROM optuna.study_directions d WHERE d.study_id = s.study_id) AS n_objectives,
+    COUNT(t.trial_id) AS n_trials,
+    SUM(CASE WHEN CAST(t.state AS TEXT) = 'COMPLETE' THEN 1 ELSE 0 END) AS n_complete,
+    SUM(CASE WHEN CAST(t.state AS TEXT) = 'PRUNED' THEN 1 ELSE 0 END) AS n_pruned,
+    SUM(CASE WHEN CAST(t.state AS TEXT) = 'FAIL' THEN 1 ELSE 0 END) AS n_fail,
+    SUM(CASE WHEN CAST(t.state AS TEXT) = 'RUNNING' THEN 1 ELSE 0 END) AS n_running,
+    SUM(CASE WHEN CAST(t.state AS TEXT) = 'WAITING' THEN 1 ELSE 0 END) AS n_waiting,
+    b.value AS best_value,
+    b.trial_number AS best_trial_number,
+    b.params AS best_params,
+    {scalar: pa.value_json} AS mlflow_parent_run_id,
+    {scalar: ea.value_json} AS mlflow_experiment_id
+FROM optuna.studies s
+LEFT JOIN optuna.study_directions sd ON sd.study_id = s.study_id AND sd.objective = 0
+LEFT JOIN optuna.trials t ON t.study_id = s.study_id
+LEFT JOIN {view: best_trials} b ON b.study_name = s.study_name AND b.rank = 1
+LEFT JOIN optuna.study_user_attributes pa ON pa.study_id = s.study_id AND pa.key = 'mlflow_parent_run_id'
+LEFT JOIN optuna.study_user_attributes ea ON ea.study_id = s.study_id AND ea.key = 'mlflow_experiment_id'
+GROUP BY s.study_id, s.study_name, sd.direction, b.value, b.trial_number, b.params,
+         pa.value_json, ea.value_json;

@@ -1,0 +1,176 @@
+"""The SQL views on both dialects, on real Optuna and MLflow tables (one suite, two stores)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+
+import optuna
+import pytest
+from mlflow import MlflowClient
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import TrialState, create_trial
+
+from lrsearch.errors import UsageError
+from lrsearch.queries import ResultsDatabase, best_trials_sql, schema_script
+from lrsearch.storage import open_storage, prepare_database, schema_url
+
+OPT = CategoricalDistribution(["sgd", "adam"])
+LR = FloatDistribution(1e-4, 1.0, log=True)
+MOMENTUM = FloatDistribution(0.0, 0.99)
+PATIENCE = IntDistribution(2, 15)
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def stores(request, tmp_path_factory):
+    """(storage URL, tracking URI) for each dialect, filled once with the scenario below."""
+    if request.param == "sqlite":
+        tmp_path = tmp_path_factory.mktemp("sqlite")
+        storage, tracking = f"sqlite:///{tmp_path}/optuna.db", f"sqlite:///{tmp_path}/mlflow.db"
+        client = MlflowClient(tracking_uri=tracking)
+    else:
+        storage = request.getfixturevalue("pg_url")
+        prepare_database(storage)
+        tracking = None
+        client = MlflowClient(tracking_uri=schema_url(storage, "mlflow"))
+    _fill(storage, client)
+    return storage, tracking
+
+
+def _trial(state, value=None, params=None, user_attrs=None, values=None):
+    params = params or {}
+    dists = {"optimizer": OPT, "lr": LR, "momentum": MOMENTUM, "patience": PATIENCE}
+    return create_trial(state=state, value=value, values=values, params=params,
+                        distributions={k: dists[k] for k in params}, user_attrs=user_attrs or {},
+                        intermediate_values={0: 0.5} if state == TrialState.PRUNED else None)
+
+
+def _fill(storage_url: str, client: MlflowClient) -> None:
+    store = open_storage(storage_url)
+    acc = optuna.create_study(storage=store, study_name="acc", direction="maximize")
+    experiment = client.create_experiment("acc")
+    run = client.create_run(experiment, run_name="trial-0")
+    for key, value in (("val/acc", 0.9), ("val/loss", math.nan), ("train/loss", math.inf)):
+        client.log_metric(run.info.run_id, key, value, step=0)
+    client.set_terminated(run.info.run_id, "FINISHED")
+    hp = {"optimizer": "adam", "lr": 0.01, "schedule": "constant"}
+    acc.add_trial(_trial(TrialState.COMPLETE, 0.9, {"optimizer": "adam", "lr": 0.01},
+                         {"mlflow_run_id": run.info.run_id, "hyperparameters": hp}))
+    acc.add_trial(_trial(TrialState.COMPLETE, math.inf, {"optimizer": "sgd", "lr": 0.1, "momentum": 0.5}))
+    acc.add_trial(_trial(TrialState.PRUNED, None, {"optimizer": "sgd", "lr": 0.5, "momentum": 0.9}))
+    acc.add_trial(_trial(TrialState.FAIL, None, {"optimizer": "adam", "lr": 0.2}))
+    acc.ask({"optimizer": OPT})  # stays RUNNING
+    acc.add_trial(_trial(TrialState.COMPLETE, 0.7, {"optimizer": "sgd", "lr": 0.001, "momentum": 0.0,
+                                                     "patience": 5}))  # no MLflow run
+    acc.add_trial(_trial(TrialState.COMPLETE, -math.inf, {"optimizer": "adam", "lr": 0.3}))
+    acc.set_user_attr("mlflow_parent_run_id", "parent123")
+
+    loss = optuna.create_study(storage=store, study_name="loss", direction="minimize")
+    for value, lr in ((0.3, 0.01), (0.1, 0.02), (0.2, 0.03)):
+        loss.add_trial(_trial(TrialState.COMPLETE, value, {"optimizer": "adam", "lr": lr}))
+
+    multi = optuna.create_study(storage=store, study_name="multi", directions=["maximize", "minimize"])
+    for values in ((0.9, 0.5), (0.8, 0.1)):
+        multi.add_trial(_trial(TrialState.COMPLETE, values=values, params={"lr": 0.01}))
+
+
+def _query(stores, sql, params=()):
+    storage, tracking = stores
+    with ResultsDatabase(storage, tracking) as db:
+        return db.query(sql, params).records()
+
+
+def test_trials_view_decodes_both_stores(stores):
+    rows = {(r["study_name"], r["trial_number"]): r for r in _query(stores, "SELECT * FROM trials")}
+    assert len(rows) == 7 + 3 + 2
+    first = rows[("acc", 0)]
+    assert (first["state"], first["value"], first["direction"]) == ("COMPLETE", 0.9, "maximize")
+    assert first["params"] == {"optimizer": "adam", "lr": 0.01}  # categorical decoded
+    assert (first["optimizer"], first["lr"], first["momentum"], first["schedule"]) == ("adam", 0.01, None, "constant")
+    assert first["mlflow_status"] == "FINISHED" and len(first["mlflow_run_id"]) == 32
+    assert first["val_acc"] == 0.9 and first["val_loss"] is None and first["train_loss"] is None  # NaN, inf
+    assert first["duration_s"] is not None and first["duration_s"] >= 0
+    assert rows[("acc", 1)]["value"] is None and rows[("acc", 6)]["value"] is None  # +inf, -inf
+    assert (rows[("acc", 1)]["optimizer"], rows[("acc", 1)]["momentum"]) == ("sgd", 0.5)  # from params
+    assert rows[("acc", 5)]["params"] == {"optimizer": "sgd", "lr": 0.001, "momentum": 0.0, "patience": 5}
+    assert rows[("acc", 5)]["mlflow_run_id"] is None and rows[("acc", 5)]["val_acc"] is None
+    assert [rows[("acc", n)]["state"] for n in (2, 3, 4)] == ["PRUNED", "FAIL", "RUNNING"]
+    assert rows[("loss", 0)]["direction"] == "minimize"
+
+
+def test_best_trials_rank_in_each_study_direction(stores):
+    rows = _query(stores, "SELECT study_name, trial_number, rank, value FROM best_trials "
+                          "ORDER BY study_name, rank")
+    assert [(r["study_name"], r["trial_number"], r["rank"]) for r in rows] == [
+        ("acc", 0, 1), ("acc", 5, 2),  # only COMPLETE trials with a finite value
+        ("loss", 1, 1), ("loss", 2, 2), ("loss", 0, 3),  # minimize: smallest first
+    ]  # the multi-objective study has no single ranking
+
+
+def test_studies_view(stores):
+    rows = {r["study_name"]: r for r in _query(stores, "SELECT * FROM studies")}
+    acc = rows["acc"]
+    assert (acc["n_trials"], acc["n_complete"], acc["n_pruned"], acc["n_fail"], acc["n_running"]) == (7, 4, 1, 1, 1)
+    assert (acc["best_value"], acc["best_trial_number"]) == (0.9, 0)
+    assert acc["best_params"] == {"optimizer": "adam", "lr": 0.01}
+    assert acc["mlflow_parent_run_id"] == "parent123" and acc["direction"] == "maximize"
+    assert (rows["loss"]["best_value"], rows["loss"]["direction"]) == (0.1, "minimize")
+    assert rows["multi"]["n_objectives"] == 2 and rows["multi"]["best_value"] is None
+
+
+def test_one_query_text_for_both_dialects(stores):
+    text = "SELECT optimizer, max(value) AS best FROM best_trials GROUP BY optimizer ORDER BY optimizer"
+    assert _query(stores, text) == [{"optimizer": "adam", "best": 0.9}, {"optimizer": "sgd", "best": 0.7}]
+
+
+def test_best_command_reads_best_trials(stores):
+    storage, tracking = stores
+    rows = best_trials_sql(storage, tracking, "loss", 2)
+    assert [(r["trial_number"], r["rank"]) for r in rows] == [(1, 1), (2, 2)]
+    with pytest.raises(UsageError, match=r"no study named 'nope' in .* \(studies: acc, loss, multi\)"):
+        best_trials_sql(storage, tracking, "nope", 2)
+
+
+@pytest.mark.parametrize("statement", ["DELETE FROM optuna.trials", "UPDATE optuna.studies SET study_name = 'x'",
+                                       "CREATE TABLE evil (a INTEGER)", "DROP VIEW best_trials"])
+def test_writes_are_refused(stores, statement):
+    with pytest.raises(UsageError, match="^lrsearch sql runs read-only queries: "):
+        _query(stores, statement)
+    assert len(_query(stores, "SELECT * FROM trials")) == 12
+
+
+def test_a_bad_query_gets_the_database_message(stores):
+    with pytest.raises(UsageError, match="^query failed: .*nonsense"):
+        _query(stores, "SELECT nonsense FROM trials")
+
+
+def test_sqlite_schema_script_runs_in_a_plain_sqlite_connection(tmp_path):
+    storage, tracking = f"sqlite:///{tmp_path}/optuna.db", f"sqlite:///{tmp_path}/mlflow.db"
+    _fill(storage, MlflowClient(tracking_uri=tracking))
+    conn = sqlite3.connect(":memory:")  # as the sqlite3 shell would
+    conn.executescript(schema_script(storage, tracking))
+    rows = conn.execute("SELECT study_name, trial_number, params FROM best_trials WHERE rank = 1 "
+                        "ORDER BY study_name").fetchall()
+    assert [(s, n, json.loads(p)) for s, n, p in rows] == [
+        ("acc", 0, {"optimizer": "adam", "lr": 0.01}), ("loss", 1, {"optimizer": "adam", "lr": 0.02})]
+
+
+def test_postgres_views_are_idempotent_and_in_their_schema(pg_url):
+    import sqlalchemy as sa
+
+    from lrsearch.queries import ensure_views
+
+    prepare_database(pg_url)
+    MlflowClient(tracking_uri=schema_url(pg_url, "mlflow")).search_experiments()  # MLflow's tables
+    open_storage(pg_url)  # Optuna's tables
+    assert ensure_views(pg_url) and ensure_views(pg_url)
+    engine = sa.create_engine(pg_url, poolclass=sa.pool.NullPool)
+    with engine.connect() as conn:
+        views = set(conn.execute(sa.text("SELECT table_name FROM information_schema.views "
+                                          "WHERE table_schema = 'lrsearch'")).scalars())
+        indexes = set(conn.execute(sa.text("SELECT indexname FROM pg_indexes WHERE schemaname = 'optuna' "
+                                            "AND indexname LIKE 'lrsearch_%'")).scalars())
+    engine.dispose()
+    assert views == {"trials", "best_trials", "studies"}
+    assert indexes == {"lrsearch_trials_study_state", "lrsearch_trial_values_value"}
