@@ -8,6 +8,7 @@ names work unqualified, so one query text runs on both.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -44,6 +45,14 @@ _MACROS: dict[str, dict[str, str]] = {
         "to_json": "to_jsonb({0})",
         "object_agg": "COALESCE(jsonb_object_agg({0}, {1}), jsonb_build_object())",
         "seconds": "EXTRACT(EPOCH FROM ({1} - {0}))::" + _NUM,
+        # The ranked trials' details, looked up one by one by a function the planner cannot
+        # inline (it has a SET clause) and costs as one cheap row: it guesses the ranking's
+        # output from all of the study's trials, and would otherwise plan (and JIT-compile)
+        # the details of every one of them.
+        "trial_lookup": "CREATE FUNCTION lrsearch.trial_row(wanted INTEGER) RETURNS SETOF lrsearch.trials "
+                        "LANGUAGE sql STABLE ROWS 1 SET jit = off "
+                        "AS 'SELECT * FROM lrsearch.trials WHERE trial_id = wanted';",
+        "join_trial": "CROSS JOIN LATERAL lrsearch.trial_row({1}) {0}",
     },
     "sqlite": {
         "create_view": "CREATE TEMP VIEW {0} AS",
@@ -56,6 +65,8 @@ _MACROS: dict[str, dict[str, str]] = {
         "to_json": "{0}",
         "object_agg": "json_group_object({0}, {1})",
         "seconds": "(julianday({1}) - julianday({0})) * 86400.0",
+        "trial_lookup": "",
+        "join_trial": "JOIN trials {0} ON {0}.trial_id = {1}",
     },
 }
 # Macros written the same way in both dialects, in terms of the ones above.
@@ -74,7 +85,7 @@ _SHARED = {
                     "ELSE lm.value END FROM mlflow.latest_metrics lm "
                     "WHERE lm.run_uuid = r.run_uuid AND lm.key = '{0}')",
 }
-_MACRO = re.compile(r"\{(\w+):([^{}]*)\}")
+_MACRO = re.compile(r"\{(\w+)(?::([^{}]*))?\}")
 _WRITE_ACTIONS = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION,
                   sqlite3.SQLITE_RECURSIVE}
 
@@ -85,7 +96,7 @@ def view_sql(dialect: str) -> str:
     templates = {**{k: v for k, v in _SHARED.items()}, **_MACROS[dialect]}
 
     def expand(match: re.Match[str]) -> str:
-        args = [a.strip() for a in match.group(2).split(";;")]
+        args = [a.strip() for a in (match.group(2) or "").split(";;")]
         return templates[match.group(1)].format(*args)
 
     previous = None
@@ -204,6 +215,16 @@ def ensure_views(url: str) -> bool:
         return True
     finally:
         engine.dispose()
+
+
+def ensure_indexes(url: str) -> None:
+    """Create the views' indexes on an SQLite Optuna store (``lrsearch sql`` opens it read-only)."""
+    path = sqlite_path(url)
+    if path is None or not path.exists():
+        return
+    with contextlib.closing(sqlite3.connect(path, timeout=60)) as conn, conn:
+        for index in INDEXES:
+            conn.execute(index.format(optuna=""))
 
 
 def _pg_view_version(conn: Any) -> str | None:

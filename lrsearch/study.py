@@ -19,7 +19,7 @@ from lrsearch.errors import UsageError, first_line
 from lrsearch.objective import MLFLOW_RUN_ATTR, TRACKING_ERROR_ATTR, Objective
 from lrsearch.space import grid_size, grid_space
 from lrsearch.stopping import Interrupted, StopFlag
-from lrsearch.queries import ensure_views
+from lrsearch.queries import ensure_indexes, ensure_views
 from lrsearch.storage import grace_period, is_postgres, open_storage, redact, storage_url, store_lock, tracking_uri
 from lrsearch.tracking import Tracker
 
@@ -139,6 +139,8 @@ def open_session(cfg: Config, *, storage: str | None = None, tracking: str | Non
         study.set_user_attr(EXPERIMENT_ATTR, experiment_id)
     if is_postgres(url):
         ensure_views(url)  # no-op when current; skipped when MLflow's tables live elsewhere
+    else:
+        ensure_indexes(url)
     return Session(cfg, study, url, tracker, experiment_id, parent_run_id, data, target_trials(cfg))
 
 

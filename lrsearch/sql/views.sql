@@ -41,6 +41,8 @@ LEFT JOIN optuna.trial_user_attributes hp ON hp.trial_id = t.trial_id AND hp.key
 LEFT JOIN optuna.trial_user_attributes ra ON ra.trial_id = t.trial_id AND ra.key = 'mlflow_run_id'
 LEFT JOIN mlflow.runs r ON r.run_uuid = {scalar: ra.value_json};
 
+{trial_lookup}
+
 -- The COMPLETE trials with a finite value of each single-objective study, ranked in the
 -- study's own direction: rank 1 is the best, ties broken by trial number.
 {create_view: best_trials}
@@ -53,20 +55,19 @@ FROM (
     SELECT
         t.trial_id,
         s.study_name,
-        RANK() OVER (
+        ROW_NUMBER() OVER (  -- = RANK(): the order is unique (ties go to the earlier trial)
             PARTITION BY s.study_name
-            ORDER BY CASE WHEN CAST(sd.direction AS TEXT) = 'MAXIMIZE' THEN -tv.value ELSE tv.value END,
-                     t.number
+            ORDER BY CASE WHEN sd.direction = 'MAXIMIZE' THEN -tv.value ELSE tv.value END, t.number
         ) AS rank
-    FROM optuna.trials t
-    JOIN optuna.studies s ON s.study_id = t.study_id
-    JOIN optuna.study_directions sd ON sd.study_id = t.study_id AND sd.objective = 0
+    FROM optuna.studies s
+    -- single-objective studies only: a Pareto front has no single ranking
+    JOIN (SELECT study_id, MIN(direction) AS direction FROM optuna.study_directions
+          GROUP BY study_id HAVING COUNT(*) = 1) sd ON sd.study_id = s.study_id
+    JOIN optuna.trials t ON t.study_id = s.study_id
     JOIN optuna.trial_values tv ON tv.trial_id = t.trial_id AND tv.objective = 0
-    WHERE CAST(t.state AS TEXT) = 'COMPLETE' AND CAST(tv.value_type AS TEXT) = 'FINITE'
-      AND NOT EXISTS (SELECT 1 FROM optuna.study_directions d
-                      WHERE d.study_id = t.study_id AND d.objective > 0)
+    WHERE t.state = 'COMPLETE' AND tv.value_type = 'FINITE'
 ) ranked
-JOIN {view: trials} tr ON tr.trial_id = ranked.trial_id;
+{join_trial: tr ;; ranked.trial_id};
 
 -- One row per study: its trials by state, its best trial and its MLflow parent run.
 -- best_* are NULL for multi-objective studies (a Pareto front has no single best).
@@ -76,11 +77,11 @@ SELECT
     lower(CAST(sd.direction AS TEXT)) AS direction,
     (SELECT COUNT(*) FROM optuna.study_directions d WHERE d.study_id = s.study_id) AS n_objectives,
     COUNT(t.trial_id) AS n_trials,
-    SUM(CASE WHEN CAST(t.state AS TEXT) = 'COMPLETE' THEN 1 ELSE 0 END) AS n_complete,
-    SUM(CASE WHEN CAST(t.state AS TEXT) = 'PRUNED' THEN 1 ELSE 0 END) AS n_pruned,
-    SUM(CASE WHEN CAST(t.state AS TEXT) = 'FAIL' THEN 1 ELSE 0 END) AS n_fail,
-    SUM(CASE WHEN CAST(t.state AS TEXT) = 'RUNNING' THEN 1 ELSE 0 END) AS n_running,
-    SUM(CASE WHEN CAST(t.state AS TEXT) = 'WAITING' THEN 1 ELSE 0 END) AS n_waiting,
+    SUM(CASE WHEN t.state = 'COMPLETE' THEN 1 ELSE 0 END) AS n_complete,
+    SUM(CASE WHEN t.state = 'PRUNED' THEN 1 ELSE 0 END) AS n_pruned,
+    SUM(CASE WHEN t.state = 'FAIL' THEN 1 ELSE 0 END) AS n_fail,
+    SUM(CASE WHEN t.state = 'RUNNING' THEN 1 ELSE 0 END) AS n_running,
+    SUM(CASE WHEN t.state = 'WAITING' THEN 1 ELSE 0 END) AS n_waiting,
     b.value AS best_value,
     b.trial_number AS best_trial_number,
     b.params AS best_params,
