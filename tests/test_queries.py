@@ -174,3 +174,18 @@ def test_postgres_views_are_idempotent_and_in_their_schema(pg_url):
     engine.dispose()
     assert views == {"trials", "best_trials", "studies"}
     assert indexes == {"lrsearch_trials_study_state", "lrsearch_trial_values_value"}
+
+
+def test_readme_queries_run_on_both_dialects(stores):
+    from pathlib import Path
+
+    from lrsearch.queries import _statements
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    block = readme.split("```sql\n", 1)[1].split("```", 1)[0]
+    statements = _statements(block)
+    assert len(statements) >= 5
+    for statement in statements:
+        _query(stores, statement.replace("'quickstart'", "'acc'"))  # raises on any dialect error
+    curve = _query(stores, statements[-1].replace("'quickstart'", "'acc'"))
+    assert curve == []  # the scenario's run has no `lr` history; the join itself must work
