@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 OPTIMIZERS = ("sgd", "adam", "rmsprop", "adagrad")
 SCHEDULES = ("constant", "time_decay", "step", "exponential", "cosine", "plateau")
 MOMENTUM_OPTIMIZERS = ("sgd", "rmsprop")
+# The usual default learning rates (Keras'), used when a study does not set `lr`.
+DEFAULT_LR = {"sgd": 0.01, "adam": 0.001, "rmsprop": 0.001, "adagrad": 0.01}
 
 
 @dataclass(frozen=True)
@@ -86,7 +88,8 @@ HYPERPARAMETERS: dict[str, Hyperparameter] = {
     h.name: h
     for h in (
         _category("optimizer", OPTIMIZERS, "sgd"),
-        Hyperparameter("lr", "float", "a number > 0", lambda v: v > 0, _const(0.01)),
+        Hyperparameter("lr", "float", "a number > 0", lambda v: v > 0,
+                       lambda sampled, epochs: DEFAULT_LR[sampled["optimizer"]]),
         Hyperparameter(
             "momentum", "float", "a number in [0, 1)", lambda v: 0 <= v < 1, _const(0.0),
             used_when=("optimizer", MOMENTUM_OPTIMIZERS),
