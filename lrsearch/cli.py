@@ -58,6 +58,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _run_workers(args, cfg)
     result = _work_here(args, cfg)
     _print_result(result.study, result.target, result.url, result.warnings)
+    _report(args, cfg)
     return EXIT_OK
 
 
@@ -145,10 +146,24 @@ def _run_workers(args: argparse.Namespace, cfg: Any) -> int:
         raise Interrupted(received[0])
     _print_result(session.study, session.target, session.mlflow_url,
                   session.warnings + tracking_warnings(session.study))
+    if not failed:
+        _report(args, cfg)
     if failed:
         raise LrsearchError(f"{len(failed)} of {len(workers)} workers failed (exit codes "
                             f"{', '.join(map(str, failed))}); run the same command again to resume")
     return EXIT_OK
+
+
+def _report(args: argparse.Namespace, cfg: Any) -> None:
+    """The study's report, at the end of `run`; a failure to draw it is a warning only."""
+    from lrsearch.study import write_report
+
+    try:
+        paths = write_report(cfg.study.name, storage=args.storage, tracking=args.tracking_uri)
+    except Exception as e:
+        _warn([f"could not write the study's report: {first_line(e)}"])
+        return
+    print(f"report: {paths[-1]}")
 
 
 def _print_result(study: Any, target: int, url: str, warnings: list[str]) -> None:
@@ -176,6 +191,19 @@ def cmd_best(args: argparse.Namespace) -> int:
         "rank", "number", "value", "state", "params", "optimizer", "lr", "momentum", "schedule",
         "duration_s", "mlflow_run_id", "mlflow_status", "val_acc", "val_loss", "train_loss"]
     print(_format(rows, args.format, columns) if rows or args.format != "table" else "(no completed trials)")
+    return EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from lrsearch.study import experiment_table, write_report
+
+    _quiet()
+    if args.table:
+        print(experiment_table(args.name, storage=args.storage, tracking=args.tracking_uri))
+        return EXIT_OK
+    paths = write_report(args.name, storage=args.storage, tracking=args.tracking_uri,
+                         out=Path(args.out) if args.out else None)
+    print(f"report: {paths[-1]} ({len(paths) - 1} figures)")
     return EXIT_OK
 
 
@@ -282,6 +310,15 @@ class _Progress:
             self.bar.close()
 
 
+def _quiet() -> None:
+    import optuna
+
+    from lrsearch.tracking import quiet_mlflow
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    quiet_mlflow()
+
+
 def _setup_workers() -> None:
     """Process-wide settings for a process that trains: quiet libraries, one torch thread
     (faster than several for these small networks, and fair to parallel workers)."""
@@ -358,6 +395,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("table", "json", "csv"), default="table")
     stores(p)
     p.set_defaults(command=cmd_best)
+
+    p = sub.add_parser("report", help="draw a study's figures and HTML report from the stores")
+    p.add_argument("name", help="study name")
+    p.add_argument("--out", metavar="DIR", help="folder for the files (default: ./lrsearch-data/reports/NAME)")
+    p.add_argument("--table", action="store_true",
+                   help="print the Markdown results table (final val acc, first epoch >= 0.80) instead")
+    stores(p)
+    p.set_defaults(command=cmd_report)
 
     p = sub.add_parser("sql", help="run a read-only SQL query over the results views")
     p.add_argument("query", nargs="?", help='e.g. "SELECT * FROM best_trials WHERE rank <= 3"')

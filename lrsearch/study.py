@@ -20,7 +20,7 @@ from lrsearch.objective import MLFLOW_RUN_ATTR, TRACKING_ERROR_ATTR, Objective
 from lrsearch.space import grid_size, grid_space
 from lrsearch.stopping import Interrupted, StopFlag
 from lrsearch.queries import ensure_indexes, ensure_views
-from lrsearch.storage import grace_period, is_postgres, open_storage, redact, storage_url, store_lock, tracking_uri
+from lrsearch.storage import data_dir, grace_period, is_postgres, open_storage, redact, storage_url, store_lock, tracking_uri
 from lrsearch.tracking import Tracker
 
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
@@ -137,6 +137,7 @@ def open_session(cfg: Config, *, storage: str | None = None, tracking: str | Non
         )
         study.set_user_attr(PARENT_RUN_ATTR, parent_run_id)
         study.set_user_attr(EXPERIMENT_ATTR, experiment_id)
+        study.set_user_attr("metric", cfg.study.metric)
     if is_postgres(url):
         ensure_views(url)  # no-op when current; skipped when MLflow's tables live elsewhere
     else:
@@ -302,3 +303,27 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
+
+
+def write_report(name: str, *, storage: str | None = None, tracking: str | None = None,
+                 out: Path | None = None) -> list[Path]:
+    """Draw the study's report from the stores into ``out`` (default
+    ``lrsearch-data/reports/NAME``) and log it under ``report/`` on the parent MLflow run."""
+    from lrsearch.report import build_report
+
+    study = load_study(name, storage)
+    tracker = Tracker(tracking_uri(tracking))
+    out = out or data_dir() / "reports" / name
+    grid = any("grid_id" in t.system_attrs for t in study.get_trials(deepcopy=False))
+    paths = build_report(study, tracker.client, out, grid=grid)
+    parent = study.user_attrs.get(PARENT_RUN_ATTR)
+    if parent:
+        tracker.log_dir(parent, out, "report")
+    return paths
+
+
+def experiment_table(name: str, *, storage: str | None = None, tracking: str | None = None) -> str:
+    """The Markdown results table of a (grid) study, from the stores."""
+    from lrsearch.report import collect, experiment_table as table
+
+    return table(collect(load_study(name, storage), Tracker(tracking_uri(tracking)).client))

@@ -1,0 +1,76 @@
+"""Reports from tiny real studies (grid and TPE), the results table, and the shipped studies."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from lrsearch.config import load_config, parse_config
+from lrsearch.study import experiment_table, run_study, write_report
+
+STUDIES = sorted((Path(__file__).parent.parent / "studies").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", STUDIES, ids=lambda p: p.stem)
+def test_every_shipped_study_validates(path):
+    cfg = load_config(path)
+    assert cfg.study.name == path.stem
+    assert path.read_text().startswith("#")  # each names its purpose at the top
+
+
+def test_the_classic_studies_follow_the_protocol():
+    for name in ("lr_sweep", "momentum", "time_decay", "plateau", "adaptive"):
+        cfg = load_config(Path("studies") / f"{name}.toml")
+        assert cfg.study.sampler == "grid" and cfg.train.epochs == 200 and cfg.train.batch_size == 32
+        assert (cfg.data.source, cfg.data.n_samples, cfg.data.centers, cfg.data.cluster_std,
+                cfg.data.random_state, cfg.data.val_fraction) == ("blobs", 1000, 3, 2.0, 2, 0.5)
+        assert (cfg.model.hidden, cfg.model.activation, cfg.model.init) == ((50,), "relu", "he_uniform")
+
+
+def _grid(stores, tmp_path):
+    cfg = parse_config({"study": {"name": "grid", "sampler": "grid", "pruner": "none", "seed": 1},
+                        "train": {"epochs": 4, "batch_size": 64},
+                        "params": {"optimizer": "sgd", "lr": {"choices": [0.5, 0.05, 1e-6]}}}, "grid.toml")
+    return run_study(cfg, storage=stores[0], tracking=stores[1])
+
+
+def test_grid_report_has_the_figure_grid_and_is_logged(stores, tmp_path):
+    result = _grid(stores, tmp_path)
+    paths = write_report("grid", storage=stores[0], tracking=stores[1], out=tmp_path / "report")
+    names = sorted(p.name for p in paths)
+    assert names == ["grid_accuracy.png", "grid_lr.png", "objective_vs_lr.png", "optimization_history.png",
+                     "param_importances.png", "report.html"]
+    for p in paths:
+        assert p.stat().st_size > 1000
+        if p.suffix == ".png":
+            assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 5 and "lr=0.05" in page
+    logged = {a.path for a in MlflowClient(tracking_uri=stores[1]).list_artifacts(result.parent_run_id, "report")}
+    assert logged == {f"report/{n}" for n in names}
+
+
+def test_tpe_report_has_no_grid_figures(stores, tmp_path):
+    cfg = parse_config({"study": {"name": "tpe", "trials": 4, "seed": 3, "pruner": "none"},
+                        "train": {"epochs": 3, "batch_size": 64},
+                        "params": {"optimizer": {"choices": ["sgd", "adam"]},
+                                   "lr": {"low": 1e-3, "high": 0.3, "log": True}}}, "tpe.toml")
+    run_study(cfg, storage=stores[0], tracking=stores[1])
+    paths = write_report("tpe", storage=stores[0], tracking=stores[1], out=tmp_path / "tpe")
+    assert {p.name for p in paths} == {"objective_vs_lr.png", "optimization_history.png",
+                                       "param_importances.png", "report.html"}
+
+
+def test_results_table_from_the_stores(stores, tmp_path):
+    result = _grid(stores, tmp_path)
+    table = experiment_table("grid", storage=stores[0], tracking=stores[1]).splitlines()
+    assert table[0] == "| lr | final val acc | first epoch with val acc ≥ 0.80 |"
+    assert [row.split("|")[1].strip() for row in table[2:]] == ["0.5", "0.05", "1e-06"]
+    by_lr = {t.params["lr"]: t for t in result.study.trials}
+    for row in table[2:]:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        trial = by_lr[float(cells[0])]
+        assert float(cells[1]) == pytest.approx(trial.value, abs=5e-4)  # the stored final val acc
+        assert cells[2] == "never" or 1 <= int(cells[2]) <= 4
