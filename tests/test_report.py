@@ -74,3 +74,22 @@ def test_results_table_from_the_stores(stores, tmp_path):
         trial = by_lr[float(cells[0])]
         assert float(cells[1]) == pytest.approx(trial.value, abs=5e-4)  # the stored final val acc
         assert cells[2] == "never" or 1 <= int(cells[2]) <= 4
+
+
+def test_the_experiments_script_prints_tables_from_a_tiny_run(tmp_path):
+    import subprocess
+    import sys
+
+    script = Path(__file__).parent.parent / "bench" / "experiments.py"
+    result = subprocess.run([sys.executable, str(script), "--data", str(tmp_path / "data"), "--epochs", "1"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
+    for header in ("| lr | final val acc |", "| momentum | final val acc |", "| decay | final val acc |",
+                   "| patience | final val acc |", "| optimizer | final val acc |"):
+        assert header in out
+    assert "| the five grids (24 trials) |" in out and "| TPE search (30 trials" in out
+    last_cells = [line.strip("|").split("|")[-1].strip() for line in out.splitlines()
+                  if line.startswith("| ") and "final val acc" not in line and "epochs trained" not in line
+                  and not line.startswith("| the five") and not line.startswith("| TPE")]
+    assert len(last_cells) == 24 and set(last_cells) <= {"never", "1"}  # one epoch: at epoch 1, or never
