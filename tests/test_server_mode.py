@@ -49,8 +49,16 @@ def _lrsearch(*args: str, env: dict | None = None, **popen) -> subprocess.Popen:
                             start_new_session=True, **popen)
 
 
+_STORAGES: dict[str, optuna.storages.RDBStorage] = {}
+
+
 def _study(pg_url: str, name: str) -> optuna.Study:
-    return optuna.load_study(study_name=name, storage=schema_url(pg_url, "optuna"))
+    # One storage (one connection pool) per database: the tests poll, and PostgreSQL's
+    # connection slots are few.
+    if pg_url not in _STORAGES:
+        _STORAGES[pg_url] = optuna.storages.RDBStorage(schema_url(pg_url, "optuna"),
+                                                       engine_kwargs={"poolclass": sa.pool.NullPool})
+    return optuna.load_study(study_name=name, storage=_STORAGES[pg_url])
 
 
 def _states(study: optuna.Study) -> dict[str, int]:
