@@ -24,6 +24,10 @@ _EXPORTS = {
     "load_study": "lrsearch.study",
     "best_trials": "lrsearch.study",
     "StudyRun": "lrsearch.study",
+    "write_report": "lrsearch.study",
+    "open_session": "lrsearch.study",
+    "work": "lrsearch.study",
+    "ResultsDatabase": "lrsearch.queries",
     "train": "lrsearch.training",
     "load_data": "lrsearch.data",
 }

@@ -15,7 +15,6 @@ import re
 import sqlite3
 from dataclasses import dataclass
 from importlib import resources
-from pathlib import Path
 from typing import Any, Sequence
 
 from lrsearch.errors import LrsearchError, UsageError, first_line

@@ -67,10 +67,6 @@ class Hyperparameter:
         parent, values = self.used_when
         return sampled[parent] in values
 
-    def may_apply(self, parent_values: tuple[Any, ...]) -> bool:
-        """Whether any of the values a parent may take makes this hyperparameter apply."""
-        return self.used_when is None or any(v in self.used_when[1] for v in parent_values)
-
 
 def _const(value: Any) -> Callable[[Mapping[str, Any], int], Any]:
     return lambda sampled, epochs: value
