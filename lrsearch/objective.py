@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -49,6 +50,7 @@ class Objective:
         run = _TrialRun(self.tracker, trial)
         run.start(self.experiment_id, self.parent_run_id, cfg.study.name, {**hp, **_fixed_settings(cfg, seed)})
         result = TrainResult()
+        started = time.perf_counter()
         try:
             train(cfg, self.data, hp, seed, trial, result, self.stop)
         except BaseException as e:
@@ -60,6 +62,7 @@ class Objective:
                        "KILLED" if interrupted else None)
             raise
         trial.set_user_attr("epochs_trained", result.epochs)
+        trial.set_user_attr("train_seconds", round(time.perf_counter() - started, 4))
         if self.stop.requested:
             reason = f"interrupted at epoch {result.epochs - 1}"
             trial.set_user_attr(REASON_ATTR, reason)
