@@ -62,6 +62,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    if args.worker_index is None:
+        args.worker_index = _default_worker_index()
     result = _work_here(args, _study_config(args), progress=False)
     print(f"worker {args.worker_index}: study {result.study.study_name!r} done "
           f"({_state_counts(result.study)}), target {result.target}", file=sys.stderr)
@@ -92,8 +94,7 @@ def _work_here(args: argparse.Namespace, cfg: Any, progress: bool = True) -> Any
     stop.install()
     with _Progress(cfg.study.name, enabled=progress) as bar:
         return run_study(cfg, storage=args.storage, tracking=args.tracking_uri, study_file=Path(args.file),
-                         callbacks=[bar], on_start=bar.start, stop=stop,
-                         worker=_default_worker_index() if args.worker_index is None else args.worker_index)
+                         callbacks=[bar], on_start=bar.start, stop=stop, worker=args.worker_index)
 
 
 def _default_worker_index() -> int:

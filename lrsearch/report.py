@@ -168,7 +168,7 @@ def plot_grid_lr(trials: Sequence[TrialCurves], name: str, path: Path) -> Path:
     from matplotlib.figure import Figure
 
     axes_names = varied_params(trials)
-    fig = Figure(figsize=(8, 4.5))
+    fig = Figure(figsize=(9.5, 4.5))
     ax = fig.subplots()
     for t in _grid_order(trials, axes_names):
         points = t.curves.get("lr", [])
@@ -177,7 +177,7 @@ def plot_grid_lr(trials: Sequence[TrialCurves], name: str, path: Path) -> Path:
         ax.set_yscale("log")
     ax.set(title=f"{name}: learning rate per epoch", xlabel="epoch", ylabel="learning rate (at epoch start)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small", loc="best")
+    ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside: curves fill the axes
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     return path
