@@ -236,7 +236,10 @@ def _connect_pg(url: str) -> Any:
     import psycopg
     from sqlalchemy.engine import make_url
 
-    conninfo = make_url(pg_url(url)).set(drivername="postgresql", query={}).render_as_string(hide_password=False)
+    parsed = make_url(pg_url(url))
+    # libpq takes the URL's query (sslmode, …) as is; the search path is set below instead.
+    query = {k: v for k, v in parsed.query.items() if k != "options"}
+    conninfo = parsed.set(drivername="postgresql", query=query).render_as_string(hide_password=False)
     try:
         conn = psycopg.connect(conninfo, connect_timeout=10)
     except psycopg.OperationalError as e:
