@@ -2,7 +2,8 @@
 
 Every row trains the same MLP on the same blobs data with the same optimizer steps and the
 same per-epoch validation; all rows run in this one process, each repeated, and the table
-shows medians and ratios to the bare loop of this run.
+shows medians and ratios to the bare loop of this run. The last row tracks through an
+`lrsearch server` subprocess on a scratch PostgreSQL database when one is reachable.
 
     python bench/trial_overhead.py [--epochs 50] [--repeats 5]
 """
@@ -10,11 +11,19 @@ shows medians and ratios to the bare loop of this run.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import signal
+import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+import urllib.request
+import uuid
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import optuna
 import torch
@@ -61,19 +70,55 @@ def lightning_untracked(cfg, data) -> None:
     train(cfg, data, HP, 0)
 
 
-def make_tracked(cfg, data, folder: Path) -> Callable[[object, object], None]:
-    """A full trial through the Objective: Optuna trial on SQLite, MLflow runs on SQLite."""
-    tracker = Tracker(f"sqlite:///{folder / 'mlflow.db'}")
+def make_tracked(cfg, data, storage: str, tracking: str) -> Callable[[object, object], None]:
+    """A full trial through the Objective: an Optuna trial and its MLflow runs."""
+    tracker = Tracker(tracking)
     experiment_id = tracker.experiment(cfg.study.name)
     parent = tracker.start_study(experiment_id, cfg.study.name, {}, {}, None)
-    study = optuna.create_study(storage=open_storage(f"sqlite:///{folder / 'optuna.db'}"),
-                                study_name=cfg.study.name, direction="maximize")
+    study = optuna.create_study(storage=open_storage(storage), study_name=cfg.study.name, direction="maximize")
     objective = Objective(cfg, data, tracker, experiment_id, parent)
 
     def run(cfg, data) -> None:
         study.optimize(objective, n_trials=1)
 
     return run
+
+
+@contextlib.contextmanager
+def _postgres_and_server(admin_url: str, folder: Path) -> Iterator[tuple[str, str] | None]:
+    """A scratch PostgreSQL database and an `lrsearch server` on it: (storage URL, tracking URI),
+    or None when no PostgreSQL answers."""
+    import sqlalchemy as sa
+
+    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
+    name = f"lrsearch_bench_{uuid.uuid4().hex[:8]}"
+    try:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    except sa.exc.OperationalError as e:
+        print(f"PostgreSQL row skipped: {str(e).splitlines()[0]}")
+        yield None
+        return
+    url = sa.engine.make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "lrsearch.cli", "server", "--db", url, "--port", str(port),
+                               "--artifacts", str(folder / "artifacts")], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        yield url, f"http://127.0.0.1:{port}"
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait()
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 def measure(fn, cfg, data, repeats: int) -> float:
@@ -90,6 +135,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--pg", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres",
+                        help="admin URL of a PostgreSQL for the server row (skipped if unreachable)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     quiet_lightning()
@@ -102,13 +149,23 @@ def main() -> None:
         rows = [
             ("bare PyTorch loop", bare_loop),
             ("lrsearch Lightning module, no tracking", lightning_untracked),
-            ("lrsearch trial, tracked (Optuna + MLflow on SQLite)", make_tracked(cfg, data, Path(tmp))),
+            ("lrsearch trial, tracked (Optuna + MLflow on SQLite)",
+             make_tracked(cfg, data, f"sqlite:///{tmp}/optuna.db", f"sqlite:///{tmp}/mlflow.db")),
         ]
         results = [(name, measure(fn, cfg, data, args.repeats)) for name, fn in rows]
-    base = results[0][1]
+        # The server, even idle, takes CPU on this 2-core machine: its rows are measured while
+        # it runs, the bare loop again included, and compared with that.
+        with _postgres_and_server(args.pg, Path(tmp)) as server:
+            if server is not None:
+                results.append(("bare PyTorch loop, with the server running", measure(bare_loop, cfg, data, args.repeats)))
+                results.append(("lrsearch trial, tracked (PostgreSQL + lrsearch server)",
+                                measure(make_tracked(cfg, data, *server), cfg, data, args.repeats)))
     print(f"{args.epochs} epochs, batch 32, blobs MLP, median of {args.repeats}, 1 torch thread")
     print(f"{'setup':<55} {'s/trial':>8} {'x bare':>7}")
+    base = results[0][1]
     for name, seconds in results:
+        if name.startswith("bare PyTorch loop"):
+            base = seconds  # each group is compared with the bare loop measured beside it
         print(f"{name:<55} {seconds:>8.3f} {seconds / base:>7.2f}")
 
 
