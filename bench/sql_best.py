@@ -27,6 +27,7 @@ import sqlalchemy as sa
 from mlflow import MlflowClient
 
 from lrsearch.queries import ResultsDatabase, ensure_indexes, ensure_views
+from scratch import scratch_database
 from lrsearch.storage import open_storage, prepare_database, schema_url
 
 QUERY = "SELECT * FROM best_trials WHERE study_name = 'bench' AND rank <= 10"
@@ -96,16 +97,9 @@ def bench_sqlite(n: int, folder: Path) -> tuple[float, list]:
 
 
 def bench_postgres(n: int, admin_url: str) -> tuple[float, list] | None:
-    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
-    name = f"lrsearch_bench_{uuid.uuid4().hex[:8]}"
-    try:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    except sa.exc.OperationalError as e:
-        print(f"PostgreSQL: skipped ({str(e).splitlines()[0]})")
-        return None
-    url = sa.engine.make_url(admin_url).set(database=name).render_as_string(hide_password=False)
-    try:
+    with scratch_database(admin_url) as url:
+        if url is None:
+            return None
         prepare_database(url)
         tracking = schema_url(url, "mlflow")
         MlflowClient(tracking_uri=tracking).search_experiments()
@@ -114,9 +108,6 @@ def bench_postgres(n: int, admin_url: str) -> tuple[float, list] | None:
         with sa.create_engine(url).begin() as conn:
             conn.execute(sa.text("ANALYZE"))
         return time_query(url, None)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 def main() -> None:

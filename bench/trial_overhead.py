@@ -21,7 +21,6 @@ import sys
 import tempfile
 import time
 import urllib.request
-import uuid
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -37,6 +36,7 @@ from lrsearch.optim import make_optimizer
 from lrsearch.storage import open_storage
 from lrsearch.tracking import Tracker
 from lrsearch.training import quiet_lightning, train
+from scratch import scratch_database
 
 HP = {"optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "schedule": "constant"}
 
@@ -88,37 +88,27 @@ def make_tracked(cfg, data, storage: str, tracking: str) -> Callable[[object, ob
 def _postgres_and_server(admin_url: str, folder: Path) -> Iterator[tuple[str, str] | None]:
     """A scratch PostgreSQL database and an `lrsearch server` on it: (storage URL, tracking URI),
     or None when no PostgreSQL answers."""
-    import sqlalchemy as sa
-
-    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
-    name = f"lrsearch_bench_{uuid.uuid4().hex[:8]}"
-    try:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    except sa.exc.OperationalError as e:
-        print(f"PostgreSQL row skipped: {str(e).splitlines()[0]}")
-        yield None
-        return
-    url = sa.engine.make_url(admin_url).set(database=name).render_as_string(hide_password=False)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "lrsearch.cli", "server", "--db", url, "--port", str(port),
-                               "--artifacts", str(folder / "artifacts")], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        for _ in range(240):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                time.sleep(0.5)
-        yield url, f"http://127.0.0.1:{port}"
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait()
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    with scratch_database(admin_url) as url:
+        if url is None:
+            yield None
+            return
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        server = subprocess.Popen([sys.executable, "-m", "lrsearch.cli", "server", "--db", url, "--port", str(port),
+                                   "--artifacts", str(folder / "artifacts")], stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            for _ in range(240):
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                    break
+                except OSError:
+                    time.sleep(0.5)
+            yield url, f"http://127.0.0.1:{port}"
+        finally:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait()
 
 
 def measure(fn, cfg, data, repeats: int) -> float:

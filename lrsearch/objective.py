@@ -57,24 +57,25 @@ class Objective:
             # Record what was measured before the failure; Optuna marks the trial FAIL.
             interrupted = isinstance(e, KeyboardInterrupt)
             reason = "interrupted" if interrupted else f"{type(e).__name__}: {first_line(e)}"
-            trial.set_user_attr(REASON_ATTR, reason)
-            run.finish(self._artifacts(trial, hp, seed, result), result, "FAIL", reason,
-                       "KILLED" if interrupted else None)
+            self._end(trial, run, hp, seed, result, "FAIL", reason, "KILLED" if interrupted else None)
             raise
         trial.set_user_attr("epochs_trained", result.epochs)
         trial.set_user_attr("train_seconds", round(time.perf_counter() - started, 4))
         if self.stop.requested:
-            reason = f"interrupted at epoch {result.epochs - 1}"
-            trial.set_user_attr(REASON_ATTR, reason)
-            run.finish(self._artifacts(trial, hp, seed, result), result, "FAIL", reason, "KILLED")
+            self._end(trial, run, hp, seed, result, "FAIL", f"interrupted at epoch {result.epochs - 1}", "KILLED")
             raise Interrupted(self.stop.signum or 0)
         state, value, reason = outcome(result, cfg.study.metric)
-        if reason:
-            trial.set_user_attr(REASON_ATTR, reason)
-        run.finish(self._artifacts(trial, hp, seed, result), result, state, reason)
+        self._end(trial, run, hp, seed, result, state, reason)
         if state == "PRUNED":
             raise optuna.TrialPruned(reason)
         return value
+
+    def _end(self, trial: optuna.trial.Trial, run: _TrialRun, hp: dict[str, Any], seed: int,
+             result: TrainResult, state: str, reason: str | None, status: str | None = None) -> None:
+        """Store why the trial ended (unless COMPLETE) and close its MLflow run."""
+        if reason:
+            trial.set_user_attr(REASON_ATTR, reason)
+        run.finish(self._artifacts(trial, hp, seed, result), result, state, reason, status)
 
     def _artifacts(self, trial: optuna.trial.Trial, hp: dict[str, Any], seed: int,
                    result: TrainResult) -> Callable[[Path], None]:

@@ -92,7 +92,7 @@ _WRITE_ACTIONS = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUN
 def view_sql(dialect: str) -> str:
     """The views' definitions in ``dialect`` ("postgresql" or "sqlite")."""
     text = resources.files("lrsearch").joinpath("sql/views.sql").read_text()
-    templates = {**{k: v for k, v in _SHARED.items()}, **_MACROS[dialect]}
+    templates = {**_SHARED, **_MACROS[dialect]}
 
     def expand(match: re.Match[str]) -> str:
         args = [a.strip() for a in (match.group(2) or "").split(";;")]
