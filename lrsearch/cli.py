@@ -75,7 +75,8 @@ def cmd_server(args: argparse.Namespace) -> int:
     from lrsearch.server import serve
 
     return serve(args.db, host=args.host, port=args.port, allowed_hosts=args.allowed_hosts,
-                 artifacts=str(Path(args.artifacts).resolve()) if args.artifacts else None)
+                 artifacts=str(Path(args.artifacts).resolve()) if args.artifacts else None,
+                 workers=args.workers)
 
 
 def _study_config(args: argparse.Namespace) -> Any:
@@ -387,6 +388,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=_positive_int, default=5000)
     p.add_argument("--allowed-hosts", metavar="HOSTS",
                    help="Host headers MLflow accepts when bound beyond loopback, e.g. mlflow:5000")
+    p.add_argument("--workers", type=_positive_int, default=1,
+                   help="uvicorn worker processes (default 1: see README, Performance)")
     p.set_defaults(command=cmd_server)
 
     p = sub.add_parser("best", help="show a study's best trials")

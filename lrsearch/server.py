@@ -41,21 +41,31 @@ def _create_tables(backend: str, db: str) -> None:
 
 
 def server_command(backend: str, *, host: str = "127.0.0.1", port: int = 5000,
-                   artifacts: str | None = None, allowed_hosts: str | None = None) -> list[str]:
-    """The ``mlflow server`` command line for ``backend``, artifacts served by the server."""
+                   artifacts: str | None = None, allowed_hosts: str | None = None,
+                   workers: int = 1) -> list[str]:
+    """The ``mlflow server`` command line for ``backend``, artifacts served by the server.
+
+    One uvicorn worker by default: with more, uvicorn's listening socket loses TCP_NODELAY
+    and every request on a kept-alive connection waits ~40 ms for the client's delayed ACK
+    (Kludex/uvicorn#3149), which made each MLflow call 5-8x slower here.
+    """
     destination = artifacts or artifact_root(backend) or (data_dir() / "artifacts").as_uri()
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
-           "--host", host, "--port", str(port), "--serve-artifacts", "--artifacts-destination", destination]
+           "--host", host, "--port", str(port), "--workers", str(workers),
+           "--serve-artifacts", "--artifacts-destination", destination]
     if allowed_hosts:
         cmd += ["--allowed-hosts", allowed_hosts]
     return cmd
 
 
 def serve(db: str, *, host: str = "127.0.0.1", port: int = 5000, artifacts: str | None = None,
-          allowed_hosts: str | None = None) -> int:
+          allowed_hosts: str | None = None, workers: int = 1) -> int:
     """Become the tracking server on ``db`` (exec, so signals reach it directly)."""
     cmd = server_command(backend_uri(db), host=host, port=port, artifacts=artifacts,
-                         allowed_hosts=allowed_hosts)
+                         allowed_hosts=allowed_hosts, workers=workers)
+    # MLflow 3 also starts a job runner and seven task consumers for its GenAI features; they
+    # poll the database and take CPU even when idle, and lrsearch uses none of them.
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     print(f"MLflow UI: http://{host}:{port}/#/experiments?workflowType=machine_learning", file=sys.stderr)
     sys.stderr.flush()
     os.execv(cmd[0], cmd)
