@@ -17,7 +17,7 @@ from lrsearch.errors import first_line
 from lrsearch.report import plot_learning_curves
 from lrsearch.space import sample_params
 from lrsearch.stopping import Interrupted, StopFlag
-from lrsearch.tracking import Tracker, artifact_dir, write_json
+from lrsearch.tracking import History, Outbox, Tracker, artifact_dir, write_json
 from lrsearch.training import TrainResult, train
 
 MLFLOW_RUN_ATTR = "mlflow_run_id"
@@ -31,6 +31,9 @@ class Objective:
 
     ``on_trial_start`` runs as soon as Optuna has created the trial (the worker loop uses
     it to release the lock under which it claimed a slot of the study's total).
+
+    A trial's closing MLflow calls (metrics, artifacts, status) run in the background while
+    the next trial trains: call :meth:`drain` before reading them or ending the study.
     """
 
     cfg: Config
@@ -40,6 +43,11 @@ class Objective:
     parent_run_id: str
     stop: StopFlag = field(default_factory=StopFlag)
     on_trial_start: Callable[[], None] = lambda: None
+    outbox: Outbox = field(default_factory=Outbox)
+
+    def drain(self) -> list[str]:
+        """Wait until every trial's MLflow record is written; one line per record that failed."""
+        return [f"MLflow record lost for {error}" for error in self.outbox.drain()]
 
     def __call__(self, trial: optuna.trial.Trial) -> float:
         self.on_trial_start()
@@ -48,7 +56,8 @@ class Objective:
         seed = trial_seed(cfg.study.seed, trial.number)
         trial.set_user_attr("hyperparameters", hp)
         run = _TrialRun(self.tracker, trial)
-        run.start(self.experiment_id, self.parent_run_id, cfg.study.name, {**hp, **_fixed_settings(cfg, seed)})
+        run.start(self.outbox, self.experiment_id, self.parent_run_id, cfg.study.name,
+                  {**hp, **_fixed_settings(cfg, seed)})
         result = TrainResult()
         started = time.perf_counter()
         try:
@@ -75,7 +84,7 @@ class Objective:
         """Store why the trial ended (unless COMPLETE) and close its MLflow run."""
         if reason:
             trial.set_user_attr(REASON_ATTR, reason)
-        run.finish(self._artifacts(trial, hp, seed, result), result, state, reason, status)
+        run.finish(self.outbox, self._artifacts(trial, hp, seed, result), result.history, state, reason, status)
 
     def _artifacts(self, trial: optuna.trial.Trial, hp: dict[str, Any], seed: int,
                    result: TrainResult) -> Callable[[Path], None]:
@@ -84,7 +93,7 @@ class Objective:
             write_json({"study": self.cfg.study.name, "trial": trial.number, "seed": seed,
                         "hyperparameters": hp, **{k: config[k] for k in ("data", "model", "train")}},
                        folder / "trial_config.json")
-            if result.history:
+            if self.cfg.tracking.trial_plots and result.history:
                 plot_learning_curves(result.history, f"{self.cfg.study.name} trial {trial.number}: "
                                      f"{_describe(hp)}", folder / "learning_curves.png")
         return write
@@ -100,21 +109,27 @@ class _TrialRun:
         self.run_id: str | None = None
         self.lost = False
 
-    def start(self, experiment_id: str, parent_run_id: str, study: str, params: dict[str, Any]) -> None:
-        self.run_id = self._call(self.tracker.start_trial, experiment_id, parent_run_id, study,
-                                 self.trial.number, params)
+    def start(self, outbox: Outbox, experiment_id: str, parent_run_id: str, study: str,
+              params: dict[str, Any]) -> None:
+        """Create the run now (its id goes into the trial); its params travel in the background."""
+        self.run_id = self._call(self.tracker.start_trial, experiment_id, parent_run_id, study, self.trial.number)
         if self.run_id is not None:
             self.trial.set_user_attr(MLFLOW_RUN_ATTR, self.run_id)
+            outbox.submit(f"trial {self.trial.number}", self.tracker.log_params, self.run_id, params)
 
-    def finish(self, write_artifacts: Callable[[Path], None], result: TrainResult, state: str,
-               reason: str | None, status: str | None = None) -> None:
+    def finish(self, outbox: Outbox, write_artifacts: Callable[[Path], None], history: History,
+               state: str, reason: str | None, status: str | None = None) -> None:
         if self.run_id is None or self.lost:
             return
+        outbox.submit(f"trial {self.trial.number}", self._send, self.run_id, write_artifacts, history,
+                      state, reason, status)
+
+    def _send(self, run_id: str, write_artifacts: Callable[[Path], None], history: History, state: str,
+              reason: str | None, status: str | None) -> None:
         with artifact_dir() as tmp:
             folder = Path(tmp)
             write_artifacts(folder)
-            self._call(self.tracker.finish_trial, self.run_id, result.history, state, reason=reason,
-                       artifacts=folder, status=status)
+            self.tracker.finish_trial(run_id, history, state, reason=reason, artifacts=folder, status=status)
 
     def _call(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         if self.lost:

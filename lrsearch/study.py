@@ -17,6 +17,7 @@ from lrsearch.config import DEFAULT_TRIALS, Config
 from lrsearch.data import Dataset, load_data
 from lrsearch.errors import UsageError, first_line
 from lrsearch.objective import MLFLOW_RUN_ATTR, TRACKING_ERROR_ATTR, Objective
+from lrsearch.pruning import check_interval
 from lrsearch.space import grid_size, grid_space
 from lrsearch.stopping import Interrupted, StopFlag
 from lrsearch.queries import ensure_indexes, ensure_views
@@ -78,7 +79,7 @@ def make_pruner(cfg: Config) -> optuna.pruners.BasePruner:
     if name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=max(1, epochs // 10))
     if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs)
+        return optuna.pruners.HyperbandPruner(min_resource=check_interval(cfg), max_resource=epochs)
     if name == "successive_halving":
         return optuna.pruners.SuccessiveHalvingPruner()
     return optuna.pruners.NopPruner()
@@ -176,8 +177,10 @@ def work(session: Session, *, stop: StopFlag | None = None, callbacks: Sequence[
             finally:
                 claim.close()
     except BaseException as e:
+        session.warnings.extend(objective.drain())
         close_parent(session, "KILLED" if isinstance(e, (Interrupted, KeyboardInterrupt)) else "FAILED")
         raise
+    session.warnings.extend(objective.drain())
     close_parent(session, "FINISHED")
 
 

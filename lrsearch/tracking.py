@@ -12,8 +12,9 @@ import logging
 import os
 import re
 import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from lrsearch.errors import TrackingError, first_line
 from lrsearch.storage import artifact_root, sqlite_path
@@ -24,7 +25,7 @@ STATUS_FOR_STATE = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"
 UI_QUERY = "?workflowType=machine_learning"  # MLflow 3 opens on GenAI views otherwise
 DEFAULT_UI = "http://127.0.0.1:5000"
 # log_batch limits (MLflow REST API): per request.
-_MAX_METRICS, _MAX_PARAMS = 1000, 100
+_MAX_METRICS, _MAX_PARAMS, _MAX_TAGS, _MAX_ENTITIES = 1000, 100, 100, 1000
 # Bounds on each call to a tracking server (MLflow's defaults can stall a call for minutes);
 # a variable already set in the environment wins.
 HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
@@ -87,14 +88,15 @@ class Tracker:
             self.client.log_artifact(run.info.run_id, str(study_file))
         return run.info.run_id
 
-    def start_trial(self, experiment_id: str, parent_run_id: str, study: str, number: int,
-                    params: Mapping[str, Any]) -> str:
-        """A child run named ``trial-<number>`` with the trial's hyperparameters as params."""
+    def start_trial(self, experiment_id: str, parent_run_id: str, study: str, number: int) -> str:
+        """A child run named ``trial-<number>``, RUNNING; its params come with :meth:`log_params`."""
         tags = {PARENT_TAG: parent_run_id, "lrsearch.role": "trial", "study": study,
                 "trial_number": str(number), "state": "RUNNING"}
-        run = self.client.create_run(experiment_id, run_name=f"trial-{number}", tags=tags)
-        self._log(run.info.run_id, params=params)
-        return run.info.run_id
+        return self.client.create_run(experiment_id, run_name=f"trial-{number}", tags=tags).info.run_id
+
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        """Set a run's params (once: MLflow params are immutable)."""
+        self._log(run_id, params=params)
 
     def finish_trial(self, run_id: str, history: History, state: str, *, reason: str | None = None,
                      artifacts: Path | None = None, status: str | None = None) -> None:
@@ -139,16 +141,49 @@ class Tracker:
 
     def _log(self, run_id: str, *, metrics: Sequence[Any] = (), params: Mapping[str, Any] | None = None,
              tags: Mapping[str, str] | None = None) -> None:
+        """Params, tags and metrics in as few ``log_batch`` calls as MLflow's limits allow
+        (one for a trial of up to ~900 metric points): each call is a round trip."""
         from mlflow.entities import Param, RunTag
 
         param_list = [Param(k, _param_value(v)) for k, v in (params or {}).items()]
         tag_list = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
-        for chunk in _chunks(param_list, _MAX_PARAMS):
-            self.client.log_batch(run_id, params=chunk)
-        for chunk in _chunks(list(metrics), _MAX_METRICS):
-            self.client.log_batch(run_id, metrics=chunk)
-        if tag_list:
-            self.client.log_batch(run_id, tags=tag_list)
+        for batch in _batches(param_list, tag_list, list(metrics)):
+            self.client.log_batch(run_id, **batch)
+
+
+class Outbox:
+    """Tracking calls run in order on one background thread, so a trial's records travel to
+    MLflow while the next trial trains; ``drain`` waits for them all.
+
+    At most ``limit`` jobs wait at a time (a submit past that waits for the oldest), and
+    the thread is joined at interpreter exit, so nothing queued is dropped.
+    """
+
+    def __init__(self, limit: int = 2) -> None:
+        self.limit = limit
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: list[tuple[str, Future]] = []
+        self._errors: list[str] = []
+
+    def submit(self, label: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        """Run ``fn(*args, **kwargs)`` in the background; ``label`` names it in errors."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lrsearch-tracking")
+        while len(self._pending) >= self.limit:
+            self._settle(*self._pending.pop(0))
+        self._pending.append((label, self._executor.submit(fn, *args, **kwargs)))
+
+    def drain(self) -> list[str]:
+        """Wait for every submitted call; one line per call that failed since the last drain."""
+        while self._pending:
+            self._settle(*self._pending.pop(0))
+        errors, self._errors = self._errors, []
+        return errors
+
+    def _settle(self, label: str, future: Future) -> None:
+        error = future.exception()  # waits
+        if error is not None:
+            self._errors.append(f"{label}: {first_line(error)}")
 
 
 def write_json(obj: Any, path: Path) -> Path:
@@ -177,9 +212,14 @@ def _param_value(value: Any) -> str:
     return text[:6000]  # MLflow's limit for a param value
 
 
-def _chunks(items: list[Any], size: int) -> Iterable[list[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
+def _batches(params: list[Any], tags: list[Any], metrics: list[Any]) -> Iterable[dict[str, list[Any]]]:
+    """``log_batch`` arguments within MLflow's per-request limits (params, tags, total)."""
+    while params or tags or metrics:
+        batch = {"params": params[:_MAX_PARAMS], "tags": tags[:_MAX_TAGS]}
+        room = _MAX_ENTITIES - len(batch["params"]) - len(batch["tags"])
+        batch["metrics"] = metrics[:min(room, _MAX_METRICS)]
+        params, tags, metrics = params[_MAX_PARAMS:], tags[_MAX_TAGS:], metrics[len(batch["metrics"]):]
+        yield batch
 
 
 def _now_ms() -> int:

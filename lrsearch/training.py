@@ -19,7 +19,7 @@ from lrsearch.config import Config
 from lrsearch.data import Dataset
 from lrsearch.logger import MemoryLogger
 from lrsearch.model import MLPClassifier, build_mlp
-from lrsearch.pruning import PruningCallback
+from lrsearch.pruning import PruningCallback, check_interval
 from lrsearch.stopping import StopCallback, StopFlag
 
 
@@ -82,9 +82,11 @@ def train(
     result = result or TrainResult()
     generator = torch.Generator().manual_seed(seed)
     net = build_mlp(data.n_features, data.n_classes, cfg.model, generator)
-    module = MLPClassifier(net, hp, cfg.train.batch_size, generator)
+    module = MLPClassifier(net, hp, cfg.train.batch_size, generator, (data.x_val, data.y_val))
     callbacks: list[pl.Callback] = [LearningRateMonitor(logging_interval="epoch", log_momentum=True)]
-    pruning = PruningCallback(trial, cfg.study.metric) if trial is not None else None
+    # With no pruner nothing reads intermediate values: none are written.
+    pruning = (PruningCallback(trial, cfg.study.metric, check_interval(cfg))
+               if trial is not None and cfg.study.pruner != "none" else None)
     if pruning is not None:
         callbacks.append(pruning)
     if stop is not None:
@@ -103,13 +105,15 @@ def train(
         default_root_dir=None,
     )
     try:
-        trainer.fit(module, train_dataloaders=_whole(data.x_train, data.y_train),
-                    val_dataloaders=_whole(data.x_val, data.y_val))
+        trainer.fit(module, train_dataloaders=_whole(data.x_train, data.y_train))
     except SIGTERMException:
         # Lightning's own SIGTERM handler ends fit with a SystemExit; our handler, which
         # Lightning chains, has set `stop`, and the caller records the interruption.
         if stop is None or not stop.requested:
             raise
+    finally:
+        if pruning is not None:
+            pruning.close()
     result.epochs = trainer.current_epoch
     result.diverged_at = module.diverged_at
     result.pruned_at = pruning.pruned_at if pruning is not None else None

@@ -30,6 +30,17 @@ def test_defaults_and_fixed_values():
     assert cfg.params == {"lr": Fixed(0.1), "optimizer": Fixed("adam")}
     assert (cfg.study.direction, cfg.study.metric, cfg.study.sampler) == ("maximize", "val/acc", "tpe")
     assert (cfg.train.epochs, cfg.train.batch_size, cfg.model.hidden) == (200, 32, (50,))
+    assert (cfg.study.prune_every, cfg.tracking.trial_plots) == (None, False)
+
+
+def test_pruning_checks_every_tenth_of_the_epochs_unless_set():
+    from lrsearch.pruning import check_interval
+
+    assert check_interval(parse_config(_raw({}), "f.toml")) == 20  # 200 epochs
+    assert check_interval(parse_config(_raw({}, train={"epochs": 5}), "f.toml")) == 1
+    raw = {"study": {"name": "s", "prune_every": 3}, "tracking": {"trial_plots": True}}
+    cfg = parse_config(raw, "f.toml")
+    assert check_interval(cfg) == 3 and cfg.tracking.trial_plots is True
 
 
 def test_integers_are_accepted_where_numbers_are_expected():
@@ -52,6 +63,10 @@ def test_integers_are_accepted_where_numbers_are_expected():
         ({"study": {"name": "s", "direction": "up"}}, "f.toml: [study].direction: expected one of 'maximize'"),
         ({"study": {"name": "s", "pruner": "early"}}, "f.toml: [study].pruner: expected one of 'none'"),
         ({"study": {"name": "s", "metric": "acc"}}, "f.toml: [study].metric: expected one of 'val/acc'"),
+        ({"study": {"name": "s", "prune_every": 0}}, "f.toml: [study].prune_every: expected an integer >= 1, got 0"),
+        ({"study": {"name": "s"}, "tracking": {"trial_plots": 1}},
+         "f.toml: [tracking].trial_plots: expected true or false, got 1"),
+        ({"study": {"name": "s"}, "tracking": {"plots": True}}, "f.toml: [tracking].plots: unknown key"),
         (_raw(train={"epochs": 2.5}), "f.toml: [train].epochs: expected an integer >= 1, got 2.5"),
         (_raw(train={"batch_size": True}), "f.toml: [train].batch_size: expected an integer >= 1, got true"),
         (_raw(data={"source": "mnist"}), "f.toml: [data].source: expected one of 'blobs', 'moons', 'digits', 'csv'"),

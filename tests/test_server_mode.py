@@ -32,6 +32,9 @@ batch_size = 64
 [params]
 optimizer = {{ choices = ["sgd", "adam"] }}
 lr = {{ low = 1e-3, high = 0.1, log = true }}
+
+[tracking]
+trial_plots = true
 """
 # Short heartbeats so a dead worker's trial is detected within seconds in these tests.
 FAST_HEARTBEAT = {"LRSEARCH_HEARTBEAT_INTERVAL": "1", "LRSEARCH_HEARTBEAT_GRACE": "4"}

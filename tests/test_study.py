@@ -66,7 +66,7 @@ def test_three_trial_study_records_everything(write_study, stores, tmp_path):
         for key in ("train/loss", "train/acc", "val/loss", "momentum"):
             assert len(client.get_metric_history(child.info.run_id, key)) == 3, key
         names = sorted(a.path for a in client.list_artifacts(child.info.run_id))
-        assert names == ["learning_curves.png", "trial_config.json"]
+        assert names == ["trial_config.json"]  # learning-curve PNGs are opt-in
         config = json.loads(open(client.download_artifacts(child.info.run_id, "trial_config.json",
                                                            str(tmp_path))).read())
         assert config["hyperparameters"]["lr"] == trial.params["lr"] and config["trial"] == trial.number
@@ -96,6 +96,18 @@ def test_same_seed_same_params_and_metrics(write_study, tmp_path):
     assert results[0] == results[1]
 
 
+def test_trial_plots_are_opt_in(write_study, stores):
+    from conftest import TINY_STUDY
+
+    path = write_study(TINY_STUDY.replace("trials = 3", "trials = 1") + "\n[tracking]\ntrial_plots = true\n")
+    result = run_study(load_config(path), storage=stores[0], tracking=stores[1])
+    client = MlflowClient(tracking_uri=stores[1])
+    run_id = result.study.trials[0].user_attrs["mlflow_run_id"]
+    assert sorted(a.path for a in client.list_artifacts(run_id)) == ["learning_curves.png", "trial_config.json"]
+    with open(client.download_artifacts(run_id, "learning_curves.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
 def _objective(cfg, storage, tracking):
     tracker = Tracker(tracking)
     experiment_id = tracker.experiment(cfg.study.name)
@@ -107,17 +119,22 @@ def _objective(cfg, storage, tracking):
 
 
 def test_pruned_trial_is_killed_in_mlflow_with_its_history(write_study, stores):
-    cfg = load_config(write_study()).with_overrides(epochs=6)
+    text = write_study().read_text().replace('pruner = "none"', 'pruner = "median"\nprune_every = 2')
+    cfg = load_config(write_study(text)).with_overrides(epochs=6)
     study, objective, client = _objective(cfg, *stores)
     study.optimize(objective, n_trials=1)
+    assert objective.drain() == []
     trial = study.trials[0]
     assert trial.state.name == "PRUNED"
-    assert trial.user_attrs["reason"].startswith("pruned at epoch 0 (val/acc=")
+    # Checked at epoch 1 (every 2 epochs); the verdict lands while epoch 2 trains, which ends.
+    assert trial.user_attrs["reason"].startswith("pruned at epoch 1 (val/acc=")
+    assert trial.user_attrs["epochs_trained"] == 3
     run = client.get_run(trial.user_attrs["mlflow_run_id"])
     assert run.info.status == "KILLED"
     assert run.data.tags["state"] == "PRUNED" and run.data.tags["reason"] == trial.user_attrs["reason"]
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/acc")] == [0]
-    assert trial.intermediate_values == {0: client.get_metric_history(run.info.run_id, "val/acc")[0].value}
+    history = client.get_metric_history(run.info.run_id, "val/acc")
+    assert [m.step for m in history] == [0, 1, 2]
+    assert trial.intermediate_values == {1: history[1].value}
 
 
 def test_diverging_trial_is_pruned_never_complete(write_study, stores):
@@ -126,6 +143,7 @@ def test_diverging_trial_is_pruned_never_complete(write_study, stores):
     study, objective, client = _objective(cfg, *stores)
     study.pruner = optuna.pruners.NopPruner()
     study.optimize(objective, n_trials=1)
+    assert objective.drain() == []
     trial = study.trials[0]
     assert trial.state.name == "PRUNED"
     assert trial.user_attrs["reason"].startswith("non-finite train/loss at epoch ")
@@ -143,6 +161,7 @@ def test_a_crashing_trial_fails_in_both_stores(write_study, stores):
                                           objective.data.x_val, objective.data.y_val, objective.data.n_classes)
     with pytest.raises(IndexError):
         study.optimize(objective, n_trials=1)
+    assert objective.drain() == []
     trial = study.trials[0]
     assert trial.state.name == "FAIL" and trial.user_attrs["reason"].startswith("IndexError")
     run = client.get_run(trial.user_attrs["mlflow_run_id"])

@@ -28,7 +28,9 @@ def _get(url: str) -> dict:
 
 def test_ui_serves_the_embedded_store(write_study, tmp_path):
     data = tmp_path / "lrsearch-data"
-    cfg = load_config(write_study()).with_overrides(trials=1, epochs=2)
+    from conftest import TINY_STUDY
+
+    cfg = load_config(write_study(TINY_STUDY + "\n[tracking]\ntrial_plots = true\n")).with_overrides(trials=1, epochs=2)
     result = run_study(cfg, storage=f"sqlite:///{data / 'optuna.db'}", tracking=f"sqlite:///{data / 'mlflow.db'}")
     port = _free_port()
     server = subprocess.Popen([sys.executable, "-m", "lrsearch.cli", "ui", "--port", str(port)], cwd=tmp_path,
