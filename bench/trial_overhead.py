@@ -34,6 +34,7 @@ from lrsearch.model import build_mlp
 from lrsearch.objective import Objective
 from lrsearch.optim import make_optimizer
 from lrsearch.storage import open_storage
+from lrsearch.study import make_pruner
 from lrsearch.tracking import Tracker
 from lrsearch.training import quiet_lightning, train
 from scratch import scratch_database
@@ -70,16 +71,37 @@ def lightning_untracked(cfg, data) -> None:
     train(cfg, data, HP, 0)
 
 
+def back_to_back(one_trial: Callable[[object, object], None]) -> Callable[[object, object, int], None]:
+    def run(cfg, data, n: int) -> None:
+        for _ in range(n):
+            one_trial(cfg, data)
+    return run
+
+
+class _ChecksButKeeps(optuna.pruners.BasePruner):
+    """The study's median pruner doing all its reads, its verdict ignored: every repetition
+    trains all its epochs, as the bare loop does, and still pays for pruning."""
+
+    def __init__(self, pruner: optuna.pruners.BasePruner) -> None:
+        self.pruner = pruner
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        self.pruner.prune(study, trial)
+        return False
+
+
 def make_tracked(cfg, data, storage: str, tracking: str) -> Callable[[object, object], None]:
     """A full trial through the Objective: an Optuna trial and its MLflow runs."""
     tracker = Tracker(tracking)
     experiment_id = tracker.experiment(cfg.study.name)
     parent = tracker.start_study(experiment_id, cfg.study.name, {}, {}, None)
-    study = optuna.create_study(storage=open_storage(storage), study_name=cfg.study.name, direction="maximize")
+    study = optuna.create_study(storage=open_storage(storage), study_name=cfg.study.name, direction="maximize",
+                                pruner=_ChecksButKeeps(make_pruner(cfg)))
     objective = Objective(cfg, data, tracker, experiment_id, parent)
 
-    def run(cfg, data) -> None:
-        study.optimize(objective, n_trials=1)
+    def run(cfg, data, n: int) -> None:
+        study.optimize(objective, n_trials=n)
+        assert not objective.drain()  # the last trial's MLflow record is written before the clock stops
 
     return run
 
@@ -111,13 +133,16 @@ def _postgres_and_server(admin_url: str, folder: Path) -> Iterator[tuple[str, st
             server.wait()
 
 
-def measure(fn, cfg, data, repeats: int) -> float:
-    fn(cfg, data)  # warm-up: first-call imports and caches
+def measure(fn, cfg, data, repeats: int, batch: int) -> float:
+    """Median over ``repeats`` of the wall time per trial of ``batch`` trials run back to back,
+    as in a study (a tracked trial's MLflow record travels while the next one trains, and the
+    clock stops only when the last record is written)."""
+    fn(cfg, data, 1)  # warm-up: first-call imports and caches
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        fn(cfg, data)
-        times.append(time.perf_counter() - start)
+        fn(cfg, data, batch)
+        times.append((time.perf_counter() - start) / batch)
     return statistics.median(times)
 
 
@@ -125,32 +150,35 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=5, help="trials per repetition, back to back")
     parser.add_argument("--pg", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres",
                         help="admin URL of a PostgreSQL for the server row (skipped if unreachable)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     quiet_lightning()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    cfg = parse_config({"study": {"name": "bench", "pruner": "none"},
+    cfg = parse_config({"study": {"name": "bench", "pruner": "median"},
                         "train": {"epochs": args.epochs, "batch_size": 32},
                         "params": {k: v for k, v in HP.items()}}, "bench")
     data = load_data(cfg.data)
     with tempfile.TemporaryDirectory() as tmp:
         rows = [
-            ("bare PyTorch loop", bare_loop),
-            ("lrsearch Lightning module, no tracking", lightning_untracked),
+            ("bare PyTorch loop", back_to_back(bare_loop)),
+            ("lrsearch Lightning module, no tracking", back_to_back(lightning_untracked)),
             ("lrsearch trial, tracked (Optuna + MLflow on SQLite)",
              make_tracked(cfg, data, f"sqlite:///{tmp}/optuna.db", f"sqlite:///{tmp}/mlflow.db")),
         ]
-        results = [(name, measure(fn, cfg, data, args.repeats)) for name, fn in rows]
+        results = [(name, measure(fn, cfg, data, args.repeats, args.batch)) for name, fn in rows]
         # The server, even idle, takes CPU on this 2-core machine: its rows are measured while
         # it runs, the bare loop again included, and compared with that.
         with _postgres_and_server(args.pg, Path(tmp)) as server:
             if server is not None:
-                results.append(("bare PyTorch loop, with the server running", measure(bare_loop, cfg, data, args.repeats)))
+                results.append(("bare PyTorch loop, with the server running",
+                                measure(back_to_back(bare_loop), cfg, data, args.repeats, args.batch)))
                 results.append(("lrsearch trial, tracked (PostgreSQL + lrsearch server)",
-                                measure(make_tracked(cfg, data, *server), cfg, data, args.repeats)))
-    print(f"{args.epochs} epochs, batch 32, blobs MLP, median of {args.repeats}, 1 torch thread")
+                                measure(make_tracked(cfg, data, *server), cfg, data, args.repeats, args.batch)))
+    print(f"{args.epochs} epochs, batch 32, blobs MLP, 1 torch thread; per trial: median of {args.repeats} "
+          f"runs of {args.batch} trials back to back")
     print(f"{'setup':<55} {'s/trial':>8} {'x bare':>7}")
     base = results[0][1]
     for name, seconds in results:
