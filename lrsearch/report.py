@@ -233,12 +233,17 @@ def plot_objective_vs_lr(trials: Sequence[TrialCurves], name: str, objective: st
 
 
 def plot_importances(study: Any, name: str, path: Path) -> Path | None:
-    """Optuna's parameter importances (fANOVA), or None when there is nothing to rank."""
+    """Optuna's parameter importances (its default evaluator: PED-ANOVA since Optuna 5), or
+    None when there is nothing to rank."""
+    import warnings
+
     import optuna
     from matplotlib.figure import Figure
 
     try:
-        importances = optuna.importance.get_param_importances(study)
+        with warnings.catch_warnings():  # "fewer than 2 trials in a regime": a small study, not news
+            warnings.simplefilter("ignore", UserWarning)
+            importances = optuna.importance.get_param_importances(study)
     except (ValueError, RuntimeError):  # fewer than two completed trials, or one param
         return None
     if not importances:
@@ -247,7 +252,7 @@ def plot_importances(study: Any, name: str, path: Path) -> Path | None:
     ax = fig.subplots()
     names = list(importances)[::-1]
     ax.barh(names, [importances[n] for n in names])
-    ax.set(title=f"{name}: parameter importances (fANOVA)", xlabel="importance (share of variance)")
+    ax.set(title=f"{name}: parameter importances (Optuna, PED-ANOVA)", xlabel="importance")
     ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
