@@ -87,12 +87,13 @@ def _study_config(args: argparse.Namespace) -> Any:
 
 def _work_here(args: argparse.Namespace, cfg: Any, progress: bool = True) -> Any:
     """Run trials in this process until the study's total is reached."""
-    _setup_workers()
     from lrsearch.stopping import StopFlag
-    from lrsearch.study import run_study
 
     stop = StopFlag()
     stop.install()
+    _setup_workers()
+    from lrsearch.study import run_study
+
     with _Progress(cfg.study.name, enabled=progress) as bar:
         return run_study(cfg, storage=args.storage, tracking=args.tracking_uri, study_file=Path(args.file),
                          callbacks=[bar], on_start=bar.start, stop=stop, worker=args.worker_index)
@@ -107,51 +108,61 @@ def _default_worker_index() -> int:
 
 
 def _run_workers(args: argparse.Namespace, cfg: Any) -> int:
-    """``run --workers N``: open the study once, start N ``lrsearch worker`` processes on
-    this host, show their progress, and pass SIGINT/SIGTERM on to them."""
+    """``run --workers N``: this process is worker 0 and first starts N-1 ``lrsearch worker``
+    processes on this host, so all of them import torch and Lightning at once. A SIGINT or
+    SIGTERM here is passed on to them (SIGTERM; SIGKILL on a second signal)."""
     import signal
     import subprocess
-    import time
 
-    _setup_workers()
-    from lrsearch.stopping import Interrupted
-    from lrsearch.study import close_parent, count_finished, open_session, tracking_warnings
+    from lrsearch.stopping import Interrupted, StopFlag
+    from lrsearch.storage import storage_url, tracking_uri
 
-    session = open_session(cfg, storage=args.storage, tracking=args.tracking_uri, study_file=Path(args.file))
-    command = [sys.executable, "-m", "lrsearch.cli", "worker", args.file, "--storage", session.url,
-               "--tracking-uri", session.tracker.uri, "--trials", str(session.target),
-               "--epochs", str(cfg.train.epochs), "--name", cfg.study.name]
+    command = [sys.executable, "-m", "lrsearch.cli", "worker", args.file, "--storage", storage_url(args.storage),
+               "--tracking-uri", tracking_uri(args.tracking_uri), "--name", cfg.study.name]
+    for flag, value in (("--trials", args.trials), ("--epochs", args.epochs)):
+        if value is not None:
+            command += [flag, str(value)]
     # Own sessions: a Ctrl-C reaches this process only, which passes it on once.
-    workers = [subprocess.Popen([*command, "--worker-index", str(i)], start_new_session=True)
-               for i in range(args.workers)]
-    received: list[int] = []
+    others = [subprocess.Popen([*command, "--worker-index", str(i)], start_new_session=True,
+                               stdout=subprocess.DEVNULL) for i in range(1, args.workers)]
+    signals = 0
 
-    def forward(signum: int, frame: Any) -> None:
-        received.append(signum)
-        for w in workers:
+    def forward(signum: int) -> None:
+        nonlocal signals
+        signals += 1
+        for w in others:
             if w.poll() is None:
-                w.send_signal(signal.SIGTERM if len(received) == 1 else signal.SIGKILL)
+                w.send_signal(signal.SIGTERM if signals == 1 else signal.SIGKILL)
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, forward)
-    with _Progress(cfg.study.name) as bar:
-        bar.start(session.target, count_finished(session.study))
-        while any(w.poll() is None for w in workers):
-            time.sleep(0.5)
-            bar.refresh(session.study)
-        bar.refresh(session.study)
-    failed = [w.returncode for w in workers if w.returncode != 0]
-    # Workers close the parent run themselves; this covers those that stopped together.
-    close_parent(session, "KILLED" if received else "FAILED" if failed else "FINISHED")
-    if received:
-        raise Interrupted(received[0])
+    stop = StopFlag(on_signal=forward)
+    stop.install()
+    session = None
+    status = None
+    try:
+        _setup_workers()
+        from lrsearch.study import close_parent, count_finished, open_session, tracking_warnings, work
+
+        session = open_session(cfg, storage=args.storage, tracking=args.tracking_uri, study_file=Path(args.file))
+        with _Progress(cfg.study.name) as bar:
+            bar.start(session.target, count_finished(session.study))
+            work(session, stop=stop, callbacks=[bar])
+    except BaseException as e:
+        status = "KILLED" if isinstance(e, (Interrupted, KeyboardInterrupt)) else "FAILED"
+        if session is None:  # the study never opened here (bad data, unreachable store): nor there
+            forward(signal.SIGTERM)
+        raise
+    finally:
+        for w in others:  # their last trials, or their own interruption
+            w.wait()
+        if session is not None and status is not None:  # all stopped early: someone closes the parent run
+            close_parent(session, status)
+    failed = [w.returncode for w in others if w.returncode != 0]
     _print_result(session.study, session.target, session.mlflow_url,
                   session.warnings + tracking_warnings(session.study))
-    if not failed:
-        _report(args, cfg)
     if failed:
-        raise LrsearchError(f"{len(failed)} of {len(workers)} workers failed (exit codes "
+        raise LrsearchError(f"{len(failed)} of {len(others)} other workers failed (exit codes "
                             f"{', '.join(map(str, failed))}); run the same command again to resume")
+    _report(args, cfg)
     return EXIT_OK
 
 
@@ -426,5 +437,24 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def entry() -> None:
+    """The ``lrsearch`` executable: :func:`main`, then a quick exit.
+
+    A process that imported torch, Lightning and MLflow spends about 2 s tearing the
+    interpreter down (module and object finalization) after everything is written, closed
+    and drained; a command that trained skips that with ``os._exit`` once its output is
+    flushed. Imported as a library, :func:`main` returns normally.
+    """
+    code = main()
+    if "torch" in sys.modules:
+        import logging
+
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -1,12 +1,12 @@
 """Stopping on SIGINT/SIGTERM: the current trial ends at its next epoch boundary, recorded as
-FAIL in Optuna and KILLED in MLflow, and the worker exits; a second signal stops at once."""
+FAIL in Optuna and KILLED in MLflow, and the worker exits; a second signal stops at once.
+(Light on purpose: `run --workers` installs it before importing torch and Lightning.)"""
 
 from __future__ import annotations
 
 import signal
 from types import FrameType
-
-import pytorch_lightning as pl
+from typing import Callable
 
 from lrsearch.errors import LrsearchError
 
@@ -22,10 +22,12 @@ class Interrupted(LrsearchError):
 
 
 class StopFlag:
-    """Set by SIGINT or SIGTERM once :meth:`install` is called (from the main thread)."""
+    """Set by SIGINT or SIGTERM once :meth:`install` is called (from the main thread);
+    ``on_signal(signum)`` runs on every signal first (to pass it on to child processes)."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_signal: Callable[[int], None] | None = None) -> None:
         self.signum: int | None = None
+        self.on_signal = on_signal
 
     @property
     def requested(self) -> bool:
@@ -41,17 +43,8 @@ class StopFlag:
             raise Interrupted(self.signum)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.on_signal is not None:
+            self.on_signal(signum)
         if self.signum is not None:
             raise KeyboardInterrupt  # asked twice: stop now
         self.signum = signum
-
-
-class StopCallback(pl.Callback):
-    """Ends ``fit`` at the end of the current epoch once a stop is requested."""
-
-    def __init__(self, flag: StopFlag) -> None:
-        self.flag = flag
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.flag.requested:
-            trainer.should_stop = True

@@ -21,7 +21,10 @@ from lrsearch.pruning import check_interval
 from lrsearch.space import grid_size, grid_space
 from lrsearch.stopping import Interrupted, StopFlag
 from lrsearch.queries import ensure_indexes, ensure_views
-from lrsearch.storage import data_dir, grace_period, is_postgres, open_storage, redact, storage_url, store_lock, tracking_uri
+from lrsearch.storage import (
+    data_dir, grace_period, is_postgres, new_sqlite_file, open_storage, redact, sqlite_path, storage_url, store_lock,
+    tracking_uri,
+)
 from lrsearch.tracking import Tracker
 
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
@@ -29,7 +32,7 @@ EXPERIMENT_ATTR = "mlflow_experiment_id"
 # Trials that count towards a study's total: a FAIL is retried, a PRUNED one is an answer.
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
 MAX_RETRIES = 2  # re-queues of a trial whose worker died
-WAIT_S = 1.0  # how often a worker with nothing to claim looks again
+WAIT_S = 0.25  # how often a worker with nothing to claim looks again (a few reads)
 
 TrialCallback = Callable[[optuna.Study, FrozenTrial], None]
 
@@ -115,11 +118,15 @@ def open_session(cfg: Config, *, storage: str | None = None, tracking: str | Non
     Bad data and an unreachable tracking store are reported before any store is created.
     """
     data = load_data(cfg.data)
-    tracker = Tracker(tracking_uri(tracking))
-    tracker.check()
     url = storage_url(storage)
-    store = open_storage(url, stale_trial_callback=_StaleTrials(tracker))
     name = cfg.study.name
+    with store_lock(url):  # the first of several workers creates MLflow's tables (two migrations collide)
+        mlflow_file = sqlite_path(tracking_uri(tracking))
+        if mlflow_file is not None:
+            new_sqlite_file(mlflow_file)
+        tracker = Tracker(tracking_uri(tracking))
+        tracker.check()
+    store = open_storage(url, stale_trial_callback=_StaleTrials(tracker))
     with store_lock(url):  # one study and one parent run, however many workers start at once
         summaries = optuna.get_all_study_summaries(store, include_best_trial=False)
         n_existing = next((s.n_trials for s in summaries if s.study_name == name), 0)

@@ -20,7 +20,7 @@ from lrsearch.data import Dataset
 from lrsearch.logger import MemoryLogger
 from lrsearch.model import MLPClassifier, build_mlp
 from lrsearch.pruning import PruningCallback, check_interval
-from lrsearch.stopping import StopCallback, StopFlag
+from lrsearch.stopping import StopFlag
 
 
 @dataclass
@@ -55,6 +55,17 @@ class _WholeSet(TorchDataset):
 
 def _whole(x: torch.Tensor, y: torch.Tensor) -> DataLoader:
     return DataLoader(_WholeSet(x, y), batch_size=None)
+
+
+class StopCallback(pl.Callback):
+    """Ends ``fit`` at the end of the current epoch once a stop is requested."""
+
+    def __init__(self, flag: StopFlag) -> None:
+        self.flag = flag
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.flag.requested:
+            trainer.should_stop = True
 
 
 def quiet_lightning() -> None:
