@@ -67,7 +67,12 @@ def make_sampler(cfg: Config, n_existing: int = 0, worker: int = 0) -> optuna.sa
         seed = (cfg.study.seed + 7919 * n_existing + 104729 * worker) % 2**31
     name = cfg.study.sampler
     if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed)
+        # multivariate + group: TPE models the parameters that occur together (momentum only
+        # with sgd and rmsprop, decay only with time_decay, …) jointly, as Optuna advises for
+        # define-by-run spaces; constant liar keeps parallel workers apart.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "grid":
