@@ -9,13 +9,16 @@ end and its `train_seconds` (time inside train(): the Trainer and its fit). Two 
 - command: the whole command, with process start-up (imports: a few seconds per process,
   once) and the end-of-run report (once per study) included.
 
-    python bench/throughput.py [--trials 20] [--epochs 50]
+Each setting runs --repeats times (median of each clock).
+
+    python bench/throughput.py [--trials 20] [--epochs 50] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -54,13 +57,20 @@ def run(workers: int, trials: int, epochs: int) -> Run:
     return Run(workers, command, study_s, training)
 
 
+def median_run(workers: int, trials: int, epochs: int, repeats: int) -> Run:
+    runs = [run(workers, trials, epochs) for _ in range(repeats)]
+    return Run(workers, *(statistics.median(getattr(r, f) for r in runs) for f in ("command_s", "study_s", "training_s")))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--epochs", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    runs = [run(n, args.trials, args.epochs) for n in (1, 2)]
-    print(f"{args.trials} trials x {args.epochs} epochs (studies/quickstart.toml, median pruning), embedded SQLite")
+    runs = [median_run(n, args.trials, args.epochs, args.repeats) for n in (1, 2)]
+    print(f"{args.trials} trials x {args.epochs} epochs (studies/quickstart.toml, median pruning), embedded SQLite, "
+          f"median of {args.repeats}")
     print(f"{'workers':>7} | {'study s':>7} {'trials/min':>10} {'outside training':>16} {'speed-up':>8} | "
           f"{'command s':>9} {'outside training':>16} {'speed-up':>8}")
     one = runs[0]

@@ -1,11 +1,13 @@
 """How much a fully tracked lrsearch trial costs over a bare PyTorch loop.
 
-Every row trains the same MLP on the same blobs data with the same optimizer steps and the
-same per-epoch validation; all rows run in this one process, each repeated, and the table
-shows medians and ratios to the bare loop of this run. The last row tracks through an
+Every row trains the same MLP on the same blobs data with the same number of optimizer
+steps and the same per-epoch validation; all rows run in this one process, each repeated,
+and the table shows medians and ratios to the bare loop of this run. Beside lrsearch's rows,
+the naive way (Lightning with DataLoader(TensorDataset) and epoch-level self.log, then with
+Lightning's MLFlowLogger and LearningRateMonitor). The last rows track through an
 `lrsearch server` subprocess on a scratch PostgreSQL database when one is reachable.
 
-    python bench/trial_overhead.py [--epochs 50] [--repeats 5]
+    python bench/trial_overhead.py [--epochs 50] [--repeats 5] [--batch 5]
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import optuna
+import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
@@ -69,6 +72,55 @@ def bare_loop(cfg, data) -> None:
 
 def lightning_untracked(cfg, data) -> None:
     train(cfg, data, HP, 0)
+
+
+class _NaiveModule(pl.LightningModule):
+    """The usual way to write it: automatic optimization, one Lightning step per minibatch,
+    epoch-level self.log of the same four metrics."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def configure_optimizers(self):
+        return make_optimizer(self.net.parameters(), HP)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self.net(x)
+        loss = F.cross_entropy(logits, y)
+        self.log("train/loss", loss, on_step=False, on_epoch=True)
+        self.log("train/acc", (logits.argmax(1) == y).float().mean(), on_step=False, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self.net(x)
+        self.log("val/loss", F.cross_entropy(logits, y))
+        self.log("val/acc", (logits.argmax(1) == y).float().mean())
+
+
+def make_naive(tracking: str | None) -> Callable[[object, object], None]:
+    """Lightning with DataLoader(TensorDataset) and, given a tracking URI, its MLFlowLogger
+    (one MLflow run per trial, metrics sent as logged) and LearningRateMonitor."""
+    from pytorch_lightning.callbacks import LearningRateMonitor
+    from pytorch_lightning.loggers import MLFlowLogger
+    from torch.utils.data import DataLoader, TensorDataset
+
+    def run(cfg, data) -> None:
+        generator = torch.Generator().manual_seed(0)
+        module = _NaiveModule(build_mlp(data.n_features, data.n_classes, cfg.model, generator))
+        train = DataLoader(TensorDataset(data.x_train, data.y_train), batch_size=cfg.train.batch_size,
+                           shuffle=True, generator=generator)
+        val = DataLoader(TensorDataset(data.x_val, data.y_val), batch_size=len(data.x_val))
+        logger = MLFlowLogger(experiment_name="naive", tracking_uri=tracking) if tracking else False
+        callbacks = [LearningRateMonitor(logging_interval="epoch")] if tracking else []
+        trainer = pl.Trainer(max_epochs=cfg.train.epochs, accelerator="cpu", devices=1, logger=logger,
+                             callbacks=callbacks, enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False, num_sanity_val_steps=0)
+        trainer.fit(module, train, val)
+
+    return run
 
 
 def back_to_back(one_trial: Callable[[object, object], None]) -> Callable[[object, object, int], None]:
@@ -164,6 +216,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         rows = [
             ("bare PyTorch loop", back_to_back(bare_loop)),
+            ("naive Lightning, DataLoader(TensorDataset), no logger", back_to_back(make_naive(None))),
+            ("naive Lightning + MLFlowLogger on SQLite", back_to_back(make_naive(f"sqlite:///{tmp}/naive.db"))),
             ("lrsearch Lightning module, no tracking", back_to_back(lightning_untracked)),
             ("lrsearch trial, tracked (Optuna + MLflow on SQLite)",
              make_tracked(cfg, data, f"sqlite:///{tmp}/optuna.db", f"sqlite:///{tmp}/mlflow.db")),
@@ -177,14 +231,16 @@ def main() -> None:
                                 measure(back_to_back(bare_loop), cfg, data, args.repeats, args.batch)))
                 results.append(("lrsearch trial, tracked (PostgreSQL + lrsearch server)",
                                 measure(make_tracked(cfg, data, *server), cfg, data, args.repeats, args.batch)))
+                results.append(("naive Lightning + MLFlowLogger to the server",
+                                measure(back_to_back(make_naive(server[1])), cfg, data, args.repeats, args.batch)))
     print(f"{args.epochs} epochs, batch 32, blobs MLP, 1 torch thread; per trial: median of {args.repeats} "
           f"runs of {args.batch} trials back to back")
-    print(f"{'setup':<55} {'s/trial':>8} {'x bare':>7}")
+    print(f"{'setup':<58} {'s/trial':>8} {'x bare':>7}")
     base = results[0][1]
     for name, seconds in results:
         if name.startswith("bare PyTorch loop"):
             base = seconds  # each group is compared with the bare loop measured beside it
-        print(f"{name:<55} {seconds:>8.3f} {seconds / base:>7.2f}")
+        print(f"{name:<58} {seconds:>8.3f} {seconds / base:>7.2f}")
 
 
 if __name__ == "__main__":
