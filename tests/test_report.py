@@ -88,7 +88,8 @@ def test_the_experiments_script_prints_tables_from_a_tiny_run(tmp_path):
     for header in ("| lr | final val acc |", "| momentum | final val acc |", "| decay | final val acc |",
                    "| patience | final val acc |", "| optimizer | final val acc |"):
         assert header in out
-    assert "| the five grids (24 trials) |" in out and "| TPE search (30 trials" in out
+    trials = load_config(Path(__file__).parent.parent / "studies" / "search.toml").study.trials
+    assert "| the five grids (24 trials) |" in out and f"| TPE search ({trials} trials" in out
     last_cells = [line.strip("|").split("|")[-1].strip() for line in out.splitlines()
                   if line.startswith("| ") and "final val acc" not in line and "epochs trained" not in line
                   and not line.startswith("| the five") and not line.startswith("| TPE")]
