@@ -97,3 +97,51 @@ def test_best_without_any_store_exits_2(cli, tmp_path):
     result = cli("best", "tiny")
     assert result.returncode == 2 and "no lrsearch store at" in _one_line_error(result.stderr)
     assert not (tmp_path / "lrsearch-data").exists()
+
+
+def test_ctrl_c_on_run_with_workers_stops_every_worker_and_resumes(write_study, tmp_path):
+    """`run --workers 2` is worker 0 plus one child in its own session: a SIGINT to the
+    command reaches the child too, both trials end FAIL/KILLED, and the command resumes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import optuna
+    from mlflow import MlflowClient
+
+    from conftest import TINY_STUDY
+
+    path = write_study(TINY_STUDY.replace("trials = 3", "trials = 4").replace("epochs = 3", "epochs = 20000"))
+    env = {**os.environ, "LRSEARCH_DATA": str(tmp_path / "data")}
+    command = [sys.executable, "-m", "lrsearch.cli", "run", str(path), "--workers", "2"]
+    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    storage = f"sqlite:///{tmp_path / 'data' / 'optuna.db'}"
+    deadline = time.monotonic() + 120
+    while True:  # both workers inside a trial
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        try:
+            trials = optuna.load_study(study_name="tiny", storage=storage).trials
+        except Exception:  # not created yet
+            trials = []
+        if sum(t.state.name == "RUNNING" for t in trials) == 2:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == ("lrsearch: error: interrupted by SIGINT; "
+                                            "run the same command again to resume the study")
+    study = optuna.load_study(study_name="tiny", storage=storage)
+    assert [t.state.name for t in study.trials] == ["FAIL", "FAIL"]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'data' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    assert sorted((r.data.tags["lrsearch.role"], r.info.status) for r in runs) == [
+        ("study", "KILLED"), ("trial", "KILLED"), ("trial", "KILLED")]
+
+    again = subprocess.run([*command[:-2], "--workers", "2", "--epochs", "2"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    states = [t.state.name for t in optuna.load_study(study_name="tiny", storage=storage).trials]
+    assert states.count("COMPLETE") == 4 and "RUNNING" not in states
