@@ -169,6 +169,21 @@ def _relax_sync(engine: Any) -> None:
     engine.dispose()  # connections opened before the listener get it when reopened
 
 
+def checkpoint(url: str) -> None:
+    """Fold an SQLite store's WAL back into its file (a copy of the ``.db`` alone is then
+    complete); a no-op for other URLs, and skipped while another process is busy with it."""
+    path = sqlite_path(url)
+    if path is None or not path.exists():
+        return
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(path, timeout=0)) as conn:
+        try:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.OperationalError:  # locked by a worker still running: it checkpoints later
+            pass
+
+
 def new_sqlite_file(path: Path) -> None:
     """Create an empty SQLite database at ``path`` in WAL mode, unless one exists.
 

@@ -22,7 +22,7 @@ from lrsearch.space import grid_size, grid_space
 from lrsearch.stopping import Interrupted, StopFlag
 from lrsearch.queries import ensure_indexes, ensure_views
 from lrsearch.storage import (
-    data_dir, grace_period, is_postgres, new_sqlite_file, open_storage, redact, sqlite_path, storage_url, store_lock,
+    checkpoint, data_dir, grace_period, is_postgres, new_sqlite_file, open_storage, redact, sqlite_path, storage_url, store_lock,
     tracking_uri,
 )
 from lrsearch.tracking import Tracker
@@ -189,11 +189,18 @@ def work(session: Session, *, stop: StopFlag | None = None, callbacks: Sequence[
             finally:
                 claim.close()
     except BaseException as e:
-        session.warnings.extend(objective.drain())
-        close_parent(session, "KILLED" if isinstance(e, (Interrupted, KeyboardInterrupt)) else "FAILED")
+        _finish(session, objective, "KILLED" if isinstance(e, (Interrupted, KeyboardInterrupt)) else "FAILED")
         raise
+    _finish(session, objective, "FINISHED")
+
+
+def _finish(session: Session, objective: Objective, status: str) -> None:
+    """The end of a worker's loop: its MLflow records written, the parent run closed if it
+    is the last, and embedded stores checkpointed (the process may exit without closing)."""
     session.warnings.extend(objective.drain())
-    close_parent(session, "FINISHED")
+    close_parent(session, status)
+    for url in (session.url, session.tracker.uri):
+        checkpoint(url)
 
 
 def run_study(cfg: Config, *, storage: str | None = None, tracking: str | None = None,

@@ -188,3 +188,17 @@ def test_redact_hides_passwords():
     assert redact("postgresql+psycopg://bob:s3cret@db:5432/lr") == "postgresql+psycopg://bob:***@db:5432/lr"
     assert "s3cret" not in redact("http://bob:s3cret@host:5000")
     assert redact("sqlite:///x/optuna.db") == "sqlite:///x/optuna.db"
+
+
+def test_embedded_stores_are_wal_and_checkpointed_when_the_loop_ends(write_study, stores, tmp_path):
+    import sqlite3
+
+    from conftest import TINY_STUDY
+
+    run_study(load_config(write_study(TINY_STUDY.replace("trials = 3", "trials = 1"))),
+              storage=stores[0], tracking=stores[1])
+    for name in ("optuna.db", "mlflow.db"):
+        with sqlite3.connect(tmp_path / name) as conn:
+            assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        wal = tmp_path / f"{name}-wal"
+        assert not wal.exists() or wal.stat().st_size == 0, name  # the .db file alone is complete
