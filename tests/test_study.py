@@ -202,3 +202,13 @@ def test_embedded_stores_are_wal_and_checkpointed_when_the_loop_ends(write_study
             assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         wal = tmp_path / f"{name}-wal"
         assert not wal.exists() or wal.stat().st_size == 0, name  # the .db file alone is complete
+
+
+def test_log_batch_calls_stay_within_mlflows_limits():
+    from lrsearch.tracking import _batches
+
+    batches = list(_batches(list(range(150)), list(range(5)), list(range(2500))))
+    assert [(len(b["params"]), len(b["tags"]), len(b["metrics"])) for b in batches] == [
+        (100, 5, 895), (50, 0, 950), (0, 0, 655)]  # <= 100 params, 100 tags, 1000 entities a call
+    assert sum((b["metrics"] for b in batches), []) == list(range(2500))  # every point, in order
+    assert list(_batches([], [], [])) == []
