@@ -22,8 +22,7 @@ from lrsearch.space import grid_size, grid_space
 from lrsearch.stopping import Interrupted, StopFlag
 from lrsearch.queries import ensure_indexes, ensure_views
 from lrsearch.storage import (
-    checkpoint, data_dir, grace_period, is_postgres, new_sqlite_file, open_storage, redact, sqlite_path, storage_url, store_lock,
-    tracking_uri,
+    checkpoint, data_dir, grace_period, is_postgres, open_storage, redact, storage_url, store_lock, tracking_uri,
 )
 from lrsearch.tracking import Tracker
 
@@ -126,9 +125,6 @@ def open_session(cfg: Config, *, storage: str | None = None, tracking: str | Non
     url = storage_url(storage)
     name = cfg.study.name
     with store_lock(url):  # the first of several workers creates MLflow's tables (two migrations collide)
-        mlflow_file = sqlite_path(tracking_uri(tracking))
-        if mlflow_file is not None:
-            new_sqlite_file(mlflow_file)
         tracker = Tracker(tracking_uri(tracking))
         tracker.check()
     store = open_storage(url, stale_trial_callback=_StaleTrials(tracker))

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from lrsearch.errors import TrackingError, first_line
-from lrsearch.storage import artifact_root, sqlite_path
+from lrsearch.storage import artifact_root, new_sqlite_file, sqlite_path
 
 PARENT_TAG = "mlflow.parentRunId"
 # Optuna trial state -> MLflow run status. A pruned trial was stopped on purpose: KILLED.
@@ -52,7 +52,7 @@ class Tracker:
         self.uri = uri
         path = sqlite_path(uri)
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            new_sqlite_file(path)  # a new embedded store starts in WAL mode, like Optuna's
         else:
             for name, value in HTTP_LIMITS.items():
                 os.environ.setdefault(name, value)
