@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -32,8 +33,9 @@ class Objective:
     ``on_trial_start`` runs as soon as Optuna has created the trial (the worker loop uses
     it to release the lock under which it claimed a slot of the study's total).
 
-    A trial's closing MLflow calls (metrics, artifacts, status) run in the background while
-    the next trial trains: call :meth:`drain` before reading them or ending the study.
+    A trial's MLflow calls run in the background: the run is created while the trial
+    trains, and its metrics, artifacts and status are sent while the next trial trains.
+    Call :meth:`drain` before reading them or ending the study.
     """
 
     cfg: Config
@@ -100,26 +102,48 @@ class Objective:
 
 
 class _TrialRun:
-    """A trial's MLflow run, tolerant of a tracking store that stops answering: the trial
-    trains and is stored in Optuna regardless, with the error in ``tracking_error``."""
+    """A trial's MLflow run, opened in the background as the trial starts training and
+    closed in the background after it ends, in order with the other trials' records.
+
+    Tolerant of a tracking store that stops answering: the trial trains and is stored in
+    Optuna regardless, with the error in ``tracking_error``.
+    """
 
     def __init__(self, tracker: Tracker, trial: optuna.trial.Trial) -> None:
         self.tracker = tracker
         self.trial = trial
         self.run_id: str | None = None
-        self.lost = False
+        self.error: str | None = None
+        self._opened: Future | None = None
 
     def start(self, outbox: Outbox, experiment_id: str, parent_run_id: str, study: str,
               params: dict[str, Any]) -> None:
-        """Create the run now (its id goes into the trial); its params travel in the background."""
-        self.run_id = self._call(self.tracker.start_trial, experiment_id, parent_run_id, study, self.trial.number)
-        if self.run_id is not None:
-            self.trial.set_user_attr(MLFLOW_RUN_ATTR, self.run_id)
-            outbox.submit(f"trial {self.trial.number}", self.tracker.log_params, self.run_id, params)
+        """Create the run and log its params while the trial trains."""
+        self._opened = outbox.submit(f"trial {self.trial.number}", self._open, experiment_id, parent_run_id,
+                                     study, params)
+
+    def _open(self, experiment_id: str, parent_run_id: str, study: str, params: dict[str, Any]) -> None:
+        try:
+            run_id = self.tracker.start_trial(experiment_id, parent_run_id, study, self.trial.number, params)
+        except Exception as e:  # one failure is enough: later calls would wait out timeouts too
+            self.error = f"MLflow tracking lost: {first_line(e)}"
+            return
+        self.run_id = run_id
+        # Straight to the storage (thread-safe; the trial is RUNNING until finish has waited
+        # for this job): Trial.set_user_attr would also edit the trial's cached copy, which
+        # the training thread reads.
+        self.trial.storage.set_trial_user_attr(self.trial._trial_id, MLFLOW_RUN_ATTR, run_id)
 
     def finish(self, outbox: Outbox, write_artifacts: Callable[[Path], None], history: History,
                state: str, reason: str | None, status: str | None = None) -> None:
-        if self.run_id is None or self.lost:
+        """Wait until the run is open (usually long done), then close it in the background."""
+        if self._opened is None:
+            return
+        self._opened.exception()  # waits; _open does not raise for MLflow's errors
+        if self.error is not None:
+            self.trial.set_user_attr(TRACKING_ERROR_ATTR, self.error)
+            return
+        if self.run_id is None:  # _open failed on Optuna's side: the outbox reports it
             return
         outbox.submit(f"trial {self.trial.number}", self._send, self.run_id, write_artifacts, history,
                       state, reason, status)
@@ -130,16 +154,6 @@ class _TrialRun:
             folder = Path(tmp)
             write_artifacts(folder)
             self.tracker.finish_trial(run_id, history, state, reason=reason, artifacts=folder, status=status)
-
-    def _call(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        if self.lost:
-            return None
-        try:
-            return method(*args, **kwargs)
-        except Exception as e:  # one failure is enough: later calls would wait out timeouts too
-            self.lost = True
-            self.trial.set_user_attr(TRACKING_ERROR_ATTR, f"MLflow tracking lost: {first_line(e)}")
-            return None
 
 
 def outcome(result: TrainResult, metric: str) -> tuple[str, float, str | None]:

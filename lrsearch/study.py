@@ -170,7 +170,6 @@ def work(session: Session, *, stop: StopFlag | None = None, callbacks: Sequence[
     try:
         while True:
             stop.check()
-            _fail_stale_trials(study)
             claim.enter_context(store_lock(session.url))
             finished, running = _counts(study)
             if finished >= target:
@@ -178,6 +177,9 @@ def work(session: Session, *, stop: StopFlag | None = None, callbacks: Sequence[
                 break
             if finished + running >= target:  # the rest is running elsewhere: wait for it
                 claim.close()
+                # A trial whose worker died holds its slot until marked FAIL here (optimize
+                # does this too, but only when it gets to start a trial).
+                _fail_stale_trials(study)
                 time.sleep(WAIT_S)
                 continue
             try:

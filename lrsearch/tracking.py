@@ -88,15 +88,14 @@ class Tracker:
             self.client.log_artifact(run.info.run_id, str(study_file))
         return run.info.run_id
 
-    def start_trial(self, experiment_id: str, parent_run_id: str, study: str, number: int) -> str:
-        """A child run named ``trial-<number>``, RUNNING; its params come with :meth:`log_params`."""
+    def start_trial(self, experiment_id: str, parent_run_id: str, study: str, number: int,
+                    params: Mapping[str, Any]) -> str:
+        """A child run named ``trial-<number>``, RUNNING, with the trial's ``params``."""
         tags = {PARENT_TAG: parent_run_id, "lrsearch.role": "trial", "study": study,
                 "trial_number": str(number), "state": "RUNNING"}
-        return self.client.create_run(experiment_id, run_name=f"trial-{number}", tags=tags).info.run_id
-
-    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
-        """Set a run's params (once: MLflow params are immutable)."""
-        self._log(run_id, params=params)
+        run_id = self.client.create_run(experiment_id, run_name=f"trial-{number}", tags=tags).info.run_id
+        self._log(run_id, params=params)  # once: MLflow params are immutable
+        return run_id
 
     def finish_trial(self, run_id: str, history: History, state: str, *, reason: str | None = None,
                      artifacts: Path | None = None, status: str | None = None) -> None:
@@ -165,13 +164,15 @@ class Outbox:
         self._pending: list[tuple[str, Future]] = []
         self._errors: list[str] = []
 
-    def submit(self, label: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+    def submit(self, label: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
         """Run ``fn(*args, **kwargs)`` in the background; ``label`` names it in errors."""
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lrsearch-tracking")
         while len(self._pending) >= self.limit:
             self._settle(*self._pending.pop(0))
-        self._pending.append((label, self._executor.submit(fn, *args, **kwargs)))
+        future = self._executor.submit(fn, *args, **kwargs)
+        self._pending.append((label, future))
+        return future
 
     def drain(self) -> list[str]:
         """Wait for every submitted call; one line per call that failed since the last drain."""
