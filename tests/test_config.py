@@ -33,10 +33,10 @@ def test_defaults_and_fixed_values():
     assert (cfg.study.prune_every, cfg.tracking.trial_plots) == (None, False)
 
 
-def test_pruning_checks_every_tenth_of_the_epochs_unless_set():
+def test_pruning_checks_every_fifth_of_the_epochs_unless_set():
     from lrsearch.pruning import check_interval
 
-    assert check_interval(parse_config(_raw({}), "f.toml")) == 20  # 200 epochs
+    assert check_interval(parse_config(_raw({}), "f.toml")) == 40  # 200 epochs
     assert check_interval(parse_config(_raw({}, train={"epochs": 5}), "f.toml")) == 1
     raw = {"study": {"name": "s", "prune_every": 3}, "tracking": {"trial_plots": True}}
     cfg = parse_config(raw, "f.toml")
