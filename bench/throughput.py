@@ -11,6 +11,11 @@ end and its `train_seconds` (time inside train(): the Trainer and its fit). Two 
 
 Each setting runs --repeats times (median of each clock).
 
+A second table runs the same study in this process, one worker, twice per repetition: as
+lrsearch runs it (Optuna's RDB storage on SQLite), and with the Optuna study in memory
+(everything else unchanged: the same sampler, pruner, objective and MLflow store). The
+difference is what Optuna's storage costs per trial.
+
     python bench/throughput.py [--trials 20] [--epochs 50] [--repeats 3]
 """
 
@@ -62,6 +67,44 @@ def median_run(workers: int, trials: int, epochs: int, repeats: int) -> Run:
     return Run(workers, *(statistics.median(getattr(r, f) for r in runs) for f in ("command_s", "study_s", "training_s")))
 
 
+def in_process(trials: int, epochs: int, in_memory: bool) -> tuple[float, float]:
+    """(seconds, seconds of training) for the study's trials run by ``work`` in this process."""
+    import optuna
+
+    from lrsearch.config import load_config
+    from lrsearch.study import make_pruner, make_sampler, open_session, work
+    from lrsearch.training import quiet_lightning
+
+    quiet_lightning()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    cfg = load_config(STUDY).with_overrides(trials=trials, epochs=epochs)
+    with tempfile.TemporaryDirectory() as tmp:
+        session = open_session(cfg, storage=f"sqlite:///{tmp}/optuna.db", tracking=f"sqlite:///{tmp}/mlflow.db")
+        if in_memory:
+            session.study = optuna.create_study(direction=cfg.study.direction, sampler=make_sampler(cfg),
+                                                pruner=make_pruner(cfg))
+        start = time.perf_counter()
+        work(session)
+        wall = time.perf_counter() - start
+        training = sum(t.user_attrs.get("train_seconds", 0.0) for t in session.study.trials)
+    return wall, training
+
+
+def storage_share(trials: int, epochs: int, repeats: int) -> None:
+    rows = {False: [], True: []}
+    for _ in range(repeats):
+        for in_memory in rows:
+            rows[in_memory].append(in_process(trials, epochs, in_memory))
+    print(f"\nin this process, 1 worker, {trials} trials x {epochs} epochs, median of {repeats}")
+    print(f"{'Optuna study':<26} {'work s':>7} {'training s':>10} {'outside training':>16} {'ms/trial outside':>16}")
+    for in_memory, runs in rows.items():
+        wall = statistics.median(w for w, _ in runs)
+        training = statistics.median(t for _, t in runs)
+        label = "in memory" if in_memory else "RDB storage on SQLite"
+        print(f"{label:<26} {wall:>7.2f} {training:>10.2f} {1 - training / wall:>16.0%} "
+              f"{1000 * (wall - training) / trials:>16.1f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=20)
@@ -78,6 +121,7 @@ def main() -> None:
         print(f"{r.workers:>7} | {r.study_s:>7.1f} {60 * args.trials / r.study_s:>10.1f} {r.outside(r.study_s):>16.0%} "
               f"{one.study_s / r.study_s:>7.2f}x | {r.command_s:>9.1f} {r.outside(r.command_s):>16.0%} "
               f"{one.command_s / r.command_s:>7.2f}x")
+    storage_share(args.trials, args.epochs, args.repeats)
 
 
 if __name__ == "__main__":
