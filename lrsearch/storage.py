@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import warnings
 from pathlib import Path
@@ -221,16 +222,22 @@ def store_lock(url: str) -> Iterator[None]:
         return
     import sqlalchemy as sa
 
-    engine = sa.create_engine(pg_url(url), poolclass=sa.pool.NullPool)
-    try:
-        with engine.connect() as conn:
-            conn.execute(sa.text("SELECT pg_advisory_lock(:key)"), {"key": _LOCK_KEY + 1})
-            try:
-                yield
-            finally:
-                conn.execute(sa.text("SELECT pg_advisory_unlock(:key)"), {"key": _LOCK_KEY + 1})
-    finally:
-        engine.dispose()
+    with _lock_engine(pg_url(url)).connect() as conn:
+        conn.execute(sa.text("SELECT pg_advisory_lock(:key)"), {"key": _LOCK_KEY + 1})
+        try:
+            yield
+        finally:
+            conn.execute(sa.text("SELECT pg_advisory_unlock(:key)"), {"key": _LOCK_KEY + 1})
+
+
+@functools.lru_cache(maxsize=None)
+def _lock_engine(url: str) -> Any:
+    """One small pool per store for its lock: a worker takes the lock once per trial, and a
+    new connection each time cost ~4 ms. The lock is the session's, released on the same
+    connection (or by PostgreSQL when the connection drops)."""
+    import sqlalchemy as sa
+
+    return sa.create_engine(url, pool_size=1, max_overflow=4, pool_pre_ping=True)
 
 def artifact_root(tracking: str) -> str | None:
     """Where an embedded (SQLite) tracking store keeps artifacts: beside its file.
