@@ -139,14 +139,12 @@ class _TrialRun:
         """Wait until the run is open (usually long done), then close it in the background."""
         if self._opened is None:
             return
-        self._opened.exception()  # waits; _open does not raise for MLflow's errors
+        self._opened.exception()  # waits; MLflow's errors land in self.error, not raised
         if self.error is not None:
             self.trial.set_user_attr(TRACKING_ERROR_ATTR, self.error)
-            return
-        if self.run_id is None:  # _open failed on Optuna's side: the outbox reports it
-            return
-        outbox.submit(f"trial {self.trial.number}", self._send, self.run_id, write_artifacts, history,
-                      state, reason, status)
+        elif self.run_id is not None:
+            outbox.submit(f"trial {self.trial.number}", self._send, self.run_id, write_artifacts, history,
+                          state, reason, status)
 
     def _send(self, run_id: str, write_artifacts: Callable[[Path], None], history: History, state: str,
               reason: str | None, status: str | None) -> None:

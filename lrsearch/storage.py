@@ -239,6 +239,7 @@ def _lock_engine(url: str) -> Any:
 
     return sa.create_engine(url, pool_size=1, max_overflow=4, pool_pre_ping=True)
 
+
 def artifact_root(tracking: str) -> str | None:
     """Where an embedded (SQLite) tracking store keeps artifacts: beside its file.
 
