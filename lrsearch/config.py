@@ -8,12 +8,15 @@ created before a file has passed.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from lrsearch.errors import ConfigError
+from lrsearch.errors import ConfigError, UsageError
 from lrsearch.space import HYPERPARAMETERS, Choices, Fixed, Hyperparameter, ParamSpec, Range
 
 DIRECTIONS = ("maximize", "minimize")
@@ -24,6 +27,24 @@ SOURCES = ("blobs", "moons", "digits", "csv")
 ACTIVATIONS = ("relu", "tanh", "sigmoid", "elu", "leaky_relu", "gelu")
 INITS = ("he_uniform", "glorot_uniform", "torch_default")
 DEFAULT_TRIALS = 20
+TABLES = ("study", "data", "model", "train", "params", "tracking")
+# A study's name becomes an MLflow experiment name, a folder name and a URL part: letters,
+# digits, '.', '_' and '-', starting with a letter or digit (no '..', no '/').
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+NAME_EXPECTED = "1 to 100 letters, digits, '.', '_' or '-', starting with a letter or digit"
+# Sizes a laptop can hold (a study file may come from someone else).
+MAX_TRIALS, MAX_EPOCHS = 100_000, 100_000
+MAX_SAMPLES, MAX_FEATURES, MAX_CENTERS = 1_000_000, 1_000, 1_000
+MAX_VALUES = 20_000_000  # n_samples x n_features: 160 MB as scikit-learn's float64
+MAX_LAYERS, MAX_UNITS = 8, 4096
+MAX_SEED = 2**32 - 1  # NumPy's and PyTorch's seeds
+
+
+def check_name(name: str) -> str | None:
+    """What is wrong with a study name, or None."""
+    if NAME_PATTERN.fullmatch(name):
+        return None
+    return f"expected {NAME_EXPECTED}, got {name[:120]!r}" + ("…" if len(name) > 120 else "")
 
 
 @dataclass(frozen=True)
@@ -87,6 +108,11 @@ class Config:
         self, *, trials: int | None = None, epochs: int | None = None, name: str | None = None
     ) -> Config:
         """This config with the CLI's ``--trials``, ``--epochs`` and ``--name`` applied."""
+        if name is not None and (problem := check_name(name)) is not None:
+            raise UsageError(f"--name: {problem}")
+        if trials is not None and trials > MAX_TRIALS or epochs is not None and epochs > MAX_EPOCHS:
+            flag = "--trials" if trials is not None and trials > MAX_TRIALS else "--epochs"
+            raise UsageError(f"{flag}: expected at most {MAX_TRIALS if flag == '--trials' else MAX_EPOCHS:,}")
         study = dataclasses.replace(
             self.study, trials=trials or self.study.trials, name=name or self.study.name
         )
@@ -122,6 +148,11 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(source, "", "is a directory, expected a TOML study file") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(source, "", f"invalid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(source, "", f"expected UTF-8 text, got byte 0x{e.object[e.start]:02x} "
+                                      f"at offset {e.start}") from None
+    except OSError as e:
+        raise ConfigError(source, "", f"cannot read it: {e.strerror}") from None
     return parse_config(raw, source, base_dir=path.parent)
 
 
@@ -144,12 +175,12 @@ def parse_config(raw: Mapping[str, Any], source: str, base_dir: Path = Path(".")
 
 def _study(t: _Table) -> StudyConfig:
     s = StudyConfig(
-        name=t.get("name", str, required=True, check=_nonblank, expected="a non-empty name"),
+        name=t.get("name", str, required=True, check=lambda v: check_name(v) is None, expected=NAME_EXPECTED),
         direction=t.one_of("direction", DIRECTIONS, "maximize"),
         metric=t.one_of("metric", METRICS, "val/acc"),
-        trials=t.get("trials", int, None, check=_positive, expected="an integer >= 1"),
+        trials=t.get("trials", int, None, check=_between(1, MAX_TRIALS), expected=f"an integer in [1, {MAX_TRIALS}]"),
         sampler=t.one_of("sampler", SAMPLERS, "tpe"),
-        seed=t.get("seed", int, None, check=lambda v: v >= 0, expected="an integer >= 0"),
+        seed=t.get("seed", int, None, check=_between(0, MAX_SEED), expected=f"an integer in [0, {MAX_SEED}]"),
         pruner=t.one_of("pruner", PRUNERS, "median"),
         prune_every=t.get("prune_every", int, None, check=_positive, expected="an integer >= 1"),
     )
@@ -162,16 +193,22 @@ def _data(t: _Table, base_dir: Path) -> DataConfig:
         source=t.one_of("source", SOURCES, "blobs"),
         val_fraction=t.get("val_fraction", float, 0.5, check=lambda v: 0 < v < 1,
                            expected="a number in (0, 1)"),
-        seed=t.get("seed", int, 0, check=lambda v: v >= 0, expected="an integer >= 0"),
-        n_samples=t.get("n_samples", int, 1000, check=lambda v: v >= 4, expected="an integer >= 4"),
-        centers=t.get("centers", int, 3, check=lambda v: v >= 2, expected="an integer >= 2"),
-        n_features=t.get("n_features", int, 2, check=_positive, expected="an integer >= 1"),
-        cluster_std=t.get("cluster_std", float, 2.0, check=lambda v: v > 0, expected="a number > 0"),
-        noise=t.get("noise", float, 0.2, check=lambda v: v >= 0, expected="a number >= 0"),
-        random_state=t.get("random_state", int, 2, check=lambda v: v >= 0, expected="an integer >= 0"),
+        seed=t.get("seed", int, 0, check=_between(0, MAX_SEED), expected=f"an integer in [0, {MAX_SEED}]"),
+        n_samples=t.get("n_samples", int, 1000, check=_between(4, MAX_SAMPLES),
+                        expected=f"an integer in [4, {MAX_SAMPLES}]"),
+        centers=t.get("centers", int, 3, check=_between(2, MAX_CENTERS), expected=f"an integer in [2, {MAX_CENTERS}]"),
+        n_features=t.get("n_features", int, 2, check=_between(1, MAX_FEATURES),
+                         expected=f"an integer in [1, {MAX_FEATURES}]"),
+        cluster_std=t.get("cluster_std", float, 2.0, check=lambda v: v > 0, expected="a finite number > 0"),
+        noise=t.get("noise", float, 0.2, check=lambda v: v >= 0, expected="a finite number >= 0"),
+        random_state=t.get("random_state", int, 2, check=_between(0, MAX_SEED),
+                           expected=f"an integer in [0, {MAX_SEED}]"),
         path=None,
         label=t.get("label", str, None, check=_nonblank, expected="a column name"),
     )
+    if d.n_samples * d.n_features > MAX_VALUES:
+        raise t.error("n_samples", f"expected n_samples x n_features <= {MAX_VALUES:,} (about 160 MB)",
+                      f"{d.n_samples:,} x {d.n_features:,}", raw=True)
     raw_path = t.get("path", str, None, check=_nonblank, expected="a file path")
     if d.source == "csv":
         if raw_path is None:
@@ -191,8 +228,9 @@ def _data(t: _Table, base_dir: Path) -> DataConfig:
 
 
 def _model(t: _Table) -> ModelConfig:
-    hidden = t.get("hidden", list, [50], check=lambda v: all(type(x) is int and x >= 1 for x in v),
-                   expected="a list of integers >= 1")
+    hidden = t.get("hidden", list, [50],
+                   check=lambda v: 1 <= len(v) <= MAX_LAYERS and all(type(x) is int and 1 <= x <= MAX_UNITS for x in v),
+                   expected=f"a list of 1 to {MAX_LAYERS} integers in [1, {MAX_UNITS}]")
     m = ModelConfig(
         hidden=tuple(hidden),
         activation=t.one_of("activation", ACTIVATIONS, "relu"),
@@ -204,8 +242,9 @@ def _model(t: _Table) -> ModelConfig:
 
 def _train(t: _Table) -> TrainConfig:
     tr = TrainConfig(
-        epochs=t.get("epochs", int, 200, check=_positive, expected="an integer >= 1"),
-        batch_size=t.get("batch_size", int, 32, check=_positive, expected="an integer >= 1"),
+        epochs=t.get("epochs", int, 200, check=_between(1, MAX_EPOCHS), expected=f"an integer in [1, {MAX_EPOCHS}]"),
+        batch_size=t.get("batch_size", int, 32, check=_between(1, MAX_SAMPLES),
+                         expected=f"an integer in [1, {MAX_SAMPLES}]"),
     )
     t.finish()
     return tr
@@ -222,13 +261,13 @@ def _params(t: _Table, sampler: str) -> dict[str, ParamSpec]:
     for name, value in t.items():
         hp = HYPERPARAMETERS.get(name)
         if hp is None:
-            raise t.error(name, "unknown hyperparameter; expected one of " + ", ".join(HYPERPARAMETERS),
-                          show_got=False)
+            raise t.error(name, "unknown hyperparameter; expected one of " + ", ".join(HYPERPARAMETERS)
+                          + _did_you_mean(name, HYPERPARAMETERS), show_got=False)
         specs[name] = _param(t, hp, value)
         if sampler == "grid" and isinstance(specs[name], Range):
             raise t.error(name, "expected a fixed value or { choices = [...] } for sampler 'grid' "
                                 "(a grid cannot enumerate a range)", show_got=False)
-    t.consumed.update(specs)
+    t.consumed.update(dict.fromkeys(specs))
     return specs
 
 
@@ -269,7 +308,7 @@ def _param(t: _Table, hp: Hyperparameter, value: Any) -> ParamSpec:
     step = value.get("step")
     if step is not None:
         if _number(step, hp.kind) is None or step <= 0:
-            raise t.error(f"{key}.step", "expected a number > 0", step)
+            raise t.error(f"{key}.step", "expected a finite number > 0", step)
         if log:
             raise t.error(f"{key}.step", "expected no step when log = true", step)
     return Range(low, high, log, step)
@@ -285,16 +324,28 @@ def _param_value(t: _Table, key: str, hp: Hyperparameter, value: Any) -> Any:
 # -- helpers ------------------------------------------------------------------------------
 
 def _number(value: Any, kind: str) -> float | int | None:
-    """``value`` as the hyperparameter's numeric kind, or None if it is not one."""
+    """``value`` as the hyperparameter's numeric kind, or None if it is not one (TOML's
+    ``inf`` and ``nan`` are not: no hyperparameter or size is infinite)."""
     if isinstance(value, bool):
         return None
     if kind == "int":
         return value if isinstance(value, int) else None
-    return float(value) if isinstance(value, (int, float)) else None
+    if isinstance(value, int):
+        return float(value) if abs(value) < 2**53 else None
+    return value if isinstance(value, float) and math.isfinite(value) else None
 
 
 def _positive(v: int) -> bool:
     return v >= 1
+
+
+def _between(low: int, high: int) -> Callable[[int], bool]:
+    return lambda v: low <= v <= high
+
+
+def _did_you_mean(key: str, known: Any) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _nonblank(v: str) -> bool:
@@ -322,7 +373,7 @@ class _Table:
         self.raw = raw
         self.source = source
         self.section = section
-        self.consumed: set[str] = set()
+        self.consumed: dict[str, None] = {}  # the keys this table knows, in the order read
 
     def _key(self, key: str) -> str:
         return f"[{self.section}].{key}" if self.section else f"[{key}]"
@@ -338,7 +389,7 @@ class _Table:
         return list(self.raw.items())
 
     def table(self, key: str, required: bool = False) -> _Table:
-        self.consumed.add(key)
+        self.consumed[key] = None
         if key not in self.raw:
             if required:
                 raise ConfigError(self.source, f"[{key}]", "expected this table (it is required)")
@@ -350,7 +401,7 @@ class _Table:
 
     def get(self, key: str, kind: type, default: Any = None, *, required: bool = False,
             check: Callable[[Any], bool] | None = None, expected: str = "") -> Any:
-        self.consumed.add(key)
+        self.consumed[key] = None
         if key not in self.raw:
             if required:
                 raise self.error(key, f"expected {expected} (it is required)", show_got=False)
@@ -359,7 +410,7 @@ class _Table:
         number = kind is float and isinstance(value, int) and not isinstance(value, bool)
         # bool is an int subclass: `true` is no integer, and 1 is no boolean
         exact = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
-        if not (exact or number):
+        if not (exact or number) or kind is float and not math.isfinite(value):
             raise self.error(key, f"expected {expected or _TYPE_NAMES[kind]}", value)
         value = float(value) if kind is float else value
         if check is not None and not check(value):
@@ -374,10 +425,10 @@ class _Table:
         for key in self.raw:
             if key not in self.consumed:
                 if self.section:
-                    known = ", ".join(k for k in self.consumed)
-                    raise self.error(key, f"unknown key; expected one of {known}", show_got=False)
-                raise ConfigError(self.source, f"[{key}]",
-                                  "unknown table; expected study, data, model, train, params, tracking")
+                    raise self.error(key, f"unknown key; expected one of {', '.join(self.consumed)}"
+                                     + _did_you_mean(key, self.consumed), show_got=False)
+                raise ConfigError(self.source, f"[{key}]", f"unknown table; expected one of {', '.join(TABLES)}"
+                                  + _did_you_mean(key, TABLES))
 
 
 def _show(value: Any) -> str:

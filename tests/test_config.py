@@ -52,12 +52,21 @@ def test_integers_are_accepted_where_numbers_are_expected():
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
-        ({"study": {"name": "s", "trails": 3}}, "f.toml: [study].trails: unknown key; expected one of"),
+        ({"study": {"name": "s", "trails": 3}},
+         "f.toml: [study].trails: unknown key; expected one of name, direction, metric, trials, sampler, seed, "
+         "pruner, prune_every (did you mean 'trials'?)"),
+        ({"study": {"name": "s"}, "prams": {}}, "f.toml: [prams]: unknown table; expected one of study, data, model, "
+         "train, params, tracking (did you mean 'params'?)"),
         ({"study": {"name": "s"}, "optimizer": {}}, "f.toml: [optimizer]: unknown table"),
-        ({"study": {}}, "f.toml: [study].name: expected a non-empty name (it is required)"),
+        ({"study": {}}, "f.toml: [study].name: expected 1 to 100 letters, digits, '.', '_' or '-', starting with a "
+         "letter or digit (it is required)"),
+        ({"study": {"name": "../../x"}}, "f.toml: [study].name: expected 1 to 100 letters, digits, '.', '_' or '-', "
+         "starting with a letter or digit, got '../../x'"),
+        ({"study": {"name": "/abs/path/x"}}, "f.toml: [study].name: expected 1 to 100 letters"),
+        ({"study": {"name": "x" * 300}}, "f.toml: [study].name: expected 1 to 100 letters"),
         ({}, "f.toml: [study]: expected this table (it is required)"),
-        ({"study": {"name": "s", "trials": "ten"}}, "f.toml: [study].trials: expected an integer >= 1, got 'ten'"),
-        ({"study": {"name": "s", "trials": 0}}, "f.toml: [study].trials: expected an integer >= 1, got 0"),
+        ({"study": {"name": "s", "trials": "ten"}}, "f.toml: [study].trials: expected an integer in [1, 100000], got 'ten'"),
+        ({"study": {"name": "s", "trials": 0}}, "f.toml: [study].trials: expected an integer in [1, 100000], got 0"),
         ({"study": {"name": "s", "sampler": "bayes"}},
          "f.toml: [study].sampler: expected one of 'tpe', 'random', 'grid', 'qmc', got 'bayes'"),
         ({"study": {"name": "s", "direction": "up"}}, "f.toml: [study].direction: expected one of 'maximize'"),
@@ -67,16 +76,34 @@ def test_integers_are_accepted_where_numbers_are_expected():
         ({"study": {"name": "s"}, "tracking": {"trial_plots": 1}},
          "f.toml: [tracking].trial_plots: expected true or false, got 1"),
         ({"study": {"name": "s"}, "tracking": {"plots": True}}, "f.toml: [tracking].plots: unknown key"),
-        (_raw(train={"epochs": 2.5}), "f.toml: [train].epochs: expected an integer >= 1, got 2.5"),
-        (_raw(train={"batch_size": True}), "f.toml: [train].batch_size: expected an integer >= 1, got true"),
+        (_raw(train={"epochs": 2.5}), "f.toml: [train].epochs: expected an integer in [1, 100000], got 2.5"),
+        (_raw(train={"batch_size": True}), "f.toml: [train].batch_size: expected an integer in [1, 1000000], got true"),
         (_raw(data={"source": "mnist"}), "f.toml: [data].source: expected one of 'blobs', 'moons', 'digits', 'csv'"),
         (_raw(data={"val_fraction": 1.0}), "f.toml: [data].val_fraction: expected a number in (0, 1), got 1.0"),
         (_raw(data={"source": "csv", "label": "y"}), "f.toml: [data].path: expected the CSV file's path"),
         (_raw(data={"source": "csv", "path": "missing.csv", "label": "y"}),
          "f.toml: [data].path: expected an existing CSV file, got 'missing.csv'"),
-        (_raw(model={"hidden": [50, 0]}), "f.toml: [model].hidden: expected a list of integers >= 1, got [50, 0]"),
+        (_raw(model={"hidden": [50, 0]}),
+         "f.toml: [model].hidden: expected a list of 1 to 8 integers in [1, 4096], got [50, 0]"),
+        (_raw(model={"hidden": [1_000_000_000]}), "f.toml: [model].hidden: expected a list of 1 to 8 integers"),
+        (_raw(model={"hidden": [1e9]}), "f.toml: [model].hidden: expected a list of 1 to 8 integers"),
+        (_raw(data={"n_samples": 10**12}), "f.toml: [data].n_samples: expected an integer in [4, 1000000], got "),
+        (_raw(data={"n_samples": 1e12}), "f.toml: [data].n_samples: expected an integer in [4, 1000000], got 1000000000000.0"),
+        (_raw(data={"n_samples": 1_000_000, "n_features": 1000}),
+         "f.toml: [data].n_samples: expected n_samples x n_features <= 20,000,000 (about 160 MB), "
+         "got 1,000,000 x 1,000"),
+        (_raw(data={"cluster_std": float("inf")}), "f.toml: [data].cluster_std: expected a finite number > 0, got inf"),
+        (_raw(data={"noise": float("nan")}), "f.toml: [data].noise: expected a finite number >= 0, got nan"),
+        (_raw(data={"random_state": 2**40}), "f.toml: [data].random_state: expected an integer in [0, 4294967295]"),
+        (_raw({"lr": float("inf")}), "f.toml: [params].lr: expected a number > 0, got inf"),
+        (_raw({"lr": {"low": 1e-5, "high": float("inf")}}), "f.toml: [params].lr.high: expected a number > 0, got inf"),
+        (_raw({"lr": {"choices": [0.1, float("nan")]}}), "f.toml: [params].lr.choices: expected a number > 0, got nan"),
+        (_raw({"momentum": {"low": 0.0, "high": 0.9, "step": float("inf")}}),
+         "f.toml: [params].momentum.step: expected a finite number > 0, got inf"),
         (_raw(model={"activation": "swish"}), "f.toml: [model].activation: expected one of 'relu'"),
         (_raw({"learning_rate": 0.1}), "f.toml: [params].learning_rate: unknown hyperparameter; expected one of optimizer, lr,"),
+        (_raw({"moment": 0.9}), "f.toml: [params].moment: unknown hyperparameter; expected one of optimizer, lr, "
+         "momentum, schedule, decay, step_size, gamma, t_max, patience, factor (did you mean 'momentum'?)"),
         (_raw({"lr": {"low": 1.0, "high": 0.1}}), "f.toml: [params].lr: expected low <= high, got low=1.0, high=0.1"),
         (_raw({"lr": {"low": 0.0, "high": 0.1, "log": True}}),
          "f.toml: [params].lr.low: expected a number > 0, got 0.0"),
@@ -121,6 +148,22 @@ def test_csv_path_is_relative_to_the_study_file(tmp_path):
     study = tmp_path / "s.toml"
     study.write_text('[study]\nname = "s"\n[data]\nsource = "csv"\npath = "d.csv"\nlabel = "y"\n')
     assert load_config(study).data.path == (tmp_path / "d.csv").resolve()
+
+
+def test_a_study_file_that_is_not_utf8_is_named(tmp_path):
+    path = tmp_path / "latin1.toml"
+    path.write_bytes('[study]\nname = "caf\xe9"\n'.encode("latin-1"))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == f"{path}: expected UTF-8 text, got byte 0xe9 at offset 19"
+
+
+def test_a_bad_name_on_the_command_line_is_refused():
+    from lrsearch.errors import UsageError
+
+    cfg = parse_config(_raw(), "f.toml")
+    with pytest.raises(UsageError, match=r"^--name: expected 1 to 100 letters, .*got '\.\./x'$"):
+        cfg.with_overrides(name="../x")
 
 
 def test_overrides_replace_trials_epochs_and_name():
