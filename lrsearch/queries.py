@@ -4,25 +4,62 @@ On PostgreSQL the views live in schema ``lrsearch`` beside ``optuna`` and ``mlfl
 the embedded SQLite files they are TEMP views in a connection that attaches both files (a
 SQLite view can reference another attached file only when it is TEMP). Either way the view
 names work unqualified, so one query text runs on both.
+
+A query a user wrote (``lrsearch sql``) runs as exactly one statement, in a transaction
+that stays read-only and is always rolled back, under a statement timeout; on PostgreSQL
+only as a role that can neither write lrsearch's tables nor reach the server's files and
+programs (``grant_reader`` creates one), because a superuser's session has ways around
+any read-only setting. On SQLite an authorizer allows reading only.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
+import hmac
 import json
+import os
 import re
 import sqlite3
+import time
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Sequence
 
 from lrsearch.errors import LrsearchError, UsageError, first_line
+from lrsearch.retry import reason
 from lrsearch.storage import (
-    is_postgres, pg_url, prepare_database, redact, sqlite_path, storage_url, store_lock, tracking_uri,
+    is_postgres, pg_connect_args, pg_url, prepare_database, redact, sqlite_path, storage_url, store_lock,
+    tracking_uri,
 )
 
 VIEWS = ("trials", "best_trials", "studies")
+DEFAULT_TIMEOUT_S = 30.0
+# What a reader role may read besides the views: the tables they read, and MLflow's metric
+# history (for whole curves, as in the README's last example). Nothing else.
+READER_TABLES = (
+    "optuna.studies", "optuna.study_directions", "optuna.study_user_attributes", "optuna.trials",
+    "optuna.trial_values", "optuna.trial_params", "optuna.trial_user_attributes",
+    "mlflow.runs", "mlflow.latest_metrics", "mlflow.metrics",
+)
+READER_PASSWORD_ENV = "LRSEARCH_READER_PASSWORD"
+_ROLE_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+# A role that can do more than read: write lrsearch's tables or views, create in their
+# schemas, or act as the server's OS user or on other sessions.
+_PRIVILEGED_SQL = """
+SELECT r.rolsuper OR r.rolcreaterole OR r.rolreplication OR r.rolbypassrls
+       OR pg_has_role(current_user, 'pg_execute_server_program', 'MEMBER')
+       OR pg_has_role(current_user, 'pg_read_server_files', 'MEMBER')
+       OR pg_has_role(current_user, 'pg_write_server_files', 'MEMBER')
+       OR pg_has_role(current_user, 'pg_signal_backend', 'MEMBER')
+       OR EXISTS (SELECT 1 FROM pg_namespace n WHERE n.nspname IN ('optuna', 'mlflow', 'lrsearch')
+                  AND has_schema_privilege(n.oid, 'CREATE'))
+       OR EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                  WHERE n.nspname IN ('optuna', 'mlflow', 'lrsearch') AND c.relkind IN ('r', 'p', 'v')
+                  AND has_table_privilege(c.oid, 'INSERT, UPDATE, DELETE, TRUNCATE, TRIGGER'))
+FROM pg_roles r WHERE r.rolname = current_user
+"""
 JSON_COLUMNS = {"params", "best_params"}
 # Indexes the views' plans need on Optuna's tables (named lrsearch_*, created idempotently).
 INDEXES = (
@@ -129,13 +166,21 @@ class Result:
 
 
 class ResultsDatabase:
-    """A read-only connection where the views answer unqualified, on PostgreSQL or SQLite."""
+    """A read-only connection where the views answer unqualified, on PostgreSQL or SQLite.
 
-    def __init__(self, storage: str | None = None, tracking: str | None = None) -> None:
+    With ``user_sql=True`` the connection will run text a user wrote (``lrsearch sql``):
+    on PostgreSQL its role must be a reader (see the module); lrsearch's own queries
+    (``lrsearch best``) run as any role. Every statement stops after ``timeout`` seconds.
+    """
+
+    def __init__(self, storage: str | None = None, tracking: str | None = None, *,
+                 timeout: float = DEFAULT_TIMEOUT_S, user_sql: bool = False) -> None:
         self.url = storage_url(storage)
+        self.timeout = timeout
         if is_postgres(self.url):
-            ensure_views(self.url)
-            self._conn: Any = _connect_pg(self.url)
+            if not user_sql:
+                ensure_views(self.url)
+            self._conn: Any = _connect_pg(self.url, user_sql)
             self.dialect = "postgresql"
         else:
             self._conn = _connect_sqlite(self.url, tracking_uri(tracking))
@@ -144,19 +189,40 @@ class ResultsDatabase:
     def query(self, sql: str, params: Sequence[Any] = ()) -> Result:
         """Run one read-only statement; writes and bad SQL raise :class:`UsageError`."""
         try:
-            if params and self.dialect == "postgresql":
-                sql = sql.replace("?", "%s")  # lrsearch's own queries use qmark placeholders
-            cursor = self._conn.execute(sql, tuple(params))
-            columns = [d[0] for d in cursor.description or ()]
-            rows = cursor.fetchall() if cursor.description else []
+            if self.dialect == "postgresql":
+                columns, rows = self._query_pg(sql, params)
+            else:
+                columns, rows = self._query_sqlite(sql, params)
         except Exception as e:
             self._rollback()
-            raise UsageError(_query_error(e)) from None
+            raise UsageError(_query_error(e, self.timeout)) from None
         if self.dialect == "sqlite":  # JSON columns come back as text: decode them like psycopg
             json_at = [i for i, c in enumerate(columns) if c in JSON_COLUMNS]
             rows = [tuple(json.loads(v) if i in json_at and isinstance(v, str) else v
                           for i, v in enumerate(row)) for row in rows]
         return Result(columns, [tuple(row) for row in rows])
+
+    def _query_pg(self, sql: str, params: Sequence[Any]) -> tuple[list[str], list[Any]]:
+        # The connection is read-only (BEGIN READ ONLY); the first query below takes the
+        # transaction's snapshot, after which nothing can make it read-write. prepare=True
+        # sends the text through the extended protocol, which refuses a second statement.
+        try:
+            self._conn.execute("SELECT set_config('statement_timeout', %s, true)",
+                               (str(max(1, int(self.timeout * 1000))),))
+            cursor = self._conn.execute(sql.replace("?", "%s") if params else sql, tuple(params) or None,
+                                        prepare=True)
+            columns = [d[0] for d in cursor.description or ()]
+            return columns, cursor.fetchall() if cursor.description else []
+        finally:
+            self._rollback()
+
+    def _query_sqlite(self, sql: str, params: Sequence[Any]) -> tuple[list[str], list[Any]]:
+        deadline = time.monotonic() + self.timeout
+        # Called every few thousand virtual-machine steps; a true return interrupts the query.
+        self._conn.set_progress_handler(lambda: time.monotonic() > deadline, 10_000)
+        cursor = self._conn.execute(sql, tuple(params))  # sqlite3 refuses a second statement
+        columns = [d[0] for d in cursor.description or ()]
+        return columns, cursor.fetchall() if cursor.description else []
 
     def close(self) -> None:
         self._conn.close()
@@ -193,7 +259,7 @@ def ensure_views(url: str) -> bool:
     prepare_database(url)
     sql = view_sql("postgresql")
     version = "lrsearch views " + hashlib.sha256(sql.encode()).hexdigest()[:16]
-    engine = sa.create_engine(pg_url(url), poolclass=sa.pool.NullPool)
+    engine = sa.create_engine(pg_url(url), poolclass=sa.pool.NullPool, connect_args=pg_connect_args(url))
     try:
         with engine.connect() as conn:
             if _pg_view_version(conn) == version:
@@ -204,12 +270,15 @@ def ensure_views(url: str) -> bool:
             if conn.execute(sa.text("SELECT to_regclass('mlflow.latest_metrics') IS NULL "
                                     "OR to_regclass('optuna.trials') IS NULL")).scalar():
                 return False
+            readers = _view_readers(conn)  # a new view has no grants: give the readers theirs back
             for view in reversed(VIEWS):
                 conn.execute(sa.text(f"DROP VIEW IF EXISTS lrsearch.{view} CASCADE"))
             for statement in _statements(sql):
                 conn.exec_driver_sql(statement)
             for index in INDEXES:
                 conn.exec_driver_sql(index.format(optuna="optuna."))
+            for reader in readers:
+                conn.exec_driver_sql(f"GRANT SELECT ON {', '.join('lrsearch.' + v for v in VIEWS)} TO {reader}")
             conn.exec_driver_sql(f"COMMENT ON VIEW lrsearch.trials IS '{version}'")
         return True
     finally:
@@ -232,26 +301,116 @@ def _pg_view_version(conn: Any) -> str | None:
     return conn.execute(sa.text("SELECT obj_description(to_regclass('lrsearch.trials'), 'pg_class')")).scalar()
 
 
-def _connect_pg(url: str) -> Any:
+def _view_readers(conn: Any) -> list[str]:
+    """The roles (quoted) granted SELECT on ``lrsearch.trials``, but for its owner."""
+    import sqlalchemy as sa
+
+    return list(conn.execute(sa.text(
+        "SELECT DISTINCT quote_ident(a.grantee::regrole::text) FROM pg_class c, aclexplode(c.relacl) a "
+        "WHERE c.oid = to_regclass('lrsearch.trials') AND a.privilege_type = 'SELECT' "
+        "AND a.grantee <> c.relowner AND a.grantee <> 0")).scalars())
+
+
+def _connect_pg(url: str, user_sql: bool) -> Any:
     import psycopg
+
+    conninfo = _conninfo(url)
+    try:
+        conn = psycopg.connect(conninfo, connect_timeout=10, application_name="lrsearch sql")
+    except psycopg.OperationalError as e:
+        raise LrsearchError(f"cannot connect to {redact(url)}: {reason(e)}") from None
+    try:
+        if user_sql and conn.execute(_PRIVILEGED_SQL).fetchone()[0]:
+            role = conn.info.user
+            reader = _with_user(url, "lrsearch_reader")
+            raise UsageError(
+                f"lrsearch sql runs queries only as a read-only role, and {role!r} can write to this database "
+                f"or act as its server: create a reader once with `lrsearch sql --grant-reader lrsearch_reader "
+                f"--storage {redact(url)}`, then pass --storage {reader}")
+        if conn.execute("SELECT to_regclass('lrsearch.trials') IS NULL").fetchone()[0]:
+            raise LrsearchError(f"no lrsearch views in {redact(url)}: MLflow's tables are not in its schema "
+                                "'mlflow' (start `lrsearch server --db` on this database first)")
+        conn.execute("SET search_path TO lrsearch, optuna, mlflow, public")
+        conn.commit()
+    except BaseException:
+        conn.close()
+        raise
+    conn.read_only = True  # every transaction from here on: BEGIN READ ONLY
+    return conn
+
+
+def _conninfo(url: str) -> str:
+    """A libpq URL for ``url``: its query (sslmode, …) kept, the search path set later."""
     from sqlalchemy.engine import make_url
 
     parsed = make_url(pg_url(url))
-    # libpq takes the URL's query (sslmode, …) as is; the search path is set below instead.
     query = {k: v for k, v in parsed.query.items() if k != "options"}
-    conninfo = parsed.set(drivername="postgresql", query=query).render_as_string(hide_password=False)
+    return parsed.set(drivername="postgresql", query=query).render_as_string(hide_password=False)
+
+
+def _with_user(url: str, user: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(pg_url(url)).set(username=user, password=None).render_as_string(hide_password=True)
+
+
+def grant_reader(url: str, role: str) -> str:
+    """Create (or update) the PostgreSQL role ``role`` that may only read results: LOGIN,
+    SELECT on the ``lrsearch`` views and the tables in :data:`READER_TABLES`, its sessions
+    read-only with the views first on their search path. Its password, if any, comes from
+    ``$LRSEARCH_READER_PASSWORD`` and is sent as a SCRAM verifier, never in clear. Run it
+    with a superuser's (or a CREATEROLE owner's) URL. Returns the URL to read with."""
+    import psycopg
+    from psycopg import sql
+
+    if not _ROLE_NAME.fullmatch(role):
+        raise UsageError(f"--grant-reader: expected a role name of lowercase letters, digits and '_', got {role!r}")
+    if not is_postgres(storage_url(url)):
+        raise UsageError("--grant-reader needs a PostgreSQL --storage (the embedded files are read-only for lrsearch sql)")
+    url = storage_url(url)
+    if not ensure_views(url):
+        raise LrsearchError(f"no MLflow tables in {redact(url)} yet: start `lrsearch server --db` on it first")
+    password = os.environ.get(READER_PASSWORD_ENV) or None
+    ident = sql.Identifier(role)
     try:
-        conn = psycopg.connect(conninfo, connect_timeout=10)
+        with psycopg.connect(_conninfo(url), connect_timeout=10, autocommit=False) as conn:
+            found = conn.execute("SELECT oid FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
+            if found is None:
+                conn.execute(sql.SQL("CREATE ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOINHERIT "
+                                     "NOREPLICATION NOBYPASSRLS").format(ident))
+            elif conn.execute("SELECT rolsuper OR rolcreaterole OR rolreplication OR rolbypassrls "
+                              "FROM pg_roles WHERE rolname = %s", (role,)).fetchone()[0]:
+                raise UsageError(f"--grant-reader: role {role!r} exists and can do more than read; choose another name")
+            if password is not None:
+                conn.execute(sql.SQL("ALTER ROLE {} PASSWORD {}").format(ident, sql.Literal(_scram(password))))
+            database = sql.Identifier(conn.info.dbname)
+            conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(database, ident))
+            conn.execute(sql.SQL("GRANT USAGE ON SCHEMA lrsearch, optuna, mlflow TO {}").format(ident))
+            tables = [f"lrsearch.{v}" for v in VIEWS] + list(READER_TABLES)
+            conn.execute(sql.SQL("GRANT SELECT ON {} TO {}").format(
+                sql.SQL(", ").join(sql.Identifier(*t.split(".")) for t in tables), ident))
+            for setting, value in (("search_path", sql.SQL("lrsearch, optuna, mlflow")),
+                                   ("default_transaction_read_only", sql.Literal("on")),
+                                   ("statement_timeout", sql.Literal(f"{int(DEFAULT_TIMEOUT_S)}s"))):
+                conn.execute(sql.SQL("ALTER ROLE {} IN DATABASE {} SET {} = {}").format(
+                    ident, database, sql.Identifier(setting), value))
+            conn.commit()
+    except psycopg.errors.InsufficientPrivilege as e:
+        raise UsageError(f"--grant-reader: {reason(e)} (use a superuser's URL, or a CREATEROLE role that owns "
+                         "the schemas)") from None
     except psycopg.OperationalError as e:
-        raise LrsearchError(f"cannot connect to {redact(url)}: {first_line(e)}") from None
-    if conn.execute("SELECT to_regclass('lrsearch.trials') IS NULL").fetchone()[0]:
-        conn.close()
-        raise LrsearchError(f"no lrsearch views in {redact(url)}: MLflow's tables are not in its schema "
-                            "'mlflow' (start `lrsearch server --db` on this database first)")
-    conn.execute("SET search_path TO lrsearch, optuna, mlflow, public")
-    conn.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
-    conn.commit()
-    return conn
+        raise LrsearchError(f"cannot connect to {redact(url)}: {reason(e)}") from None
+    return _with_user(url, role)
+
+
+def _scram(password: str, iterations: int = 4096) -> str:
+    """PostgreSQL's SCRAM-SHA-256 verifier of ``password`` (as psql's \\password sends it)."""
+    salt = os.urandom(16)
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
+    client_key = hmac.new(salted, b"Client Key", "sha256").digest()
+    server_key = hmac.new(salted, b"Server Key", "sha256").digest()
+    b64 = lambda b: base64.b64encode(b).decode()  # noqa: E731
+    return f"SCRAM-SHA-256${iterations}:{b64(salt)}${b64(hashlib.sha256(client_key).digest())}:{b64(server_key)}"
 
 
 def _connect_sqlite(storage: str, tracking: str) -> sqlite3.Connection:
@@ -285,8 +444,15 @@ def _statements(sql: str) -> list[str]:
     return [statement.strip() for statement in code.split(";") if statement.strip()]
 
 
-def _query_error(e: Exception) -> str:
+def _query_error(e: Exception, timeout: float) -> str:
     message = first_line(e)
-    if isinstance(e, sqlite3.DatabaseError) and "not authorized" in message or "read-only" in message:
+    timed_out = "statement timeout" in message or isinstance(e, sqlite3.OperationalError) and message == "interrupted"
+    if timed_out:
+        return f"query stopped after {timeout:g} s (statement timeout; --timeout S to allow longer)"
+    if "multiple commands" in message or "one statement at a time" in message:
+        return f"lrsearch sql runs one statement per call: {message}"
+    refused = ("not authorized", "authorization denied", "read-only", "read-write mode", "permission denied",
+               "must be superuser", "must be a superuser", "privilege")
+    if any(word in message for word in refused):
         return f"lrsearch sql runs read-only queries: {message}"
     return f"query failed: {message}"

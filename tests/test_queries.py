@@ -6,21 +6,13 @@ import json
 import math
 import sqlite3
 
-import optuna
 import pytest
 from mlflow import MlflowClient
-from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-from optuna.trial import TrialState, create_trial
 
+from conftest import fill_results as _fill
 from lrsearch.errors import UsageError
 from lrsearch.queries import ResultsDatabase, best_trials_sql, schema_script
 from lrsearch.storage import open_storage, prepare_database, schema_url
-
-OPT = CategoricalDistribution(["sgd", "adam"])
-LR = FloatDistribution(1e-4, 1.0, log=True)
-MOMENTUM = FloatDistribution(0.0, 0.99)
-PATIENCE = IntDistribution(2, 15)
-
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def stores(request, tmp_path_factory):
@@ -36,43 +28,6 @@ def stores(request, tmp_path_factory):
         client = MlflowClient(tracking_uri=schema_url(storage, "mlflow"))
     _fill(storage, client)
     return storage, tracking
-
-
-def _trial(state, value=None, params=None, user_attrs=None, values=None):
-    params = params or {}
-    dists = {"optimizer": OPT, "lr": LR, "momentum": MOMENTUM, "patience": PATIENCE}
-    return create_trial(state=state, value=value, values=values, params=params,
-                        distributions={k: dists[k] for k in params}, user_attrs=user_attrs or {},
-                        intermediate_values={0: 0.5} if state == TrialState.PRUNED else None)
-
-
-def _fill(storage_url: str, client: MlflowClient) -> None:
-    store = open_storage(storage_url)
-    acc = optuna.create_study(storage=store, study_name="acc", direction="maximize")
-    experiment = client.create_experiment("acc")
-    run = client.create_run(experiment, run_name="trial-0")
-    for key, value in (("val/acc", 0.9), ("val/loss", math.nan), ("train/loss", math.inf)):
-        client.log_metric(run.info.run_id, key, value, step=0)
-    client.set_terminated(run.info.run_id, "FINISHED")
-    hp = {"optimizer": "adam", "lr": 0.01, "schedule": "constant"}
-    acc.add_trial(_trial(TrialState.COMPLETE, 0.9, {"optimizer": "adam", "lr": 0.01},
-                         {"mlflow_run_id": run.info.run_id, "hyperparameters": hp}))
-    acc.add_trial(_trial(TrialState.COMPLETE, math.inf, {"optimizer": "sgd", "lr": 0.1, "momentum": 0.5}))
-    acc.add_trial(_trial(TrialState.PRUNED, None, {"optimizer": "sgd", "lr": 0.5, "momentum": 0.9}))
-    acc.add_trial(_trial(TrialState.FAIL, None, {"optimizer": "adam", "lr": 0.2}))
-    acc.ask({"optimizer": OPT})  # stays RUNNING
-    acc.add_trial(_trial(TrialState.COMPLETE, 0.7, {"optimizer": "sgd", "lr": 0.001, "momentum": 0.0,
-                                                     "patience": 5}))  # no MLflow run
-    acc.add_trial(_trial(TrialState.COMPLETE, -math.inf, {"optimizer": "adam", "lr": 0.3}))
-    acc.set_user_attr("mlflow_parent_run_id", "parent123")
-
-    loss = optuna.create_study(storage=store, study_name="loss", direction="minimize")
-    for value, lr in ((0.3, 0.01), (0.1, 0.02), (0.2, 0.03)):
-        loss.add_trial(_trial(TrialState.COMPLETE, value, {"optimizer": "adam", "lr": lr}))
-
-    multi = optuna.create_study(storage=store, study_name="multi", directions=["maximize", "minimize"])
-    for values in ((0.9, 0.5), (0.8, 0.1)):
-        multi.add_trial(_trial(TrialState.COMPLETE, values=values, params={"lr": 0.01}))
 
 
 def _query(stores, sql, params=()):
