@@ -18,6 +18,7 @@ from typing import Any, Sequence
 from lrsearch.errors import LrsearchError, UsageError, first_line
 
 EXIT_OK, EXIT_RUNTIME, EXIT_INTERRUPTED = 0, 1, 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a program killed by the closed pipe would exit
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -25,12 +26,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return args.command(args) or EXIT_OK
+    except BrokenPipeError:  # `lrsearch sql … | head`: the reader has all it wanted
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
     except LrsearchError as e:  # UsageError: 2, Interrupted: 128 + signal, others: 1
         return _fail(args, e, e.exit_code, str(e))
     except KeyboardInterrupt as e:
         return _fail(args, e, EXIT_INTERRUPTED, "interrupted")
     except Exception as e:  # anything unforeseen: still one line, --debug for the traceback
         return _fail(args, e, EXIT_RUNTIME, f"{type(e).__name__}: {first_line(e)}")
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush meets no closed pipe."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def _fail(args: argparse.Namespace, e: BaseException, code: int, message: str) -> int:
@@ -62,6 +73,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from lrsearch.stopping import watch_parent
+
+    watch_parent()
     if args.worker_index is None:
         args.worker_index = _default_worker_index()
     result = _work_here(args, _study_config(args), progress=False)
@@ -109,35 +123,37 @@ def _default_worker_index() -> int:
 
 def _run_workers(args: argparse.Namespace, cfg: Any) -> int:
     """``run --workers N``: this process is worker 0 and first starts N-1 ``lrsearch worker``
-    processes on this host, so all of them import torch and Lightning at once. A SIGINT or
-    SIGTERM here is passed on to them (SIGTERM; SIGKILL on a second signal)."""
+    processes on this host, so all of them import torch and Lightning at once. Each signal
+    here is passed on to them. They get the store URLs through their environment, never
+    their command lines (which every local user can read), and a pipe whose end of file
+    tells them that this process died."""
     import signal
     import subprocess
 
-    from lrsearch.stopping import Interrupted, StopFlag
-    from lrsearch.storage import storage_url, tracking_uri
+    from lrsearch.stopping import PARENT_FD_ENV, Interrupted, StopFlag
+    from lrsearch.storage import STORAGE_ENV, TRACKING_ENV, storage_url, tracking_uri
 
-    command = [sys.executable, "-m", "lrsearch.cli", "worker", args.file, "--storage", storage_url(args.storage),
-               "--tracking-uri", tracking_uri(args.tracking_uri), "--name", cfg.study.name]
+    command = [sys.executable, "-m", "lrsearch.cli", "worker", args.file, "--name", cfg.study.name]
     for flag, value in (("--trials", args.trials), ("--epochs", args.epochs)):
         if value is not None:
             command += [flag, str(value)]
-    # Own sessions: a Ctrl-C reaches this process only, which passes it on once.
-    others = [subprocess.Popen([*command, "--worker-index", str(i)], start_new_session=True,
-                               stdout=subprocess.DEVNULL) for i in range(1, args.workers)]
-    signals = 0
+    read_end, alive = os.pipe()  # this process keeps the write end (not inherited) until it dies
+    env = {**os.environ, STORAGE_ENV: storage_url(args.storage), TRACKING_ENV: tracking_uri(args.tracking_uri),
+           PARENT_FD_ENV: str(read_end)}
+    # Own sessions: a Ctrl-C reaches this process only, which passes it on.
+    others = [_Worker(subprocess.Popen([*command, "--worker-index", str(i)], start_new_session=True, env=env,
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                       pass_fds=(read_end,)), i) for i in range(1, args.workers)]
+    os.close(read_end)
 
     def forward(signum: int) -> None:
-        nonlocal signals
-        signals += 1
         for w in others:
-            if w.poll() is None:
-                w.send_signal(signal.SIGTERM if signals == 1 else signal.SIGKILL)
+            if w.proc.poll() is None:
+                w.proc.send_signal(signum)
 
     stop = StopFlag(on_signal=forward)
     stop.install()
     session = None
-    status = None
     try:
         _setup_workers()
         from lrsearch.study import close_parent, count_finished, open_session, tracking_warnings, work
@@ -147,23 +163,60 @@ def _run_workers(args: argparse.Namespace, cfg: Any) -> int:
             bar.start(session.target, count_finished(session.study))
             work(session, stop=stop, callbacks=[bar])
     except BaseException as e:
-        status = "KILLED" if isinstance(e, (Interrupted, KeyboardInterrupt)) else "FAILED"
         if session is None:  # the study never opened here (bad data, unreachable store): nor there
             forward(signal.SIGTERM)
+        status = "KILLED" if isinstance(e, (Interrupted, KeyboardInterrupt)) else "FAILED"
         raise
+    else:
+        status = "FINISHED"
     finally:
         for w in others:  # their last trials, or their own interruption
             w.wait()
-        if session is not None and status is not None:  # all stopped early: someone closes the parent run
+        if session is not None:  # whoever ends last closes the parent run, as the study stands
             close_parent(session, status)
-    failed = [w.returncode for w in others if w.returncode != 0]
+        os.close(alive)
+    failed = [w for w in others if w.proc.returncode != 0]
     _print_result(session.study, session.target, session.mlflow_url,
-                  session.warnings + tracking_warnings(session.study))
+                  session.warnings + tracking_warnings(session.study) + [x for w in others for x in w.warnings])
     if failed:
-        raise LrsearchError(f"{len(failed)} of {len(others)} other workers failed (exit codes "
-                            f"{', '.join(map(str, failed))}); run the same command again to resume")
+        raise LrsearchError(f"{len(failed)} of {len(others)} other workers failed ({failed[0].error}); "
+                            "run the same command again to resume")
     _report(args, cfg)
     return EXIT_OK
+
+
+class _Worker:
+    """A worker process started by ``run --workers``, its stderr read on a thread: its
+    warnings are shown by this process, and its error line, if it fails, named in this
+    process's one line."""
+
+    def __init__(self, proc: Any, index: int) -> None:
+        import threading
+
+        self.proc = proc
+        self.index = index
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stderr:
+            self.lines.append(line.rstrip("\n"))
+
+    def wait(self) -> None:
+        self.proc.wait()
+        self._reader.join()
+
+    @property
+    def warnings(self) -> list[str]:
+        prefix = "lrsearch: warning: "
+        return [f"worker {self.index}: {line[len(prefix):]}" for line in self.lines if line.startswith(prefix)]
+
+    @property
+    def error(self) -> str:
+        prefix = "lrsearch: error: "
+        errors = [line[len(prefix):] for line in self.lines if line.startswith(prefix)]
+        return f"worker {self.index}: " + (errors[-1] if errors else f"exit code {self.proc.returncode}")
 
 
 def _report(args: argparse.Namespace, cfg: Any) -> None:
@@ -220,14 +273,19 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_sql(args: argparse.Namespace) -> int:
-    from lrsearch.queries import ResultsDatabase, schema_script
+    from lrsearch.queries import ResultsDatabase, grant_reader, schema_script
 
     if args.schema:
         print(schema_script(args.storage, args.tracking_uri))
         return EXIT_OK
+    if args.grant_reader:
+        url = grant_reader(args.storage, args.grant_reader)
+        print(f"role {args.grant_reader!r} may read the results; query as it with --storage {url} "
+              f"(its password, if any, in PGPASSWORD)")
+        return EXIT_OK
     if not args.query:
         raise UsageError("expected a query, e.g. lrsearch sql \"SELECT * FROM best_trials WHERE rank <= 3\"")
-    with ResultsDatabase(args.storage, args.tracking_uri) as db:
+    with ResultsDatabase(args.storage, args.tracking_uri, timeout=args.timeout, user_sql=True) as db:
         result = db.query(args.query)
     print(_format(result.records(), args.format, result.columns))
     return EXIT_OK
@@ -357,6 +415,18 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lrsearch",
@@ -422,6 +492,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("query", nargs="?", help='e.g. "SELECT * FROM best_trials WHERE rank <= 3"')
     p.add_argument("--format", choices=("table", "json", "csv"), default="table")
     p.add_argument("--schema", action="store_true", help="print the SQL that creates the views and exit")
+    p.add_argument("--timeout", type=_positive_float, default=30.0, metavar="S",
+                   help="stop the query after S seconds (default 30)")
+    p.add_argument("--grant-reader", metavar="ROLE",
+                   help="PostgreSQL: create ROLE, which may only read the results (password from "
+                        "$LRSEARCH_READER_PASSWORD), and exit; needs a superuser's --storage")
     stores(p)
     p.set_defaults(command=cmd_sql)
 
@@ -440,17 +515,21 @@ def _parser() -> argparse.ArgumentParser:
 def entry() -> None:
     """The ``lrsearch`` executable: :func:`main`, then a quick exit.
 
-    A process that imported torch, Lightning and MLflow spends about 2 s tearing the
+    A process that imported torch, Lightning and MLflow spends seconds tearing the
     interpreter down (module and object finalization) after everything is written, closed
     and drained; a command that trained skips that with ``os._exit`` once its output is
     flushed. Imported as a library, :func:`main` returns normally.
     """
     code = main()
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _silence_stdout()
+        code = EXIT_BROKEN_PIPE
     if "torch" in sys.modules:
         import logging
 
         logging.shutdown()
-        sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
     sys.exit(code)

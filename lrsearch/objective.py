@@ -22,16 +22,14 @@ from lrsearch.tracking import History, Outbox, Tracker, artifact_dir, write_json
 from lrsearch.training import TrainResult, train
 
 MLFLOW_RUN_ATTR = "mlflow_run_id"
+HYPERPARAMETERS_ATTR = "hyperparameters"
 REASON_ATTR = "reason"
 TRACKING_ERROR_ATTR = "tracking_error"
 
 
 @dataclass
 class Objective:
-    """Called by ``study.optimize`` once per trial.
-
-    ``on_trial_start`` runs as soon as Optuna has created the trial (the worker loop uses
-    it to release the lock under which it claimed a slot of the study's total).
+    """Called once per trial, by the worker loop (``study.py``) or ``study.optimize``.
 
     A trial's MLflow calls run in the background: the run is created while the trial
     trains, and its metrics, artifacts and status are sent while the next trial trains.
@@ -44,7 +42,6 @@ class Objective:
     experiment_id: str
     parent_run_id: str
     stop: StopFlag = field(default_factory=StopFlag)
-    on_trial_start: Callable[[], None] = lambda: None
     outbox: Outbox = field(default_factory=Outbox)
 
     def drain(self) -> list[str]:
@@ -52,21 +49,21 @@ class Objective:
         return [f"MLflow record lost for {error}" for error in self.outbox.drain()]
 
     def __call__(self, trial: optuna.trial.Trial) -> float:
-        self.on_trial_start()
         cfg = self.cfg
         hp = sample_params(trial, cfg.params, cfg.train.epochs)
         seed = trial_seed(cfg.study.seed, trial.number)
-        trial.set_user_attr("hyperparameters", hp)
+        trial.set_user_attr(HYPERPARAMETERS_ATTR, hp)
         run = _TrialRun(self.tracker, trial)
         run.start(self.outbox, self.experiment_id, self.parent_run_id, cfg.study.name,
                   {**hp, **_fixed_settings(cfg, seed)})
         result = TrainResult()
         started = time.perf_counter()
         try:
-            train(cfg, self.data, hp, seed, trial, result, self.stop)
+            with self.stop.interruptible():  # a second signal stops training at once
+                train(cfg, self.data, hp, seed, trial, result, self.stop)
         except BaseException as e:
-            # Record what was measured before the failure; Optuna marks the trial FAIL.
-            interrupted = isinstance(e, KeyboardInterrupt)
+            # Record what was measured before the failure; the caller marks the trial FAIL.
+            interrupted = isinstance(e, (Interrupted, KeyboardInterrupt))
             reason = "interrupted" if interrupted else f"{type(e).__name__}: {first_line(e)}"
             self._end(trial, run, hp, seed, result, "FAIL", reason, "KILLED" if interrupted else None)
             raise
@@ -83,10 +80,14 @@ class Objective:
 
     def _end(self, trial: optuna.trial.Trial, run: _TrialRun, hp: dict[str, Any], seed: int,
              result: TrainResult, state: str, reason: str | None, status: str | None = None) -> None:
-        """Store why the trial ended (unless COMPLETE) and close its MLflow run."""
-        if reason:
-            trial.set_user_attr(REASON_ATTR, reason)
-        run.finish(self.outbox, self._artifacts(trial, hp, seed, result), result.history, state, reason, status)
+        """Store why the trial ended (unless COMPLETE) and close its MLflow run (even if the
+        reason could not be stored: the run must not stay RUNNING)."""
+        try:
+            if reason:
+                trial.set_user_attr(REASON_ATTR, reason)
+        finally:
+            run.finish(self.outbox, self._artifacts(trial, hp, seed, result), result.history, state, reason,
+                       status)
 
     def _artifacts(self, trial: optuna.trial.Trial, hp: dict[str, Any], seed: int,
                    result: TrainResult) -> Callable[[Path], None]:

@@ -31,13 +31,14 @@ def _create_tables(backend: str, db: str) -> None:
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
     from lrsearch.queries import ensure_views
-    from lrsearch.storage import open_storage
+    from lrsearch.storage import close_connections, open_storage
     from lrsearch.tracking import quiet_mlflow
 
     quiet_mlflow()
     SqlAlchemyStore(backend, (data_dir() / "artifacts").as_uri()).engine.dispose()
-    open_storage(db).remove_session()
+    open_storage(db).close()
     ensure_views(db)
+    close_connections()  # the server process execs MLflow's: it would inherit them, idle, for good
 
 
 def server_command(backend: str, *, host: str = "127.0.0.1", port: int = 5000,

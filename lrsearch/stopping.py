@@ -1,14 +1,24 @@
 """Stopping on SIGINT/SIGTERM: the current trial ends at its next epoch boundary, recorded as
-FAIL in Optuna and KILLED in MLflow, and the worker exits; a second signal stops at once.
+FAIL in Optuna and KILLED in MLflow, and the worker exits; a second signal stops training at
+once, but never the bookkeeping that records how the trial ended.
 (Light on purpose: `run --workers` installs it before importing torch and Lightning.)"""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
+import threading
 from types import FrameType
-from typing import Callable
+from typing import Callable, Iterator
 
 from lrsearch.errors import LrsearchError
+
+# The fd of a pipe whose other end only the parent holds (`run --workers` sets it for the
+# workers it starts): when the parent dies, however, the pipe reads EOF.
+PARENT_FD_ENV = "LRSEARCH_PARENT_FD"
+
+_installed: StopFlag | None = None
 
 
 class Interrupted(LrsearchError):
@@ -23,28 +33,70 @@ class Interrupted(LrsearchError):
 
 class StopFlag:
     """Set by SIGINT or SIGTERM once :meth:`install` is called (from the main thread);
-    ``on_signal(signum)`` runs on every signal first (to pass it on to child processes)."""
+    ``on_signal(signum)`` runs on every signal first (to pass it on to child processes).
+
+    A second signal raises :class:`Interrupted` only inside :meth:`interruptible` (around
+    training): elsewhere the worker is recording a trial's end, which must complete for
+    nothing to be left RUNNING, and the first signal already stops it after that.
+    """
 
     def __init__(self, on_signal: Callable[[int], None] | None = None) -> None:
         self.signum: int | None = None
         self.on_signal = on_signal
+        self._interruptible = False
 
     @property
     def requested(self) -> bool:
         return self.signum is not None
 
     def install(self) -> None:
+        global _installed
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._handle)
+        _installed = self
 
     def check(self) -> None:
         """Raise :class:`Interrupted` if a stop was requested."""
         if self.signum is not None:
             raise Interrupted(self.signum)
 
+    @contextlib.contextmanager
+    def interruptible(self) -> Iterator[None]:
+        """A section a second signal may cut short (in the main thread)."""
+        self._interruptible = True
+        try:
+            yield
+        finally:
+            self._interruptible = False
+
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.on_signal is not None:
             self.on_signal(signum)
-        if self.signum is not None:
-            raise KeyboardInterrupt  # asked twice: stop now
-        self.signum = signum
+        if self.signum is None:
+            self.signum = signum
+        elif self._interruptible:
+            self._interruptible = False  # once
+            raise Interrupted(signum)
+
+
+def stop_requested() -> bool:
+    """Whether this process was asked to stop (for loops that wait, such as retries)."""
+    return _installed is not None and _installed.requested
+
+
+def watch_parent() -> None:
+    """In a worker started by ``run --workers``: stop as on SIGTERM when the parent dies
+    (even by SIGKILL), so no worker outlives the command that started it."""
+    fd = os.environ.pop(PARENT_FD_ENV, None)
+    if fd is None:
+        return
+
+    def wait() -> None:
+        try:
+            while os.read(int(fd), 1):
+                pass
+        except OSError:
+            pass
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=wait, name="lrsearch-parent", daemon=True).start()

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
+import socket
+import threading
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 from lrsearch.errors import LrsearchError, UsageError, first_line
 
@@ -19,6 +20,13 @@ DEFAULT_DATA_DIR = "lrsearch-data"
 SQLITE_TIMEOUT_S = 60
 SCHEMAS = ("optuna", "mlflow", "lrsearch")
 _LOCK_KEY = 0x6C7273  # "lrs": advisory-lock keys of this project
+# Each worker's PostgreSQL connections: Optuna's pool (the main thread, and one of the
+# heartbeat, pruning and tracking threads at a time) and the store lock's one. Each use is
+# a short transaction, so a thread that finds both of Optuna's busy waits a moment.
+OPTUNA_POOL_SIZE = 2
+# Tables an Optuna RDB storage has (any one marks a file as an Optuna store), and MLflow's.
+OPTUNA_MARKERS = ("studies", "version_info")
+MLFLOW_MARKERS = ("experiments", "runs")
 
 
 def data_dir() -> Path:
@@ -35,6 +43,14 @@ def storage_url(url: str | None = None) -> str:
 def tracking_uri(uri: str | None = None) -> str:
     """The MLflow tracking URI: ``uri``, ``$MLFLOW_TRACKING_URI`` or the embedded SQLite file."""
     return uri or os.environ.get(TRACKING_ENV) or f"sqlite:///{data_dir() / 'mlflow.db'}"
+
+
+def make_folder(folder: Path) -> None:
+    """``mkdir -p``, failing in one line that names the folder."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LrsearchError(f"cannot create the folder {folder}: {e.strerror}") from e
 
 
 def sqlite_path(url: str) -> Path | None:
@@ -58,23 +74,29 @@ def redact(url: str) -> str:
         return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
 
 
-def open_storage(url: str, *, create: bool = True,
-                 stale_trial_callback: Callable[[Any, Any], None] | None = None) -> Any:
-    """An ``optuna.storages.RDBStorage`` for ``url``, with heartbeats on.
+def open_storage(url: str, *, create: bool = True, hint: str = "") -> Any:
+    """An Optuna storage for ``url``, with heartbeats on, whose calls wait out a lost
+    connection (see ``retry.py``; ``hint`` ends the message when the wait runs out).
 
-    A PostgreSQL URL gets its ``optuna`` schema (created if missing) and ``pool_pre_ping``.
-    With ``create=False`` a missing SQLite file is an error instead of a new empty store.
-    ``stale_trial_callback`` runs for each trial whose worker stopped beating.
+    A PostgreSQL URL gets its ``optuna`` schema (created if missing), ``pool_pre_ping`` and
+    a small pool. An SQLite file that holds another application's tables is refused, and
+    with ``create=False`` a missing file is an error instead of a new empty store.
+    Trials whose worker stopped beating are the worker loop's to fail (``study.py``).
     """
     import optuna
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
+    from lrsearch.retry import Retry
+    from lrsearch.retrying_storage import RetryingStorage
+
+    given = url
     engine_kwargs: dict[str, Any] = {}
     path = sqlite_path(url)
     if path is not None:
         if not path.exists() and not create:
             raise UsageError(f"no lrsearch store at {path} (run a study first, or pass --storage)")
-        path.parent.mkdir(parents=True, exist_ok=True)
+        check_sqlite_owner(path, OPTUNA_MARKERS, "Optuna storage", "--storage")
+        make_folder(path.parent)
         engine_kwargs["connect_args"] = {"timeout": SQLITE_TIMEOUT_S}
     else:
         engine_kwargs["pool_pre_ping"] = True  # Optuna sets it only for MySQL; idle PG links drop
@@ -82,22 +104,57 @@ def open_storage(url: str, *, create: bool = True,
         if is_postgres(url):
             prepare_database(url)
             url = schema_url(url, "optuna")
+            engine_kwargs.update(pool_size=OPTUNA_POOL_SIZE, max_overflow=0,
+                                 connect_args=pg_connect_args(url))
         with store_lock(url), warnings.catch_warnings():  # workers must not race to create tables
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats
             if path is not None:
                 new_sqlite_file(path)
             storage = optuna.storages.RDBStorage(
                 url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval(),
-                grace_period=grace_period(), heartbeat_stale_trial_callback=stale_trial_callback)
+                grace_period=grace_period())
             if path is not None:
                 _relax_sync(storage.engine)
-            return storage
     except (ArgumentError, NoSuchModuleError, ValueError) as e:  # not a database URL
         raise UsageError(f"bad storage URL {redact(url)}: {first_line(e)}") from e
     except LrsearchError:
         raise
     except Exception as e:  # server down, wrong credentials, unreadable file
-        raise LrsearchError(f"cannot open storage {redact(url)}: {first_line(e)}") from e
+        raise LrsearchError(f"cannot open storage {redact(url)}: {_reason(e)}") from e
+    from lrsearch.stopping import stop_requested
+
+    retry = Retry(f"the database {redact(given)}", hint=hint, stopping=stop_requested)
+    # Optuna's cache of finished trials (what optuna.create_study would wrap it in), then retries.
+    return RetryingStorage(optuna.storages.get_storage(storage), retry, storage.engine)
+
+
+def check_stores(storage: str, tracking: str) -> None:
+    """Refuse SQLite files that belong to another application, before anything is written
+    beside them (see :func:`check_sqlite_owner`)."""
+    for url, markers, kind, option in ((storage, OPTUNA_MARKERS, "Optuna storage", "--storage"),
+                                       (tracking, MLFLOW_MARKERS, "MLflow tracking store", "--tracking-uri")):
+        path = sqlite_path(url)
+        if path is not None:
+            check_sqlite_owner(path, markers, kind, option)
+
+
+def check_sqlite_owner(path: Path, markers: tuple[str, ...], kind: str, option: str) -> None:
+    """Refuse an SQLite file that holds tables but none of ``markers`` (another application's
+    database), before anything is written to it: it is opened read-only."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as conn:
+            tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' "
+                                                 "AND name NOT LIKE 'sqlite_%' ORDER BY name")]
+    except sqlite3.DatabaseError as e:
+        raise UsageError(f"{path} is not an SQLite database ({e}); pass another {option}") from None
+    if tables and not set(markers) & set(tables):
+        shown = ", ".join(tables[:5]) + (", …" if len(tables) > 5 else "")
+        raise UsageError(f"{path} holds another application's tables ({shown}) and no {kind}; "
+                         f"it was left unchanged: pass another {option}")
 
 
 # -- heartbeats ---------------------------------------------------------------------------
@@ -111,6 +168,31 @@ def grace_period() -> int:
     """Seconds without a heartbeat after which a running trial counts as dead
     (``$LRSEARCH_HEARTBEAT_GRACE``)."""
     return int(os.environ.get("LRSEARCH_HEARTBEAT_GRACE", "20"))
+
+
+@contextlib.contextmanager
+def heartbeat(store: Any, trial_id: int) -> Iterator[None]:
+    """Record the trial's heartbeat now and every ``heartbeat_interval()`` seconds on a
+    thread, until the block ends. A beat that fails (an outage longer than the store's
+    window) is tried again at the next interval; the trial itself meets the same outage."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            try:
+                store.record_heartbeat(trial_id)
+            except Exception:
+                pass
+            if stop.wait(heartbeat_interval()):
+                return
+
+    thread = threading.Thread(target=beat, name="lrsearch-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 # -- PostgreSQL: one database, one schema per owner ----------------------------------------
@@ -143,7 +225,8 @@ def prepare_database(url: str) -> None:
     """Create the ``optuna``, ``mlflow`` and ``lrsearch`` schemas if missing."""
     import sqlalchemy as sa
 
-    engine = sa.create_engine(pg_url(url), pool_pre_ping=True, poolclass=sa.pool.NullPool)
+    engine = sa.create_engine(pg_url(url), pool_pre_ping=True, poolclass=sa.pool.NullPool,
+                              connect_args=pg_connect_args(url))
     try:
         with engine.begin() as conn:
             # Serialize with other workers: concurrent CREATE SCHEMA IF NOT EXISTS can collide.
@@ -151,9 +234,28 @@ def prepare_database(url: str) -> None:
             for schema in SCHEMAS:
                 conn.execute(sa.text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
     except sa.exc.OperationalError as e:
-        raise LrsearchError(f"cannot connect to {redact(url)}: {first_line(e)}") from e
+        raise LrsearchError(f"cannot connect to {redact(url)}: {_reason(e)}") from e
     finally:
         engine.dispose()
+
+
+def pg_connect_args(url: str) -> dict[str, Any]:
+    """libpq options for lrsearch's own PostgreSQL connections, unless the URL sets them: a
+    name that tells an operator whose connection it is (``pg_stat_activity``), and bounds
+    on connecting and on a peer that vanished, so an outage is noticed and retried."""
+    from sqlalchemy.engine import make_url
+
+    given = make_url(pg_url(url)).query
+    options = {"application_name": f"lrsearch {socket.gethostname()}:{os.getpid()}", "connect_timeout": 10,
+               "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3,
+               "tcp_user_timeout": 30_000}
+    return {k: v for k, v in options.items() if k not in given}
+
+
+def _reason(e: BaseException) -> str:
+    from lrsearch.retry import reason
+
+    return reason(e)
 
 
 def _relax_sync(engine: Any) -> None:
@@ -196,48 +298,136 @@ def new_sqlite_file(path: Path) -> None:
         return
     import sqlite3
 
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent)
     with contextlib.closing(sqlite3.connect(path)) as conn:
         conn.execute("PRAGMA journal_mode=WAL")
 
 
+class StoreLock:
+    """A held store lock: ``held()`` tells whether it still is (a PostgreSQL session lock
+    ends with its connection, which a database restart or ``pg_terminate_backend`` drops)."""
+
+    def __init__(self, conn: Any = None, key: int = 0) -> None:
+        self._conn = conn
+        self._key = key
+
+    def held(self) -> bool:
+        if self._conn is None:
+            return True  # a file lock lasts as long as this process holds the file
+        import sqlalchemy as sa
+
+        try:
+            return bool(self._conn.execute(sa.text(
+                "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                "AND pid = pg_backend_pid() AND classid = 0 AND objid = :key)"), {"key": self._key}).scalar())
+        except Exception:  # the connection is gone, and the lock with it
+            return False
+
+
 @contextlib.contextmanager
-def store_lock(url: str) -> Iterator[None]:
+def store_lock(url: str, retry: Any = None) -> Iterator[StoreLock]:
     """Hold a lock shared by every lrsearch process on this store: a PostgreSQL advisory
-    lock, or a lock file beside an SQLite file. For short critical sections only."""
+    lock, or a lock file beside an SQLite file. For short critical sections only, never
+    nested (each process has one connection for it). On PostgreSQL, taking the lock waits
+    out a lost connection through ``retry`` (a :class:`lrsearch.retry.Retry`)."""
     path = sqlite_path(url)
     if path is not None:
         import fcntl
 
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_folder(path.parent)
         with open(f"{path}.lock", "a") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
-                yield
+                yield StoreLock()
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
         return
     if not is_postgres(url):
-        yield
+        yield StoreLock()
         return
+    from lrsearch.retry import Retry
+
+    key = _LOCK_KEY + 1
+    conn = (retry or Retry(f"the database {redact(url)}")).call(_lock_connection, _lock_url(url), key)
+    try:
+        yield StoreLock(conn, key)
+    finally:
+        _unlock(conn, key)
+
+
+def _lock_url(url: str) -> str:
+    """The database's URL without a search path: one lock connection per database."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(pg_url(url))
+    return parsed.set(query={k: v for k, v in parsed.query.items() if k != "options"}).render_as_string(
+        hide_password=False)
+
+
+def _lock_connection(url: str, key: int) -> Any:
     import sqlalchemy as sa
 
-    with _lock_engine(pg_url(url)).connect() as conn:
-        conn.execute(sa.text("SELECT pg_advisory_lock(:key)"), {"key": _LOCK_KEY + 1})
-        try:
-            yield
-        finally:
-            conn.execute(sa.text("SELECT pg_advisory_unlock(:key)"), {"key": _LOCK_KEY + 1})
+    conn = _lock_engine(url).connect()
+    try:
+        conn.execute(sa.text("SELECT pg_advisory_lock(:key)"), {"key": key})
+    except BaseException:
+        conn.close()
+        raise
+    return conn
 
 
-@functools.lru_cache(maxsize=None)
+def _unlock(conn: Any, key: int) -> None:
+    import sqlalchemy as sa
+
+    try:
+        conn.execute(sa.text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+    except Exception:
+        pass  # the connection dropped: PostgreSQL released the lock with it
+    finally:
+        conn.close()
+
+
+def close_connections() -> None:
+    """Close the store locks' connections (before this process execs another)."""
+    for engine in _LOCK_ENGINES.values():
+        engine.dispose()
+
+
+_LOCK_ENGINES: dict[str, Any] = {}
+
+
 def _lock_engine(url: str) -> Any:
-    """One small pool per store for its lock: a worker takes the lock once per trial, and a
-    new connection each time cost ~4 ms. The lock is the session's, released on the same
-    connection (or by PostgreSQL when the connection drops)."""
+    """One connection per store for its lock, kept open: a worker takes the lock once per
+    trial, and connecting each time cost more than the claim itself."""
     import sqlalchemy as sa
 
-    return sa.create_engine(url, pool_size=1, max_overflow=4, pool_pre_ping=True)
+    if url not in _LOCK_ENGINES:
+        _LOCK_ENGINES[url] = sa.create_engine(url, pool_size=1, max_overflow=0, pool_pre_ping=True,
+                                              connect_args=pg_connect_args(url))
+    return _LOCK_ENGINES[url]
+
+
+def folder_name(name: str) -> str:
+    """A study name as one safe path component (names lrsearch creates already are one;
+    studies made by other tools may be called anything)."""
+    import re
+
+    slug = re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".-")[:100]
+    return slug or "_"
+
+
+def report_dir(url: str, name: str) -> Path:
+    """Where ``lrsearch report`` writes a study's files: beside an SQLite store, in
+    ``reports/NAME``; for a PostgreSQL study, in ``LRSEARCH_DATA/reports/<host>-<port>-<db>/NAME``,
+    so studies of the same name in two stores never share a folder."""
+    path = sqlite_path(url)
+    if path is not None:
+        return path.resolve().parent / "reports" / folder_name(name)
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(pg_url(url))
+    store = folder_name(f"{parsed.host or 'localhost'}-{parsed.port or 5432}-{parsed.database or ''}")
+    return data_dir() / "reports" / store / folder_name(name)
 
 
 def artifact_root(tracking: str) -> str | None:

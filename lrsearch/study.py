@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 import warnings
@@ -16,13 +15,15 @@ from optuna.trial import FrozenTrial, TrialState
 from lrsearch.config import DEFAULT_TRIALS, Config
 from lrsearch.data import Dataset, load_data
 from lrsearch.errors import UsageError, first_line
-from lrsearch.objective import MLFLOW_RUN_ATTR, TRACKING_ERROR_ATTR, Objective
+from lrsearch.objective import HYPERPARAMETERS_ATTR, MLFLOW_RUN_ATTR, REASON_ATTR, TRACKING_ERROR_ATTR, Objective
 from lrsearch.pruning import check_interval
+from lrsearch.retry import MAX_RETRY_DELAY_S
 from lrsearch.space import grid_size, grid_space
 from lrsearch.stopping import Interrupted, StopFlag
 from lrsearch.queries import ensure_indexes, ensure_views
 from lrsearch.storage import (
-    checkpoint, data_dir, grace_period, is_postgres, open_storage, redact, storage_url, store_lock, tracking_uri,
+    check_stores, checkpoint, grace_period, heartbeat, is_postgres, open_storage, prepare_database, redact,
+    report_dir, storage_url, store_lock, tracking_uri,
 )
 from lrsearch.tracking import Tracker
 
@@ -30,7 +31,7 @@ PARENT_RUN_ATTR = "mlflow_parent_run_id"
 EXPERIMENT_ATTR = "mlflow_experiment_id"
 # Trials that count towards a study's total: a FAIL is retried, a PRUNED one is an answer.
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
-MAX_RETRIES = 2  # re-queues of a trial whose worker died
+MAX_RETRIES = 2  # re-queues of a trial whose worker died (retries of retries count)
 WAIT_S = 0.25  # how often a worker with nothing to claim looks again (a few reads)
 
 TrialCallback = Callable[[optuna.Study, FrozenTrial], None]
@@ -75,8 +76,18 @@ def make_sampler(cfg: Config, n_existing: int = 0, worker: int = 0) -> optuna.sa
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "grid":
-        return optuna.samplers.GridSampler(grid_space(cfg.params), seed=seed)
+        return _GridSampler(grid_space(cfg.params), seed=seed)
     return optuna.samplers.QMCSampler(seed=seed, warn_independent_sampling=False)
+
+
+class _GridSampler(optuna.samplers.GridSampler):
+    """Optuna's grid sampler, minus its only ``after_trial`` work: calling ``Study.stop`` once
+    the grid is done, which ends ``study.optimize`` but fails outside it. The worker loop
+    asks and tells trials itself and ends at the study's total, which is the grid's size."""
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState,
+                    values: Sequence[float] | None) -> None:
+        pass
 
 
 def make_pruner(cfg: Config) -> optuna.pruners.BasePruner:
@@ -102,6 +113,8 @@ class Session:
 
     cfg: Config
     study: optuna.Study
+    store: Any  # the study's storage (lrsearch.retrying_storage.RetryingStorage)
+    study_id: int
     url: str
     tracker: Tracker
     experiment_id: str
@@ -119,16 +132,20 @@ def open_session(cfg: Config, *, storage: str | None = None, tracking: str | Non
                  study_file: Path | None = None, worker: int = 0) -> Session:
     """Create or join the study ``cfg`` describes, with its MLflow experiment and parent run.
 
-    Bad data and an unreachable tracking store are reported before any store is created.
+    Bad data, an unreachable database and an unreachable tracking store are reported
+    before any store is created.
     """
     data = load_data(cfg.data)
-    url = storage_url(storage)
+    url, tracking = storage_url(storage), tracking_uri(tracking)
     name = cfg.study.name
+    check_stores(url, tracking)  # another application's file is left as it is, before any lock file
+    if is_postgres(url):
+        prepare_database(url)  # "cannot connect to …" at once, not after an outage window
     with store_lock(url):  # the first of several workers creates MLflow's tables (two migrations collide)
-        tracker = Tracker(tracking_uri(tracking))
+        tracker = Tracker(tracking)
         tracker.check()
-    store = open_storage(url, stale_trial_callback=_StaleTrials(tracker))
-    with store_lock(url):  # one study and one parent run, however many workers start at once
+    store = open_storage(url, hint="; run the same command again to resume the study")
+    with store_lock(url, store.retry):  # one study and one parent run, however many workers start at once
         summaries = optuna.get_all_study_summaries(store, include_best_trial=False)
         n_existing = next((s.n_trials for s in summaries if s.study_name == name), 0)
         study = optuna.create_study(storage=store, study_name=name, direction=cfg.study.direction,
@@ -151,45 +168,122 @@ def open_session(cfg: Config, *, storage: str | None = None, tracking: str | Non
         ensure_views(url)  # no-op when current; skipped when MLflow's tables live elsewhere
     else:
         ensure_indexes(url)
-    return Session(cfg, study, url, tracker, experiment_id, parent_run_id, data, target_trials(cfg))
+    return Session(cfg, study, store, store.get_study_id_from_name(name), url, tracker, experiment_id,
+                   parent_run_id, data, target_trials(cfg))
 
 
 def work(session: Session, *, stop: StopFlag | None = None, callbacks: Sequence[TrialCallback] = ()) -> None:
-    """Run trials until the study's total of COMPLETE + PRUNED trials is reached.
+    """Run trials until the study's total of COMPLETE + PRUNED trials is reached, then close
+    the parent run if this worker is the last.
 
     Each trial's slot is claimed under the store's lock (count, then let Optuna create the
     trial), so workers joining late or together never exceed the total; a slot held by a
     trial whose worker died is freed when its heartbeat goes stale, and its parameters are
-    queued again. Closes the parent run when the study is done.
+    queued again, under the same lock, to be taken by the next claim.
     """
     stop = stop or StopFlag()
-    study, target = session.study, session.target
-    claim = contextlib.ExitStack()
     objective = Objective(session.cfg, session.data, session.tracker, session.experiment_id,
-                          session.parent_run_id, stop, on_trial_start=claim.close)
+                          session.parent_run_id, stop)
+    status = "FAILED"
     try:
         while True:
             stop.check()
-            claim.enter_context(store_lock(session.url))
-            finished, running = _counts(study)
-            if finished >= target:
-                claim.close()
+            trial = _claim(session)
+            if trial is _DONE:
                 break
-            if finished + running >= target:  # the rest is running elsewhere: wait for it
-                claim.close()
-                # A trial whose worker died holds its slot until marked FAIL here (optimize
-                # does this too, but only when it gets to start a trial).
-                _fail_stale_trials(study)
+            if trial is None:  # the rest is running elsewhere: wait for it
                 time.sleep(WAIT_S)
                 continue
-            try:
-                study.optimize(objective, n_trials=1, callbacks=callbacks, gc_after_trial=False)
-            finally:
-                claim.close()
-    except BaseException as e:
-        _finish(session, objective, "KILLED" if isinstance(e, (Interrupted, KeyboardInterrupt)) else "FAILED")
+            frozen = _run_trial(session, objective, trial)
+            for callback in callbacks:
+                callback(session.study, frozen)
+        status = "FINISHED"
+    except (Interrupted, KeyboardInterrupt):
+        status = "KILLED"
         raise
-    _finish(session, objective, "FINISHED")
+    finally:
+        _finish(session, objective, status)
+
+
+_DONE: Any = object()
+
+
+def _claim(session: Session) -> optuna.trial.Trial | None | Any:
+    """A new trial of the study, ``None`` if every open slot is running elsewhere, or
+    ``_DONE`` once the total is reached. Under the store lock: trials whose worker died are
+    failed and queued again (unless the store was just unreachable: then no heartbeat could
+    be written either, and their workers get a grace period to beat again), then the slots
+    are counted and Optuna creates the trial (taking a queued one first)."""
+    study = session.study
+    with store_lock(session.url, session.store.retry) as lock:
+        # After an outage, a live worker's heartbeat resumes within one retry delay of the
+        # database's return, and this worker's last failure was at most one delay before it.
+        if session.store.retry.quiet_for(grace_period() + 2 * MAX_RETRY_DELAY_S):
+            _fail_stale_trials(session)
+        finished, running = _counts(study)
+        if finished >= session.target:
+            return _DONE
+        if finished + running >= session.target:
+            return None
+        with warnings.catch_warnings():  # "heartbeats are meant for optimize": _run_trial beats itself
+            warnings.simplefilter("ignore", UserWarning)
+            trial = study.ask()
+        if lock.held():
+            return trial
+    return _confirm_claim(session, trial)
+
+
+def _confirm_claim(session: Session, trial: optuna.trial.Trial) -> optuna.trial.Trial | None:
+    """A trial claimed while the lock's connection dropped (so another worker may have
+    claimed at the same time): keep it if the trials numbered before it leave it a slot,
+    else end it FAIL at once, untrained, so the study never passes its total."""
+    ahead = [t for t in session.study.get_trials(deepcopy=False, states=(*FINISHED_STATES, TrialState.RUNNING))
+             if t.number < trial.number]
+    if len(ahead) < session.target:
+        return trial
+    trial.set_user_attr(REASON_ATTR, "over the study's total: claimed while the store lock's connection "
+                                     "was lost, by more workers than slots")
+    session.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+    return None
+
+
+def _run_trial(session: Session, objective: Objective, trial: optuna.trial.Trial) -> FrozenTrial:
+    """Train one trial and tell Optuna how it ended (this worker's own ask-and-tell, so that
+    a failure on the way, a second signal included, never leaves the trial RUNNING)."""
+    study = session.study
+    value: float | None = None
+    error: BaseException | None = None
+    with heartbeat(session.store, trial._trial_id):
+        try:
+            value = objective(trial)
+            state = TrialState.COMPLETE
+        except optuna.TrialPruned:
+            state = TrialState.PRUNED
+        except BaseException as e:  # recorded FAIL, then raised
+            state, error = TrialState.FAIL, e
+    try:
+        study.tell(trial, value, state=state, skip_if_finished=True)
+    except Exception as e:  # the sampler's after_trial, say: the trial must not stay RUNNING
+        _fail_untold(session, trial, e)
+        raise
+    frozen = session.store.get_trial(trial._trial_id)
+    if frozen.state != state:  # failed by another worker that found no heartbeat of it
+        session.warnings.append(f"trial {trial.number} was marked {frozen.state.name} by another worker "
+                                f"while it ran here ({frozen.user_attrs.get(REASON_ATTR, 'no heartbeat')})")
+    if error is not None:
+        raise error
+    return frozen
+
+
+def _fail_untold(session: Session, trial: optuna.trial.Trial, error: Exception) -> None:
+    """Mark FAIL, with the reason, a trial that Optuna's tell could not end (unless the
+    database itself is out of reach: then its heartbeat stops and a rerun fails it)."""
+    try:
+        session.store.set_trial_user_attr(trial._trial_id, REASON_ATTR, f"not told: {type(error).__name__}: "
+                                                                        f"{first_line(error)}")
+        session.store.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+    except Exception:
+        pass
 
 
 def _finish(session: Session, objective: Objective, status: str) -> None:
@@ -228,10 +322,36 @@ def tracking_warnings(study: optuna.Study) -> list[str]:
             f"with the error in their {TRACKING_ERROR_ATTR!r} user attribute"]
 
 
-def _fail_stale_trials(study: optuna.Study) -> None:
-    with warnings.catch_warnings():  # experimental since Optuna 2.9, and still the way
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
+def _fail_stale_trials(session: Session) -> None:
+    """Trials whose worker stopped beating (killed, powered off): each ends FAIL with the
+    reason and its MLflow run (made now if its worker died before making it) KILLED, and
+    its parameters are queued again (at most ``MAX_RETRIES`` times, recorded as Optuna's
+    ``RetryHeartbeatStaleTrialCallback`` records retries). Called under the store lock, so
+    the queued retry is the next trial claimed."""
+    store, study, tracker = session.store, session.study, session.tracker
+    reason = f"worker lost: no heartbeat for {grace_period()} s"
+    for trial_id in store._get_stale_trial_ids(session.study_id):  # BaseHeartbeat's interface
+        trial = store.get_trial(trial_id)
+        run_id = trial.user_attrs.get(MLFLOW_RUN_ATTR)
+        try:
+            run_id = run_id or tracker.trial_run(session.experiment_id, study.study_name, trial.number) or \
+                tracker.start_trial(session.experiment_id, session.parent_run_id, study.study_name, trial.number,
+                                    trial.user_attrs.get(HYPERPARAMETERS_ATTR, trial.params))
+            store.set_trial_user_attr(trial_id, MLFLOW_RUN_ATTR, run_id)
+        except Exception as e:  # the queued retry matters more than the dead run's record
+            session.warnings.append(f"could not record trial {trial.number}'s MLflow run: {first_line(e)}")
+        store.set_trial_user_attr(trial_id, REASON_ATTR, reason)
+        store.set_trial_state_values(trial_id, TrialState.FAIL)
+        history = [*trial.system_attrs.get("retry_history", []), trial.number]
+        if len(history) <= MAX_RETRIES:
+            study.add_trial(optuna.trial.create_trial(
+                state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
+                system_attrs={"failed_trial": history[0], "retry_history": history}))
+        if run_id:
+            try:
+                tracker.kill_run(run_id, reason)
+            except Exception as e:
+                session.warnings.append(f"could not close trial {trial.number}'s MLflow run: {first_line(e)}")
 
 
 def _counts(study: optuna.Study) -> tuple[int, int]:
@@ -242,37 +362,27 @@ def _counts(study: optuna.Study) -> tuple[int, int]:
 
 
 def close_parent(session: Session, status: str) -> None:
-    """End the study's parent run: FINISHED once the total is reached; KILLED or FAILED when this
-    worker stops early and no other worker is running a trial (else they will close it)."""
-    finished, running = _counts(session.study)
-    if status == "FINISHED" and finished < session.target:
-        return
-    if status != "FINISHED" and running > 0:
-        return
+    """End the study's parent run as the study stands, whichever worker ends last: FINISHED
+    once the total is reached (``status``, this worker's own fate, does not matter then);
+    else, when no trial is running elsewhere, ``status`` (KILLED or FAILED), and while
+    trials run elsewhere, nothing (their workers close it)."""
     try:
+        finished, running = _counts(session.study)
+        if finished >= session.target:
+            status = "FINISHED"
+        elif running > 0 or status == "FINISHED":
+            return
+        if session.tracker.status(session.parent_run_id) == status:  # closed so by another worker
+            return
+        states = {t.number: t.state.name for t in session.study.get_trials(deepcopy=False)}
+        # A finished trial whose run is still RUNNING lost its last records (its worker died
+        # before sending them, or the tracking store was away longer than the outage window).
+        for run_id, number in session.tracker.running_trial_runs(session.experiment_id, session.parent_run_id):
+            if states.get(number) != "RUNNING":
+                session.tracker.close_lost_run(run_id, states.get(number, "FAIL"))
         session.tracker.end_run(session.parent_run_id, status, _summary(session.study))
     except Exception as e:  # the trials are safe in Optuna: report, do not fail the study
         session.warnings.append(f"could not close the study's MLflow run: {first_line(e)}")
-
-
-class _StaleTrials:
-    """For a trial whose worker died: end its MLflow run KILLED and queue its parameters
-    again (Optuna has already marked it FAIL)."""
-
-    def __init__(self, tracker: Tracker) -> None:
-        self.tracker = tracker
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            self.retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES)
-
-    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        run_id = trial.user_attrs.get(MLFLOW_RUN_ATTR)
-        if run_id:
-            try:
-                self.tracker.kill_run(run_id, f"worker lost: no heartbeat for {grace_period()} s")
-            except Exception:
-                pass  # re-queueing the trial matters more than the dead run's record
-        self.retry(study, trial)
 
 
 def load_study(name: str, storage: str | None = None) -> optuna.Study:
@@ -327,13 +437,13 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def write_report(name: str, *, storage: str | None = None, tracking: str | None = None,
                  out: Path | None = None) -> list[Path]:
-    """Draw the study's report from the stores into ``out`` (default
-    ``lrsearch-data/reports/NAME``) and log it under ``report/`` on the parent MLflow run."""
+    """Draw the study's report from the stores into ``out`` (default: see
+    ``storage.report_dir``) and log it under ``report/`` on the parent MLflow run."""
     from lrsearch.report import build_report
 
     study = load_study(name, storage)
     tracker = Tracker(tracking_uri(tracking))
-    out = out or data_dir() / "reports" / name
+    out = out or report_dir(storage_url(storage), name)
     grid = any("grid_id" in t.system_attrs for t in study.get_trials(deepcopy=False))
     paths = build_report(study, tracker.client, out, grid=grid)
     parent = study.user_attrs.get(PARENT_RUN_ATTR)

@@ -10,26 +10,32 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import tempfile
+import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from lrsearch.errors import TrackingError, first_line
-from lrsearch.storage import artifact_root, new_sqlite_file, sqlite_path
+from lrsearch.retry import Retry, reason
+from lrsearch.stopping import stop_requested
+from lrsearch.storage import (
+    MLFLOW_MARKERS, artifact_root, check_sqlite_owner, folder_name, new_sqlite_file, redact, sqlite_path,
+)
 
 PARENT_TAG = "mlflow.parentRunId"
+# A new run's token: a create_run repeated after a dropped connection first looks for it.
+TOKEN_TAG = "lrsearch.token"
 # Optuna trial state -> MLflow run status. A pruned trial was stopped on purpose: KILLED.
 STATUS_FOR_STATE = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 UI_QUERY = "?workflowType=machine_learning"  # MLflow 3 opens on GenAI views otherwise
 DEFAULT_UI = "http://127.0.0.1:5000"
 # log_batch limits (MLflow REST API): per request.
 _MAX_METRICS, _MAX_PARAMS, _MAX_TAGS, _MAX_ENTITIES = 1000, 100, 100, 1000
-# Bounds on each call to a tracking server (MLflow's defaults can stall a call for minutes);
-# a variable already set in the environment wins.
-HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-               "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+# Bounds on each request to a tracking server (MLflow's defaults can stall a call for
+# minutes); lrsearch repeats a failed call itself (retry.py), knowing which calls are safe
+# to repeat. A variable already set in the environment wins.
+HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 History = Mapping[str, Sequence[tuple[int, float, int]]]
 
@@ -41,7 +47,11 @@ def quiet_mlflow() -> None:
 
 
 class Tracker:
-    """An MLflow tracking store (SQLite file or server) seen as studies and trials."""
+    """An MLflow tracking store (SQLite file or server) seen as studies and trials.
+
+    Every call waits out a lost connection (``retry.py``), except :meth:`check`, which
+    answers at once whether the store is there when a study starts.
+    """
 
     def __init__(self, uri: str) -> None:
         from mlflow import MlflowClient
@@ -52,26 +62,34 @@ class Tracker:
         self.uri = uri
         path = sqlite_path(uri)
         if path is not None:
+            check_sqlite_owner(path, MLFLOW_MARKERS, "MLflow tracking store", "--tracking-uri")
             new_sqlite_file(path)  # a new embedded store starts in WAL mode, like Optuna's
         else:
             for name, value in HTTP_LIMITS.items():
                 os.environ.setdefault(name, value)
         self.client = MlflowClient(tracking_uri=uri, registry_uri=uri if path is None else None)
+        self.retry = Retry(f"MLflow tracking at {redact(uri)}", stopping=stop_requested)
 
     def check(self) -> None:
         """Raise :class:`TrackingError` naming the URI if the store does not answer."""
         try:
             self.client.search_experiments(max_results=1)
         except Exception as e:
-            raise TrackingError(f"cannot reach MLflow tracking at {self.uri}: {first_line(e)}") from e
+            raise TrackingError(f"cannot reach MLflow tracking at {redact(self.uri)}: "
+                                f"{_without(reason(e), self.uri)}") from e
 
     def experiment(self, name: str) -> str:
         """The id of the experiment named ``name``, created (or restored) if needed."""
-        exp = self.client.get_experiment_by_name(name)
+        exp = self._call(self.client.get_experiment_by_name, name)
         if exp is None:
-            return self.client.create_experiment(name, artifact_location=_experiment_artifacts(self.uri, name))
+            def created() -> str | None:
+                found = self.client.get_experiment_by_name(name)
+                return None if found is None else found.experiment_id
+
+            return self._call(self.client.create_experiment, name,
+                              artifact_location=_experiment_artifacts(self.uri, name), recover=created)
         if exp.lifecycle_stage == "deleted":
-            self.client.restore_experiment(exp.experiment_id)
+            self._call(self.client.restore_experiment, exp.experiment_id)
         return exp.experiment_id
 
     def start_study(self, experiment_id: str, name: str, params: Mapping[str, Any],
@@ -79,21 +97,21 @@ class Tracker:
         """The study's parent run: ``run_id`` reopened when resuming, else a new run with the
         study file as params (set once: MLflow params are immutable) and as an artifact."""
         if run_id is not None and self._exists(run_id):
-            self.client.update_run(run_id, status="RUNNING")
+            self._call(self.client.update_run, run_id, status="RUNNING")
             self._log(run_id, tags=tags)
             return run_id
-        run = self.client.create_run(experiment_id, run_name=name, tags={"lrsearch.role": "study", **tags})
-        self._log(run.info.run_id, params=params)
+        run_id = self._create_run(experiment_id, name, {"lrsearch.role": "study", **tags})
+        self._log(run_id, params=params)
         if study_file is not None:
-            self.client.log_artifact(run.info.run_id, str(study_file))
-        return run.info.run_id
+            self._call(self.client.log_artifact, run_id, str(study_file))
+        return run_id
 
     def start_trial(self, experiment_id: str, parent_run_id: str, study: str, number: int,
                     params: Mapping[str, Any]) -> str:
         """A child run named ``trial-<number>``, RUNNING, with the trial's ``params``."""
         tags = {PARENT_TAG: parent_run_id, "lrsearch.role": "trial", "study": study,
                 "trial_number": str(number), "state": "RUNNING"}
-        run_id = self.client.create_run(experiment_id, run_name=f"trial-{number}", tags=tags).info.run_id
+        run_id = self._create_run(experiment_id, f"trial-{number}", tags)
         self._log(run_id, params=params)  # once: MLflow params are immutable
         return run_id
 
@@ -106,13 +124,33 @@ class Tracker:
             tags["reason"] = reason
         self._log(run_id, metrics=_metrics(history), tags=tags)
         if artifacts is not None:
-            self.client.log_artifacts(run_id, str(artifacts))
-        self.client.set_terminated(run_id, status=status or STATUS_FOR_STATE[state])
+            self._call(self.client.log_artifacts, run_id, str(artifacts))
+        self._call(self.client.set_terminated, run_id, status=status or STATUS_FOR_STATE[state])
 
     def kill_run(self, run_id: str, reason: str) -> None:
         """End a trial's run whose worker died: KILLED, with tag ``state=FAIL`` and the reason."""
         self._log(run_id, tags={"state": "FAIL", "reason": reason})
-        self.client.set_terminated(run_id, status="KILLED")
+        self._call(self.client.set_terminated, run_id, status="KILLED")
+
+    def trial_run(self, experiment_id: str, study: str, number: int) -> str | None:
+        """The run of trial ``number`` of ``study``, found by its tags (for a trial whose worker
+        died before storing the run's id in Optuna)."""
+        runs = self._call(self.client.search_runs, [experiment_id],
+                          f"tags.study = '{study}' AND tags.trial_number = '{number}'", max_results=1)
+        return runs[0].info.run_id if runs else None
+
+    def running_trial_runs(self, experiment_id: str, parent_run_id: str) -> list[tuple[str, int]]:
+        """(run id, trial number) of the study's trial runs still RUNNING."""
+        runs = self._call(self.client.search_runs, [experiment_id],
+                          f"tags.`{PARENT_TAG}` = '{parent_run_id}' AND attributes.status = 'RUNNING'",
+                          max_results=1000)
+        return [(r.info.run_id, int(r.data.tags.get("trial_number", -1))) for r in runs]
+
+    def close_lost_run(self, run_id: str, state: str) -> None:
+        """Close a trial's run whose last records never arrived, as its trial ended."""
+        self._log(run_id, tags={"state": state, "tracking_error": "the trial's last records were lost "
+                                "(its worker stopped, or the tracking store was unreachable)"})
+        self._call(self.client.set_terminated, run_id, status=STATUS_FOR_STATE.get(state, "FAILED"))
 
     def end_run(self, run_id: str, status: str, metrics: Mapping[str, float] | None = None) -> None:
         """Close a run (the study's parent) with ``status``, logging summary ``metrics`` first."""
@@ -121,22 +159,47 @@ class Tracker:
 
             now = _now_ms()
             self._log(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
-        self.client.set_terminated(run_id, status=status)
+        self._call(self.client.set_terminated, run_id, status=status)
+
+    def status(self, run_id: str) -> str:
+        """A run's status: RUNNING, FINISHED, FAILED, KILLED."""
+        return self._call(self.client.get_run, run_id).info.status
 
     def log_dir(self, run_id: str, folder: Path, artifact_path: str | None = None) -> None:
         """Upload every file in ``folder`` as artifacts of ``run_id``."""
-        self.client.log_artifacts(run_id, str(folder), artifact_path)
+        self._call(self.client.log_artifacts, run_id, str(folder), artifact_path)
 
     def run_url(self, experiment_id: str, run_id: str) -> str:
-        """The MLflow UI page of a run (for an embedded store: as ``lrsearch ui`` serves it)."""
-        base = self.uri.rstrip("/") if self.uri.startswith(("http://", "https://")) else DEFAULT_UI
+        """The MLflow UI page of a run (for an embedded store: as ``lrsearch ui`` serves it),
+        without any credentials the tracking URI carries."""
+        base = _without_credentials(self.uri).rstrip("/") if self.uri.startswith(("http://", "https://")) \
+            else DEFAULT_UI
         return f"{base}/#/experiments/{experiment_id}/runs/{run_id}{UI_QUERY}"
 
     def _exists(self, run_id: str) -> bool:
+        from mlflow.exceptions import MlflowException
+
         try:
-            return self.client.get_run(run_id).info.lifecycle_stage == "active"
-        except Exception:  # deleted by hand, or from another store
+            return self._call(self.client.get_run, run_id).info.lifecycle_stage == "active"
+        except MlflowException:  # deleted by hand, or from another store
             return False
+
+    def _call(self, fn: Callable[..., Any], *args: Any, recover: Callable[[], Any] | None = None,
+              **kwargs: Any) -> Any:
+        return self.retry.call(fn, *args, recover=recover, **kwargs)
+
+    def _create_run(self, experiment_id: str, name: str, tags: Mapping[str, str]) -> str:
+        """A new run, created once however often the call is repeated: it carries a token,
+        looked for before trying again."""
+        token = uuid.uuid4().hex
+
+        def created() -> Any:
+            runs = self.client.search_runs([experiment_id], f"tags.`{TOKEN_TAG}` = '{token}'", max_results=1)
+            return runs[0] if runs else None
+
+        run = self._call(self.client.create_run, experiment_id, run_name=name,
+                         tags={**tags, TOKEN_TAG: token}, recover=created)
+        return run.info.run_id
 
     def _log(self, run_id: str, *, metrics: Sequence[Any] = (), params: Mapping[str, Any] | None = None,
              tags: Mapping[str, str] | None = None) -> None:
@@ -146,8 +209,8 @@ class Tracker:
 
         param_list = [Param(k, _param_value(v)) for k, v in (params or {}).items()]
         tag_list = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
-        for batch in _batches(param_list, tag_list, list(metrics)):
-            self.client.log_batch(run_id, **batch)
+        for batch in _batches(param_list, tag_list, list(metrics)):  # each safe to repeat: same rows
+            self._call(self.client.log_batch, run_id, **batch)
 
 
 class Outbox:
@@ -199,7 +262,7 @@ def artifact_dir() -> tempfile.TemporaryDirectory:
 
 def _experiment_artifacts(uri: str, name: str) -> str | None:
     root = artifact_root(uri)
-    return None if root is None else f"{root}/{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}"
+    return None if root is None else f"{root}/{folder_name(name)}"
 
 
 def _metrics(history: History) -> list[Any]:
@@ -221,6 +284,19 @@ def _batches(params: list[Any], tags: list[Any], metrics: list[Any]) -> Iterable
         batch["metrics"] = metrics[:min(room, _MAX_METRICS)]
         params, tags, metrics = params[_MAX_PARAMS:], tags[_MAX_TAGS:], metrics[len(batch["metrics"]):]
         yield batch
+
+
+def _without_credentials(uri: str) -> str:
+    """``http://user:secret@host:5000`` -> ``http://host:5000``."""
+    scheme, sep, rest = uri.partition("://")
+    if not sep or "@" not in rest.split("/", 1)[0]:
+        return uri
+    return f"{scheme}://{rest.split('@', 1)[1]}"
+
+
+def _without(text: str, uri: str) -> str:
+    """``text`` with the URI (and so any password in it) shown redacted."""
+    return text.replace(uri, redact(uri)) if uri in text else text
 
 
 def _now_ms() -> int:

@@ -120,7 +120,10 @@ def wait_for_http(url: str, proc: subprocess.Popen, timeout: float = 120) -> Non
             return
         except OSError:
             if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}: {proc.stderr.read().decode()[-2000:]}")
+                if proc.stderr is not None and proc.stderr.seekable():  # a log file
+                    proc.stderr.seek(0)
+                log = proc.stderr.read() if proc.stderr else b""
+                raise RuntimeError(f"server exited with {proc.returncode}: {log.decode()[-2000:]}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{url} did not answer in {timeout} s")
             time.sleep(0.5)
@@ -162,8 +165,11 @@ def start_server(pg: str, artifacts: Path) -> tuple[subprocess.Popen, str]:
         "postgresql+psycopg://${POSTGRES_USER}:${POSTGRES_PASSWORD}@postgres:5432/${POSTGRES_DB}": pg,
         "/artifacts": str(artifacts), "0.0.0.0": "127.0.0.1", "5000": str(port)})
     assert command[:2] == ["lrsearch", "server"]
+    # Its log goes to a file: an unread pipe fills up (64 KB) and every thread that logs blocks.
+    log = open(artifacts.parent / f"server-{port}.log", "w+b")
     proc = subprocess.Popen([sys.executable, "-m", "lrsearch.cli", *command[1:]], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, start_new_session=True)
+                            stderr=log, start_new_session=True)
+    proc.stderr = log
     uri = f"http://127.0.0.1:{port}"
     try:
         wait_for_http(f"{uri}/health", proc)
@@ -179,3 +185,145 @@ def tracking_server(pg_url, tmp_path_factory):
     proc, uri = start_server(pg_url, tmp_path_factory.mktemp("artifacts"))
     yield uri
     stop_process_group(proc)
+
+
+# -- a results scenario for the SQL views: every state, infinities, NaN metrics, two directions
+
+def _trial(state, value=None, params=None, user_attrs=None, values=None):
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+    from optuna.trial import TrialState, create_trial
+
+    dists = {"optimizer": CategoricalDistribution(["sgd", "adam"]), "lr": FloatDistribution(1e-4, 1.0, log=True),
+             "momentum": FloatDistribution(0.0, 0.99), "patience": IntDistribution(2, 15)}
+    params = params or {}
+    return create_trial(state=state, value=value, values=values, params=params,
+                        distributions={k: dists[k] for k in params}, user_attrs=user_attrs or {},
+                        intermediate_values={0: 0.5} if state == TrialState.PRUNED else None)
+
+
+def fill_results(storage_url: str, client) -> None:
+    """Studies ``acc`` (7 trials: COMPLETE, +inf, PRUNED, FAIL, RUNNING, no MLflow run, -inf),
+    ``loss`` (minimize, 3 trials) and ``multi`` (two objectives), with one MLflow run."""
+    import math
+    import warnings
+
+    import optuna
+    from optuna.distributions import CategoricalDistribution
+    from optuna.trial import TrialState
+
+    from lrsearch.storage import open_storage
+
+    store = open_storage(storage_url)
+    acc = optuna.create_study(storage=store, study_name="acc", direction="maximize")
+    experiment = client.create_experiment("acc")
+    run = client.create_run(experiment, run_name="trial-0")
+    for key, value in (("val/acc", 0.9), ("val/loss", math.nan), ("train/loss", math.inf)):
+        client.log_metric(run.info.run_id, key, value, step=0)
+    client.set_terminated(run.info.run_id, "FINISHED")
+    hp = {"optimizer": "adam", "lr": 0.01, "schedule": "constant"}
+    acc.add_trial(_trial(TrialState.COMPLETE, 0.9, {"optimizer": "adam", "lr": 0.01},
+                         {"mlflow_run_id": run.info.run_id, "hyperparameters": hp}))
+    acc.add_trial(_trial(TrialState.COMPLETE, math.inf, {"optimizer": "sgd", "lr": 0.1, "momentum": 0.5}))
+    acc.add_trial(_trial(TrialState.PRUNED, None, {"optimizer": "sgd", "lr": 0.5, "momentum": 0.9}))
+    acc.add_trial(_trial(TrialState.FAIL, None, {"optimizer": "adam", "lr": 0.2}))
+    with warnings.catch_warnings():  # "heartbeats are meant for optimize": this trial is left RUNNING
+        warnings.simplefilter("ignore", UserWarning)
+        acc.ask({"optimizer": CategoricalDistribution(["sgd", "adam"])})
+    acc.add_trial(_trial(TrialState.COMPLETE, 0.7, {"optimizer": "sgd", "lr": 0.001, "momentum": 0.0,
+                                                     "patience": 5}))  # no MLflow run
+    acc.add_trial(_trial(TrialState.COMPLETE, -math.inf, {"optimizer": "adam", "lr": 0.3}))
+    acc.set_user_attr("mlflow_parent_run_id", "parent123")
+
+    loss = optuna.create_study(storage=store, study_name="loss", direction="minimize")
+    for value, lr in ((0.3, 0.01), (0.1, 0.02), (0.2, 0.03)):
+        loss.add_trial(_trial(TrialState.COMPLETE, value, {"optimizer": "adam", "lr": lr}))
+
+    multi = optuna.create_study(storage=store, study_name="multi", directions=["maximize", "minimize"])
+    for values in ((0.9, 0.5), (0.8, 0.1)):
+        multi.add_trial(_trial(TrialState.COMPLETE, values=values, params={"lr": 0.01}))
+
+
+class TcpProxy:
+    """A TCP relay to PostgreSQL that a test can cut, as a network or a restart would:
+    ``down()`` drops every connection and refuses new ones until ``up()``."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 5432) -> None:
+        import threading
+
+        self.target = (host, port)
+        self.port = free_port()
+        self._lock = threading.Lock()
+        self._sockets: list = []
+        self._listener = None
+        self.up()
+
+    def url(self, url: str) -> str:
+        """``url`` (a PostgreSQL URL on the real server) pointed at this proxy."""
+        import sqlalchemy as sa
+
+        return sa.engine.make_url(url).set(host="127.0.0.1", port=self.port).render_as_string(hide_password=False)
+
+    def up(self) -> None:
+        import socket
+        import threading
+
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def down(self) -> None:
+        import socket
+
+        with self._lock:
+            listener, self._listener = self._listener, None
+            sockets, self._sockets = self._sockets, []
+        for s in [listener, *sockets]:
+            if s is None:
+                continue
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+    def _accept(self, listener) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                server = socket.create_connection(self.target)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                if self._listener is not listener:
+                    client.close()
+                    server.close()
+                    return
+                self._sockets += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(source, sink) -> None:
+        import socket
+
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        for s in (source, sink):  # shutdown wakes the other direction's recv; close alone would not
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 BAD_STUDY = '[study]\nname = "x"\n[params]\nlr = { low = 1.0, high = 0.1 }\n'
 
@@ -145,3 +146,106 @@ def test_ctrl_c_on_run_with_workers_stops_every_worker_and_resumes(write_study, 
     assert again.returncode == 0, again.stderr
     states = [t.state.name for t in optuna.load_study(study_name="tiny", storage=storage).trials]
     assert states.count("COMPLETE") == 4 and "RUNNING" not in states
+
+
+# -- study files and stores someone else wrote ----------------------------------------------
+
+def test_names_that_would_leave_the_data_folder_are_refused_before_anything_is_created(cli, write_study, tmp_path):
+    from conftest import TINY_STUDY
+
+    for name in ("../../x", "/abs/path/x", "x" * 300):
+        path = write_study(TINY_STUDY.replace('name = "tiny"', f'name = "{name}"'), "escape.toml")
+        result = cli("run", str(path))
+        assert result.returncode == 2
+        assert "[study].name: expected 1 to 100 letters, digits" in _one_line_error(result.stderr)
+    result = cli("run", str(write_study()), "--name", "../x")
+    assert result.returncode == 2 and "--name: expected 1 to 100 letters" in _one_line_error(result.stderr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["escape.toml", "study.toml"]  # nothing else written
+    assert not (tmp_path.parent / "x").exists()
+
+
+def test_a_study_file_in_another_encoding_exits_2_naming_it(cli, tmp_path):
+    path = tmp_path / "latin1.toml"
+    path.write_bytes('[study]\nname = "caf\xe9"\n'.encode("latin-1"))
+    result = cli("validate", str(path))
+    assert result.returncode == 2
+    assert _one_line_error(result.stderr) == f"lrsearch: error: {path}: expected UTF-8 text, got byte 0xe9 at offset 19"
+
+
+def test_values_that_would_crash_or_exhaust_memory_are_refused(cli, write_study):
+    cases = {'lr = { low = 1e-5, high = inf }': "[params].lr.high: expected a number > 0, got inf",
+             "lr = inf": "[params].lr: expected a number > 0, got inf",
+             "[data]\ncluster_std = inf": "[data].cluster_std: expected a finite number > 0, got inf",
+             "[data]\nn_samples = 1000000000000": "[data].n_samples: expected an integer in [4, 1000000]",
+             "[model]\nhidden = [1000000000]": "[model].hidden: expected a list of 1 to 8 integers in [1, 4096]"}
+    for text, message in cases.items():
+        body = f'[study]\nname = "x"\n[params]\n{text}\n' if not text.startswith("[") else \
+            f'[study]\nname = "x"\n{text}\n'
+        result = cli("run", str(write_study(body, "big.toml")))
+        assert result.returncode == 2, text
+        assert message in _one_line_error(result.stderr), result.stderr
+
+
+def test_another_applications_sqlite_file_is_refused_and_left_unchanged(cli, write_study, tmp_path):
+    import hashlib
+    import sqlite3
+
+    foreign = tmp_path / "app.db"
+    with sqlite3.connect(foreign) as conn:
+        conn.execute("CREATE TABLE customers (id INTEGER PRIMARY KEY, name TEXT)")
+        conn.execute("INSERT INTO customers (name) VALUES ('ada')")
+    digest = hashlib.sha256(foreign.read_bytes()).hexdigest()
+    for flag, kind in (("--storage", "Optuna storage"), ("--tracking-uri", "MLflow tracking store")):
+        result = cli("run", str(write_study()), flag, f"sqlite:///{foreign}")
+        assert result.returncode == 2
+        assert _one_line_error(result.stderr) == (
+            f"lrsearch: error: {foreign} holds another application's tables (customers) and no {kind}; "
+            f"it was left unchanged: pass another {flag}")
+        assert hashlib.sha256(foreign.read_bytes()).hexdigest() == digest
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["app.db", "study.toml"]  # no lock file, no store
+
+
+def test_other_files_given_as_stores(cli, write_study, tmp_path):
+    import optuna
+
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(bytes(range(256)) * 8)
+    result = cli("run", str(write_study()), "--storage", f"sqlite:///{junk}")
+    assert result.returncode == 2 and "junk.db is not an SQLite database" in _one_line_error(result.stderr)
+
+    empty = tmp_path / "empty.db"  # an empty file is an empty database: it becomes the store
+    empty.touch()
+    result = cli("run", str(write_study()), "--trials", "1", "--epochs", "1", "--storage", f"sqlite:///{empty}")
+    assert result.returncode == 0, result.stderr
+
+    shared = f"sqlite:///{tmp_path / 'shared.db'}"  # another tool's Optuna study in the same file
+    optuna.create_study(storage=shared, study_name="theirs").optimize(lambda t: t.suggest_float("x", 0, 1), 2)
+    result = cli("run", str(write_study()), "--trials", "1", "--epochs", "1", "--storage", shared)
+    assert result.returncode == 0, result.stderr
+    assert len(optuna.load_study(study_name="theirs", storage=shared).trials) == 2
+
+    blocked = tmp_path / "a-file"  # a folder that cannot be made (root may write anywhere else)
+    blocked.write_text("")
+    result = cli("run", str(write_study()), "--storage", f"sqlite:///{blocked / 'optuna.db'}")
+    assert result.returncode == 1
+    assert _one_line_error(result.stderr) == f"lrsearch: error: cannot create the folder {blocked}: File exists"
+
+
+def test_sql_into_a_closed_pipe_ends_quietly(cli, tmp_path):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "LRSEARCH_DATA": str(tmp_path / "data")}
+    pipe = subprocess.run(f"{sys.executable} -m lrsearch.cli sql --schema | head -1", shell=True, cwd=tmp_path,
+                          env={**env, "LRSEARCH_STORAGE": f"sqlite:///{tmp_path}/o.db",
+                               "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"},
+                          capture_output=True, text=True, timeout=60, executable="/bin/bash")
+    assert pipe.stdout.startswith("ATTACH DATABASE")
+    assert pipe.stderr == ""  # no BrokenPipeError, no "Exception ignored"
+
+
+def test_an_unreachable_database_is_one_line_without_the_password(cli, write_study):
+    result = cli("run", str(write_study()), "--storage", "postgresql+psycopg://me:s3cret@127.0.0.1:5999/db")
+    assert result.returncode == 1
+    assert _one_line_error(result.stderr) == ("lrsearch: error: cannot connect to "
+                                              "postgresql+psycopg://me:***@127.0.0.1:5999/db: connection refused")

@@ -188,7 +188,8 @@ def test_study_completes_when_the_tracking_server_goes_away(pg_url, tmp_path):
     server, uri = start_server(pg_url, tmp_path / "artifacts")
     try:
         path = _study_file(tmp_path, "lost-tracking", trials=6, epochs=150)
-        proc = _lrsearch("run", str(path), "--storage", pg_url, "--tracking-uri", uri)
+        # Gone for good: longer than the outage window (2 s here), so trials go on without it.
+        proc = _lrsearch("run", str(path), "--storage", pg_url, "--tracking-uri", uri, env={"LRSEARCH_OUTAGE_S": "2"})
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             try:

@@ -1,0 +1,157 @@
+"""An Optuna storage whose every call survives a dropped connection or a database restart.
+
+Each call goes through a :class:`lrsearch.retry.Retry`; the two that would not be safe to
+repeat as they are (creating a trial, changing a trial's state) are made safe here, as the
+docstring of ``retry.py`` explains.
+"""
+
+from __future__ import annotations
+
+import copy
+import uuid
+from collections.abc import Callable, Container, Sequence
+from typing import Any, TypeVar
+
+from optuna.exceptions import StorageInternalError
+from optuna.storages import BaseStorage
+from optuna.storages._heartbeat import BaseHeartbeat  # the interface fail_stale_trials checks
+
+from lrsearch.errors import LrsearchError
+from lrsearch.retry import Retry, reason
+
+CLAIM_ATTR = "lrsearch_claim"  # a new trial's token: see RetryingStorage.create_new_trial
+
+T = TypeVar("T")
+
+
+class RetryingStorage(BaseStorage, BaseHeartbeat):
+    """An Optuna storage (``inner``, an RDB storage) whose every call is repeated through
+    ``retry`` while its database cannot be reached."""
+
+    def __init__(self, inner: Any, retry: Retry, engine: Any = None) -> None:
+        self._inner = inner
+        self.retry = retry
+        self._engine = engine
+
+    def close(self) -> None:
+        """Close the storage's database connections (before this process execs another)."""
+        if self._engine is not None:
+            self._engine.dispose()
+
+    def _do(self, name: str, *args: Any) -> Any:
+        return self._call(getattr(self._inner, name), *args)
+
+    def _call(self, fn: Callable[..., T], *args: Any, recover: Callable[[], T | None] | None = None) -> T:
+        """``retry.call``, with a database's refusal (a full disk, say) in one line of its own
+        words instead of Optuna's guess ("… e.g. exceeding max length")."""
+        try:
+            return self.retry.call(fn, *args, recover=recover)
+        except StorageInternalError as e:
+            raise LrsearchError(f"{self.retry.what} refused a write: {reason(e)}") from e
+
+    # -- made safe to repeat -----------------------------------------------------------
+
+    def create_new_trial(self, study_id: int, template_trial: Any = None) -> int:
+        """Create the trial with a token among its system attributes; before trying again,
+        look for that token, so a trial is never created twice."""
+        import optuna
+        from optuna.trial import TrialState
+
+        token = uuid.uuid4().hex
+        if template_trial is None:
+            template = optuna.trial.create_trial(state=TrialState.RUNNING, system_attrs={CLAIM_ATTR: token})
+        else:
+            template = copy.deepcopy(template_trial)
+            template.system_attrs = {**template.system_attrs, CLAIM_ATTR: token}
+
+        def created() -> int | None:
+            for t in self._inner.get_all_trials(study_id, deepcopy=False, states=(template.state,)):
+                if t.system_attrs.get(CLAIM_ATTR) == token:
+                    return t._trial_id
+            return None
+
+        return self._call(self._inner.create_new_trial, study_id, template, recover=created)
+
+    def set_trial_state_values(self, trial_id: int, state: Any, values: Sequence[float] | None = None) -> bool:
+        """Before trying again, read the trial: if it has the state (and values) asked for,
+        the earlier try committed. (A queued trial taken by this worker, WAITING -> RUNNING,
+        is taken under the store lock, so no other lrsearch worker took it meanwhile.)"""
+        def done() -> bool | None:
+            current = self._inner.get_trial(trial_id)
+            if current.state == state and (values is None or current.values == list(values)):
+                return True
+            return None
+
+        return self._call(self._inner.set_trial_state_values, trial_id, state, values, recover=done)
+
+    # -- idempotent: repeated as they are ----------------------------------------------
+
+    def create_new_study(self, directions: Sequence[Any], study_name: str | None = None) -> int:
+        return self._do("create_new_study", directions, study_name)  # a repeat: DuplicatedStudyError
+
+    def delete_study(self, study_id: int) -> None:
+        self._do("delete_study", study_id)
+
+    def set_study_user_attr(self, study_id: int, key: str, value: Any) -> None:
+        self._do("set_study_user_attr", study_id, key, value)
+
+    def set_study_system_attr(self, study_id: int, key: str, value: Any) -> None:
+        self._do("set_study_system_attr", study_id, key, value)
+
+    def get_study_id_from_name(self, study_name: str) -> int:
+        return self._do("get_study_id_from_name", study_name)
+
+    def get_study_name_from_id(self, study_id: int) -> str:
+        return self._do("get_study_name_from_id", study_id)
+
+    def get_study_directions(self, study_id: int) -> list[Any]:
+        return self._do("get_study_directions", study_id)
+
+    def get_study_user_attrs(self, study_id: int) -> dict[str, Any]:
+        return self._do("get_study_user_attrs", study_id)
+
+    def get_study_system_attrs(self, study_id: int) -> dict[str, Any]:
+        return self._do("get_study_system_attrs", study_id)
+
+    def get_all_studies(self) -> list[Any]:
+        return self._do("get_all_studies")
+
+    def set_trial_param(self, trial_id: int, param_name: str, param_value_internal: float,
+                        distribution: Any) -> None:
+        self._do("set_trial_param", trial_id, param_name, param_value_internal, distribution)
+
+    def get_trial_id_from_study_id_trial_number(self, study_id: int, trial_number: int) -> int:
+        return self._do("get_trial_id_from_study_id_trial_number", study_id, trial_number)
+
+    def get_best_trial(self, study_id: int) -> Any:
+        return self._do("get_best_trial", study_id)
+
+    def set_trial_intermediate_value(self, trial_id: int, step: int, intermediate_value: float) -> None:
+        self._do("set_trial_intermediate_value", trial_id, step, intermediate_value)
+
+    def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
+        self._do("set_trial_user_attr", trial_id, key, value)
+
+    def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
+        self._do("set_trial_system_attr", trial_id, key, value)
+
+    def get_trial(self, trial_id: int) -> Any:
+        return self._do("get_trial", trial_id)
+
+    def get_all_trials(self, study_id: int, deepcopy: bool = True, states: Container[Any] | None = None) -> list[Any]:
+        return self._do("get_all_trials", study_id, deepcopy, states)
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        self._do("record_heartbeat", trial_id)
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:  # BaseHeartbeat's interface
+        return self._do("_get_stale_trial_ids", study_id)
+
+    def get_heartbeat_interval(self) -> int | None:
+        return self._inner.get_heartbeat_interval()
+
+    def get_heartbeat_stale_trial_callback(self) -> Any:
+        return self._inner.get_heartbeat_stale_trial_callback()
+
+    def remove_session(self) -> None:
+        self._inner.remove_session()
