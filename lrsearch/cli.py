@@ -90,7 +90,7 @@ def cmd_server(args: argparse.Namespace) -> int:
 
     return serve(args.db, host=args.host, port=args.port, allowed_hosts=args.allowed_hosts,
                  artifacts=str(Path(args.artifacts).resolve()) if args.artifacts else None,
-                 workers=args.workers)
+                 workers=args.workers, auth=args.auth)
 
 
 def _study_config(args: argparse.Namespace) -> Any:
@@ -462,7 +462,11 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(command=cmd_worker)
 
     p = sub.add_parser("server", help="the MLflow tracking server on a PostgreSQL (or SQLite) database")
-    p.add_argument("--db", required=True, metavar="URL", help="postgresql+psycopg://user:pass@host/db")
+    p.add_argument("--db", metavar="URL", help="postgresql+psycopg://user@host/db (default: $LRSEARCH_DB, "
+                                                "which keeps a password off the command line)")
+    p.add_argument("--auth", action="store_true",
+                   help="require a login (MLflow's basic-auth app; admin from $MLFLOW_AUTH_ADMIN_USERNAME and "
+                        "$MLFLOW_AUTH_ADMIN_PASSWORD)")
     p.add_argument("--artifacts", metavar="DIR", help="where the server stores artifacts "
                    "(default: ./lrsearch-data/artifacts)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")

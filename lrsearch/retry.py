@@ -73,8 +73,9 @@ def transient(error: BaseException) -> bool:
             return True
         if name in ("MlflowException", "RestException"):
             code = getattr(e, "error_code", "")
-            message = str(e)
-            if code in _TRANSIENT_MLFLOW_CODES or message.startswith("API request to"):
+            message = str(e)  # the client's own wording when no HTTP response came back
+            no_answer = message.startswith("API request to") and "failed with" in message and "exception" in message
+            if code in _TRANSIENT_MLFLOW_CODES or no_answer:
                 return True
     return False
 

@@ -1,12 +1,27 @@
-"""The MLflow tracking server (and UI) on an lrsearch store."""
+"""The MLflow tracking server (and UI) on an lrsearch store.
+
+No secret goes on a command line, which every local user can read (``ps``): the backend
+URL reaches ``mlflow server`` through ``MLFLOW_BACKEND_STORE_URI``, and with ``auth`` the
+login database is named without its password, which libpq takes from ``PGPASSWORD``.
+"""
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import secrets
 import sys
+import tempfile
 
 from lrsearch.errors import UsageError
-from lrsearch.storage import artifact_root, data_dir, is_postgres, prepare_database, schema_url, sqlite_path
+from lrsearch.storage import artifact_root, data_dir, is_postgres, prepare_database, redact, schema_url, sqlite_path
+
+DB_ENV = "LRSEARCH_DB"
+ADMIN_USER_ENV, ADMIN_PASSWORD_ENV = "MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD"
+AUTH_SCHEMA = "mlflow_auth"  # MLflow's login tables (they have an alembic_version too)
+# MLflow checks each request's password with PBKDF2 (hundreds of ms); a worker sends
+# thousands of requests, so a checked login is remembered this long (MLflow's own cache).
+AUTH_CACHE_S = 300
 
 
 def backend_uri(db: str) -> str:
@@ -19,7 +34,7 @@ def backend_uri(db: str) -> str:
         return backend
     path = sqlite_path(db)
     if path is None:
-        raise UsageError(f"expected a postgresql:// or sqlite:/// database URL, got {db!r}")
+        raise UsageError(f"expected a postgresql:// or sqlite:/// database URL, got {redact(db)}")
     if not path.exists():
         raise UsageError(f"no MLflow store at {path} (run a study first, or pass another URL)")
     return db
@@ -43,31 +58,89 @@ def _create_tables(backend: str, db: str) -> None:
 
 def server_command(backend: str, *, host: str = "127.0.0.1", port: int = 5000,
                    artifacts: str | None = None, allowed_hosts: str | None = None,
-                   workers: int = 1) -> list[str]:
-    """The ``mlflow server`` command line for ``backend``, artifacts served by the server.
+                   workers: int = 1, auth: bool = False) -> list[str]:
+    """The ``mlflow server`` command line for ``backend`` (which itself goes in the
+    environment), artifacts served by the server.
 
     One uvicorn worker by default: with more, uvicorn's listening socket loses TCP_NODELAY
-    and every request on a kept-alive connection waits ~40 ms for the client's delayed ACK
-    (Kludex/uvicorn#3149), which made each MLflow call 5-8x slower here.
+    and every request on a kept-alive connection waits for the client's delayed ACK
+    (Kludex/uvicorn#3149); see the README's Performance section.
     """
     destination = artifacts or artifact_root(backend) or (data_dir() / "artifacts").as_uri()
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
-           "--host", host, "--port", str(port), "--workers", str(workers),
-           "--serve-artifacts", "--artifacts-destination", destination]
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port),
+           "--workers", str(workers), "--serve-artifacts", "--artifacts-destination", destination]
     if allowed_hosts:
         cmd += ["--allowed-hosts", allowed_hosts]
+    if auth:
+        cmd += ["--app-name", "basic-auth"]
     return cmd
 
 
-def serve(db: str, *, host: str = "127.0.0.1", port: int = 5000, artifacts: str | None = None,
-          allowed_hosts: str | None = None, workers: int = 1) -> int:
-    """Become the tracking server on ``db`` (exec, so signals reach it directly)."""
-    cmd = server_command(backend_uri(db), host=host, port=port, artifacts=artifacts,
-                         allowed_hosts=allowed_hosts, workers=workers)
+def auth_environment(db: str) -> dict[str, str]:
+    """What MLflow's basic-auth app needs, none of it on a command line: a config file
+    (no secret in it) naming the login database, a CSRF key, and the admin's password
+    from ``$MLFLOW_AUTH_ADMIN_PASSWORD`` (MLflow creates that admin on first start)."""
+    password = os.environ.get(ADMIN_PASSWORD_ENV, "")
+    if len(password) < 12:
+        raise UsageError(f"--auth needs the admin's password (12 characters or more) in ${ADMIN_PASSWORD_ENV}; "
+                         f"workers then log in with $MLFLOW_TRACKING_USERNAME and $MLFLOW_TRACKING_PASSWORD")
+    env = {"MLFLOW_FLASK_SERVER_SECRET_KEY": os.environ.get("MLFLOW_FLASK_SERVER_SECRET_KEY") or secrets.token_hex(32),
+           ADMIN_USER_ENV: os.environ.get(ADMIN_USER_ENV) or "admin"}
+    if is_postgres(db):
+        from sqlalchemy.engine import make_url
+
+        prepare_database(db, extra_schemas=(AUTH_SCHEMA,))
+        url = make_url(schema_url(db, AUTH_SCHEMA))
+        if url.password:
+            env["PGPASSWORD"] = str(url.password)
+        database = url.set(password=None).render_as_string(hide_password=False)
+    else:
+        path = sqlite_path(db)
+        assert path is not None  # backend_uri checked it
+        database = f"sqlite:///{path.resolve().parent / 'basic_auth.db'}"
+    config = (f"[mlflow]\ndefault_permission = READ\n"
+              f"database_uri = {database.replace('%', '%%')}\n"  # configparser: % is special
+              f"authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+              f"auth_cache_ttl_seconds = {AUTH_CACHE_S}\n")
+    handle, path = tempfile.mkstemp(prefix="lrsearch-auth-", suffix=".ini")
+    with os.fdopen(handle, "w") as f:
+        f.write(config)
+    env["MLFLOW_AUTH_CONFIG_PATH"] = path
+    return env
+
+
+def serve(db: str | None, *, host: str = "127.0.0.1", port: int = 5000, artifacts: str | None = None,
+          allowed_hosts: str | None = None, workers: int = 1, auth: bool = False) -> int:
+    """Become the tracking server on ``db`` (or ``$LRSEARCH_DB``): exec, so signals reach it."""
+    db = db or os.environ.get(DB_ENV)
+    if not db:
+        raise UsageError(f"expected the database URL in --db or ${DB_ENV}, e.g. postgresql+psycopg://user@host/db")
+    env = dict(os.environ)
+    env.pop(DB_ENV, None)
+    env["MLFLOW_BACKEND_STORE_URI"] = backend_uri(db)
+    if auth:
+        env.update(auth_environment(db))
+    elif not _loopback(host):
+        print(f"lrsearch: warning: serving on {host} without authentication: anyone who reaches this port can "
+              "read and change every study (add --auth)", file=sys.stderr)
     # MLflow 3 also starts a job runner and seven task consumers for its GenAI features; they
     # poll the database and take CPU even when idle, and lrsearch uses none of them.
-    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
-    print(f"MLflow UI: http://{host}:{port}/#/experiments?workflowType=machine_learning", file=sys.stderr)
+    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    cmd = server_command(env["MLFLOW_BACKEND_STORE_URI"], host=host, port=port, artifacts=artifacts,
+                         allowed_hosts=allowed_hosts, workers=workers, auth=auth)
+    shown = "localhost" if host in ("0.0.0.0", "::") else host
+    print(f"MLflow UI: http://{shown}:{port}/#/experiments?workflowType=machine_learning"
+          + (" (log in as the admin)" if auth else ""), file=sys.stderr)
     sys.stderr.flush()
-    os.execv(cmd[0], cmd)
-    return 1  # not reached: execv replaces this process or raises
+    os.execve(cmd[0], cmd, env)
+    return 1  # not reached: execve replaces this process or raises
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve anywhere
+        return False
+

@@ -221,8 +221,8 @@ def schema_url(url: str, schema: str) -> str:
         hide_password=False)
 
 
-def prepare_database(url: str) -> None:
-    """Create the ``optuna``, ``mlflow`` and ``lrsearch`` schemas if missing."""
+def prepare_database(url: str, extra_schemas: tuple[str, ...] = ()) -> None:
+    """Create the ``optuna``, ``mlflow`` and ``lrsearch`` schemas (and ``extra_schemas``) if missing."""
     import sqlalchemy as sa
 
     engine = sa.create_engine(pg_url(url), pool_pre_ping=True, poolclass=sa.pool.NullPool,
@@ -231,7 +231,7 @@ def prepare_database(url: str) -> None:
         with engine.begin() as conn:
             # Serialize with other workers: concurrent CREATE SCHEMA IF NOT EXISTS can collide.
             conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _LOCK_KEY})
-            for schema in SCHEMAS:
+            for schema in (*SCHEMAS, *extra_schemas):
                 conn.execute(sa.text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
     except sa.exc.OperationalError as e:
         raise LrsearchError(f"cannot connect to {redact(url)}: {_reason(e)}") from e

@@ -75,6 +75,9 @@ class Tracker:
         try:
             self.client.search_experiments(max_results=1)
         except Exception as e:
+            if getattr(e, "error_code", "") in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+                raise TrackingError(f"MLflow tracking at {redact(self.uri)} refused the login: set "
+                                    "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD") from e
             raise TrackingError(f"cannot reach MLflow tracking at {redact(self.uri)}: "
                                 f"{_without(reason(e), self.uri)}") from e
 

@@ -144,31 +144,73 @@ def stop_process_group(proc: subprocess.Popen, sig: int = 15) -> None:
             proc.wait()
 
 
-def compose_command(service: str, substitutions: dict[str, str]) -> list[str]:
-    """A service's command from docker-compose.yml, with ``${VAR}``-style and host names
-    replaced by ``substitutions`` (longest first), to run it natively."""
+# The tracking servers the tests start require a login, as docker-compose.yml's does; every
+# client (this process, the workers it starts) logs in with MLflow's standard variables.
+COMPOSE_ADMIN = {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "lrsearch-test-admin"}
+os.environ.update(COMPOSE_ADMIN)
+
+
+def compose_interpolate(text: str, variables: dict[str, str]) -> str:
+    """Compose's variable substitution: ``$$``, ``${VAR}``, ``${VAR:-default}`` and
+    ``${VAR:?message}`` (an error, as ``docker compose`` stops, when VAR is unset or empty)."""
+    import re
+
+    def value(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name, op, arg = match.group(1), match.group(2), match.group(3)
+        current = variables.get(name, "")
+        if op == ":?" and not current:
+            raise ValueError(f"required variable {name} is missing a value: {arg}")
+        if op == ":-" and not current:
+            return arg
+        return current
+
+    return re.sub(r"\$\$|\$\{(\w+)(?:(:[-?])([^}]*))?\}", value, text)
+
+
+def compose_service(service: str, variables: dict[str, str], hosts: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+    """A service's command and environment from docker-compose.yml, interpolated with
+    ``variables`` (as from .env) and with ``hosts`` (``postgres:5432``, ``mlflow:5000``, a
+    bind address, a port) replaced by what this machine has, to run it natively."""
     import yaml
 
-    compose = yaml.safe_load((Path(__file__).parent.parent / "docker-compose.yml").read_text())
-    command = []
-    for part in compose["services"][service]["command"]:
-        for old in sorted(substitutions, key=len, reverse=True):
-            part = part.replace(old, substitutions[old])
-        command.append(part)
-    return command
+    spec = yaml.safe_load((Path(__file__).parent.parent / "docker-compose.yml").read_text())["services"][service]
+
+    def local(text: str) -> str:
+        text = compose_interpolate(str(text), variables)
+        for old in sorted(hosts, key=len, reverse=True):
+            text = text.replace(old, hosts[old])
+        return text
+
+    return [local(part) for part in spec["command"]], {k: local(v) for k, v in spec.get("environment", {}).items()}
+
+
+def compose_variables(pg: str) -> dict[str, str]:
+    """.env's variables for a database URL (trust auth ignores the password, but compose
+    requires one)."""
+    import sqlalchemy as sa
+
+    url = sa.engine.make_url(pg)
+    return {"POSTGRES_USER": url.username, "POSTGRES_PASSWORD": url.password or "unused-with-trust",
+            "POSTGRES_DB": url.database, **COMPOSE_ADMIN}
 
 
 def start_server(pg: str, artifacts: Path) -> tuple[subprocess.Popen, str]:
-    """`lrsearch server` as docker-compose.yml runs it, natively, on a free loopback port."""
+    """`lrsearch server` as docker-compose.yml runs it (with logins), natively, on a free
+    loopback port, its database URL in its environment as compose passes it."""
+    import sqlalchemy as sa
+
     port = free_port()
-    command = compose_command("mlflow", {
-        "postgresql+psycopg://${POSTGRES_USER}:${POSTGRES_PASSWORD}@postgres:5432/${POSTGRES_DB}": pg,
-        "/artifacts": str(artifacts), "0.0.0.0": "127.0.0.1", "5000": str(port)})
+    url = sa.engine.make_url(pg)
+    command, environment = compose_service("mlflow", compose_variables(pg), {
+        "postgres:5432": f"{url.host}:{url.port or 5432}", "/artifacts": str(artifacts), "0.0.0.0": "127.0.0.1",
+        "5000": str(port)})
     assert command[:2] == ["lrsearch", "server"]
     # Its log goes to a file: an unread pipe fills up (64 KB) and every thread that logs blocks.
     log = open(artifacts.parent / f"server-{port}.log", "w+b")
     proc = subprocess.Popen([sys.executable, "-m", "lrsearch.cli", *command[1:]], stdout=subprocess.DEVNULL,
-                            stderr=log, start_new_session=True)
+                            stderr=log, start_new_session=True, env={**os.environ, **environment})
     proc.stderr = log
     uri = f"http://127.0.0.1:{port}"
     try:

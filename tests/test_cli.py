@@ -249,3 +249,11 @@ def test_an_unreachable_database_is_one_line_without_the_password(cli, write_stu
     assert result.returncode == 1
     assert _one_line_error(result.stderr) == ("lrsearch: error: cannot connect to "
                                               "postgresql+psycopg://me:***@127.0.0.1:5999/db: connection refused")
+
+
+def test_credentials_in_a_tracking_uri_are_hidden(cli, write_study):
+    result = cli("run", str(write_study()), "--tracking-uri", "http://bob:tr4ck-s3cret@127.0.0.1:9")
+    assert result.returncode == 1
+    line = _one_line_error(result.stderr)
+    assert line.startswith("lrsearch: error: cannot reach MLflow tracking at http://bob:***@127.0.0.1:9: ")
+    assert "tr4ck-s3cret" not in result.stderr + result.stdout

@@ -1,19 +1,27 @@
-"""docker-compose.yml, checked by parsing (no Docker engine runs on the development machines)."""
+"""docker-compose.yml, checked by parsing (no Docker engine runs on the development machines)
+and by compose's own substitution rules, applied here as `docker compose` applies them."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import yaml
 
-from conftest import compose_command
+from conftest import compose_interpolate, compose_service
 from lrsearch.cli import _parser
 
 ROOT = Path(__file__).parent.parent
-COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+TEXT = (ROOT / "docker-compose.yml").read_text()
+COMPOSE = yaml.safe_load(TEXT)
 SERVICES = COMPOSE["services"]
-DB = {"postgresql+psycopg://${POSTGRES_USER}:${POSTGRES_PASSWORD}@postgres:5432/${POSTGRES_DB}":
-      "postgresql+psycopg://u:p@db/lr"}
+ENV = {"POSTGRES_USER": "u", "POSTGRES_PASSWORD": "p4ss", "POSTGRES_DB": "lr", "MLFLOW_TRACKING_USERNAME": "admin",
+       "MLFLOW_TRACKING_PASSWORD": "a-long-admin-pw", "LRSEARCH_STUDY": "quickstart"}
+
+
+def _example() -> dict[str, str]:
+    lines = (ROOT / ".env.example").read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if "=" in line and not line.startswith("#"))
 
 
 def test_services_and_volumes():
@@ -35,31 +43,49 @@ def test_ports_are_published_on_loopback_only():
     assert published and all(p.startswith("127.0.0.1:") for p in published)
 
 
-def test_credentials_come_from_the_env_file():
-    text = (ROOT / "docker-compose.yml").read_text()
-    assert "POSTGRES_PASSWORD=" not in text and "POSTGRES_PASSWORD:" not in text
-    assert all(service["env_file"] == ".env" for service in SERVICES.values())
-    example = (ROOT / ".env.example").read_text()
-    assert {"POSTGRES_USER=", "POSTGRES_PASSWORD=", "POSTGRES_DB="} <= {line.split("=")[0] + "=" for line in
-                                                                       example.splitlines() if "=" in line}
+def test_no_secret_in_any_command():
+    for name in SERVICES:
+        command, environment = compose_service(name, ENV, {}) if "command" in SERVICES[name] else ([], {})
+        assert not any(secret in part for part in command for secret in ("p4ss", "a-long-admin-pw")), name
+        assert "${" not in " ".join(map(str, SERVICES[name].get("command", []))).replace("${LRSEARCH_STUDY", ""), name
+    assert compose_service("worker", ENV, {})[1]["LRSEARCH_STORAGE"] == "postgresql+psycopg://u:p4ss@postgres:5432/lr"
+
+
+def test_empty_or_example_passwords_stop_compose_with_a_message():
+    example = _example()
+    assert example["POSTGRES_PASSWORD"] == "" and example["MLFLOW_TRACKING_PASSWORD"] == ""  # nothing usable
+    with pytest.raises(ValueError, match="POSTGRES_PASSWORD is missing a value: set POSTGRES_PASSWORD in .env"):
+        compose_interpolate(TEXT, example)
+    with pytest.raises(ValueError, match="MLFLOW_TRACKING_PASSWORD is missing a value: set MLFLOW_TRACKING_PASSWORD"):
+        compose_interpolate(TEXT, {**example, "POSTGRES_PASSWORD": "x"})
+    assert "postgres:5432/lr" in compose_interpolate(TEXT, ENV)  # every other variable has a value or default
     assert ".env" in (ROOT / ".gitignore").read_text().split()
 
 
+def test_logins_are_on():
+    command, environment = compose_service("mlflow", ENV, {})
+    assert "--auth" in command
+    assert environment["MLFLOW_AUTH_ADMIN_PASSWORD"] == "a-long-admin-pw"
+    worker = compose_service("worker", ENV, {})[1]
+    assert (worker["MLFLOW_TRACKING_USERNAME"], worker["MLFLOW_TRACKING_PASSWORD"]) == ("admin", "a-long-admin-pw")
+
+
 def test_commands_agree_with_the_cli():
-    server = compose_command("mlflow", DB)
+    server, environment = compose_service("mlflow", ENV, {})
     args = _parser().parse_args(server[1:])
     assert server[0] == "lrsearch" and args.command.__name__ == "cmd_server"
-    assert (args.db, args.artifacts, args.port) == ("postgresql+psycopg://u:p@db/lr", "/artifacts", 5000)
+    assert (args.db, args.artifacts, args.port, args.auth) == (None, "/artifacts", 5000, True)
+    assert environment["LRSEARCH_DB"] == "postgresql+psycopg://u:p4ss@postgres:5432/lr"
 
-    worker = compose_command("worker", {**DB, "${LRSEARCH_STUDY:-quickstart}": "quickstart"})
+    worker, environment = compose_service("worker", ENV, {})
     args = _parser().parse_args(worker[1:])
     assert args.command.__name__ == "cmd_worker"
-    assert (ROOT / args.file).is_file()
-    assert args.tracking_uri == "http://mlflow:5000" and args.storage == "postgresql+psycopg://u:p@db/lr"
+    assert (ROOT / args.file).is_file() and args.storage is None and args.tracking_uri is None
+    assert environment["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
 
-    dashboard = compose_command("dashboard", DB)
-    assert dashboard[0] == "optuna-dashboard"
-    assert dashboard[-1] == "postgresql+psycopg://u:p@db/lr?options=-csearch_path%3Doptuna"
+    dashboard, environment = compose_service("dashboard", ENV, {})
+    assert dashboard[0] == "python"
+    assert environment["OPTUNA_STORAGE"] == "postgresql+psycopg://u:p4ss@postgres:5432/lr?options=-csearch_path%3Doptuna"
 
 
 def test_workers_scale():

@@ -15,7 +15,7 @@ import pytest
 import sqlalchemy as sa
 from mlflow import MlflowClient
 
-from conftest import compose_command, start_server, stop_process_group
+from conftest import compose_service, compose_variables, start_server, stop_process_group
 from lrsearch.storage import schema_url
 
 STUDY = """\
@@ -62,6 +62,13 @@ def _study(pg_url: str, name: str) -> optuna.Study:
         _STORAGES[pg_url] = optuna.storages.RDBStorage(schema_url(pg_url, "optuna"),
                                                        engine_kwargs={"poolclass": sa.pool.NullPool})
     return optuna.load_study(study_name=name, storage=_STORAGES[pg_url])
+
+
+def _trials_or_none(pg_url: str, name: str) -> list:
+    try:
+        return _study(pg_url, name).get_trials(deepcopy=False)
+    except KeyError:  # not created yet
+        return []
 
 
 def _states(study: optuna.Study) -> dict[str, int]:
@@ -224,15 +231,15 @@ def test_the_dashboard_command_reads_the_optuna_schema(pg_url, tracking_server, 
     from conftest import free_port, wait_for_http
 
     port = free_port()
-    command = compose_command("dashboard", {
-        "postgresql+psycopg://${POSTGRES_USER}:${POSTGRES_PASSWORD}@postgres:5432/${POSTGRES_DB}": pg_url,
-        "0.0.0.0": "127.0.0.1", "8080": str(port)})
-    assert command[0] == "optuna-dashboard"
+    url = sa.engine.make_url(pg_url)
+    command, environment = compose_service("dashboard", compose_variables(pg_url), {
+        "postgres:5432": f"{url.host}:{url.port or 5432}", "0.0.0.0": "127.0.0.1", "8080": str(port)})
+    assert command[0] == "python"
     _study_file(tmp_path, "dash", trials=1, epochs=1)
     assert subprocess.run([sys.executable, "-m", "lrsearch.cli", "run", str(tmp_path / "dash.toml"),
                            "--storage", pg_url, "--tracking-uri", tracking_server],
                           capture_output=True, timeout=120).returncode == 0
-    dashboard = subprocess.Popen([str(Path(sys.executable).parent / "optuna-dashboard"), *command[1:]],
+    dashboard = subprocess.Popen([sys.executable, *command[1:]], env={**os.environ, **environment},
                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
         wait_for_http(f"http://127.0.0.1:{port}/api/studies", dashboard, timeout=60)
@@ -244,3 +251,79 @@ def test_the_dashboard_command_reads_the_optuna_schema(pg_url, tracking_server, 
         assert "dash" in names
     finally:
         stop_process_group(dashboard)
+
+
+def test_the_compose_worker_runs_from_its_environment(pg_url, tracking_server, tmp_path):
+    """The worker service as compose runs it: no URL on its command line, a login from the
+    environment."""
+    url = sa.engine.make_url(pg_url)
+    port = tracking_server.rsplit(":", 1)[1]
+    command, environment = compose_service("worker", {**compose_variables(pg_url), "LRSEARCH_STUDY": "quickstart"},
+                                           {"postgres:5432": f"{url.host}:{url.port or 5432}",
+                                            "mlflow:5000": f"127.0.0.1:{port}"})
+    assert command[:2] == ["lrsearch", "worker"] and environment["MLFLOW_TRACKING_USERNAME"] == "admin"
+    proc = subprocess.run([sys.executable, "-m", "lrsearch.cli", *command[1:], "--trials", "1", "--epochs", "2",
+                           "--name", "compose-worker"], cwd=Path(__file__).parent.parent,
+                          env={**os.environ, **environment}, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    assert _states(_study(pg_url, "compose-worker")) == {"COMPLETE": 1}
+
+
+def test_no_password_on_any_command_line(pg_url, tmp_path):
+    """`ps` shows every local user each process's command line: the workers `run --workers`
+    starts and the MLflow server `lrsearch server` execs must not carry the password."""
+    secret = "cmdline-s3cret-pw"
+    url = sa.engine.make_url(pg_url).set(password=secret).render_as_string(hide_password=False)
+    server, uri = start_server(url, tmp_path / "artifacts")
+    try:
+        path = _study_file(tmp_path, "no-secrets", trials=2, epochs=20000)
+        proc = _lrsearch("run", str(path), "--workers", "2", "--tracking-uri", uri, env={"LRSEARCH_STORAGE": url})
+        deadline = time.monotonic() + 120
+        while sum(t.state.name == "RUNNING" for t in _trials_or_none(pg_url, "no-secrets")) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.2)
+        lines = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout.splitlines()
+        assert [line for line in lines if "lrsearch.cli worker" in line]  # the child worker is there
+        assert [line for line in lines if "mlflow server" in line or "mlflow.server" in line]
+        assert [line for line in lines if secret in line] == []
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+        assert secret not in out + err
+    finally:
+        stop_process_group(server)
+
+
+def test_the_server_asks_for_a_login(tracking_server, write_study, tmp_path):
+    import urllib.error
+    import urllib.request
+
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(f"{tracking_server}/api/2.0/mlflow/experiments/search?max_results=1")
+    assert info.value.code == 401
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
+    result = subprocess.run([sys.executable, "-m", "lrsearch.cli", "run", str(write_study()), "--tracking-uri",
+                             tracking_server], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (f"lrsearch: error: MLflow tracking at {tracking_server} refused the login: "
+                                     "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
+    assert not (tmp_path / "lrsearch-data" / "optuna.db").exists()
+
+
+def test_serving_beyond_loopback_without_logins_warns(tmp_path):
+    from conftest import free_port, wait_for_http
+
+    store = tmp_path / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{store}").search_experiments()
+    port = free_port()
+    log = open(tmp_path / "server.log", "w+b")
+    server = subprocess.Popen([sys.executable, "-m", "lrsearch.cli", "server", "--host", "0.0.0.0", "--port",
+                               str(port)], env={**os.environ, "LRSEARCH_DB": f"sqlite:///{store}"},
+                              stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+    server.stderr = log
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/health", server)
+    finally:
+        stop_process_group(server)
+    first = (tmp_path / "server.log").read_text().splitlines()[0]
+    assert first == ("lrsearch: warning: serving on 0.0.0.0 without authentication: anyone who reaches this port "
+                     "can read and change every study (add --auth)")
