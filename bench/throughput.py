@@ -72,6 +72,7 @@ def in_process(trials: int, epochs: int, in_memory: bool) -> tuple[float, float]
     import optuna
 
     from lrsearch.config import load_config
+    from lrsearch.retrying_storage import RetryingStorage
     from lrsearch.study import make_pruner, make_sampler, open_session, work
     from lrsearch.training import quiet_lightning
 
@@ -81,8 +82,11 @@ def in_process(trials: int, epochs: int, in_memory: bool) -> tuple[float, float]
     with tempfile.TemporaryDirectory() as tmp:
         session = open_session(cfg, storage=f"sqlite:///{tmp}/optuna.db", tracking=f"sqlite:///{tmp}/mlflow.db")
         if in_memory:
-            session.study = optuna.create_study(direction=cfg.study.direction, sampler=make_sampler(cfg),
+            session.store = RetryingStorage(optuna.storages.InMemoryStorage(), session.store.retry)
+            session.study = optuna.create_study(storage=session.store, study_name=cfg.study.name,
+                                                direction=cfg.study.direction, sampler=make_sampler(cfg),
                                                 pruner=make_pruner(cfg))
+            session.study_id = session.store.get_study_id_from_name(cfg.study.name)
         start = time.perf_counter()
         work(session)
         wall = time.perf_counter() - start

@@ -68,7 +68,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _run_workers(args, cfg)
     result = _work_here(args, cfg)
     _print_result(result.study, result.target, result.url, result.warnings)
-    _report(args, cfg)
+    _report(args, cfg, result.study)
     return EXIT_OK
 
 
@@ -181,7 +181,7 @@ def _run_workers(args: argparse.Namespace, cfg: Any) -> int:
     if failed:
         raise LrsearchError(f"{len(failed)} of {len(others)} other workers failed ({failed[0].error}); "
                             "run the same command again to resume")
-    _report(args, cfg)
+    _report(args, cfg, session.study)
     return EXIT_OK
 
 
@@ -219,12 +219,12 @@ class _Worker:
         return f"worker {self.index}: " + (errors[-1] if errors else f"exit code {self.proc.returncode}")
 
 
-def _report(args: argparse.Namespace, cfg: Any) -> None:
+def _report(args: argparse.Namespace, cfg: Any, study: Any) -> None:
     """The study's report, at the end of `run`; a failure to draw it is a warning only."""
     from lrsearch.study import write_report
 
     try:
-        paths = write_report(cfg.study.name, storage=args.storage, tracking=args.tracking_uri)
+        paths = write_report(cfg.study.name, storage=args.storage, tracking=args.tracking_uri, study=study)
     except Exception as e:
         _warn([f"could not write the study's report: {first_line(e)}"])
         return

@@ -30,8 +30,7 @@ from typing import Any, Sequence
 from lrsearch.errors import LrsearchError, UsageError, first_line
 from lrsearch.retry import reason
 from lrsearch.storage import (
-    is_postgres, pg_connect_args, pg_url, prepare_database, redact, sqlite_path, storage_url, store_lock,
-    tracking_uri,
+    is_postgres, pg_url, prepare_database, redact, sqlite_path, storage_url, store_lock, tracking_uri,
 )
 
 VIEWS = ("trials", "best_trials", "studies")
@@ -253,18 +252,16 @@ def best_trials_sql(storage: str | None, tracking: str | None, name: str, top: i
 def ensure_views(url: str) -> bool:
     """Create or replace the ``lrsearch`` views (and their indexes) on a PostgreSQL database,
     unless they are already current. Safe while workers run: one transaction under the
-    store's lock. Returns False when MLflow's tables are not (yet) in the database."""
+    store's lock, on the lock's own connection (a worker holds no more connections for it).
+    Returns False when MLflow's tables are not (yet) in the database."""
     import sqlalchemy as sa
 
     prepare_database(url)
     sql = view_sql("postgresql")
     version = "lrsearch views " + hashlib.sha256(sql.encode()).hexdigest()[:16]
-    engine = sa.create_engine(pg_url(url), poolclass=sa.pool.NullPool, connect_args=pg_connect_args(url))
-    try:
-        with engine.connect() as conn:
-            if _pg_view_version(conn) == version:
-                return True
-        with store_lock(url), engine.begin() as conn:
+    with store_lock(url) as lock:
+        conn = lock.connection
+        try:
             if _pg_view_version(conn) == version:
                 return True
             if conn.execute(sa.text("SELECT to_regclass('mlflow.latest_metrics') IS NULL "
@@ -280,9 +277,10 @@ def ensure_views(url: str) -> bool:
             for reader in readers:
                 conn.exec_driver_sql(f"GRANT SELECT ON {', '.join('lrsearch.' + v for v in VIEWS)} TO {reader}")
             conn.exec_driver_sql(f"COMMENT ON VIEW lrsearch.trials IS '{version}'")
+            conn.commit()
+        finally:
+            conn.rollback()  # nothing left open on the lock's connection
         return True
-    finally:
-        engine.dispose()
 
 
 def ensure_indexes(url: str) -> None:

@@ -147,11 +147,11 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:  # BaseHeartbeat's interface
         return self._do("_get_stale_trial_ids", study_id)
 
-    def get_heartbeat_interval(self) -> int | None:
-        return self._inner.get_heartbeat_interval()
+    def get_heartbeat_interval(self) -> int | None:  # None: no heartbeats (an in-memory storage)
+        return getattr(self._inner, "get_heartbeat_interval", lambda: None)()
 
     def get_heartbeat_stale_trial_callback(self) -> Any:
-        return self._inner.get_heartbeat_stale_trial_callback()
+        return getattr(self._inner, "get_heartbeat_stale_trial_callback", lambda: None)()
 
     def remove_session(self) -> None:
         self._inner.remove_session()

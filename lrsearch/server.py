@@ -22,6 +22,7 @@ AUTH_SCHEMA = "mlflow_auth"  # MLflow's login tables (they have an alembic_versi
 # MLflow checks each request's password with PBKDF2 (hundreds of ms); a worker sends
 # thousands of requests, so a checked login is remembered this long (MLflow's own cache).
 AUTH_CACHE_S = 300
+SERVER_POOL = {"MLFLOW_SQLALCHEMYSTORE_POOL_SIZE": "4", "MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW": "4"}
 
 
 def backend_uri(db: str) -> str:
@@ -126,6 +127,10 @@ def serve(db: str | None, *, host: str = "127.0.0.1", port: int = 5000, artifact
     # MLflow 3 also starts a job runner and seven task consumers for its GenAI features; they
     # poll the database and take CPU even when idle, and lrsearch uses none of them.
     env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    # A bound on the server's own PostgreSQL connections (SQLAlchemy's default pool grows to
+    # 15): every worker's connections come out of the same max_connections.
+    for name, value in SERVER_POOL.items():
+        env.setdefault(name, value)
     cmd = server_command(env["MLFLOW_BACKEND_STORE_URI"], host=host, port=port, artifacts=artifacts,
                          allowed_hosts=allowed_hosts, workers=workers, auth=auth)
     shown = "localhost" if host in ("0.0.0.0", "::") else host

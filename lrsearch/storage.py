@@ -173,8 +173,12 @@ def grace_period() -> int:
 @contextlib.contextmanager
 def heartbeat(store: Any, trial_id: int) -> Iterator[None]:
     """Record the trial's heartbeat now and every ``heartbeat_interval()`` seconds on a
-    thread, until the block ends. A beat that fails (an outage longer than the store's
-    window) is tried again at the next interval; the trial itself meets the same outage."""
+    thread, until the block ends (nothing for a storage without heartbeats). A beat that
+    fails (an outage longer than the store's window) is tried again at the next interval;
+    the trial itself meets the same outage."""
+    if store.get_heartbeat_interval() is None:
+        yield
+        return
     stop = threading.Event()
 
     def beat() -> None:
@@ -222,8 +226,12 @@ def schema_url(url: str, schema: str) -> str:
 
 
 def prepare_database(url: str, extra_schemas: tuple[str, ...] = ()) -> None:
-    """Create the ``optuna``, ``mlflow`` and ``lrsearch`` schemas (and ``extra_schemas``) if missing."""
+    """Create the ``optuna``, ``mlflow`` and ``lrsearch`` schemas (and ``extra_schemas``) if
+    missing; once per process and database."""
     import sqlalchemy as sa
+
+    if (url, extra_schemas) in _PREPARED:
+        return
 
     engine = sa.create_engine(pg_url(url), pool_pre_ping=True, poolclass=sa.pool.NullPool,
                               connect_args=pg_connect_args(url))
@@ -237,6 +245,10 @@ def prepare_database(url: str, extra_schemas: tuple[str, ...] = ()) -> None:
         raise LrsearchError(f"cannot connect to {redact(url)}: {_reason(e)}") from e
     finally:
         engine.dispose()
+    _PREPARED.add((url, extra_schemas))
+
+
+_PREPARED: set[tuple[str, tuple[str, ...]]] = set()
 
 
 def pg_connect_args(url: str) -> dict[str, Any]:
@@ -305,19 +317,20 @@ def new_sqlite_file(path: Path) -> None:
 
 class StoreLock:
     """A held store lock: ``held()`` tells whether it still is (a PostgreSQL session lock
-    ends with its connection, which a database restart or ``pg_terminate_backend`` drops)."""
+    ends with its connection, which a database restart or ``pg_terminate_backend`` drops).
+    On PostgreSQL, ``connection`` is the lock's own, for work done under it."""
 
-    def __init__(self, conn: Any = None, key: int = 0) -> None:
-        self._conn = conn
+    def __init__(self, connection: Any = None, key: int = 0) -> None:
+        self.connection = connection
         self._key = key
 
     def held(self) -> bool:
-        if self._conn is None:
+        if self.connection is None:
             return True  # a file lock lasts as long as this process holds the file
         import sqlalchemy as sa
 
         try:
-            return bool(self._conn.execute(sa.text(
+            return bool(self.connection.execute(sa.text(
                 "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted "
                 "AND pid = pg_backend_pid() AND classid = 0 AND objid = :key)"), {"key": self._key}).scalar())
         except Exception:  # the connection is gone, and the lock with it
@@ -370,6 +383,7 @@ def _lock_connection(url: str, key: int) -> Any:
     conn = _lock_engine(url).connect()
     try:
         conn.execute(sa.text("SELECT pg_advisory_lock(:key)"), {"key": key})
+        conn.commit()  # the lock is the session's: it outlives the transaction
     except BaseException:
         conn.close()
         raise

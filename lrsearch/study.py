@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import math
 import time
 import warnings
@@ -17,12 +18,12 @@ from lrsearch.data import Dataset, load_data
 from lrsearch.errors import UsageError, first_line
 from lrsearch.objective import HYPERPARAMETERS_ATTR, MLFLOW_RUN_ATTR, REASON_ATTR, TRACKING_ERROR_ATTR, Objective
 from lrsearch.pruning import check_interval
-from lrsearch.retry import MAX_RETRY_DELAY_S
+from lrsearch.retry import MAX_RETRY_DELAY_S, outage_window
 from lrsearch.space import grid_size, grid_space
 from lrsearch.stopping import Interrupted, StopFlag
 from lrsearch.queries import ensure_indexes, ensure_views
 from lrsearch.storage import (
-    check_stores, checkpoint, grace_period, heartbeat, is_postgres, open_storage, prepare_database, redact,
+    check_stores, checkpoint, close_connections, grace_period, heartbeat, is_postgres, open_storage, prepare_database, redact,
     report_dir, storage_url, store_lock, tracking_uri,
 )
 from lrsearch.tracking import Tracker
@@ -122,6 +123,7 @@ class Session:
     data: Dataset
     target: int
     warnings: list[str] = field(default_factory=list)
+    opened_at: datetime.datetime = field(default_factory=datetime.datetime.now)
 
     @property
     def mlflow_url(self) -> str:
@@ -218,7 +220,8 @@ def _claim(session: Session) -> optuna.trial.Trial | None | Any:
     with store_lock(session.url, session.store.retry) as lock:
         # After an outage, a live worker's heartbeat resumes within one retry delay of the
         # database's return, and this worker's last failure was at most one delay before it.
-        if session.store.retry.quiet_for(grace_period() + 2 * MAX_RETRY_DELAY_S):
+        heartbeats = session.store.get_heartbeat_interval() is not None
+        if heartbeats and session.store.retry.quiet_for(grace_period() + 2 * MAX_RETRY_DELAY_S):
             _fail_stale_trials(session)
         finished, running = _counts(study)
         if finished >= session.target:
@@ -293,6 +296,8 @@ def _finish(session: Session, objective: Objective, status: str) -> None:
     close_parent(session, status)
     for url in (session.url, session.tracker.uri):
         checkpoint(url)
+    session.store.close()  # idle connections: what follows (summary, report) opens what it needs
+    close_connections()
 
 
 def run_study(cfg: Config, *, storage: str | None = None, tracking: str | None = None,
@@ -374,12 +379,15 @@ def close_parent(session: Session, status: str) -> None:
             return
         if session.tracker.status(session.parent_run_id) == status:  # closed so by another worker
             return
-        states = {t.number: t.state.name for t in session.study.get_trials(deepcopy=False)}
-        # A finished trial whose run is still RUNNING lost its last records (its worker died
-        # before sending them, or the tracking store was away longer than the outage window).
+        # A run still RUNNING whose trial ended before this worker began (and more than one
+        # outage window before: its worker may still be sending it) lost its last records: its
+        # worker died first, or the tracking store was away longer than the window.
+        trials = {t.number: t for t in session.study.get_trials(deepcopy=False)}
+        settled = session.opened_at - datetime.timedelta(seconds=outage_window())
         for run_id, number in session.tracker.running_trial_runs(session.experiment_id, session.parent_run_id):
-            if states.get(number) != "RUNNING":
-                session.tracker.close_lost_run(run_id, states.get(number, "FAIL"))
+            trial = trials.get(number)
+            if trial is not None and trial.datetime_complete is not None and trial.datetime_complete < settled:
+                session.tracker.close_lost_run(run_id, trial.state.name)
         session.tracker.end_run(session.parent_run_id, status, _summary(session.study))
     except Exception as e:  # the trials are safe in Optuna: report, do not fail the study
         session.warnings.append(f"could not close the study's MLflow run: {first_line(e)}")
@@ -436,12 +444,13 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def write_report(name: str, *, storage: str | None = None, tracking: str | None = None,
-                 out: Path | None = None) -> list[Path]:
+                 out: Path | None = None, study: optuna.Study | None = None) -> list[Path]:
     """Draw the study's report from the stores into ``out`` (default: see
-    ``storage.report_dir``) and log it under ``report/`` on the parent MLflow run."""
+    ``storage.report_dir``) and log it under ``report/`` on the parent MLflow run.
+    ``study``: the study already open (as at the end of ``run``), read through its storage."""
     from lrsearch.report import build_report
 
-    study = load_study(name, storage)
+    study = study or load_study(name, storage)
     tracker = Tracker(tracking_uri(tracking))
     out = out or report_dir(storage_url(storage), name)
     grid = any("grid_id" in t.system_attrs for t in study.get_trials(deepcopy=False))

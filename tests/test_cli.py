@@ -138,8 +138,10 @@ def test_ctrl_c_on_run_with_workers_stops_every_worker_and_resumes(write_study, 
     assert [t.state.name for t in study.trials] == ["FAIL", "FAIL"]
     client = MlflowClient(f"sqlite:///{tmp_path / 'data' / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    reasons = [(t.user_attrs.get("reason"), r.data.tags.get("reason")) for t in study.trials for r in runs
+               if r.info.run_id == t.user_attrs.get("mlflow_run_id")]
     assert sorted((r.data.tags["lrsearch.role"], r.info.status) for r in runs) == [
-        ("study", "KILLED"), ("trial", "KILLED"), ("trial", "KILLED")]
+        ("study", "KILLED"), ("trial", "KILLED"), ("trial", "KILLED")], (reasons, err)
 
     again = subprocess.run([*command[:-2], "--workers", "2", "--epochs", "2"], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=300)

@@ -169,7 +169,7 @@ def test_an_outage_past_the_window_exits_1_in_one_line_and_a_rerun_completes(pg_
     assert [line for line in lines if line.startswith("lrsearch: error:")] == [lines[-1]]
     assert "Traceback" not in err and PASSWORD not in out + err
 
-    again = _run(path, proxied, server)
+    again = _run(path, proxied, server, env={"LRSEARCH_OUTAGE_S": "3"})  # the operator's setting, again
     out, err = again.communicate(timeout=300)
     assert again.returncode == 0, err
     _assert_study_whole(pg_url, server, "long", 12)
@@ -217,3 +217,19 @@ def test_a_full_disk_is_one_line(tiny_disk, tmp_path):
     lines = err.strip().splitlines()
     assert lines[-1] == f"lrsearch: error: the database {storage} refused a write: database or disk is full", err
     assert "Traceback" not in err and "Should not reach" not in err
+
+
+def test_a_lock_whose_connection_dropped_knows_it(pg_url):
+    from lrsearch.storage import store_lock
+
+    with store_lock(pg_url) as lock:
+        assert lock.held()
+        pid = lock.connection.execute(sa.text("SELECT pg_backend_pid()")).scalar()
+        lock.connection.rollback()
+        engine = sa.create_engine(pg_url, poolclass=sa.pool.NullPool)
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid}).scalar()
+        engine.dispose()
+        assert not lock.held()
+    with store_lock(pg_url) as again:  # released with the connection: taken again at once
+        assert again.held()

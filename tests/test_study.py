@@ -212,3 +212,43 @@ def test_log_batch_calls_stay_within_mlflows_limits():
         (100, 5, 895), (50, 0, 950), (0, 0, 655)]  # <= 100 params, 100 tags, 1000 entities a call
     assert sum((b["metrics"] for b in batches), []) == list(range(2500))  # every point, in order
     assert list(_batches([], [], [])) == []
+
+
+def test_a_run_whose_last_records_were_lost_is_closed_as_its_trial_ended(write_study, stores, monkeypatch):
+    """A trial's run still RUNNING after its trial ended (its worker died before sending the
+    records, or the tracking store was away longer than the outage window) is closed when a
+    later session closes the study: status from the trial's state, and a tag saying why."""
+    from conftest import TINY_STUDY
+
+    storage, tracking = stores
+    cfg = load_config(write_study(TINY_STUDY.replace("trials = 3", "trials = 1")))
+    first = run_study(cfg, storage=storage, tracking=tracking)
+    client = MlflowClient(tracking_uri=tracking)
+    lost = first.study.trials[0].user_attrs["mlflow_run_id"]
+    client.update_run(lost, status="RUNNING")  # as if its closing calls never arrived
+    monkeypatch.setenv("LRSEARCH_OUTAGE_S", "0")
+    run_study(cfg.with_overrides(trials=2), storage=storage, tracking=tracking)
+    run = client.get_run(lost)
+    assert run.info.status == "FINISHED" and run.data.tags["state"] == "COMPLETE"
+    assert run.data.tags["tracking_error"].startswith("the trial's last records were lost")
+    assert {r.info.status for r in client.search_runs([first.experiment_id])} == {"FINISHED"}
+
+
+def test_a_claim_made_without_the_lock_never_passes_the_total(write_study, stores):
+    """What the worker loop does with a trial claimed while the store lock's connection was
+    down (another worker may have claimed the same slot): kept if the trials before it leave
+    it a slot, else ended FAIL at once, untrained, with the reason."""
+    from conftest import TINY_STUDY
+    from lrsearch.study import _confirm_claim, open_session
+
+    cfg = load_config(write_study(TINY_STUDY.replace("trials = 3", "trials = 2")))
+    session = open_session(cfg, storage=stores[0], tracking=stores[1])
+    first = session.study.ask()
+    assert _confirm_claim(session, first) is first  # nothing ahead of it
+    session.study.tell(first, 0.5)
+    second = session.study.ask()
+    third = session.study.ask()  # a slot claimed twice
+    assert _confirm_claim(session, second) is second
+    assert _confirm_claim(session, third) is None
+    ended = session.store.get_trial(third._trial_id)
+    assert ended.state.name == "FAIL" and ended.user_attrs["reason"].startswith("over the study's total")

@@ -1,0 +1,98 @@
+"""Processes and signals, as an operator meets them: a `run --workers` command killed outright,
+and Ctrl-C pressed twice in any rhythm. Nothing is left RUNNING, nothing outlives its parent,
+no retry is stranded."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow import MlflowClient
+
+from conftest import TINY_STUDY
+
+
+def _start(tmp_path: Path, study: Path, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "LRSEARCH_DATA": str(tmp_path / "data"), "LRSEARCH_HEARTBEAT_INTERVAL": "1",
+           "LRSEARCH_HEARTBEAT_GRACE": "3"}
+    return subprocess.Popen([sys.executable, "-m", "lrsearch.cli", "run", str(study), *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _trials(tmp_path: Path) -> list[optuna.trial.FrozenTrial]:
+    try:
+        return optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'data' / 'optuna.db'}").trials
+    except Exception:  # not created yet
+        return []
+
+
+def _wait_running(tmp_path: Path, proc: subprocess.Popen, n: int) -> None:
+    deadline = time.monotonic() + 120
+    while sum(t.state.name == "RUNNING" for t in _trials(tmp_path)) < n:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.1)
+
+
+def _runs(tmp_path: Path) -> list:
+    client = MlflowClient(f"sqlite:///{tmp_path / 'data' / 'mlflow.db'}")
+    return client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+
+
+def _children_of(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout.splitlines()[1:]
+    return [int(line.split()[0]) for line in out if "lrsearch.cli worker" in line and line.split()[1] == str(pid)]
+
+
+def test_a_killed_run_command_takes_its_workers_with_it_and_its_retry_runs(write_study, tmp_path):
+    study = write_study(TINY_STUDY.replace("trials = 3", "trials = 3").replace("epochs = 3", "epochs = 20000"))
+    proc = _start(tmp_path, study, "--workers", "2")
+    _wait_running(tmp_path, proc, 2)
+    children = _children_of(proc.pid)
+    assert len(children) == 1
+    proc.kill()  # SIGKILL: no chance to pass anything on
+    proc.communicate()
+    deadline = time.monotonic() + 60
+    while any(Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
+              for pid in children):
+        assert time.monotonic() < deadline, "the child worker outlived its parent"
+        time.sleep(0.2)
+    states = sorted(t.state.name for t in _trials(tmp_path))
+    assert states == ["FAIL", "RUNNING"]  # the child's trial recorded; the killed parent's could not be
+    assert [t.user_attrs["reason"] for t in _trials(tmp_path) if t.state.name == "FAIL"][0].startswith("interrupted")
+
+    again = _start(tmp_path, study, "--workers", "2", "--epochs", "2")
+    out, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err
+    trials = _trials(tmp_path)
+    assert sorted(t.state.name for t in trials).count("COMPLETE") == 3
+    assert {t.state.name for t in trials} == {"COMPLETE", "FAIL"}  # nothing RUNNING, no retry left WAITING
+    dead = next(t for t in trials if t.user_attrs.get("reason", "").startswith("worker lost"))
+    retry = [t for t in trials if t.system_attrs.get("failed_trial") == dead.number]
+    assert len(retry) == 1 and retry[0].state.name == "COMPLETE" and retry[0].params == dead.params
+    assert [r.info.run_name for r in _runs(tmp_path) if r.info.status == "RUNNING"] == []
+
+
+@pytest.mark.parametrize("gap", [0.02, 0.5])
+def test_two_ctrl_c_in_any_rhythm_leave_nothing_running(write_study, tmp_path, gap):
+    study = write_study(TINY_STUDY.replace("epochs = 3", "epochs = 20000"))
+    proc = _start(tmp_path, study, "--workers", "2")
+    _wait_running(tmp_path, proc, 2)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(gap)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == ("lrsearch: error: interrupted by SIGINT; "
+                                            "run the same command again to resume the study")
+    assert "Traceback" not in err and "UnboundLocalError" not in err
+    trials = _trials(tmp_path)
+    assert [t.state.name for t in trials] == ["FAIL", "FAIL"]
+    assert all(t.user_attrs["reason"].startswith("interrupted") for t in trials)
+    assert sorted((r.data.tags["lrsearch.role"], r.info.status) for r in _runs(tmp_path)) == [
+        ("study", "KILLED"), ("trial", "KILLED"), ("trial", "KILLED")]
