@@ -102,11 +102,11 @@ class Retry:
     """
 
     def __init__(self, what: str, *, window: float | None = None, hint: str = "",
-                 stopping: Callable[[], bool] = lambda: False) -> None:
+                 check_stop: Callable[[], None] = lambda: None) -> None:
         self.what = what
         self.window = outage_window() if window is None else window
         self.hint = hint
-        self.stopping = stopping
+        self.check_stop = check_stop  # raises when the process was asked to stop: no more waiting
         self.last_failure: float | None = None
         self._given_up = False
         self._lock = threading.Lock()
@@ -134,10 +134,11 @@ class Retry:
                     self.last_failure = now
                     window = 0.0 if self._given_up else self.window
                 deadline = now + window if deadline is None else deadline
-                if now >= deadline or self.stopping():
+                if now >= deadline:
                     with self._lock:
                         self._given_up = True
                     raise Unreachable(self.what, reason(e), self.window, self.hint) from e
+                self.check_stop()
                 time.sleep(min(delay * random.uniform(0.5, 1.0), deadline - now))
                 delay = min(delay * 2, MAX_RETRY_DELAY_S)
                 continue

@@ -79,9 +79,11 @@ class StopFlag:
             raise Interrupted(signum)
 
 
-def stop_requested() -> bool:
-    """Whether this process was asked to stop (for loops that wait, such as retries)."""
-    return _installed is not None and _installed.requested
+def check_stop() -> None:
+    """Raise :class:`Interrupted` if this process was asked to stop (for loops that wait,
+    such as retries through an outage)."""
+    if _installed is not None:
+        _installed.check()
 
 
 def watch_parent() -> None:

@@ -121,9 +121,9 @@ def open_storage(url: str, *, create: bool = True, hint: str = "") -> Any:
         raise
     except Exception as e:  # server down, wrong credentials, unreadable file
         raise LrsearchError(f"cannot open storage {redact(url)}: {_reason(e)}") from e
-    from lrsearch.stopping import stop_requested
+    from lrsearch.stopping import check_stop
 
-    retry = Retry(f"the database {redact(given)}", hint=hint, stopping=stop_requested)
+    retry = Retry(f"the database {redact(given)}", hint=hint, check_stop=check_stop)
     # Optuna's cache of finished trials (what optuna.create_study would wrap it in), then retries.
     return RetryingStorage(optuna.storages.get_storage(storage), retry, storage.engine)
 

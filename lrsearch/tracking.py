@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from lrsearch.errors import TrackingError, first_line
 from lrsearch.retry import Retry, reason
-from lrsearch.stopping import stop_requested
+from lrsearch.stopping import check_stop
 from lrsearch.storage import (
     MLFLOW_MARKERS, artifact_root, check_sqlite_owner, folder_name, new_sqlite_file, redact, sqlite_path,
 )
@@ -68,7 +68,7 @@ class Tracker:
             for name, value in HTTP_LIMITS.items():
                 os.environ.setdefault(name, value)
         self.client = MlflowClient(tracking_uri=uri, registry_uri=uri if path is None else None)
-        self.retry = Retry(f"MLflow tracking at {redact(uri)}", stopping=stop_requested)
+        self.retry = Retry(f"MLflow tracking at {redact(uri)}", check_stop=check_stop)
 
     def check(self) -> None:
         """Raise :class:`TrackingError` naming the URI if the store does not answer."""

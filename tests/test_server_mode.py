@@ -46,6 +46,12 @@ def _study_file(tmp_path: Path, name: str, trials: int, epochs: int) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def _data_folder(tmp_path, monkeypatch):
+    """Each test's embedded folder (reports land there) is its own, not the working directory's."""
+    monkeypatch.setenv("LRSEARCH_DATA", str(tmp_path / "data"))
+
+
 def _lrsearch(*args: str, env: dict | None = None, **popen) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "lrsearch.cli", *args], env={**os.environ, **(env or {})},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -112,6 +118,9 @@ def test_two_workers_share_one_study(pg_url, tracking_server, tmp_path):
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     assert "study 'two-workers': 6 trials (6 COMPLETE), target 6" in out
+    # The report goes under a folder of its own store: never over an embedded study's of the same name.
+    database = sa.engine.make_url(pg_url).database
+    assert f"report: {tmp_path / 'data' / 'reports' / f'127.0.0.1-5432-{database}'}/two-workers/report.html" in out
 
     study = _study(pg_url, "two-workers")
     assert len({tuple(sorted(t.params.items())) for t in study.trials}) == 6  # no duplicates
