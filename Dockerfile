@@ -14,3 +14,5 @@ RUN pip install ".[dashboard]"
 
 RUN useradd --create-home lrsearch && mkdir -p /artifacts && chown lrsearch /artifacts
 USER lrsearch
+# Reports, and the server's login config (no secret in it), in the user's own folder.
+ENV LRSEARCH_DATA=/home/lrsearch/lrsearch-data

@@ -30,7 +30,7 @@ from typing import Any, Sequence
 from lrsearch.errors import LrsearchError, UsageError, first_line
 from lrsearch.retry import reason
 from lrsearch.storage import (
-    is_postgres, pg_url, prepare_database, redact, sqlite_path, storage_url, store_lock, tracking_uri,
+    is_postgres, pg_url, prepare_database, redact, sqlite_path, storage_url, store_lock, tracking_uri, with_user,
 )
 
 VIEWS = ("trials", "best_trials", "studies")
@@ -320,14 +320,14 @@ def _connect_pg(url: str, user_sql: bool) -> Any:
     try:
         if user_sql and conn.execute(_PRIVILEGED_SQL).fetchone()[0]:
             role = conn.info.user
-            reader = _with_user(url, "lrsearch_reader")
+            reader = with_user(url, "lrsearch_reader")
             raise UsageError(
                 f"lrsearch sql runs queries only as a read-only role, and {role!r} can write to this database "
                 f"or act as its server: create a reader once with `lrsearch sql --grant-reader lrsearch_reader "
                 f"--storage {redact(url)}`, then pass --storage {reader}")
         if conn.execute("SELECT to_regclass('lrsearch.trials') IS NULL").fetchone()[0]:
             raise LrsearchError(f"no lrsearch views in {redact(url)}: MLflow's tables are not in its schema "
-                                "'mlflow' (start `lrsearch server --db` on this database first)")
+                                "'mlflow' (start `lrsearch server` on this database first)")
         conn.execute("SET search_path TO lrsearch, optuna, mlflow, public")
         conn.commit()
     except BaseException:
@@ -346,12 +346,6 @@ def _conninfo(url: str) -> str:
     return parsed.set(drivername="postgresql", query=query).render_as_string(hide_password=False)
 
 
-def _with_user(url: str, user: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    return make_url(pg_url(url)).set(username=user, password=None).render_as_string(hide_password=True)
-
-
 def grant_reader(url: str, role: str) -> str:
     """Create (or update) the PostgreSQL role ``role`` that may only read results: LOGIN,
     SELECT on the ``lrsearch`` views and the tables in :data:`READER_TABLES`, its sessions
@@ -367,7 +361,7 @@ def grant_reader(url: str, role: str) -> str:
         raise UsageError("--grant-reader needs a PostgreSQL --storage (the embedded files are read-only for lrsearch sql)")
     url = storage_url(url)
     if not ensure_views(url):
-        raise LrsearchError(f"no MLflow tables in {redact(url)} yet: start `lrsearch server --db` on it first")
+        raise LrsearchError(f"no MLflow tables in {redact(url)} yet: start `lrsearch server` on it first")
     password = os.environ.get(READER_PASSWORD_ENV) or None
     ident = sql.Identifier(role)
     try:
@@ -398,7 +392,7 @@ def grant_reader(url: str, role: str) -> str:
                          "the schemas)") from None
     except psycopg.OperationalError as e:
         raise LrsearchError(f"cannot connect to {redact(url)}: {reason(e)}") from None
-    return _with_user(url, role)
+    return with_user(url, role)
 
 
 def _scram(password: str, iterations: int = 4096) -> str:

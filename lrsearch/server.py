@@ -11,10 +11,12 @@ import ipaddress
 import os
 import secrets
 import sys
-import tempfile
 
 from lrsearch.errors import UsageError
-from lrsearch.storage import artifact_root, data_dir, is_postgres, prepare_database, redact, schema_url, sqlite_path
+from lrsearch.storage import (
+    artifact_root, data_dir, is_postgres, make_folder, pg_url, prepare_database, redact, schema_url, sqlite_path,
+    with_user,
+)
 
 DB_ENV = "LRSEARCH_DB"
 ADMIN_USER_ENV, ADMIN_PASSWORD_ENV = "MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD"
@@ -78,9 +80,9 @@ def server_command(backend: str, *, host: str = "127.0.0.1", port: int = 5000,
 
 
 def auth_environment(db: str) -> dict[str, str]:
-    """What MLflow's basic-auth app needs, none of it on a command line: a config file
-    (no secret in it) naming the login database, a CSRF key, and the admin's password
-    from ``$MLFLOW_AUTH_ADMIN_PASSWORD`` (MLflow creates that admin on first start)."""
+    """What MLflow's basic-auth app needs, none of it on a command line: a config file in the
+    data folder (no secret in it) naming the login database, a CSRF key, and the admin's
+    password from ``$MLFLOW_AUTH_ADMIN_PASSWORD`` (MLflow creates that admin on first start)."""
     password = os.environ.get(ADMIN_PASSWORD_ENV, "")
     if len(password) < 12:
         raise UsageError(f"--auth needs the admin's password (12 characters or more) in ${ADMIN_PASSWORD_ENV}; "
@@ -91,10 +93,10 @@ def auth_environment(db: str) -> dict[str, str]:
         from sqlalchemy.engine import make_url
 
         prepare_database(db, extra_schemas=(AUTH_SCHEMA,))
-        url = make_url(schema_url(db, AUTH_SCHEMA))
-        if url.password:
-            env["PGPASSWORD"] = str(url.password)
-        database = url.set(password=None).render_as_string(hide_password=False)
+        password = make_url(pg_url(db)).password
+        if password:
+            env["PGPASSWORD"] = str(password)
+        database = with_user(schema_url(db, AUTH_SCHEMA))
     else:
         path = sqlite_path(db)
         assert path is not None  # backend_uri checked it
@@ -103,10 +105,11 @@ def auth_environment(db: str) -> dict[str, str]:
               f"database_uri = {database.replace('%', '%%')}\n"  # configparser: % is special
               f"authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
               f"auth_cache_ttl_seconds = {AUTH_CACHE_S}\n")
-    handle, path = tempfile.mkstemp(prefix="lrsearch-auth-", suffix=".ini")
-    with os.fdopen(handle, "w") as f:
+    path = data_dir() / "auth.ini"  # rewritten at each start (no secret in it: see above)
+    make_folder(path.parent)
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
         f.write(config)
-    env["MLFLOW_AUTH_CONFIG_PATH"] = path
+    env["MLFLOW_AUTH_CONFIG_PATH"] = str(path)
     return env
 
 

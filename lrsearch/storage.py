@@ -60,6 +60,15 @@ def sqlite_path(url: str) -> Path | None:
     return Path(url[len("sqlite:///"):].split("?", 1)[0])
 
 
+def with_user(url: str, user: str | None = None) -> str:
+    """A database URL without its password (libpq then reads ``PGPASSWORD``), for ``user``
+    if given. (``URL.set`` cannot clear a field: it skips None.)"""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(pg_url(url))
+    return parsed._replace(username=user or parsed.username, password=None).render_as_string(hide_password=False)
+
+
 def redact(url: str) -> str:
     """``url`` with any password replaced by ``***``, for tags and messages."""
     if "://" not in url or "@" not in url:

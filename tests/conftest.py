@@ -209,8 +209,10 @@ def start_server(pg: str, artifacts: Path) -> tuple[subprocess.Popen, str]:
     assert command[:2] == ["lrsearch", "server"]
     # Its log goes to a file: an unread pipe fills up (64 KB) and every thread that logs blocks.
     log = open(artifacts.parent / f"server-{port}.log", "w+b")
+    data = os.environ.get("LRSEARCH_DATA") or str(artifacts.parent / "data")  # its login config goes there
     proc = subprocess.Popen([sys.executable, "-m", "lrsearch.cli", *command[1:]], stdout=subprocess.DEVNULL,
-                            stderr=log, start_new_session=True, env={**os.environ, **environment})
+                            stderr=log, start_new_session=True,
+                            env={**os.environ, "LRSEARCH_DATA": data, **environment})
     proc.stderr = log
     uri = f"http://127.0.0.1:{port}"
     try:

@@ -61,7 +61,8 @@ def server(proxied, tmp_path_factory):
 
 def _run(path: Path, storage: str, tracking: str, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "lrsearch.cli", "run", str(path), "--workers", "2"],
-                            env={**os.environ, **FAST_HEARTBEAT, "LRSEARCH_STORAGE": storage,
+                            env={**os.environ, **FAST_HEARTBEAT, "LRSEARCH_DATA": str(path.parent / "data"),
+                                 "LRSEARCH_STORAGE": storage,
                                  "MLFLOW_TRACKING_URI": tracking, **(env or {})},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 

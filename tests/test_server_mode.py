@@ -295,6 +295,8 @@ def test_no_password_on_any_command_line(pg_url, tmp_path):
         assert [line for line in lines if "lrsearch.cli worker" in line]  # the child worker is there
         assert [line for line in lines if "mlflow server" in line or "mlflow.server" in line]
         assert [line for line in lines if secret in line] == []
+        written = [p for p in (tmp_path / "data").rglob("*") if p.is_file()]  # the server's login config
+        assert any(p.name == "auth.ini" for p in written) and not any(secret in p.read_text() for p in written)
         os.killpg(proc.pid, signal.SIGTERM)
         out, err = proc.communicate(timeout=120)
         assert secret not in out + err

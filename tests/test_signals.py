@@ -44,6 +44,13 @@ def _runs(tmp_path: Path) -> list:
     return client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
 
 
+def _alive(pid: int) -> bool:
+    try:
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
+    except FileNotFoundError:
+        return False
+
+
 def _children_of(pid: int) -> list[int]:
     out = subprocess.run(["ps", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout.splitlines()[1:]
     return [int(line.split()[0]) for line in out if "lrsearch.cli worker" in line and line.split()[1] == str(pid)]
@@ -58,24 +65,24 @@ def test_a_killed_run_command_takes_its_workers_with_it_and_its_retry_runs(write
     proc.kill()  # SIGKILL: no chance to pass anything on
     proc.communicate()
     deadline = time.monotonic() + 60
-    while any(Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
-              for pid in children):
+    while any(_alive(pid) for pid in children):
         assert time.monotonic() < deadline, "the child worker outlived its parent"
         time.sleep(0.2)
     states = sorted(t.state.name for t in _trials(tmp_path))
-    assert states == ["FAIL", "RUNNING"]  # the child's trial recorded; the killed parent's could not be
+    assert states == ["FAIL", "RUNNING"], [(t.state.name, t.user_attrs) for t in _trials(tmp_path)]
     assert [t.user_attrs["reason"] for t in _trials(tmp_path) if t.state.name == "FAIL"][0].startswith("interrupted")
 
     again = _start(tmp_path, study, "--workers", "2", "--epochs", "2")
     out, err = again.communicate(timeout=300)
     assert again.returncode == 0, err
     trials = _trials(tmp_path)
-    assert sorted(t.state.name for t in trials).count("COMPLETE") == 3
-    assert {t.state.name for t in trials} == {"COMPLETE", "FAIL"}  # nothing RUNNING, no retry left WAITING
+    summary = [(t.number, t.state.name, t.user_attrs.get("reason"), t.system_attrs.get("failed_trial")) for t in trials]
+    assert sorted(t.state.name for t in trials).count("COMPLETE") == 3, (summary, err)
+    assert {t.state.name for t in trials} == {"COMPLETE", "FAIL"}, summary  # nothing RUNNING, no retry WAITING
     dead = next(t for t in trials if t.user_attrs.get("reason", "").startswith("worker lost"))
     retry = [t for t in trials if t.system_attrs.get("failed_trial") == dead.number]
-    assert len(retry) == 1 and retry[0].state.name == "COMPLETE" and retry[0].params == dead.params
-    assert [r.info.run_name for r in _runs(tmp_path) if r.info.status == "RUNNING"] == []
+    assert len(retry) == 1 and retry[0].state.name == "COMPLETE" and retry[0].params == dead.params, summary
+    assert [r.info.run_name for r in _runs(tmp_path) if r.info.status == "RUNNING"] == [], summary
 
 
 @pytest.mark.parametrize("gap", [0.02, 0.5])
