@@ -18,12 +18,11 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import sqlalchemy as sa
 
-from scratch import scratch_database
+from scratch import lrsearch_server, scratch_database
 
 STUDY = Path(__file__).resolve().parent.parent / "studies" / "quickstart.toml"
 ADMIN = {"MLFLOW_AUTH_ADMIN_PASSWORD": "bench-admin-password", "MLFLOW_TRACKING_USERNAME": "admin",
@@ -60,17 +59,7 @@ def main() -> None:
         if url is None:
             return
         env = {**os.environ, **ADMIN, "LRSEARCH_DATA": tmp}
-        port = 5123
-        server = subprocess.Popen([sys.executable, "-m", "lrsearch.cli", "server", "--auth", "--port", str(port),
-                                   "--artifacts", f"{tmp}/artifacts"], env={**env, "LRSEARCH_DB": url},
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        try:
-            for _ in range(240):
-                try:
-                    urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
-                    break
-                except OSError:
-                    time.sleep(0.5)
+        with lrsearch_server(url, Path(tmp), auth=True, env=ADMIN) as uri:
             print(f"studies/quickstart.toml, {args.trials} trials x {args.epochs} epochs per run; PostgreSQL "
                   "connections at the busiest moment (sampled every 20 ms)")
             print(f"{'workers':>7} {'per worker':>10} {'all workers':>11} {'MLflow server':>13} {'in all':>6}")
@@ -81,16 +70,12 @@ def main() -> None:
                 sampler.start()
                 subprocess.run([sys.executable, "-m", "lrsearch.cli", "run", str(STUDY), "--name", f"conn{n}",
                                 "--trials", str(args.trials), "--epochs", str(args.epochs), "--workers", str(n)],
-                               env={**env, "LRSEARCH_STORAGE": url, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"},
+                               env={**env, "LRSEARCH_STORAGE": url, "MLFLOW_TRACKING_URI": uri},
                                check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 stop.set()
                 sampler.join()
                 print(f"{n:>7} {peaks.get('per worker', 0):>10} {peaks.get('workers', 0):>11} "
                       f"{peaks.get('server', 0):>13} {peaks.get('all', 0):>6}")
-        finally:
-            os.killpg(server.pid, 15)
-            server.wait()
-
 
 if __name__ == "__main__":
     main()

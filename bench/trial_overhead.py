@@ -14,15 +14,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -40,7 +34,7 @@ from lrsearch.storage import open_storage
 from lrsearch.study import make_pruner
 from lrsearch.tracking import Tracker
 from lrsearch.training import quiet_lightning, train
-from scratch import scratch_database
+from scratch import lrsearch_server, scratch_database
 
 HP = {"optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "schedule": "constant"}
 
@@ -166,23 +160,8 @@ def _postgres_and_server(admin_url: str, folder: Path) -> Iterator[tuple[str, st
         if url is None:
             yield None
             return
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        server = subprocess.Popen([sys.executable, "-m", "lrsearch.cli", "server", "--db", url, "--port", str(port),
-                                   "--artifacts", str(folder / "artifacts")], stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL, start_new_session=True)
-        try:
-            for _ in range(240):
-                try:
-                    urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                    break
-                except OSError:
-                    time.sleep(0.5)
-            yield url, f"http://127.0.0.1:{port}"
-        finally:
-            os.killpg(server.pid, signal.SIGTERM)
-            server.wait()
+        with lrsearch_server(url, folder) as uri:
+            yield url, uri
 
 
 def measure(fn, cfg, data, repeats: int, batch: int) -> float:

@@ -33,6 +33,30 @@ decay = 0.01
 """
 
 
+# A study for server-mode tests: format with name, trials, epochs (and seed, extra tables).
+SERVER_STUDY = """\
+[study]
+name = "{name}"
+trials = {trials}
+seed = {seed}
+pruner = "none"
+
+[train]
+epochs = {epochs}
+batch_size = 64
+
+[params]
+optimizer = {{ choices = ["sgd", "adam"] }}
+lr = {{ low = 1e-3, high = 0.1, log = true }}
+{extra}"""
+# Short heartbeats so a dead worker's trial is detected within seconds in these tests.
+FAST_HEARTBEAT = {"LRSEARCH_HEARTBEAT_INTERVAL": "1", "LRSEARCH_HEARTBEAT_GRACE": "4"}
+
+
+def server_study(name: str, trials: int, epochs: int, *, seed: int = 11, extra: str = "") -> str:
+    return SERVER_STUDY.format(name=name, trials=trials, epochs=epochs, seed=seed, extra=extra)
+
+
 @pytest.fixture(autouse=True)
 def _quiet_and_single_threaded() -> None:
     import torch

@@ -5,7 +5,6 @@ the test can cut) and on the embedded files."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -16,25 +15,9 @@ import pytest
 import sqlalchemy as sa
 from mlflow import MlflowClient
 
-from conftest import TcpProxy, start_server, stop_process_group
+from conftest import FAST_HEARTBEAT, TcpProxy, server_study, start_server, stop_process_group
 from lrsearch.storage import schema_url
 
-STUDY = """\
-[study]
-name = "{name}"
-trials = {trials}
-seed = 3
-pruner = "none"
-
-[train]
-epochs = {epochs}
-batch_size = 64
-
-[params]
-optimizer = {{ choices = ["sgd", "adam"] }}
-lr = {{ low = 1e-3, high = 0.1, log = true }}
-"""
-FAST_HEARTBEAT = {"LRSEARCH_HEARTBEAT_INTERVAL": "1", "LRSEARCH_HEARTBEAT_GRACE": "4"}
 PASSWORD = "s3cret-pw"  # trust auth ignores it; no message may show it
 
 
@@ -121,7 +104,7 @@ def _terminate_backends(pg_url: str) -> int:
 
 def test_dropped_connections_cost_nothing(pg_url, proxied, server, tmp_path):
     path = tmp_path / "dropped.toml"
-    path.write_text(STUDY.format(name="dropped", trials=20, epochs=150))
+    path.write_text(server_study("dropped", 20, 150, seed=3))
     proc = _run(path, proxied, server)
     _wait_for(pg_url, "dropped", proc, 3)
     # Every connection of the workers and of the tracking server, three times (the later
@@ -139,7 +122,7 @@ def test_dropped_connections_cost_nothing(pg_url, proxied, server, tmp_path):
 
 def test_an_outage_within_the_window_costs_nothing(pg_url, proxied, proxy, server, tmp_path):
     path = tmp_path / "outage.toml"
-    path.write_text(STUDY.format(name="outage", trials=20, epochs=150))
+    path.write_text(server_study("outage", 20, 150, seed=3))
     proc = _run(path, proxied, server)
     _wait_for(pg_url, "outage", proc, 3)
     proxy.down()  # the database unreachable for 6 s, for the workers and the tracking server
@@ -154,7 +137,7 @@ def test_an_outage_within_the_window_costs_nothing(pg_url, proxied, proxy, serve
 def test_an_outage_past_the_window_exits_1_in_one_line_and_a_rerun_completes(pg_url, proxied, proxy, server,
                                                                             tmp_path):
     path = tmp_path / "long.toml"
-    path.write_text(STUDY.format(name="long", trials=12, epochs=150))
+    path.write_text(server_study("long", 12, 150, seed=3))
     proc = _run(path, proxied, server, env={"LRSEARCH_OUTAGE_S": "3"})
     _wait_for(pg_url, "long", proc, 2)
     proxy.down()
@@ -191,7 +174,7 @@ def tiny_disk(tmp_path):
 
 def test_a_full_disk_is_one_line(tiny_disk, tmp_path):
     path = tmp_path / "full.toml"
-    path.write_text(STUDY.format(name="full", trials=200, epochs=30))
+    path.write_text(server_study("full", 200, 30, seed=3))
     storage = f"sqlite:///{tiny_disk / 'optuna.db'}"
     proc = subprocess.Popen([sys.executable, "-m", "lrsearch.cli", "run", str(path), "--storage", storage,
                              "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"],

@@ -15,34 +15,14 @@ import pytest
 import sqlalchemy as sa
 from mlflow import MlflowClient
 
-from conftest import compose_service, compose_variables, start_server, stop_process_group
+from conftest import (
+    FAST_HEARTBEAT, compose_service, compose_variables, server_study, start_server, stop_process_group,
+)
 from lrsearch.storage import schema_url
-
-STUDY = """\
-[study]
-name = "{name}"
-trials = {trials}
-seed = 11
-pruner = "none"
-
-[train]
-epochs = {epochs}
-batch_size = 64
-
-[params]
-optimizer = {{ choices = ["sgd", "adam"] }}
-lr = {{ low = 1e-3, high = 0.1, log = true }}
-
-[tracking]
-trial_plots = true
-"""
-# Short heartbeats so a dead worker's trial is detected within seconds in these tests.
-FAST_HEARTBEAT = {"LRSEARCH_HEARTBEAT_INTERVAL": "1", "LRSEARCH_HEARTBEAT_GRACE": "4"}
-
 
 def _study_file(tmp_path: Path, name: str, trials: int, epochs: int) -> Path:
     path = tmp_path / f"{name}.toml"
-    path.write_text(STUDY.format(name=name, trials=trials, epochs=epochs))
+    path.write_text(server_study(name, trials, epochs, extra="\n[tracking]\ntrial_plots = true\n"))
     return path
 
 
