@@ -34,7 +34,10 @@ def main() -> None:
     import torch
 
     from lrsearch.config import load_config
-    from lrsearch.study import experiment_table, load_study, run_study
+    from lrsearch.launch import run_study
+    from lrsearch.report import results_table
+    from lrsearch.attrs import EPOCHS_TRAINED
+    from lrsearch.results import direction, load_study, ranking
     from lrsearch.training import quiet_lightning
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -47,13 +50,13 @@ def main() -> None:
     grid_best, grid_epochs = 0.0, 0
     for name, title in CLASSIC.items():
         study = load_study(name)
-        grid_best = max(grid_best, max(t.value for t in study.trials if t.value is not None))
-        grid_epochs += sum(t.user_attrs.get("epochs_trained", 0) for t in study.trials)
-        print(f"**{title}** (`studies/{name}.toml`)\n\n{experiment_table(name)}\n")
+        grid_best = max(grid_best, ranking(study.trials, direction(study))[0].value)
+        grid_epochs += sum(t.user_attrs.get(EPOCHS_TRAINED, 0) for t in study.trials)
+        print(f"**{title}** (`studies/{name}.toml`)\n\n{results_table(name)}\n")
     search = load_study("search")
-    done = [t for t in search.trials if t.state.name == "COMPLETE"]
-    best = max(done, key=lambda t: t.value)
-    epochs = sum(t.user_attrs.get("epochs_trained", 0) for t in search.trials)
+    done = ranking(search.trials, direction(search))
+    best = done[0]
+    epochs = sum(t.user_attrs.get(EPOCHS_TRAINED, 0) for t in search.trials)
     params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.params.items())
     print("| | best val acc | epochs trained |\n|---|---|---|")
     print(f"| the five grids ({sum(len(load_study(n).trials) for n in CLASSIC)} trials) | {grid_best:.3f} | {grid_epochs} |")

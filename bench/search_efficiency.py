@@ -21,8 +21,11 @@ GRIDS = ("lr_sweep", "momentum", "time_decay", "plateau", "adaptive")
 
 
 def best_and_epochs(study) -> tuple[float, int]:
-    values = [t.value for t in study.trials if t.state.name == "COMPLETE"]
-    return max(values), sum(t.user_attrs.get("epochs_trained", 0) for t in study.trials)
+    from lrsearch.attrs import EPOCHS_TRAINED
+    from lrsearch.results import direction, ranking
+
+    best = ranking(study.trials, direction(study))[0]
+    return best.value, sum(t.user_attrs.get(EPOCHS_TRAINED, 0) for t in study.trials)
 
 
 def main() -> None:
@@ -35,7 +38,7 @@ def main() -> None:
         import torch
 
         from lrsearch.config import load_config
-        from lrsearch.study import run_study
+        from lrsearch.launch import run_study
         from lrsearch.training import quiet_lightning
 
         optuna.logging.set_verbosity(optuna.logging.ERROR)

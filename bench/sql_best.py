@@ -26,6 +26,7 @@ import optuna
 import sqlalchemy as sa
 from mlflow import MlflowClient
 
+from lrsearch.attrs import HYPERPARAMETERS, MLFLOW_RUN
 from lrsearch.queries import ResultsDatabase, ensure_indexes, ensure_views
 from scratch import scratch_database
 from lrsearch.storage import open_storage, prepare_database, schema_url
@@ -61,8 +62,8 @@ def fill(storage: str, optuna_engine: sa.Engine, mlflow_engine: sa.Engine, track
                     "distribution_json": OPTIMIZER},
                    {"trial_id": trial_id, "param_name": "lr", "param_value": 10 ** rng.uniform(-5, 0),
                     "distribution_json": LR}]
-        attrs += [{"trial_id": trial_id, "key": "mlflow_run_id", "value_json": json.dumps(run_id)},
-                  {"trial_id": trial_id, "key": "hyperparameters",
+        attrs += [{"trial_id": trial_id, "key": MLFLOW_RUN, "value_json": json.dumps(run_id)},
+                  {"trial_id": trial_id, "key": HYPERPARAMETERS,
                    "value_json": json.dumps({"optimizer": ["sgd", "adam", "rmsprop"][number % 3]})}]
         run_rows.append({"run_uuid": run_id, "name": f"trial-{number}", "status": "FINISHED",
                          "lifecycle_stage": "active", "experiment_id": experiment_id, "source_type": "LOCAL"})

@@ -73,7 +73,9 @@ def in_process(trials: int, epochs: int, in_memory: bool) -> tuple[float, float]
 
     from lrsearch.config import load_config
     from lrsearch.retrying_storage import RetryingStorage
-    from lrsearch.study import make_pruner, make_sampler, open_session, work
+    from lrsearch.sampling import make_pruner, make_sampler
+    from lrsearch.session import open_session
+    from lrsearch.worker import work
     from lrsearch.training import quiet_lightning
 
     quiet_lightning()

@@ -27,11 +27,11 @@ import torch.nn.functional as F
 
 from lrsearch.config import parse_config
 from lrsearch.data import load_data
-from lrsearch.model import build_mlp
+from lrsearch.network import build_mlp
 from lrsearch.objective import Objective
-from lrsearch.optim import make_optimizer
+from lrsearch.optimizers import make_optimizer
 from lrsearch.storage import open_storage
-from lrsearch.study import make_pruner
+from lrsearch.sampling import make_pruner
 from lrsearch.tracking import Tracker
 from lrsearch.training import quiet_lightning, train
 from scratch import lrsearch_server, scratch_database

@@ -64,23 +64,24 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = _study_config(args)
-    if args.workers > 1:
-        return _run_workers(args, cfg)
-    result = _work_here(args, cfg)
+    result = _run(args, cfg, workers=args.workers)
     _print_result(result.study, result.target, result.url, result.warnings)
+    if result.errors:
+        raise LrsearchError(f"{result.errors[0]}; run the same command again to resume")
     _report(args, cfg, result.study)
     return EXIT_OK
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from lrsearch.results import state_counts
     from lrsearch.stopping import watch_parent
 
     watch_parent()
     if args.worker_index is None:
         args.worker_index = _default_worker_index()
-    result = _work_here(args, _study_config(args), progress=False)
+    result = _run(args, _study_config(args), progress=False)
     print(f"worker {args.worker_index}: study {result.study.study_name!r} done "
-          f"({_state_counts(result.study)}), target {result.target}", file=sys.stderr)
+          f"({state_counts(result.study)}), target {result.target}", file=sys.stderr)
     _warn(result.warnings)
     return EXIT_OK
 
@@ -99,18 +100,17 @@ def _study_config(args: argparse.Namespace) -> Any:
     return load_config(args.file).with_overrides(trials=args.trials, epochs=args.epochs, name=args.name)
 
 
-def _work_here(args: argparse.Namespace, cfg: Any, progress: bool = True) -> Any:
-    """Run trials in this process until the study's total is reached."""
+def _run(args: argparse.Namespace, cfg: Any, workers: int = 1, progress: bool = True) -> Any:
+    """Run the study here (and in ``workers - 1`` more processes) until its total is reached."""
+    from lrsearch.launch import run_study
     from lrsearch.stopping import StopFlag
 
     stop = StopFlag()
     stop.install()
-    _setup_workers()
-    from lrsearch.study import run_study
-
     with _Progress(cfg.study.name, enabled=progress) as bar:
         return run_study(cfg, storage=args.storage, tracking=args.tracking_uri, study_file=Path(args.file),
-                         callbacks=[bar], on_start=bar.start, stop=stop, worker=args.worker_index)
+                         workers=workers, callbacks=[bar], on_start=bar.start, stop=stop,
+                         worker=args.worker_index)
 
 
 def _default_worker_index() -> int:
@@ -121,107 +121,9 @@ def _default_worker_index() -> int:
     return zlib.crc32(f"{socket.gethostname()}:{os.getpid()}".encode())
 
 
-def _run_workers(args: argparse.Namespace, cfg: Any) -> int:
-    """``run --workers N``: this process is worker 0 and first starts N-1 ``lrsearch worker``
-    processes on this host, so all of them import torch and Lightning at once. Each signal
-    here is passed on to them. They get the store URLs through their environment, never
-    their command lines (which every local user can read), and a pipe whose end of file
-    tells them that this process died."""
-    import signal
-    import subprocess
-
-    from lrsearch.stopping import PARENT_FD_ENV, Interrupted, StopFlag
-    from lrsearch.storage import STORAGE_ENV, TRACKING_ENV, storage_url, tracking_uri
-
-    command = [sys.executable, "-m", "lrsearch.cli", "worker", args.file, "--name", cfg.study.name]
-    for flag, value in (("--trials", args.trials), ("--epochs", args.epochs)):
-        if value is not None:
-            command += [flag, str(value)]
-    read_end, alive = os.pipe()  # this process keeps the write end (not inherited) until it dies
-    env = {**os.environ, STORAGE_ENV: storage_url(args.storage), TRACKING_ENV: tracking_uri(args.tracking_uri),
-           PARENT_FD_ENV: str(read_end)}
-    # Own sessions: a Ctrl-C reaches this process only, which passes it on.
-    others = [_Worker(subprocess.Popen([*command, "--worker-index", str(i)], start_new_session=True, env=env,
-                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                       pass_fds=(read_end,)), i) for i in range(1, args.workers)]
-    os.close(read_end)
-
-    def forward(signum: int) -> None:
-        for w in others:
-            if w.proc.poll() is None:
-                w.proc.send_signal(signum)
-
-    stop = StopFlag(on_signal=forward)
-    stop.install()
-    session = None
-    try:
-        _setup_workers()
-        from lrsearch.study import close_parent, count_finished, open_session, tracking_warnings, work
-
-        session = open_session(cfg, storage=args.storage, tracking=args.tracking_uri, study_file=Path(args.file))
-        with _Progress(cfg.study.name) as bar:
-            bar.start(session.target, count_finished(session.study))
-            work(session, stop=stop, callbacks=[bar])
-    except BaseException as e:
-        if session is None:  # the study never opened here (bad data, unreachable store): nor there
-            forward(signal.SIGTERM)
-        status = "KILLED" if isinstance(e, (Interrupted, KeyboardInterrupt)) else "FAILED"
-        raise
-    else:
-        status = "FINISHED"
-    finally:
-        for w in others:  # their last trials, or their own interruption
-            w.wait()
-        if session is not None:  # whoever ends last closes the parent run, as the study stands
-            close_parent(session, status)
-        os.close(alive)
-    failed = [w for w in others if w.proc.returncode != 0]
-    _print_result(session.study, session.target, session.mlflow_url,
-                  session.warnings + tracking_warnings(session.study) + [x for w in others for x in w.warnings])
-    if failed:
-        raise LrsearchError(f"{len(failed)} of {len(others)} other workers failed ({failed[0].error}); "
-                            "run the same command again to resume")
-    _report(args, cfg, session.study)
-    return EXIT_OK
-
-
-class _Worker:
-    """A worker process started by ``run --workers``, its stderr read on a thread: its
-    warnings are shown by this process, and its error line, if it fails, named in this
-    process's one line."""
-
-    def __init__(self, proc: Any, index: int) -> None:
-        import threading
-
-        self.proc = proc
-        self.index = index
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        for line in self.proc.stderr:
-            self.lines.append(line.rstrip("\n"))
-
-    def wait(self) -> None:
-        self.proc.wait()
-        self._reader.join()
-
-    @property
-    def warnings(self) -> list[str]:
-        prefix = "lrsearch: warning: "
-        return [f"worker {self.index}: {line[len(prefix):]}" for line in self.lines if line.startswith(prefix)]
-
-    @property
-    def error(self) -> str:
-        prefix = "lrsearch: error: "
-        errors = [line[len(prefix):] for line in self.lines if line.startswith(prefix)]
-        return f"worker {self.index}: " + (errors[-1] if errors else f"exit code {self.proc.returncode}")
-
-
 def _report(args: argparse.Namespace, cfg: Any, study: Any) -> None:
     """The study's report, at the end of `run`; a failure to draw it is a warning only."""
-    from lrsearch.study import write_report
+    from lrsearch.report import write_report
 
     try:
         paths = write_report(cfg.study.name, storage=args.storage, tracking=args.tracking_uri, study=study)
@@ -232,10 +134,10 @@ def _report(args: argparse.Namespace, cfg: Any, study: Any) -> None:
 
 
 def _print_result(study: Any, target: int, url: str, warnings: list[str]) -> None:
-    from lrsearch.study import best_trials
+    from lrsearch.results import best_trials, state_counts
 
     rows = best_trials(study, 5)
-    print(f"study {study.study_name!r}: {len(study.trials)} trials ({_state_counts(study)}), target {target}")
+    print(f"study {study.study_name!r}: {len(study.trials)} trials ({state_counts(study)}), target {target}")
     if rows:
         print(_format(rows, "table", TRIAL_COLUMNS))
     print(f"MLflow: {url}")
@@ -260,11 +162,11 @@ def cmd_best(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from lrsearch.study import experiment_table, write_report
+    from lrsearch.report import results_table, write_report
 
     _quiet()
     if args.table:
-        print(experiment_table(args.name, storage=args.storage, tracking=args.tracking_uri))
+        print(results_table(args.name, storage=args.storage, tracking=args.tracking_uri))
         return EXIT_OK
     paths = write_report(args.name, storage=args.storage, tracking=args.tracking_uri,
                          out=Path(args.out) if args.out else None)
@@ -334,13 +236,6 @@ def _cell(value: Any, fmt: str) -> str:
     return str(value)
 
 
-def _state_counts(study: Any) -> str:
-    counts: dict[str, int] = {}
-    for t in study.get_trials(deepcopy=False):
-        counts[t.state.name] = counts.get(t.state.name, 0) + 1
-    return ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-
-
 class _Progress:
     """Trials n/N (COMPLETE + PRUNED) and the best value so far, on stderr."""
 
@@ -362,7 +257,7 @@ class _Progress:
 
     def refresh(self, study: Any) -> None:
         """Show the study's state as its store has it (any worker's trials count)."""
-        from lrsearch.study import best_trials, count_finished
+        from lrsearch.results import best_trials, count_finished
 
         if self.bar is None:
             return
@@ -387,20 +282,6 @@ def _quiet() -> None:
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     quiet_mlflow()
-
-
-def _setup_workers() -> None:
-    """Process-wide settings for a process that trains: quiet libraries, one torch thread
-    (faster than several for these small networks, and fair to parallel workers)."""
-    import optuna
-    import torch
-
-    from lrsearch.training import quiet_lightning
-
-    # Optuna logs a failed trial with its traceback: lrsearch reports failures in one line.
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    torch.set_num_threads(int(os.environ.get("LRSEARCH_TORCH_THREADS", "1")))
-    quiet_lightning()
 
 
 # -- parser -------------------------------------------------------------------------------

@@ -8,24 +8,22 @@ created before a file has passed.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from lrsearch.data import SOURCES
 from lrsearch.errors import ConfigError, UsageError
+from lrsearch.network import ACTIVATIONS, INITS
+from lrsearch.registry import Registry, did_you_mean
+from lrsearch.sampling import PRUNERS, SAMPLERS
 from lrsearch.space import HYPERPARAMETERS, Choices, Fixed, Hyperparameter, ParamSpec, Range
 
 DIRECTIONS = ("maximize", "minimize")
 METRICS = ("val/acc", "val/loss", "train/acc", "train/loss")
-SAMPLERS = ("tpe", "random", "grid", "qmc")
-PRUNERS = ("none", "median", "hyperband", "successive_halving")
-SOURCES = ("blobs", "moons", "digits", "csv")
-ACTIVATIONS = ("relu", "tanh", "sigmoid", "elu", "leaky_relu", "gelu")
-INITS = ("he_uniform", "glorot_uniform", "torch_default")
 DEFAULT_TRIALS = 20
 TABLES = ("study", "data", "model", "train", "params", "tracking")
 # A study's name becomes an MLflow experiment name, a folder name and a URL part: letters,
@@ -40,6 +38,21 @@ MAX_LAYERS, MAX_UNITS = 8, 4096
 MAX_SEED = 2**32 - 1  # NumPy's and PyTorch's seeds
 
 
+def declared(kind: type, default: Any = MISSING, *, expected: str = "", check: Callable[[Any], bool] | None = None,
+        choices: Registry | tuple[str, ...] | None = None) -> Any:
+    """A config field read from its study-file key: its type, default and constraint, declared
+    once (the default is the dataclass's; the reader and the error message use the rest)."""
+    if choices is not None:
+        names = choices.names if isinstance(choices, Registry) else choices
+        expected, check = "one of " + ", ".join(repr(c) for c in names), (lambda v: v in names)
+    meta = {"kind": kind, "expected": expected, "check": check}
+    return field(metadata=meta) if default is MISSING else field(default=default, metadata=meta)
+
+
+def _int_in(low: int, high: int, default: Any = MISSING) -> Any:
+    return declared(int, default, expected=f"an integer in [{low}, {high}]", check=lambda v: low <= v <= high)
+
+
 def check_name(name: str) -> str | None:
     """What is wrong with a study name, or None."""
     if NAME_PATTERN.fullmatch(name):
@@ -49,47 +62,50 @@ def check_name(name: str) -> str | None:
 
 @dataclass(frozen=True)
 class StudyConfig:
-    name: str
-    direction: str = "maximize"
-    metric: str = "val/acc"
-    trials: int | None = None  # None: the grid's size for grid studies, else DEFAULT_TRIALS
-    sampler: str = "tpe"
-    seed: int | None = None
-    pruner: str = "median"
-    prune_every: int | None = None  # epochs between pruning checks; None: see pruning.check_interval
+    name: str = declared(str, expected=NAME_EXPECTED, check=lambda v: check_name(v) is None)
+    direction: str = declared(str, "maximize", choices=DIRECTIONS)
+    metric: str = declared(str, "val/acc", choices=METRICS)
+    trials: int | None = _int_in(1, MAX_TRIALS, None)  # None: the grid's size for grid studies, else DEFAULT_TRIALS
+    sampler: str = declared(str, "tpe", choices=SAMPLERS)
+    seed: int | None = _int_in(0, MAX_SEED, None)
+    pruner: str = declared(str, "median", choices=PRUNERS)
+    # Epochs between pruning checks; None: see sampling.check_interval.
+    prune_every: int | None = declared(int, None, expected="an integer >= 1", check=lambda v: v >= 1)
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = "blobs"
-    val_fraction: float = 0.5
-    seed: int = 0  # the train/validation split
-    n_samples: int = 1000
-    centers: int = 3
-    n_features: int = 2
-    cluster_std: float = 2.0
-    noise: float = 0.2
-    random_state: int = 2
-    path: Path | None = None
-    label: str | None = None
+    source: str = declared(str, "blobs", choices=SOURCES)
+    val_fraction: float = declared(float, 0.5, expected="a number in (0, 1)", check=lambda v: 0 < v < 1)
+    seed: int = _int_in(0, MAX_SEED, 0)  # the train/validation split
+    n_samples: int = _int_in(4, MAX_SAMPLES, 1000)
+    centers: int = _int_in(2, MAX_CENTERS, 3)
+    n_features: int = _int_in(1, MAX_FEATURES, 2)
+    cluster_std: float = declared(float, 2.0, expected="a finite number > 0", check=lambda v: v > 0)
+    noise: float = declared(float, 0.2, expected="a finite number >= 0", check=lambda v: v >= 0)
+    random_state: int = _int_in(0, MAX_SEED, 2)
+    path: Path | None = declared(str, None, expected="a file path", check=lambda v: bool(v.strip()))
+    label: str | None = declared(str, None, expected="a column name", check=lambda v: bool(v.strip()))
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    hidden: tuple[int, ...] = (50,)
-    activation: str = "relu"
-    init: str = "he_uniform"
+    hidden: tuple[int, ...] = declared(
+        list, (50,), expected=f"a list of 1 to {MAX_LAYERS} integers in [1, {MAX_UNITS}]",
+        check=lambda v: 1 <= len(v) <= MAX_LAYERS and all(type(x) is int and 1 <= x <= MAX_UNITS for x in v))
+    activation: str = declared(str, "relu", choices=ACTIVATIONS)
+    init: str = declared(str, "he_uniform", choices=INITS)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 200
-    batch_size: int = 32
+    epochs: int = _int_in(1, MAX_EPOCHS, 200)
+    batch_size: int = _int_in(1, MAX_SAMPLES, 32)
 
 
 @dataclass(frozen=True)
 class TrackingConfig:
-    trial_plots: bool = False  # a learning-curve PNG per trial (matplotlib: ~0.1-0.3 s a trial)
+    trial_plots: bool = declared(bool, False)  # a learning-curve PNG per trial (matplotlib, on the tracking thread)
 
 
 @dataclass(frozen=True)
@@ -173,87 +189,55 @@ def parse_config(raw: Mapping[str, Any], source: str, base_dir: Path = Path(".")
 
 # -- sections -----------------------------------------------------------------------------
 
-def _study(t: _Table) -> StudyConfig:
-    s = StudyConfig(
-        name=t.get("name", str, required=True, check=lambda v: check_name(v) is None, expected=NAME_EXPECTED),
-        direction=t.one_of("direction", DIRECTIONS, "maximize"),
-        metric=t.one_of("metric", METRICS, "val/acc"),
-        trials=t.get("trials", int, None, check=_between(1, MAX_TRIALS), expected=f"an integer in [1, {MAX_TRIALS}]"),
-        sampler=t.one_of("sampler", SAMPLERS, "tpe"),
-        seed=t.get("seed", int, None, check=_between(0, MAX_SEED), expected=f"an integer in [0, {MAX_SEED}]"),
-        pruner=t.one_of("pruner", PRUNERS, "median"),
-        prune_every=t.get("prune_every", int, None, check=_positive, expected="an integer >= 1"),
-    )
+def _read(t: _Table, cls: type) -> Any:
+    """The section's dataclass, every declared key read, then the table's unknown keys refused."""
+    values = {}
+    for f in dataclasses.fields(cls):
+        default = None if f.default is MISSING else f.default
+        value = t.get(f.name, f.metadata["kind"], default, required=f.default is MISSING,
+                      check=f.metadata["check"], expected=f.metadata["expected"])
+        values[f.name] = tuple(value) if isinstance(value, list) else value
     t.finish()
-    return s
+    return cls(**values)
+
+
+def _study(t: _Table) -> StudyConfig:
+    return _read(t, StudyConfig)
 
 
 def _data(t: _Table, base_dir: Path) -> DataConfig:
-    d = DataConfig(
-        source=t.one_of("source", SOURCES, "blobs"),
-        val_fraction=t.get("val_fraction", float, 0.5, check=lambda v: 0 < v < 1,
-                           expected="a number in (0, 1)"),
-        seed=t.get("seed", int, 0, check=_between(0, MAX_SEED), expected=f"an integer in [0, {MAX_SEED}]"),
-        n_samples=t.get("n_samples", int, 1000, check=_between(4, MAX_SAMPLES),
-                        expected=f"an integer in [4, {MAX_SAMPLES}]"),
-        centers=t.get("centers", int, 3, check=_between(2, MAX_CENTERS), expected=f"an integer in [2, {MAX_CENTERS}]"),
-        n_features=t.get("n_features", int, 2, check=_between(1, MAX_FEATURES),
-                         expected=f"an integer in [1, {MAX_FEATURES}]"),
-        cluster_std=t.get("cluster_std", float, 2.0, check=lambda v: v > 0, expected="a finite number > 0"),
-        noise=t.get("noise", float, 0.2, check=lambda v: v >= 0, expected="a finite number >= 0"),
-        random_state=t.get("random_state", int, 2, check=_between(0, MAX_SEED),
-                           expected=f"an integer in [0, {MAX_SEED}]"),
-        path=None,
-        label=t.get("label", str, None, check=_nonblank, expected="a column name"),
-    )
+    d: DataConfig = _read(t, DataConfig)
+    source = SOURCES[d.source]
+    for name in dict.fromkeys(k for s in SOURCES for k in s.keys):  # keys of other sources, given here
+        if name in t.raw and name not in source.keys:
+            users = ", ".join(repr(s.name) for s in SOURCES if name in s.keys)
+            raise t.error(name, f"expected only with source {users}, got source {d.source!r}", show_got=False)
+    for name in ("path", "label"):
+        if name in source.keys and getattr(d, name) is None:
+            what = "the CSV file's path" if name == "path" else "the label column's name"
+            raise t.error(name, f"expected {what} for source {d.source!r}", show_got=False)
     if d.n_samples * d.n_features > MAX_VALUES:
         raise t.error("n_samples", f"expected n_samples x n_features <= {MAX_VALUES:,} (about 160 MB)",
                       f"{d.n_samples:,} x {d.n_features:,}", raw=True)
-    raw_path = t.get("path", str, None, check=_nonblank, expected="a file path")
-    if d.source == "csv":
-        if raw_path is None:
-            raise t.error("path", "expected the CSV file's path for source 'csv'", show_got=False)
-        if d.label is None:
-            raise t.error("label", "expected the label column's name for source 'csv'", show_got=False)
-        path = (base_dir / raw_path).resolve()
+    if d.path is not None:
+        path = (base_dir / d.path).resolve()
         if not path.is_file():
-            raise t.error("path", f"expected an existing CSV file, got {raw_path!r} (no such file: {path})",
+            raise t.error("path", f"expected an existing CSV file, got {str(d.path)!r} (no such file: {path})",
                           show_got=False)
         d = dataclasses.replace(d, path=path)
-    elif raw_path is not None or d.label is not None:
-        key = "path" if raw_path is not None else "label"
-        raise t.error(key, f"expected only with source 'csv', got source {d.source!r}", show_got=False)
-    t.finish()
     return d
 
 
 def _model(t: _Table) -> ModelConfig:
-    hidden = t.get("hidden", list, [50],
-                   check=lambda v: 1 <= len(v) <= MAX_LAYERS and all(type(x) is int and 1 <= x <= MAX_UNITS for x in v),
-                   expected=f"a list of 1 to {MAX_LAYERS} integers in [1, {MAX_UNITS}]")
-    m = ModelConfig(
-        hidden=tuple(hidden),
-        activation=t.one_of("activation", ACTIVATIONS, "relu"),
-        init=t.one_of("init", INITS, "he_uniform"),
-    )
-    t.finish()
-    return m
+    return _read(t, ModelConfig)
 
 
 def _train(t: _Table) -> TrainConfig:
-    tr = TrainConfig(
-        epochs=t.get("epochs", int, 200, check=_between(1, MAX_EPOCHS), expected=f"an integer in [1, {MAX_EPOCHS}]"),
-        batch_size=t.get("batch_size", int, 32, check=_between(1, MAX_SAMPLES),
-                         expected=f"an integer in [1, {MAX_SAMPLES}]"),
-    )
-    t.finish()
-    return tr
+    return _read(t, TrainConfig)
 
 
 def _tracking(t: _Table) -> TrackingConfig:
-    tr = TrackingConfig(trial_plots=t.get("trial_plots", bool, False))
-    t.finish()
-    return tr
+    return _read(t, TrackingConfig)
 
 
 def _params(t: _Table, sampler: str) -> dict[str, ParamSpec]:
@@ -262,7 +246,7 @@ def _params(t: _Table, sampler: str) -> dict[str, ParamSpec]:
         hp = HYPERPARAMETERS.get(name)
         if hp is None:
             raise t.error(name, "unknown hyperparameter; expected one of " + ", ".join(HYPERPARAMETERS)
-                          + _did_you_mean(name, HYPERPARAMETERS), show_got=False)
+                          + did_you_mean(name, HYPERPARAMETERS), show_got=False)
         specs[name] = _param(t, hp, value)
         if sampler == "grid" and isinstance(specs[name], Range):
             raise t.error(name, "expected a fixed value or { choices = [...] } for sampler 'grid' "
@@ -287,7 +271,7 @@ def _param(t: _Table, hp: Hyperparameter, value: Any) -> ParamSpec:
         if len(set(values)) != len(values):
             raise t.error(f"{key}.choices", "expected distinct values", choices)
         return Choices(values)
-    if hp.kind == "category":
+    if hp.kind in ("category", "bool"):
         raise t.error(key, f"expected {hp.expected}, or {{ choices = [...] }}", value)
     unknown = set(value) - {"low", "high", "log", "step"}
     if unknown:
@@ -315,7 +299,10 @@ def _param(t: _Table, hp: Hyperparameter, value: Any) -> ParamSpec:
 
 
 def _param_value(t: _Table, key: str, hp: Hyperparameter, value: Any) -> Any:
-    parsed = value if hp.kind == "category" and isinstance(value, str) else _number(value, hp.kind)
+    if hp.kind in ("category", "bool"):
+        parsed = value if isinstance(value, str if hp.kind == "category" else bool) else None
+    else:
+        parsed = _number(value, hp.kind)
     if parsed is None or not hp.valid(parsed):
         raise t.error(key, f"expected {hp.expected}", value)
     return parsed
@@ -333,23 +320,6 @@ def _number(value: Any, kind: str) -> float | int | None:
     if isinstance(value, int):
         return float(value) if abs(value) < 2**53 else None
     return value if isinstance(value, float) and math.isfinite(value) else None
-
-
-def _positive(v: int) -> bool:
-    return v >= 1
-
-
-def _between(low: int, high: int) -> Callable[[int], bool]:
-    return lambda v: low <= v <= high
-
-
-def _did_you_mean(key: str, known: Any) -> str:
-    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _nonblank(v: str) -> bool:
-    return bool(v.strip())
 
 
 _TYPE_NAMES = {bool: "true or false", str: "a string", int: "an integer", float: "a number", list: "a list", dict: "a table"}
@@ -417,18 +387,14 @@ class _Table:
             raise self.error(key, f"expected {expected}", value)
         return value
 
-    def one_of(self, key: str, choices: tuple[str, ...], default: str) -> str:
-        expected = "one of " + ", ".join(repr(c) for c in choices)
-        return self.get(key, str, default, check=lambda v: v in choices, expected=expected)
-
     def finish(self) -> None:
         for key in self.raw:
             if key not in self.consumed:
                 if self.section:
                     raise self.error(key, f"unknown key; expected one of {', '.join(self.consumed)}"
-                                     + _did_you_mean(key, self.consumed), show_got=False)
+                                     + did_you_mean(key, self.consumed), show_got=False)
                 raise ConfigError(self.source, f"[{key}]", f"unknown table; expected one of {', '.join(TABLES)}"
-                                  + _did_you_mean(key, TABLES))
+                                  + did_you_mean(key, TABLES))
 
 
 def _show(value: Any) -> str:

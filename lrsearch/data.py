@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import csv
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
-import numpy as np
-import torch
-
-from lrsearch.config import DataConfig
 from lrsearch.errors import UsageError
+from lrsearch.registry import Registry
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    from lrsearch.config import DataConfig
 
 
 @dataclass(frozen=True)
@@ -29,7 +33,10 @@ class Dataset:
 
 def load_data(cfg: DataConfig) -> Dataset:
     """Build the dataset the ``[data]`` table describes and split it with ``cfg.seed``."""
-    x, y = _LOADERS[cfg.source](cfg)
+    import numpy as np
+    import torch
+
+    x, y = SOURCES[cfg.source].load(cfg)
     classes, y = np.unique(y, return_inverse=True)
     n_val = int(round(len(x) * cfg.val_fraction))
     if n_val < 1 or n_val >= len(x):
@@ -63,6 +70,8 @@ def _digits(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _csv(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
+    import numpy as np
+
     assert cfg.path is not None and cfg.label is not None  # checked by config
     where = f"{cfg.path}"
     with cfg.path.open(newline="") as f:
@@ -85,4 +94,20 @@ def _csv(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-_LOADERS = {"blobs": _blobs, "moons": _moons, "digits": _digits, "csv": _csv}
+@dataclass(frozen=True)
+class Source:
+    name: str
+    doc: str
+    load: Callable[[DataConfig], tuple[np.ndarray, np.ndarray]]
+    keys: tuple[str, ...] = ()  # the [data] keys it reads, besides val_fraction and seed
+
+
+SOURCES: Registry[Source] = Registry("data source", [
+    Source("blobs", "scikit-learn's make_blobs: Gaussian clusters (the classic problem)", _blobs,
+           ("n_samples", "centers", "n_features", "cluster_std", "random_state")),
+    Source("moons", "scikit-learn's make_moons: two interleaving half circles", _moons,
+           ("n_samples", "noise", "random_state")),
+    Source("digits", "scikit-learn's 8x8 digits (shipped with it), pixels scaled to [0, 1]", _digits),
+    Source("csv", "a CSV file: `path` (relative to the study file), `label` the class column, "
+                  "the other columns numeric features", _csv, ("path", "label")),
+])

@@ -8,42 +8,12 @@ from typing import Any, Mapping
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from lrsearch.config import ModelConfig
-from lrsearch.optim import Schedule, make_optimizer, make_schedule
-
-_ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "elu": nn.ELU,
-                "leaky_relu": nn.LeakyReLU, "gelu": nn.GELU}
+from lrsearch.optimizers import make_optimizer
+from lrsearch.schedules import Schedule, make_schedule
 
 # The name LearningRateMonitor logs the learning rate under, whatever the optimizer.
 LR_NAME = "lr"
-
-
-def build_mlp(n_in: int, n_out: int, cfg: ModelConfig, generator: torch.Generator) -> nn.Sequential:
-    """Hidden layers with ``cfg.init`` (He-uniform by default), a Glorot-uniform output
-    layer and zero biases, as in the classic Keras experiments."""
-    layers: list[nn.Module] = []
-    width = n_in
-    for size in cfg.hidden:
-        linear = nn.Linear(width, size)
-        _init(linear, cfg.init, generator)
-        layers += [linear, _ACTIVATIONS[cfg.activation]()]
-        width = size
-    out = nn.Linear(width, n_out)
-    _init(out, "torch_default" if cfg.init == "torch_default" else "glorot_uniform", generator)
-    layers.append(out)
-    return nn.Sequential(*layers)
-
-
-def _init(linear: nn.Linear, scheme: str, generator: torch.Generator) -> None:
-    if scheme == "torch_default":
-        return
-    if scheme == "he_uniform":  # bound sqrt(6 / fan_in)
-        nn.init.kaiming_uniform_(linear.weight, nonlinearity="relu", generator=generator)
-    else:
-        nn.init.xavier_uniform_(linear.weight, generator=generator)
-    nn.init.zeros_(linear.bias)
 
 
 class MLPClassifier(pl.LightningModule):
@@ -53,10 +23,10 @@ class MLPClassifier(pl.LightningModule):
 
     For the same reason it validates on ``val`` (the whole validation set, one forward
     pass) at the end of each training epoch rather than through Lightning's validation
-    loop, whose per-epoch hooks cost about twice the validation itself.
+    loop, whose per-epoch hooks cost more than the validation itself (README, Performance).
     """
 
-    def __init__(self, net: nn.Module, hp: Mapping[str, Any], batch_size: int, generator: torch.Generator,
+    def __init__(self, net: torch.nn.Module, hp: Mapping[str, Any], batch_size: int, generator: torch.Generator,
                  val: tuple[torch.Tensor, torch.Tensor]):
         super().__init__()
         self.automatic_optimization = False
@@ -113,7 +83,7 @@ class MLPClassifier(pl.LightningModule):
         """Send an epoch's metrics to the logger and to ``trainer.callback_metrics``.
 
         Not ``self.log``: each call moves Lightning's whole result collection to the device
-        and deep-copies its metadata, about 1 ms, which is more than a whole epoch of this
+        and deep-copies its metadata, which costs more than a whole epoch of this
         network. Values and steps (the epoch) are the ones ``self.log(on_epoch=True)`` gives.
         """
         metrics = {f"{split}/loss": loss, f"{split}/acc": acc}

@@ -5,26 +5,21 @@ from __future__ import annotations
 import math
 import random
 import time
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import optuna
 
+from lrsearch import attrs
 from lrsearch.config import Config
 from lrsearch.data import Dataset
 from lrsearch.errors import first_line
 from lrsearch.report import plot_learning_curves
 from lrsearch.space import sample_params
 from lrsearch.stopping import Interrupted, StopFlag
-from lrsearch.tracking import History, Outbox, Tracker, artifact_dir, write_json
+from lrsearch.tracking import Outbox, Tracker, TrialRecord, write_json
 from lrsearch.training import TrainResult, train
-
-MLFLOW_RUN_ATTR = "mlflow_run_id"
-HYPERPARAMETERS_ATTR = "hyperparameters"
-REASON_ATTR = "reason"
-TRACKING_ERROR_ATTR = "tracking_error"
 
 
 @dataclass
@@ -52,8 +47,8 @@ class Objective:
         cfg = self.cfg
         hp = sample_params(trial, cfg.params, cfg.train.epochs)
         seed = trial_seed(cfg.study.seed, trial.number)
-        trial.set_user_attr(HYPERPARAMETERS_ATTR, hp)
-        run = _TrialRun(self.tracker, trial)
+        trial.set_user_attr(attrs.HYPERPARAMETERS, hp)
+        run = TrialRecord(self.tracker, trial.number, _attr_writer(trial))
         run.start(self.outbox, self.experiment_id, self.parent_run_id, cfg.study.name,
                   {**hp, **_fixed_settings(cfg, seed)})
         result = TrainResult()
@@ -67,8 +62,8 @@ class Objective:
             reason = "interrupted" if interrupted else f"{type(e).__name__}: {first_line(e)}"
             self._end(trial, run, hp, seed, result, "FAIL", reason, "KILLED" if interrupted else None)
             raise
-        trial.set_user_attr("epochs_trained", result.epochs)
-        trial.set_user_attr("train_seconds", round(time.perf_counter() - started, 4))
+        trial.set_user_attr(attrs.EPOCHS_TRAINED, result.epochs)
+        trial.set_user_attr(attrs.TRAIN_SECONDS, round(time.perf_counter() - started, 4))
         if self.stop.requested:
             self._end(trial, run, hp, seed, result, "FAIL", f"interrupted at epoch {result.epochs - 1}", "KILLED")
             raise Interrupted(self.stop.signum or 0)
@@ -78,13 +73,13 @@ class Objective:
             raise optuna.TrialPruned(reason)
         return value
 
-    def _end(self, trial: optuna.trial.Trial, run: _TrialRun, hp: dict[str, Any], seed: int,
+    def _end(self, trial: optuna.trial.Trial, run: TrialRecord, hp: dict[str, Any], seed: int,
              result: TrainResult, state: str, reason: str | None, status: str | None = None) -> None:
         """Store why the trial ended (unless COMPLETE) and close its MLflow run (even if the
         reason could not be stored: the run must not stay RUNNING)."""
         try:
             if reason:
-                trial.set_user_attr(REASON_ATTR, reason)
+                trial.set_user_attr(attrs.REASON, reason)
         finally:
             run.finish(self.outbox, self._artifacts(trial, hp, seed, result), result.history, state, reason,
                        status)
@@ -94,65 +89,12 @@ class Objective:
         def write(folder: Path) -> None:
             config = self.cfg.to_dict()
             write_json({"study": self.cfg.study.name, "trial": trial.number, "seed": seed,
-                        "hyperparameters": hp, **{k: config[k] for k in ("data", "model", "train")}},
+                        attrs.HYPERPARAMETERS: hp, **{k: config[k] for k in ("data", "model", "train")}},
                        folder / "trial_config.json")
             if self.cfg.tracking.trial_plots and result.history:
                 plot_learning_curves(result.history, f"{self.cfg.study.name} trial {trial.number}: "
                                      f"{_describe(hp)}", folder / "learning_curves.png")
         return write
-
-
-class _TrialRun:
-    """A trial's MLflow run, opened in the background as the trial starts training and
-    closed in the background after it ends, in order with the other trials' records.
-
-    Tolerant of a tracking store that stops answering: the trial trains and is stored in
-    Optuna regardless, with the error in ``tracking_error``.
-    """
-
-    def __init__(self, tracker: Tracker, trial: optuna.trial.Trial) -> None:
-        self.tracker = tracker
-        self.trial = trial
-        self.run_id: str | None = None
-        self.error: str | None = None
-        self._opened: Future | None = None
-
-    def start(self, outbox: Outbox, experiment_id: str, parent_run_id: str, study: str,
-              params: dict[str, Any]) -> None:
-        """Create the run and log its params while the trial trains."""
-        self._opened = outbox.submit(f"trial {self.trial.number}", self._open, experiment_id, parent_run_id,
-                                     study, params)
-
-    def _open(self, experiment_id: str, parent_run_id: str, study: str, params: dict[str, Any]) -> None:
-        try:
-            run_id = self.tracker.start_trial(experiment_id, parent_run_id, study, self.trial.number, params)
-        except Exception as e:  # one failure is enough: later calls would wait out timeouts too
-            self.error = f"MLflow tracking lost: {first_line(e)}"
-            return
-        self.run_id = run_id
-        # Straight to the storage (thread-safe; the trial is RUNNING until finish has waited
-        # for this job): Trial.set_user_attr would also edit the trial's cached copy, which
-        # the training thread reads.
-        self.trial.storage.set_trial_user_attr(self.trial._trial_id, MLFLOW_RUN_ATTR, run_id)
-
-    def finish(self, outbox: Outbox, write_artifacts: Callable[[Path], None], history: History,
-               state: str, reason: str | None, status: str | None = None) -> None:
-        """Wait until the run is open (usually long done), then close it in the background."""
-        if self._opened is None:
-            return
-        self._opened.exception()  # waits; MLflow's errors land in self.error, not raised
-        if self.error is not None:
-            self.trial.set_user_attr(TRACKING_ERROR_ATTR, self.error)
-        elif self.run_id is not None:
-            outbox.submit(f"trial {self.trial.number}", self._send, self.run_id, write_artifacts, history,
-                          state, reason, status)
-
-    def _send(self, run_id: str, write_artifacts: Callable[[Path], None], history: History, state: str,
-              reason: str | None, status: str | None) -> None:
-        with artifact_dir() as tmp:
-            folder = Path(tmp)
-            write_artifacts(folder)
-            self.tracker.finish_trial(run_id, history, state, reason=reason, artifacts=folder, status=status)
 
 
 def outcome(result: TrainResult, metric: str) -> tuple[str, float, str | None]:
@@ -169,6 +111,14 @@ def outcome(result: TrainResult, metric: str) -> tuple[str, float, str | None]:
     if value is None or not math.isfinite(value):
         return "PRUNED", math.nan, f"non-finite {metric} ({value})"
     return "COMPLETE", value, None
+
+
+def _attr_writer(trial: optuna.trial.Trial) -> Callable[[str, Any], None]:
+    """Writes a trial's user attribute from the tracking thread: straight to the storage
+    (thread-safe; the trial stays RUNNING until its record has been waited for), because
+    ``Trial.set_user_attr`` would also edit the trial's cached copy, which the training
+    thread reads."""
+    return lambda key, value: trial.storage.set_trial_user_attr(trial._trial_id, key, value)
 
 
 def trial_seed(study_seed: int | None, number: int) -> int:

@@ -8,23 +8,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import optuna
 import pytorch_lightning as pl
 
-from lrsearch.config import Config
-
-# Pruning checks per trial when the study file does not set [study].prune_every. The first
-# check (epoch epochs/5 - 1) is the first after the median pruner's warm-up of epochs/10:
-# a check inside the warm-up would cost a write and a read to decide nothing.
-CHECKS_PER_TRIAL = 5
-
-
-def check_interval(cfg: Config) -> int:
-    """Epochs between pruning checks: ``[study].prune_every``, else about 5 checks a trial.
-
-    Each check is a write to Optuna's storage and, for the median pruner, a read of every
-    trial of the study (about ten SQL statements): checking every epoch would cost more
-    than the epoch itself.
-    """
-    return cfg.study.prune_every or max(1, cfg.train.epochs // CHECKS_PER_TRIAL)
-
+from lrsearch.sampling import check_interval
 
 class PruningCallback(pl.Callback):
     """Like optuna-integration's callback, for the ``pytorch_lightning`` namespace, with

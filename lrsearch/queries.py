@@ -27,8 +27,10 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Sequence
 
+from lrsearch import attrs
 from lrsearch.errors import LrsearchError, UsageError, first_line
 from lrsearch.retry import reason
+from lrsearch.space import in_sampling_order
 from lrsearch.storage import (
     is_postgres, pg_url, prepare_database, redact, sqlite_path, storage_url, store_lock, tracking_uri, with_user,
 )
@@ -95,7 +97,10 @@ _MACROS: dict[str, dict[str, str]] = {
         "text": "json_extract({0}, '$.{1}')",
         "number": "CAST(json_extract({0}, '$.{1}') AS " + _NUM + ")",
         "scalar": "json_extract({0}, '$')",
-        "choice_json": "json_extract({0}, '$.attributes.choices[' || CAST({1} AS INTEGER) || ']')",
+        # As JSON: json_extract alone turns a boolean choice into 1 or 0 (SQLite has no booleans).
+        "choice_json": "json(CASE json_type({0}, '$.attributes.choices[' || CAST({1} AS INTEGER) || ']') "
+                       "WHEN 'true' THEN 'true' WHEN 'false' THEN 'false' ELSE json_quote(json_extract({0}, "
+                       "'$.attributes.choices[' || CAST({1} AS INTEGER) || ']')) END)",
         "choice_text": "json_extract({0}, '$.attributes.choices[' || CAST({1} AS INTEGER) || ']')",
         "to_json": "{0}",
         "object_agg": "json_group_object({0}, {1})",
@@ -132,6 +137,8 @@ def view_sql(dialect: str) -> str:
 
     def expand(match: re.Match[str]) -> str:
         args = [a.strip() for a in (match.group(2) or "").split(";;")]
+        if match.group(1) == "attr":  # an attribute key, as a string literal: see attrs.py
+            return f"'{attrs.SQL_NAMES[args[0]]}'"
         return templates[match.group(1)].format(*args)
 
     previous = None
@@ -245,8 +252,12 @@ def best_trials_sql(storage: str | None, tracking: str | None, name: str, top: i
         if not db.query("SELECT 1 FROM studies WHERE study_name = ?", (name,)).rows:
             names = [r[0] for r in db.query("SELECT study_name FROM studies ORDER BY study_name").rows]
             raise UsageError(f"no study named {name!r} in {redact(db.url)} (studies: {', '.join(names) or 'none'})")
-        return db.query("SELECT * FROM best_trials WHERE study_name = ? AND rank <= ? ORDER BY rank",
+        rows = db.query("SELECT * FROM best_trials WHERE study_name = ? AND rank <= ? ORDER BY rank",
                         (name, top)).records()
+    for row in rows:  # JSON objects keep no order: shown in sampling order, as everywhere
+        params = json.loads(row["params"]) if isinstance(row["params"], str) else row["params"]
+        row["params"] = in_sampling_order(params or {})
+    return rows
 
 
 def ensure_views(url: str) -> bool:

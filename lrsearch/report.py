@@ -8,10 +8,34 @@ import html
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
-# (step, value, timestamp_ms) per metric key, as MemoryLogger records them.
-History = Mapping[str, Sequence[tuple[int, float, int]]]
+from lrsearch import attrs
+from lrsearch.optimizers import OPTIMIZERS
+from lrsearch.results import best_so_far, direction, load_study, ranking
+from lrsearch.storage import report_dir, storage_url, tracking_uri
+from lrsearch.tracking import History, Tracker
+
+
+def write_report(name: str, *, storage: str | None = None, tracking: str | None = None,
+                 out: Path | None = None, study: Any = None) -> list[Path]:
+    """Draw the study's report from the stores into ``out`` (default: see
+    ``storage.report_dir``) and log it under ``report/`` on the parent MLflow run.
+    ``study``: the study already open (as at the end of ``run``), read through its storage."""
+    study = study or load_study(name, storage)
+    tracker = Tracker(tracking_uri(tracking))
+    out = out or report_dir(storage_url(storage), name)
+    grid = any(attrs.GRID_ID in t.system_attrs for t in study.get_trials(deepcopy=False))
+    paths = build_report(study, tracker, out, grid=grid)
+    parent = study.user_attrs.get(attrs.PARENT_RUN)
+    if parent:
+        tracker.log_dir(parent, out, "report")
+    return paths
+
+
+def results_table(name: str, *, storage: str | None = None, tracking: str | None = None) -> str:
+    """The Markdown results table of a (grid) study, from the stores."""
+    return experiment_table(collect(load_study(name, storage), Tracker(tracking_uri(tracking))))
 
 
 def plot_learning_curves(history: History, title: str, path: Path) -> Path:
@@ -49,7 +73,6 @@ def _line(ax, history: History, key: str, label: str) -> None:
 # -- a study's report ---------------------------------------------------------------------
 
 CURVE_KEYS = ("train/acc", "val/acc", "lr")
-OPTIMIZER_COLOURS = {"sgd": "tab:blue", "adam": "tab:orange", "rmsprop": "tab:green", "adagrad": "tab:red"}
 
 
 @dataclass
@@ -71,20 +94,16 @@ class TrialCurves:
         return points[-1][1] if points else None
 
 
-def collect(study: Any, client: Any) -> list[TrialCurves]:
+def collect(study: Any, tracker: Tracker) -> list[TrialCurves]:
     """The study's COMPLETE and PRUNED trials with their MLflow metric histories."""
     trials = []
     for t in study.get_trials(deepcopy=False):
         if t.state.name not in ("COMPLETE", "PRUNED"):
             continue
-        curves: dict[str, list[tuple[int, float]]] = {}
-        run_id = t.user_attrs.get("mlflow_run_id")
-        if run_id:
-            for key in CURVE_KEYS:
-                history = client.get_metric_history(run_id, key)
-                curves[key] = sorted((m.step, m.value) for m in history)
+        run_id = t.user_attrs.get(attrs.MLFLOW_RUN)
+        curves = tracker.curves(run_id, CURVE_KEYS) if run_id else {}
         trials.append(TrialCurves(t.number, t.state.name, t.value, dict(t.params),
-                                  dict(t.user_attrs.get("hyperparameters", t.params)), curves))
+                                  dict(t.user_attrs.get(attrs.HYPERPARAMETERS, t.params)), curves))
     return trials
 
 
@@ -97,23 +116,24 @@ def varied_params(trials: Sequence[TrialCurves]) -> list[str]:
     return [k for k, values in names.items() if len(values) > 1]
 
 
-def build_report(study: Any, client: Any, out: Path, grid: bool) -> list[Path]:
+def build_report(study: Any, tracker: Tracker, out: Path, grid: bool) -> list[Path]:
     """Write the study's figures (PNG) and one self-contained HTML page into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    trials = collect(study, client)
+    trials = collect(study, tracker)
     name = study.study_name
     figures: list[Path] = []
     if grid and trials:
         figures.append(plot_grid(trials, name, out / "grid_accuracy.png"))
         figures.append(plot_grid_lr(trials, name, out / "grid_lr.png"))
-    objective = f"objective ({study.user_attrs.get('metric', 'value')})"
-    figures.append(plot_history(trials, name, study.direction.name.lower(), objective,
+    objective = f"objective ({study.user_attrs.get(attrs.METRIC, 'value')})"
+    figures.append(plot_history(trials, name, direction(study), objective,
                                 out / "optimization_history.png"))
     figures.append(plot_objective_vs_lr(trials, name, objective, out / "objective_vs_lr.png"))
     importance = plot_importances(study, name, out / "param_importances.png")
     if importance is not None:
         figures.append(importance)
-    figures.append(write_html(name, trials, figures, out / "report.html"))
+    figures.append(write_html(name, ranking(trials, direction(study), ("COMPLETE", "PRUNED")), figures,
+                              out / "report.html"))
     return figures
 
 
@@ -194,11 +214,7 @@ def plot_history(trials: Sequence[TrialCurves], name: str, direction: str, objec
     ax.scatter([t.number for t in done], [t.value for t in done], label="complete", s=18)
     ax.scatter([t.number for t in pruned], [t.value for t in pruned], label="pruned (last reported)",
                s=18, marker="x", color="grey")
-    best, line = None, []
-    for t in done:
-        better = best is None or (t.value > best if direction == "maximize" else t.value < best)
-        best = t.value if better else best
-        line.append(best)
+    line = [t.value for t in best_so_far(done, direction)]
     ax.step([t.number for t in done], line, where="post", color="tab:red", label="best so far")
     ax.set(title=f"{name}: optimization history", xlabel="trial number", ylabel=objective)
     ax.grid(alpha=0.3)
@@ -220,7 +236,7 @@ def plot_objective_vs_lr(trials: Sequence[TrialCurves], name: str, objective: st
             by_optimizer.setdefault(str(t.hyperparameters.get("optimizer", "?")), []).append(t)
     for optimizer, group in sorted(by_optimizer.items()):
         ax.scatter([t.hyperparameters["lr"] for t in group], [t.value for t in group], label=optimizer,
-                   color=OPTIMIZER_COLOURS.get(optimizer), s=24)
+                   color=OPTIMIZERS[optimizer].colour if optimizer in OPTIMIZERS else None, s=24)
     ax.set_xscale("log")
     ax.set(title=f"{name}: objective against learning rate", xlabel="learning rate (log scale)",
            ylabel=objective)
@@ -259,9 +275,9 @@ def plot_importances(study: Any, name: str, path: Path) -> Path | None:
     return path
 
 
-def write_html(name: str, trials: Sequence[TrialCurves], figures: Sequence[Path], path: Path) -> Path:
-    """One self-contained page: the figures inline and a table of the trials."""
-    rows = sorted((t for t in trials if t.value is not None), key=lambda t: -t.value)
+def write_html(name: str, rows: Sequence[TrialCurves], figures: Sequence[Path], path: Path) -> Path:
+    """One self-contained page: the figures inline and a table of the trials in ``rows``'
+    order (the study's ranking)."""
     table = "".join(
         f"<tr><td>{t.number}</td><td>{t.state}</td><td>{t.value:.4f}</td>"
         f"<td>{html.escape(_label(t, []))}</td></tr>" for t in rows)

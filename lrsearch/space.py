@@ -11,15 +11,12 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Union
 
+from lrsearch.optimizers import OPTIMIZERS
+from lrsearch.registry import Registry, resolve
+from lrsearch.schedules import SCHEDULES
+
 if TYPE_CHECKING:
     import optuna
-
-OPTIMIZERS = ("sgd", "adam", "rmsprop", "adagrad")
-SCHEDULES = ("constant", "time_decay", "step", "exponential", "cosine", "plateau")
-MOMENTUM_OPTIMIZERS = ("sgd", "rmsprop")
-# The usual default learning rates (Keras'), used when a study does not set `lr`.
-DEFAULT_LR = {"sgd": 0.01, "adam": 0.001, "rmsprop": 0.001, "adagrad": 0.01}
-
 
 @dataclass(frozen=True)
 class Fixed:
@@ -48,76 +45,100 @@ class Choices:
 ParamSpec = Union[Fixed, Range, Choices]
 
 
+# The registries whose chosen entry decides which other hyperparameters apply.
+_OWNERS: dict[str, Registry] = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES}
+
+
 @dataclass(frozen=True)
 class Hyperparameter:
-    """A hyperparameter lrsearch knows: its type, valid values, default and condition."""
+    """A hyperparameter lrsearch knows: its type, valid values, default and condition.
+
+    A hyperparameter with an ``owner`` ("optimizer" or "schedule") applies when the chosen
+    optimizer's or schedule's registry entry lists it among its options, with the default
+    the entry gives; ``requires`` adds a condition on a value sampled before it.
+    """
 
     name: str
-    kind: str  # "float", "int" or "category"
+    kind: str  # "float", "int", "bool" or "category"
     expected: str
     valid: Callable[[Any], bool]
-    default: Callable[[Mapping[str, Any], int], Any]
-    used_when: tuple[str, tuple[str, ...]] | None = None
-    choices: tuple[str, ...] = ()
+    doc: str
+    default: Any = None  # a value, or a function of the values sampled before it
+    owner: str | None = None
+    requires: tuple[str, Callable[[Any], bool], str] | None = None  # (name, test, as text)
+    choices: tuple[Any, ...] = ()
 
     def applies(self, sampled: Mapping[str, Any]) -> bool:
         """Whether this hyperparameter means something given the values sampled before it."""
-        if self.used_when is None:
-            return True
-        parent, values = self.used_when
-        return sampled[parent] in values
+        if self.owner is not None and self.name not in _OWNERS[self.owner][sampled[self.owner]].options:
+            return False
+        if self.requires is not None:
+            name, test, _ = self.requires
+            return name in sampled and test(sampled[name])
+        return True
+
+    def default_for(self, sampled: Mapping[str, Any], epochs: int) -> Any:
+        """The value an undeclared hyperparameter takes on a trial."""
+        if self.owner is not None:
+            return resolve(_OWNERS[self.owner][sampled[self.owner]].options[self.name], epochs)
+        return self.default(sampled) if callable(self.default) else self.default
 
 
-def _const(value: Any) -> Callable[[Mapping[str, Any], int], Any]:
-    return lambda sampled, epochs: value
+def _category(name: str, registry: Registry, default: str, doc: str) -> Hyperparameter:
+    return Hyperparameter(name, "category", registry.expected, lambda v: v in registry, doc,
+                          default, choices=registry.names)
 
 
-def _category(name: str, choices: tuple[str, ...], default: str) -> Hyperparameter:
-    return Hyperparameter(
-        name, "category", "one of " + ", ".join(repr(c) for c in choices),
-        lambda v: v in choices, _const(default), choices=choices,
-    )
-
-
-# Order matters: a hyperparameter's condition refers only to those above it.
+# Order matters: this is the sampling order, and a condition refers only to those above it.
 HYPERPARAMETERS: dict[str, Hyperparameter] = {
     h.name: h
     for h in (
-        _category("optimizer", OPTIMIZERS, "sgd"),
-        Hyperparameter("lr", "float", "a number > 0", lambda v: v > 0,
-                       lambda sampled, epochs: DEFAULT_LR[sampled["optimizer"]]),
-        Hyperparameter(
-            "momentum", "float", "a number in [0, 1)", lambda v: 0 <= v < 1, _const(0.0),
-            used_when=("optimizer", MOMENTUM_OPTIMIZERS),
-        ),
-        _category("schedule", SCHEDULES, "constant"),
-        Hyperparameter(
-            "decay", "float", "a number >= 0", lambda v: v >= 0, _const(1e-3),
-            used_when=("schedule", ("time_decay",)),
-        ),
-        Hyperparameter(
-            "step_size", "int", "an integer >= 1 (epochs)", lambda v: v >= 1,
-            lambda sampled, epochs: max(1, epochs // 4), used_when=("schedule", ("step",)),
-        ),
-        Hyperparameter(
-            "gamma", "float", "a number in (0, 1]", lambda v: 0 < v <= 1,
-            lambda sampled, epochs: 0.5 if sampled["schedule"] == "step" else 0.95,
-            used_when=("schedule", ("step", "exponential")),
-        ),
-        Hyperparameter(
-            "t_max", "int", "an integer >= 1 (epochs)", lambda v: v >= 1,
-            lambda sampled, epochs: epochs, used_when=("schedule", ("cosine",)),
-        ),
-        Hyperparameter(
-            "patience", "int", "an integer >= 0 (epochs)", lambda v: v >= 0, _const(10),
-            used_when=("schedule", ("plateau",)),
-        ),
-        Hyperparameter(
-            "factor", "float", "a number in (0, 1)", lambda v: 0 < v < 1, _const(0.1),
-            used_when=("schedule", ("plateau",)),
-        ),
+        _category("optimizer", OPTIMIZERS, "sgd", "the optimizer (table below)"),
+        Hyperparameter("lr", "float", "a number > 0", lambda v: v > 0, "the (initial) learning rate",
+                       lambda sampled: OPTIMIZERS[sampled["optimizer"]].default_lr),
+        Hyperparameter("momentum", "float", "a number in [0, 1)", lambda v: 0 <= v < 1, "momentum",
+                       owner="optimizer"),
+        Hyperparameter("nesterov", "bool", "true or false", lambda v: isinstance(v, bool),
+                       "Nesterov's momentum", owner="optimizer",
+                       requires=("momentum", lambda v: v > 0, "momentum > 0"), choices=(True, False)),
+        Hyperparameter("weight_decay", "float", "a number >= 0", lambda v: v >= 0,
+                       "decoupled weight decay (per update: w -= lr · weight_decay · w)", owner="optimizer"),
+        _category("schedule", SCHEDULES, "constant", "the learning-rate schedule (table below)"),
+        Hyperparameter("decay", "float", "a number >= 0", lambda v: v >= 0, "time_decay's decay",
+                       owner="schedule"),
+        Hyperparameter("step_size", "int", "an integer >= 1 (epochs)", lambda v: v >= 1,
+                       "epochs between steps", owner="schedule"),
+        Hyperparameter("gamma", "float", "a number in (0, 1]", lambda v: 0 < v <= 1,
+                       "the factor per step (step) or per epoch (exponential)", owner="schedule"),
+        Hyperparameter("t_max", "int", "an integer >= 1 (epochs)", lambda v: v >= 1,
+                       "epochs to anneal over", owner="schedule"),
+        Hyperparameter("patience", "int", "an integer >= 0 (epochs)", lambda v: v >= 0,
+                       "epochs without improvement before a cut", owner="schedule"),
+        Hyperparameter("factor", "float", "a number in (0, 1)", lambda v: 0 < v < 1,
+                       "the factor of each cut", owner="schedule"),
     )
 }
+
+
+def _check_registries() -> None:
+    """Every option an optimizer or schedule names is a hyperparameter of its owner."""
+    for owner, registry in _OWNERS.items():
+        for entry in registry:
+            for option in entry.options:
+                hp = HYPERPARAMETERS.get(option)
+                if hp is None or hp.owner != owner:
+                    raise AssertionError(f"{registry.kind} {entry.name!r} takes {option!r}, "
+                                         f"which is not a hyperparameter owned by {owner!r}")
+
+
+_check_registries()
+
+
+def in_sampling_order(params: Mapping[str, Any]) -> dict[str, Any]:
+    """``params`` in the order hyperparameters are sampled (names lrsearch does not know,
+    from studies it did not run, after them in their own order): one order everywhere."""
+    known = [name for name in HYPERPARAMETERS if name in params]
+    return {name: params[name] for name in [*known, *(k for k in params if k not in HYPERPARAMETERS)]}
 
 
 def sample_params(
@@ -134,9 +155,7 @@ def sample_params(
         if not hp.applies(sampled):
             continue
         spec = space.get(hp.name)
-        sampled[hp.name] = (
-            hp.default(sampled, epochs) if spec is None else _suggest(trial, hp, spec)
-        )
+        sampled[hp.name] = hp.default_for(sampled, epochs) if spec is None else _suggest(trial, hp, spec)
     return sampled
 
 

@@ -16,6 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from lrsearch import attrs
 from lrsearch.errors import TrackingError, first_line
 from lrsearch.retry import Retry, reason
 from lrsearch.stopping import check_stop
@@ -37,6 +38,7 @@ _MAX_METRICS, _MAX_PARAMS, _MAX_TAGS, _MAX_ENTITIES = 1000, 100, 100, 1000
 # to repeat. A variable already set in the environment wins.
 HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
+# (step, value, timestamp_ms) per metric key, as MemoryLogger records a trial's metrics.
 History = Mapping[str, Sequence[tuple[int, float, int]]]
 
 
@@ -151,7 +153,7 @@ class Tracker:
 
     def close_lost_run(self, run_id: str, state: str) -> None:
         """Close a trial's run whose last records never arrived, as its trial ended."""
-        self._log(run_id, tags={"state": state, "tracking_error": "the trial's last records were lost "
+        self._log(run_id, tags={"state": state, attrs.TRACKING_ERROR: "the trial's last records were lost "
                                 "(its worker stopped, or the tracking store was unreachable)"})
         self._call(self.client.set_terminated, run_id, status=STATUS_FOR_STATE.get(state, "FAILED"))
 
@@ -167,6 +169,11 @@ class Tracker:
     def status(self, run_id: str) -> str:
         """A run's status: RUNNING, FINISHED, FAILED, KILLED."""
         return self._call(self.client.get_run, run_id).info.status
+
+    def curves(self, run_id: str, keys: Iterable[str]) -> dict[str, list[tuple[int, float]]]:
+        """A run's metric histories: (step, value) per key, in step order."""
+        return {key: sorted((m.step, m.value) for m in self._call(self.client.get_metric_history, run_id, key))
+                for key in keys}
 
     def log_dir(self, run_id: str, folder: Path, artifact_path: str | None = None) -> None:
         """Upload every file in ``folder`` as artifacts of ``run_id``."""
@@ -214,6 +221,58 @@ class Tracker:
         tag_list = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
         for batch in _batches(param_list, tag_list, list(metrics)):  # each safe to repeat: same rows
             self._call(self.client.log_batch, run_id, **batch)
+
+
+class TrialRecord:
+    """A trial's MLflow run, opened in the background as the trial starts training and
+    closed in the background after it ends, in order with the other trials' records.
+
+    Tolerant of a tracking store that stops answering: the trial trains and is stored in
+    Optuna regardless, with the error in its ``tracking_error`` attribute. ``set_attr``
+    stores a trial attribute (the run's id); it is called from the tracking thread.
+    """
+
+    def __init__(self, tracker: Tracker, number: int, set_attr: Callable[[str, Any], None]) -> None:
+        self.tracker = tracker
+        self.number = number
+        self.set_attr = set_attr
+        self.run_id: str | None = None
+        self.error: str | None = None
+        self._opened: Future | None = None
+
+    def start(self, outbox: Outbox, experiment_id: str, parent_run_id: str, study: str,
+              params: dict[str, Any]) -> None:
+        """Create the run and log its params while the trial trains."""
+        self._opened = outbox.submit(f"trial {self.number}", self._open, experiment_id, parent_run_id,
+                                     study, params)
+
+    def _open(self, experiment_id: str, parent_run_id: str, study: str, params: dict[str, Any]) -> None:
+        try:
+            run_id = self.tracker.start_trial(experiment_id, parent_run_id, study, self.number, params)
+        except Exception as e:  # one failure is enough: later calls would wait out timeouts too
+            self.error = f"MLflow tracking lost: {first_line(e)}"
+            return
+        self.run_id = run_id
+        self.set_attr(attrs.MLFLOW_RUN, run_id)
+
+    def finish(self, outbox: Outbox, write_artifacts: Callable[[Path], None], history: History,
+               state: str, reason: str | None, status: str | None = None) -> None:
+        """Wait until the run is open (usually long done), then close it in the background."""
+        if self._opened is None:
+            return
+        self._opened.exception()  # waits; MLflow's errors land in self.error, not raised
+        if self.error is not None:
+            self.set_attr(attrs.TRACKING_ERROR, self.error)
+        elif self.run_id is not None:
+            outbox.submit(f"trial {self.number}", self._send, self.run_id, write_artifacts, history,
+                          state, reason, status)
+
+    def _send(self, run_id: str, write_artifacts: Callable[[Path], None], history: History, state: str,
+              reason: str | None, status: str | None) -> None:
+        with artifact_dir() as tmp:
+            folder = Path(tmp)
+            write_artifacts(folder)
+            self.tracker.finish_trial(run_id, history, state, reason=reason, artifacts=folder, status=status)
 
 
 class Outbox:

@@ -18,8 +18,10 @@ from torch.utils.data import Dataset as TorchDataset
 from lrsearch.config import Config
 from lrsearch.data import Dataset
 from lrsearch.logger import MemoryLogger
-from lrsearch.model import MLPClassifier, build_mlp
-from lrsearch.pruning import PruningCallback, check_interval
+from lrsearch.model import MLPClassifier
+from lrsearch.network import build_mlp
+from lrsearch.pruning import PruningCallback
+from lrsearch.sampling import check_interval
 from lrsearch.stopping import StopFlag
 
 

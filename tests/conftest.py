@@ -279,6 +279,7 @@ def fill_results(storage_url: str, client) -> None:
     from optuna.distributions import CategoricalDistribution
     from optuna.trial import TrialState
 
+    from lrsearch import attrs
     from lrsearch.storage import open_storage
 
     store = open_storage(storage_url)
@@ -290,7 +291,7 @@ def fill_results(storage_url: str, client) -> None:
     client.set_terminated(run.info.run_id, "FINISHED")
     hp = {"optimizer": "adam", "lr": 0.01, "schedule": "constant"}
     acc.add_trial(_trial(TrialState.COMPLETE, 0.9, {"optimizer": "adam", "lr": 0.01},
-                         {"mlflow_run_id": run.info.run_id, "hyperparameters": hp}))
+                         {attrs.MLFLOW_RUN: run.info.run_id, attrs.HYPERPARAMETERS: hp}))
     acc.add_trial(_trial(TrialState.COMPLETE, math.inf, {"optimizer": "sgd", "lr": 0.1, "momentum": 0.5}))
     acc.add_trial(_trial(TrialState.PRUNED, None, {"optimizer": "sgd", "lr": 0.5, "momentum": 0.9}))
     acc.add_trial(_trial(TrialState.FAIL, None, {"optimizer": "adam", "lr": 0.2}))
@@ -300,7 +301,7 @@ def fill_results(storage_url: str, client) -> None:
     acc.add_trial(_trial(TrialState.COMPLETE, 0.7, {"optimizer": "sgd", "lr": 0.001, "momentum": 0.0,
                                                      "patience": 5}))  # no MLflow run
     acc.add_trial(_trial(TrialState.COMPLETE, -math.inf, {"optimizer": "adam", "lr": 0.3}))
-    acc.set_user_attr("mlflow_parent_run_id", "parent123")
+    acc.set_user_attr(attrs.PARENT_RUN, "parent123")
 
     loss = optuna.create_study(storage=store, study_name="loss", direction="minimize")
     for value, lr in ((0.3, 0.01), (0.1, 0.02), (0.2, 0.03)):

@@ -12,7 +12,8 @@ import pytest
 
 from conftest import free_port, stop_process_group, wait_for_http
 from lrsearch.config import load_config
-from lrsearch.study import run_study, write_report
+from lrsearch.launch import run_study
+from lrsearch.report import write_report
 
 CHROMIUM = "/usr/bin/chromium"
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),

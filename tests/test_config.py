@@ -34,7 +34,7 @@ def test_defaults_and_fixed_values():
 
 
 def test_pruning_checks_every_fifth_of_the_epochs_unless_set():
-    from lrsearch.pruning import check_interval
+    from lrsearch.sampling import check_interval
 
     assert check_interval(parse_config(_raw({}), "f.toml")) == 40  # 200 epochs
     assert check_interval(parse_config(_raw({}, train={"epochs": 5}), "f.toml")) == 1
@@ -102,8 +102,12 @@ def test_integers_are_accepted_where_numbers_are_expected():
          "f.toml: [params].momentum.step: expected a finite number > 0, got inf"),
         (_raw(model={"activation": "swish"}), "f.toml: [model].activation: expected one of 'relu'"),
         (_raw({"learning_rate": 0.1}), "f.toml: [params].learning_rate: unknown hyperparameter; expected one of optimizer, lr,"),
+        (_raw({"nesterov": 1}), "f.toml: [params].nesterov: expected true or false, got 1"),
+        (_raw({"nesterov": {"choices": [True, "yes"]}}), "f.toml: [params].nesterov.choices: expected true or false, got 'yes'"),
+        (_raw({"nesterov": {"low": 0, "high": 1}}), "f.toml: [params].nesterov: expected true or false, or { choices"),
+        (_raw({"weight_decay": -0.1}), "f.toml: [params].weight_decay: expected a number >= 0, got -0.1"),
         (_raw({"moment": 0.9}), "f.toml: [params].moment: unknown hyperparameter; expected one of optimizer, lr, "
-         "momentum, schedule, decay, step_size, gamma, t_max, patience, factor (did you mean 'momentum'?)"),
+         "momentum, nesterov, weight_decay, schedule, decay, step_size, gamma, t_max, patience, factor (did you mean 'momentum'?)"),
         (_raw({"lr": {"low": 1.0, "high": 0.1}}), "f.toml: [params].lr: expected low <= high, got low=1.0, high=0.1"),
         (_raw({"lr": {"low": 0.0, "high": 0.1, "log": True}}),
          "f.toml: [params].lr.low: expected a number > 0, got 0.0"),
@@ -114,10 +118,10 @@ def test_integers_are_accepted_where_numbers_are_expected():
         (_raw({"lr": {"choices": []}}), "f.toml: [params].lr.choices: expected a non-empty list of a number > 0, got []"),
         (_raw({"lr": {"choices": [0.1, "fast"]}}), "f.toml: [params].lr.choices: expected a number > 0, got 'fast'"),
         (_raw({"momentum": 1.5}), "f.toml: [params].momentum: expected a number in [0, 1), got 1.5"),
-        (_raw({"optimizer": "adamw"}),
-         "f.toml: [params].optimizer: expected one of 'sgd', 'adam', 'rmsprop', 'adagrad', got 'adamw'"),
+        (_raw({"optimizer": "lamb"}),
+         "f.toml: [params].optimizer: expected one of 'sgd', 'adam', 'rmsprop', 'adagrad', 'adamw', got 'lamb'"),
         (_raw({"optimizer": {"choices": ["sgd", "lbfgs"]}}),
-         "f.toml: [params].optimizer.choices: expected one of 'sgd', 'adam', 'rmsprop', 'adagrad', got 'lbfgs'"),
+         "f.toml: [params].optimizer.choices: expected one of 'sgd', 'adam', 'rmsprop', 'adagrad', 'adamw', got 'lbfgs'"),
         (_raw({"schedule": "warmup"}), "f.toml: [params].schedule: expected one of 'constant', 'time_decay'"),
         (_raw({"optimizer": {"low": 0, "high": 1}}), "f.toml: [params].optimizer: expected one of 'sgd'"),
         (_raw({"patience": {"low": 2.5, "high": 10}}), "f.toml: [params].patience.low: expected an integer >= 0 (epochs), got 2.5"),
@@ -169,3 +173,15 @@ def test_a_bad_name_on_the_command_line_is_refused():
 def test_overrides_replace_trials_epochs_and_name():
     cfg = parse_config(_raw(study={"trials": 5}), "f.toml").with_overrides(trials=9, epochs=4, name="other")
     assert (cfg.study.trials, cfg.train.epochs, cfg.study.name) == (9, 4, "other")
+
+
+def test_readme_tables_are_generated_from_the_registries():
+    from pathlib import Path
+
+    from lrsearch.docs import render
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert "<!-- lrsearch.docs: hyperparameters -->" in readme and "<!-- lrsearch.docs: choices -->" in readme
+    assert render(readme) == readme, "README tables are out of date: run python -m lrsearch.docs README.md"
+    assert "| `weight_decay` | optimizer is `adamw` |" in readme
+    assert "| `nesterov` | optimizer is `sgd`, momentum > 0 | `true`, `false` | `false` |" in readme

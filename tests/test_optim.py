@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lrsearch.optim import make_optimizer, make_schedule
+from lrsearch.optimizers import make_optimizer
+from lrsearch.schedules import make_schedule
 
 
 def _params() -> list[torch.nn.Parameter]:
@@ -13,13 +14,40 @@ def _params() -> list[torch.nn.Parameter]:
 
 
 @pytest.mark.parametrize(("name", "cls"), [("sgd", torch.optim.SGD), ("adam", torch.optim.Adam),
-                                           ("rmsprop", torch.optim.RMSprop), ("adagrad", torch.optim.Adagrad)])
+                                           ("rmsprop", torch.optim.RMSprop), ("adagrad", torch.optim.Adagrad),
+                                           ("adamw", torch.optim.AdamW)])
 def test_optimizers(name, cls):
     opt = make_optimizer(_params(), {"optimizer": name, "lr": 0.05, "momentum": 0.5})
     assert isinstance(opt, cls)
     assert opt.param_groups[0]["lr"] == 0.05
     if name in ("sgd", "rmsprop"):
         assert opt.param_groups[0]["momentum"] == 0.5
+
+
+def _one_step(hp: dict, grad: float, start: float = 0.0) -> float:
+    p = torch.nn.Parameter(torch.tensor([start]))
+    opt = make_optimizer([p], hp)
+    for _ in range(2):
+        opt.zero_grad()
+        (grad * p).sum().backward()
+        opt.step()
+    return p.item()
+
+
+def test_nesterov_looks_ahead_along_the_momentum():
+    # Constant gradient 1, lr 0.1, momentum 0.9: the buffer is 1, then 1.9. Plain momentum
+    # moves 0.1 then 0.19; Nesterov's step uses grad + momentum * buffer: 0.19, then 0.271.
+    sgd = {"optimizer": "sgd", "lr": 0.1, "momentum": 0.9}
+    assert _one_step(sgd, 1.0) == pytest.approx(-0.29)
+    assert _one_step({**sgd, "nesterov": True}, 1.0) == pytest.approx(-0.461)
+
+
+def test_adamw_decays_weights_apart_from_the_gradient():
+    # Zero gradient: Adam's step is 0, so only the decoupled decay moves the weight:
+    # w <- w * (1 - lr * weight_decay), twice.
+    hp = {"optimizer": "adamw", "lr": 0.1, "weight_decay": 0.5}
+    assert _one_step(hp, 0.0, start=1.0) == pytest.approx(0.95 ** 2)
+    assert _one_step({**hp, "optimizer": "adam"}, 0.0, start=1.0) == 1.0
 
 
 def test_time_decay_follows_the_classic_formula_per_update():

@@ -8,7 +8,8 @@ import pytest
 from mlflow import MlflowClient
 
 from lrsearch.config import load_config, parse_config
-from lrsearch.study import experiment_table, run_study, write_report
+from lrsearch.launch import run_study
+from lrsearch.report import results_table, write_report
 
 STUDIES = sorted((Path(__file__).parent.parent / "studies").glob("*.toml"))
 
@@ -65,7 +66,7 @@ def test_tpe_report_has_no_grid_figures(stores, tmp_path):
 
 def test_results_table_from_the_stores(stores, tmp_path):
     result = _grid(stores, tmp_path)
-    table = experiment_table("grid", storage=stores[0], tracking=stores[1]).splitlines()
+    table = results_table("grid", storage=stores[0], tracking=stores[1]).splitlines()
     assert table[0] == "| lr | final val acc | first epoch with val acc ≥ 0.80 |"
     assert [row.split("|")[1].strip() for row in table[2:]] == ["0.5", "0.05", "1e-06"]
     by_lr = {t.params["lr"]: t for t in result.study.trials}

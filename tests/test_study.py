@@ -13,7 +13,8 @@ from lrsearch.config import load_config, parse_config
 from lrsearch.data import load_data
 from lrsearch.objective import Objective
 from lrsearch.storage import open_storage, redact
-from lrsearch.study import best_trials, load_study, run_study
+from lrsearch.launch import run_study
+from lrsearch.results import best_trials, load_study
 from lrsearch.tracking import Tracker
 
 
@@ -239,7 +240,8 @@ def test_a_claim_made_without_the_lock_never_passes_the_total(write_study, store
     down (another worker may have claimed the same slot): kept if the trials before it leave
     it a slot, else ended FAIL at once, untrained, with the reason."""
     from conftest import TINY_STUDY
-    from lrsearch.study import _confirm_claim, open_session
+    from lrsearch.session import open_session
+    from lrsearch.worker import _confirm_claim
 
     cfg = load_config(write_study(TINY_STUDY.replace("trials = 3", "trials = 2")))
     session = open_session(cfg, storage=stores[0], tracking=stores[1])
@@ -252,3 +254,42 @@ def test_a_claim_made_without_the_lock_never_passes_the_total(write_study, store
     assert _confirm_claim(session, third) is None
     ended = session.store.get_trial(third._trial_id)
     assert ended.state.name == "FAIL" and ended.user_attrs["reason"].startswith("over the study's total")
+
+
+def test_adamw_and_nesterov_end_to_end(write_study, stores, tmp_path):
+    """A study that searches the two newest registry entries: sampled only where they apply,
+    decoded by the SQL views (a boolean stays a boolean), in the MLflow runs and the report."""
+    from conftest import TINY_STUDY
+    from lrsearch.queries import ResultsDatabase
+    from lrsearch.report import write_report
+
+    text = (TINY_STUDY.replace('sampler = "tpe"', 'sampler = "random"').replace("trials = 3", "trials = 6")
+            .replace("seed = 7", "seed = 1")
+            .replace('optimizer = { choices = ["sgd", "adam"] }', 'optimizer = { choices = ["sgd", "adamw"] }')
+            .replace("momentum = { low = 0.0, high = 0.9 }",
+                     "momentum = { choices = [0.0, 0.9] }\nnesterov = { choices = [true, false] }\n"
+                     "weight_decay = { low = 1e-4, high = 1e-1, log = true }"))
+    path = write_study(text)
+    result = run_study(load_config(path).with_overrides(epochs=2), storage=stores[0], tracking=stores[1])
+    trials = result.study.trials
+    for t in trials:
+        hp = t.user_attrs["hyperparameters"]
+        assert ("weight_decay" in t.params) == (hp["optimizer"] == "adamw")
+        assert ("nesterov" in t.params) == (hp["optimizer"] == "sgd" and hp["momentum"] > 0)
+    kinds = {(t.params["optimizer"], t.params.get("nesterov")) for t in trials}
+    assert {("adamw", None), ("sgd", True), ("sgd", False)} <= kinds  # the seed covers each case
+
+    with ResultsDatabase(*stores) as db:
+        rows = db.query("SELECT trial_number, optimizer, params FROM trials ORDER BY trial_number").records()
+    for row, t in zip(rows, trials, strict=True):
+        params = json.loads(row["params"]) if isinstance(row["params"], str) else row["params"]
+        assert set(params) == set(t.params)  # a JSON object: its order is the database's
+        for name, value in t.params.items():  # nesterov as JSON true/false, weight_decay a number
+            assert type(params[name]) is type(value)
+            assert params[name] == (pytest.approx(value, rel=1e-12) if type(value) is float else value)
+    client = MlflowClient(tracking_uri=stores[1])
+    adamw = next(t for t in trials if t.params["optimizer"] == "adamw")
+    assert "weight_decay" in client.get_run(adamw.user_attrs["mlflow_run_id"]).data.params
+    report = write_report("tiny", storage=stores[0], tracking=stores[1], out=tmp_path / "report")
+    page = report[-1].read_text()
+    assert "weight_decay=" in page and "nesterov=True" in page

@@ -12,7 +12,7 @@ import time
 import urllib.request
 
 from lrsearch.config import load_config
-from lrsearch.study import run_study
+from lrsearch.launch import run_study
 
 
 def _free_port() -> int:

@@ -1,6 +1,7 @@
 -- lrsearch's SQL views over Optuna's tables (schema `optuna`) and MLflow's (schema `mlflow`).
 -- One text for PostgreSQL and SQLite: a macro name and its arguments (split by ;;) in
--- braces mark the few dialect-specific expressions, expanded by lrsearch/queries.py.
+-- braces mark the few dialect-specific expressions, expanded by lrsearch/queries.py;
+-- the attr macro gives the key of an Optuna attribute (lrsearch/attrs.py).
 -- On PostgreSQL the views live in schema `lrsearch`; on SQLite they are TEMP views over the attached `optuna` and `mlflow` files.
 
 -- One row per trial of every study. `value` is NULL unless finite; categorical params are
@@ -37,8 +38,8 @@ FROM optuna.trials t
 JOIN optuna.studies s ON s.study_id = t.study_id
 LEFT JOIN optuna.study_directions sd ON sd.study_id = t.study_id AND sd.objective = 0
 LEFT JOIN optuna.trial_values tv ON tv.trial_id = t.trial_id AND tv.objective = 0
-LEFT JOIN optuna.trial_user_attributes hp ON hp.trial_id = t.trial_id AND hp.key = 'hyperparameters'
-LEFT JOIN optuna.trial_user_attributes ra ON ra.trial_id = t.trial_id AND ra.key = 'mlflow_run_id'
+LEFT JOIN optuna.trial_user_attributes hp ON hp.trial_id = t.trial_id AND hp.key = {attr: hyperparameters}
+LEFT JOIN optuna.trial_user_attributes ra ON ra.trial_id = t.trial_id AND ra.key = {attr: mlflow_run}
 LEFT JOIN mlflow.runs r ON r.run_uuid = {scalar: ra.value_json};
 
 {trial_lookup}
@@ -91,7 +92,7 @@ FROM optuna.studies s
 LEFT JOIN optuna.study_directions sd ON sd.study_id = s.study_id AND sd.objective = 0
 LEFT JOIN optuna.trials t ON t.study_id = s.study_id
 LEFT JOIN {view: best_trials} b ON b.study_name = s.study_name AND b.rank = 1
-LEFT JOIN optuna.study_user_attributes pa ON pa.study_id = s.study_id AND pa.key = 'mlflow_parent_run_id'
-LEFT JOIN optuna.study_user_attributes ea ON ea.study_id = s.study_id AND ea.key = 'mlflow_experiment_id'
+LEFT JOIN optuna.study_user_attributes pa ON pa.study_id = s.study_id AND pa.key = {attr: parent_run}
+LEFT JOIN optuna.study_user_attributes ea ON ea.study_id = s.study_id AND ea.key = {attr: experiment}
 GROUP BY s.study_id, s.study_name, sd.direction, b.value, b.trial_number, b.params,
          pa.value_json, ea.value_json;

@@ -1,0 +1,27 @@
+"""The keys lrsearch stores in Optuna's study and trial attributes: one home for each name,
+read by the worker, the report and the SQL views (``sql/views.sql`` names them through its attr macro)."""
+
+from __future__ import annotations
+
+# Study user attributes.
+PARENT_RUN = "mlflow_parent_run_id"  # the study's MLflow parent run
+EXPERIMENT = "mlflow_experiment_id"
+METRIC = "metric"  # the objective's metric name, e.g. val/acc
+
+# Trial user attributes.
+HYPERPARAMETERS = "hyperparameters"  # every hyperparameter the trial trained with, defaults included
+MLFLOW_RUN = "mlflow_run_id"  # the trial's MLflow child run
+REASON = "reason"  # why a trial ended PRUNED or FAIL
+TRACKING_ERROR = "tracking_error"  # why its MLflow record is incomplete
+EPOCHS_TRAINED = "epochs_trained"
+TRAIN_SECONDS = "train_seconds"
+
+# Trial system attributes.
+CLAIM = "lrsearch_claim"  # a new trial's token: see RetryingStorage.create_new_trial
+RETRY_HISTORY = "retry_history"  # Optuna's names, as its RetryFailedTrialCallback records retries
+FAILED_TRIAL = "failed_trial"
+GRID_ID = "grid_id"  # set by Optuna's GridSampler
+
+# For the SQL views.
+SQL_NAMES = {"parent_run": PARENT_RUN, "experiment": EXPERIMENT, "hyperparameters": HYPERPARAMETERS,
+             "mlflow_run": MLFLOW_RUN}

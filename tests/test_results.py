@@ -1,0 +1,96 @@
+"""One ranking of trials: the SQL views and Python agree, and `run`, `best` and the report
+list a study's trials in the same order with the same params, in either direction."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import optuna
+import pytest
+from mlflow import MlflowClient
+from optuna.trial import TrialState, create_trial
+from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+from conftest import TINY_STUDY
+from lrsearch.queries import ResultsDatabase
+from lrsearch.results import ranking
+from lrsearch.storage import open_storage, prepare_database, schema_url
+
+# Ties on purpose: each value twice, out of order.
+VALUES = [0.5, 0.2, 0.5, 0.2, 0.9]
+
+
+def _fill(storage: str) -> None:
+    store = open_storage(storage)
+    for direction in ("minimize", "maximize"):
+        study = optuna.create_study(storage=store, study_name=direction, direction=direction)
+        for value in VALUES:
+            study.add_trial(create_trial(value=value, params={"lr": value},
+                                         distributions={"lr": FloatDistribution(0.0, 1.0)}))
+        study.add_trial(create_trial(state=TrialState.PRUNED, value=0.0 if direction == "minimize" else 1.0,
+                                     params={"lr": 0.3}, distributions={"lr": FloatDistribution(0.0, 1.0)}))
+    flags = optuna.create_study(storage=store, study_name="flags")
+    flags.add_trial(create_trial(value=1.0, params={"nesterov": True, "optimizer": "sgd"},
+                                 distributions={"nesterov": CategoricalDistribution([False, True]),
+                                                "optimizer": CategoricalDistribution(["sgd", "adamw"])}))
+
+
+def _same_ranking(storage: str, tracking: str | None = None) -> None:
+    store = open_storage(storage)
+    expected = {"minimize": [1, 3, 0, 2, 4], "maximize": [4, 0, 2, 1, 3]}  # ties: the earlier trial first
+    with ResultsDatabase(storage, tracking) as db:
+        for direction, order in expected.items():
+            study = optuna.load_study(study_name=direction, storage=store)
+            assert [t.number for t in ranking(study.trials, direction)] == order  # a PRUNED value never ranks
+            rows = db.query("SELECT trial_number FROM best_trials WHERE study_name = ? ORDER BY rank",
+                            (direction,)).rows
+            assert [r[0] for r in rows] == order
+        params = db.query("SELECT params FROM trials WHERE study_name = 'flags'").rows[0][0]
+        params = json.loads(params) if isinstance(params, str) else params
+        assert params == {"nesterov": True, "optimizer": "sgd"} and params["nesterov"] is True  # not 1
+
+
+def test_sql_and_python_rank_alike_on_sqlite(stores):
+    _fill(stores[0])
+    _same_ranking(*stores)
+
+
+def test_sql_and_python_rank_alike_on_postgres(pg_url):
+    prepare_database(pg_url)
+    MlflowClient(tracking_uri=schema_url(pg_url, "mlflow")).search_experiments()  # MLflow's tables
+    _fill(pg_url)
+    _same_ranking(pg_url)
+
+
+def _table(text: str) -> list[dict[str, str]]:
+    """Rows of a text table as the CLI prints it (columns start where their headers do)."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    header = lines[0]
+    starts = [m.start() for m in re.finditer(r"\S+", header)]
+    names = header.split()
+    return [{name: line[a:b].strip() for name, a, b in zip(names, starts, [*starts[1:], None])}
+            for line in lines[1:]]
+
+
+def test_a_minimize_study_reads_the_same_in_run_best_and_the_report(cli, write_study, tmp_path):
+    study = (TINY_STUDY.replace('direction = "maximize"', 'direction = "minimize"')
+             .replace('metric = "val/acc"', 'metric = "val/loss"').replace("trials = 3", "trials = 4"))
+    run = cli("run", str(write_study(study)), "--epochs", "2")
+    assert run.returncode == 0, run.stderr
+    summary = run.stdout.split("\n", 1)[1].split("\nMLflow:")[0]  # the table between the two lines
+    from_run = _table(summary)
+    best = cli("best", "tiny")
+    assert best.returncode == 0, best.stderr
+    from_best = _table(best.stdout)
+    report = (tmp_path / "lrsearch-data" / "reports" / "tiny" / "report.html").read_text()
+    from_report = re.findall(r"<tr><td>(\d+)</td><td>COMPLETE</td>", report)
+
+    numbers = [r["number"] for r in from_best]
+    assert len(numbers) == 4 and [r["number"] for r in from_run] == numbers == from_report
+    values = [float(r["value"]) for r in from_best]
+    assert values == sorted(values)  # minimize: the smallest loss first
+    assert [r["params"] for r in from_run] == [r["params"] for r in from_best]  # same meaning, same order
+    # params: what Optuna sampled, in sampling order (the schedule is fixed, so sampled too)
+    first = json.loads(cli("best", "tiny", "--format", "json").stdout)[0]["params"]
+    assert list(first)[:2] == ["optimizer", "lr"] and list(first)[-2:] == ["schedule", "decay"]
