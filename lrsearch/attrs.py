@@ -7,6 +7,13 @@ from __future__ import annotations
 PARENT_RUN = "mlflow_parent_run_id"  # the study's MLflow parent run
 EXPERIMENT = "mlflow_experiment_id"
 METRIC = "metric"  # the objective's metric name, e.g. val/acc
+# The study service's queue lives in these (see service.py): a submitted study has them all.
+CONFIG = "lrsearch_config"  # the whole study configuration: any worker runs it without the file
+TARGET = "lrsearch_target"  # the total of COMPLETE + PRUNED trials
+PRIORITY = "lrsearch_priority"  # higher first; then the oldest submission
+SUBMITTED_AT = "lrsearch_submitted_at"  # ISO 8601, UTC
+CANCELLED = "lrsearch_cancelled"  # null, or {"at": ISO 8601, "now": bool}
+DONE = "lrsearch_done"  # true once the total is reached and the parent run closed
 
 # Trial user attributes.
 HYPERPARAMETERS = "hyperparameters"  # every hyperparameter the trial trained with, defaults included
@@ -24,4 +31,4 @@ GRID_ID = "grid_id"  # set by Optuna's GridSampler
 
 # For the SQL views.
 SQL_NAMES = {"parent_run": PARENT_RUN, "experiment": EXPERIMENT, "hyperparameters": HYPERPARAMETERS,
-             "mlflow_run": MLFLOW_RUN}
+             "mlflow_run": MLFLOW_RUN, "target": TARGET, "submitted_at": SUBMITTED_AT, "cancelled": CANCELLED}

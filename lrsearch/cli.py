@@ -68,7 +68,49 @@ def cmd_run(args: argparse.Namespace) -> int:
     _print_result(result.study, result.target, result.url, result.warnings)
     if result.errors:
         raise LrsearchError(f"{result.errors[0]}; run the same command again to resume")
+    if result.cancelled:
+        raise LrsearchError(f"study {cfg.study.name!r} was cancelled (lrsearch cancel); run or submit "
+                            "the same file again to resume it")
     _report(args, cfg, result.study)
+    return EXIT_OK
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from lrsearch.service import submit
+
+    _quiet()
+    sub = submit(_study_config(args), storage=args.storage, tracking=args.tracking_uri, study_file=Path(args.file))
+    print(f"study {sub.name!r} {'resubmitted' if sub.resumed else 'submitted'}: {sub.target} trials, "
+          f"for any `lrsearch worker` on {_redact(sub.url)}")
+    print(f"MLflow: {sub.mlflow_url}")
+    print(f"watch it: lrsearch status {sub.name} --watch{_store_flags(args)}")
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import time
+
+    from lrsearch.service import STATUS_COLUMNS, status
+
+    _quiet()
+    while True:
+        rows = status(args.name, storage=args.storage, tracking=args.tracking_uri)
+        text = _format(rows, args.format, STATUS_COLUMNS) if rows or args.format != "table" else \
+            "(no submitted studies)"
+        if not args.watch:
+            print(text)
+            return EXIT_OK
+        print(("\033[H\033[J" if sys.stdout.isatty() else "") + text, flush=True)
+        if rows and all(r["state"] in ("done", "cancelled") for r in rows):
+            return EXIT_OK
+        time.sleep(args.interval)
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from lrsearch.service import cancel
+
+    _quiet()
+    print(cancel(args.name, now=args.now, storage=args.storage, tracking=args.tracking_uri))
     return EXIT_OK
 
 
@@ -79,6 +121,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     watch_parent()
     if args.worker_index is None:
         args.worker_index = _default_worker_index()
+    if args.file is None:
+        return _serve(args)
+    if args.max_idle is not None:
+        raise UsageError("--max-idle: only without a study file (a worker with a file ends with its study)")
     result = _run(args, _study_config(args), progress=False)
     print(f"worker {args.worker_index}: study {result.study.study_name!r} done "
           f"({state_counts(result.study)}), target {result.target}", file=sys.stderr)
@@ -111,6 +157,53 @@ def _run(args: argparse.Namespace, cfg: Any, workers: int = 1, progress: bool = 
         return run_study(cfg, storage=args.storage, tracking=args.tracking_uri, study_file=Path(args.file),
                          workers=workers, callbacks=[bar], on_start=bar.start, stop=stop,
                          worker=args.worker_index)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """``lrsearch worker`` with no file: every submitted study, until stopped or idle."""
+    from lrsearch.stopping import StopFlag
+
+    for flag in ("trials", "epochs", "name"):
+        if getattr(args, flag) is not None:
+            raise UsageError(f"--{flag}: only with a study file (submitted studies keep their own)")
+    stop = StopFlag()
+    stop.install()
+    from lrsearch.worker import serve, setup_process
+
+    setup_process()
+    print(f"worker {args.worker_index}: serving the studies submitted to {_redact(_storage(args))}"
+          + (f" (until idle for {args.max_idle:g} s)" if args.max_idle else ""), file=sys.stderr, flush=True)
+
+    def announce(line: str) -> None:
+        _warn([line])
+        sys.stderr.flush()
+
+    _warn(serve(args.storage, args.tracking_uri, index=args.worker_index, stop=stop, max_idle=args.max_idle,
+                warn=announce))
+    print(f"worker {args.worker_index}: idle for {args.max_idle:g} s, done", file=sys.stderr)
+    return EXIT_OK
+
+
+def _storage(args: argparse.Namespace) -> str:
+    from lrsearch.storage import storage_url
+
+    return storage_url(args.storage)
+
+
+def _redact(url: str) -> str:
+    from lrsearch.storage import redact
+
+    return redact(url)
+
+
+def _store_flags(args: argparse.Namespace) -> str:
+    """The ``--storage``/``--tracking-uri`` a follow-up command needs (passwords left out)."""
+    flags = ""
+    if args.storage:
+        flags += f" --storage {_redact(args.storage)}"
+    if args.tracking_uri:
+        flags += f" --tracking-uri {_redact(args.tracking_uri)}"
+    return flags
 
 
 def _default_worker_index() -> int:
@@ -323,8 +416,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--tracking-uri", metavar="URI",
                        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./lrsearch-data/mlflow.db)")
 
-    def study_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("file", help="study file, e.g. studies/quickstart.toml")
+    def study_options(p: argparse.ArgumentParser, file_required: bool = True) -> None:
+        p.add_argument("file", nargs=None if file_required else "?", help="study file, e.g. studies/quickstart.toml")
         p.add_argument("--trials", type=_positive_int, metavar="N", help="the study's total number of trials")
         p.add_argument("--epochs", type=_positive_int, metavar="N", help="epochs per trial")
         p.add_argument("--name", metavar="NAME", help="study name (default: [study].name)")
@@ -336,11 +429,32 @@ def _parser() -> argparse.ArgumentParser:
                    help="worker processes on this host (default 1: trials run in this process)")
     p.set_defaults(command=cmd_run, worker_index=0)
 
-    p = sub.add_parser("worker", help="join a study's workers from any host (server mode)")
+    p = sub.add_parser("submit", help="queue a study for the workers (creates or resumes it) and return")
     study_options(p)
+    p.set_defaults(command=cmd_submit)
+
+    p = sub.add_parser("worker", help="serve every submitted study (or, with FILE, that one study) from any host")
+    study_options(p, file_required=False)
+    p.add_argument("--max-idle", type=_positive_float, metavar="S",
+                   help="without FILE: exit after S seconds with nothing to do (default: serve until stopped)")
     p.add_argument("--worker-index", type=int, default=None, metavar="I",
-                   help="this worker's index, for its sampler seed (default: from the process id)")
+                   help="this worker's index, for its sampler seed (default: from the host and process id)")
     p.set_defaults(command=cmd_worker)
+
+    p = sub.add_parser("status", help="the submitted studies: state, progress, best value, workers, time left")
+    p.add_argument("name", nargs="?", help="one study (default: all)")
+    p.add_argument("--watch", action="store_true", help="refresh until every study shown is done or cancelled")
+    p.add_argument("--interval", type=_positive_float, default=2.0, metavar="S", help="with --watch (default 2)")
+    p.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    stores(p)
+    p.set_defaults(command=cmd_status)
+
+    p = sub.add_parser("cancel", help="stop a study: no new trials (submit it again to resume)")
+    p.add_argument("name", help="study name")
+    p.add_argument("--now", action="store_true",
+                   help="also stop its running trials at their next epoch (FAIL, reason 'cancelled')")
+    stores(p)
+    p.set_defaults(command=cmd_cancel)
 
     p = sub.add_parser("server", help="the MLflow tracking server on a PostgreSQL (or SQLite) database")
     p.add_argument("--db", metavar="URL", help="postgresql+psycopg://user@host/db (default: $LRSEARCH_DB, "

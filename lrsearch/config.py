@@ -71,6 +71,8 @@ class StudyConfig:
     pruner: str = declared(str, "median", choices=PRUNERS)
     # Epochs between pruning checks; None: see sampling.check_interval.
     prune_every: int | None = declared(int, None, expected="an integer >= 1", check=lambda v: v >= 1)
+    # Workers serving several studies take a higher priority first, then the oldest submission.
+    priority: int = _int_in(-1000, 1000, 0)
 
 
 @dataclass(frozen=True)
@@ -149,6 +151,30 @@ class Config:
             out[part] = {k: plain(v) for k, v in dataclasses.asdict(getattr(self, part)).items()}
         out["params"] = {name: _spec_to_toml(spec) for name, spec in self.params.items()}
         return out
+
+    def to_toml(self) -> dict[str, Any]:
+        """The config as a study file's tables (what ``parse_config`` reads back): stored
+        with a submitted study, so a worker runs it without the file."""
+        other_sources = {k for source in SOURCES if source.name != self.data.source for k in source.keys}
+        mine = SOURCES[self.data.source].keys
+        return {part: ({k: v for k, v in table.items() if v is not None
+                        and (part != "data" or k in mine or k not in other_sources)} if part != "params" else table)
+                for part, table in self.to_dict().items()}
+
+    def differences(self, other: Config) -> list[str]:
+        """The study-file keys whose values differ between this config and ``other``, as
+        ``[section].key`` (a whole ``[params].name`` entry counts as one key)."""
+        mine, theirs = _flat(self.to_toml()), _flat(other.to_toml())
+        return [key for key in dict.fromkeys([*mine, *theirs]) if mine.get(key) != theirs.get(key)]
+
+
+def _flat(tables: Mapping[str, Any]) -> dict[str, Any]:
+    return {f"[{part}].{key}": value for part, table in tables.items() for key, value in table.items()}
+
+
+def stored_config(raw: Mapping[str, Any], name: str) -> Config:
+    """A submitted study's configuration, as ``Config.to_toml`` stored it."""
+    return parse_config(raw, f"study {name!r} (stored configuration)")
 
 
 def load_config(path: str | Path) -> Config:

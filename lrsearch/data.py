@@ -33,20 +33,44 @@ class Dataset:
 
 def load_data(cfg: DataConfig) -> Dataset:
     """Build the dataset the ``[data]`` table describes and split it with ``cfg.seed``."""
-    import numpy as np
     import torch
+
+    x, y, n_classes, train, val = _split(cfg)
+    xt, yt = torch.as_tensor(x), torch.as_tensor(y)
+    return Dataset(xt[train], yt[train], xt[val], yt[val], n_classes)
+
+
+def check_data(cfg: DataConfig) -> None:
+    """The data's mistakes (a CSV file's, a split that leaves no rows), found without torch
+    and without generating a built-in source's data: what ``submit`` checks before creating
+    anything."""
+    source = SOURCES[cfg.source]
+    if source.rows is None:
+        _split(cfg)
+    else:
+        _check_split(cfg, source.rows(cfg))
+
+
+def _check_split(cfg: DataConfig, rows: int) -> int:
+    """The validation rows of ``rows``; :class:`UsageError` if either side would be empty."""
+    n_val = int(round(rows * cfg.val_fraction))
+    if n_val < 1 or n_val >= rows:
+        raise UsageError(f"[data].val_fraction: {cfg.val_fraction} leaves no rows for training "
+                         f"or validation out of {rows}")
+    return n_val
+
+
+def _split(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, int, np.ndarray, np.ndarray]:
+    """Features (float32), class indices (int64), the number of classes, and the training
+    and validation rows."""
+    import numpy as np
 
     x, y = SOURCES[cfg.source].load(cfg)
     classes, y = np.unique(y, return_inverse=True)
-    n_val = int(round(len(x) * cfg.val_fraction))
-    if n_val < 1 or n_val >= len(x):
-        raise UsageError(f"[data].val_fraction: {cfg.val_fraction} leaves no rows for training "
-                         f"or validation out of {len(x)}")
+    n_val = _check_split(cfg, len(x))
     order = np.random.default_rng(cfg.seed).permutation(len(x))
     train, val = order[: len(x) - n_val], order[len(x) - n_val:]
-    xt = torch.as_tensor(np.asarray(x, dtype=np.float32))
-    yt = torch.as_tensor(y.astype(np.int64))
-    return Dataset(xt[train], yt[train], xt[val], yt[val], len(classes))
+    return np.asarray(x, dtype=np.float32), y.astype(np.int64), len(classes), train, val
 
 
 def _blobs(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -100,14 +124,16 @@ class Source:
     doc: str
     load: Callable[[DataConfig], tuple[np.ndarray, np.ndarray]]
     keys: tuple[str, ...] = ()  # the [data] keys it reads, besides val_fraction and seed
+    rows: Callable[[DataConfig], int] | None = None  # how many rows, without making them (None: load it)
 
 
 SOURCES: Registry[Source] = Registry("data source", [
     Source("blobs", "scikit-learn's make_blobs: Gaussian clusters (the classic problem)", _blobs,
-           ("n_samples", "centers", "n_features", "cluster_std", "random_state")),
+           ("n_samples", "centers", "n_features", "cluster_std", "random_state"), lambda cfg: cfg.n_samples),
     Source("moons", "scikit-learn's make_moons: two interleaving half circles", _moons,
-           ("n_samples", "noise", "random_state")),
-    Source("digits", "scikit-learn's 8x8 digits (shipped with it), pixels scaled to [0, 1]", _digits),
+           ("n_samples", "noise", "random_state"), lambda cfg: cfg.n_samples),
+    Source("digits", "scikit-learn's 8x8 digits (shipped with it), pixels scaled to [0, 1]", _digits,
+           rows=lambda cfg: 1797),
     Source("csv", "a CSV file: `path` (relative to the study file), `label` the class column, "
                   "the other columns numeric features", _csv, ("path", "label")),
 ])

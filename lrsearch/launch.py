@@ -14,7 +14,7 @@ import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from lrsearch.errors import LrsearchError
 from lrsearch.stopping import PARENT_FD_ENV, Interrupted, StopFlag
@@ -37,6 +37,7 @@ class StudyRun:
     url: str
     warnings: list[str]
     errors: list[str] = field(default_factory=list)  # other worker processes that failed
+    cancelled: bool = False  # by `lrsearch cancel` while it ran
 
 
 def run_study(cfg: Config, *, storage: str | None = None, tracking: str | None = None,
@@ -54,6 +55,7 @@ def run_study(cfg: Config, *, storage: str | None = None, tracking: str | None =
     others, alive = _start_workers(cfg, study_file, workers - 1, storage, tracking) if workers > 1 else ([], -1)
     if others:
         stop.on_signal = lambda signum: _signal(others, signum)
+    from lrsearch import attrs
     from lrsearch.results import count_finished, tracking_warnings
     from lrsearch.session import close_parent, open_session
     from lrsearch.worker import setup_process, work
@@ -81,10 +83,12 @@ def run_study(cfg: Config, *, storage: str | None = None, tracking: str | None =
         if alive >= 0:
             os.close(alive)  # the others' pipe: end of file
     failed = [w.error for w in others if w.proc.returncode != 0]
+    cancelled = session.store.get_study_user_attrs(session.study_id).get(attrs.CANCELLED) is not None
     return StudyRun(session.study, session.target, session.experiment_id, session.parent_run_id,
                     session.mlflow_url,
                     session.warnings + tracking_warnings(session.study) + [x for w in others for x in w.warnings],
-                    [f"{len(failed)} of {len(others)} other workers failed ({failed[0]})"] if failed else [])
+                    [f"{len(failed)} of {len(others)} other workers failed ({failed[0]})"] if failed else [],
+                    cancelled)
 
 
 class _WorkerProcess:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ from lrsearch.data import Dataset
 from lrsearch.errors import first_line
 from lrsearch.report import plot_learning_curves
 from lrsearch.space import sample_params
-from lrsearch.stopping import Interrupted, StopFlag
+from lrsearch.stopping import Cancelled, Interrupted, StopFlag, TrialStop
 from lrsearch.tracking import Outbox, Tracker, TrialRecord, write_json
 from lrsearch.training import TrainResult, train
 
@@ -43,8 +44,11 @@ class Objective:
         """Wait until every trial's MLflow record is written; one line per record that failed."""
         return [f"MLflow record lost for {error}" for error in self.outbox.drain()]
 
-    def __call__(self, trial: optuna.trial.Trial) -> float:
+    def __call__(self, trial: optuna.trial.Trial, cancelled: threading.Event | None = None) -> float:
+        """Train ``trial``; ``cancelled``, once set, stops it at the next epoch boundary and
+        raises :class:`Cancelled` (the trial ends FAIL, its run KILLED)."""
         cfg = self.cfg
+        stop = TrialStop(self.stop, cancelled)
         hp = sample_params(trial, cfg.params, cfg.train.epochs)
         seed = trial_seed(cfg.study.seed, trial.number)
         trial.set_user_attr(attrs.HYPERPARAMETERS, hp)
@@ -55,7 +59,7 @@ class Objective:
         started = time.perf_counter()
         try:
             with self.stop.interruptible():  # a second signal stops training at once
-                train(cfg, self.data, hp, seed, trial, result, self.stop)
+                train(cfg, self.data, hp, seed, trial, result, stop)
         except BaseException as e:
             # Record what was measured before the failure; the caller marks the trial FAIL.
             interrupted = isinstance(e, (Interrupted, KeyboardInterrupt))
@@ -67,6 +71,10 @@ class Objective:
         if self.stop.requested:
             self._end(trial, run, hp, seed, result, "FAIL", f"interrupted at epoch {result.epochs - 1}", "KILLED")
             raise Interrupted(self.stop.signum or 0)
+        cut_short = result.epochs < cfg.train.epochs and result.pruned_at is None and result.diverged_at is None
+        if stop.cancelled.is_set() and cut_short:  # a trial that ended on its own keeps its result
+            self._end(trial, run, hp, seed, result, "FAIL", "cancelled", "KILLED")
+            raise Cancelled()
         state, value, reason = outcome(result, cfg.study.metric)
         self._end(trial, run, hp, seed, result, state, reason)
         if state == "PRUNED":

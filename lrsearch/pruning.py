@@ -8,7 +8,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import optuna
 import pytorch_lightning as pl
 
-from lrsearch.sampling import check_interval
 
 class PruningCallback(pl.Callback):
     """Like optuna-integration's callback, for the ``pytorch_lightning`` namespace, with

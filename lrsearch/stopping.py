@@ -102,3 +102,20 @@ def watch_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=wait, name="lrsearch-parent", daemon=True).start()
+
+
+class Cancelled(Exception):
+    """A trial stopped because its study was cancelled with ``lrsearch cancel --now``."""
+
+
+class TrialStop:
+    """What ends a trial at its next epoch boundary: this process's stop flag, or its study's
+    cancellation (an event set by the worker that watches the study)."""
+
+    def __init__(self, flag: StopFlag, cancelled: threading.Event | None = None) -> None:
+        self.flag = flag
+        self.cancelled = cancelled or threading.Event()
+
+    @property
+    def requested(self) -> bool:
+        return self.flag.requested or self.cancelled.is_set()

@@ -98,18 +98,29 @@ class Tracker:
         return exp.experiment_id
 
     def start_study(self, experiment_id: str, name: str, params: Mapping[str, Any],
-                    tags: Mapping[str, str], study_file: Path | None, run_id: str | None = None) -> str:
-        """The study's parent run: ``run_id`` reopened when resuming, else a new run with the
-        study file as params (set once: MLflow params are immutable) and as an artifact."""
+                    tags: Mapping[str, str], study_file: Path | None, run_id: str | None = None,
+                    status: str = "RUNNING") -> str:
+        """The study's parent run: ``run_id`` reopened when resuming (unless it is RUNNING:
+        workers are on it), else a new run with the study file as params (set once: MLflow
+        params are immutable) and as an artifact. ``status``: SCHEDULED for a study that
+        waits for workers, RUNNING for one that a worker starts."""
         if run_id is not None and self._exists(run_id):
-            self._call(self.client.update_run, run_id, status="RUNNING")
+            if self.status(run_id) != "RUNNING":
+                self._call(self.client.update_run, run_id, status=status)
             self._log(run_id, tags=tags)
             return run_id
         run_id = self._create_run(experiment_id, name, {"lrsearch.role": "study", **tags})
         self._log(run_id, params=params)
         if study_file is not None:
             self._call(self.client.log_artifact, run_id, str(study_file))
+        if status != "RUNNING":
+            self._call(self.client.update_run, run_id, status=status)
         return run_id
+
+    def set_running(self, run_id: str) -> None:
+        """A SCHEDULED (or closed) parent run that a worker starts on."""
+        if self.status(run_id) != "RUNNING":
+            self._call(self.client.update_run, run_id, status="RUNNING")
 
     def start_trial(self, experiment_id: str, parent_run_id: str, study: str, number: int,
                     params: Mapping[str, Any]) -> str:
@@ -180,11 +191,7 @@ class Tracker:
         self._call(self.client.log_artifacts, run_id, str(folder), artifact_path)
 
     def run_url(self, experiment_id: str, run_id: str) -> str:
-        """The MLflow UI page of a run (for an embedded store: as ``lrsearch ui`` serves it),
-        without any credentials the tracking URI carries."""
-        base = _without_credentials(self.uri).rstrip("/") if self.uri.startswith(("http://", "https://")) \
-            else DEFAULT_UI
-        return f"{base}/#/experiments/{experiment_id}/runs/{run_id}{UI_QUERY}"
+        return run_url(self.uri, experiment_id, run_id)
 
     def _exists(self, run_id: str) -> bool:
         from mlflow.exceptions import MlflowException
@@ -310,6 +317,13 @@ class Outbox:
         error = future.exception()  # waits
         if error is not None:
             self._errors.append(f"{label}: {first_line(error)}")
+
+
+def run_url(uri: str, experiment_id: str, run_id: str) -> str:
+    """The MLflow UI page of a run (for an embedded store: as ``lrsearch ui`` serves it),
+    without any credentials the tracking URI carries."""
+    base = _without_credentials(uri).rstrip("/") if uri.startswith(("http://", "https://")) else DEFAULT_UI
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}{UI_QUERY}"
 
 
 def write_json(obj: Any, path: Path) -> Path:

@@ -22,7 +22,7 @@ from lrsearch.model import MLPClassifier
 from lrsearch.network import build_mlp
 from lrsearch.pruning import PruningCallback
 from lrsearch.sampling import check_interval
-from lrsearch.stopping import StopFlag
+from lrsearch.stopping import StopFlag, TrialStop
 
 
 @dataclass
@@ -62,7 +62,7 @@ def _whole(x: torch.Tensor, y: torch.Tensor) -> DataLoader:
 class StopCallback(pl.Callback):
     """Ends ``fit`` at the end of the current epoch once a stop is requested."""
 
-    def __init__(self, flag: StopFlag) -> None:
+    def __init__(self, flag: StopFlag | TrialStop) -> None:
         self.flag = flag
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -85,7 +85,7 @@ def train(
     seed: int,
     trial: optuna.trial.Trial | None = None,
     result: TrainResult | None = None,
-    stop: StopFlag | None = None,
+    stop: StopFlag | TrialStop | None = None,
 ) -> TrainResult:
     """Train the study's MLP with ``hp`` for ``cfg.train.epochs`` epochs.
 

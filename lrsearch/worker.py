@@ -3,25 +3,33 @@ total is reached; trials whose worker died are failed and queued again on the wa
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 import time
 import warnings
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from lrsearch import attrs
-from lrsearch.errors import first_line
+from lrsearch.errors import LrsearchError, first_line
 from lrsearch.objective import Objective
 from lrsearch.results import FINISHED_STATES, counts
 from lrsearch.retry import MAX_RETRY_DELAY_S
-from lrsearch.session import Session, close_parent
-from lrsearch.stopping import Interrupted, StopFlag
-from lrsearch.storage import checkpoint, close_connections, grace_period, heartbeat, store_lock
+from lrsearch.service import queue
+from lrsearch.session import Session, close_parent, join
+from lrsearch.stopping import Cancelled, Interrupted, StopFlag
+from lrsearch.storage import (
+    checkpoint, close_connections, grace_period, heartbeat, open_storage, storage_url, store_lock, tracking_uri,
+)
+from lrsearch.tracking import Tracker
 
 MAX_RETRIES = 2  # re-queues of a trial whose worker died (retries of retries count)
-WAIT_S = 0.25  # how often a worker with nothing to claim looks again (a few reads)
+WAIT_S = 0.25  # how soon a worker with nothing to claim looks again (a few reads) ...
+MAX_WAIT_S = 0.5  # ... backing off to this while it stays idle
+CANCEL_POLL_S = 1.0  # how often a running trial's worker looks for `lrsearch cancel --now`
 
 TrialCallback = Callable[[optuna.Study, FrozenTrial], None]
 
@@ -39,40 +47,170 @@ def setup_process() -> None:
     quiet_lightning()
 
 
+class Worker:
+    """One worker's warm state: its storage, its tracker, and a session on each study it has
+    served (sampler, data, MLflow records), kept between trials and between studies.
+
+    Trials are claimed round robin across the studies it is given (the caller orders them:
+    priority, then the oldest submission), one trial at a time.
+    """
+
+    def __init__(self, store: Any, url: str, tracker: Tracker, *, index: int = 0, stop: StopFlag | None = None,
+                 callbacks: Sequence[TrialCallback] = (), warn: Callable[[str], None] | None = None) -> None:
+        self.store = store
+        self.url = url
+        self.tracker = tracker
+        self.index = index
+        self.stop = stop or StopFlag()
+        self.callbacks = callbacks
+        self.warn = warn or (lambda line: None)
+        self.sessions: dict[str, tuple[Session, Objective]] = {}
+        self.ended: dict[str, str] = {}  # studies that ended while served here: name -> "done" or "cancelled"
+        self.broken: dict[str, str] = {}  # studies this worker cannot run (say, a CSV file it lacks)
+        self.warnings: list[str] = []  # of the studies it has let go
+        self._last: str | None = None
+
+    def add(self, session: Session) -> None:
+        """Serve a study this process opened itself (``open_session``)."""
+        self.sessions[session.study.study_name] = (session, self._objective(session))
+
+    def open_studies(self) -> list[str]:
+        """The queue (``service.queue``), less the studies this worker cannot run."""
+        return [name for name in queue(self.store) if name not in self.broken]
+
+    def step(self, names: Sequence[str]) -> bool:
+        """Claim and run one trial of the first of ``names`` (after the study served last)
+        that has an open slot; False if none has."""
+        if self._last in names:
+            at = names.index(self._last) + 1
+            names = [*names[at:], *names[:at]]
+        for name in names:
+            served = self._session(name)
+            if served is None:
+                continue
+            session, objective = served
+            trial = _claim(session)
+            if trial is _DONE or trial is _CANCELLED:
+                self._end(session, "done" if trial is _DONE else "cancelled")
+                continue
+            if trial is None:  # its open slots run elsewhere
+                continue
+            self._last = name
+            frozen = _run_trial(session, objective, trial)
+            for callback in self.callbacks:
+                callback(session.study, frozen)
+            if _cancelled(session) is not None:
+                self._end(session, "cancelled")
+            return True
+        return False
+
+    def finish(self, status: str) -> list[str]:
+        """The end of this worker: every MLflow record written, each study's parent run
+        closed if this worker is its last, embedded stores checkpointed (the process may exit
+        without closing). Returns the warnings of all its studies."""
+        lines = self.warnings
+        for session, objective in self.sessions.values():
+            session.warnings.extend(objective.drain())
+            ended = self.ended.get(session.study.study_name)
+            close_parent(session, "KILLED" if ended == "cancelled" else status)
+            lines += session.warnings
+        for url in (self.url, self.tracker.uri):
+            checkpoint(url)
+        self.store.close()  # idle connections: what follows (summary, report) opens what it needs
+        close_connections()
+        return lines
+
+    def _objective(self, session: Session) -> Objective:
+        return Objective(session.cfg, session.data, session.tracker, session.experiment_id,
+                         session.parent_run_id, self.stop)
+
+    def _session(self, name: str) -> tuple[Session, Objective] | None:
+        if name not in self.sessions:
+            try:
+                session = join(name, self.store, self.url, self.tracker, worker=self.index)
+            except LrsearchError as e:  # this study cannot run here; the others can
+                self.broken[name] = str(e)
+                self.warn(f"study {name!r} skipped: {e}")
+                return None
+            self.add(session)
+        return self.sessions[name]
+
+    def _end(self, session: Session, how: str) -> None:
+        """A study done, or cancelled: its parent run closed as the study stands (by whichever
+        worker ends last), and a finished one marked so, to drop out of the queue."""
+        name = session.study.study_name
+        self.ended[name] = how
+        session.warnings.extend(self.sessions.pop(name)[1].drain())  # a worker that serves for days holds
+        close_parent(session, "KILLED" if how == "cancelled" else "FINISHED")  # only its open studies
+        if how == "done" and not session.study.user_attrs.get(attrs.DONE):
+            session.store.set_study_user_attr(session.study_id, attrs.DONE, True)
+        self.warnings += session.warnings
+
+
+def serve(storage: str | None = None, tracking: str | None = None, *, index: int = 0,
+          stop: StopFlag | None = None, callbacks: Sequence[TrialCallback] = (), max_idle: float | None = None,
+          warn: Callable[[str], None] | None = None) -> list[str]:
+    """Serve every study submitted to ``storage`` until stopped, or ``max_idle`` seconds
+    pass with nothing to do. Polls while idle, backing off to ``MAX_WAIT_S``. Returns the
+    warnings of the studies it served."""
+    url = storage_url(storage)
+    store = open_storage(url, hint="; start the worker again")
+    worker = Worker(store, url, Tracker(tracking_uri(tracking)), index=index, stop=stop, callbacks=callbacks,
+                    warn=warn)
+    idle_since, wait = time.monotonic(), WAIT_S
+    status = "FAILED"
+    try:
+        while True:
+            worker.stop.check()
+            if worker.step(worker.open_studies()):
+                idle_since, wait = time.monotonic(), WAIT_S
+                continue
+            if max_idle is not None and time.monotonic() - idle_since >= max_idle:
+                break
+            time.sleep(wait)
+            wait = min(2 * wait, MAX_WAIT_S)
+        status = "FINISHED"
+    except (Interrupted, KeyboardInterrupt):
+        status = "KILLED"
+        raise
+    finally:
+        lines = worker.finish(status)
+    return lines
+
+
 def work(session: Session, *, stop: StopFlag | None = None, callbacks: Sequence[TrialCallback] = ()) -> None:
-    """Run trials until the study's total of COMPLETE + PRUNED trials is reached, then close
-    the parent run if this worker is the last.
+    """Run trials of this one study until its total of COMPLETE + PRUNED trials is reached
+    (or it is cancelled), then close the parent run if this worker is the last.
 
     Each trial's slot is claimed under the store's lock (count, then let Optuna create the
     trial), so workers joining late or together never exceed the total; a slot held by a
     trial whose worker died is freed when its heartbeat goes stale, and its parameters are
     queued again, under the same lock, to be taken by the next claim.
     """
-    stop = stop or StopFlag()
-    objective = Objective(session.cfg, session.data, session.tracker, session.experiment_id,
-                          session.parent_run_id, stop)
+    worker = Worker(session.store, session.url, session.tracker, stop=stop, callbacks=callbacks)
+    worker.add(session)
+    name = session.study.study_name
     status = "FAILED"
     try:
-        while True:
-            stop.check()
-            trial = _claim(session)
-            if trial is _DONE:
-                break
-            if trial is None:  # the rest is running elsewhere: wait for it
-                time.sleep(WAIT_S)
-                continue
-            frozen = _run_trial(session, objective, trial)
-            for callback in callbacks:
-                callback(session.study, frozen)
+        while name not in worker.ended:
+            worker.stop.check()
+            if not worker.step([name]):
+                time.sleep(WAIT_S)  # the rest is running elsewhere: wait for it
         status = "FINISHED"
     except (Interrupted, KeyboardInterrupt):
         status = "KILLED"
         raise
     finally:
-        _finish(session, objective, status)
+        worker.finish(status)  # the warnings stay in session.warnings
 
 
 _DONE: Any = object()
+_CANCELLED: Any = object()
+
+
+def _cancelled(session: Session) -> dict[str, Any] | None:
+    """The study's cancellation ({"at": …, "now": …}), read afresh, or None."""
+    return session.store.get_study_user_attrs(session.study_id).get(attrs.CANCELLED)
 
 
 def _claim(session: Session) -> optuna.trial.Trial | None | Any:
@@ -80,9 +218,12 @@ def _claim(session: Session) -> optuna.trial.Trial | None | Any:
     ``_DONE`` once the total is reached. Under the store lock: trials whose worker died are
     failed and queued again (unless the store was just unreachable: then no heartbeat could
     be written either, and their workers get a grace period to beat again), then the slots
-    are counted and Optuna creates the trial (taking a queued one first)."""
+    are counted and Optuna creates the trial (taking a queued one first). ``_CANCELLED``
+    for a cancelled study."""
     study = session.study
     with store_lock(session.url, session.store.retry) as lock:
+        if _cancelled(session) is not None:
+            return _CANCELLED
         # After an outage, a live worker's heartbeat resumes within one retry delay of the
         # database's return, and this worker's last failure was at most one delay before it.
         heartbeats = session.store.get_heartbeat_interval() is not None
@@ -121,12 +262,14 @@ def _run_trial(session: Session, objective: Objective, trial: optuna.trial.Trial
     study = session.study
     value: float | None = None
     error: BaseException | None = None
-    with heartbeat(session.store, trial._trial_id):
+    with heartbeat(session.store, trial._trial_id), _watch_cancel(session) as cancelled:
         try:
-            value = objective(trial)
+            value = objective(trial, cancelled)
             state = TrialState.COMPLETE
         except optuna.TrialPruned:
             state = TrialState.PRUNED
+        except Cancelled:  # `lrsearch cancel --now`: FAIL, and the worker goes on
+            state = TrialState.FAIL
         except BaseException as e:  # recorded FAIL, then raised
             state, error = TrialState.FAIL, e
     try:
@@ -143,6 +286,31 @@ def _run_trial(session: Session, objective: Objective, trial: optuna.trial.Trial
     return frozen
 
 
+@contextlib.contextmanager
+def _watch_cancel(session: Session) -> Iterator[threading.Event]:
+    """An event set, on a thread that reads the study every ``CANCEL_POLL_S``, once the
+    study is cancelled with ``--now``: the trial then stops at its next epoch boundary."""
+    cancelled, done = threading.Event(), threading.Event()
+
+    def watch() -> None:
+        while not done.wait(CANCEL_POLL_S):
+            try:
+                cancel = _cancelled(session)
+            except Exception:  # an outage: the trial meets it too
+                continue
+            if cancel is not None and cancel.get("now"):
+                cancelled.set()
+                return
+
+    thread = threading.Thread(target=watch, name="lrsearch-cancel", daemon=True)
+    thread.start()
+    try:
+        yield cancelled
+    finally:
+        done.set()
+        thread.join()
+
+
 def _fail_untold(session: Session, trial: optuna.trial.Trial, error: Exception) -> None:
     """Mark FAIL, with the reason, a trial that Optuna's tell could not end (unless the
     database itself is out of reach: then its heartbeat stops and a rerun fails it)."""
@@ -152,17 +320,6 @@ def _fail_untold(session: Session, trial: optuna.trial.Trial, error: Exception) 
         session.store.set_trial_state_values(trial._trial_id, TrialState.FAIL)
     except Exception:
         pass
-
-
-def _finish(session: Session, objective: Objective, status: str) -> None:
-    """The end of a worker's loop: its MLflow records written, the parent run closed if it
-    is the last, and embedded stores checkpointed (the process may exit without closing)."""
-    session.warnings.extend(objective.drain())
-    close_parent(session, status)
-    for url in (session.url, session.tracker.uri):
-        checkpoint(url)
-    session.store.close()  # idle connections: what follows (summary, report) opens what it needs
-    close_connections()
 
 
 def _fail_stale_trials(session: Session) -> None:

@@ -114,7 +114,8 @@ def test_ctrl_c_on_run_with_workers_stops_every_worker_and_resumes(write_study, 
 
     from conftest import TINY_STUDY
 
-    path = write_study(TINY_STUDY.replace("trials = 3", "trials = 4").replace("epochs = 3", "epochs = 20000"))
+    # Trials long enough to catch both running, short enough to resume (with the same file).
+    path = write_study(TINY_STUDY.replace("trials = 3", "trials = 4").replace("epochs = 3", "epochs = 1000"))
     env = {**os.environ, "LRSEARCH_DATA": str(tmp_path / "data")}
     command = [sys.executable, "-m", "lrsearch.cli", "run", str(path), "--workers", "2"]
     proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -143,7 +144,7 @@ def test_ctrl_c_on_run_with_workers_stops_every_worker_and_resumes(write_study, 
     assert sorted((r.data.tags["lrsearch.role"], r.info.status) for r in runs) == [
         ("study", "KILLED"), ("trial", "KILLED"), ("trial", "KILLED")], (reasons, err)
 
-    again = subprocess.run([*command[:-2], "--workers", "2", "--epochs", "2"], cwd=tmp_path, env=env,
+    again = subprocess.run(command, cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
     states = [t.state.name for t in optuna.load_study(study_name="tiny", storage=storage).trials]

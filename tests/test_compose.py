@@ -16,7 +16,7 @@ TEXT = (ROOT / "docker-compose.yml").read_text()
 COMPOSE = yaml.safe_load(TEXT)
 SERVICES = COMPOSE["services"]
 ENV = {"POSTGRES_USER": "u", "POSTGRES_PASSWORD": "p4ss", "POSTGRES_DB": "lr", "MLFLOW_TRACKING_USERNAME": "admin",
-       "MLFLOW_TRACKING_PASSWORD": "a-long-admin-pw", "LRSEARCH_STUDY": "quickstart"}
+       "MLFLOW_TRACKING_PASSWORD": "a-long-admin-pw"}
 
 
 def _example() -> dict[str, str]:
@@ -47,7 +47,7 @@ def test_no_secret_in_any_command():
     for name in SERVICES:
         command, environment = compose_service(name, ENV, {}) if "command" in SERVICES[name] else ([], {})
         assert not any(secret in part for part in command for secret in ("p4ss", "a-long-admin-pw")), name
-        assert "${" not in " ".join(map(str, SERVICES[name].get("command", []))).replace("${LRSEARCH_STUDY", ""), name
+        assert "${" not in " ".join(map(str, SERVICES[name].get("command", []))), name
     assert compose_service("worker", ENV, {})[1]["LRSEARCH_STORAGE"] == "postgresql+psycopg://u:p4ss@postgres:5432/lr"
 
 
@@ -80,7 +80,8 @@ def test_commands_agree_with_the_cli():
     worker, environment = compose_service("worker", ENV, {})
     args = _parser().parse_args(worker[1:])
     assert args.command.__name__ == "cmd_worker"
-    assert (ROOT / args.file).is_file() and args.storage is None and args.tracking_uri is None
+    assert worker == ["lrsearch", "worker"]  # every submitted study, whatever its name
+    assert args.file is None and args.storage is None and args.tracking_uri is None
     assert environment["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
 
     dashboard, environment = compose_service("dashboard", ENV, {})

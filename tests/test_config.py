@@ -54,7 +54,7 @@ def test_integers_are_accepted_where_numbers_are_expected():
     [
         ({"study": {"name": "s", "trails": 3}},
          "f.toml: [study].trails: unknown key; expected one of name, direction, metric, trials, sampler, seed, "
-         "pruner, prune_every (did you mean 'trials'?)"),
+         "pruner, prune_every, priority (did you mean 'trials'?)"),
         ({"study": {"name": "s"}, "prams": {}}, "f.toml: [prams]: unknown table; expected one of study, data, model, "
          "train, params, tracking (did you mean 'params'?)"),
         ({"study": {"name": "s"}, "optimizer": {}}, "f.toml: [optimizer]: unknown table"),

@@ -7,7 +7,6 @@ import json
 import re
 
 import optuna
-import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState, create_trial
 from optuna.distributions import CategoricalDistribution, FloatDistribution

@@ -243,17 +243,22 @@ def test_the_dashboard_command_reads_the_optuna_schema(pg_url, tracking_server, 
 
 
 def test_the_compose_worker_runs_from_its_environment(pg_url, tracking_server, tmp_path):
-    """The worker service as compose runs it: no URL on its command line, a login from the
-    environment."""
+    """The worker service as compose runs it (no study, no URL on its command line, a login
+    from the environment) serves a study submitted from the host."""
+    from lrsearch.config import load_config
+    from lrsearch.service import submit
+
     url = sa.engine.make_url(pg_url)
     port = tracking_server.rsplit(":", 1)[1]
-    command, environment = compose_service("worker", {**compose_variables(pg_url), "LRSEARCH_STUDY": "quickstart"},
+    command, environment = compose_service("worker", compose_variables(pg_url),
                                            {"postgres:5432": f"{url.host}:{url.port or 5432}",
                                             "mlflow:5000": f"127.0.0.1:{port}"})
-    assert command[:2] == ["lrsearch", "worker"] and environment["MLFLOW_TRACKING_USERNAME"] == "admin"
-    proc = subprocess.run([sys.executable, "-m", "lrsearch.cli", *command[1:], "--trials", "1", "--epochs", "2",
-                           "--name", "compose-worker"], cwd=Path(__file__).parent.parent,
-                          env={**os.environ, **environment}, capture_output=True, text=True, timeout=180)
+    assert command == ["lrsearch", "worker"] and environment["MLFLOW_TRACKING_USERNAME"] == "admin"
+    submit(load_config(_study_file(tmp_path, "compose-worker", trials=1, epochs=2)), storage=pg_url,
+           tracking=tracking_server)
+    proc = subprocess.run([sys.executable, "-m", "lrsearch.cli", *command[1:], "--max-idle", "2"],
+                          cwd=Path(__file__).parent.parent, env={**os.environ, **environment},
+                          capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr
     assert _states(_study(pg_url, "compose-worker")) == {"COMPLETE": 1}
 

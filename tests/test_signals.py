@@ -57,7 +57,8 @@ def _children_of(pid: int) -> list[int]:
 
 
 def test_a_killed_run_command_takes_its_workers_with_it_and_its_retry_runs(write_study, tmp_path):
-    study = write_study(TINY_STUDY.replace("trials = 3", "trials = 3").replace("epochs = 3", "epochs = 20000"))
+    # Trials long enough to kill the command inside them, short enough to resume (same file).
+    study = write_study(TINY_STUDY.replace("epochs = 3", "epochs = 1000"))
     proc = _start(tmp_path, study, "--workers", "2")
     _wait_running(tmp_path, proc, 2)
     children = _children_of(proc.pid)
@@ -72,7 +73,7 @@ def test_a_killed_run_command_takes_its_workers_with_it_and_its_retry_runs(write
     assert states == ["FAIL", "RUNNING"], [(t.state.name, t.user_attrs) for t in _trials(tmp_path)]
     assert [t.user_attrs["reason"] for t in _trials(tmp_path) if t.state.name == "FAIL"][0].startswith("interrupted")
 
-    again = _start(tmp_path, study, "--workers", "2", "--epochs", "2")
+    again = _start(tmp_path, study, "--workers", "2")
     out, err = again.communicate(timeout=300)
     assert again.returncode == 0, err
     trials = _trials(tmp_path)

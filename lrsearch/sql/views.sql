@@ -70,9 +70,20 @@ FROM (
 ) ranked
 {join_trial: tr ;; ranked.trial_id};
 
--- One row per study: its trials by state, its best trial and its MLflow parent run.
--- best_* are NULL for multi-objective studies (a Pareto front has no single best).
+-- One row per study: its trials by state, its best trial and its MLflow parent run; for a
+-- submitted study (`lrsearch submit`, `run`), its total, its state in the queue (queued:
+-- waiting for a worker; running: trials running; done: total reached; cancelled) and when it
+-- was first submitted. best_* are NULL for multi-objective studies (a Pareto front has no
+-- single best).
 {create_view: studies}
+SELECT
+    counted.*,
+    CASE WHEN counted.target IS NULL THEN NULL
+         WHEN counted.cancelled IS NOT NULL THEN 'cancelled'
+         WHEN counted.n_complete + counted.n_pruned >= counted.target THEN 'done'
+         WHEN counted.n_running > 0 THEN 'running'
+         ELSE 'queued' END AS state
+FROM (
 SELECT
     s.study_name,
     lower(CAST(sd.direction AS TEXT)) AS direction,
@@ -87,12 +98,21 @@ SELECT
     b.trial_number AS best_trial_number,
     b.params AS best_params,
     {scalar: pa.value_json} AS mlflow_parent_run_id,
-    {scalar: ea.value_json} AS mlflow_experiment_id
+    {scalar: ea.value_json} AS mlflow_experiment_id,
+    CAST({scalar: ta.value_json} AS INTEGER) AS target,
+    {scalar: sa.value_json} AS submitted_at,
+    {scalar: ca.value_json} AS cancelled,
+    AVG(CASE WHEN t.state IN ('COMPLETE', 'PRUNED')
+             THEN {seconds: t.datetime_start ;; t.datetime_complete} END) AS mean_trial_s
 FROM optuna.studies s
 LEFT JOIN optuna.study_directions sd ON sd.study_id = s.study_id AND sd.objective = 0
 LEFT JOIN optuna.trials t ON t.study_id = s.study_id
 LEFT JOIN {view: best_trials} b ON b.study_name = s.study_name AND b.rank = 1
 LEFT JOIN optuna.study_user_attributes pa ON pa.study_id = s.study_id AND pa.key = {attr: parent_run}
 LEFT JOIN optuna.study_user_attributes ea ON ea.study_id = s.study_id AND ea.key = {attr: experiment}
+LEFT JOIN optuna.study_user_attributes ta ON ta.study_id = s.study_id AND ta.key = {attr: target}
+LEFT JOIN optuna.study_user_attributes sa ON sa.study_id = s.study_id AND sa.key = {attr: submitted_at}
+LEFT JOIN optuna.study_user_attributes ca ON ca.study_id = s.study_id AND ca.key = {attr: cancelled}
 GROUP BY s.study_id, s.study_name, sd.direction, b.value, b.trial_number, b.params,
-         pa.value_json, ea.value_json;
+         pa.value_json, ea.value_json, ta.value_json, sa.value_json, ca.value_json
+) counted;

@@ -1,0 +1,190 @@
+"""The study service on SQLite and on the real PostgreSQL: studies submitted to warm
+workers, served round robin, watched with status, cancelled, and a worker killed mid-way."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+from mlflow import MlflowClient
+
+from conftest import FAST_HEARTBEAT, server_study
+from lrsearch.config import parse_config
+from lrsearch.errors import UsageError
+from lrsearch.service import STATUS_COLUMNS, cancel, status, submit
+from lrsearch.storage import open_storage, schema_url
+
+
+def _cfg(name: str, trials: int, epochs: int, **study):
+    import tomllib
+
+    raw = tomllib.loads(server_study(name, trials, epochs))
+    raw["study"].update(study)
+    return parse_config(raw, f"{name}.toml")
+
+
+def _worker(storage: str, tracking: str, max_idle: float, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "lrsearch.cli", "worker", "--storage", storage,
+                             "--tracking-uri", tracking, "--max-idle", str(max_idle)],
+                            env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def _row(stores: tuple[str, str], name: str) -> dict:
+    return status(name, storage=stores[0], tracking=stores[1])[0]
+
+
+def _wait(stores: tuple[str, str], name: str, test, procs=(), timeout: float = 180) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        row = _row(stores, name)
+        if test(row):
+            return row
+        for p in procs:
+            assert p.poll() is None, p.communicate()
+        time.sleep(0.2)
+    raise TimeoutError(f"{name}: {row}")
+
+
+def _trials(storage: str, name: str) -> list:
+    return optuna.load_study(study_name=name, storage=open_storage(storage)).get_trials(deepcopy=False)
+
+
+def _parent(tracking: str, name: str):
+    client = MlflowClient(tracking_uri=tracking)
+    experiment = client.get_experiment_by_name(name)
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    return client, next(r for r in runs if r.data.tags.get("lrsearch.role") == "study"), runs
+
+
+def _scenario(stores: tuple[str, str]) -> None:
+    """Three studies through two workers, one picked up while they idle, one cancelled with
+    --now while it trains, one cancelled while queued; then a resubmission."""
+    storage, tracking = stores
+    for name in ("a", "b", "c"):
+        sub = submit(_cfg(name, 3, 2), storage=storage, tracking=tracking)
+        assert not sub.resumed and sub.target == 3
+    assert {r["state"] for r in status(storage=storage, tracking=tracking)} == {"queued"}
+    workers = [_worker(storage, tracking, max_idle=8) for _ in range(2)]
+    for name in ("a", "b", "c"):
+        row = _wait(stores, name, lambda r: r["state"] == "done", workers)
+        assert (row["complete"] + row["pruned"], row["fail"], row["running"]) == (3, 0, 0)
+    # Round robin: every study started before any other finished.
+    trials = {name: _trials(storage, name) for name in ("a", "b", "c")}
+    first_starts = [min(t.datetime_start for t in ts) for ts in trials.values()]
+    last_ends = [max(t.datetime_complete for t in ts) for ts in trials.values()]
+    assert max(first_starts) < min(last_ends)
+
+    sub = submit(_cfg("d", 2, 2), storage=storage, tracking=tracking)  # the workers idle now
+    _wait(stores, "d", lambda r: r["state"] == "done", workers)
+
+    submit(_cfg("long", 20, 20000), storage=storage, tracking=tracking)
+    row = _wait(stores, "long", lambda r: r["state"] == "running" and r["workers"] >= 1, workers)
+    assert set(row) == set(STATUS_COLUMNS) and row["mlflow_url"].startswith("http")
+    assert "cancelled" in cancel("long", now=True, storage=storage, tracking=tracking)
+    row = _wait(stores, "long", lambda r: r["running"] == 0, workers)
+    assert row["state"] == "cancelled" and row["complete"] == 0 and row["fail"] >= 1
+    failed = [t for t in _trials(storage, "long") if t.state.name == "FAIL"]
+    assert {t.user_attrs["reason"] for t in failed} == {"cancelled"}
+    # Each worker closes its trial's run, and the last one the parent, right after telling
+    # Optuna (the other worker's record may still be on its way then).
+    deadline = time.monotonic() + 60
+    while {r.info.status for r in _parent(tracking, "long")[2]} != {"KILLED"}:
+        assert time.monotonic() < deadline, [(r.info.run_name, r.info.status) for r in _parent(tracking, "long")[2]]
+        time.sleep(0.2)
+
+    for proc in workers:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        assert "error" not in err
+    for name in ("a", "b", "c", "d"):
+        client, parent, runs = _parent(tracking, name)
+        assert {r.info.status for r in runs} <= {"FINISHED", "KILLED"} and parent.info.status == "FINISHED"
+
+    submit(_cfg("queued", 2, 2), storage=storage, tracking=tracking)
+    assert "none running" in cancel("queued", storage=storage, tracking=tracking)
+    assert _row(stores, "queued")["state"] == "cancelled"
+    assert _parent(tracking, "queued")[1].info.status == "KILLED"
+    assert submit(_cfg("queued", 2, 2), storage=storage, tracking=tracking).resumed  # resumes it
+    assert _row(stores, "queued")["state"] == "queued"
+
+
+def test_the_service_on_sqlite(stores):
+    _scenario(stores)
+
+
+def test_the_service_on_postgres(pg_url):
+    _scenario((pg_url, schema_url(pg_url, "mlflow")))
+
+
+def test_a_changed_configuration_is_refused_but_more_trials_are_taken(stores):
+    submit(_cfg("drift", 3, 2), storage=stores[0], tracking=stores[1])
+    with pytest.raises(UsageError, match=r"\[train\]\.epochs differs \(only trials may rise\)"):
+        submit(_cfg("drift", 3, 5), storage=stores[0], tracking=stores[1])
+    with pytest.raises(UsageError, match=r"\[study\]\.trials differs"):
+        submit(_cfg("drift", 2, 2), storage=stores[0], tracking=stores[1])
+    assert submit(_cfg("drift", 5, 2), storage=stores[0], tracking=stores[1]).target == 5
+    assert _row(stores, "drift")["target"] == 5
+
+
+def test_priority_then_the_oldest_submission_first(stores):
+    from lrsearch.service import queue
+
+    for name, priority in (("old", 0), ("new", 0), ("urgent", 5)):
+        submit(_cfg(name, 1, 2, priority=priority), storage=stores[0], tracking=stores[1])
+    assert queue(open_storage(stores[0])) == ["urgent", "old", "new"]
+
+
+def test_a_worker_killed_while_two_studies_run(tmp_path):
+    """SIGKILL of one of two workers: its trial ends FAIL (retried) with its run KILLED, and
+    both studies still reach their exact totals."""
+    stores = (f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for name in ("x", "y"):
+        submit(_cfg(name, 3, 400), storage=stores[0], tracking=stores[1])
+    doomed = _worker(*stores, max_idle=30, env=FAST_HEARTBEAT)
+    row = _wait(stores, "x", lambda r: r["running"] >= 1, [doomed])
+    os.killpg(doomed.pid, signal.SIGKILL)
+    doomed.wait()
+    survivor = _worker(*stores, max_idle=3, env=FAST_HEARTBEAT)
+    out, err = survivor.communicate(timeout=300)
+    assert survivor.returncode == 0, err
+    for name in ("x", "y"):
+        trials = _trials(stores[0], name)
+        assert sum(t.state.name in ("COMPLETE", "PRUNED") for t in trials) == 3
+        assert not [t for t in trials if t.state.name == "RUNNING"]
+    dead = [t for t in _trials(stores[0], "x") if t.state.name == "FAIL"]
+    assert len(dead) == 1 and dead[0].user_attrs["reason"].startswith("worker lost")
+    retry = [t for t in _trials(stores[0], "x") if t.system_attrs.get("failed_trial") == dead[0].number]
+    assert len(retry) == 1 and retry[0].params == dead[0].params
+    client = MlflowClient(tracking_uri=stores[1])
+    assert client.get_run(dead[0].user_attrs["mlflow_run_id"]).info.status == "KILLED"
+    assert row["running"] >= 1
+
+
+def test_submit_prints_the_study_and_how_to_watch_it(cli, tmp_path):
+    study = tmp_path / "s.toml"
+    study.write_text(server_study("printed", 2, 2))
+    done = cli("submit", str(study))
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("study 'printed' submitted: 2 trials") and lines[1].startswith("MLflow: http")
+    assert lines[2] == "watch it: lrsearch status printed --watch"
+    probe = ("import sys\nfrom lrsearch.cli import main\ncode = main(['submit', sys.argv[1]])\n"
+             "assert 'torch' not in sys.modules, 'submit imported torch'\nsys.exit(code)")
+    env = {k: v for k, v in os.environ.items() if k not in ("LRSEARCH_STORAGE", "MLFLOW_TRACKING_URI", "LRSEARCH_DATA")}
+    again = subprocess.run([sys.executable, "-c", probe, str(study)], cwd=tmp_path, env=env, capture_output=True,
+                           text=True)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.startswith("study 'printed' resubmitted")
+    shown = cli("status", "--format", "json")
+    assert shown.returncode == 0, shown.stderr
+    assert '"state": "queued"' in shown.stdout
+    assert cli("status", "nothing").returncode == 2
+    assert cli("cancel", "nothing").returncode == 2
+    worker = cli("worker", str(study), "--max-idle", "1")
+    assert worker.returncode == 2 and "--max-idle: only without a study file" in worker.stderr
