@@ -8,8 +8,9 @@ and what an idle worker costs the database.
 2. Throughput: five quickstart-sized studies (studies/quickstart.toml under five names)
    submitted at once to two fresh workers, against `lrsearch run` of the same five, one
    after another (each also writes its report, as `run` does): wall time and ratio.
-3. PostgreSQL (when one answers): connections one idle worker holds, and the transactions
-   per second its polling costs (pg_stat_database.xact_commit over 10 s).
+3. PostgreSQL (when one answers), with `lrsearch server` on the same database as server
+   mode runs it: connections one idle worker holds, and the transactions per second its
+   polling costs (pg_stat_database.xact_commit over 10 s, the server's few included).
 
     python bench/service.py [--repeats 5] [--trials 20] [--epochs 100]
 """
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from scratch import scratch_database
+from scratch import lrsearch_server, scratch_database
 
 STUDY = Path(__file__).resolve().parent.parent / "studies" / "quickstart.toml"
 
@@ -125,36 +126,42 @@ def postgres(folder: Path, admin: str) -> None:
     with scratch_database(admin) as url:
         if url is None:
             return
-        from lrsearch.config import load_config
-        from lrsearch.service import submit
-        from lrsearch.storage import schema_url
+        with lrsearch_server(url, folder) as tracking:
+            idle_worker(url, tracking)
 
-        tracking = schema_url(url, "mlflow")
-        submit(load_config(STUDY).with_overrides(trials=1, epochs=2, name="warm-up"), storage=url, tracking=tracking)
-        proc = worker(url, tracking, max_idle=60)
-        engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
-        wait_done(["warm-up"], url, tracking)
-        time.sleep(3)
 
-        def commits(conn) -> int:
-            return conn.execute(sa.text("SELECT xact_commit + xact_rollback FROM pg_stat_database "
-                                        "WHERE datname = current_database()")).scalar()
+def idle_worker(url: str, tracking: str) -> None:
+    """Connections and polling of one idle worker, as in server mode (MLflow through the server)."""
+    from lrsearch.config import load_config
+    from lrsearch.service import submit
 
-        with engine.connect() as conn:
-            held = conn.execute(sa.text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                                        "AND application_name LIKE 'lrsearch %'")).scalar()
-            conn.execute(sa.text("SELECT pg_stat_clear_snapshot()"))
-            before = commits(conn)
-            conn.rollback()
-            time.sleep(10)
-            conn.execute(sa.text("SELECT pg_stat_clear_snapshot()"))
-            after = commits(conn)
-        proc.terminate()
-        proc.wait()
-        engine.dispose()
-        # this sampling connection's own two transactions are included: negligible
-        print(f"PostgreSQL, one idle worker: {held} connections held, {(after - before) / 10:.1f} transactions/s "
-              "of polling")
+    submit(load_config(STUDY).with_overrides(trials=1, epochs=2, name="warm-up"), storage=url, tracking=tracking)
+    proc = worker(url, tracking, max_idle=60)
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    wait_done(["warm-up"], url, tracking)
+    time.sleep(3)
+
+    def commits(conn) -> int:
+        return conn.execute(sa.text("SELECT xact_commit + xact_rollback FROM pg_stat_database "
+                                    "WHERE datname = current_database()")).scalar()
+
+    with engine.connect() as conn:
+        held = conn.execute(sa.text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                                    "AND application_name LIKE :worker"), {"worker": f"lrsearch %:{proc.pid}"}).scalar()
+        conn.execute(sa.text("SELECT pg_stat_clear_snapshot()"))
+        before = commits(conn)
+        conn.rollback()
+        time.sleep(10)
+        conn.execute(sa.text("SELECT pg_stat_clear_snapshot()"))
+        after = commits(conn)
+    proc.terminate()
+    proc.wait()
+    engine.dispose()
+    # this sampling connection's own two transactions are included: negligible
+    print(f"PostgreSQL, one idle worker: {held} connections held, {(after - before) / 10:.1f} transactions/s "
+          "of polling")
+
+
 
 
 def main() -> None:
@@ -162,6 +169,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--epochs", type=int, default=100)
+    parser.add_argument("--parts", nargs="+", default=["pickup", "throughput", "postgres"],
+                        choices=["pickup", "throughput", "postgres"])
     parser.add_argument("--pg", default=os.environ.get("LRSEARCH_TEST_PG",
                                                        "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"))
     args = parser.parse_args()
@@ -174,9 +183,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         (folder / "pickup").mkdir()
-        pickup(folder / "pickup", args.repeats)
-        throughput(folder, args.trials, args.epochs)
-        postgres(folder, args.pg)
+        if "pickup" in args.parts:
+            pickup(folder / "pickup", args.repeats)
+        if "throughput" in args.parts:
+            throughput(folder, args.trials, args.epochs)
+        if "postgres" in args.parts:
+            postgres(folder, args.pg)
 
 
 if __name__ == "__main__":

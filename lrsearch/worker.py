@@ -192,10 +192,13 @@ def work(session: Session, *, stop: StopFlag | None = None, callbacks: Sequence[
     name = session.study.study_name
     status = "FAILED"
     try:
-        while name not in worker.ended:
+        while True:
             worker.stop.check()
-            if not worker.step([name]):
-                time.sleep(WAIT_S)  # the rest is running elsewhere: wait for it
+            if worker.step([name]):
+                continue
+            if name in worker.ended:
+                break
+            time.sleep(WAIT_S)  # the rest is running elsewhere: wait for it
         status = "FINISHED"
     except (Interrupted, KeyboardInterrupt):
         status = "KILLED"
