@@ -33,8 +33,9 @@ def _trials(tmp_path: Path) -> list[optuna.trial.FrozenTrial]:
 
 
 def _wait_running(tmp_path: Path, proc: subprocess.Popen, n: int) -> None:
+    """Until ``n`` trials are training (RUNNING, their hyperparameters sampled)."""
     deadline = time.monotonic() + 120
-    while sum(t.state.name == "RUNNING" for t in _trials(tmp_path)) < n:
+    while sum(t.state.name == "RUNNING" and "hyperparameters" in t.user_attrs for t in _trials(tmp_path)) < n:
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.1)
 
