@@ -71,7 +71,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if result.cancelled:
         raise LrsearchError(f"study {cfg.study.name!r} was cancelled (lrsearch cancel); run or submit "
                             "the same file again to resume it")
-    _report(args, cfg, result.study)
+    if not args.no_report:
+        _report(args, cfg, result.study)
     return EXIT_OK
 
 
@@ -427,6 +428,8 @@ def _parser() -> argparse.ArgumentParser:
     study_options(p)
     p.add_argument("--workers", type=_positive_int, default=1, metavar="N",
                    help="worker processes on this host (default 1: trials run in this process)")
+    p.add_argument("--no-report", action="store_true",
+                   help="skip the end-of-study report (lrsearch report NAME draws it later)")
     p.set_defaults(command=cmd_run, worker_index=0)
 
     p = sub.add_parser("submit", help="queue a study for the workers (creates or resumes it) and return")

@@ -10,6 +10,17 @@ from pathlib import Path
 
 import pytest
 
+# In CI (CI=true) a part the tests need and cannot find is a failure, not a skip: a green CI
+# must not hide a missing PostgreSQL or browser. On a developer's machine they skip, saying why.
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def missing(part: str, why: str) -> None:
+    """Skip for want of ``part`` (fail, saying which, under CI=true)."""
+    if IN_CI:
+        pytest.fail(f"CI: {part} is missing: {why}", pytrace=False)
+    pytest.skip(f"{part} is missing: {why}")
+
 TINY_STUDY = """\
 [study]
 name = "tiny"
@@ -116,8 +127,8 @@ def pg_url():
         with admin.connect() as conn:
             conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
     except sa.exc.OperationalError as e:
-        pytest.skip(f"no PostgreSQL at {PG_ADMIN_URL} ({str(e).splitlines()[0]}); "
-                    "start it with: pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start")
+        missing("PostgreSQL", f"nothing answers at {PG_ADMIN_URL} ({str(e).splitlines()[0]}); start it with: "
+                              "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start")
     url = sa.engine.make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
     yield url
     with admin.connect() as conn:

@@ -10,21 +10,27 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port, stop_process_group, wait_for_http
+from conftest import free_port, missing, stop_process_group, wait_for_http
 from lrsearch.config import load_config
 from lrsearch.launch import run_study
 from lrsearch.report import write_report
 
+# Worker processes, servers or a browser: seconds each (python -m pytest -m "not slow" leaves them out).
+pytestmark = pytest.mark.slow
+
 CHROMIUM = "/usr/bin/chromium"
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
-                                reason=f"no Chromium at {CHROMIUM} (apt-get install chromium; .ci/run does)")
 # As the machine notes advise: no background connections, which this closed network refuses.
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 def test_mlflow_ui_shows_the_study(write_study, tmp_path):
-    playwright = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists():
+        missing("Chromium", f"no browser at {CHROMIUM} (apt-get install chromium; .ci/run does)")
+    try:
+        import playwright.sync_api as playwright
+    except ImportError:
+        missing("Playwright", "pip install -e '.[test]' installs it")
     data = tmp_path / "lrsearch-data"
     tracking = f"sqlite:///{data / 'mlflow.db'}"
     path = write_study()

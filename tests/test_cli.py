@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
+
 BAD_STUDY = '[study]\nname = "x"\n[params]\nlr = { low = 1.0, high = 0.1 }\n'
 
 
@@ -100,6 +102,7 @@ def test_best_without_any_store_exits_2(cli, tmp_path):
     assert not (tmp_path / "lrsearch-data").exists()
 
 
+@pytest.mark.slow
 def test_ctrl_c_on_run_with_workers_stops_every_worker_and_resumes(write_study, tmp_path):
     """`run --workers 2` is worker 0 plus one child in its own session: a SIGINT to the
     command reaches the child too, both trials end FAIL/KILLED, and the command resumes."""
@@ -117,7 +120,7 @@ def test_ctrl_c_on_run_with_workers_stops_every_worker_and_resumes(write_study, 
     # Trials long enough to catch both running, short enough to resume (with the same file).
     path = write_study(TINY_STUDY.replace("trials = 3", "trials = 4").replace("epochs = 3", "epochs = 1000"))
     env = {**os.environ, "LRSEARCH_DATA": str(tmp_path / "data")}
-    command = [sys.executable, "-m", "lrsearch.cli", "run", str(path), "--workers", "2"]
+    command = [sys.executable, "-m", "lrsearch.cli", "run", str(path), "--workers", "2", "--no-report"]
     proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     storage = f"sqlite:///{tmp_path / 'data' / 'optuna.db'}"
     deadline = time.monotonic() + 120
@@ -208,6 +211,7 @@ def test_another_applications_sqlite_file_is_refused_and_left_unchanged(cli, wri
     assert sorted(p.name for p in tmp_path.iterdir()) == ["app.db", "study.toml"]  # no lock file, no store
 
 
+@pytest.mark.slow
 def test_other_files_given_as_stores(cli, write_study, tmp_path):
     import optuna
 
@@ -218,12 +222,14 @@ def test_other_files_given_as_stores(cli, write_study, tmp_path):
 
     empty = tmp_path / "empty.db"  # an empty file is an empty database: it becomes the store
     empty.touch()
-    result = cli("run", str(write_study()), "--trials", "1", "--epochs", "1", "--storage", f"sqlite:///{empty}")
+    result = cli("run", str(write_study()), "--trials", "1", "--epochs", "1", "--storage", f"sqlite:///{empty}",
+                 "--no-report")
     assert result.returncode == 0, result.stderr
+    assert "report:" not in result.stdout and not (tmp_path / "reports").exists()  # reports go beside the store
 
     shared = f"sqlite:///{tmp_path / 'shared.db'}"  # another tool's Optuna study in the same file
     optuna.create_study(storage=shared, study_name="theirs").optimize(lambda t: t.suggest_float("x", 0, 1), 2)
-    result = cli("run", str(write_study()), "--trials", "1", "--epochs", "1", "--storage", shared)
+    result = cli("run", str(write_study()), "--trials", "1", "--epochs", "1", "--storage", shared, "--no-report")
     assert result.returncode == 0, result.stderr
     assert len(optuna.load_study(study_name="theirs", storage=shared).trials) == 2
 

@@ -15,8 +15,11 @@ import pytest
 import sqlalchemy as sa
 from mlflow import MlflowClient
 
-from conftest import FAST_HEARTBEAT, TcpProxy, server_study, start_server, stop_process_group
+from conftest import FAST_HEARTBEAT, TcpProxy, missing, server_study, start_server, stop_process_group
 from lrsearch.storage import schema_url
+
+# Worker processes, servers or a browser: seconds each (python -m pytest -m "not slow" leaves them out).
+pytestmark = pytest.mark.slow
 
 PASSWORD = "s3cret-pw"  # trust auth ignores it; no message may show it
 
@@ -43,7 +46,7 @@ def server(proxied, tmp_path_factory):
 
 
 def _run(path: Path, storage: str, tracking: str, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "lrsearch.cli", "run", str(path), "--workers", "2"],
+    return subprocess.Popen([sys.executable, "-m", "lrsearch.cli", "run", str(path), "--workers", "2", "--no-report"],
                             env={**os.environ, **FAST_HEARTBEAT, "LRSEARCH_DATA": str(path.parent / "data"),
                                  "LRSEARCH_STORAGE": storage,
                                  "MLFLOW_TRACKING_URI": tracking, **(env or {})},
@@ -167,7 +170,7 @@ def tiny_disk(tmp_path):
     result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True,
                             text=True)
     if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip()}): needs root")
+        missing("a tmpfs mount", f"{result.stderr.strip()} (it needs root)")
     yield mount
     subprocess.run(["umount", "-l", str(mount)], check=False)
 
@@ -176,7 +179,7 @@ def test_a_full_disk_is_one_line(tiny_disk, tmp_path):
     path = tmp_path / "full.toml"
     path.write_text(server_study("full", 200, 30, seed=3))
     storage = f"sqlite:///{tiny_disk / 'optuna.db'}"
-    proc = subprocess.Popen([sys.executable, "-m", "lrsearch.cli", "run", str(path), "--storage", storage,
+    proc = subprocess.Popen([sys.executable, "-m", "lrsearch.cli", "run", str(path), "--no-report", "--storage", storage,
                              "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120

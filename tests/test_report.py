@@ -77,6 +77,7 @@ def test_results_table_from_the_stores(stores, tmp_path):
         assert cells[2] == "never" or 1 <= int(cells[2]) <= 4
 
 
+@pytest.mark.slow
 def test_the_experiments_script_prints_tables_from_a_tiny_run(tmp_path):
     import subprocess
     import sys

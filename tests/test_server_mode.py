@@ -20,6 +20,9 @@ from conftest import (
 )
 from lrsearch.storage import schema_url
 
+# Worker processes, servers or a browser: seconds each (python -m pytest -m "not slow" leaves them out).
+pytestmark = pytest.mark.slow
+
 def _study_file(tmp_path: Path, name: str, trials: int, epochs: int) -> Path:
     path = tmp_path / f"{name}.toml"
     path.write_text(server_study(name, trials, epochs, extra="\n[tracking]\ntrial_plots = true\n"))
@@ -154,7 +157,7 @@ def test_a_killed_worker_loses_no_trial(pg_url, tracking_server, tmp_path):
 
 def test_sigterm_stops_cleanly_and_the_same_command_resumes(pg_url, tracking_server, tmp_path):
     path = _study_file(tmp_path, "sigterm", trials=3, epochs=400)
-    args = ("run", str(path), "--storage", pg_url, "--tracking-uri", tracking_server)
+    args = ("run", str(path), "--no-report", "--storage", pg_url, "--tracking-uri", tracking_server)
     proc = _lrsearch(*args)
     trial = _wait_for_running_trial(pg_url, "sigterm", proc)
     os.killpg(proc.pid, signal.SIGTERM)
@@ -185,7 +188,8 @@ def test_study_completes_when_the_tracking_server_goes_away(pg_url, tmp_path):
     try:
         path = _study_file(tmp_path, "lost-tracking", trials=6, epochs=150)
         # Gone for good: longer than the outage window (2 s here), so trials go on without it.
-        proc = _lrsearch("run", str(path), "--storage", pg_url, "--tracking-uri", uri, env={"LRSEARCH_OUTAGE_S": "2"})
+        proc = _lrsearch("run", str(path), "--no-report", "--storage", pg_url, "--tracking-uri", uri,
+                         env={"LRSEARCH_OUTAGE_S": "2"})
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             try:
@@ -209,7 +213,7 @@ def test_study_completes_when_the_tracking_server_goes_away(pg_url, tmp_path):
 
 def test_sqlite_with_four_workers(tmp_path, cli):
     path = _study_file(tmp_path, "sqlite-4", trials=40, epochs=2)
-    result = cli("run", str(path), "--workers", "4", timeout=600)
+    result = cli("run", str(path), "--workers", "4", "--no-report", timeout=600)
     assert result.returncode == 0, result.stderr
     assert "database is locked" not in result.stderr
     assert "study 'sqlite-4': 40 trials (40 COMPLETE), target 40" in result.stdout
@@ -271,7 +275,8 @@ def test_no_password_on_any_command_line(pg_url, tmp_path):
     server, uri = start_server(url, tmp_path / "artifacts")
     try:
         path = _study_file(tmp_path, "no-secrets", trials=2, epochs=20000)
-        proc = _lrsearch("run", str(path), "--workers", "2", "--tracking-uri", uri, env={"LRSEARCH_STORAGE": url})
+        proc = _lrsearch("run", str(path), "--workers", "2", "--no-report", "--tracking-uri", uri,
+                         env={"LRSEARCH_STORAGE": url})
         deadline = time.monotonic() + 120
         while sum(t.state.name == "RUNNING" for t in _trials_or_none(pg_url, "no-secrets")) < 2:
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()

@@ -19,6 +19,9 @@ from lrsearch.errors import UsageError
 from lrsearch.service import STATUS_COLUMNS, cancel, status, submit
 from lrsearch.storage import open_storage, schema_url
 
+# Worker processes, servers or a browser: seconds each (python -m pytest -m "not slow" leaves them out).
+pytestmark = pytest.mark.slow
+
 
 def _cfg(name: str, trials: int, epochs: int, **study):
     import tomllib

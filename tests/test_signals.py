@@ -17,11 +17,14 @@ from mlflow import MlflowClient
 
 from conftest import TINY_STUDY
 
+# Worker processes, servers or a browser: seconds each (python -m pytest -m "not slow" leaves them out).
+pytestmark = pytest.mark.slow
+
 
 def _start(tmp_path: Path, study: Path, *args: str) -> subprocess.Popen:
     env = {**os.environ, "LRSEARCH_DATA": str(tmp_path / "data"), "LRSEARCH_HEARTBEAT_INTERVAL": "1",
            "LRSEARCH_HEARTBEAT_GRACE": "3"}
-    return subprocess.Popen([sys.executable, "-m", "lrsearch.cli", "run", str(study), *args], cwd=tmp_path, env=env,
+    return subprocess.Popen([sys.executable, "-m", "lrsearch.cli", "run", str(study), "--no-report", *args], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

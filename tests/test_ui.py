@@ -11,8 +11,13 @@ import sys
 import time
 import urllib.request
 
+import pytest
+
 from lrsearch.config import load_config
 from lrsearch.launch import run_study
+
+# Worker processes, servers or a browser: seconds each (python -m pytest -m "not slow" leaves them out).
+pytestmark = pytest.mark.slow
 
 
 def _free_port() -> int:
