@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -86,9 +87,13 @@ def reason(error: BaseException) -> str:
     for e in _chain(error):
         if type(e).__module__.startswith(("psycopg", "sqlite3", "requests", "urllib3")):
             text = first_line(e).strip()
-            tail = text.rsplit(": ", 1)[-1] if text.startswith("connection failed") else text
-            return tail[:1].lower() + tail[1:]
+            errno = _ERRNO.search(text)  # requests: the OS's words, deep in a wrapped message
+            tail = errno.group(1) if errno else text.rsplit(": ", 1)[-1] if text.startswith("connection failed") else text
+            return tail if tail[1:2].isupper() else tail[:1].lower() + tail[1:]  # not "hTTPConnection…"
     return first_line(error)
+
+
+_ERRNO = re.compile(r"\[Errno -?\d+\] ([^'\"()\]]+)")
 
 
 class Retry:

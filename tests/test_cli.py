@@ -52,8 +52,7 @@ def test_unreachable_tracking_server_fails_before_any_trial(cli, write_study, tm
     result = cli("run", str(write_study()), "--tracking-uri", "http://127.0.0.1:9")
     assert result.returncode == 1
     message = _one_line_error(result.stderr)
-    assert message.startswith("lrsearch: error: cannot reach MLflow tracking at http://127.0.0.1:9: ")
-    assert "Failed to convert" not in message and "Connection refused" in message or "Max retries" in message
+    assert message == "lrsearch: error: cannot reach MLflow tracking at http://127.0.0.1:9: connection refused"
     assert not (tmp_path / "lrsearch-data" / "optuna.db").exists()
 
 

@@ -293,3 +293,42 @@ def test_adamw_and_nesterov_end_to_end(write_study, stores, tmp_path):
     report = write_report("tiny", storage=stores[0], tracking=stores[1], out=tmp_path / "report")
     page = report[-1].read_text()
     assert "weight_decay=" in page and "nesterov=True" in page
+
+
+def test_the_study_samples_with_multivariate_grouped_tpe_and_a_constant_liar(write_study, stores):
+    from lrsearch.session import open_session
+
+    sampler = open_session(load_config(write_study()), storage=stores[0], tracking=stores[1]).study.sampler
+    assert isinstance(sampler, optuna.samplers.TPESampler)
+    assert (sampler._multivariate, sampler._group, sampler._constant_liar) == (True, True, True)
+
+
+def test_heartbeat_defaults(monkeypatch, stores):
+    from lrsearch.storage import grace_period, heartbeat_interval
+
+    for name in ("LRSEARCH_HEARTBEAT_INTERVAL", "LRSEARCH_HEARTBEAT_GRACE"):
+        monkeypatch.delenv(name, raising=False)
+    assert (heartbeat_interval(), grace_period()) == (5, 20)
+    assert open_storage(stores[0]).get_heartbeat_interval() == 5
+
+
+def test_a_lost_trial_is_queued_again_twice_at_most(write_study, stores, monkeypatch):
+    """Each time its worker is lost, a trial ends FAIL and its params are queued again, with
+    the trials it retries in ``retry_history``; the third loss queues nothing."""
+    import time
+
+    from lrsearch.session import open_session
+    from lrsearch.worker import MAX_RETRIES, _fail_stale_trials
+
+    monkeypatch.setenv("LRSEARCH_HEARTBEAT_GRACE", "1")
+    session = open_session(load_config(write_study()), storage=stores[0], tracking=stores[1])
+    for _ in range(MAX_RETRIES + 1):
+        trial = session.study.ask({"lr": optuna.distributions.FloatDistribution(1e-3, 0.1, log=True)})
+        session.store.record_heartbeat(trial._trial_id)
+        time.sleep(2.2)  # no beat since: stale (the database clock counts whole seconds)
+        _fail_stale_trials(session)
+    trials = session.study.get_trials(deepcopy=False)
+    assert [t.state.name for t in trials] == ["FAIL"] * (MAX_RETRIES + 1) == ["FAIL"] * 3
+    assert [t.system_attrs.get("retry_history") for t in trials] == [None, [0], [0, 1]]
+    assert len({t.params["lr"] for t in trials}) == 1  # the same params each time
+    assert all(t.user_attrs["reason"] == "worker lost: no heartbeat for 1 s" for t in trials)
