@@ -60,6 +60,10 @@ def test_best_trials_rank_in_each_study_direction(stores):
         ("acc", 0, 1), ("acc", 5, 2),  # only COMPLETE trials with a finite value
         ("loss", 1, 1), ("loss", 2, 2), ("loss", 0, 3),  # minimize: smallest first
     ]  # the multi-objective study has no single ranking
+    multi = _query(stores, "SELECT trial_number, value, direction FROM trials WHERE study_name = 'multi' "
+                           "ORDER BY trial_number")
+    assert [(r["trial_number"], r["value"], r["direction"]) for r in multi] == [(0, 0.9, "maximize"),
+                                                                               (1, 0.8, "maximize")]  # objective 0
 
 
 def test_studies_view(stores):
