@@ -18,6 +18,7 @@ from lrsearch.config import DEFAULT_TRIALS, Config, stored_config
 from lrsearch.data import check_data
 from lrsearch.errors import UsageError
 from lrsearch.queries import ensure_indexes, ensure_views
+from lrsearch.results import FINISHED_STATES
 from lrsearch.space import grid_size
 from lrsearch.storage import check_stores, is_postgres, open_storage, prepare_database, redact, storage_url, \
     store_lock, tracking_uri
@@ -194,8 +195,7 @@ def cancel(name: str, *, now: bool = False, storage: str | None = None, tracking
         target = user_attrs[attrs.TARGET]
         with store_lock(url, store.retry):
             trials = store.get_all_trials(study_id, deepcopy=False)
-            finished = sum(t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-                           for t in trials)
+            finished = sum(t.state in FINISHED_STATES for t in trials)
             if finished >= target:
                 return f"study {name!r} is done ({finished} of {target} trials): nothing to cancel"
             store.set_study_user_attr(study_id, attrs.CANCELLED, {

@@ -46,20 +46,20 @@ class Session:
 def join(name: str, store: Any, url: str, tracker: Tracker, *, worker: int = 0) -> Session:
     """This worker's session on a submitted study: its stored configuration, a sampler of
     this worker's own, its data, and its parent run RUNNING."""
-    study = optuna.load_study(study_name=name, storage=store)
-    raw = study.user_attrs.get(attrs.CONFIG)
+    study_id = store.get_study_id_from_name(name)
+    user_attrs = store.get_study_user_attrs(study_id)
+    raw = user_attrs.get(attrs.CONFIG)
     if raw is None:
         raise UsageError(f"study {name!r} in {redact(url)} was not submitted with lrsearch (no stored "
                          "configuration): run lrsearch submit FILE first")
     cfg = stored_config(raw, name)
-    n_existing = len(study.get_trials(deepcopy=False))
+    n_existing = len(store.get_all_trials(study_id, deepcopy=False))
     study = optuna.load_study(study_name=name, storage=store, sampler=make_sampler(cfg, n_existing, worker),
                               pruner=make_pruner(cfg))
-    parent_run_id = study.user_attrs[attrs.PARENT_RUN]
+    parent_run_id = user_attrs[attrs.PARENT_RUN]
     tracker.set_running(parent_run_id)
-    return Session(cfg, study, store, store.get_study_id_from_name(name), url, tracker,
-                   study.user_attrs[attrs.EXPERIMENT], parent_run_id, load_data(cfg.data),
-                   study.user_attrs[attrs.TARGET])
+    return Session(cfg, study, store, study_id, url, tracker, user_attrs[attrs.EXPERIMENT], parent_run_id,
+                   load_data(cfg.data), user_attrs[attrs.TARGET])
 
 
 def open_session(cfg: Config, *, storage: str | None = None, tracking: str | None = None,
