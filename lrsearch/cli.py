@@ -65,7 +65,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = _study_config(args)
     result = _run(args, cfg, workers=args.workers)
-    _print_result(result.study, result.target, result.url, result.warnings)
+    _print_result(result.study, result.target, result.experiment_id, result.parent_run_id, args.tracking_uri,
+                  result.warnings)
     if result.errors:
         raise LrsearchError(f"{result.errors[0]}; run the same command again to resume")
     if result.cancelled:
@@ -78,12 +79,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from lrsearch.service import submit
+    from lrsearch.storage import tracking_uri
+    from lrsearch.tracking import links
 
     _quiet()
     sub = submit(_study_config(args), storage=args.storage, tracking=args.tracking_uri, study_file=Path(args.file))
     print(f"study {sub.name!r} {'resubmitted' if sub.resumed else 'submitted'}: {sub.target} trials, "
           f"for any `lrsearch worker` on {_redact(sub.url)}")
-    print(f"MLflow: {sub.mlflow_url}")
+    print("\n".join(links(tracking_uri(args.tracking_uri), sub.experiment_id, sub.parent_run_id)))
     print(f"watch it: lrsearch status {sub.name} --watch{_store_flags(args)}")
     return EXIT_OK
 
@@ -227,14 +230,19 @@ def _report(args: argparse.Namespace, cfg: Any, study: Any) -> None:
     print(f"report: {paths[-1]}")
 
 
-def _print_result(study: Any, target: int, url: str, warnings: list[str]) -> None:
+def _print_result(study: Any, target: int, experiment_id: str, parent_run_id: str, tracking: str | None,
+                  warnings: list[str]) -> None:
+    """The study's top trials as `lrsearch best` shows them, and where MLflow shows the rest."""
     from lrsearch.results import best_trials, state_counts
+    from lrsearch.storage import tracking_uri
+    from lrsearch.tracking import links, trial_link
 
-    rows = best_trials(study, 5)
+    uri = tracking_uri(tracking)
+    rows = [{**r, "mlflow": trial_link(uri, experiment_id, r["mlflow_run_id"])} for r in best_trials(study, 5)]
     print(f"study {study.study_name!r}: {len(study.trials)} trials ({state_counts(study)}), target {target}")
     if rows:
         print(_format(rows, "table", TRIAL_COLUMNS))
-    print(f"MLflow: {url}")
+    print("\n".join(links(uri, experiment_id, parent_run_id)))
     _warn(warnings)
 
 
@@ -250,7 +258,7 @@ def cmd_best(args: argparse.Namespace) -> int:
             best_trials_sql(args.storage, args.tracking_uri, args.name, args.top)]
     columns = ["rank", *TRIAL_COLUMNS] if args.format == "table" else [
         "rank", "number", "value", "state", "params", "optimizer", "lr", "momentum", "schedule",
-        "duration_s", "mlflow_run_id", "mlflow_status", "val_acc", "val_loss", "train_loss"]
+        "duration_s", "mlflow_run_id", "mlflow", "mlflow_status", "val_acc", "val_loss", "train_loss"]
     print(_format(rows, args.format, columns) if rows or args.format != "table" else "(no completed trials)")
     return EXIT_OK
 
@@ -288,15 +296,25 @@ def cmd_sql(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
+    from lrsearch.descriptions import trials_path
     from lrsearch.server import serve
-    from lrsearch.storage import tracking_uri
+    from lrsearch.storage import sqlite_path, tracking_uri
+    from lrsearch.tracking import Tracker
 
-    return serve(tracking_uri(args.tracking_uri), host=args.host, port=args.port)
+    uri = tracking_uri(args.tracking_uri)
+    path = sqlite_path(uri)
+    if path is not None and path.exists():  # each study's trials, at this UI's own address
+        shown = "localhost" if args.host in ("0.0.0.0", "::") else args.host
+        for name, experiment_id in Tracker(uri).study_experiments():
+            print(f"study {name}: http://{shown}:{args.port}/{trials_path(experiment_id)}", file=sys.stderr)
+    return serve(uri, host=args.host, port=args.port)
 
 
 # -- output -------------------------------------------------------------------------------
 
-TRIAL_COLUMNS = ["number", "value", "state", "params", "duration_s", "mlflow_run_id"]
+# `run`'s summary and `best`: the same columns (mlflow: the run's page on a tracking server,
+# else its id).
+TRIAL_COLUMNS = ["number", "value", "state", "params", "duration_s", "mlflow"]
 
 
 def _format(rows: list[dict[str, Any]], fmt: str, columns: list[str] | None = None) -> str:
@@ -477,7 +495,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("best", help="show a study's best trials")
     p.add_argument("name", help="study name")
-    p.add_argument("--top", type=_positive_int, default=10, metavar="N")
+    p.add_argument("--top", type=_positive_int, default=10, metavar="N", help="the N best trials (default: 10)")
     p.add_argument("--format", choices=("table", "json", "csv"), default="table")
     stores(p)
     p.set_defaults(command=cmd_best)

@@ -15,9 +15,11 @@ import optuna
 from lrsearch import attrs
 from lrsearch.config import Config
 from lrsearch.data import Dataset
+from lrsearch.descriptions import trial_note
 from lrsearch.errors import first_line
 from lrsearch.report import plot_learning_curves
-from lrsearch.space import sample_params
+from lrsearch.sampling import PRUNERS
+from lrsearch.space import in_sampling_order, sample_params
 from lrsearch.stopping import Cancelled, Interrupted, StopFlag, TrialStop
 from lrsearch.tracking import Outbox, Tracker, TrialRecord, write_json
 from lrsearch.training import TrainResult, train
@@ -75,22 +77,26 @@ class Objective:
         if stop.cancelled.is_set() and cut_short:  # a trial that ended on its own keeps its result
             self._end(trial, run, hp, seed, result, "FAIL", "cancelled", "KILLED")
             raise Cancelled()
-        state, value, reason = outcome(result, cfg.study.metric)
-        self._end(trial, run, hp, seed, result, state, reason)
+        state, value, reason = outcome(result, cfg.study.metric, PRUNERS[cfg.study.pruner].verdict)
+        self._end(trial, run, hp, seed, result, state, reason, value=value)
         if state == "PRUNED":
             raise optuna.TrialPruned(reason)
         return value
 
     def _end(self, trial: optuna.trial.Trial, run: TrialRecord, hp: dict[str, Any], seed: int,
-             result: TrainResult, state: str, reason: str | None, status: str | None = None) -> None:
+             result: TrainResult, state: str, reason: str | None, status: str | None = None,
+             value: float | None = None) -> None:
         """Store why the trial ended (unless COMPLETE) and close its MLflow run (even if the
-        reason could not be stored: the run must not stay RUNNING)."""
+        reason could not be stored: the run must not stay RUNNING), with its one-line description."""
+        objective = value if state == "COMPLETE" else None
+        note = trial_note(state, reason, self.cfg.study.metric, objective, result.epochs,
+                          in_sampling_order(trial.params))
         try:
             if reason:
                 trial.set_user_attr(attrs.REASON, reason)
         finally:
             run.finish(self.outbox, self._artifacts(trial, hp, seed, result), result.history, state, reason,
-                       status)
+                       status, note=note, objective=objective)
 
     def _artifacts(self, trial: optuna.trial.Trial, hp: dict[str, Any], seed: int,
                    result: TrainResult) -> Callable[[Path], None]:
@@ -105,17 +111,21 @@ class Objective:
         return write
 
 
-def outcome(result: TrainResult, metric: str) -> tuple[str, float, str | None]:
+def outcome(result: TrainResult, metric: str, verdict: str = "") -> tuple[str, float, str | None]:
     """The trial's Optuna state, objective value and, unless COMPLETE, why.
 
     A trial whose loss or objective is not finite is never COMPLETE: Optuna would store
-    ``inf`` as a valid value.
+    ``inf`` as a valid value. A pruned trial's reason gives the value the pruner judged (the
+    one reported at the check's epoch, not the epoch trained after it) and ``verdict``, the
+    pruner's rule.
     """
     if result.diverged_at is not None:
         return "PRUNED", math.nan, f"non-finite train/loss at epoch {result.diverged_at}"
     value = result.final(metric)
     if result.pruned_at is not None:
-        return "PRUNED", math.nan, f"pruned at epoch {result.pruned_at} ({metric}={value:.4g})"
+        judged = result.at(metric, result.pruned_at)
+        shown = "" if judged is None else f": {metric}={judged:.4g}"
+        return "PRUNED", math.nan, f"pruned at epoch {result.pruned_at}{shown}" + (f", {verdict}" if verdict else "")
     if value is None or not math.isfinite(value):
         return "PRUNED", math.nan, f"non-finite {metric} ({value})"
     return "COMPLETE", value, None

@@ -247,16 +247,22 @@ class ResultsDatabase:
 
 
 def best_trials_sql(storage: str | None, tracking: str | None, name: str, top: int) -> list[dict[str, Any]]:
-    """``lrsearch best``: the study's rows of ``best_trials`` with ``rank <= top``."""
+    """``lrsearch best``: the study's rows of ``best_trials`` with ``rank <= top``, each with
+    ``mlflow``: its run's page on a tracking server, else its run's id."""
+    from lrsearch.tracking import trial_link
+
     with ResultsDatabase(storage, tracking) as db:
         if not db.query("SELECT 1 FROM studies WHERE study_name = ?", (name,)).rows:
             names = [r[0] for r in db.query("SELECT study_name FROM studies ORDER BY study_name").rows]
             raise UsageError(f"no study named {name!r} in {redact(db.url)} (studies: {', '.join(names) or 'none'})")
         rows = db.query("SELECT * FROM best_trials WHERE study_name = ? AND rank <= ? ORDER BY rank",
                         (name, top)).records()
+        experiment_id = db.query("SELECT mlflow_experiment_id FROM studies WHERE study_name = ?", (name,)).rows[0][0]
+    uri = tracking_uri(tracking)
     for row in rows:  # JSON objects keep no order: shown in sampling order, as everywhere
         params = json.loads(row["params"]) if isinstance(row["params"], str) else row["params"]
         row["params"] = in_sampling_order(params or {})
+        row["mlflow"] = trial_link(uri, experiment_id, row["mlflow_run_id"]) if experiment_id else row["mlflow_run_id"]
     return rows
 
 

@@ -28,6 +28,7 @@ class Pruner:
     name: str
     doc: str
     make: Callable[[Config], optuna.pruners.BasePruner]
+    verdict: str = ""  # why it stops a trial, as a pruning reason says it
 
 
 # Pruning checks per trial when the study file does not set [study].prune_every. The first
@@ -119,10 +120,11 @@ def _none(cfg: Config) -> optuna.pruners.BasePruner:
 PRUNERS: Registry[Pruner] = Registry("pruner", [
     Pruner("none", "every trial trains all its epochs (nothing is reported to Optuna while it trains)", _none),
     Pruner("median", "stop a trial below the median of earlier trials at the same epoch (after 5 trials "
-                     "and epochs/10 epochs)", _median),
+                     "and epochs/10 epochs)", _median, "worse than the median of earlier trials at that epoch"),
     Pruner("hyperband", "Hyperband over successive-halving brackets, from one check interval to all epochs",
-           _hyperband),
-    Pruner("successive_halving", "asynchronous successive halving (Optuna's defaults)", _successive_halving),
+           _hyperband, "not in the top third of its Hyperband bracket at that epoch"),
+    Pruner("successive_halving", "asynchronous successive halving (Optuna's defaults)", _successive_halving,
+           "not in the top quarter of its rung at that epoch"),
 ])
 
 

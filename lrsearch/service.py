@@ -16,6 +16,7 @@ import optuna
 from lrsearch import attrs
 from lrsearch.config import DEFAULT_TRIALS, Config, stored_config
 from lrsearch.data import check_data
+from lrsearch.descriptions import searched, trials_view
 from lrsearch.errors import UsageError
 from lrsearch.queries import ensure_indexes, ensure_views
 from lrsearch.results import FINISHED_STATES
@@ -81,6 +82,8 @@ def submit(cfg: Config, *, storage: str | None = None, tracking: str | None = No
                   "direction": cfg.study.direction, "metric": cfg.study.metric},
             study_file=study_file, run_id=study.user_attrs.get(attrs.PARENT_RUN), status=status,
         )
+        tracker.share_trials_view(experiment_id, trials_view(name, cfg.study.direction, cfg.study.metric,
+                                                             searched(cfg.params)))
         target = target_trials(cfg)
         for key, value in ((attrs.PARENT_RUN, parent_run_id), (attrs.EXPERIMENT, experiment_id),
                            (attrs.METRIC, cfg.study.metric), (attrs.CONFIG, cfg.to_toml()),

@@ -13,6 +13,7 @@ import optuna
 from lrsearch import attrs
 from lrsearch.config import Config, stored_config
 from lrsearch.data import Dataset, load_data
+from lrsearch.descriptions import write_study_note
 from lrsearch.errors import UsageError, first_line
 from lrsearch.results import counts, summary
 from lrsearch.retry import outage_window
@@ -58,6 +59,7 @@ def join(name: str, store: Any, url: str, tracker: Tracker, *, worker: int = 0) 
                               pruner=make_pruner(cfg))
     parent_run_id = user_attrs[attrs.PARENT_RUN]
     tracker.set_running(parent_run_id)
+    write_study_note(study, tracker, "running")
     return Session(cfg, study, store, study_id, url, tracker, user_attrs[attrs.EXPERIMENT], parent_run_id,
                    load_data(cfg.data), user_attrs[attrs.TARGET])
 
@@ -95,5 +97,6 @@ def close_parent(session: Session, status: str) -> None:
             if trial is not None and trial.datetime_complete is not None and trial.datetime_complete < settled:
                 session.tracker.close_lost_run(run_id, trial.state.name)
         session.tracker.end_run(session.parent_run_id, status, summary(session.study))
+        write_study_note(session.study, session.tracker)
     except Exception as e:  # the trials are safe in Optuna: report, do not fail the study
         session.warnings.append(f"could not close the study's MLflow run: {first_line(e)}")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from lrsearch import attrs
+from lrsearch.descriptions import NOTE_TAG, OBJECTIVE_METRIC, TRIALS_VIEW, VIEW_TAG_PREFIX, run_path, trials_path
 from lrsearch.errors import TrackingError, first_line
 from lrsearch.retry import Retry, reason
 from lrsearch.stopping import check_stop
@@ -29,7 +30,6 @@ PARENT_TAG = "mlflow.parentRunId"
 TOKEN_TAG = "lrsearch.token"
 # Optuna trial state -> MLflow run status. A pruned trial was stopped on purpose: KILLED.
 STATUS_FOR_STATE = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
-UI_QUERY = "?workflowType=machine_learning"  # MLflow 3 opens on GenAI views otherwise
 DEFAULT_UI = "http://127.0.0.1:5000"
 # log_batch limits (MLflow REST API): per request.
 _MAX_METRICS, _MAX_PARAMS, _MAX_TAGS, _MAX_ENTITIES = 1000, 100, 100, 1000
@@ -132,13 +132,24 @@ class Tracker:
         return run_id
 
     def finish_trial(self, run_id: str, history: History, state: str, *, reason: str | None = None,
-                     artifacts: Path | None = None, status: str | None = None) -> None:
-        """Send the trial's metric history, its final state and artifacts, and close the run
-        with the status that ``state`` maps to (or ``status``, e.g. KILLED on an interrupt)."""
+                     artifacts: Path | None = None, status: str | None = None, note: str | None = None,
+                     objective: float | None = None) -> None:
+        """Send the trial's metric history, its final state, description (``note``) and
+        artifacts, and close the run with the status that ``state`` maps to (or ``status``,
+        e.g. KILLED on an interrupt). ``objective``: a COMPLETE trial's value, logged as the
+        metric the study's trials view ranks by (a pruned trial has none: it ranks last)."""
+        from mlflow.entities import Metric
+
         tags = {"state": state}
         if reason:
             tags["reason"] = reason
-        self._log(run_id, metrics=_metrics(history), tags=tags)
+        if note:
+            tags[NOTE_TAG] = note
+        metrics = _metrics(history)
+        if objective is not None:
+            last = max((step for points in history.values() for step, _, _ in points), default=0)
+            metrics.append(Metric(OBJECTIVE_METRIC, objective, _now_ms(), last))
+        self._log(run_id, metrics=metrics, tags=tags)
         if artifacts is not None:
             self._call(self.client.log_artifacts, run_id, str(artifacts))
         self._call(self.client.set_terminated, run_id, status=status or STATUS_FOR_STATE[state])
@@ -177,6 +188,23 @@ class Tracker:
             self._log(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
         self._call(self.client.set_terminated, run_id, status=status)
 
+    def set_note(self, run_id: str, text: str) -> None:
+        """A run's description, shown (as Markdown) on its page in the MLflow UI."""
+        self._log(run_id, tags={NOTE_TAG: text})
+
+    def share_trials_view(self, experiment_id: str, state: str) -> None:
+        """The experiment's trials view (see descriptions.py): a tag the UI reads as a shared view."""
+        self._call(self.client.set_experiment_tag, experiment_id, VIEW_TAG_PREFIX + TRIALS_VIEW, state)
+
+    def study_experiments(self) -> list[tuple[str, str]]:
+        """(name, id) of the experiments that hold an lrsearch study (they have its trials view)."""
+        return [(e.name, e.experiment_id) for e in self._call(self.client.search_experiments, max_results=1000)
+                if VIEW_TAG_PREFIX + TRIALS_VIEW in e.tags]
+
+    def artifact_files(self, run_id: str, folder: str) -> list[str]:
+        """The paths of the files in a run's artifact ``folder`` (not recursive)."""
+        return [f.path for f in self._call(self.client.list_artifacts, run_id, folder) if not f.is_dir]
+
     def status(self, run_id: str) -> str:
         """A run's status: RUNNING, FINISHED, FAILED, KILLED."""
         return self._call(self.client.get_run, run_id).info.status
@@ -192,6 +220,9 @@ class Tracker:
 
     def run_url(self, experiment_id: str, run_id: str) -> str:
         return run_url(self.uri, experiment_id, run_id)
+
+    def trials_url(self, experiment_id: str) -> str:
+        return trials_url(self.uri, experiment_id)
 
     def _exists(self, run_id: str) -> bool:
         from mlflow.exceptions import MlflowException
@@ -263,7 +294,8 @@ class TrialRecord:
         self.set_attr(attrs.MLFLOW_RUN, run_id)
 
     def finish(self, outbox: Outbox, write_artifacts: Callable[[Path], None], history: History,
-               state: str, reason: str | None, status: str | None = None) -> None:
+               state: str, reason: str | None, status: str | None = None, *, note: str | None = None,
+               objective: float | None = None) -> None:
         """Wait until the run is open (usually long done), then close it in the background."""
         if self._opened is None:
             return
@@ -272,14 +304,15 @@ class TrialRecord:
             self.set_attr(attrs.TRACKING_ERROR, self.error)
         elif self.run_id is not None:
             outbox.submit(f"trial {self.number}", self._send, self.run_id, write_artifacts, history,
-                          state, reason, status)
+                          state, reason, status, note, objective)
 
     def _send(self, run_id: str, write_artifacts: Callable[[Path], None], history: History, state: str,
-              reason: str | None, status: str | None) -> None:
+              reason: str | None, status: str | None, note: str | None, objective: float | None) -> None:
         with artifact_dir() as tmp:
             folder = Path(tmp)
             write_artifacts(folder)
-            self.tracker.finish_trial(run_id, history, state, reason=reason, artifacts=folder, status=status)
+            self.tracker.finish_trial(run_id, history, state, reason=reason, artifacts=folder, status=status,
+                                      note=note, objective=objective)
 
 
 class Outbox:
@@ -319,11 +352,43 @@ class Outbox:
             self._errors.append(f"{label}: {first_line(error)}")
 
 
+def ui_base(uri: str) -> str:
+    """Where the MLflow UI of tracking store ``uri`` is: the tracking server itself (without
+    any credentials the URI carries), or for an embedded store ``lrsearch ui``'s default."""
+    return _without_credentials(uri).rstrip("/") if is_server(uri) else DEFAULT_UI
+
+
+def is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
 def run_url(uri: str, experiment_id: str, run_id: str) -> str:
-    """The MLflow UI page of a run (for an embedded store: as ``lrsearch ui`` serves it),
-    without any credentials the tracking URI carries."""
-    base = _without_credentials(uri).rstrip("/") if uri.startswith(("http://", "https://")) else DEFAULT_UI
-    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}{UI_QUERY}"
+    """The MLflow UI page of a run."""
+    return f"{ui_base(uri)}/{run_path(experiment_id, run_id)}"
+
+
+def trials_url(uri: str, experiment_id: str) -> str:
+    """The study's trials in MLflow's runs table, best first (descriptions.trials_view)."""
+    return f"{ui_base(uri)}/{trials_path(experiment_id)}"
+
+
+def links(uri: str, experiment_id: str, parent_run_id: str) -> list[str]:
+    """What ``run`` and ``submit`` print: the study's run page and its trials table, and for
+    an embedded store where its UI will be."""
+    lines = [f"MLflow: {run_url(uri, experiment_id, parent_run_id)}  (the study: outcome, top trials, figures)",
+             f"        {trials_url(uri, experiment_id)}  (its trials, best first)"]
+    if not is_server(uri):
+        lines.append(f"        (served by `lrsearch ui`, on its default port {DEFAULT_UI.rsplit(':', 1)[1]}; "
+                     "with --port P, use port P)")
+    return lines
+
+
+def trial_link(uri: str, experiment_id: str, run_id: str | None) -> str | None:
+    """What a trial's row shows for its run: the page's URL on a tracking server; the run's
+    id on an embedded store, whose UI runs only while ``lrsearch ui`` does."""
+    if run_id is None:
+        return None
+    return run_url(uri, experiment_id, run_id) if is_server(uri) else run_id
 
 
 def write_json(obj: Any, path: Path) -> Path:

@@ -41,6 +41,10 @@ class TrainResult:
     def final(self, key: str) -> float | None:
         return self.logger.last(key)
 
+    def at(self, key: str, epoch: int) -> float | None:
+        """``key``'s value at ``epoch`` (its step), if logged."""
+        return next((v for step, v, _ in self.history.get(key, []) if step == epoch), None)
+
 
 class _WholeSet(TorchDataset):
     """A one-item dataset: the whole tensor pair is the epoch's only batch (see MLPClassifier)."""

@@ -1,9 +1,15 @@
-"""The MLflow UI served by `lrsearch server`, in headless Chromium: the study's parent run with
-its trials nested under it, a trial's `lr` chart, and the parent's report artifacts."""
+"""The MLflow UI served by `lrsearch server`, in headless Chromium: the study's parent run
+explains the study (outcome, top trials linked to their runs, the report's figures), a pruned
+trial's run says why, the trials view ranks the study's trials with their columns, the trials
+nest under the parent run, a trial's `lr` chart, and a report image in the artifact viewer.
+
+Screenshots land in the test's folder, and in $LRSEARCH_SCREENSHOTS when set (to look at them).
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +18,7 @@ import pytest
 
 from conftest import free_port, missing, stop_process_group, wait_for_http
 from lrsearch.config import load_config
+from lrsearch.descriptions import run_path, trials_path
 from lrsearch.launch import run_study
 from lrsearch.report import write_report
 
@@ -23,8 +30,26 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
+# A grid of two: lr 0.05 learns (COMPLETE); lr 1e8 diverges at once (PRUNED, with its reason).
+STUDY = """\
+[study]
+name = "tiny"
+sampler = "grid"
+pruner = "none"
+seed = 7
 
-def test_mlflow_ui_shows_the_study(write_study, tmp_path):
+[train]
+epochs = 3
+batch_size = 64
+
+[params]
+optimizer = "sgd"
+lr = { choices = [0.05, 1e8] }
+momentum = 0.9
+"""
+
+
+def test_mlflow_ui_explains_the_study(write_study, tmp_path):
     if not Path(CHROMIUM).exists():
         missing("Chromium", f"no browser at {CHROMIUM} (apt-get install chromium; .ci/run does)")
     try:
@@ -32,44 +57,103 @@ def test_mlflow_ui_shows_the_study(write_study, tmp_path):
     except ImportError:
         missing("Playwright", "pip install -e '.[test]' installs it")
     data = tmp_path / "lrsearch-data"
-    tracking = f"sqlite:///{data / 'mlflow.db'}"
-    path = write_study()
-    cfg = load_config(path).with_overrides(trials=2, epochs=3)
-    result = run_study(cfg, storage=f"sqlite:///{data / 'optuna.db'}", tracking=tracking, study_file=path)
-    write_report("tiny", storage=f"sqlite:///{data / 'optuna.db'}", tracking=tracking, out=tmp_path / "report")
-    child = result.study.trials[0].user_attrs["mlflow_run_id"]
+    storage, tracking = f"sqlite:///{data / 'optuna.db'}", f"sqlite:///{data / 'mlflow.db'}"
+    path = write_study(STUDY)
+    result = run_study(load_config(path), storage=storage, tracking=tracking, study_file=path)
+    write_report("tiny", storage=storage, tracking=tracking, out=tmp_path / "report")
+    trials = {t.state.name: t for t in result.study.trials}
+    complete, pruned = trials["COMPLETE"], trials["PRUNED"]
+    reason = pruned.user_attrs["reason"]
+    assert reason.startswith("non-finite train/loss at epoch ")
 
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "lrsearch.cli", "server", "--db", tracking, "--port", str(port)],
                               cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               start_new_session=True, env={**os.environ, "LRSEARCH_DATA": str(data)})
-    base = f"http://127.0.0.1:{port}/#/experiments/{result.experiment_id}"
+    root = f"http://127.0.0.1:{port}/"
+    exp = result.experiment_id
+    shots = tmp_path / "shots"
+    shots.mkdir()
     try:
-        wait_for_http(f"http://127.0.0.1:{port}/health", server)
+        wait_for_http(f"{root}health", server)
         with playwright.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            context = browser.new_context(viewport={"width": 1500, "height": 1000})
+            page = context.new_page()
 
-            page.goto(f"{base}/runs?workflowType=machine_learning")
+            # The parent run's description: outcome, best trial, top-trial table, figures.
+            page.goto(root + run_path(exp, result.parent_run_id))
+            page.get_by_text("Show more").click(timeout=30000)  # MLflow folds long descriptions
+            note = page.locator("[data-testid=note-editor-preview-content]")
+            note.get_by_text("tiny", exact=True).wait_for(timeout=15000)
+            text = note.inner_text()
+            assert "done · 2 of 2 trials (1 COMPLETE, 1 PRUNED) · maximize val/acc" in text
+            assert f"Best val/acc: {complete.value:.4g}, trial {complete.number}" in text
+            assert note.locator("table tr").count() == 2  # header + the one COMPLETE trial
+            images = note.locator("img")
+            assert images.count() == 3  # a grid: accuracy per value, optimization history, objective against lr
+            images.last.scroll_into_view_if_needed()
+            page.wait_for_function("imgs => imgs.every(i => i.complete && i.naturalWidth == 780)",
+                                   arg=images.element_handles(), timeout=15000)
+            note.screenshot(path=str(shots / "parent_description.png"))
+            page.screenshot(path=str(shots / "parent_run.png"))
+            with context.expect_page() as opened:  # the table's link opens the trial's run
+                note.locator("table").get_by_role("link", name=f"trial-{complete.number}").click()
+            child = opened.value
+            child.wait_for_url(f"**/runs/{complete.user_attrs['mlflow_run_id']}**", timeout=15000)
+            child.get_by_text(f"trial-{complete.number}", exact=True).first.wait_for(timeout=15000)
+            child.close()
+
+            # A pruned trial's run says why on its page.
+            page.goto(root + run_path(exp, pruned.user_attrs["mlflow_run_id"]))
+            page.get_by_text(f"PRUNED: {reason} · optimizer=sgd, lr=1e+08, momentum=0.9").wait_for(timeout=30000)
+            page.screenshot(path=str(shots / "pruned_run.png"))
+
+            # The plain runs table (first: the UI keeps the last view's filter): trials nested under
+            # the study's run until expanded.
+            page.goto(f"{root}#/experiments/{exp}/runs?workflowType=machine_learning")
             parent_row = page.locator("[role=row]", has_text="tiny").last
             parent_row.wait_for(timeout=30000)
-            assert page.get_by_text("trial-0", exact=True).count() == 0  # nested: hidden until expanded
+            assert page.get_by_text("trial-0", exact=True).count() == 0
             parent_row.locator("button[data-component-id*='runnamecellrenderer']").click()
-            page.get_by_text("trial-0", exact=True).wait_for(timeout=15000)
             page.get_by_text("trial-1", exact=True).wait_for(timeout=15000)
-            page.screenshot(path=str(tmp_path / "runs.png"))
+            page.screenshot(path=str(shots / "runs.png"))
 
-            page.goto(f"{base}/runs/{child}/model-metrics?workflowType=machine_learning")
+            # The trials view: the study's trials flat, COMPLETE first, with state and reason.
+            page.close()
+            page = context.new_page()
+            page.goto(root + trials_path(exp))
+            page.wait_for_url("**orderByKey=metrics.%60objective%60**", timeout=30000)  # the view applied
+            page.get_by_text("2 matching runs").wait_for(timeout=30000)
+            rows = page.locator("[role=row]", has_text="trial-")  # (each row's other cells: another element)
+            playwright.expect(rows.nth(0)).to_contain_text(f"trial-{complete.number}", timeout=15000)
+            playwright.expect(rows.nth(1)).to_contain_text(f"trial-{pruned.number}")
+            assert page.get_by_role("gridcell", name="PRUNED", exact=True).count() == 1
+            for header in ("objective", "val/acc", "lr", "state", "reason"):
+                assert page.get_by_role("columnheader", name=header, exact=True).count() >= 1, header
+            page.get_by_text(reason).first.wait_for(timeout=15000)
+            page.screenshot(path=str(shots / "trials_view.png"))
+
+            # A trial's learning-rate curve, as LearningRateMonitor logged it.
+            page.goto(root + run_path(exp, complete.user_attrs["mlflow_run_id"]).replace(
+                "?", "/model-metrics?"))
             page.get_by_placeholder("Search metric charts").fill("lr")
-            page.get_by_text("trial-0 (lr)").wait_for(timeout=30000)  # the chart's legend
-            page.screenshot(path=str(tmp_path / "lr_chart.png"))
+            page.get_by_text(f"trial-{complete.number} (lr)").wait_for(timeout=30000)  # the chart's legend
+            page.screenshot(path=str(shots / "lr_chart.png"))
 
-            page.goto(f"{base}/runs/{result.parent_run_id}/artifacts?workflowType=machine_learning")
-            page.get_by_text("report", exact=True).wait_for(timeout=30000)
+            # The report's figures in the parent's artifacts: an image shows in the viewer.
+            page.goto(root + run_path(exp, result.parent_run_id).replace("?", "/artifacts?"))
             page.get_by_text("study.toml", exact=True).wait_for(timeout=30000)
-            page.screenshot(path=str(tmp_path / "parent_artifacts.png"))
+            page.get_by_text("report", exact=True).click()
+            page.get_by_text("optimization_history.png", exact=True).click()
+            # (the viewer shows the file through a blob: URL; the page has no other large image)
+            page.wait_for_function("() => [...document.images].some(i => i.complete && i.naturalWidth == 2000)",
+                                   timeout=30000)
+            page.screenshot(path=str(shots / "report_artifact.png"))
             browser.close()
     finally:
         stop_process_group(server)
-    for shot in ("runs.png", "lr_chart.png", "parent_artifacts.png"):
-        assert (tmp_path / shot).stat().st_size > 10_000
+    for shot in shots.iterdir():
+        assert shot.stat().st_size > 10_000, shot.name
+    if os.environ.get("LRSEARCH_SCREENSHOTS"):
+        shutil.copytree(shots, os.environ["LRSEARCH_SCREENSHOTS"], dirs_exist_ok=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 
 import pytest
@@ -60,7 +61,14 @@ def test_run_then_best_on_the_embedded_default(cli, write_study, tmp_path):
     run = cli("run", str(write_study()), "--trials", "2", "--epochs", "2")
     assert run.returncode == 0, run.stderr
     assert "study 'tiny': 2 trials (2 COMPLETE), target 2" in run.stdout
-    assert "?workflowType=machine_learning" in run.stdout and "2/2" in run.stderr
+    assert "2/2" in run.stderr
+    lines = run.stdout.splitlines()
+    links = lines[lines.index(next(l for l in lines if l.startswith("MLflow: "))):]
+    assert re.fullmatch(r"MLflow: http://127\.0\.0\.1:5000/#/experiments/\d+/runs/[0-9a-f]{32}\?workflowType="
+                        r"machine_learning  \(the study: outcome, top trials, figures\)", links[0])
+    assert re.fullmatch(r" {8}http://127\.0\.0\.1:5000/#/experiments/\d+/runs\?viewStateShareKey=lrsearch-trials"
+                        r"&workflowType=machine_learning  \(its trials, best first\)", links[1])
+    assert links[2] == "        (served by `lrsearch ui`, on its default port 5000; with --port P, use port P)"
     assert (tmp_path / "lrsearch-data" / "optuna.db").is_file()
     assert (tmp_path / "lrsearch-data" / "mlflow.db").is_file()
 
@@ -74,9 +82,21 @@ def test_run_then_best_on_the_embedded_default(cli, write_study, tmp_path):
     table = cli("best", "tiny", "--top", "1")
     assert table.returncode == 0 and table.stdout.splitlines()[0].split()[:4] == ["rank", "number", "value", "state"]
     assert len(table.stdout.strip().splitlines()) == 2
+    # run's summary and best show the same trials alike: params in sampling order, the run's id
+    # (an embedded store: no UI known) where a tracking server would give its page.
+    split = lambda line: re.split(r"\s{2,}", line.strip())
+    summary = lines[1:lines.index(links[0])]
+    assert split(summary[0]) == ["number", "value", "state", "params", "duration_s", "mlflow"]
+    by_run = [split(line) for line in summary[1:]]
+    by_best = [split(line)[1:] for line in cli("best", "tiny").stdout.splitlines()[1:]]  # without rank
+    without_duration = lambda rows_: [r[:4] + r[5:] for r in rows_]
+    assert len(by_run) == 2 and without_duration(by_best) == without_duration(by_run)
+    assert by_best[0][5] == rows[0]["mlflow_run_id"]
+    assert by_best[0][3] == " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                     for k, v in rows[0]["params"].items())
     csv_out = cli("best", "tiny", "--format", "csv")
     assert csv_out.stdout.splitlines()[0] == ("rank,number,value,state,params,optimizer,lr,momentum,schedule,"
-                                              "duration_s,mlflow_run_id,mlflow_status,val_acc,val_loss,train_loss")
+                                              "duration_s,mlflow_run_id,mlflow,mlflow_status,val_acc,val_loss,train_loss")
 
     sql = cli("sql", "select optimizer, max(value) as best from best_trials group by optimizer", "--format", "json")
     assert sql.returncode == 0, sql.stderr

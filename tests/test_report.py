@@ -42,15 +42,22 @@ def test_grid_report_has_the_figure_grid_and_is_logged(stores, tmp_path):
     paths = write_report("grid", storage=stores[0], tracking=stores[1], out=tmp_path / "report")
     names = sorted(p.name for p in paths)
     assert names == ["grid_accuracy.png", "grid_lr.png", "objective_vs_lr.png", "optimization_history.png",
-                     "param_importances.png", "report.html"]
+                     "parallel_coordinate.png", "param_importances.png", "report.html", "slices.png"]
     for p in paths:
         assert p.stat().st_size > 1000
         if p.suffix == ".png":
             assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+            assert _png_size(p)[0] >= 1600, p.name  # hi-dpi: sharp at full page width
     page = (tmp_path / "report" / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 5 and "lr=0.05" in page
-    logged = {a.path for a in MlflowClient(tracking_uri=stores[1]).list_artifacts(result.parent_run_id, "report")}
-    assert logged == {f"report/{n}" for n in names}
+    assert page.count("data:image/png;base64,") == 7 and "lr=0.05" in page
+    assert "img{width:100%" in page
+    client = MlflowClient(tracking_uri=stores[1])
+    logged = {a.path for a in client.list_artifacts(result.parent_run_id, "report")}
+    assert logged == {f"report/{n}" for n in names} | {"report/preview"}
+    # The description's copies, small enough for MLflow's description box.
+    previews = {a.path: a for a in client.list_artifacts(result.parent_run_id, "report/preview")}
+    assert set(previews) == {f"report/preview/{n}" for n in ("grid_accuracy.png", "optimization_history.png",
+                                                             "objective_vs_lr.png")}
 
 
 def test_tpe_report_has_no_grid_figures(stores, tmp_path):
@@ -60,8 +67,45 @@ def test_tpe_report_has_no_grid_figures(stores, tmp_path):
                                    "lr": {"low": 1e-3, "high": 0.3, "log": True}}}, "tpe.toml")
     run_study(cfg, storage=stores[0], tracking=stores[1])
     paths = write_report("tpe", storage=stores[0], tracking=stores[1], out=tmp_path / "tpe")
-    assert {p.name for p in paths} == {"objective_vs_lr.png", "optimization_history.png",
-                                       "param_importances.png", "report.html"}
+    assert {p.name for p in paths} == {"objective_vs_lr.png", "optimization_history.png", "lr_curves.png",
+                                       "param_importances.png", "parallel_coordinate.png", "slices.png",
+                                       "report.html"}
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_a_minimize_study_report_ranks_complete_before_pruned_with_why_and_where(stores, tmp_path):
+    # lr 1e8 diverges at once: PRUNED, with its reason. The others rank by val/loss, lowest first.
+    cfg = parse_config({"study": {"name": "mini", "sampler": "grid", "pruner": "none", "seed": 1,
+                                  "direction": "minimize", "metric": "val/loss"},
+                        "train": {"epochs": 3, "batch_size": 64},
+                        "params": {"optimizer": "sgd", "lr": {"choices": [0.002, 0.05, 1e8]},
+                                   "momentum": {"choices": [0.0, 0.9]}}}, "mini.toml")
+    result = run_study(cfg, storage=stores[0], tracking=stores[1])
+    write_report("mini", storage=stores[0], tracking=stores[1], out=tmp_path / "mini")
+    page = (tmp_path / "mini" / "report.html").read_text()
+    assert "<h2>Trials, best first (minimize; COMPLETE before PRUNED, then trials without a value)" in page
+    body = page.split("<th>MLflow run</th></tr>", 1)[1]
+    rows = [[c.split(">", 1)[1] for c in row.split("</td>")[:-1]] for row in body.split("</tr>")[:-1]]
+    trials = {t.number: t for t in result.study.trials}
+    complete = sorted((t for t in trials.values() if t.state.name == "COMPLETE"), key=lambda t: (t.value, t.number))
+    pruned = sorted((t for t in trials.values() if t.state.name == "PRUNED"), key=lambda t: t.number)
+    assert len(complete) == 4 and len(pruned) == 2
+    assert [int(r[1]) for r in rows] == [t.number for t in complete + pruned]
+    for row in rows:
+        t = trials[int(row[1])]
+        assert row[2] == t.state.name and row[4] == str(t.user_attrs["epochs_trained"])
+        assert float(row[5]) == pytest.approx(t.duration.total_seconds(), abs=0.051)
+        assert row[7] == (t.user_attrs.get("reason") or "")
+        run_id = t.user_attrs["mlflow_run_id"]
+        assert row[8] == (f'<a href="http://127.0.0.1:5000/#/experiments/{result.experiment_id}/runs/{run_id}'
+                          f'?workflowType=machine_learning">{run_id[:8]}</a>')
+    assert rows[-1][7].startswith("non-finite train/loss at epoch ")
+    # With momentum searched beside lr: Optuna's contour of the two.
+    assert (tmp_path / "mini" / "contour_lr_momentum.png").is_file()
 
 
 def test_results_table_from_the_stores(stores, tmp_path):

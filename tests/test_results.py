@@ -83,7 +83,9 @@ def test_a_minimize_study_reads_the_same_in_run_best_and_the_report(cli, write_s
     assert best.returncode == 0, best.stderr
     from_best = _table(best.stdout)
     report = (tmp_path / "lrsearch-data" / "reports" / "tiny" / "report.html").read_text()
-    from_report = re.findall(r"<tr><td>(\d+)</td><td>COMPLETE</td>", report)
+    ranked = re.findall(r"<tr><td>(\d+)</td><td>(\d+)</td><td>COMPLETE</td>", report)
+    assert [rank for rank, _ in ranked] == ["1", "2", "3", "4"]
+    from_report = [number for _, number in ranked]
 
     numbers = [r["number"] for r in from_best]
     assert len(numbers) == 4 and [r["number"] for r in from_run] == numbers == from_report

@@ -128,14 +128,20 @@ def test_pruned_trial_is_killed_in_mlflow_with_its_history(write_study, stores):
     trial = study.trials[0]
     assert trial.state.name == "PRUNED"
     # Checked at epoch 1 (every 2 epochs); the verdict lands while epoch 2 trains, which ends.
-    assert trial.user_attrs["reason"].startswith("pruned at epoch 1 (val/acc=")
     assert trial.user_attrs["epochs_trained"] == 3
     run = client.get_run(trial.user_attrs["mlflow_run_id"])
     assert run.info.status == "KILLED"
-    assert run.data.tags["state"] == "PRUNED" and run.data.tags["reason"] == trial.user_attrs["reason"]
     history = client.get_metric_history(run.info.run_id, "val/acc")
     assert [m.step for m in history] == [0, 1, 2]
     assert trial.intermediate_values == {1: history[1].value}
+    # The reason gives the value the pruner judged (epoch 1's), not the last epoch's.
+    reason = f"pruned at epoch 1: val/acc={history[1].value:.4g}, worse than the median of earlier trials at that epoch"
+    assert trial.user_attrs["reason"] == reason
+    assert run.data.tags["state"] == "PRUNED" and run.data.tags["reason"] == reason
+    # The run's description (MLflow's note) says it on the run page, with the trial's params.
+    params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
+    assert run.data.tags["mlflow.note.content"] == f"PRUNED: {reason} · {params}"
+    assert "objective" not in run.data.metrics  # only COMPLETE trials rank in the trials view
 
 
 def test_diverging_trial_is_pruned_never_complete(write_study, stores):

@@ -53,6 +53,10 @@ def test_ui_serves_the_embedded_store(write_study, tmp_path):
                 time.sleep(0.5)
         experiment = _get(f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=tiny")
         assert experiment["experiment"]["experiment_id"] == result.experiment_id
+        # It names each study's trials view at its own port (run's links assume port 5000).
+        assert server.stderr.readline().decode() == (
+            f"study tiny: {base}/#/experiments/{result.experiment_id}/runs?viewStateShareKey=lrsearch-trials"
+            "&workflowType=machine_learning\n")
         child_id = result.study.trials[0].user_attrs["mlflow_run_id"]
         child = _get(f"{base}/api/2.0/mlflow/runs/get?run_id={child_id}")["run"]
         tags = {t["key"]: t["value"] for t in child["data"]["tags"]}

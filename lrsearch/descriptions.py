@@ -1,0 +1,183 @@
+"""What a study's and a trial's MLflow runs say about themselves in the MLflow UI.
+
+- A run's description: MLflow renders the tag ``mlflow.note.content`` as Markdown on the run
+  page. The study's parent run gets its outcome, a table of the top trials linked to their
+  runs and the report's figures; each trial's run gets one line (its hyperparameters and how
+  it ended), because the runs table shows a pruned trial only as "Killed".
+- The trials table: an MLflow *shared view* (an experiment tag
+  ``mlflow.sharedViewState.<key>`` holding the runs table's state as JSON; MLflow 3.17's UI
+  reads it for ``…/runs?viewStateShareKey=<key>``) filters the experiment to the study's
+  trials, ranks them by ``objective`` (logged on COMPLETE trials only, so they come first)
+  and shows the searched hyperparameters, the state and the pruning reason as columns.
+
+Links inside descriptions are relative to the UI (``#/experiments/…``, ``get-artifact?…``),
+so they work whatever host and port serve it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Mapping, Sequence
+from urllib.parse import quote
+
+from lrsearch import attrs
+
+NOTE_TAG = "mlflow.note.content"
+VIEW_TAG_PREFIX = "mlflow.sharedViewState."
+TRIALS_VIEW = "lrsearch-trials"  # one experiment per study: one key is enough
+OBJECTIVE_METRIC = "objective"  # a COMPLETE trial's value, logged once at its end
+UI_QUERY = "workflowType=machine_learning"  # MLflow 3 opens on its GenAI views otherwise
+TOP_TRIALS = 10
+_MAX_NOTE = 8000  # MLflow's limit on a tag value
+
+
+def fmt(value: Any) -> str:
+    """A number as people read it (4 significant digits), anything else as text."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def params_text(params: Mapping[str, Any], sep: str = ", ") -> str:
+    return sep.join(f"{k}={fmt(v)}" for k, v in params.items())
+
+
+def trial_note(state: str, reason: str | None, metric: str, value: float | None, epochs: int,
+               params: Mapping[str, Any]) -> str:
+    """One line for a trial's run: how it ended, then its sampled hyperparameters."""
+    if state == "COMPLETE" and value is not None:
+        ended = f"COMPLETE: {metric} {fmt(value)} after {epochs} epochs"
+    else:
+        ended = f"{state}: {reason or 'no reason recorded'}"
+    return f"{ended} · {params_text(params)}" if params else ended
+
+
+def run_path(experiment_id: str, run_id: str) -> str:
+    """A run's page, relative to the UI's root."""
+    return f"#/experiments/{experiment_id}/runs/{run_id}?{UI_QUERY}"
+
+
+def trials_path(experiment_id: str) -> str:
+    """The study's trials in the runs table (its shared view), relative to the UI's root."""
+    return f"#/experiments/{experiment_id}/runs?viewStateShareKey={TRIALS_VIEW}&{UI_QUERY}"
+
+
+def trials_view(study_name: str, direction: str, metric: str, params: Sequence[str]) -> str:
+    """The shared view's state (JSON): the study's trials, best first, with the columns that
+    explain them. Column keys are the UI's own (``metrics.`val/acc```)."""
+    columns = [f"metrics.`{OBJECTIVE_METRIC}`", f"metrics.`{metric}`",
+               *(f"params.`{p}`" for p in params), "tags.`state`", "tags.`reason`"]
+    return json.dumps({
+        "searchFilter": f"tags.study = '{study_name}'",
+        "orderByKey": f"metrics.`{OBJECTIVE_METRIC}`",
+        "orderByAsc": direction == "minimize",
+        "selectedColumns": columns,
+    })
+
+
+def study_note(study: Any, *, phase: str, experiment_id: str, figures: Sequence[str] = (),
+               parent_run_id: str | None = None, pruner: str | None = None) -> str:
+    """The parent run's description: the study's outcome, its top trials linked to their runs,
+    and ``figures`` (artifact paths of this run, e.g. ``report/optimization_history.png``).
+    ``phase``: what the study is doing ("running", "done", "stopped", …)."""
+    from optuna.trial import TrialState
+
+    from lrsearch.results import direction, ranking
+    from lrsearch.space import in_sampling_order
+
+    trials = study.get_trials(deepcopy=False)
+    metric = study.user_attrs.get(attrs.METRIC, "value")
+    target = study.user_attrs.get(attrs.TARGET)
+    by_state: dict[str, int] = {}
+    for t in trials:
+        by_state[t.state.name] = by_state.get(t.state.name, 0) + 1
+    finished = by_state.get("COMPLETE", 0) + by_state.get("PRUNED", 0)
+    counted = ", ".join(f"{n} {s}" for s, n in sorted(by_state.items())) or "no trials yet"
+    way = direction(study)
+    lines = [f"**{study.study_name}** · {phase} · {finished} of {target if target is not None else '?'} "
+             f"trials ({counted}) · {way} {metric}", ""]
+    best = ranking(trials, way)
+    if best:
+        b = best[0]
+        lines += [f"Best {metric}: **{fmt(b.value)}**, [trial {b.number}]({_trial_link(experiment_id, b)}): "
+                  f"{params_text(in_sampling_order(b.params))}", ""]
+        lines += ["| rank | trial | " + metric + " | epochs | s | params |", "|---|---|---|---|---|---|"]
+        for rank, t in enumerate(best[:TOP_TRIALS], 1):
+            seconds = t.duration.total_seconds() if t.duration is not None else None
+            lines.append(f"| {rank} | [trial-{t.number}]({_trial_link(experiment_id, t)}) | {fmt(t.value)} | "
+                         f"{t.user_attrs.get(attrs.EPOCHS_TRAINED, '')} | {'' if seconds is None else f'{seconds:.1f}'} | "
+                         f"{params_text(in_sampling_order(t.params))} |")
+        lines.append("")
+    pruned = by_state.get("PRUNED", 0)
+    if pruned:
+        lines += [f"{pruned} trials were stopped early (PRUNED{f', by the {pruner} pruner' if pruner else ''}; "
+                  f"the reason is each trial run's description and `reason` tag). "
+                  f"[All trials, best first]({trials_path(experiment_id)})", ""]
+    elif trials:
+        lines += [f"[All trials, best first]({trials_path(experiment_id)})", ""]
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    if failed:
+        last = failed[-1]
+        lines += [f"{len(failed)} trials failed (retried: they do not count); the last, trial {last.number}: "
+                  f"{last.user_attrs.get(attrs.REASON, 'no reason recorded')}", ""]
+    if figures and parent_run_id:
+        lines.append("Figures from the study's report (this run's artifacts, `report/`: full size there, "
+                     "and all of them in `report.html`):")
+        lines.append("")
+        lines += [f"![{_title(path)}](get-artifact?path={quote(path, safe='')}&run_uuid={parent_run_id})"
+                  for path in figures]
+    note = "\n".join(lines).rstrip() + "\n"
+    return note if len(note) <= _MAX_NOTE else note[:_MAX_NOTE - 2] + "…\n"
+
+
+def searched(params: Mapping[str, Any]) -> list[str]:
+    """The hyperparameters a study searches (not fixed), in sampling order: the trials view's
+    param columns. All of them when none varies."""
+    from lrsearch.space import Fixed, in_sampling_order
+
+    varied = [k for k in in_sampling_order(params) if not isinstance(params[k], Fixed)]
+    return varied or list(in_sampling_order(params))
+
+
+def phase_of(study: Any) -> str:
+    """What a study is doing, as its description says it: done (total reached), cancelled,
+    running (trials running), else stopped."""
+    from lrsearch.results import counts
+
+    finished, running = counts(study)
+    target = study.user_attrs.get(attrs.TARGET)
+    if target is not None and finished >= target:
+        return "done"
+    if study.user_attrs.get(attrs.CANCELLED) is not None:
+        return "cancelled"
+    return "running" if running else "stopped"
+
+
+def write_study_note(study: Any, tracker: Any, phase: str | None = None) -> None:
+    """Set the study's parent run description (:func:`study_note`) as the study stands now
+    (``phase``: as :func:`phase_of` tells, unless given), with the report's main figures if
+    the run has them."""
+    from lrsearch.config import stored_config
+    from lrsearch.report import NOTE_FIGURES, PREVIEW_DIR
+
+    parent = study.user_attrs.get(attrs.PARENT_RUN)
+    experiment_id = study.user_attrs.get(attrs.EXPERIMENT)
+    if not parent or not experiment_id:
+        return
+    raw = study.user_attrs.get(attrs.CONFIG)
+    pruner = stored_config(raw, study.study_name).study.pruner if raw is not None else None
+    folder = f"report/{PREVIEW_DIR}"
+    logged = set(tracker.artifact_files(parent, folder))
+    figures = [f"{folder}/{name}" for name in NOTE_FIGURES if f"{folder}/{name}" in logged]
+    tracker.set_note(parent, study_note(study, phase=phase or phase_of(study), experiment_id=experiment_id, figures=figures,
+                                        parent_run_id=parent, pruner=pruner if pruner != "none" else None))
+
+
+def _trial_link(experiment_id: str, trial: Any) -> str:
+    run_id = trial.user_attrs.get(attrs.MLFLOW_RUN)
+    return run_path(experiment_id, run_id) if run_id else trials_path(experiment_id)
+
+
+def _title(path: str) -> str:
+    return path.rsplit("/", 1)[-1].rsplit(".", 1)[0].replace("_", " ")
+
