@@ -277,7 +277,7 @@ def plot_history(trials: Sequence[TrialCurves], name: str, direction: str, objec
     done = [t for t in ordered if t.state == "COMPLETE" and t.value is not None]
     pruned = [t for t in ordered if t.state == "PRUNED" and t.value is not None and math.isfinite(t.value)]
     ax.scatter([t.number for t in done], [t.value for t in done], label="complete", s=22, color="tab:blue")
-    ax.scatter([t.number for t in pruned], [t.value for t in pruned], label="pruned (value when stopped)",
+    ax.scatter([t.number for t in pruned], [t.value for t in pruned], label="pruned (the value the pruner judged)",
                s=22, facecolors="none", edgecolors="grey")
     xs, ys = best_line(ordered, direction)
     if xs:
@@ -322,7 +322,7 @@ def plot_objective_vs_lr(trials: Sequence[TrialCurves], name: str, objective: st
         handles.append(Line2D([], [], marker="o", linestyle="", color=colour, label=optimizer))
     if any(t.state == "PRUNED" for group in by_optimizer.values() for t in group):
         handles.append(Line2D([], [], marker="o", linestyle="", markerfacecolor="none", markeredgecolor="grey",
-                              label="hollow: pruned (value when stopped)"))
+                              label="hollow: pruned (the value the pruner judged)"))
     ax.set_xscale("log")
     ax.set(title=f"{name}: objective against learning rate", xlabel="learning rate (log scale)",
            ylabel=objective)
