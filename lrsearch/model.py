@@ -27,7 +27,7 @@ class MLPClassifier(pl.LightningModule):
     """
 
     def __init__(self, net: torch.nn.Module, hp: Mapping[str, Any], batch_size: int, generator: torch.Generator,
-                 val: tuple[torch.Tensor, torch.Tensor]):
+                 val: tuple[torch.Tensor, torch.Tensor], steps_per_epoch: int = 1):
         super().__init__()
         self.automatic_optimization = False
         self.net = net
@@ -35,12 +35,13 @@ class MLPClassifier(pl.LightningModule):
         self.batch_size = batch_size
         self.generator = generator
         self.val = val
+        self.steps_per_epoch = steps_per_epoch  # optimizer updates per epoch
         self.schedule: Schedule | None = None
         self.diverged_at: int | None = None
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = make_optimizer(self.net.parameters(), self.hp)
-        self.schedule = make_schedule(optimizer, self.hp)
+        self.schedule = make_schedule(optimizer, self.hp, self.trainer.max_epochs or 1, self.steps_per_epoch)
         # Every trial has a scheduler named LR_NAME, so the LR curve keeps one key.
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.schedule.scheduler, "name": LR_NAME}}
 
@@ -49,7 +50,6 @@ class MLPClassifier(pl.LightningModule):
         # The raw optimizer: LightningOptimizer.step and manual_backward add per-update hooks
         # this CPU-only, single-device loop has no use for.
         optimizer = self.optimizers().optimizer
-        per_update = self.schedule is not None and self.schedule.interval == "step"
         order = torch.randperm(len(x), generator=self.generator)
         loss_sum, correct = 0.0, 0
         for start in range(0, len(x), self.batch_size):
@@ -66,8 +66,8 @@ class MLPClassifier(pl.LightningModule):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            if per_update:
-                self.schedule.scheduler.step()
+            if self.schedule is not None:
+                self.schedule.step_update()
             loss_sum += value * len(idx)
             correct += int((logits.argmax(1) == yb).sum())
         self._log_epoch("train", loss_sum / len(x), correct / len(x))

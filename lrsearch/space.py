@@ -67,6 +67,7 @@ class Hyperparameter:
     owner: str | None = None
     requires: tuple[str, Callable[[Any], bool], str] | None = None  # (name, test, as text)
     choices: tuple[Any, ...] = ()
+    optional: bool = False  # undeclared: left out of a trial's hyperparameters (its default changes nothing)
 
     def applies(self, sampled: Mapping[str, Any]) -> bool:
         """Whether this hyperparameter means something given the values sampled before it."""
@@ -89,6 +90,11 @@ def _category(name: str, registry: Registry, default: str, doc: str) -> Hyperpar
                           default, choices=registry.names)
 
 
+def _choice(name: str, values: tuple[str, ...], doc: str, owner: str) -> Hyperparameter:
+    return Hyperparameter(name, "category", "one of " + ", ".join(repr(v) for v in values),
+                          lambda v: v in values, doc, owner=owner, choices=values)
+
+
 # Order matters: this is the sampling order, and a condition refers only to those above it.
 HYPERPARAMETERS: dict[str, Hyperparameter] = {
     h.name: h
@@ -103,6 +109,9 @@ HYPERPARAMETERS: dict[str, Hyperparameter] = {
                        requires=("momentum", lambda v: v > 0, "momentum > 0"), choices=(True, False)),
         Hyperparameter("weight_decay", "float", "a number >= 0", lambda v: v >= 0,
                        "decoupled weight decay (per update: w -= lr · weight_decay · w)", owner="optimizer"),
+        Hyperparameter("warmup_epochs", "int", "an integer >= 0 (epochs)", lambda v: v >= 0,
+                       "epochs of linear warm-up (update by update, up to the rate the schedule starts "
+                       "at) before any schedule", 0, optional=True),
         _category("schedule", SCHEDULES, "constant", "the learning-rate schedule (table below)"),
         Hyperparameter("decay", "float", "a number >= 0", lambda v: v >= 0, "time_decay's decay",
                        owner="schedule"),
@@ -116,6 +125,15 @@ HYPERPARAMETERS: dict[str, Hyperparameter] = {
                        "epochs without improvement before a cut", owner="schedule"),
         Hyperparameter("factor", "float", "a number in (0, 1)", lambda v: 0 < v < 1,
                        "the factor of each cut", owner="schedule"),
+        Hyperparameter("pct_start", "float", "a number in (0, 1)", lambda v: 0 < v < 1,
+                       "the fraction of the updates spent rising to `lr`", owner="schedule"),
+        _choice("anneal", ("cos", "linear"), "how the rate rises and falls", owner="schedule"),
+        _choice("mode", ("triangular", "triangular2"), "triangles of equal height, or halved each cycle",
+                owner="schedule"),
+        Hyperparameter("base_fraction", "float", "a number in (0, 1)", lambda v: 0 < v < 1,
+                       "the cycle's lowest rate, as a fraction of `lr`", owner="schedule"),
+        Hyperparameter("half_cycle", "int", "an integer >= 1 (epochs)", lambda v: v >= 1,
+                       "epochs from the lowest rate to `lr` (and as many back)", owner="schedule"),
     )
 }
 
@@ -155,7 +173,11 @@ def sample_params(
         if not hp.applies(sampled):
             continue
         spec = space.get(hp.name)
-        sampled[hp.name] = hp.default_for(sampled, epochs) if spec is None else _suggest(trial, hp, spec)
+        if spec is None and hp.optional:
+            continue
+        # A default in epochs counts the schedule's epochs: those after the warm-up.
+        span = max(1, epochs - sampled.get("warmup_epochs", 0))
+        sampled[hp.name] = hp.default_for(sampled, span) if spec is None else _suggest(trial, hp, spec)
     return sampled
 
 

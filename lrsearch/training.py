@@ -99,7 +99,8 @@ def train(
     result = result or TrainResult()
     generator = torch.Generator().manual_seed(seed)
     net = build_mlp(data.n_features, data.n_classes, cfg.model, generator)
-    module = MLPClassifier(net, hp, cfg.train.batch_size, generator, (data.x_val, data.y_val))
+    module = MLPClassifier(net, hp, cfg.train.batch_size, generator, (data.x_val, data.y_val),
+                           steps_per_epoch=-(-len(data.x_train) // cfg.train.batch_size))
     callbacks: list[pl.Callback] = [LearningRateMonitor(logging_interval="epoch", log_momentum=True)]
     # With no pruner nothing reads intermediate values: none are written.
     pruning = (PruningCallback(trial, cfg.study.metric, check_interval(cfg))

@@ -107,7 +107,11 @@ def test_integers_are_accepted_where_numbers_are_expected():
         (_raw({"nesterov": {"low": 0, "high": 1}}), "f.toml: [params].nesterov: expected true or false, or { choices"),
         (_raw({"weight_decay": -0.1}), "f.toml: [params].weight_decay: expected a number >= 0, got -0.1"),
         (_raw({"moment": 0.9}), "f.toml: [params].moment: unknown hyperparameter; expected one of optimizer, lr, "
-         "momentum, nesterov, weight_decay, schedule, decay, step_size, gamma, t_max, patience, factor (did you mean 'momentum'?)"),
+         "momentum, nesterov, weight_decay, warmup_epochs, schedule, decay, step_size, gamma, t_max, patience, factor, "
+         "pct_start, anneal, mode, base_fraction, half_cycle (did you mean 'momentum'?)"),
+        (_raw({"schedule": "one_cycle", "anneal": "cosine"}),
+         "f.toml: [params].anneal: expected one of 'cos', 'linear', got 'cosine'"),
+        (_raw({"warmup_epochs": -1}), "f.toml: [params].warmup_epochs: expected an integer >= 0 (epochs), got -1"),
         (_raw({"lr": {"low": 1.0, "high": 0.1}}), "f.toml: [params].lr: expected low <= high, got low=1.0, high=0.1"),
         (_raw({"lr": {"low": 0.0, "high": 0.1, "log": True}}),
          "f.toml: [params].lr.low: expected a number > 0, got 0.0"),

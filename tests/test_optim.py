@@ -94,3 +94,62 @@ def test_cosine_reaches_zero_at_t_max():
         opt.step()
         schedule.step_epoch({})
     assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+def _rates(hp: dict, epochs: int, steps_per_epoch: int, metrics=lambda epoch: {}) -> list[list[float]]:
+    """The learning rate before each update, epoch by epoch, as the training loop steps it."""
+    opt = make_optimizer(_params(), {"optimizer": "sgd", **hp})
+    schedule = make_schedule(opt, hp, epochs, steps_per_epoch)
+    out = []
+    for epoch in range(epochs):
+        row = []
+        for _ in range(steps_per_epoch):
+            row.append(opt.param_groups[0]["lr"])
+            opt.step()
+            schedule.step_update()
+        schedule.step_epoch(metrics(epoch))
+        out.append(row)
+    return out
+
+
+def test_one_cycle_rises_to_lr_then_anneals_far_below():
+    hp = {"lr": 0.1, "schedule": "one_cycle", "pct_start": 0.3, "anneal": "linear"}
+    flat = [lr for row in _rates(hp, 10, 4) for lr in row]  # 40 updates
+    peak = flat.index(max(flat))
+    assert flat[0] == pytest.approx(0.1 / 25) and max(flat) == pytest.approx(0.1)
+    assert peak == round(0.3 * 40) - 1  # PyTorch's phase end: pct_start · total - 1
+    assert all(a < b for a, b in zip(flat[:peak], flat[1:peak + 1]))  # up, then down
+    assert all(a > b for a, b in zip(flat[peak:], flat[peak + 1:]))
+    assert flat[-1] == pytest.approx(0.1 / 25 / 1e4, rel=0.05) or flat[-1] < 0.1 / 25 / 10
+
+
+@pytest.mark.parametrize("mode", ["triangular", "triangular2"])
+def test_cyclic_draws_triangles_between_a_fraction_of_lr_and_lr(mode):
+    hp = {"lr": 0.1, "schedule": "cyclic", "mode": mode, "base_fraction": 0.2, "half_cycle": 2}
+    flat = [lr for row in _rates(hp, 8, 5) for lr in row]  # half cycle: 2 epochs = 10 updates
+    assert flat[0] == pytest.approx(0.02) and flat[10] == pytest.approx(0.1) and flat[20] == pytest.approx(0.02)
+    assert flat[5] == pytest.approx(0.06)  # linear in between
+    second_peak = 0.1 if mode == "triangular" else 0.02 + (0.1 - 0.02) / 2
+    assert flat[30] == pytest.approx(second_peak)
+
+
+def test_warmup_rises_linearly_then_the_schedule_runs_whole():
+    # 2 warm-up epochs of 3 updates: lr/6, 2lr/6, … lr; then step's halving every epoch.
+    hp = {"lr": 0.06, "schedule": "step", "step_size": 1, "gamma": 0.5, "warmup_epochs": 2}
+    rates = _rates(hp, 5, 3)
+    assert [lr for row in rates[:2] for lr in row] == pytest.approx([0.01, 0.02, 0.03, 0.04, 0.05, 0.06])
+    assert [row[0] for row in rates[2:]] == pytest.approx([0.06, 0.03, 0.015])
+
+
+def test_warmup_before_plateau_and_one_cycle():
+    # Plateau counts no epoch while warming up: with a loss rising every epoch, its first
+    # epoch is epoch 2 (the best so far), epoch 3 the one bad epoch allowed, and epoch 4's
+    # cut shows from epoch 5.
+    hp = {"lr": 0.1, "schedule": "plateau", "patience": 1, "factor": 0.1, "warmup_epochs": 2}
+    rates = _rates(hp, 6, 2, metrics=lambda epoch: {"val/loss": 1.0 + epoch})
+    assert [row[0] for row in rates] == pytest.approx([0.025, 0.075, 0.1, 0.1, 0.1, 0.01])
+    # One-cycle after a warm-up spans the remaining epochs: it must not run out of steps.
+    hp = {"lr": 0.1, "schedule": "one_cycle", "pct_start": 0.3, "anneal": "cos", "warmup_epochs": 3}
+    rates = _rates(hp, 13, 2)  # 10 epochs of one-cycle: 20 updates, the peak at update 5
+    assert rates[0][0] == pytest.approx(0.1 / 25 / 6)  # 1/W of the rate one-cycle starts at
+    assert rates[3][0] == pytest.approx(0.1 / 25) and max(lr for row in rates for lr in row) == pytest.approx(0.1)

@@ -338,3 +338,33 @@ def test_a_lost_trial_is_queued_again_twice_at_most(write_study, stores, monkeyp
     assert [t.system_attrs.get("retry_history") for t in trials] == [None, [0], [0, 1]]
     assert len({t.params["lr"] for t in trials}) == 1  # the same params each time
     assert all(t.user_attrs["reason"] == "worker lost: no heartbeat for 1 s" for t in trials)
+
+
+def test_schedule_shapes_reach_mlflow_through_learning_rate_monitor(stores):
+    # Two warm-up epochs before each schedule; the lr curves MLflow holds (one point per
+    # epoch, as LearningRateMonitor logs them at each epoch's start) have their shapes.
+    cfg = parse_config({"study": {"name": "shapes", "sampler": "grid", "pruner": "none", "seed": 3},
+                        "train": {"epochs": 12, "batch_size": 64},
+                        "params": {"optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "warmup_epochs": 2,
+                                   "schedule": {"choices": ["one_cycle", "cyclic", "cosine"]},
+                                   "half_cycle": 2}}, "shapes.toml")
+    result = run_study(cfg, storage=stores[0], tracking=stores[1])
+    client = MlflowClient(tracking_uri=stores[1])
+    curves = {}
+    for t in result.study.trials:
+        assert t.state.name == "COMPLETE"
+        history = sorted((m.step, m.value) for m in client.get_metric_history(t.user_attrs["mlflow_run_id"], "lr"))
+        assert [step for step, _ in history] == list(range(12))
+        curves[t.params["schedule"]] = [v for _, v in history]
+    for name, lr in curves.items():
+        assert lr[0] < lr[1] < lr[2], name  # warm-up: rising to the rate the schedule starts at
+    one_cycle, cyclic, cosine = curves["one_cycle"], curves["cyclic"], curves["cosine"]
+    assert one_cycle[2] == pytest.approx(0.1 / 25) and max(one_cycle) == pytest.approx(0.1, rel=0.05)
+    peak = one_cycle.index(max(one_cycle))
+    assert 2 < peak < 11 and one_cycle[-1] < one_cycle[2] and all(
+        a > b for a, b in zip(one_cycle[peak:], one_cycle[peak + 1:]))  # up, then down
+    assert cyclic[2::2] == pytest.approx([0.01, 0.1, 0.01, 0.1, 0.01])  # triangles: base, peak, base …
+    assert cosine[2] == pytest.approx(0.1) and all(a > b for a, b in zip(cosine[2:], cosine[3:]))
+    # t_max's default counts the schedule's epochs, after the warm-up: 10.
+    cosine_trial = next(t for t in result.study.trials if t.params["schedule"] == "cosine")
+    assert cosine_trial.user_attrs["hyperparameters"]["t_max"] == 10
