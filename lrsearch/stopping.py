@@ -8,9 +8,10 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import threading
 from types import FrameType
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from lrsearch.errors import LrsearchError
 
@@ -54,6 +55,8 @@ class StopFlag:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._handle)
         _installed = self
+        if not getattr(sys.unraisablehook, "_lrsearch", False):
+            sys.unraisablehook = _quiet_interrupts(sys.unraisablehook)
 
     def check(self) -> None:
         """Raise :class:`Interrupted` if a stop was requested."""
@@ -77,6 +80,19 @@ class StopFlag:
         elif self._interruptible:
             self._interruptible = False  # once
             raise Interrupted(signum)
+
+
+def _quiet_interrupts(hook: Callable[[Any], None]) -> Callable[[Any], None]:
+    """Python's hook for exceptions it cannot raise, minus :class:`Interrupted`: a second
+    signal that lands inside a finalizer (a weakref callback during garbage collection) is
+    dropped there, and would print a traceback. Nothing is lost: the first signal's stop
+    flag ends the trial at its next epoch boundary."""
+    def handle(unraisable: Any) -> None:
+        if not isinstance(unraisable.exc_value, Interrupted):
+            hook(unraisable)
+
+    handle._lrsearch = True  # type: ignore[attr-defined]
+    return handle
 
 
 def check_stop() -> None:

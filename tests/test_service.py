@@ -176,7 +176,8 @@ def test_submit_prints_the_study_and_how_to_watch_it(cli, tmp_path):
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0].startswith("study 'printed' submitted: 2 trials") and lines[1].startswith("MLflow: http")
-    assert lines[2] == "watch it: lrsearch status printed --watch"
+    assert "viewStateShareKey=lrsearch-trials" in lines[2] and lines[3].startswith("        (served by `lrsearch ui`")
+    assert lines[4] == "watch it: lrsearch status printed --watch"
     probe = ("import sys\nfrom lrsearch.cli import main\ncode = main(['submit', sys.argv[1]])\n"
              "assert 'torch' not in sys.modules, 'submit imported torch'\nsys.exit(code)")
     env = {k: v for k, v in os.environ.items() if k not in ("LRSEARCH_STORAGE", "MLFLOW_TRACKING_URI", "LRSEARCH_DATA")}
