@@ -21,6 +21,9 @@ CLASSIC = {
     "plateau": "ReduceLROnPlateau patience (SGD, lr 0.01, factor 0.1)",
     "adaptive": "Optimizer at its default learning rate",
 }
+# Beyond the classic experiments: each printed as a table too, outside the grids' comparison.
+MORE = {"schedules": "Schedules, with and without 10 epochs of warm-up (SGD with momentum 0.9 at lr 0.01, "
+                     "Adam at lr 0.001)"}
 STUDIES = Path(__file__).resolve().parent.parent / "studies"
 
 
@@ -43,7 +46,7 @@ def main() -> None:
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     torch.set_num_threads(1)
     quiet_lightning()
-    for name in [*CLASSIC, "search"]:
+    for name in [*CLASSIC, *MORE, "search"]:
         cfg = load_config(STUDIES / f"{name}.toml").with_overrides(epochs=args.epochs)
         run_study(cfg, study_file=STUDIES / f"{name}.toml")
 
@@ -52,6 +55,8 @@ def main() -> None:
         study = load_study(name)
         grid_best = max(grid_best, ranking(study.trials, direction(study))[0].value)
         grid_epochs += sum(t.user_attrs.get(EPOCHS_TRAINED, 0) for t in study.trials)
+        print(f"**{title}** (`studies/{name}.toml`)\n\n{results_table(name)}\n")
+    for name, title in MORE.items():
         print(f"**{title}** (`studies/{name}.toml`)\n\n{results_table(name)}\n")
     search = load_study("search")
     done = ranking(search.trials, direction(search))

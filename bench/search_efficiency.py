@@ -1,5 +1,7 @@
 """Does search beat the grids? studies/search.toml (TPE) and the same study with random
-sampling, over several seeds, against the best trial of all five classic grid studies.
+sampling, and with TPE over the lr range the range test finds (lr = { find = true }: the
+test runs once per study, with its seed), over several seeds, against the best trial of all
+five classic grid studies.
 
 Reports, per sampler, the median over seeds of the best validation accuracy and of the epochs
 trained (pruned trials count the epochs they ran), beside the grids' best and total epochs.
@@ -37,7 +39,9 @@ def main() -> None:
         import optuna
         import torch
 
+        from lrsearch.attrs import LR_RANGE
         from lrsearch.config import load_config
+        from lrsearch.space import Find
         from lrsearch.launch import run_study
         from lrsearch.training import quiet_lightning
 
@@ -49,11 +53,19 @@ def main() -> None:
             best, epochs = best_and_epochs(run_study(load_config(STUDIES / f"{name}.toml")).study)
             grid_best, grid_epochs = max(grid_best, best), grid_epochs + epochs
         base = load_config(STUDIES / "search.toml")
-        results: dict[str, list[tuple[float, int]]] = {"tpe": [], "random": []}
-        for sampler in results:
+        found = {**base.params, "lr": Find(10.0)}  # search.toml's hand-written lr range: 1e-4 to 1
+        rows = {"tpe": ("tpe", base.params, "tpe"), "random": ("random", base.params, "random"),
+                "tpe, lr found": ("tpe", found, "found")}
+        results: dict[str, list[tuple[float, int]]] = {row: [] for row in rows}
+        ranges: list[str] = []
+        for row, (sampler, params, key) in rows.items():
             for seed in range(1, args.seeds + 1):
-                study_cfg = dataclasses.replace(base.study, name=f"search-{sampler}-{seed}", sampler=sampler, seed=seed)
-                results[sampler].append(best_and_epochs(run_study(dataclasses.replace(base, study=study_cfg)).study))
+                study_cfg = dataclasses.replace(base.study, name=f"search-{key}-{seed}", sampler=sampler, seed=seed)
+                run = run_study(dataclasses.replace(base, study=study_cfg, params=params))
+                results[row].append(best_and_epochs(run.study))
+                found_range = run.study.user_attrs.get(LR_RANGE)
+                if found_range:
+                    ranges.append(f"{found_range['low']:.2g}-{found_range['high']:.2g}")
     print(f"search.toml ({base.study.trials} trials, <= {base.train.epochs} epochs, {base.study.pruner} pruning), "
           f"{args.seeds} seeds; medians")
     print(f"{'':<24} {'best val acc':>12} {'epochs trained':>15}")
@@ -63,6 +75,7 @@ def main() -> None:
         print(f"{sampler + ' (median)':<24} {statistics.median(bests):>12.3f} {statistics.median(epochs):>15.0f}"
               f"   per seed: {', '.join(f'{b:.3f}/{e}' for b, e in rows)}")
     print(f"target: best >= {grid_best:.3f} with <= {grid_epochs // 4} epochs")
+    print(f"lr ranges found (sgd, the first optimizer choice), per seed: {', '.join(ranges)}")
 
 
 if __name__ == "__main__":

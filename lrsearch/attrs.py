@@ -14,6 +14,7 @@ PRIORITY = "lrsearch_priority"  # higher first; then the oldest submission
 SUBMITTED_AT = "lrsearch_submitted_at"  # ISO 8601, UTC
 CANCELLED = "lrsearch_cancelled"  # null, or {"at": ISO 8601, "now": bool}
 DONE = "lrsearch_done"  # true once the total is reached and the parent run closed
+LR_RANGE = "lrsearch_lr_range"  # lr = { find = true }: the range test's {low, high, suggestion, optimizer, factor}
 
 # Trial user attributes.
 HYPERPARAMETERS = "hyperparameters"  # every hyperparameter the trial trained with, defaults included

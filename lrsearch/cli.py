@@ -59,6 +59,50 @@ def cmd_validate(args: argparse.Namespace) -> int:
     cfg = load_config(args.file)
     print(f"{args.file}: ok (study {cfg.study.name!r}, {cfg.study.sampler} sampler, "
           f"{len(cfg.params)} params)")
+    if cfg.finds_lr:  # the range it has, or would have if created now
+        from lrsearch.lr_find import range_test
+        from lrsearch.service import stored_range
+        from lrsearch.storage import redact, storage_url
+
+        url = storage_url(args.storage)
+        found = stored_range(url, cfg.study.name)
+        if found is not None:
+            print(f"lr: {found['low']:.3g} to {found['high']:.3g}, log scale (stored with the study in {redact(url)}: "
+                  f"the range test suggested {found['suggestion']:.3g} for {found['optimizer']})")
+        else:
+            _quiet()
+            result = range_test(cfg)
+            print(f"lr: {result.low:.3g} to {result.high:.3g}, log scale (the range test suggests "
+                  f"{result.suggestion:.3g} for {result.optimizer}; stored with the study when it is created)")
+    return EXIT_OK
+
+
+def cmd_lr_find(args: argparse.Namespace) -> int:
+    from lrsearch.config import load_config
+    from lrsearch.lr_find import MAX_LR, MIN_LR, STEPS, SWEEPS, range_test, record_range_test
+    from lrsearch.storage import report_dir, storage_url, tracking_uri
+    from lrsearch.tracking import Tracker
+
+    cfg = load_config(args.file)
+    _quiet()
+    result = range_test(cfg, args.optimizer, args.factor)  # "no clear minimum": exit 1, nothing written
+    tracker = Tracker(tracking_uri(args.tracking_uri))
+    tracker.check()
+    experiment_id = tracker.experiment(cfg.study.name)
+    path, run_id = record_range_test(result, cfg, tracker, experiment_id,
+                                     report_dir(storage_url(args.storage), cfg.study.name))
+    url = tracker.run_url(experiment_id, run_id)
+    if args.format == "json":
+        print(json.dumps({**result.record(), "plot": str(path), "mlflow_run_id": run_id, "mlflow": url}, indent=2))
+        return EXIT_OK
+    sweeps = ", ".join("none" if s.suggestion is None else f"{s.suggestion:.3g}" for s in result.sweeps)
+    print(f"lr-find {cfg.study.name}: {result.optimizer}, batch size {cfg.train.batch_size}, {SWEEPS} sweeps of "
+          f"{STEPS} rates from {MIN_LR:g} to {MAX_LR:g} (Lightning's Tuner.lr_find)")
+    print(f"suggested learning rate: {result.suggestion:.3g} (the median of the sweeps: {sweeps})")
+    print(f"search range: {result.low:.3g} to {result.high:.3g} (lr = {{ low = {result.low:.3g}, "
+          f"high = {result.high:.3g}, log = true }}, or lr = {{ find = true }})")
+    print(f"plot: {path}")
+    print(f"MLflow: {url}")
     return EXIT_OK
 
 
@@ -408,6 +452,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _factor(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 1 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number > 1, got {text!r}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     import math
 
@@ -522,7 +576,18 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="check a study file and exit (2 on a mistake)")
     p.add_argument("file")
+    p.add_argument("--storage", metavar="URL", help="where a study with lr = { find = true } may have its range "
+                                                     "(default: $LRSEARCH_STORAGE or ./lrsearch-data/optuna.db)")
     p.set_defaults(command=cmd_validate)
+
+    p = sub.add_parser("lr-find", help="the learning-rate range test on a study's data and model")
+    p.add_argument("file", help="study file, e.g. studies/quickstart.toml")
+    p.add_argument("--optimizer", metavar="NAME", help="default: the study's (its first choice when searched)")
+    p.add_argument("--factor", type=_factor, metavar="F",
+                   help="the search range: suggestion / F to suggestion × F (default: lr's factor, else 10)")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    stores(p)
+    p.set_defaults(command=cmd_lr_find)
 
     p = sub.add_parser("ui", help="serve the MLflow UI on the embedded store")
     p.add_argument("--port", type=_positive_int, default=5000)

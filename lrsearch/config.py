@@ -20,7 +20,7 @@ from lrsearch.errors import ConfigError, UsageError
 from lrsearch.network import ACTIVATIONS, INITS
 from lrsearch.registry import Registry, did_you_mean
 from lrsearch.sampling import PRUNERS, SAMPLERS
-from lrsearch.space import HYPERPARAMETERS, Choices, Fixed, Hyperparameter, ParamSpec, Range
+from lrsearch.space import HYPERPARAMETERS, Choices, Find, Fixed, Hyperparameter, ParamSpec, Range, resolve_find
 
 DIRECTIONS = ("maximize", "minimize")
 METRICS = ("val/acc", "val/loss", "train/acc", "train/loss")
@@ -136,6 +136,15 @@ class Config:
         )
         train = dataclasses.replace(self.train, epochs=epochs or self.train.epochs)
         return dataclasses.replace(self, study=study, train=train)
+
+    @property
+    def finds_lr(self) -> bool:
+        """``lr = { find = true }``: the range test sets lr's range when the study is created."""
+        return isinstance(self.params.get("lr"), Find)
+
+    def with_lr_range(self, low: float, high: float) -> Config:
+        """This config with ``lr = { find = true }`` resolved to a log range."""
+        return dataclasses.replace(self, params=resolve_find(self.params, low, high))
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready view of the config (paths as strings, specs as tables)."""
@@ -274,7 +283,7 @@ def _params(t: _Table, sampler: str) -> dict[str, ParamSpec]:
             raise t.error(name, "unknown hyperparameter; expected one of " + ", ".join(HYPERPARAMETERS)
                           + did_you_mean(name, HYPERPARAMETERS), show_got=False)
         specs[name] = _param(t, hp, value)
-        if sampler == "grid" and isinstance(specs[name], Range):
+        if sampler == "grid" and isinstance(specs[name], (Range, Find)):
             raise t.error(name, "expected a fixed value or { choices = [...] } for sampler 'grid' "
                                 "(a grid cannot enumerate a range)", show_got=False)
     t.consumed.update(dict.fromkeys(specs))
@@ -299,6 +308,8 @@ def _param(t: _Table, hp: Hyperparameter, value: Any) -> ParamSpec:
         return Choices(values)
     if hp.kind in ("category", "bool"):
         raise t.error(key, f"expected {hp.expected}, or {{ choices = [...] }}", value)
+    if "find" in value:
+        return _find(t, key, value)
     unknown = set(value) - {"low", "high", "log", "step"}
     if unknown:
         raise t.error(f"{key}.{sorted(unknown)[0]}",
@@ -322,6 +333,24 @@ def _param(t: _Table, hp: Hyperparameter, value: Any) -> ParamSpec:
         if log:
             raise t.error(f"{key}.step", "expected no step when log = true", step)
     return Range(low, high, log, step)
+
+
+def _find(t: _Table, key: str, value: Mapping[str, Any]) -> Find:
+    """``{ find = true, factor = 10 }``: only for lr."""
+    if key != "lr":
+        raise t.error(f"{key}.find", "expected no find: only lr's range can come from the range test",
+                      show_got=False)
+    unknown = set(value) - {"find", "factor"}
+    if unknown:
+        raise t.error(f"{key}.{sorted(unknown)[0]}", "unknown key; a find table has find and factor",
+                      show_got=False)
+    if value["find"] is not True:
+        raise t.error(f"{key}.find", "expected true", value["find"])
+    factor = value.get("factor", Find.factor)
+    if _number(factor, "float") is None or not factor > 1:
+        raise t.error(f"{key}.factor", "expected a number > 1 (the range is the suggestion / factor "
+                                       "to the suggestion × factor)", factor)
+    return Find(float(factor))
 
 
 def _param_value(t: _Table, key: str, hp: Hyperparameter, value: Any) -> Any:
@@ -352,6 +381,8 @@ _TYPE_NAMES = {bool: "true or false", str: "a string", int: "an integer", float:
 
 
 def _spec_to_toml(spec: ParamSpec) -> Any:
+    if isinstance(spec, Find):
+        return {"find": True, "factor": spec.factor}
     if isinstance(spec, Fixed):
         return spec.value
     if isinstance(spec, Choices):

@@ -255,7 +255,8 @@ def _lr_figure(trials: Sequence[TrialCurves], axes: Sequence[str], title: str, p
         points = t.curves.get("lr", [])
         label = (f"#{i}, trial {t.number} ({t.value:.4g}): {params_text(t.params)}" if rank
                  else _label(t, axes))
-        ax.plot([s for s, _ in points], [v for _, v in points], label=label)
+        ax.plot([s for s, _ in points], [v for _, v in points], label=label,
+                linestyle=("-", "--", ":")[(i - 1) // 10 % 3])  # colours repeat after ten
     if any(v > 0 for t in trials for _, v in t.curves.get("lr", [])):
         ax.set_yscale("log")
     ax.set(title=title, xlabel="epoch", ylabel="learning rate (at epoch start)")

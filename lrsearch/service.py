@@ -17,12 +17,13 @@ from lrsearch import attrs
 from lrsearch.config import DEFAULT_TRIALS, Config, stored_config
 from lrsearch.data import check_data
 from lrsearch.descriptions import searched, trials_view
+from lrsearch.lr_find import range_test, record_range_test
 from lrsearch.errors import UsageError
 from lrsearch.queries import ensure_indexes, ensure_views
 from lrsearch.results import FINISHED_STATES
 from lrsearch.space import grid_size
-from lrsearch.storage import check_stores, is_postgres, open_storage, prepare_database, redact, storage_url, \
-    store_lock, tracking_uri
+from lrsearch.storage import check_stores, is_postgres, open_storage, prepare_database, redact, report_dir, \
+    sqlite_path, storage_url, store_lock, tracking_uri
 from lrsearch.tracking import Tracker, run_url
 
 
@@ -61,6 +62,9 @@ def submit(cfg: Config, *, storage: str | None = None, tracking: str | None = No
     url, tracking = storage_url(storage), tracking_uri(tracking)
     name = cfg.study.name
     check_stores(url, tracking)  # another application's file is left as it is, before any lock file
+    # lr = { find = true }: the range test, once, before anything is created ("no clear
+    # minimum" stops here); a study that has its range keeps it.
+    found = range_test(cfg) if cfg.finds_lr and stored_range(url, name) is None else None
     if is_postgres(url):
         prepare_database(url)  # "cannot connect to …" at once, not after an outage window
     with store_lock(url):  # the first of several workers creates MLflow's tables (two migrations collide)
@@ -76,8 +80,17 @@ def submit(cfg: Config, *, storage: str | None = None, tracking: str | None = No
                              f"{study.direction.name.lower()}; the study file says {cfg.study.direction}")
         _check_drift(study, cfg, url)
         experiment_id = tracker.experiment(name)
+        lr_range = study.user_attrs.get(attrs.LR_RANGE)
+        if cfg.finds_lr and lr_range is None:
+            if found is None:  # stored when we looked, gone since: another submit's race lost
+                found = range_test(cfg)
+            lr_range = found.record()
+            record_range_test(found, cfg, tracker, experiment_id, report_dir(url, name))
+            study.set_user_attr(attrs.LR_RANGE, lr_range)
+        found_params = {f"lr_find.{k}": lr_range[k] for k in ("low", "high", "suggestion", "optimizer")} \
+            if cfg.finds_lr else {}
         parent_run_id = tracker.start_study(
-            experiment_id, name, params=_flatten(cfg.to_dict()),
+            experiment_id, name, params={**_flatten(cfg.to_dict()), **found_params},
             tags={"sampler": cfg.study.sampler, "pruner": cfg.study.pruner, "storage": redact(url),
                   "direction": cfg.study.direction, "metric": cfg.study.metric},
             study_file=study_file, run_id=study.user_attrs.get(attrs.PARENT_RUN), status=status,
@@ -99,6 +112,22 @@ def submit(cfg: Config, *, storage: str | None = None, tracking: str | None = No
     store.close()
     return Submission(name, url, target, experiment_id, parent_run_id,
                       tracker.run_url(experiment_id, parent_run_id), name in names)
+
+
+def stored_range(url: str, name: str) -> dict[str, Any] | None:
+    """The lr range a study of ``name`` in ``url`` already has (``lr = { find = true }``),
+    without creating anything; None when there is no such study or range."""
+    path = sqlite_path(url)
+    if path is not None and not path.exists():
+        return None
+    try:
+        store = open_storage(url, create=False)
+        try:
+            return store.get_study_user_attrs(store.get_study_id_from_name(name)).get(attrs.LR_RANGE)
+        finally:
+            store.close()
+    except Exception:  # no such study, or no tables yet: it has no range
+        return None
 
 
 def _check_drift(study: optuna.Study, cfg: Config, url: str) -> None:

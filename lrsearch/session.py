@@ -54,6 +54,11 @@ def join(name: str, store: Any, url: str, tracker: Tracker, *, worker: int = 0) 
         raise UsageError(f"study {name!r} in {redact(url)} was not submitted with lrsearch (no stored "
                          "configuration): run lrsearch submit FILE first")
     cfg = stored_config(raw, name)
+    if cfg.finds_lr:  # the range the test found when the study was created
+        found = user_attrs.get(attrs.LR_RANGE)
+        if found is None:
+            raise UsageError(f"study {name!r} has lr = {{ find = true }} but no range stored: submit it again")
+        cfg = cfg.with_lr_range(found["low"], found["high"])
     n_existing = len(store.get_all_trials(study_id, deepcopy=False))
     study = optuna.load_study(study_name=name, storage=store, sampler=make_sampler(cfg, n_existing, worker),
                               pruner=make_pruner(cfg))

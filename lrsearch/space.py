@@ -42,7 +42,20 @@ class Choices:
     values: tuple[Any, ...]
 
 
-ParamSpec = Union[Fixed, Range, Choices]
+@dataclass(frozen=True)
+class Find:
+    """``lr = { find = true }``: a log range ``factor`` times either side of the range test's
+    suggestion, resolved once when the study is created (lr_find.py) and stored with it."""
+
+    factor: float = 10.0
+
+
+ParamSpec = Union[Fixed, Range, Choices, Find]
+
+
+def resolve_find(space: Mapping[str, ParamSpec], low: float, high: float) -> dict[str, ParamSpec]:
+    """``space`` with a ``Find`` spec replaced by the log range it resolved to."""
+    return {name: Range(low, high, log=True) if isinstance(spec, Find) else spec for name, spec in space.items()}
 
 
 # The registries whose chosen entry decides which other hyperparameters apply.
@@ -182,6 +195,8 @@ def sample_params(
 
 
 def _suggest(trial: optuna.trial.BaseTrial, hp: Hyperparameter, spec: ParamSpec) -> Any:
+    if isinstance(spec, Find):
+        raise ValueError(f"{hp.name} = {{ find = true }} must be resolved (resolve_find) before sampling")
     if isinstance(spec, Fixed):
         # A one-choice categorical records the value on the trial, so fixed values show
         # in `lrsearch best`, in SQL and on the grid like searched ones.

@@ -117,6 +117,22 @@ class Tracker:
             self._call(self.client.update_run, run_id, status=status)
         return run_id
 
+    def log_range_test(self, experiment_id: str, study: str, record: Mapping[str, Any],
+                       curve: Sequence[tuple[float, float]], plot: Path) -> str:
+        """A finished run named ``lr-find`` in the study's experiment: the range test's
+        ``record`` as params, its ``curve`` ((lr, loss) per step) as the metrics
+        ``lr_find/lr`` and ``lr_find/loss`` (step = the test's step), and its ``plot``."""
+        from mlflow.entities import Metric
+
+        run_id = self._create_run(experiment_id, "lr-find", {"lrsearch.role": "lr-find", "lr_find.study": study})
+        now = _now_ms()
+        metrics = [Metric(key, value, now, step) for step, point in enumerate(curve)
+                   for key, value in zip(("lr_find/lr", "lr_find/loss"), point) if value == value]  # no NaN
+        self._log(run_id, params=dict(record), metrics=metrics)
+        self._call(self.client.log_artifact, run_id, str(plot))
+        self._call(self.client.set_terminated, run_id, status="FINISHED")
+        return run_id
+
     def set_running(self, run_id: str) -> None:
         """A SCHEDULED (or closed) parent run that a worker starts on."""
         if self.status(run_id) != "RUNNING":

@@ -22,7 +22,7 @@ def test_every_shipped_study_validates(path):
 
 
 def test_the_classic_studies_follow_the_protocol():
-    for name in ("lr_sweep", "momentum", "time_decay", "plateau", "adaptive"):
+    for name in ("lr_sweep", "momentum", "time_decay", "plateau", "adaptive", "schedules"):
         cfg = load_config(Path("studies") / f"{name}.toml")
         assert cfg.study.sampler == "grid" and cfg.train.epochs == 200 and cfg.train.batch_size == 32
         assert (cfg.data.source, cfg.data.n_samples, cfg.data.centers, cfg.data.cluster_std,
@@ -136,11 +136,13 @@ def test_the_experiments_script_prints_tables_from_a_tiny_run(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout
     for header in ("| lr | final val acc |", "| momentum | final val acc |", "| decay | final val acc |",
-                   "| patience | final val acc |", "| optimizer | final val acc |"):
+                   "| patience | final val acc |", "| optimizer | final val acc |",
+                   "| optimizer | warmup_epochs | schedule | final val acc |"):
         assert header in out
     trials = load_config(Path(__file__).parent.parent / "studies" / "search.toml").study.trials
     assert "| the five grids (24 trials) |" in out and f"| TPE search ({trials} trials" in out
     last_cells = [line.strip("|").split("|")[-1].strip() for line in out.splitlines()
                   if line.startswith("| ") and "final val acc" not in line and "epochs trained" not in line
                   and not line.startswith("| the five") and not line.startswith("| TPE")]
-    assert len(last_cells) == 24 and set(last_cells) <= {"never", "1"}  # one epoch: at epoch 1, or never
+    # 24 grid trials and 16 schedule trials; one epoch: 0.80 at epoch 1, or never
+    assert len(last_cells) == 40 and set(last_cells) <= {"never", "1"}
