@@ -318,6 +318,26 @@ def test_heartbeat_defaults(monkeypatch, stores):
     assert open_storage(stores[0]).get_heartbeat_interval() == 5
 
 
+def test_a_trial_that_never_beat_goes_stale_too(monkeypatch, stores):
+    # A worker that dies between creating a trial and its first heartbeat (an outage at that
+    # moment) leaves a RUNNING trial with no heartbeat row, which Optuna never calls stale: a
+    # rerun would wait for its slot for good. It is stale once older than the grace period.
+    import time
+
+    monkeypatch.setenv("LRSEARCH_HEARTBEAT_GRACE", "1")
+    store = open_storage(stores[0])
+    study = optuna.create_study(storage=store, study_name="beats")
+    never = store.create_new_trial(study._study_id)
+    beating = store.create_new_trial(study._study_id)
+    store.record_heartbeat(beating)
+    assert store._get_stale_trial_ids(study._study_id) == []  # both younger than the grace period
+    time.sleep(1.5)
+    store.record_heartbeat(beating)
+    assert store._get_stale_trial_ids(study._study_id) == [never]
+    time.sleep(2.5)  # now the beating one has stopped too (SQLite's clock counts whole seconds): both, once
+    assert sorted(store._get_stale_trial_ids(study._study_id)) == [never, beating]
+
+
 def test_a_lost_trial_is_queued_again_twice_at_most(write_study, stores, monkeypatch):
     """Each time its worker is lost, a trial ends FAIL and its params are queued again, with
     the trials it retries in ``retry_history``; the third loss queues nothing."""
