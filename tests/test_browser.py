@@ -76,6 +76,8 @@ def test_mlflow_ui_explains_the_study(write_study, tmp_path):
     shots.mkdir()
     try:
         wait_for_http(f"{root}health", server)
+        cmdline = Path(f"/proc/{server.pid}/cmdline").read_bytes().split(b"\0")  # `server` binds loopback too
+        assert cmdline[cmdline.index(b"--host") + 1] == b"127.0.0.1"
         with playwright.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             context = browser.new_context(viewport={"width": 1500, "height": 1000})

@@ -9,7 +9,9 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -24,6 +26,26 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _outward_address() -> str | None:
+    """This machine's address on its network (not loopback), if it has a route out."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("192.0.2.1", 9))  # no packet is sent: this only picks the outward interface
+            return s.getsockname()[0]
+    except OSError:
+        return None
+
+
+def _refused(host: str | None, port: int) -> bool:
+    if host is None:  # no network beyond loopback: nothing could reach the port
+        return True
+    try:
+        socket.create_connection((host, port), timeout=3).close()
+    except OSError:
+        return True
+    return False
 
 
 def _get(url: str) -> dict:
@@ -53,6 +75,24 @@ def test_ui_serves_the_embedded_store(write_study, tmp_path):
                 time.sleep(0.5)
         experiment = _get(f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=tiny")
         assert experiment["experiment"]["experiment_id"] == result.experiment_id
+        # Loopback only, one uvicorn worker, MLflow's job runner off, and a page asked for
+        # under another host name (DNS rebinding) refused.
+        assert _refused(_outward_address(), port)
+        server_cmd = (Path(f"/proc/{server.pid}/cmdline").read_bytes().split(b"\0"))
+        assert server_cmd[server_cmd.index(b"--host") + 1] == b"127.0.0.1"
+        assert server_cmd[server_cmd.index(b"--workers") + 1] == b"1"
+        uvicorns = subprocess.run(["pgrep", "-P", str(server.pid), "-f", "uvicorn"], capture_output=True,
+                                  text=True).stdout.split()
+        assert len(uvicorns) == 1
+        environ = dict(line.split(b"=", 1) for line in Path(f"/proc/{server.pid}/environ").read_bytes().split(b"\0")
+                       if b"=" in line)
+        assert environ[b"MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == b"false"
+        foreign = urllib.request.Request(f"{base}/api/2.0/mlflow/experiments/search?max_results=1",
+                                         headers={"Host": f"evil.example:{port}"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(foreign, timeout=10)
+        assert refused.value.code == 403
+        assert b"Invalid Host header" in refused.value.read()
         # It names each study's trials view at its own port (run's links assume port 5000).
         assert server.stderr.readline().decode() == (
             f"study tiny: {base}/#/experiments/{result.experiment_id}/runs?viewStateShareKey=lrsearch-trials"
