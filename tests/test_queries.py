@@ -147,3 +147,71 @@ def test_readme_queries_run_on_both_dialects(stores):
         _query(stores, statement.replace("'quickstart'", "'acc'"))  # raises on any dialect error
     curve = _query(stores, statements[-1].replace("'quickstart'", "'acc'"))
     assert curve == []  # the scenario's run has no `lr` history; the join itself must work
+
+
+def test_postgres_views_come_from_server_and_sql_and_are_replaced_when_they_change(tmp_path):
+    # A database of its own: this test drops and changes the views.
+    import uuid
+
+    import sqlalchemy as sa
+
+    from conftest import PG_ADMIN_URL, missing
+    from lrsearch.queries import ensure_views
+    from lrsearch.server import backend_uri
+
+    name = f"lrsearch_views_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
+    try:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    except sa.exc.OperationalError as e:
+        missing("PostgreSQL", str(e).splitlines()[0])
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+
+    def views() -> set[str]:
+        with engine.connect() as conn:
+            return set(conn.execute(sa.text("SELECT table_name FROM information_schema.views "
+                                            "WHERE table_schema = 'lrsearch'")).scalars())
+
+    def version() -> str | None:
+        with engine.connect() as conn:
+            return conn.execute(sa.text("SELECT obj_description(to_regclass('lrsearch.trials'), 'pg_class')")).scalar()
+
+    try:
+        backend_uri(url)  # what `lrsearch server` does before it starts MLflow's
+        assert views() == {"trials", "best_trials", "studies"}
+        current = version()
+        assert current.startswith("lrsearch views ")
+        # An older definition (another version's comment, a view gone): replaced, not trusted.
+        with engine.begin() as conn:
+            conn.execute(sa.text("DROP VIEW lrsearch.studies"))
+            conn.execute(sa.text("COMMENT ON VIEW lrsearch.trials IS 'lrsearch views 0123456789abcdef'"))
+        assert ensure_views(url)
+        assert views() == {"trials", "best_trials", "studies"} and version() == current
+        # `lrsearch sql` on a database without them creates them.
+        with engine.begin() as conn:
+            conn.execute(sa.text("DROP VIEW lrsearch.studies, lrsearch.best_trials, lrsearch.trials CASCADE"))
+        assert views() == set()
+        with ResultsDatabase(url, None) as db:
+            assert db.query("SELECT COUNT(*) AS n FROM trials").records() == [{"n": 0}]
+        assert views() == {"trials", "best_trials", "studies"} and version() == current
+    finally:
+        engine.dispose()
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def test_a_run_on_sqlite_indexes_what_the_views_read(write_study, tmp_path):
+    from conftest import TINY_STUDY
+    from lrsearch.config import load_config
+    from lrsearch.launch import run_study
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    run_study(load_config(write_study(TINY_STUDY)).with_overrides(trials=1, epochs=1), storage=storage,
+              tracking=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with sqlite3.connect(tmp_path / "optuna.db") as conn:
+        indexes = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index' "
+                                                  "AND name LIKE 'lrsearch_%'")}
+    assert indexes == {"lrsearch_trials_study_state", "lrsearch_trial_values_value"}
