@@ -282,7 +282,8 @@ def _trial(state, value=None, params=None, user_attrs=None, values=None):
 
 def fill_results(storage_url: str, client) -> None:
     """Studies ``acc`` (7 trials: COMPLETE, +inf, PRUNED, FAIL, RUNNING, no MLflow run, -inf),
-    ``loss`` (minimize, 3 trials) and ``multi`` (two objectives), with one MLflow run."""
+    ``loss`` (minimize, 3 trials) and ``multi`` (two objectives), with one MLflow run (its
+    ``lr`` curve: 0.01, 0.005, 0.0025)."""
     import math
     import warnings
 
@@ -299,6 +300,8 @@ def fill_results(storage_url: str, client) -> None:
     run = client.create_run(experiment, run_name="trial-0")
     for key, value in (("val/acc", 0.9), ("val/loss", math.nan), ("train/loss", math.inf)):
         client.log_metric(run.info.run_id, key, value, step=0)
+    for step, lr in enumerate((0.01, 0.005, 0.0025)):  # a learning-rate curve, as LearningRateMonitor logs it
+        client.log_metric(run.info.run_id, "lr", lr, step=step)
     client.set_terminated(run.info.run_id, "FINISHED")
     hp = {"optimizer": "adam", "lr": 0.01, "schedule": "constant"}
     acc.add_trial(_trial(TrialState.COMPLETE, 0.9, {"optimizer": "adam", "lr": 0.01},
