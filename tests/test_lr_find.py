@@ -79,7 +79,7 @@ def test_a_flat_curve_has_no_clear_minimum_and_writes_nothing(cli, tmp_path):
     (tmp_path / "flat.csv").write_text("a,b,label\n" + "".join(f"0,0,{i % 3}\n" for i in range(300)))
     (tmp_path / "flat.toml").write_text('[study]\nname = "flat"\n[data]\nsource = "csv"\npath = "flat.csv"\n'
                                         'label = "label"\n[params]\nlr = { find = true }\n')
-    for command in (("lr-find", "flat.toml"), ("run", "flat.toml"), ("submit", "flat.toml")):
+    for command in (("lr-find", "flat.toml"), ("run", "flat.toml")):  # (run is submit, then workers)
         out = cli(*command)
         assert out.returncode == 1, command
         assert out.stderr == ("lrsearch: error: no clear minimum: the loss did not fall between 1e-07 and 10 "
