@@ -87,6 +87,9 @@ def reason(error: BaseException) -> str:
     for e in _chain(error):
         if type(e).__module__.startswith(("psycopg", "sqlite3", "requests", "urllib3")):
             text = first_line(e).strip()
+            timeout = _READ_TIMEOUT.search(text)  # requests: a server that took the request and never answered
+            if timeout:
+                return f"no answer within {timeout.group(1)} s"
             errno = _ERRNO.search(text)  # requests: the OS's words, deep in a wrapped message
             tail = errno.group(1) if errno else text.rsplit(": ", 1)[-1] if text.startswith("connection failed") else text
             return tail if tail[1:2].isupper() else tail[:1].lower() + tail[1:]  # not "hTTPConnection…"
@@ -94,6 +97,7 @@ def reason(error: BaseException) -> str:
 
 
 _ERRNO = re.compile(r"\[Errno -?\d+\] ([^'\"()\]]+)")
+_READ_TIMEOUT = re.compile(r"Read timed out\. \(read timeout=([\d.]+)\)")
 
 
 class Retry:

@@ -220,3 +220,42 @@ def test_a_lock_whose_connection_dropped_knows_it(pg_url):
         assert not lock.held()
     with store_lock(pg_url) as again:  # released with the connection: taken again at once
         assert again.held()
+
+
+def test_a_tracking_server_that_never_answers_costs_one_bounded_call(monkeypatch):
+    # A server that takes connections and never replies (hung, or behind a black-holing
+    # proxy): with MLflow's defaults a call would wait for minutes through its own retries;
+    # lrsearch bounds each request (MLFLOW_HTTP_REQUEST_TIMEOUT=10, no MLflow retries) and its
+    # check answers with one line naming the server.
+    import socket
+    import threading
+
+    from lrsearch.errors import TrackingError
+    from lrsearch.tracking import HTTP_LIMITS, Tracker
+
+    for name in HTTP_LIMITS:
+        monkeypatch.delenv(name, raising=False)
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # connections queue in the backlog; nothing ever reads or replies
+    port = silent.getsockname()[1]
+    outcome: list[BaseException | None] = []
+
+    def check() -> None:
+        try:
+            Tracker(f"http://127.0.0.1:{port}").check()
+            outcome.append(None)
+        except BaseException as e:  # noqa: BLE001 (reported below)
+            outcome.append(e)
+
+    try:
+        thread = threading.Thread(target=check, daemon=True)
+        thread.start()
+        thread.join(timeout=60)  # MLflow's defaults: 120 s per attempt, 7 attempts
+        assert not thread.is_alive(), "the call to a silent tracking server was not bounded"
+    finally:
+        silent.close()
+    assert {k: os.environ[k] for k in HTTP_LIMITS} == {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+                                                       "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+    assert isinstance(outcome[0], TrackingError)
+    assert str(outcome[0]) == f"cannot reach MLflow tracking at http://127.0.0.1:{port}: no answer within 10 s"
