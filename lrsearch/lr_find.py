@@ -109,7 +109,10 @@ def range_test(cfg: Config, optimizer: str | None = None, factor: float | None =
     spec = cfg.params.get("lr")
     result = RangeTest(name, factor or (spec.factor if isinstance(spec, Find) else Find.factor))
     seed = cfg.study.seed if cfg.study.seed is not None else 0
-    result.sweeps = [_sweep(cfg, name, seed + i) for i in range(SWEEPS)]
+    from lrsearch.data import load_data
+
+    data = load_data(cfg.data)
+    result.sweeps = [_sweep(cfg, data, name, seed + i) for i in range(SWEEPS)]
     found = sorted(s.suggestion for s in result.sweeps if s.suggestion is not None)
     if not found:
         raise NoMinimum(f"no clear minimum: the loss did not fall between {MIN_LR:g} and {MAX_LR:g} "
@@ -118,7 +121,7 @@ def range_test(cfg: Config, optimizer: str | None = None, factor: float | None =
     return result
 
 
-def _sweep(cfg: Config, name: str, seed: int) -> Sweep:
+def _sweep(cfg: Config, data: Any, name: str, seed: int) -> Sweep:
     """One sweep with Lightning's ``Tuner.lr_find``, from a fresh network seeded ``seed``."""
     import warnings
 
@@ -128,7 +131,6 @@ def _sweep(cfg: Config, name: str, seed: int) -> Sweep:
     from pytorch_lightning.tuner import Tuner
     from torch.utils.data import DataLoader, TensorDataset
 
-    from lrsearch.data import load_data
     from lrsearch.network import build_mlp
     from lrsearch.optimizers import make_optimizer
     from lrsearch.training import quiet_lightning
@@ -137,7 +139,6 @@ def _sweep(cfg: Config, name: str, seed: int) -> Sweep:
     hp: dict[str, Any] = {"optimizer": name, "lr": MIN_LR, **OPTIMIZERS[name].options}
     hp.update({k: spec.value for k, spec in cfg.params.items()
                if isinstance(spec, Fixed) and k in OPTIMIZERS[name].options})
-    data = load_data(cfg.data)
     net = build_mlp(data.n_features, data.n_classes, cfg.model, torch.Generator().manual_seed(seed))
 
     class RangeTestModule(pl.LightningModule):
