@@ -76,18 +76,21 @@ def trials_view(study_name: str, direction: str, metric: str, params: Sequence[s
 
 
 def study_note(study: Any, *, phase: str, experiment_id: str, figures: Sequence[str] = (),
-               parent_run_id: str | None = None, pruner: str | None = None) -> str:
+               parent_run_id: str | None = None, pruner: str | None = None,
+               user_attrs: Mapping[str, Any] | None = None) -> str:
     """The parent run's description: the study's outcome, its top trials linked to their runs,
     and ``figures`` (artifact paths of this run, e.g. ``report/optimization_history.png``).
-    ``phase``: what the study is doing ("running", "done", "stopped", …)."""
+    ``phase``: what the study is doing ("running", "done", "stopped", …). ``user_attrs``: the
+    study's, if already read (each ``study.user_attrs`` is a query)."""
     from optuna.trial import TrialState
 
     from lrsearch.results import direction, ranking
     from lrsearch.space import in_sampling_order
 
     trials = study.get_trials(deepcopy=False)
-    metric = study.user_attrs.get(attrs.METRIC, "value")
-    target = study.user_attrs.get(attrs.TARGET)
+    user_attrs = study.user_attrs if user_attrs is None else user_attrs
+    metric = user_attrs.get(attrs.METRIC, "value")
+    target = user_attrs.get(attrs.TARGET)
     by_state: dict[str, int] = {}
     for t in trials:
         by_state[t.state.name] = by_state.get(t.state.name, 0) + 1
@@ -139,16 +142,17 @@ def searched(params: Mapping[str, Any]) -> list[str]:
     return varied or list(in_sampling_order(params))
 
 
-def phase_of(study: Any) -> str:
+def phase_of(study: Any, user_attrs: Mapping[str, Any] | None = None) -> str:
     """What a study is doing, as its description says it: done (total reached), cancelled,
-    running (trials running), else stopped."""
+    running (trials running), else stopped. ``user_attrs``: as for :func:`study_note`."""
     from lrsearch.results import counts
 
+    user_attrs = study.user_attrs if user_attrs is None else user_attrs
     finished, running = counts(study)
-    target = study.user_attrs.get(attrs.TARGET)
+    target = user_attrs.get(attrs.TARGET)
     if target is not None and finished >= target:
         return "done"
-    if study.user_attrs.get(attrs.CANCELLED) is not None:
+    if user_attrs.get(attrs.CANCELLED) is not None:
         return "cancelled"
     return "running" if running else "stopped"
 
@@ -160,17 +164,19 @@ def write_study_note(study: Any, tracker: Any, phase: str | None = None) -> None
     from lrsearch.config import stored_config
     from lrsearch.report import NOTE_FIGURES, PREVIEW_DIR
 
-    parent = study.user_attrs.get(attrs.PARENT_RUN)
-    experiment_id = study.user_attrs.get(attrs.EXPERIMENT)
+    user_attrs = study.user_attrs  # read once: each access is a query
+    parent = user_attrs.get(attrs.PARENT_RUN)
+    experiment_id = user_attrs.get(attrs.EXPERIMENT)
     if not parent or not experiment_id:
         return
-    raw = study.user_attrs.get(attrs.CONFIG)
+    raw = user_attrs.get(attrs.CONFIG)
     pruner = stored_config(raw, study.study_name).study.pruner if raw is not None else None
     folder = f"report/{PREVIEW_DIR}"
     logged = set(tracker.artifact_files(parent, folder))
     figures = [f"{folder}/{name}" for name in NOTE_FIGURES if f"{folder}/{name}" in logged]
-    tracker.set_note(parent, study_note(study, phase=phase or phase_of(study), experiment_id=experiment_id, figures=figures,
-                                        parent_run_id=parent, pruner=pruner if pruner != "none" else None))
+    tracker.set_note(parent, study_note(study, phase=phase or phase_of(study, user_attrs), experiment_id=experiment_id,
+                                        figures=figures, parent_run_id=parent,
+                                        pruner=pruner if pruner != "none" else None, user_attrs=user_attrs))
 
 
 def _trial_link(experiment_id: str, trial: Any) -> str:
