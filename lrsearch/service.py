@@ -120,14 +120,17 @@ def stored_range(url: str, name: str) -> dict[str, Any] | None:
     path = sqlite_path(url)
     if path is not None and not path.exists():
         return None
+    if is_postgres(url):
+        prepare_database(url)  # an unreachable database: one line at once, not after an outage window
+    store = open_storage(url, create=False)
     try:
-        store = open_storage(url, create=False)
-        try:
-            return store.get_study_user_attrs(store.get_study_id_from_name(name)).get(attrs.LR_RANGE)
-        finally:
-            store.close()
-    except Exception:  # no such study, or no tables yet: it has no range
+        study_id = store.get_study_id_from_name(name)
+    except KeyError:  # no such study: it has no range
         return None
+    else:
+        return store.get_study_user_attrs(study_id).get(attrs.LR_RANGE)
+    finally:
+        store.close()
 
 
 def _check_drift(study: optuna.Study, cfg: Config, url: str) -> None:
