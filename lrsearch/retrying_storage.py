@@ -145,35 +145,37 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
         self._do("record_heartbeat", trial_id)
 
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:  # BaseHeartbeat's interface
-        """Optuna's stale trials (last heartbeat older than the grace period), plus RUNNING
-        trials that never beat and started longer ago than that: their worker died between
-        creating the trial and its first heartbeat (an outage at that moment, say). Optuna
-        skips a trial with no heartbeat, which would then stay RUNNING for good, and a study
-        waiting for its slot would never end."""
-        stale = self._do("_get_stale_trial_ids", study_id)
+        """RUNNING trials whose last heartbeat is older than the grace period (Optuna's rule,
+        on the database's clock), and those that never beat and started longer ago than that:
+        their worker died between creating the trial and its first heartbeat (an outage at
+        that moment, say). Optuna's own query skips a trial with no heartbeat, which would then
+        stay RUNNING for good, and a study waiting for its slot would never end."""
         rdb = getattr(self._inner, "_backend", self._inner)  # under Optuna's cache, the RDB storage
-        grace = rdb.grace_period or 2 * rdb.heartbeat_interval
-        never = self._call(self._never_beat, rdb, study_id, grace)
-        return [*stale, *(trial_id for trial_id in never if trial_id not in stale)]
+        return self._call(self._stale_trial_ids, rdb, study_id, rdb.grace_period or 2 * rdb.heartbeat_interval)
 
     @staticmethod
-    def _never_beat(rdb: Any, study_id: int, grace: float) -> list[int]:
+    def _stale_trial_ids(rdb: Any, study_id: int, grace: float) -> list[int]:
         import datetime
 
+        import sqlalchemy as sa
         from optuna.storages._rdb import models
         from optuna.storages._rdb.storage import _create_scoped_session
         from optuna.trial import TrialState
         from sqlalchemy import orm
 
+        limit = datetime.timedelta(seconds=grace)
         # datetime_start is the creating worker's clock, as Optuna writes it (naive local time).
-        cutoff = datetime.datetime.now() - datetime.timedelta(seconds=grace)
+        started_before = datetime.datetime.now() - limit
         with _create_scoped_session(rdb.scoped_session) as session:
+            # Naive, like the stored heartbeats (Optuna does the same for PostgreSQL).
+            now = session.execute(sa.func.now()).scalar().replace(tzinfo=None)
             running = (session.query(models.TrialModel)
                        .options(orm.selectinload(models.TrialModel.heartbeats))
                        .filter(models.TrialModel.state == TrialState.RUNNING)
                        .filter(models.TrialModel.study_id == study_id).all())
             return [t.trial_id for t in running
-                    if not t.heartbeats and t.datetime_start is not None and t.datetime_start < cutoff]
+                    if (now - t.heartbeats[0].heartbeat > limit if t.heartbeats
+                        else t.datetime_start is not None and t.datetime_start < started_before)]
 
     def get_heartbeat_interval(self) -> int | None:  # None: no heartbeats (an in-memory storage)
         return getattr(self._inner, "get_heartbeat_interval", lambda: None)()
