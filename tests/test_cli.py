@@ -121,58 +121,6 @@ def test_best_without_any_store_exits_2(cli, tmp_path):
     assert not (tmp_path / "lrsearch-data").exists()
 
 
-@pytest.mark.slow
-def test_ctrl_c_on_run_with_workers_stops_every_worker_and_resumes(write_study, tmp_path):
-    """`run --workers 2` is worker 0 plus one child in its own session: a SIGINT to the
-    command reaches the child too, both trials end FAIL/KILLED, and the command resumes."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    import optuna
-    from mlflow import MlflowClient
-
-    from conftest import TINY_STUDY
-
-    # Trials long enough to catch both running, short enough to resume (with the same file).
-    path = write_study(TINY_STUDY.replace("trials = 3", "trials = 4").replace("epochs = 3", "epochs = 1000"))
-    env = {**os.environ, "LRSEARCH_DATA": str(tmp_path / "data")}
-    command = [sys.executable, "-m", "lrsearch.cli", "run", str(path), "--workers", "2", "--no-report"]
-    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    storage = f"sqlite:///{tmp_path / 'data' / 'optuna.db'}"
-    deadline = time.monotonic() + 120
-    while True:  # both workers inside a trial
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        try:
-            trials = optuna.load_study(study_name="tiny", storage=storage).trials
-        except Exception:  # not created yet
-            trials = []
-        if sum(t.state.name == "RUNNING" for t in trials) == 2:
-            break
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
-    assert err.strip().splitlines()[-1] == ("lrsearch: error: interrupted by SIGINT; "
-                                            "run the same command again to resume the study")
-    study = optuna.load_study(study_name="tiny", storage=storage)
-    assert [t.state.name for t in study.trials] == ["FAIL", "FAIL"]
-    client = MlflowClient(f"sqlite:///{tmp_path / 'data' / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
-    reasons = [(t.user_attrs.get("reason"), r.data.tags.get("reason")) for t in study.trials for r in runs
-               if r.info.run_id == t.user_attrs.get("mlflow_run_id")]
-    assert sorted((r.data.tags["lrsearch.role"], r.info.status) for r in runs) == [
-        ("study", "KILLED"), ("trial", "KILLED"), ("trial", "KILLED")], (reasons, err)
-
-    again = subprocess.run(command, cwd=tmp_path, env=env,
-                           capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0, again.stderr
-    states = [t.state.name for t in optuna.load_study(study_name="tiny", storage=storage).trials]
-    assert states.count("COMPLETE") == 4 and "RUNNING" not in states
-
-
 # -- study files and stores someone else wrote ----------------------------------------------
 
 def test_names_that_would_leave_the_data_folder_are_refused_before_anything_is_created(cli, write_study, tmp_path):

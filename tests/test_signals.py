@@ -91,14 +91,31 @@ def test_a_killed_run_command_takes_its_workers_with_it_and_its_retry_runs(write
     assert [r.info.run_name for r in _runs(tmp_path) if r.info.status == "RUNNING"] == [], summary
 
 
-@pytest.mark.parametrize("gap", [0.02, 0.5])
-def test_two_ctrl_c_in_any_rhythm_leave_nothing_running(write_study, tmp_path, gap):
-    study = write_study(TINY_STUDY.replace("epochs = 3", "epochs = 20000"))
-    proc = _start(tmp_path, study, "--workers", "2")
+# Epochs of seconds (batch size 1 on 12,000 training samples): two signals 0.02 s apart
+# both land inside an epoch, where only the second can end it.
+LONG_EPOCHS = ('pruner = "median"\nprune_every = 1', "batch_size = 1", "\n[data]\nn_samples = 15000\n")
+
+
+@pytest.mark.parametrize("gap, long_epochs", [(None, False), (0.02, True), (0.5, False)],
+                         ids=["one", "two-inside-an-epoch", "two-half-a-second-apart"])
+def test_ctrl_c_stops_every_worker_and_leaves_nothing_running(write_study, tmp_path, gap, long_epochs):
+    """`run --workers 2` is worker 0 plus one child in its own session: a SIGINT to the
+    command reaches the child too. The first ends each trial at its epoch's end; a second
+    stops training at once; in any rhythm both trials end FAIL, their runs KILLED."""
+    text = TINY_STUDY.replace("epochs = 3", "epochs = 20000")
+    if long_epochs:
+        prune, batch, data = LONG_EPOCHS
+        text = text.replace('pruner = "none"', prune).replace("batch_size = 64", batch) + data
+    proc = _start(tmp_path, write_study(text), "--workers", "2")
     _wait_running(tmp_path, proc, 2)
+    deadline = time.monotonic() + 120
+    while long_epochs and not all(t.intermediate_values for t in _trials(tmp_path)):  # both past epoch 0
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
-    time.sleep(gap)
-    proc.send_signal(signal.SIGINT)
+    if gap is not None:
+        time.sleep(gap)
+        proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert err.strip().splitlines()[-1] == ("lrsearch: error: interrupted by SIGINT; "
@@ -106,7 +123,13 @@ def test_two_ctrl_c_in_any_rhythm_leave_nothing_running(write_study, tmp_path, g
     assert "Traceback" not in err and "UnboundLocalError" not in err
     trials = _trials(tmp_path)
     assert [t.state.name for t in trials] == ["FAIL", "FAIL"]
-    assert all(t.user_attrs["reason"].startswith("interrupted") for t in trials)
+    reasons = [t.user_attrs["reason"] for t in trials]
+    if gap is None:  # the epoch each trial was in ended first
+        assert all(r.startswith("interrupted at epoch ") for r in reasons), reasons
+    elif long_epochs:  # the second signal cut the epoch short: one signal alone says "at epoch N"
+        assert reasons == ["interrupted", "interrupted"]
+    else:  # the second lands where it may: in an epoch, or while the trial's end is recorded
+        assert all(r.startswith("interrupted") for r in reasons), reasons
     assert sorted((r.data.tags["lrsearch.role"], r.info.status) for r in _runs(tmp_path)) == [
         ("study", "KILLED"), ("trial", "KILLED"), ("trial", "KILLED")]
 

@@ -21,6 +21,13 @@ from lrsearch.queries import ResultsDatabase, ensure_views, grant_reader
 from lrsearch.storage import prepare_database, schema_url
 
 MARKER = f"/tmp/lrsearch-attack-{uuid.uuid4().hex}"
+
+
+def _id(attack: str) -> str:
+    """The attack's text with the per-run marker path elided: the same test ids in every process."""
+    return attack.replace(MARKER, "/tmp/lrsearch-attack-MARKER")
+
+
 ATTACKS = [
     "SET TRANSACTION READ WRITE; DELETE FROM optuna.trial_values; COMMIT",  # several statements
     "DELETE FROM optuna.trial_values",
@@ -88,7 +95,7 @@ def test_a_superusers_url_is_refused_before_any_statement_runs(results_pg):
     assert not list(Path("/tmp").glob(Path(MARKER).name + "*"))
 
 
-@pytest.mark.parametrize("attack", ATTACKS)
+@pytest.mark.parametrize("attack", ATTACKS, ids=_id)
 def test_every_attack_fails_as_the_reader_and_changes_nothing(results_pg, reader_url, attack):
     before = _snapshot(results_pg)
     with ResultsDatabase(reader_url, user_sql=True, timeout=5) as db:
@@ -190,7 +197,7 @@ def _digests(folder: Path) -> dict[str, str]:
             if not p.name.endswith("-shm")}
 
 
-@pytest.mark.parametrize("attack", SQLITE_ATTACKS)
+@pytest.mark.parametrize("attack", SQLITE_ATTACKS, ids=_id)
 def test_every_attack_fails_on_the_embedded_files(results_sqlite, attack):
     folder, storage, tracking = results_sqlite
     before = _digests(folder)
