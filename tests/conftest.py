@@ -96,13 +96,53 @@ def stores(tmp_path: Path) -> tuple[str, str]:
     return f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
 
 
+_STORE_VARIABLES = ("LRSEARCH_STORAGE", "MLFLOW_TRACKING_URI", "LRSEARCH_DATA")
+
+
 @pytest.fixture
-def cli(tmp_path: Path):
+def cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Run ``lrsearch ARGS`` as the console script does (its ``main``, exit code, stdout and
+    stderr) in this process, in ``tmp_path`` with the embedded default there: the command
+    without a new process's start-up (importing torch, Lightning and MLflow: ~5 s each).
+    Whatever a command sets process-wide (signal handlers, environment) is put back after.
+    Processes, signals and the installed script are tested through ``cli_process``."""
+    import contextlib
+    import io
+    import signal
+
+    from lrsearch import stopping
+    from lrsearch.cli import main
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        out, err = io.StringIO(), io.StringIO()
+        handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        hook, installed, environ = sys.unraisablehook, stopping._installed, dict(os.environ)
+        with monkeypatch.context() as m:
+            for name in _STORE_VARIABLES:
+                m.delenv(name, raising=False)
+            m.chdir(tmp_path)
+            try:
+                with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                    code = main(list(args))
+            except SystemExit as e:  # argparse's usage errors
+                code = e.code
+            finally:
+                for sig, handler in handlers.items():
+                    signal.signal(sig, handler)
+                sys.unraisablehook, stopping._installed = hook, installed
+                os.environ.clear()
+                os.environ.update(environ)
+        return subprocess.CompletedProcess(["lrsearch", *args], code, out.getvalue(), err.getvalue())
+
+    return run
+
+
+@pytest.fixture
+def cli_process(tmp_path: Path):
     """Run ``lrsearch ARGS`` in a subprocess in ``tmp_path`` with the embedded default there."""
 
     def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("LRSEARCH_STORAGE", "MLFLOW_TRACKING_URI", "LRSEARCH_DATA")}
+        env = {k: v for k, v in os.environ.items() if k not in _STORE_VARIABLES}
         return subprocess.run([sys.executable, "-m", "lrsearch.cli", *args], cwd=tmp_path, env=env,
                               capture_output=True, text=True, timeout=timeout)
 

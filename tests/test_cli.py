@@ -1,4 +1,5 @@
-"""The CLI through a subprocess, as a user runs it: exit codes, one-line messages, outputs."""
+"""The CLI as a user runs it: exit codes, one-line messages, outputs (its `main`, in this
+process; the program itself where a process matters)."""
 
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ def _one_line_error(stderr: str) -> str:
     return lines[0]
 
 
-def test_help_lists_the_commands(cli):
-    result = cli("--help")
+def test_help_lists_the_commands(cli_process):  # the program itself, as `python -m lrsearch.cli`
+    result = cli_process("--help")
     assert result.returncode == 0
     for command in ("run", "worker", "server", "best", "validate", "ui"):
         assert command in result.stdout

@@ -211,9 +211,9 @@ def test_study_completes_when_the_tracking_server_goes_away(pg_url, tmp_path):
     assert "Traceback" not in err
 
 
-def test_sqlite_with_four_workers(tmp_path, cli):
+def test_sqlite_with_four_workers(tmp_path, cli_process):
     path = _study_file(tmp_path, "sqlite-4", trials=40, epochs=2)
-    result = cli("run", str(path), "--workers", "4", "--no-report", timeout=600)
+    result = cli_process("run", str(path), "--workers", "4", "--no-report", timeout=600)
     assert result.returncode == 0, result.stderr
     assert "database is locked" not in result.stderr
     assert "study 'sqlite-4': 40 trials (40 COMPLETE), target 40" in result.stdout
