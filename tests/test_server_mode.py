@@ -228,10 +228,10 @@ def test_the_dashboard_command_reads_the_optuna_schema(pg_url, tracking_server, 
     command, environment = compose_service("dashboard", compose_variables(pg_url), {
         "postgres:5432": f"{url.host}:{url.port or 5432}", "0.0.0.0": "127.0.0.1", "8080": str(port)})
     assert command[0] == "python"
-    _study_file(tmp_path, "dash", trials=1, epochs=1)
-    assert subprocess.run([sys.executable, "-m", "lrsearch.cli", "run", str(tmp_path / "dash.toml"),
-                           "--storage", pg_url, "--tracking-uri", tracking_server],
-                          capture_output=True, timeout=120).returncode == 0
+    from lrsearch.config import load_config
+    from lrsearch.service import submit
+
+    submit(load_config(_study_file(tmp_path, "dash", trials=1, epochs=1)), storage=pg_url, tracking=tracking_server)
     dashboard = subprocess.Popen([sys.executable, *command[1:]], env={**os.environ, **environment},
                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
@@ -294,16 +294,16 @@ def test_no_password_on_any_command_line(pg_url, tmp_path):
         stop_process_group(server)
 
 
-def test_the_server_asks_for_a_login(tracking_server, write_study, tmp_path):
+def test_the_server_asks_for_a_login(tracking_server, write_study, tmp_path, cli, monkeypatch):
     import urllib.error
     import urllib.request
 
     with pytest.raises(urllib.error.HTTPError) as info:
         urllib.request.urlopen(f"{tracking_server}/api/2.0/mlflow/experiments/search?max_results=1")
     assert info.value.code == 401
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
-    result = subprocess.run([sys.executable, "-m", "lrsearch.cli", "run", str(write_study()), "--tracking-uri",
-                             tracking_server], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    for name in [k for k in os.environ if k.startswith("MLFLOW_TRACKING_")]:
+        monkeypatch.delenv(name)
+    result = cli("run", str(write_study()), "--tracking-uri", tracking_server)
     assert result.returncode == 1
     assert result.stderr.strip() == (f"lrsearch: error: MLflow tracking at {tracking_server} refused the login: "
                                      "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")

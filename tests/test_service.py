@@ -73,7 +73,7 @@ def _scenario(stores: tuple[str, str]) -> None:
         sub = submit(_cfg(name, 3, 2), storage=storage, tracking=tracking)
         assert not sub.resumed and sub.target == 3
     assert {r["state"] for r in status(storage=storage, tracking=tracking)} == {"queued"}
-    workers = [_worker(storage, tracking, max_idle=8) for _ in range(2)]
+    workers = [_worker(storage, tracking, max_idle=5) for _ in range(2)]
     for name in ("a", "b", "c"):
         row = _wait(stores, name, lambda r: r["state"] == "done", workers)
         assert (row["complete"] + row["pruned"], row["fail"], row["running"]) == (3, 0, 0)
