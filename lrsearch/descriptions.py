@@ -84,18 +84,16 @@ def study_note(study: Any, *, phase: str, experiment_id: str, figures: Sequence[
     study's, if already read (each ``study.user_attrs`` is a query)."""
     from optuna.trial import TrialState
 
-    from lrsearch.results import direction, ranking
+    from lrsearch.results import by_state, direction, ranking, state_text
     from lrsearch.space import in_sampling_order
 
     trials = study.get_trials(deepcopy=False)
     user_attrs = study.user_attrs if user_attrs is None else user_attrs
     metric = user_attrs.get(attrs.METRIC, "value")
     target = user_attrs.get(attrs.TARGET)
-    by_state: dict[str, int] = {}
-    for t in trials:
-        by_state[t.state.name] = by_state.get(t.state.name, 0) + 1
-    finished = by_state.get("COMPLETE", 0) + by_state.get("PRUNED", 0)
-    counted = ", ".join(f"{n} {s}" for s, n in sorted(by_state.items())) or "no trials yet"
+    counts = by_state(trials)
+    finished = counts.get("COMPLETE", 0) + counts.get("PRUNED", 0)
+    counted = state_text(counts) or "no trials yet"
     way = direction(study)
     lines = [f"**{study.study_name}** · {phase} · {finished} of {target if target is not None else '?'} "
              f"trials ({counted}) · {way} {metric}", ""]
@@ -111,7 +109,7 @@ def study_note(study: Any, *, phase: str, experiment_id: str, figures: Sequence[
                          f"{t.user_attrs.get(attrs.EPOCHS_TRAINED, '')} | {'' if seconds is None else f'{seconds:.1f}'} | "
                          f"{params_text(in_sampling_order(t.params))} |")
         lines.append("")
-    pruned = by_state.get("PRUNED", 0)
+    pruned = counts.get("PRUNED", 0)
     if pruned:
         lines += [f"{pruned} trials were stopped early (PRUNED{f', by the {pruner} pruner' if pruner else ''}; "
                   f"the reason is each trial run's description and `reason` tag). "

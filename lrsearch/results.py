@@ -9,7 +9,7 @@ earlier trial. ``sql/views.sql`` ranks ``best_trials`` by the same rule in SQL, 
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Sequence, TypeVar
+from typing import Any, Iterable, Mapping, Sequence, TypeVar
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -79,12 +79,22 @@ def count_finished(study: optuna.Study) -> int:
     return counts(study)[0]
 
 
+def by_state(trials: Sequence[FrozenTrial]) -> dict[str, int]:
+    """``{"COMPLETE": 12, "PRUNED": 8}``: how many trials are in each state, by name."""
+    counted: dict[str, int] = {}
+    for t in trials:
+        counted[t.state.name] = counted.get(t.state.name, 0) + 1
+    return counted
+
+
+def state_text(counted: Mapping[str, int]) -> str:
+    """``12 COMPLETE, 8 PRUNED``, states in alphabetical order (every view of a study's counts)."""
+    return ", ".join(f"{n} {s}" for s, n in sorted(counted.items()))
+
+
 def state_counts(study: optuna.Study) -> str:
     """``12 COMPLETE, 8 PRUNED``: the study's trials by state."""
-    by_state: dict[str, int] = {}
-    for t in study.get_trials(deepcopy=False):
-        by_state[t.state.name] = by_state.get(t.state.name, 0) + 1
-    return ", ".join(f"{n} {s}" for s, n in sorted(by_state.items()))
+    return state_text(by_state(study.get_trials(deepcopy=False)))
 
 
 def summary(study: optuna.Study) -> dict[str, float]:
