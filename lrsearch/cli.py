@@ -381,15 +381,14 @@ def _format(rows: list[dict[str, Any]], fmt: str, columns: list[str] | None = No
 
 
 def _cell(value: Any, fmt: str) -> str:
+    """A table cell as the MLflow descriptions write numbers and params; a CSV cell exact."""
+    from lrsearch.descriptions import fmt as readable, params_text
+
     if value is None:
         return ""
-    if isinstance(value, dict):
-        if fmt == "csv":
-            return json.dumps(value)
-        return " ".join(f"{k}={_cell(v, fmt)}" for k, v in value.items())
-    if isinstance(value, float) and fmt == "table":
-        return f"{value:.4g}"
-    return str(value)
+    if fmt == "csv":
+        return json.dumps(value) if isinstance(value, dict) else str(value)
+    return params_text(value, sep=" ") if isinstance(value, dict) else readable(value)
 
 
 class _Progress:
