@@ -166,12 +166,18 @@ SCHEDULES: Registry[ScheduleKind] = Registry("schedule", [
 ])
 
 
+def schedule_epochs(epochs: int, hp: Mapping[str, Any]) -> int:
+    """The epochs the schedule itself runs: those after the warm-up (at least one). Its
+    defaults in epochs (``Epochs``) count these."""
+    return max(1, epochs - hp.get("warmup_epochs", 0))
+
+
 def make_schedule(optimizer: torch.optim.Optimizer, hp: Mapping[str, Any], epochs: int = 1,
                   steps_per_epoch: int = 1) -> Schedule:
     """The schedule named by ``hp["schedule"]``, after ``hp["warmup_epochs"]`` (if any) of
     linear warm-up, over a run of ``epochs`` epochs of ``steps_per_epoch`` updates."""
     warmup = hp.get("warmup_epochs", 0)
-    schedule = SCHEDULES[hp["schedule"]].build(optimizer, hp, Span(max(1, epochs - warmup), steps_per_epoch))
+    schedule = SCHEDULES[hp["schedule"]].build(optimizer, hp, Span(schedule_epochs(epochs, hp), steps_per_epoch))
     if warmup:
         schedule = Schedule(schedule.scheduler, schedule.interval, schedule.monitor, warmup * steps_per_epoch)
     return schedule

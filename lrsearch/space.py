@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Union
 
 from lrsearch.optimizers import OPTIMIZERS
 from lrsearch.registry import Registry, resolve
-from lrsearch.schedules import SCHEDULES
+from lrsearch.schedules import SCHEDULES, schedule_epochs
 
 if TYPE_CHECKING:
     import optuna
@@ -188,9 +188,8 @@ def sample_params(
         spec = space.get(hp.name)
         if spec is None and hp.optional:
             continue
-        # A default in epochs counts the schedule's epochs: those after the warm-up.
-        span = max(1, epochs - sampled.get("warmup_epochs", 0))
-        sampled[hp.name] = hp.default_for(sampled, span) if spec is None else _suggest(trial, hp, spec)
+        sampled[hp.name] = (hp.default_for(sampled, schedule_epochs(epochs, sampled)) if spec is None
+                            else _suggest(trial, hp, spec))
     return sampled
 
 
