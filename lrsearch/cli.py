@@ -474,6 +474,8 @@ def _positive_float(text: str) -> float:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from lrsearch.descriptions import DEFAULT_UI_PORT
+
     parser = argparse.ArgumentParser(
         prog="lrsearch",
         description="Search learning rate, momentum, schedule and optimizer with Optuna; "
@@ -589,7 +591,7 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(command=cmd_lr_find)
 
     p = sub.add_parser("ui", help="serve the MLflow UI on the embedded store")
-    p.add_argument("--port", type=_positive_int, default=5000)
+    p.add_argument("--port", type=_positive_int, default=DEFAULT_UI_PORT)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--tracking-uri", metavar="URI", help="tracking store (default: the embedded one)")
     p.set_defaults(command=cmd_ui)

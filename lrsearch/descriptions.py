@@ -27,6 +27,7 @@ VIEW_TAG_PREFIX = "mlflow.sharedViewState."
 TRIALS_VIEW = "lrsearch-trials"  # one experiment per study: one key is enough
 OBJECTIVE_METRIC = "objective"  # a COMPLETE trial's value, logged once at its end
 UI_QUERY = "workflowType=machine_learning"  # MLflow 3 opens on its GenAI views otherwise
+DEFAULT_UI_PORT = 5000  # where `lrsearch ui` serves the UI unless told --port
 TOP_TRIALS = 10
 _MAX_NOTE = 8000  # MLflow's limit on a tag value
 
@@ -155,14 +156,15 @@ def phase_of(study: Any, user_attrs: Mapping[str, Any] | None = None) -> str:
     return "running" if running else "stopped"
 
 
-def write_study_note(study: Any, tracker: Any, phase: str | None = None) -> None:
+def write_study_note(study: Any, tracker: Any, phase: str | None = None,
+                     user_attrs: Mapping[str, Any] | None = None) -> None:
     """Set the study's parent run description (:func:`study_note`) as the study stands now
     (``phase``: as :func:`phase_of` tells, unless given), with the report's main figures if
-    the run has them."""
+    the run has them. ``user_attrs``: as for :func:`study_note`."""
     from lrsearch.config import stored_config
     from lrsearch.report import NOTE_FIGURES, PREVIEW_DIR
 
-    user_attrs = study.user_attrs  # read once: each access is a query
+    user_attrs = study.user_attrs if user_attrs is None else user_attrs  # read once: each access is a query
     parent = user_attrs.get(attrs.PARENT_RUN)
     experiment_id = user_attrs.get(attrs.EXPERIMENT)
     if not parent or not experiment_id:

@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from lrsearch import attrs
-from lrsearch.descriptions import write_study_note
+from lrsearch.descriptions import DEFAULT_UI_PORT, write_study_note
 from lrsearch.optimizers import OPTIMIZERS
 from lrsearch.results import best_so_far, direction, load_study, ranking
 from lrsearch.space import in_sampling_order
 from lrsearch.storage import report_dir, storage_url, tracking_uri
-from lrsearch.tracking import History, Tracker
+from lrsearch.tracking import History, Tracker, is_server
 
 
 def write_report(name: str, *, storage: str | None = None, tracking: str | None = None,
@@ -153,7 +153,8 @@ def build_report(study: Any, tracker: Tracker, out: Path, grid: bool) -> list[Pa
     if grid and trials:
         figures.append(plot_grid(trials, name, out / "grid_accuracy.png"))
         figures.append(plot_grid_lr(trials, name, out / "grid_lr.png"))
-    objective = f"objective ({study.user_attrs.get(attrs.METRIC, 'value')})"
+    user_attrs = study.user_attrs  # read once: each access is a query
+    objective = f"objective ({user_attrs.get(attrs.METRIC, 'value')})"
     figures.append(plot_history(trials, name, way, objective, out / "optimization_history.png"))
     figures.append(plot_objective_vs_lr(trials, name, objective, out / "objective_vs_lr.png"))
     if not grid:
@@ -166,7 +167,7 @@ def build_report(study: Any, tracker: Tracker, out: Path, grid: bool) -> list[Pa
             figures.append(path)
     _previews([p for p in figures if p.name in NOTE_FIGURES], out / PREVIEW_DIR)
     figures.append(write_html(name, ranked + unranked, figures, out / "report.html", tracker, way,
-                              study.user_attrs.get(attrs.EXPERIMENT)))
+                              user_attrs.get(attrs.EXPERIMENT)))
     return figures
 
 
@@ -458,8 +459,8 @@ def write_html(name: str, rows: Sequence[TrialCurves], figures: Sequence[Path], 
     images = "".join(
         f'<figure><img alt="{html.escape(p.stem)}" src="data:image/png;base64,'
         f'{base64.b64encode(p.read_bytes()).decode()}"></figure>' for p in figures)
-    where = ("" if tracker is None or tracker.uri.startswith(("http://", "https://"))
-             else " (MLflow links: start the UI with <code>lrsearch ui</code>, default port 5000)")
+    where = ("" if tracker is None or is_server(tracker.uri)
+             else f" (MLflow links: start the UI with <code>lrsearch ui</code>, default port {DEFAULT_UI_PORT})")
     path.write_text(
         f"<!doctype html><html><head><meta charset='utf-8'><title>lrsearch report: {html.escape(name)}</title>"
         "<style>body{font-family:sans-serif;margin:2em;max-width:1400px}figure{margin:1em 0}"

@@ -64,7 +64,7 @@ def join(name: str, store: Any, url: str, tracker: Tracker, *, worker: int = 0) 
                               pruner=make_pruner(cfg))
     parent_run_id = user_attrs[attrs.PARENT_RUN]
     tracker.set_running(parent_run_id)
-    write_study_note(study, tracker, "running")
+    write_study_note(study, tracker, "running", user_attrs)
     return Session(cfg, study, store, study_id, url, tracker, user_attrs[attrs.EXPERIMENT], parent_run_id,
                    load_data(cfg.data), user_attrs[attrs.TARGET])
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from lrsearch import attrs
-from lrsearch.descriptions import NOTE_TAG, OBJECTIVE_METRIC, TRIALS_VIEW, VIEW_TAG_PREFIX, run_path, trials_path
+from lrsearch.descriptions import DEFAULT_UI_PORT, NOTE_TAG, OBJECTIVE_METRIC, TRIALS_VIEW, VIEW_TAG_PREFIX, run_path, trials_path
 from lrsearch.errors import TrackingError, first_line
 from lrsearch.retry import Retry, reason
 from lrsearch.stopping import check_stop
@@ -30,7 +30,7 @@ PARENT_TAG = "mlflow.parentRunId"
 TOKEN_TAG = "lrsearch.token"
 # Optuna trial state -> MLflow run status. A pruned trial was stopped on purpose: KILLED.
 STATUS_FOR_STATE = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
-DEFAULT_UI = "http://127.0.0.1:5000"
+DEFAULT_UI = f"http://127.0.0.1:{DEFAULT_UI_PORT}"
 # log_batch limits (MLflow REST API): per request.
 _MAX_METRICS, _MAX_PARAMS, _MAX_TAGS, _MAX_ENTITIES = 1000, 100, 100, 1000
 # Bounds on each request to a tracking server (MLflow's defaults can stall a call for
@@ -394,7 +394,7 @@ def links(uri: str, experiment_id: str, parent_run_id: str) -> list[str]:
     lines = [f"MLflow: {run_url(uri, experiment_id, parent_run_id)}  (the study: outcome, top trials, figures)",
              f"        {trials_url(uri, experiment_id)}  (its trials, best first)"]
     if not is_server(uri):
-        lines.append(f"        (served by `lrsearch ui`, on its default port {DEFAULT_UI.rsplit(':', 1)[1]}; "
+        lines.append(f"        (served by `lrsearch ui`, on its default port {DEFAULT_UI_PORT}; "
                      "with --port P, use port P)")
     return lines
 
