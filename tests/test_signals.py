@@ -35,12 +35,18 @@ def _trials(tmp_path: Path) -> list[optuna.trial.FrozenTrial]:
         return []
 
 
-def _wait_running(tmp_path: Path, proc: subprocess.Popen, n: int) -> None:
-    """Until ``n`` trials are training (RUNNING, their hyperparameters sampled)."""
+def _wait_until(tmp_path: Path, proc: subprocess.Popen, done) -> None:
+    """Until ``done(trials)`` holds for the study's trials, while ``proc`` runs."""
     deadline = time.monotonic() + 120
-    while sum(t.state.name == "RUNNING" and "hyperparameters" in t.user_attrs for t in _trials(tmp_path)) < n:
+    while not done(_trials(tmp_path)):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.1)
+
+
+def _wait_running(tmp_path: Path, proc: subprocess.Popen, n: int) -> None:
+    """Until ``n`` trials are training (RUNNING, their hyperparameters sampled)."""
+    _wait_until(tmp_path, proc, lambda trials: sum(t.state.name == "RUNNING" and "hyperparameters" in t.user_attrs
+                                                   for t in trials) >= n)
 
 
 def _runs(tmp_path: Path) -> list:
@@ -108,10 +114,8 @@ def test_ctrl_c_stops_every_worker_and_leaves_nothing_running(write_study, tmp_p
         text = text.replace('pruner = "none"', prune).replace("batch_size = 64", batch) + data
     proc = _start(tmp_path, write_study(text), "--workers", "2")
     _wait_running(tmp_path, proc, 2)
-    deadline = time.monotonic() + 120
-    while long_epochs and not all(t.intermediate_values for t in _trials(tmp_path)):  # both past epoch 0
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.05)
+    if long_epochs:  # both past epoch 0
+        _wait_until(tmp_path, proc, lambda trials: all(t.intermediate_values for t in trials))
     proc.send_signal(signal.SIGINT)
     if gap is not None:
         time.sleep(gap)

@@ -15,17 +15,12 @@ from pathlib import Path
 
 import pytest
 
+from conftest import free_port
 from lrsearch.config import load_config
 from lrsearch.launch import run_study
 
 # Worker processes, servers or a browser: seconds each (python -m pytest -m "not slow" leaves them out).
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _outward_address() -> str | None:
@@ -59,7 +54,7 @@ def test_ui_serves_the_embedded_store(write_study, tmp_path):
 
     cfg = load_config(write_study(TINY_STUDY + "\n[tracking]\ntrial_plots = true\n")).with_overrides(trials=1, epochs=2)
     result = run_study(cfg, storage=f"sqlite:///{data / 'optuna.db'}", tracking=f"sqlite:///{data / 'mlflow.db'}")
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "lrsearch.cli", "ui", "--port", str(port)], cwd=tmp_path,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
