@@ -11,8 +11,12 @@ and what an idle worker costs the database.
 3. PostgreSQL (when one answers), with `lrsearch server` on the same database as server
    mode runs it: connections one idle worker holds, and the transactions per second its
    polling costs (pg_stat_database.xact_commit over 10 s, the server's few included).
+4. Commands: `lrsearch submit`, `status` and `cancel` as whole processes (start to exit),
+   on the embedded SQLite store and through server mode (PostgreSQL + `lrsearch server`),
+   against `lrsearch --help` in the same run: median and max of ``--repeats`` runs each,
+   after one warm-up run. Submits alternate between a new study and a resubmission.
 
-    python bench/service.py [--repeats 5] [--trials 20] [--epochs 100]
+    python bench/service.py [--repeats 5] [--trials 20] [--epochs 100] [--parts commands]
 """
 
 from __future__ import annotations
@@ -164,13 +168,53 @@ def idle_worker(url: str, tracking: str) -> None:
 
 
 
+def commands(folder: Path, repeats: int, admin: str) -> None:
+    """Whole `lrsearch` processes, timed from start to exit (medians, max)."""
+    env = {**os.environ, "LRSEARCH_DATA": str(folder / "data")}
+    env.pop("LRSEARCH_STORAGE", None), env.pop("MLFLOW_TRACKING_URI", None)
+
+    def timed(*args: str, env: dict) -> float:
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "lrsearch.cli", *args], env=env, check=True, cwd=folder,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return time.perf_counter() - started
+
+    def row(label: str, seconds: list[float], reference: list[float]) -> None:
+        print(f"  {label:<28} median {statistics.median(seconds):.2f} s, max {max(seconds):.2f} s "
+              f"({statistics.median(seconds) / statistics.median(reference):.1f}x --help)")
+
+    def measure(store: str, env: dict) -> None:
+        times: dict[str, list[float]] = {k: [] for k in ("--help", "submit (new study)", "submit (again)",
+                                                         "status", "cancel")}
+        for i in range(repeats + 1):  # the first round warms caches and the store; not counted
+            got = {"--help": timed("--help", env=env),
+                   "submit (new study)": timed("submit", str(STUDY), "--name", f"cmd-{i}", env=env),
+                   "submit (again)": timed("submit", str(STUDY), "--name", f"cmd-{i}", env=env),
+                   "status": timed("status", env=env),
+                   "cancel": timed("cancel", f"cmd-{i}", env=env)}
+            if i:
+                for key, value in got.items():
+                    times[key].append(value)
+        print(f"{store}, whole processes ({repeats} runs each after a warm-up):")
+        for key in times:
+            row(key, times[key], times["--help"])
+
+    measure("embedded SQLite", env)
+    with scratch_database(admin) as url:
+        if url is None:
+            return
+        with lrsearch_server(url, folder / "server") as tracking:
+            measure("server mode (PostgreSQL + lrsearch server)",
+                    {**env, "LRSEARCH_STORAGE": url, "MLFLOW_TRACKING_URI": tracking})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--epochs", type=int, default=100)
-    parser.add_argument("--parts", nargs="+", default=["pickup", "throughput", "postgres"],
-                        choices=["pickup", "throughput", "postgres"])
+    parser.add_argument("--parts", nargs="+", default=["commands", "pickup", "throughput", "postgres"],
+                        choices=["commands", "pickup", "throughput", "postgres"])
     parser.add_argument("--pg", default=os.environ.get("LRSEARCH_TEST_PG",
                                                        "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"))
     args = parser.parse_args()
@@ -183,6 +227,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         (folder / "pickup").mkdir()
+        if "commands" in args.parts:
+            commands(folder, args.repeats, args.pg)
         if "pickup" in args.parts:
             pickup(folder / "pickup", args.repeats)
         if "throughput" in args.parts:

@@ -127,10 +127,15 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from lrsearch.tracking import links
 
     _quiet()
-    sub = submit(_study_config(args), storage=args.storage, tracking=args.tracking_uri, study_file=Path(args.file))
+    cfg = _study_config(args)
+    sub = submit(cfg, storage=args.storage, tracking=args.tracking_uri)
     print(f"study {sub.name!r} {'resubmitted' if sub.resumed else 'submitted'}: {sub.target} trials, "
           f"for any `lrsearch worker` on {_redact(sub.url)}")
-    print("\n".join(links(tracking_uri(args.tracking_uri), sub.experiment_id, sub.parent_run_id)))
+    if sub.parent_run_id is not None:
+        print("\n".join(links(tracking_uri(args.tracking_uri), sub.experiment_id, sub.parent_run_id)))
+    else:
+        print("MLflow: the study's run and trials appear once a worker starts it (`lrsearch status` "
+              "then shows the link)")
     print(f"watch it: lrsearch status {sub.name} --watch{_store_flags(args)}")
     return EXIT_OK
 
@@ -140,7 +145,6 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     from lrsearch.service import STATUS_COLUMNS, status
 
-    _quiet()
     while True:
         rows = status(args.name, storage=args.storage, tracking=args.tracking_uri)
         text = _format(rows, args.format, STATUS_COLUMNS) if rows or args.format != "table" else \

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from lrsearch.data import SOURCES
-from lrsearch.errors import ConfigError, UsageError
+from lrsearch.errors import ConfigError, UsageError, shown
 from lrsearch.network import ACTIVATIONS, INITS
 from lrsearch.registry import Registry, did_you_mean
 from lrsearch.sampling import PRUNERS, SAMPLERS
@@ -57,7 +57,7 @@ def check_name(name: str) -> str | None:
     """What is wrong with a study name, or None."""
     if NAME_PATTERN.fullmatch(name):
         return None
-    return f"expected {NAME_EXPECTED}, got {name[:120]!r}" + ("…" if len(name) > 120 else "")
+    return f"expected {NAME_EXPECTED}, got {shown(name)}"
 
 
 @dataclass(frozen=True)
@@ -175,6 +175,28 @@ class Config:
         ``[section].key`` (a whole ``[params].name`` entry counts as one key)."""
         mine, theirs = _flat(self.to_toml()), _flat(other.to_toml())
         return [key for key in dict.fromkeys([*mine, *theirs]) if mine.get(key) != theirs.get(key)]
+
+
+def to_toml_text(cfg: Config) -> str:
+    """The config as a study file (``Config.to_toml``'s tables, which ``parse_config`` reads
+    back): the ``study.toml`` a worker logs for a study submitted from another host."""
+    import json
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)  # finite: the config refuses inf and nan
+        if isinstance(v, str):
+            return json.dumps(v)  # a TOML basic string: JSON's escapes are TOML's
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return "{ " + ", ".join(f"{k} = {value(x)}" for k, x in v.items()) + " }"
+
+    lines = [f"# study {cfg.study.name!r} as it was submitted (lrsearch's stored configuration)"]
+    for part, table in cfg.to_toml().items():
+        lines += ["", f"[{part}]", *(f"{k} = {value(v)}" for k, v in table.items())]
+    return "\n".join(lines) + "\n"
 
 
 def _flat(tables: Mapping[str, Any]) -> dict[str, Any]:
@@ -459,4 +481,4 @@ def _show(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, dict):
         return "a table"
-    return repr(value)
+    return shown(value)

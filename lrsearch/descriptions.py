@@ -21,6 +21,7 @@ from typing import Any, Mapping, Sequence
 from urllib.parse import quote
 
 from lrsearch import attrs
+from lrsearch.phase import explain
 
 NOTE_TAG = "mlflow.note.content"
 VIEW_TAG_PREFIX = "mlflow.sharedViewState."
@@ -81,7 +82,7 @@ def study_note(study: Any, *, phase: str, experiment_id: str, figures: Sequence[
                user_attrs: Mapping[str, Any] | None = None) -> str:
     """The parent run's description: the study's outcome, its top trials linked to their runs,
     and ``figures`` (artifact paths of this run, e.g. ``report/optimization_history.png``).
-    ``phase``: what the study is doing ("running", "done", "stopped", …). ``user_attrs``: the
+    ``phase``: what the study is doing (a phase of ``phase.py``: "running", "done", …). ``user_attrs``: the
     study's, if already read (each ``study.user_attrs`` is a query)."""
     from optuna.trial import TrialState
 
@@ -98,6 +99,9 @@ def study_note(study: Any, *, phase: str, experiment_id: str, figures: Sequence[
     way = direction(study)
     lines = [f"**{study.study_name}** · {phase} · {finished} of {target if target is not None else '?'} "
              f"trials ({counted}) · {way} {metric}", ""]
+    why = explain(phase, user_attrs.get(attrs.UNRUNNABLE), user_attrs.get(attrs.INTERRUPTED))
+    if why:
+        lines += [f"{phase.capitalize()}: {why}.", ""]
     best = ranking(trials, way)
     if best:
         b = best[0]
@@ -142,18 +146,17 @@ def searched(params: Mapping[str, Any]) -> list[str]:
 
 
 def phase_of(study: Any, user_attrs: Mapping[str, Any] | None = None) -> str:
-    """What a study is doing, as its description says it: done (total reached), cancelled,
-    running (trials running), else stopped. ``user_attrs``: as for :func:`study_note`."""
+    """What a study is doing, as its description says it (the rule of ``phase.py``, which
+    ``status`` and the ``studies`` view follow). ``user_attrs``: as for :func:`study_note`."""
+    from lrsearch.phase import phase
     from lrsearch.results import counts
 
     user_attrs = study.user_attrs if user_attrs is None else user_attrs
     finished, running = counts(study)
     target = user_attrs.get(attrs.TARGET)
-    if target is not None and finished >= target:
-        return "done"
-    if user_attrs.get(attrs.CANCELLED) is not None:
-        return "cancelled"
-    return "running" if running else "stopped"
+    return phase(target=finished + 1 if target is None else target, finished=finished, running=running,
+                 cancelled=user_attrs.get(attrs.CANCELLED), unrunnable=user_attrs.get(attrs.UNRUNNABLE),
+                 interrupted=user_attrs.get(attrs.INTERRUPTED))
 
 
 def write_study_note(study: Any, tracker: Any, phase: str | None = None,

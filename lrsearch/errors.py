@@ -32,3 +32,17 @@ def first_line(e: BaseException) -> str:
     """The first line of an exception's message (drivers append SQL and hints below it)."""
     text = str(e).strip() or type(e).__name__
     return text.splitlines()[0]
+
+
+def shown(value: object, limit: int = 60) -> str:
+    """A value the user gave, quoted for a message and cut to ``limit`` characters (a
+    1,500-character name echoed whole buries the message)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def unknown_study(name: str, where: str, known: list[str]) -> UsageError:
+    """``no study named NAME in WHERE (studies: …)``: the name cut to a readable length, and
+    at most ten of the studies that do exist."""
+    listed = ", ".join(sorted(known)[:10]) + (f", … ({len(known)} in all)" if len(known) > 10 else "")
+    return UsageError(f"no study named {shown(name)} in {where} (studies: {listed or 'none'})")

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from lrsearch.errors import LrsearchError
-from lrsearch.stopping import PARENT_FD_ENV, Interrupted, StopFlag
+from lrsearch.stopping import PARENT_FD_ENV, PARENT_PID_ENV, StopFlag
 from lrsearch.storage import STORAGE_ENV, TRACKING_ENV, storage_url, tracking_uri
 
 if TYPE_CHECKING:
@@ -58,28 +58,27 @@ def run_study(cfg: Config, *, storage: str | None = None, tracking: str | None =
     from lrsearch import attrs
     from lrsearch.results import count_finished, tracking_warnings
     from lrsearch.session import close_parent, open_session
-    from lrsearch.worker import setup_process, work
+    from lrsearch.worker import setup_process, stopped_by, work
 
     session = None
-    status = "FAILED"
+    status, why = "FAILED", None
     try:
         setup_process()
         session = open_session(cfg, storage=storage, tracking=tracking, study_file=study_file, worker=worker)
         if on_start is not None:
             on_start(session.target, count_finished(session.study))
-        work(session, stop=stop, callbacks=callbacks)
+        work(session, stop=stop, callbacks=callbacks, index=worker)
         status = "FINISHED"
     except BaseException as e:
         if session is None:  # the study never opened here (bad data, unreachable store): nor there
             _signal(others, signal.SIGTERM)
-        if isinstance(e, (Interrupted, KeyboardInterrupt)):
-            status = "KILLED"
+        status, why = stopped_by(e)
         raise
     finally:
         for w in others:  # their last trials, or their own interruption
             w.wait()
         if session is not None and others:  # work() closed it for this worker; the last closes it
-            close_parent(session, status)
+            close_parent(session, status, why)
         if alive >= 0:
             os.close(alive)  # the others' pipe: end of file
     failed = [w.error for w in others if w.proc.returncode != 0]
@@ -137,7 +136,7 @@ def _start_workers(cfg: Config, study_file: Path | None, count: int, storage: st
         command += ["--trials", str(cfg.study.trials)]
     read_end, alive = os.pipe()
     env = {**os.environ, STORAGE_ENV: storage_url(storage), TRACKING_ENV: tracking_uri(tracking),
-           PARENT_FD_ENV: str(read_end)}
+           PARENT_FD_ENV: str(read_end), PARENT_PID_ENV: str(os.getpid())}
     try:
         # Own sessions: a Ctrl-C reaches this process only, which passes it on.
         return [_WorkerProcess(subprocess.Popen([*command, "--worker-index", str(i)], start_new_session=True,

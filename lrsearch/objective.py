@@ -46,9 +46,19 @@ class Objective:
         """Wait until every trial's MLflow record is written; one line per record that failed."""
         return [f"MLflow record lost for {error}" for error in self.outbox.drain()]
 
-    def __call__(self, trial: optuna.trial.Trial, cancelled: threading.Event | None = None) -> float:
+    def __call__(self, trial: optuna.trial.Trial, cancelled: threading.Event | None = None,
+                 recorded: Callable[[], None] | None = None) -> float:
         """Train ``trial``; ``cancelled``, once set, stops it at the next epoch boundary and
-        raises :class:`Cancelled` (the trial ends FAIL, its run KILLED)."""
+        raises :class:`Cancelled` (the trial ends FAIL, its run KILLED). ``recorded()`` is
+        called once the trial's MLflow record is sent (or has failed), in the background."""
+        self._recorded, self._handed = recorded or (lambda: None), False
+        try:
+            return self._train(trial, cancelled)
+        finally:
+            if not self._handed:  # it failed before its record was handed to the tracking thread
+                self._recorded()
+
+    def _train(self, trial: optuna.trial.Trial, cancelled: threading.Event | None) -> float:
         cfg = self.cfg
         stop = TrialStop(self.stop, cancelled)
         hp = sample_params(trial, cfg.params, cfg.train.epochs)
@@ -95,8 +105,9 @@ class Objective:
             if reason:
                 trial.set_user_attr(attrs.REASON, reason)
         finally:
+            self._handed = True
             run.finish(self.outbox, self._artifacts(trial, hp, seed, result), result.history, state, reason,
-                       status, note=note, objective=objective)
+                       status, note=note, objective=objective, then=self._recorded)
 
     def _artifacts(self, trial: optuna.trial.Trial, hp: dict[str, Any], seed: int,
                    result: TrainResult) -> Callable[[Path], None]:

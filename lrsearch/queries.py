@@ -28,7 +28,7 @@ from importlib import resources
 from typing import Any, Sequence
 
 from lrsearch import attrs
-from lrsearch.errors import LrsearchError, UsageError, first_line
+from lrsearch.errors import LrsearchError, UsageError, first_line, unknown_study
 from lrsearch.retry import reason
 from lrsearch.space import in_sampling_order
 from lrsearch.storage import (
@@ -230,6 +230,19 @@ class ResultsDatabase:
         columns = [d[0] for d in cursor.description or ()]
         return columns, cursor.fetchall() if cursor.description else []
 
+    def active_workers(self, grace: float) -> dict[str, int]:
+        """Per study, its RUNNING trials whose heartbeat is younger than ``grace`` seconds,
+        on the database's clock (one worker trains one trial at a time): Optuna's staleness
+        rule, without opening Optuna. Heartbeats are stored as the database's ``now()``:
+        UTC text on SQLite, the session's local time on PostgreSQL."""
+        fresh = ("h.heartbeat > LOCALTIMESTAMP - make_interval(secs => ?)" if self.dialect == "postgresql"
+                 else "h.heartbeat > datetime('now', '-' || CAST(? AS TEXT) || ' seconds')")
+        rows = self.query("SELECT s.study_name, COUNT(*) FROM optuna.trials t "
+                          "JOIN optuna.studies s ON s.study_id = t.study_id "
+                          "JOIN optuna.trial_heartbeats h ON h.trial_id = t.trial_id "
+                          f"WHERE t.state = 'RUNNING' AND {fresh} GROUP BY s.study_name", (float(grace),)).rows
+        return {name: int(n) for name, n in rows}
+
     def close(self) -> None:
         self._conn.close()
 
@@ -254,7 +267,7 @@ def best_trials_sql(storage: str | None, tracking: str | None, name: str, top: i
     with ResultsDatabase(storage, tracking) as db:
         if not db.query("SELECT 1 FROM studies WHERE study_name = ?", (name,)).rows:
             names = [r[0] for r in db.query("SELECT study_name FROM studies ORDER BY study_name").rows]
-            raise UsageError(f"no study named {name!r} in {redact(db.url)} (studies: {', '.join(names) or 'none'})")
+            raise unknown_study(name, redact(db.url), names)
         rows = db.query("SELECT * FROM best_trials WHERE study_name = ? AND rank <= ? ORDER BY rank",
                         (name, top)).records()
         experiment_id = db.query("SELECT mlflow_experiment_id FROM studies WHERE study_name = ?", (name,)).rows[0][0]
@@ -433,8 +446,12 @@ def _connect_sqlite(storage: str, tracking: str) -> sqlite3.Connection:
     mlflow_file = sqlite_path(tracking)
     if mlflow_file is not None and mlflow_file.exists():
         conn.execute("ATTACH DATABASE ? AS mlflow", (f"{mlflow_file.resolve().as_uri()}?mode=ro",))
-    else:
-        # No MLflow file here (tracking on a server): empty tables keep the views' shape.
+        if conn.execute("SELECT COUNT(*) FROM mlflow.sqlite_master WHERE type = 'table' "
+                        "AND name IN ('runs', 'latest_metrics')").fetchone()[0] < 2:
+            conn.execute("DETACH DATABASE mlflow")  # a new file, MLflow's tables not (all) made yet
+    if "mlflow" not in [row[1] for row in conn.execute("PRAGMA database_list")]:
+        # No MLflow tables here (tracking on a server, or no worker has started a study yet):
+        # empty tables keep the views' shape.
         conn.execute("ATTACH DATABASE ':memory:' AS mlflow")
         conn.executescript("CREATE TABLE mlflow.runs (run_uuid TEXT PRIMARY KEY, status TEXT);"
                            "CREATE TABLE mlflow.latest_metrics (run_uuid TEXT, key TEXT, value REAL, is_nan INTEGER);")

@@ -15,7 +15,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from lrsearch import attrs
-from lrsearch.errors import UsageError
+from lrsearch.errors import unknown_study
 from lrsearch.space import in_sampling_order
 from lrsearch.storage import open_storage, redact, storage_url
 
@@ -125,6 +125,5 @@ def load_study(name: str, storage: str | None = None) -> optuna.Study:
     store = open_storage(url, create=False)
     names = [s.study_name for s in optuna.get_all_study_summaries(store, include_best_trial=False)]
     if name not in names:
-        known = ", ".join(sorted(names)) or "none"
-        raise UsageError(f"no study named {name!r} in {redact(url)} (studies: {known})")
+        raise unknown_study(name, redact(url), names)
     return optuna.load_study(study_name=name, storage=store)

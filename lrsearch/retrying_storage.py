@@ -95,6 +95,47 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
     def set_study_user_attr(self, study_id: int, key: str, value: Any) -> None:
         self._do("set_study_user_attr", study_id, key, value)
 
+    def set_study_user_attrs(self, study_id: int, values: dict[str, Any]) -> None:
+        """Several study user attributes in one transaction (Optuna writes one per call):
+        a submitted study is queued with all of its attributes or none, in one commit."""
+        rdb = getattr(self._inner, "_backend", self._inner)
+        self._call(self._set_study_user_attrs, rdb, study_id, values)
+
+    @staticmethod
+    def _set_study_user_attrs(rdb: Any, study_id: int, values: dict[str, Any]) -> None:
+        import json
+
+        from optuna.storages._rdb import models
+        from optuna.storages._rdb.storage import _create_scoped_session
+
+        with _create_scoped_session(rdb.scoped_session, True) as session:
+            stored = {a.key: a for a in models.StudyUserAttributeModel.where_study_id(study_id, session)}
+            for key, value in values.items():
+                if key in stored:
+                    stored[key].value_json = json.dumps(value)
+                else:
+                    session.add(models.StudyUserAttributeModel(study_id=study_id, key=key,
+                                                               value_json=json.dumps(value)))
+
+    def heartbeat_ages(self, study_id: int, trial_ids: Sequence[int]) -> dict[int, float]:
+        """Seconds since each trial's last heartbeat, on the database's clock (trials that
+        never beat are left out). A finished trial's worker keeps beating until its MLflow
+        record is sent (see ``worker.py``), so this tells a record on its way from a lost one."""
+        rdb = getattr(self._inner, "_backend", self._inner)
+        return self._call(self._heartbeat_ages, rdb, list(trial_ids)) if trial_ids else {}
+
+    @staticmethod
+    def _heartbeat_ages(rdb: Any, trial_ids: list[int]) -> dict[int, float]:
+        import sqlalchemy as sa
+        from optuna.storages._rdb import models
+        from optuna.storages._rdb.storage import _create_scoped_session
+
+        with _create_scoped_session(rdb.scoped_session) as session:
+            now = session.execute(sa.func.now()).scalar().replace(tzinfo=None)
+            beats = session.query(models.TrialHeartbeatModel).filter(
+                models.TrialHeartbeatModel.trial_id.in_(trial_ids)).all()
+            return {b.trial_id: (now - b.heartbeat).total_seconds() for b in beats}
+
     def set_study_system_attr(self, study_id: int, key: str, value: Any) -> None:
         self._do("set_study_system_attr", study_id, key, value)
 

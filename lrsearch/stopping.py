@@ -18,6 +18,7 @@ from lrsearch.errors import LrsearchError
 # The fd of a pipe whose other end only the parent holds (`run --workers` sets it for the
 # workers it starts): when the parent dies, however, the pipe reads EOF.
 PARENT_FD_ENV = "LRSEARCH_PARENT_FD"
+PARENT_PID_ENV = "LRSEARCH_PARENT_PID"  # and the parent's pid, to notice one already gone
 
 _installed: StopFlag | None = None
 
@@ -104,10 +105,13 @@ def check_stop() -> None:
 
 def watch_parent() -> None:
     """In a worker started by ``run --workers``: stop as on SIGTERM when the parent dies
-    (even by SIGKILL), so no worker outlives the command that started it."""
+    (even by SIGKILL), so no worker outlives the command that started it. On Linux the
+    kernel sends the signal (``PR_SET_PDEATHSIG``) the moment the parent dies; everywhere,
+    a thread also waits for the end of a pipe only the parent holds."""
     fd = os.environ.pop(PARENT_FD_ENV, None)
     if fd is None:
         return
+    _die_with_parent(int(os.environ.pop(PARENT_PID_ENV, "0") or 0))
 
     def wait() -> None:
         try:
@@ -118,6 +122,25 @@ def watch_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=wait, name="lrsearch-parent", daemon=True).start()
+
+
+def _die_with_parent(parent: int) -> None:
+    """SIGTERM from the kernel when the parent process dies (Linux), and now if it already
+    has (this process then has another parent)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):  # no prctl here: the pipe still tells
+        return
+    if parent and os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 class Cancelled(Exception):

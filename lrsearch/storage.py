@@ -119,9 +119,10 @@ def open_storage(url: str, *, create: bool = True, hint: str = "") -> Any:
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats
             if path is not None:
                 new_sqlite_file(path)
+            warm = _schema_is_current(url, engine_kwargs, optuna.__version__)
             storage = optuna.storages.RDBStorage(
                 url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval(),
-                grace_period=grace_period())
+                grace_period=grace_period(), skip_table_creation=warm, skip_compatibility_check=warm)
             if path is not None:
                 _relax_sync(storage.engine)
     except (ArgumentError, NoSuchModuleError, ValueError) as e:  # not a database URL
@@ -135,6 +136,26 @@ def open_storage(url: str, *, create: bool = True, hint: str = "") -> Any:
     retry = Retry(f"the database {redact(given)}", hint=hint, check_stop=check_stop)
     # Optuna's cache of finished trials (what optuna.create_study would wrap it in), then retries.
     return RetryingStorage(optuna.storages.get_storage(storage), retry, storage.engine)
+
+
+def _schema_is_current(url: str, engine_kwargs: dict[str, Any], version: str) -> bool:
+    """Whether the store's tables were created (or last upgraded) by this very Optuna
+    release, so its table creation and schema check can be skipped: they import Alembic and
+    read every migration script (about half of a ``submit``). Optuna stamps ``version_info``
+    when it creates or upgrades the tables; any other answer (no tables yet, another
+    release, an error) means the full check."""
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool, **{k: v for k, v in engine_kwargs.items()
+                                                                  if k == "connect_args"})
+    try:
+        with engine.connect() as conn:
+            stamped = conn.execute(sa.text("SELECT library_version FROM version_info")).scalar()
+    except sa.exc.SQLAlchemyError:  # no such table: a new store
+        return False
+    finally:
+        engine.dispose()
+    return stamped == version
 
 
 def check_stores(storage: str, tracking: str) -> None:
@@ -179,33 +200,40 @@ def grace_period() -> int:
     return int(os.environ.get("LRSEARCH_HEARTBEAT_GRACE", "20"))
 
 
-@contextlib.contextmanager
-def heartbeat(store: Any, trial_id: int) -> Iterator[None]:
-    """Record the trial's heartbeat now and every ``heartbeat_interval()`` seconds on a
-    thread, until the block ends (nothing for a storage without heartbeats). A beat that
-    fails (an outage longer than the store's window) is tried again at the next interval;
-    the trial itself meets the same outage."""
-    if store.get_heartbeat_interval() is None:
-        yield
-        return
-    stop = threading.Event()
+class Heartbeat:
+    """A trial's heartbeat, recorded now and every ``heartbeat_interval()`` seconds on a
+    thread until :meth:`stop` (nothing for a storage without heartbeats). It outlives the
+    trial's training: the worker keeps beating until the trial's MLflow record is sent, so a
+    study's last worker can tell a record on its way (a live worker beats) from one lost
+    with its worker (no beat for the grace period). A beat that fails (an outage longer than
+    the store's window) is tried again at the next interval; the trial meets the same outage."""
 
-    def beat() -> None:
+    def __init__(self, store: Any, trial_id: int) -> None:
+        self.store = store
+        self.trial_id = trial_id
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> Heartbeat:
+        if self.store.get_heartbeat_interval() is not None:
+            self._thread = threading.Thread(target=self._beat, name="lrsearch-heartbeat", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop beating (from any thread; idempotent)."""
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def _beat(self) -> None:
         while True:
             try:
-                store.record_heartbeat(trial_id)
+                self.store.record_heartbeat(self.trial_id)
             except Exception:
                 pass
-            if stop.wait(heartbeat_interval()):
+            if self._stop.wait(heartbeat_interval()):
                 return
-
-    thread = threading.Thread(target=beat, name="lrsearch-heartbeat", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
 
 
 # -- PostgreSQL: one database, one schema per owner ----------------------------------------

@@ -7,6 +7,7 @@ at its end rather than a round trip per value.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -16,13 +17,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from lrsearch import attrs
+from lrsearch import attrs, faults
 from lrsearch.descriptions import DEFAULT_UI_PORT, NOTE_TAG, OBJECTIVE_METRIC, TRIALS_VIEW, VIEW_TAG_PREFIX, run_path, trials_path
 from lrsearch.errors import TrackingError, first_line
 from lrsearch.retry import Retry, reason
 from lrsearch.stopping import check_stop
 from lrsearch.storage import (
-    MLFLOW_MARKERS, artifact_root, check_sqlite_owner, folder_name, new_sqlite_file, redact, sqlite_path,
+    MLFLOW_MARKERS, artifact_root, check_sqlite_owner, folder_name, new_sqlite_file, redact, sqlite_path, store_lock,
 )
 
 PARENT_TAG = "mlflow.parentRunId"
@@ -69,7 +70,11 @@ class Tracker:
         else:
             for name, value in HTTP_LIMITS.items():
                 os.environ.setdefault(name, value)
-        self.client = MlflowClient(tracking_uri=uri, registry_uri=uri if path is None else None)
+        # The client makes (or migrates) MLflow's tables as it starts: workers starting
+        # together would collide ("duplicate column name"), so one at a time per store (a
+        # tracking server migrates its own database).
+        with contextlib.nullcontext() if is_server(uri) else store_lock(uri):
+            self.client = MlflowClient(tracking_uri=uri, registry_uri=uri if path is None else None)
         self.retry = Retry(f"MLflow tracking at {redact(uri)}", check_stop=check_stop)
 
     def check(self) -> None:
@@ -99,15 +104,17 @@ class Tracker:
 
     def start_study(self, experiment_id: str, name: str, params: Mapping[str, Any],
                     tags: Mapping[str, str], study_file: Path | None, run_id: str | None = None,
-                    status: str = "RUNNING") -> str:
-        """The study's parent run: ``run_id`` reopened when resuming (unless it is RUNNING:
-        workers are on it), else a new run with the study file as params (set once: MLflow
-        params are immutable) and as an artifact. ``status``: SCHEDULED for a study that
-        waits for workers, RUNNING for one that a worker starts."""
-        if run_id is not None and self._exists(run_id):
-            if self.status(run_id) != "RUNNING":
-                self._call(self.client.update_run, run_id, status=status)
-            self._log(run_id, tags=tags)
+                    status: str = "SCHEDULED") -> str:
+        """The study's parent run: ``run_id`` if it still exists (its status kept: a worker
+        sets RUNNING when it claims a trial), else a new run with ``status`` (SCHEDULED until a
+        worker claims a trial). The study file's keys become its params and the file its
+        artifact, once (MLflow params are immutable): a run made without them (a study no
+        worker could run) gets them when one can."""
+        run = self._run(run_id) if run_id is not None else None
+        if run is not None:
+            self._log(run_id, params=None if run.data.params else params, tags=tags)
+            if not run.data.params and study_file is not None:
+                self._call(self.client.log_artifact, run_id, str(study_file))
             return run_id
         run_id = self._create_run(experiment_id, name, {"lrsearch.role": "study", **tags})
         self._log(run_id, params=params)
@@ -240,13 +247,15 @@ class Tracker:
     def trials_url(self, experiment_id: str) -> str:
         return trials_url(self.uri, experiment_id)
 
-    def _exists(self, run_id: str) -> bool:
+    def _run(self, run_id: str) -> Any:
+        """The run, or None if it was deleted (by hand) or belongs to another store."""
         from mlflow.exceptions import MlflowException
 
         try:
-            return self._call(self.client.get_run, run_id).info.lifecycle_stage == "active"
-        except MlflowException:  # deleted by hand, or from another store
-            return False
+            run = self._call(self.client.get_run, run_id)
+        except MlflowException:
+            return None
+        return run if run.info.lifecycle_stage == "active" else None
 
     def _call(self, fn: Callable[..., Any], *args: Any, recover: Callable[[], Any] | None = None,
               **kwargs: Any) -> Any:
@@ -307,28 +316,40 @@ class TrialRecord:
             self.error = f"MLflow tracking lost: {first_line(e)}"
             return
         self.run_id = run_id
+        faults.point("run-created")
         self.set_attr(attrs.MLFLOW_RUN, run_id)
 
     def finish(self, outbox: Outbox, write_artifacts: Callable[[Path], None], history: History,
                state: str, reason: str | None, status: str | None = None, *, note: str | None = None,
-               objective: float | None = None) -> None:
-        """Wait until the run is open (usually long done), then close it in the background."""
-        if self._opened is None:
-            return
-        self._opened.exception()  # waits; MLflow's errors land in self.error, not raised
-        if self.error is not None:
-            self.set_attr(attrs.TRACKING_ERROR, self.error)
-        elif self.run_id is not None:
-            outbox.submit(f"trial {self.number}", self._send, self.run_id, write_artifacts, history,
-                          state, reason, status, note, objective)
+               objective: float | None = None, then: Callable[[], None] = lambda: None) -> None:
+        """Wait until the run is open (usually long done), then close it in the background;
+        ``then()`` runs once the record is sent, or has failed (the trial's heartbeat stops)."""
+        handed = False
+        try:
+            if self._opened is not None:
+                self._opened.exception()  # waits; MLflow's errors land in self.error, not raised
+                if self.error is not None:
+                    self.set_attr(attrs.TRACKING_ERROR, self.error)
+                elif self.run_id is not None:
+                    outbox.submit(f"trial {self.number}", self._send, self.run_id, write_artifacts, history,
+                                  state, reason, status, note, objective, then)
+                    handed = True
+        finally:
+            if not handed:
+                then()
 
     def _send(self, run_id: str, write_artifacts: Callable[[Path], None], history: History, state: str,
-              reason: str | None, status: str | None, note: str | None, objective: float | None) -> None:
-        with artifact_dir() as tmp:
-            folder = Path(tmp)
-            write_artifacts(folder)
-            self.tracker.finish_trial(run_id, history, state, reason=reason, artifacts=folder, status=status,
-                                      note=note, objective=objective)
+              reason: str | None, status: str | None, note: str | None, objective: float | None,
+              then: Callable[[], None]) -> None:
+        try:
+            faults.point("record")
+            with artifact_dir() as tmp:
+                folder = Path(tmp)
+                write_artifacts(folder)
+                self.tracker.finish_trial(run_id, history, state, reason=reason, artifacts=folder, status=status,
+                                          note=note, objective=objective)
+        finally:
+            then()
 
 
 class Outbox:
@@ -366,6 +387,57 @@ class Outbox:
         error = future.exception()  # waits
         if error is not None:
             self._errors.append(f"{label}: {first_line(error)}")
+
+
+def check_tracking(uri: str) -> None:
+    """Raise :class:`TrackingError` if a tracking server does not answer, or refuses the
+    login, with one REST request and without importing MLflow (``submit`` writes nothing to
+    MLflow: a worker does, and ``submit`` must answer at once). The same bounds and messages
+    as :meth:`Tracker.check`; an embedded store has nothing to reach."""
+    if not is_server(uri):
+        return
+    import base64
+    import socket
+    import urllib.error
+    import urllib.request
+
+    timeout = float(os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT") or HTTP_LIMITS["MLFLOW_HTTP_REQUEST_TIMEOUT"])
+    request = urllib.request.Request(f"{_without_credentials(uri).rstrip('/')}/api/2.0/mlflow/experiments/search"
+                                     "?max_results=1")
+    user, password = _credentials(uri)
+    if user is not None:
+        token = base64.b64encode(f"{user}:{password or ''}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    elif os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        request.add_header("Authorization", f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            response.read()
+    except urllib.error.HTTPError as e:
+        if e.code in (401, 403):
+            raise TrackingError(f"MLflow tracking at {redact(uri)} refused the login: set "
+                                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD") from None
+        raise TrackingError(f"cannot reach MLflow tracking at {redact(uri)}: HTTP {e.code} {e.reason}") from None
+    except (urllib.error.URLError, OSError) as e:
+        cause = getattr(e, "reason", e)
+        if isinstance(cause, (socket.timeout, TimeoutError)):
+            why = f"no answer within {timeout:g} s"
+        elif isinstance(cause, OSError) and cause.strerror:
+            why = cause.strerror[:1].lower() + cause.strerror[1:]
+        else:
+            why = str(cause)
+        raise TrackingError(f"cannot reach MLflow tracking at {redact(uri)}: {_without(why, uri)}") from None
+
+
+def _credentials(uri: str) -> tuple[str | None, str | None]:
+    """The login a client sends: ``user:password@`` in the URI, else MLflow's variables."""
+    from urllib.parse import unquote, urlsplit
+
+    parts = urlsplit(uri)
+    if parts.username is not None:
+        return unquote(parts.username), unquote(parts.password) if parts.password is not None else None
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    return (user, os.environ.get("MLFLOW_TRACKING_PASSWORD")) if user else (None, None)
 
 
 def ui_base(uri: str) -> str:

@@ -15,6 +15,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
+from lrsearch import faults
 from lrsearch.config import Config
 from lrsearch.data import Dataset
 from lrsearch.logger import MemoryLogger
@@ -70,6 +71,7 @@ class StopCallback(pl.Callback):
         self.flag = flag
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        faults.point("epoch")
         if self.flag.requested:
             trainer.should_stop = True
 

@@ -13,16 +13,16 @@ from typing import Any, Callable, Iterator, Sequence
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from lrsearch import attrs
+from lrsearch import attrs, faults
 from lrsearch.errors import LrsearchError, first_line
 from lrsearch.objective import Objective
 from lrsearch.results import FINISHED_STATES, counts
 from lrsearch.retry import MAX_RETRY_DELAY_S
-from lrsearch.service import queue
-from lrsearch.session import Session, close_parent, join
+from lrsearch.service import config_digest, queue
+from lrsearch.session import Session, close_parent, join, mark_unrunnable, start_parent
 from lrsearch.stopping import Cancelled, Interrupted, StopFlag
 from lrsearch.storage import (
-    checkpoint, close_connections, grace_period, heartbeat, open_storage, storage_url, store_lock, tracking_uri,
+    Heartbeat, checkpoint, close_connections, grace_period, open_storage, storage_url, store_lock, tracking_uri,
 )
 from lrsearch.tracking import Tracker
 
@@ -66,9 +66,13 @@ class Worker:
         self.warn = warn or (lambda line: None)
         self.sessions: dict[str, tuple[Session, Objective]] = {}
         self.ended: dict[str, str] = {}  # studies that ended while served here: name -> "done" or "cancelled"
-        self.broken: dict[str, str] = {}  # studies this worker cannot run (say, a CSV file it lacks)
+        # Studies this worker cannot run (a configuration this version cannot read, a CSV
+        # file this host lacks), by the stored configuration it failed on: a corrected
+        # resubmission is tried again.
+        self.broken: dict[str, str] = {}
         self.warnings: list[str] = []  # of the studies it has let go
         self._last: str | None = None
+        faults.worker = index
 
     def add(self, session: Session) -> None:
         """Serve a study this process opened itself (``open_session``)."""
@@ -76,11 +80,19 @@ class Worker:
 
     def open_studies(self) -> list[str]:
         """The queue (``service.queue``), less the studies this worker cannot run."""
-        return [name for name in queue(self.store) if name not in self.broken]
+        open_now = queue(self.store, with_config=True)
+        for name in [n for n in self.broken if open_now.get(n) != self.broken[n]]:
+            del self.broken[name]  # resubmitted (or gone): worth another try
+        return [name for name in open_now if name not in self.broken]
 
     def step(self, names: Sequence[str]) -> bool:
         """Claim and run one trial of the first of ``names`` (after the study served last)
-        that has an open slot; False if none has."""
+        that has an open slot; False if none has. A study this worker serves that left
+        ``names`` (cancelled, or done by other workers) is let go first, its parent run
+        closed if this worker was the last on it."""
+        for name in [n for n in self.sessions if n not in names]:
+            session = self.sessions[name][0]
+            self._end(session, "cancelled" if _cancelled(session) is not None else "done")
         if self._last in names:
             at = names.index(self._last) + 1
             names = [*names[at:], *names[:at]]
@@ -96,6 +108,8 @@ class Worker:
             if trial is None:  # its open slots run elsewhere
                 continue
             self._last = name
+            if not session.started:
+                start_parent(session, objective.outbox)
             frozen = _run_trial(session, objective, trial)
             for callback in self.callbacks:
                 callback(session.study, frozen)
@@ -104,15 +118,16 @@ class Worker:
             return True
         return False
 
-    def finish(self, status: str) -> list[str]:
+    def finish(self, status: str, why: str | None = None) -> list[str]:
         """The end of this worker: every MLflow record written, each study's parent run
-        closed if this worker is its last, embedded stores checkpointed (the process may exit
-        without closing). Returns the warnings of all its studies."""
+        closed if this worker is its last (``why`` it stopped, for a study left interrupted),
+        embedded stores checkpointed (the process may exit without closing). Returns the
+        warnings of all its studies."""
         lines = self.warnings
         for session, objective in self.sessions.values():
             session.warnings.extend(objective.drain())
             ended = self.ended.get(session.study.study_name)
-            close_parent(session, "KILLED" if ended == "cancelled" else status)
+            close_parent(session, "KILLED" if ended == "cancelled" else status, why)
             lines += session.warnings
         for url in (self.url, self.tracker.uri):
             checkpoint(url)
@@ -129,11 +144,20 @@ class Worker:
             try:
                 session = join(name, self.store, self.url, self.tracker, worker=self.index)
             except LrsearchError as e:  # this study cannot run here; the others can
-                self.broken[name] = str(e)
-                self.warn(f"study {name!r} skipped: {e}")
+                self._unrunnable(name, str(e))
                 return None
             self.add(session)
         return self.sessions[name]
+
+    def _unrunnable(self, name: str, reason: str) -> None:
+        """Skip the study from now on (until it is resubmitted), saying why where its
+        owner looks: ``status``, the ``studies`` view, its parent run's description."""
+        self.broken[name] = _config_of(self.store, name)
+        self.warn(f"study {name!r} skipped: {reason}")
+        try:
+            mark_unrunnable(self.store, name, self.url, self.tracker, reason)
+        except Exception as e:  # the warning above stands; the record can wait for the next worker
+            self.warn(f"could not record why study {name!r} cannot run here: {first_line(e)}")
 
     def _end(self, session: Session, how: str) -> None:
         """A study done, or cancelled: its parent run closed as the study stands (by whichever
@@ -158,7 +182,7 @@ def serve(storage: str | None = None, tracking: str | None = None, *, index: int
     worker = Worker(store, url, Tracker(tracking_uri(tracking)), index=index, stop=stop, callbacks=callbacks,
                     warn=warn)
     idle_since, wait = time.monotonic(), WAIT_S
-    status = "FAILED"
+    status, why = "FAILED", None
     try:
         while True:
             worker.stop.check()
@@ -170,15 +194,27 @@ def serve(storage: str | None = None, tracking: str | None = None, *, index: int
             time.sleep(wait)
             wait = min(2 * wait, MAX_WAIT_S)
         status = "FINISHED"
-    except (Interrupted, KeyboardInterrupt):
-        status = "KILLED"
+    except BaseException as e:
+        status, why = stopped_by(e)
         raise
     finally:
-        lines = worker.finish(status)
+        lines = worker.finish(status, why)
     return lines
 
 
-def work(session: Session, *, stop: StopFlag | None = None, callbacks: Sequence[TrialCallback] = ()) -> None:
+def stopped_by(error: BaseException) -> tuple[str, str]:
+    """A worker's parent-run status for the exception that stopped it, and why in words."""
+    import signal
+
+    if isinstance(error, Interrupted):
+        return "KILLED", signal.Signals(error.signum).name
+    if isinstance(error, KeyboardInterrupt):
+        return "KILLED", "SIGINT"
+    return "FAILED", f"an error: {type(error).__name__}: {first_line(error)}"
+
+
+def work(session: Session, *, stop: StopFlag | None = None, callbacks: Sequence[TrialCallback] = (),
+         index: int = 0) -> None:
     """Run trials of this one study until its total of COMPLETE + PRUNED trials is reached
     (or it is cancelled), then close the parent run if this worker is the last.
 
@@ -187,10 +223,10 @@ def work(session: Session, *, stop: StopFlag | None = None, callbacks: Sequence[
     trial whose worker died is freed when its heartbeat goes stale, and its parameters are
     queued again, under the same lock, to be taken by the next claim.
     """
-    worker = Worker(session.store, session.url, session.tracker, stop=stop, callbacks=callbacks)
+    worker = Worker(session.store, session.url, session.tracker, index=index, stop=stop, callbacks=callbacks)
     worker.add(session)
     name = session.study.study_name
-    status = "FAILED"
+    status, why = "FAILED", None
     try:
         while True:
             worker.stop.check()
@@ -200,11 +236,18 @@ def work(session: Session, *, stop: StopFlag | None = None, callbacks: Sequence[
                 break
             time.sleep(WAIT_S)  # the rest is running elsewhere: wait for it
         status = "FINISHED"
-    except (Interrupted, KeyboardInterrupt):
-        status = "KILLED"
+    except BaseException as e:
+        status, why = stopped_by(e)
         raise
     finally:
-        worker.finish(status)  # the warnings stay in session.warnings
+        worker.finish(status, why)  # the warnings stay in session.warnings
+
+
+def _config_of(store: Any, name: str) -> str:
+    try:
+        return config_digest(store.get_study_user_attrs(store.get_study_id_from_name(name)).get(attrs.CONFIG))
+    except Exception:  # gone, or unreadable: tried again when the queue next shows it
+        return ""
 
 
 _DONE: Any = object()
@@ -225,7 +268,8 @@ def _claim(session: Session) -> optuna.trial.Trial | None | Any:
     for a cancelled study."""
     study = session.study
     with store_lock(session.url, session.store.retry) as lock:
-        if _cancelled(session) is not None:
+        user_attrs = session.store.get_study_user_attrs(session.study_id)
+        if user_attrs.get(attrs.CANCELLED) is not None:
             return _CANCELLED
         # After an outage, a live worker's heartbeat resumes within one retry delay of the
         # database's return, and this worker's last failure was at most one delay before it.
@@ -240,6 +284,10 @@ def _claim(session: Session) -> optuna.trial.Trial | None | Any:
         with warnings.catch_warnings():  # "heartbeats are meant for optimize": _run_trial beats itself
             warnings.simplefilter("ignore", UserWarning)
             trial = study.ask()
+        faults.point("claimed")
+        if user_attrs.get(attrs.INTERRUPTED) is not None:  # its last worker closed the parent run: reopen it
+            session.store.set_study_user_attr(session.study_id, attrs.INTERRUPTED, None)
+            session.started = False
         if lock.held():
             return trial
     return _confirm_claim(session, trial)
@@ -261,32 +309,57 @@ def _confirm_claim(session: Session, trial: optuna.trial.Trial) -> optuna.trial.
 
 def _run_trial(session: Session, objective: Objective, trial: optuna.trial.Trial) -> FrozenTrial:
     """Train one trial and tell Optuna how it ended (this worker's own ask-and-tell, so that
-    a failure on the way, a second signal included, never leaves the trial RUNNING)."""
+    a failure on the way, a second signal included, never leaves the trial RUNNING). Its
+    heartbeat goes on until its MLflow record is sent; a trial stopped by a signal, a lost
+    parent or ``cancel --now`` is queued again, as a lost worker's is."""
     study = session.study
     value: float | None = None
     error: BaseException | None = None
-    with heartbeat(session.store, trial._trial_id), _watch_cancel(session) as cancelled:
-        try:
-            value = objective(trial, cancelled)
-            state = TrialState.COMPLETE
-        except optuna.TrialPruned:
-            state = TrialState.PRUNED
-        except Cancelled:  # `lrsearch cancel --now`: FAIL, and the worker goes on
-            state = TrialState.FAIL
-        except BaseException as e:  # recorded FAIL, then raised
-            state, error = TrialState.FAIL, e
+    requeue = False
+    beat = Heartbeat(session.store, trial._trial_id).start()
+    try:
+        with _watch_cancel(session) as cancelled:
+            try:
+                value = objective(trial, cancelled, recorded=beat.stop)
+                state = TrialState.COMPLETE
+            except optuna.TrialPruned:
+                state = TrialState.PRUNED
+            except Cancelled:  # `lrsearch cancel --now`: FAIL, and the worker goes on
+                state, requeue = TrialState.FAIL, True
+            except BaseException as e:  # recorded FAIL, then raised
+                state, error = TrialState.FAIL, e
+                requeue = isinstance(e, (Interrupted, KeyboardInterrupt))
+    except BaseException:
+        beat.stop()
+        raise
     try:
         study.tell(trial, value, state=state, skip_if_finished=True)
     except Exception as e:  # the sampler's after_trial, say: the trial must not stay RUNNING
         _fail_untold(session, trial, e)
         raise
+    faults.point("told")
     frozen = session.store.get_trial(trial._trial_id)
     if frozen.state != state:  # failed by another worker that found no heartbeat of it
         session.warnings.append(f"trial {trial.number} was marked {frozen.state.name} by another worker "
                                 f"while it ran here ({frozen.user_attrs.get(attrs.REASON, 'no heartbeat')})")
+    elif requeue:
+        _queue_again(session, frozen)
     if error is not None:
         raise error
     return frozen
+
+
+def _queue_again(session: Session, trial: FrozenTrial) -> bool:
+    """Queue a trial's parameters again (WAITING: the next claim takes it) unless it has
+    been retried ``MAX_RETRIES`` times already; recorded as Optuna's
+    ``RetryHeartbeatStaleTrialCallback`` records retries."""
+    history = [*trial.system_attrs.get(attrs.RETRY_HISTORY, []), trial.number]
+    if len(history) > MAX_RETRIES:
+        return False
+    session.study.add_trial(optuna.trial.create_trial(
+        state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
+        system_attrs={attrs.FAILED_TRIAL: history[0], attrs.RETRY_HISTORY: history}))
+    return True
 
 
 @contextlib.contextmanager
@@ -345,11 +418,7 @@ def _fail_stale_trials(session: Session) -> None:
             session.warnings.append(f"could not record trial {trial.number}'s MLflow run: {first_line(e)}")
         store.set_trial_user_attr(trial_id, attrs.REASON, reason)
         store.set_trial_state_values(trial_id, TrialState.FAIL)
-        history = [*trial.system_attrs.get(attrs.RETRY_HISTORY, []), trial.number]
-        if len(history) <= MAX_RETRIES:
-            study.add_trial(optuna.trial.create_trial(
-                state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
-                system_attrs={attrs.FAILED_TRIAL: history[0], attrs.RETRY_HISTORY: history}))
+        _queue_again(session, trial)
         if run_id:
             try:
                 tracker.kill_run(run_id, reason)

@@ -234,3 +234,15 @@ def test_credentials_in_a_tracking_uri_are_hidden(cli, write_study):
     line = _one_line_error(result.stderr)
     assert line.startswith("lrsearch: error: cannot reach MLflow tracking at http://bob:***@127.0.0.1:9: ")
     assert "tr4ck-s3cret" not in result.stderr + result.stdout
+
+
+def test_a_long_name_is_echoed_cut_short(cli, write_study):
+    """A value the user gave comes back in a message at a readable length, not whole."""
+    assert cli("run", str(write_study()), "--trials", "1", "--epochs", "1", "--no-report").returncode == 0
+    name = "n" * 1500
+    for args in (("status", name), ("cancel", name), ("best", name), ("report", name),
+                 ("run", str(write_study()), "--name", name)):
+        result = cli(*args)
+        line = _one_line_error(result.stderr)
+        assert result.returncode == 2 and len(line) < 250, (args, len(line))
+        assert "'" + "n" * 58 + "…" in line and "n" * 59 not in line, line

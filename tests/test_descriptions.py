@@ -73,11 +73,14 @@ def test_a_long_study_note_stays_within_mlflows_tag_limit():
 
 def test_phase_follows_the_study():
     study = _study("maximize", [(TrialState.COMPLETE, 0.5, {})])
-    assert phase_of(study) == "stopped"
+    study.set_user_attr(attrs.TARGET, 2)
+    assert phase_of(study) == "queued"
+    study.set_user_attr(attrs.INTERRUPTED, {"at": "2026-11-26T00:00:00", "signal": "SIGINT"})
+    assert phase_of(study) == "interrupted"
     study.set_user_attr(attrs.CANCELLED, "2026-11-26T00:00:00")
     assert phase_of(study) == "cancelled"
     study.set_user_attr(attrs.TARGET, 1)
-    assert phase_of(study) == "done"
+    assert phase_of(study) == "done"  # a cancelled study whose total was reached is done
 
 
 @pytest.mark.parametrize("direction", ["maximize", "minimize"])

@@ -155,6 +155,42 @@ def test_a_killed_worker_loses_no_trial(pg_url, tracking_server, tmp_path):
     _assert_nothing_running(pg_url, "kill-9", tracking_server)
 
 
+@pytest.mark.parametrize("moment", ["claimed", "run-created", "epoch", "told"])
+def test_a_worker_killed_at_any_moment_of_a_trial_leaves_nothing_running(pg_url, tracking_server, tmp_path, moment):
+    """`run --workers 2` whose second worker is SIGKILLed at one moment of its first trial
+    (lrsearch/faults.py): before the trial's MLflow run exists, as the run is made, while it
+    trains, and once Optuna is told but the run's last records are still on their way. The
+    first worker finishes the study: its exact total, the killed trial queued again (or, told
+    COMPLETE, kept), and nothing RUNNING in Optuna or MLflow."""
+    name = f"kill-at-{moment}"
+    env = {**FAST_HEARTBEAT, "LRSEARCH_KILL_AT": f"{moment}:1"}
+    if moment == "told":
+        env["LRSEARCH_SLOW_AT"] = "record:1"  # its records still on their way when it dies
+    proc = _lrsearch("run", str(_study_file(tmp_path, name, trials=4, epochs=300)), "--workers", "2",
+                     "--no-report", "--storage", pg_url, "--tracking-uri", tracking_server, env=env)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, err
+    assert err.strip().splitlines()[-1] == ("lrsearch: error: 1 of 1 other workers failed (worker 1: exit code -9); "
+                                            "run the same command again to resume")
+    study = _study(pg_url, name)
+    states = _states(study)
+    assert states.get("COMPLETE", 0) + states.get("PRUNED", 0) == 4 and set(states) <= {"COMPLETE", "PRUNED", "FAIL"}
+    failed = [t for t in study.trials if t.state.name == "FAIL"]
+    assert len(failed) == (0 if moment == "told" else 1), [(t.number, t.state.name, t.user_attrs) for t in study.trials]
+    for dead in failed:
+        assert dead.user_attrs["reason"] == "worker lost: no heartbeat for 4 s"
+        retry = [t for t in study.trials if t.system_attrs.get("failed_trial") == dead.number]
+        assert len(retry) == 1 and retry[0].state.name == "COMPLETE"
+        assert retry[0].params == dead.params or not dead.params  # killed before sampling: sampled afresh
+    _assert_nothing_running(pg_url, name, tracking_server)
+    client, runs = _runs(tracking_server, name)
+    trial_runs = [r for r in runs if r.data.tags.get("lrsearch.role") == "trial"]
+    assert len(trial_runs) == len(study.trials)  # one run per trial, made once
+    if moment == "told":  # its run was closed for it, as its trial ended
+        lost = [r for r in trial_runs if "tracking_error" in r.data.tags]
+        assert [(r.info.status, r.data.tags["state"]) for r in lost] == [("FINISHED", "COMPLETE")]
+
+
 def test_sigterm_stops_cleanly_and_the_same_command_resumes(pg_url, tracking_server, tmp_path):
     path = _study_file(tmp_path, "sigterm", trials=3, epochs=400)
     args = ("run", str(path), "--no-report", "--storage", pg_url, "--tracking-uri", tracking_server)

@@ -4,6 +4,7 @@ workers, served round robin, watched with status, cancelled, and a worker killed
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -58,6 +59,14 @@ def _trials(storage: str, name: str) -> list:
     return optuna.load_study(study_name=name, storage=open_storage(storage)).get_trials(deepcopy=False)
 
 
+def _experiment(tracking: str, name: str) -> bool:
+    """Whether MLflow has an experiment for the study (without creating an embedded store)."""
+    path = tracking.removeprefix("sqlite:///")
+    if path != tracking and not os.path.exists(path):
+        return False
+    return MlflowClient(tracking_uri=tracking).get_experiment_by_name(name) is not None
+
+
 def _parent(tracking: str, name: str):
     client = MlflowClient(tracking_uri=tracking)
     experiment = client.get_experiment_by_name(name)
@@ -71,8 +80,11 @@ def _scenario(stores: tuple[str, str]) -> None:
     storage, tracking = stores
     for name in ("a", "b", "c"):
         sub = submit(_cfg(name, 3, 2), storage=storage, tracking=tracking)
-        assert not sub.resumed and sub.target == 3
-    assert {r["state"] for r in status(storage=storage, tracking=tracking)} == {"queued"}
+        assert not sub.resumed and sub.target == 3 and sub.mlflow_url is None
+    # submit writes to Optuna only: MLflow's records are the first worker's to make.
+    assert not _experiment(tracking, "a")
+    rows = status(storage=storage, tracking=tracking)
+    assert {r["state"] for r in rows} == {"queued"} and {r["mlflow_url"] for r in rows} == {None}
     workers = [_worker(storage, tracking, max_idle=5) for _ in range(2)]
     for name in ("a", "b", "c"):
         row = _wait(stores, name, lambda r: r["state"] == "done", workers)
@@ -112,7 +124,7 @@ def _scenario(stores: tuple[str, str]) -> None:
     submit(_cfg("queued", 2, 2), storage=storage, tracking=tracking)
     assert "none running" in cancel("queued", storage=storage, tracking=tracking)
     assert _row(stores, "queued")["state"] == "cancelled"
-    assert _parent(tracking, "queued")[1].info.status == "KILLED"
+    assert not _experiment(tracking, "queued")  # no worker started it: no MLflow record to close
     assert submit(_cfg("queued", 2, 2), storage=storage, tracking=tracking).resumed  # resumes it
     assert _row(stores, "queued")["state"] == "queued"
 
@@ -151,6 +163,11 @@ def test_a_worker_killed_while_two_studies_run(tmp_path):
         submit(_cfg(name, 3, 400), storage=stores[0], tracking=stores[1])
     doomed = _worker(*stores, max_idle=30, env=FAST_HEARTBEAT)
     row = _wait(stores, "x", lambda r: r["running"] >= 1, [doomed])
+    deadline = time.monotonic() + 60  # killed while it trains: its params sampled, its run made
+    while not [t for t in _trials(stores[0], "x") if t.state.name == "RUNNING" and t.params
+               and "mlflow_run_id" in t.user_attrs]:
+        assert time.monotonic() < deadline and doomed.poll() is None
+        time.sleep(0.1)
     os.killpg(doomed.pid, signal.SIGKILL)
     doomed.wait()
     survivor = _worker(*stores, max_idle=3, env=FAST_HEARTBEAT)
@@ -175,11 +192,13 @@ def test_submit_prints_the_study_and_how_to_watch_it(cli, tmp_path):
     done = cli("submit", str(study))
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
-    assert lines[0].startswith("study 'printed' submitted: 2 trials") and lines[1].startswith("MLflow: http")
-    assert "viewStateShareKey=lrsearch-trials" in lines[2] and lines[3].startswith("        (served by `lrsearch ui`")
-    assert lines[4] == "watch it: lrsearch status printed --watch"
+    assert lines[0].startswith("study 'printed' submitted: 2 trials")
+    assert lines[1] == ("MLflow: the study's run and trials appear once a worker starts it (`lrsearch status` "
+                        "then shows the link)")
+    assert lines[2] == "watch it: lrsearch status printed --watch"
     probe = ("import sys\nfrom lrsearch.cli import main\ncode = main(['submit', sys.argv[1]])\n"
-             "assert 'torch' not in sys.modules, 'submit imported torch'\nsys.exit(code)")
+             "assert 'torch' not in sys.modules, 'submit imported torch'\n"
+             "assert 'mlflow' not in sys.modules, 'submit imported MLflow'\nsys.exit(code)")
     env = {k: v for k, v in os.environ.items() if k not in ("LRSEARCH_STORAGE", "MLFLOW_TRACKING_URI", "LRSEARCH_DATA")}
     again = subprocess.run([sys.executable, "-c", probe, str(study)], cwd=tmp_path, env=env, capture_output=True,
                            text=True)
@@ -192,3 +211,43 @@ def test_submit_prints_the_study_and_how_to_watch_it(cli, tmp_path):
     assert cli("cancel", "nothing").returncode == 2
     worker = cli("worker", str(study), "--max-idle", "1")
     assert worker.returncode == 2 and "--max-idle: only without a study file" in worker.stderr
+
+
+def test_a_study_no_worker_can_run_says_why_and_a_corrected_submit_queues_it(stores, tmp_path):
+    """A stored configuration this version cannot run (an optimizer from a newer release):
+    the worker skips it with one warning and serves the others; status, the studies view and
+    the parent run's description say unrunnable, by which version and why; submitting the
+    corrected study queues it again, and a worker runs it."""
+    from lrsearch import attrs
+
+    storage, tracking = stores
+    submit(_cfg("newer", 2, 2), storage=storage, tracking=tracking)
+    submit(_cfg("fine", 1, 2), storage=storage, tracking=tracking)
+    store = open_storage(storage)
+    study_id = store.get_study_id_from_name("newer")
+    stored = store.get_study_user_attrs(study_id)[attrs.CONFIG]
+    store.set_study_user_attr(study_id, attrs.CONFIG,
+                              {**stored, "params": {**stored["params"], "optimizer": {"choices": ["lion"]}}})
+    worker = _worker(storage, tracking, max_idle=2)
+    out, err = worker.communicate(timeout=300)
+    assert worker.returncode == 0, err
+    assert "lrsearch: warning: study 'newer' skipped: study 'newer' (stored configuration): [params].optimizer" in err
+    assert _row(stores, "fine")["state"] == "done"
+    row = _row(stores, "newer")
+    assert row["state"] == "unrunnable" and row["complete"] == 0
+    assert re.fullmatch(r"lrsearch \S+ on \S+ cannot run it: study 'newer' \(stored configuration\): "
+                        r"\[params\]\.optimizer\.choices: expected one of .*, got 'lion'", row["reason"]), row
+    client, parent, _ = _parent(tracking, "newer")
+    assert parent.data.tags["mlflow.note.content"].startswith("**newer** · unrunnable · lrsearch ")
+    assert parent.info.status == "FAILED"
+
+    assert submit(_cfg("newer", 2, 2), storage=storage, tracking=tracking).resumed
+    row = _row(stores, "newer")
+    assert (row["state"], row["reason"]) == ("queued", None)
+    worker = _worker(storage, tracking, max_idle=2)
+    out, err = worker.communicate(timeout=300)
+    assert worker.returncode == 0 and "skipped" not in err, err
+    client, parent, runs = _parent(tracking, "newer")
+    assert _row(stores, "newer")["state"] == "done" and parent.info.status == "FINISHED"
+    assert parent.data.params["study.name"] == "newer"  # the params wait for a worker that can run it
+    assert parent.data.tags["mlflow.note.content"].startswith("**newer** · done · 2 of 2")

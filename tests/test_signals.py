@@ -5,6 +5,7 @@ no retry is stranded."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -79,9 +80,10 @@ def test_a_killed_run_command_takes_its_workers_with_it_and_its_retry_runs(write
     while any(_alive(pid) for pid in children):
         assert time.monotonic() < deadline, "the child worker outlived its parent"
         time.sleep(0.2)
-    # The two trials running when it was killed (one may have finished before, on a loaded machine).
+    # The two trials running when it was killed (one may have finished before, on a loaded
+    # machine): the parent's, RUNNING; its child's, interrupted (FAIL) and queued again.
     states = sorted(t.state.name for t in _trials(tmp_path) if t.state.name != "COMPLETE")
-    assert states == ["FAIL", "RUNNING"], [(t.state.name, t.user_attrs) for t in _trials(tmp_path)]
+    assert states == ["FAIL", "RUNNING", "WAITING"], [(t.state.name, t.user_attrs) for t in _trials(tmp_path)]
     assert [t.user_attrs["reason"] for t in _trials(tmp_path) if t.state.name == "FAIL"][0].startswith("interrupted")
 
     again = _start(tmp_path, study, "--workers", "2")
@@ -91,9 +93,12 @@ def test_a_killed_run_command_takes_its_workers_with_it_and_its_retry_runs(write
     summary = [(t.number, t.state.name, t.user_attrs.get("reason"), t.system_attrs.get("failed_trial")) for t in trials]
     assert sorted(t.state.name for t in trials).count("COMPLETE") == 3, (summary, err)
     assert {t.state.name for t in trials} == {"COMPLETE", "FAIL"}, summary  # nothing RUNNING, no retry WAITING
-    dead = next(t for t in trials if t.user_attrs.get("reason", "").startswith("worker lost"))
-    retry = [t for t in trials if t.system_attrs.get("failed_trial") == dead.number]
-    assert len(retry) == 1 and retry[0].state.name == "COMPLETE" and retry[0].params == dead.params, summary
+    failed = [t for t in trials if t.state.name == "FAIL"]
+    assert sorted(t.user_attrs["reason"].split(":")[0].split(" at ")[0] for t in failed) == [
+        "interrupted", "worker lost"], summary
+    for dead in failed:  # every FAIL trial accounted for: queued again, and run to the end
+        retry = [t for t in trials if t.system_attrs.get("failed_trial") == dead.number]
+        assert len(retry) == 1 and retry[0].state.name == "COMPLETE" and retry[0].params == dead.params, summary
     assert [r.info.run_name for r in _runs(tmp_path) if r.info.status == "RUNNING"] == [], summary
 
 
@@ -126,7 +131,11 @@ def test_ctrl_c_stops_every_worker_and_leaves_nothing_running(write_study, tmp_p
                                             "run the same command again to resume the study")
     assert "Traceback" not in err and "UnboundLocalError" not in err
     trials = _trials(tmp_path)
-    assert [t.state.name for t in trials] == ["FAIL", "FAIL"]
+    # both interrupted, and queued again (WAITING) for the run that resumes the study
+    assert [t.state.name for t in trials] == ["FAIL", "FAIL", "WAITING", "WAITING"]
+    assert sorted(t.system_attrs["failed_trial"] for t in trials[2:]) == [0, 1]
+    assert [t.params for t in trials[2:]] == [trials[t.system_attrs["failed_trial"]].params for t in trials[2:]]
+    trials = trials[:2]
     reasons = [t.user_attrs["reason"] for t in trials]
     if gap is None:  # the epoch each trial was in ended first
         assert all(r.startswith("interrupted at epoch ") for r in reasons), reasons
@@ -136,6 +145,13 @@ def test_ctrl_c_stops_every_worker_and_leaves_nothing_running(write_study, tmp_p
         assert all(r.startswith("interrupted") for r in reasons), reasons
     assert sorted((r.data.tags["lrsearch.role"], r.info.status) for r in _runs(tmp_path)) == [
         ("study", "KILLED"), ("trial", "KILLED"), ("trial", "KILLED")]
+    # status says interrupted (resumable), and why, until a worker takes the study up again
+    from lrsearch.service import status
+
+    row = status(storage=f"sqlite:///{tmp_path / 'data' / 'optuna.db'}",
+                 tracking=f"sqlite:///{tmp_path / 'data' / 'mlflow.db'}")[0]
+    assert (row["state"], row["running"], row["workers"]) == ("interrupted", 0, 0)
+    assert re.fullmatch(r"stopped by SIGINT at 20\d\d-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", row["reason"]), row
 
 
 def test_a_second_signal_inside_a_finalizer_prints_no_traceback(monkeypatch):

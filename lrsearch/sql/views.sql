@@ -71,17 +71,19 @@ FROM (
 {join_trial: tr ;; ranked.trial_id};
 
 -- One row per study: its trials by state, its best trial and its MLflow parent run; for a
--- submitted study (`lrsearch submit`, `run`), its total, its state in the queue (queued:
--- waiting for a worker; running: trials running; done: total reached; cancelled) and when it
--- was first submitted. best_* are NULL for multi-objective studies (a Pareto front has no
--- single best).
+-- submitted study (`lrsearch submit`, `run`), its total, its state (the rule of
+-- lrsearch/phase.py: done, cancelled, running, unrunnable, interrupted, queued, the first
+-- that holds), why when unrunnable or interrupted, and when it was first submitted. best_*
+-- are NULL for multi-objective studies (a Pareto front has no single best).
 {create_view: studies}
 SELECT
     counted.*,
     CASE WHEN counted.target IS NULL THEN NULL
-         WHEN counted.cancelled IS NOT NULL THEN 'cancelled'
          WHEN counted.n_complete + counted.n_pruned >= counted.target THEN 'done'
+         WHEN counted.cancelled IS NOT NULL THEN 'cancelled'
          WHEN counted.n_running > 0 THEN 'running'
+         WHEN counted.unrunnable IS NOT NULL THEN 'unrunnable'
+         WHEN counted.interrupted IS NOT NULL THEN 'interrupted'
          ELSE 'queued' END AS state
 FROM (
 SELECT
@@ -102,6 +104,8 @@ SELECT
     CAST({scalar: ta.value_json} AS INTEGER) AS target,
     {scalar: sa.value_json} AS submitted_at,
     {scalar: ca.value_json} AS cancelled,
+    CASE WHEN ua.value_json <> 'null' THEN ua.value_json END AS unrunnable,
+    CASE WHEN ia.value_json <> 'null' THEN ia.value_json END AS interrupted,
     AVG(CASE WHEN t.state IN ('COMPLETE', 'PRUNED')
              THEN {seconds: t.datetime_start ;; t.datetime_complete} END) AS mean_trial_s
 FROM optuna.studies s
@@ -113,6 +117,8 @@ LEFT JOIN optuna.study_user_attributes ea ON ea.study_id = s.study_id AND ea.key
 LEFT JOIN optuna.study_user_attributes ta ON ta.study_id = s.study_id AND ta.key = {attr: target}
 LEFT JOIN optuna.study_user_attributes sa ON sa.study_id = s.study_id AND sa.key = {attr: submitted_at}
 LEFT JOIN optuna.study_user_attributes ca ON ca.study_id = s.study_id AND ca.key = {attr: cancelled}
+LEFT JOIN optuna.study_user_attributes ua ON ua.study_id = s.study_id AND ua.key = {attr: unrunnable}
+LEFT JOIN optuna.study_user_attributes ia ON ia.study_id = s.study_id AND ia.key = {attr: interrupted}
 GROUP BY s.study_id, s.study_name, sd.direction, b.value, b.trial_number, b.params,
-         pa.value_json, ea.value_json, ta.value_json, sa.value_json, ca.value_json
+         pa.value_json, ea.value_json, ta.value_json, sa.value_json, ca.value_json, ua.value_json, ia.value_json
 ) counted;
