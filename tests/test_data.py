@@ -49,7 +49,8 @@ BROKEN = {
     "unclosed quote": (b'x1,x2,y\n1,2,a\n\n3,"4,b\n5,6,a\n',
                        "data.csv: row 4: broken quoting (unexpected end of data); a field with a comma, a quote or "
                        "a line break must be wholly in double quotes, its quotes doubled"),
-    "one field too many": (b"x1,x2,y\n1,2,a\n\n3,4,5,b\n5,6,a\n", "data.csv: row 4: 4 fields, expected 3 (the header's)"),
+    "one field too many": (b"x1,x2,y\n1,2,a\n\n3,4,5,b\n5,6,a\n",
+                           "data.csv: row 4: 4 fields, expected 3 (the header's)"),
     "one field too few": (b"x1,x2,y\n1,2,a\n3,b\n5,6,a\n", "data.csv: row 3: 2 fields, expected 3 (the header's)"),
     "empty feature cell": (b"x1,x2,y\n1,2,a\n3,4,b\n5,,a\n",
                            "data.csv: row 4, column 'x2': expected a number, got an empty cell"),
@@ -58,8 +59,10 @@ BROKEN = {
     "non-numeric feature": (b"x1,x2,y\n1,2,a\n3,4,b\n5,six point " + b"o" * 100 + b",a\n",
                             "data.csv: row 4, column 'x2': expected a number, got 'six point "
                             + "o" * 50 + "'…"),
-    "nan feature": (b"x1,x2,y\n1,2,a\n3,4,b\n5,nan,a\n", "data.csv: row 4, column 'x2': expected a finite number, got 'nan'"),
-    "inf feature": (b"x1,x2,y\n1,2,a\ninf,4,b\n5,6,a\n", "data.csv: row 3, column 'x1': expected a finite number, got 'inf'"),
+    "nan feature": (b"x1,x2,y\n1,2,a\n3,4,b\n5,nan,a\n",
+                    "data.csv: row 4, column 'x2': expected a finite number, got 'nan'"),
+    "inf feature": (b"x1,x2,y\n1,2,a\ninf,4,b\n5,6,a\n",
+                    "data.csv: row 3, column 'x1': expected a finite number, got 'inf'"),
     "-inf feature": (b"x1,x2,y\n1,2,a\n3,-inf,b\n5,6,a\n",
                      "data.csv: row 3, column 'x2': expected a finite number, got '-inf'"),
     "too large for float32": (b"x1,x2,y\n1,2,a\n3,4,b\n5,1e39,a\n",
