@@ -55,8 +55,10 @@ def _fail(args: argparse.Namespace, e: BaseException, code: int, message: str) -
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from lrsearch.config import load_config
+    from lrsearch.data import check_data
 
     cfg = load_config(args.file)
+    check_data(cfg.data)  # the data's mistakes too: submit would refuse them
     print(f"{args.file}: ok (study {cfg.study.name!r}, {cfg.study.sampler} sampler, "
           f"{len(cfg.params)} params)")
     if cfg.finds_lr:  # the range it has, or would have if created now
@@ -79,11 +81,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_lr_find(args: argparse.Namespace) -> int:
     from lrsearch.config import load_config
+    from lrsearch.data import check_data
     from lrsearch.lr_find import MAX_LR, MIN_LR, STEPS, SWEEPS, range_test, record_range_test
     from lrsearch.storage import report_dir, storage_url, tracking_uri
     from lrsearch.tracking import Tracker
 
     cfg = load_config(args.file)
+    check_data(cfg.data)  # before any store is opened (the range test reuses what it read)
     _quiet()
     result = range_test(cfg, args.optimizer, args.factor)  # "no clear minimum": exit 1, nothing written
     tracker = Tracker(tracking_uri(args.tracking_uri))

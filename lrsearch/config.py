@@ -279,7 +279,8 @@ def _data(t: _Table, base_dir: Path) -> DataConfig:
     if d.path is not None:
         path = (base_dir / d.path).resolve()
         if not path.is_file():
-            raise t.error("path", f"expected an existing CSV file, got {str(d.path)!r} (no such file: {path})",
+            found = "a directory" if path.is_dir() else "no such file"
+            raise t.error("path", f"expected an existing CSV file, got {str(d.path)!r} ({found}: {path})",
                           show_got=False)
         d = dataclasses.replace(d, path=path)
     return d

@@ -37,7 +37,8 @@ class MLPClassifier(pl.LightningModule):
         self.val = val
         self.steps_per_epoch = steps_per_epoch  # optimizer updates per epoch
         self.schedule: Schedule | None = None
-        self.diverged_at: int | None = None
+        self.diverged_at: int | None = None  # the epoch a loss became non-finite
+        self.diverged_on: str | None = None  # which loss: train/loss or val/loss
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = make_optimizer(self.net.parameters(), self.hp)
@@ -59,8 +60,7 @@ class MLPClassifier(pl.LightningModule):
             loss = F.cross_entropy(logits, yb)
             value = loss.item()
             if not math.isfinite(value):
-                self.diverged_at = self.current_epoch
-                self.trainer.should_stop = True
+                self._diverge("train/loss")
                 loss_sum = value * len(x)
                 break
             optimizer.zero_grad(set_to_none=True)
@@ -77,7 +77,17 @@ class MLPClassifier(pl.LightningModule):
     def _validate(self) -> None:
         x, y = self.val
         logits = self.net(x)
-        self._log_epoch("val", F.cross_entropy(logits, y).item(), int((logits.argmax(1) == y).sum()) / len(y))
+        loss = F.cross_entropy(logits, y).item()
+        self._log_epoch("val", loss, int((logits.argmax(1) == y).sum()) / len(y))
+        # Whatever the metric: a NaN validation loss still leaves a finite val/acc (argmax of NaN
+        # logits), which would rank the trial COMPLETE.
+        if not math.isfinite(loss) and self.diverged_at is None:
+            self._diverge("val/loss")
+
+    def _diverge(self, key: str) -> None:
+        """Stop at the end of this epoch: ``key`` is not finite (the trial ends PRUNED, saying so)."""
+        self.diverged_at, self.diverged_on = self.current_epoch, key
+        self.trainer.should_stop = True
 
     def _log_epoch(self, split: str, loss: float, acc: float) -> None:
         """Send an epoch's metrics to the logger and to ``trainer.callback_metrics``.

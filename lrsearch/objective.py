@@ -125,13 +125,13 @@ class Objective:
 def outcome(result: TrainResult, metric: str, verdict: str = "") -> tuple[str, float, str | None]:
     """The trial's Optuna state, objective value and, unless COMPLETE, why.
 
-    A trial whose loss or objective is not finite is never COMPLETE: Optuna would store
-    ``inf`` as a valid value. A pruned trial's reason gives the value the pruner judged (the
-    one reported at the check's epoch, not the epoch trained after it) and ``verdict``, the
-    pruner's rule.
+    A trial whose loss (training or validation) or objective is not finite is never
+    COMPLETE: Optuna would store ``inf`` as a valid value. A pruned trial's reason gives the
+    value the pruner judged (the one reported at the check's epoch, not the epoch trained
+    after it) and ``verdict``, the pruner's rule.
     """
     if result.diverged_at is not None:
-        return "PRUNED", math.nan, f"non-finite train/loss at epoch {result.diverged_at}"
+        return "PRUNED", math.nan, f"non-finite {result.diverged_on} at epoch {result.diverged_at}"
     value = result.final(metric)
     if result.pruned_at is not None:
         judged = result.at(metric, result.pruned_at)

@@ -33,7 +33,8 @@ class TrainResult:
     logger: MemoryLogger = field(default_factory=MemoryLogger)
     epochs: int = 0
     pruned_at: int | None = None
-    diverged_at: int | None = None
+    diverged_at: int | None = None  # the epoch a loss became non-finite
+    diverged_on: str | None = None  # which loss: train/loss or val/loss
 
     @property
     def history(self) -> dict[str, list[tuple[int, float, int]]]:
@@ -135,6 +136,6 @@ def train(
         if pruning is not None:
             pruning.close()
     result.epochs = trainer.current_epoch
-    result.diverged_at = module.diverged_at
+    result.diverged_at, result.diverged_on = module.diverged_at, module.diverged_on
     result.pruned_at = pruning.pruned_at if pruning is not None else None
     return result

@@ -160,6 +160,23 @@ def test_diverging_trial_is_pruned_never_complete(write_study, stores):
     assert not math.isfinite(losses[-1].value)  # the non-finite value is recorded, not dropped
 
 
+def test_a_non_finite_validation_loss_prunes_the_trial_whatever_the_metric(stores):
+    cfg = parse_config({"study": {"name": "nanval", "pruner": "none", "metric": "val/acc"}, "train": {"epochs": 3},
+                        "params": {"optimizer": "sgd", "lr": 0.01, "momentum": 0.0}}, "nanval.toml")
+    study, objective, client = _objective(cfg, *stores)
+    study.pruner = optuna.pruners.NopPruner()
+    x_val = objective.data.x_val.clone()
+    x_val[0, 0] = math.nan
+    objective.data = type(objective.data)(objective.data.x_train, objective.data.y_train, x_val,
+                                          objective.data.y_val, objective.data.n_classes)
+    study.optimize(objective, n_trials=1)
+    assert objective.drain() == []
+    trial = study.trials[0]
+    assert trial.state.name == "PRUNED" and trial.user_attrs["reason"] == "non-finite val/loss at epoch 0"
+    run = client.get_run(trial.user_attrs["mlflow_run_id"])
+    assert run.data.tags["state"] == "PRUNED" and run.data.tags["reason"] == "non-finite val/loss at epoch 0"
+
+
 def test_a_crashing_trial_fails_in_both_stores(write_study, stores):
     cfg = load_config(write_study())
     study, objective, client = _objective(cfg, *stores)

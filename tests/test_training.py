@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -53,3 +54,15 @@ def test_a_diverging_rate_stops_the_trial_at_once():
     state, value, reason = outcome(result, "val/acc")
     assert state == "PRUNED" and math.isnan(value)
     assert reason == f"non-finite train/loss at epoch {result.diverged_at}"
+
+
+def test_a_non_finite_validation_loss_ends_the_trial_pruned():
+    x_val = DATA.x_val.clone()
+    x_val[0, 0] = math.nan  # one validation row: its logits, so the mean loss, are NaN
+    result = train(CFG, dataclasses.replace(DATA, x_val=x_val),
+                   {"optimizer": "sgd", "lr": 0.01, "momentum": 0.0, "schedule": "constant"}, 0)
+    assert (result.diverged_at, result.diverged_on, result.epochs) == (0, "val/loss", 1)
+    assert math.isfinite(result.final("train/loss")) and math.isfinite(result.final("val/acc"))
+    state, value, reason = outcome(result, "val/acc")  # val/acc alone would have made it COMPLETE
+    assert state == "PRUNED" and math.isnan(value)
+    assert reason == "non-finite val/loss at epoch 0"
