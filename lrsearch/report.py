@@ -247,27 +247,47 @@ def plot_lr_curves(trials: Sequence[TrialCurves], name: str, path: Path) -> Path
                       rank=True)
 
 
+# The lr curves' figure: as wide as the text its legend holds, so that the description's
+# PREVIEW_WIDTH-pixel copy shows the legend at about the size of the description's own text
+# (12 pt at 780/648 pixels a point: ~14 px; "small" in a 10-inch figure was ~9 px).
+LR_FIGURE_WIDTH, LEGEND_PT = 9.0, 12.0
+_LEGEND_CHARS = 72  # a legend line's characters at LEGEND_PT within LR_FIGURE_WIDTH; longer labels wrap
+
+
 def _lr_figure(trials: Sequence[TrialCurves], axes: Sequence[str], title: str, path: Path,
                rank: bool = False) -> Path:
+    return _save(lr_figure(trials, axes, title, rank), path)
+
+
+def lr_figure(trials: Sequence[TrialCurves], axes: Sequence[str], title: str, rank: bool = False) -> Any:
+    """The learning rate per epoch of ``trials``, labelled by rank and params (``rank``) or by
+    the grid's ``axes``; the legend below the curves (they fill the axes)."""
+    import textwrap
+
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     from lrsearch.descriptions import params_text
 
-    fig = Figure(figsize=(10, 4.5 + 0.25 * len(trials)))
+    labels = [textwrap.fill(f"#{i}, trial {t.number} ({t.value:.4g}): {params_text(t.params)}" if rank
+                            else _label(t, axes), _LEGEND_CHARS, subsequent_indent="    ")
+              for i, t in enumerate(trials, 1)]
+    columns = 1 if rank or len(trials) <= 6 else 2  # a grid's short labels: two columns
+    legend_lines = sum(label.count("\n") + 1 for label in labels) / columns
+    fig = Figure(figsize=(LR_FIGURE_WIDTH, 3.9 + 0.26 * legend_lines))
     ax = fig.subplots()
-    for i, t in enumerate(trials, 1):
+    for i, (t, label) in enumerate(zip(trials, labels), 1):
         points = t.curves.get("lr", [])
-        label = (f"#{i}, trial {t.number} ({t.value:.4g}): {params_text(t.params)}" if rank
-                 else _label(t, axes))
         ax.plot([s for s, _ in points], [v for _, v in points], label=label,
                 linestyle=("-", "--", ":")[(i - 1) // 10 % 3])  # colours repeat after ten
     if any(v > 0 for t in trials for _, v in t.curves.get("lr", [])):
         ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs
     ax.set(title=title, xlabel="epoch", ylabel="learning rate (at epoch start)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.14))  # below: curves fill the axes
+    ax.legend(fontsize=LEGEND_PT, ncols=columns, loc="upper center", bbox_to_anchor=(0.5, -0.14))
     fig.tight_layout()
-    return _save(fig, path)
+    return fig
 
 
 def plot_history(trials: Sequence[TrialCurves], name: str, direction: str, objective: str, path: Path) -> Path:

@@ -240,3 +240,22 @@ def test_parallel_coordinates_labels_read_over_the_lines():
             ground = label.get_bbox_patch()
             assert ground is not None and ground.get_facecolor()[:3] == (1.0, 1.0, 1.0), label.get_text()
             assert ground.get_alpha() >= 0.8
+
+
+def test_lr_curves_legend_reads_in_the_description():
+    from lrsearch.report import PREVIEW_WIDTH, TrialCurves, lr_figure
+
+    params = {"optimizer": "rmsprop", "lr": 0.019012345, "momentum": 0.403312, "schedule": "plateau",
+              "patience": 10, "decay": 0.000123456}
+    trials = [TrialCurves(n, "COMPLETE", 0.83 - n / 100, params, params,
+                          {"lr": [(e, 0.019 / (1 + e)) for e in range(20)]}) for n in range(5)]
+    fig = lr_figure(trials, [], "search: learning rate per epoch of the top 5 trials", rank=True)
+    legend = fig.axes[0].get_legend()
+    pixels_per_point = PREVIEW_WIDTH / (fig.get_figwidth() * 72)  # in the description's copy
+    assert all(t.get_fontsize() * pixels_per_point >= 13 for t in legend.get_texts())
+    assert _overlapping(fig) == []
+    inside = fig.bbox.padded(-1)  # the whole legend in the figure: long labels wrap, not cut
+    box = legend.get_window_extent()
+    assert inside.x0 <= box.x0 and box.x1 <= inside.x1 and inside.y0 <= box.y0
+    ticks = [float(t.get_text().replace("−", "-")) for t in fig.axes[0].get_xticklabels() if t.get_text()]
+    assert ticks and all(t == int(t) for t in ticks)  # epochs
