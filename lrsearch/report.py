@@ -83,9 +83,13 @@ TOP_CURVES = 5  # trials whose learning-rate curves the report draws
 FEW_TRIALS = 20  # below this many complete trials, parameter importances are noise
 # The report's figures that the parent run's description shows (the others are in report.html),
 # as copies PREVIEW_WIDTH pixels wide in preview/: MLflow shows a description's images at their
-# own size (its Markdown drops width attributes), and the box is about 800 pixels wide.
+# own size (its Markdown drops width attributes), and at the UI's default width (a 1280-pixel
+# window, its assistant panel open) the box is 714 pixels wide: a wider image (780 before)
+# pushed the whole description past the box's right edge, cutting off lines of text too.
+# The figures it shows are NOTE_FIGURE_WIDTH inches wide, so their text keeps its size there.
 NOTE_FIGURES = ("grid_accuracy.png", "optimization_history.png", "objective_vs_lr.png", "lr_curves.png")
-PREVIEW_DIR, PREVIEW_WIDTH = "preview", 780
+PREVIEW_DIR, PREVIEW_WIDTH = "preview", 680
+NOTE_FIGURE_WIDTH = 8.0  # 10-point text: ~12 pixels in the copy
 
 
 @dataclass
@@ -247,11 +251,11 @@ def plot_lr_curves(trials: Sequence[TrialCurves], name: str, path: Path) -> Path
                       rank=True)
 
 
-# The lr curves' figure: as wide as the text its legend holds, so that the description's
-# PREVIEW_WIDTH-pixel copy shows the legend at about the size of the description's own text
-# (12 pt at 780/648 pixels a point: ~14 px; "small" in a 10-inch figure was ~9 px).
-LR_FIGURE_WIDTH, LEGEND_PT = 9.0, 12.0
-_LEGEND_CHARS = 72  # a legend line's characters at LEGEND_PT within LR_FIGURE_WIDTH; longer labels wrap
+# The lr curves' legend: in the description's PREVIEW_WIDTH-pixel copy of a NOTE_FIGURE_WIDTH
+# figure, at about the size of the description's own text (12 pt at 680/576 pixels a point:
+# ~14 px; "small" in the 10-inch figure it was, copied 780 pixels wide, was ~9 px).
+LEGEND_PT = 12.0
+_LEGEND_CHARS = 74  # a legend line's characters at LEGEND_PT in NOTE_FIGURE_WIDTH inches; longer labels wrap
 
 
 def _lr_figure(trials: Sequence[TrialCurves], axes: Sequence[str], title: str, path: Path,
@@ -274,7 +278,7 @@ def lr_figure(trials: Sequence[TrialCurves], axes: Sequence[str], title: str, ra
               for i, t in enumerate(trials, 1)]
     columns = 1 if rank or len(trials) <= 6 else 2  # a grid's short labels: two columns
     legend_lines = sum(label.count("\n") + 1 for label in labels) / columns
-    fig = Figure(figsize=(LR_FIGURE_WIDTH, 3.9 + 0.26 * legend_lines))
+    fig = Figure(figsize=(NOTE_FIGURE_WIDTH, 3.9 + 0.26 * legend_lines))
     ax = fig.subplots()
     for i, (t, label) in enumerate(zip(trials, labels), 1):
         points = t.curves.get("lr", [])
@@ -285,7 +289,7 @@ def lr_figure(trials: Sequence[TrialCurves], axes: Sequence[str], title: str, ra
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs
     ax.set(title=title, xlabel="epoch", ylabel="learning rate (at epoch start)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=LEGEND_PT, ncols=columns, loc="upper center", bbox_to_anchor=(0.5, -0.14))
+    ax.legend(fontsize=LEGEND_PT, ncols=columns, loc="upper center", bbox_to_anchor=(0.5, -0.17))
     fig.tight_layout()
     return fig
 
@@ -296,7 +300,7 @@ def plot_history(trials: Sequence[TrialCurves], name: str, direction: str, objec
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    fig = Figure(figsize=(10, 4.5))
+    fig = Figure(figsize=(NOTE_FIGURE_WIDTH, 4.0))
     ax = fig.subplots()
     ordered = sorted(trials, key=lambda t: t.number)
     done = [t for t in ordered if t.state == "COMPLETE" and t.value is not None]
@@ -330,7 +334,7 @@ def plot_objective_vs_lr(trials: Sequence[TrialCurves], name: str, objective: st
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
-    fig = Figure(figsize=(10, 4.5))
+    fig = Figure(figsize=(NOTE_FIGURE_WIDTH, 4.0))
     ax = fig.subplots()
     by_optimizer: dict[str, list[TrialCurves]] = {}
     for t in trials:
