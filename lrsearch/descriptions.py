@@ -90,7 +90,7 @@ def study_note(study: Any, *, phase: str, experiment_id: str, figures: Sequence[
     study's, if already read (each ``study.user_attrs`` is a query)."""
     from optuna.trial import TrialState
 
-    from lrsearch.results import by_state, direction, ranking, state_text
+    from lrsearch.results import by_state, direction, duration_s, ranking, state_text
     from lrsearch.space import in_sampling_order
 
     trials = study.get_trials(deepcopy=False)
@@ -110,7 +110,7 @@ def study_note(study: Any, *, phase: str, experiment_id: str, figures: Sequence[
                   f"{params_text(in_sampling_order(b.params))}", ""]
         lines += [_table_row(["rank", "trial", metric, "epochs", "s", "params"]), "|---|---|---|---|---|---|"]
         for rank, t in enumerate(best[:TOP_TRIALS], 1):
-            seconds = t.duration.total_seconds() if t.duration is not None else None
+            seconds = duration_s(t)
             # The trial's number alone: "trial-10" broke at its hyphen in a narrow box.
             lines.append(_table_row([str(rank), f"[{t.number}]({_trial_link(experiment_id, t)})", fmt(t.value),
                                      str(t.user_attrs.get(attrs.EPOCHS_TRAINED, "")),

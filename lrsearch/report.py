@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator, Sequence
 from lrsearch import attrs
 from lrsearch.descriptions import DEFAULT_UI_PORT, write_study_note
 from lrsearch.optimizers import OPTIMIZERS
-from lrsearch.results import best_so_far, direction, load_study, ranking
+from lrsearch.results import best_so_far, direction, duration_s, load_study, ranking
 from lrsearch.space import in_sampling_order
 from lrsearch.storage import report_dir, storage_url, tracking_uri
 from lrsearch.tracking import History, Tracker, is_server
@@ -131,7 +131,7 @@ def collect(study: Any, tracker: Tracker, states: Sequence[str] = ("COMPLETE", "
             t.number, t.state.name, value, in_sampling_order(t.params),
             dict(t.user_attrs.get(attrs.HYPERPARAMETERS, t.params)), curves,
             epochs=t.user_attrs.get(attrs.EPOCHS_TRAINED),
-            duration_s=t.duration.total_seconds() if t.duration is not None else None,
+            duration_s=duration_s(t),
             reason=t.user_attrs.get(attrs.REASON), run_id=run_id))
     return trials
 
