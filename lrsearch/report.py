@@ -218,7 +218,9 @@ def plot_grid(trials: Sequence[TrialCurves], name: str, path: Path) -> Path:
     ordered = _grid_order(trials, axes_names)
     cols = min(4, len(ordered))
     rows = math.ceil(len(ordered) / cols)
-    fig = Figure(figsize=(3.2 * cols, 2.6 * rows + 0.6))
+    # 2.8 inches a panel: four across, copied PREVIEW_WIDTH pixels wide for the description,
+    # keep their text as large as 3.2-inch panels had it in the 780-pixel copies before.
+    fig = Figure(figsize=(2.8 * cols, 2.6 * rows + 0.6))
     panels = fig.subplots(rows, cols, sharex=True, sharey=True, squeeze=False).ravel()
     for ax, t in zip(panels, ordered):
         for key, label in (("train/acc", "train"), ("val/acc", "validation")):
