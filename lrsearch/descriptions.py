@@ -30,6 +30,11 @@ OBJECTIVE_METRIC = "objective"  # a COMPLETE trial's value, logged once at its e
 UI_QUERY = "workflowType=machine_learning"  # MLflow 3 opens on its GenAI views otherwise
 DEFAULT_UI_PORT = 5000  # where `lrsearch ui` serves the UI unless told --port
 TOP_TRIALS = 10
+# MLflow 3.17's run page draws a description's tables with neither cell padding nor borders
+# (its sanitizer drops style and class attributes), so neighbouring columns ran together
+# (`val/accepochs`). Each cell but a row's last ends in this gap: an entity, not a space
+# character, which the Markdown renderer would trim from the cell.
+CELL_GAP = "&emsp;&ensp;"  # 1.5 em
 _MAX_NOTE = 8000  # MLflow's limit on a tag value
 
 
@@ -86,7 +91,7 @@ def study_note(study: Any, *, phase: str, experiment_id: str, figures: Sequence[
     study's, if already read (each ``study.user_attrs`` is a query)."""
     from optuna.trial import TrialState
 
-    from lrsearch.results import by_state, direction, ranking, state_text
+    from lrsearch.results import by_state, direction, duration_s, ranking, state_text
     from lrsearch.space import in_sampling_order
 
     trials = study.get_trials(deepcopy=False)
@@ -107,12 +112,14 @@ def study_note(study: Any, *, phase: str, experiment_id: str, figures: Sequence[
         b = best[0]
         lines += [f"Best {metric}: **{fmt(b.value)}**, [trial {b.number}]({_trial_link(experiment_id, b)}): "
                   f"{params_text(in_sampling_order(b.params))}", ""]
-        lines += ["| rank | trial | " + metric + " | epochs | s | params |", "|---|---|---|---|---|---|"]
+        lines += [_table_row(["rank", "trial", metric, "epochs", "s", "params"]), "|---|---|---|---|---|---|"]
         for rank, t in enumerate(best[:TOP_TRIALS], 1):
-            seconds = t.duration.total_seconds() if t.duration is not None else None
-            lines.append(f"| {rank} | [trial-{t.number}]({_trial_link(experiment_id, t)}) | {fmt(t.value)} | "
-                         f"{t.user_attrs.get(attrs.EPOCHS_TRAINED, '')} | {'' if seconds is None else f'{seconds:.1f}'} | "
-                         f"{params_text(in_sampling_order(t.params))} |")
+            seconds = duration_s(t)
+            # The trial's number alone: "trial-10" broke at its hyphen in a narrow box.
+            lines.append(_table_row([str(rank), f"[{t.number}]({_trial_link(experiment_id, t)})", fmt(t.value),
+                                     str(t.user_attrs.get(attrs.EPOCHS_TRAINED, "")),
+                                     "" if seconds is None else f"{seconds:.1f}",
+                                     params_text(in_sampling_order(t.params))]))
         lines.append("")
     pruned = counts.get("PRUNED", 0)
     if pruned:
@@ -180,6 +187,11 @@ def write_study_note(study: Any, tracker: Any, phase: str | None = None,
     tracker.set_note(parent, study_note(study, phase=phase or phase_of(study, user_attrs), experiment_id=experiment_id,
                                         figures=figures, parent_run_id=parent,
                                         pruner=pruner if pruner != "none" else None, user_attrs=user_attrs))
+
+
+def _table_row(cells: Sequence[str]) -> str:
+    """A Markdown table row whose cells, but the last, end in CELL_GAP."""
+    return "| " + " | ".join([*(f"{cell}{CELL_GAP}" for cell in cells[:-1]), cells[-1]]) + " |"
 
 
 def _trial_link(experiment_id: str, trial: Any) -> str:

@@ -81,7 +81,8 @@ _MACROS: dict[str, dict[str, str]] = {
         "choice_text": "(({0})::jsonb -> 'attributes' -> 'choices' ->> CAST({1} AS INTEGER))",
         "to_json": "to_jsonb({0})",
         "object_agg": "COALESCE(jsonb_object_agg({0}, {1}), jsonb_build_object())",
-        "seconds": "EXTRACT(EPOCH FROM ({1} - {0}))::" + _NUM,
+        # A trial's duration (results.duration_s's rule): whole milliseconds, half away from zero.
+        "seconds": "CAST(round(CAST(EXTRACT(EPOCH FROM ({1} - {0})) AS NUMERIC), 3) AS " + _NUM + ")",
         # The ranked trials' details, looked up one by one by a function the planner cannot
         # inline (it has a SET clause) and costs as one cheap row: it guesses the ranking's
         # output from all of the study's trials, and would otherwise plan (and JIT-compile)
@@ -104,7 +105,13 @@ _MACROS: dict[str, dict[str, str]] = {
         "choice_text": "json_extract({0}, '$.attributes.choices[' || CAST({1} AS INTEGER) || ']')",
         "to_json": "{0}",
         "object_agg": "json_group_object({0}, {1})",
-        "seconds": "(julianday({1}) - julianday({0})) * 86400.0",
+        # As on PostgreSQL, from the exact microseconds of the stored text ('YYYY-MM-DD
+        # HH:MM:SS.ffffff', as SQLAlchemy writes it): SQLite's date functions read a time to the
+        # millisecond only, so julianday's difference could end a millisecond off.
+        "seconds": "(round(((CAST(strftime('%s', substr({1}, 1, 19)) AS INTEGER) "
+                   "- CAST(strftime('%s', substr({0}, 1, 19)) AS INTEGER)) * 1000000 "
+                   "+ CAST(substr({1} || '000000', 21, 6) AS INTEGER) "
+                   "- CAST(substr({0} || '000000', 21, 6) AS INTEGER)) / 1000.0) / 1000.0)",
         "trial_lookup": "",
         "join_trial": "JOIN trials {0} ON {0}.trial_id = {1}",
     },

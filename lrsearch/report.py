@@ -4,16 +4,18 @@ nothing is trained again."""
 from __future__ import annotations
 
 import base64
+import contextlib
+import functools
 import html
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from lrsearch import attrs
 from lrsearch.descriptions import DEFAULT_UI_PORT, write_study_note
 from lrsearch.optimizers import OPTIMIZERS
-from lrsearch.results import best_so_far, direction, load_study, ranking
+from lrsearch.results import best_so_far, direction, duration_s, load_study, ranking
 from lrsearch.space import in_sampling_order
 from lrsearch.storage import report_dir, storage_url, tracking_uri
 from lrsearch.tracking import History, Tracker, is_server
@@ -81,9 +83,13 @@ TOP_CURVES = 5  # trials whose learning-rate curves the report draws
 FEW_TRIALS = 20  # below this many complete trials, parameter importances are noise
 # The report's figures that the parent run's description shows (the others are in report.html),
 # as copies PREVIEW_WIDTH pixels wide in preview/: MLflow shows a description's images at their
-# own size (its Markdown drops width attributes), and the box is about 800 pixels wide.
+# own size (its Markdown drops width attributes), and at the UI's default width (a 1280-pixel
+# window, its assistant panel open) the box is 714 pixels wide: a wider image (780 before)
+# pushed the whole description past the box's right edge, cutting off lines of text too.
+# The figures it shows are NOTE_FIGURE_WIDTH inches wide, so their text keeps its size there.
 NOTE_FIGURES = ("grid_accuracy.png", "optimization_history.png", "objective_vs_lr.png", "lr_curves.png")
-PREVIEW_DIR, PREVIEW_WIDTH = "preview", 780
+PREVIEW_DIR, PREVIEW_WIDTH = "preview", 680
+NOTE_FIGURE_WIDTH = 8.0  # 10-point text: ~12 pixels in the copy
 
 
 @dataclass
@@ -125,7 +131,7 @@ def collect(study: Any, tracker: Tracker, states: Sequence[str] = ("COMPLETE", "
             t.number, t.state.name, value, in_sampling_order(t.params),
             dict(t.user_attrs.get(attrs.HYPERPARAMETERS, t.params)), curves,
             epochs=t.user_attrs.get(attrs.EPOCHS_TRAINED),
-            duration_s=t.duration.total_seconds() if t.duration is not None else None,
+            duration_s=duration_s(t),
             reason=t.user_attrs.get(attrs.REASON), run_id=run_id))
     return trials
 
@@ -191,8 +197,9 @@ def _fmt(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def _save(fig: Any, path: Path) -> Path:
-    fig.savefig(path, dpi=DPI)
+def _save(fig: Any, path: Path, tight: bool = False) -> Path:
+    """``tight``: cropped to what is drawn (Optuna's figures place their colour bars themselves)."""
+    fig.savefig(path, dpi=DPI, **({"bbox_inches": "tight"} if tight else {}))
     return path
 
 
@@ -211,7 +218,9 @@ def plot_grid(trials: Sequence[TrialCurves], name: str, path: Path) -> Path:
     ordered = _grid_order(trials, axes_names)
     cols = min(4, len(ordered))
     rows = math.ceil(len(ordered) / cols)
-    fig = Figure(figsize=(3.2 * cols, 2.6 * rows + 0.6))
+    # 2.8 inches a panel: four across, copied PREVIEW_WIDTH pixels wide for the description,
+    # keep their text as large as 3.2-inch panels had it in the 780-pixel copies before.
+    fig = Figure(figsize=(2.8 * cols, 2.6 * rows + 0.6))
     panels = fig.subplots(rows, cols, sharex=True, sharey=True, squeeze=False).ravel()
     for ax, t in zip(panels, ordered):
         for key, label in (("train/acc", "train"), ("val/acc", "validation")):
@@ -244,27 +253,47 @@ def plot_lr_curves(trials: Sequence[TrialCurves], name: str, path: Path) -> Path
                       rank=True)
 
 
+# The lr curves' legend: in the description's PREVIEW_WIDTH-pixel copy of a NOTE_FIGURE_WIDTH
+# figure, at about the size of the description's own text (12 pt at 680/576 pixels a point:
+# ~14 px; "small" in the 10-inch figure it was, copied 780 pixels wide, was ~9 px).
+LEGEND_PT = 12.0
+_LEGEND_CHARS = 74  # a legend line's characters at LEGEND_PT in NOTE_FIGURE_WIDTH inches; longer labels wrap
+
+
 def _lr_figure(trials: Sequence[TrialCurves], axes: Sequence[str], title: str, path: Path,
                rank: bool = False) -> Path:
+    return _save(lr_figure(trials, axes, title, rank), path)
+
+
+def lr_figure(trials: Sequence[TrialCurves], axes: Sequence[str], title: str, rank: bool = False) -> Any:
+    """The learning rate per epoch of ``trials``, labelled by rank and params (``rank``) or by
+    the grid's ``axes``; the legend below the curves (they fill the axes)."""
+    import textwrap
+
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     from lrsearch.descriptions import params_text
 
-    fig = Figure(figsize=(10, 4.5 + 0.25 * len(trials)))
+    labels = [textwrap.fill(f"#{i}, trial {t.number} ({t.value:.4g}): {params_text(t.params)}" if rank
+                            else _label(t, axes), _LEGEND_CHARS, subsequent_indent="    ")
+              for i, t in enumerate(trials, 1)]
+    columns = 1 if rank or len(trials) <= 6 else 2  # a grid's short labels: two columns
+    legend_lines = sum(label.count("\n") + 1 for label in labels) / columns
+    fig = Figure(figsize=(NOTE_FIGURE_WIDTH, 3.9 + 0.26 * legend_lines))
     ax = fig.subplots()
-    for i, t in enumerate(trials, 1):
+    for i, (t, label) in enumerate(zip(trials, labels), 1):
         points = t.curves.get("lr", [])
-        label = (f"#{i}, trial {t.number} ({t.value:.4g}): {params_text(t.params)}" if rank
-                 else _label(t, axes))
         ax.plot([s for s, _ in points], [v for _, v in points], label=label,
                 linestyle=("-", "--", ":")[(i - 1) // 10 % 3])  # colours repeat after ten
     if any(v > 0 for t in trials for _, v in t.curves.get("lr", [])):
         ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs
     ax.set(title=title, xlabel="epoch", ylabel="learning rate (at epoch start)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.14))  # below: curves fill the axes
+    ax.legend(fontsize=LEGEND_PT, ncols=columns, loc="upper center", bbox_to_anchor=(0.5, -0.17))
     fig.tight_layout()
-    return _save(fig, path)
+    return fig
 
 
 def plot_history(trials: Sequence[TrialCurves], name: str, direction: str, objective: str, path: Path) -> Path:
@@ -273,7 +302,7 @@ def plot_history(trials: Sequence[TrialCurves], name: str, direction: str, objec
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    fig = Figure(figsize=(10, 4.5))
+    fig = Figure(figsize=(NOTE_FIGURE_WIDTH, 4.0))
     ax = fig.subplots()
     ordered = sorted(trials, key=lambda t: t.number)
     done = [t for t in ordered if t.state == "COMPLETE" and t.value is not None]
@@ -307,7 +336,7 @@ def plot_objective_vs_lr(trials: Sequence[TrialCurves], name: str, objective: st
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
-    fig = Figure(figsize=(10, 4.5))
+    fig = Figure(figsize=(NOTE_FIGURE_WIDTH, 4.0))
     ax = fig.subplots()
     by_optimizer: dict[str, list[TrialCurves]] = {}
     for t in trials:
@@ -372,17 +401,96 @@ def plot_parallel_coordinate(study: Any, name: str, out: Path) -> Path | None:
     """Optuna's parallel coordinates of the complete trials."""
     from optuna.visualization.matplotlib import plot_parallel_coordinate as plot
 
-    return _optuna_figure(lambda: plot(study), f"{name}: parallel coordinates (complete trials)",
-                          out / "parallel_coordinate.png", (12, 5))
+    with parallel_figure(study, name) as fig:
+        return None if fig is None else _save(fig, out / "parallel_coordinate.png", tight=True)
+
+
+def parallel_figure(study: Any, name: str) -> Any:
+    """The parallel coordinates' figure (a context manager: closed after), None if nothing to
+    draw. Optuna writes each parameter's tick labels beside its axis, where the trials' lines
+    cross it: here on a white ground, above the lines, and the title clear of the top labels."""
+    from optuna.visualization.matplotlib import plot_parallel_coordinate as plot
+
+    return optuna_figure(lambda: plot(study), f"{name}: parallel coordinates (complete trials)", (12, 5),
+                         _parallel_labels)
+
+
+def _parallel_labels(fig: Any, axes: list[Any], title: str) -> None:
+    (ax,) = axes
+    ax.set_title(title, pad=16)  # the top tick labels reach above the axes
+    twins = [a for a in ax.get_shared_x_axes().get_siblings(ax) if a is not ax]  # one per parameter
+    _fit_tick_labels(fig, [twin.yaxis for twin in twins])
+    for twin in twins:  # drawn after the lines: their labels are above them
+        for tick in twin.yaxis.get_major_ticks() + twin.yaxis.get_minor_ticks():
+            for label in (tick.label1, tick.label2):
+                label.set_bbox(LABEL_GROUND)
 
 
 def plot_slices(study: Any, name: str, out: Path) -> Path | None:
     """Optuna's slice plot: the objective against each parameter, one panel per parameter."""
+    with slices_figure(study, name) as fig:
+        return None if fig is None else _save(fig, out / "slices.png", tight=True)
+
+
+# Behind the parallel coordinates' tick labels: the lines under them show only faintly.
+LABEL_GROUND = {"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none", "alpha": 0.85}
+SLICE_COLUMNS = 3  # panels per row of the slice plot
+SLICE_PANEL = (4.4, 3.3)  # inches per panel: room for a schedule's name under each of its ticks
+
+
+def slices_figure(study: Any, name: str) -> Any:
+    """The slice plot's figure (a context manager: closed after), None if nothing to draw.
+    Optuna draws every panel in one row, as narrow as the figure allows, so neighbouring
+    panels' tick labels ran into each other (``'adagrad''constant'``): here at most
+    SLICE_COLUMNS panels a row, laid out so that labels keep clear of the next panel; a
+    label that would still overlap another is turned or left out (:func:`_fit_tick_labels`)."""
     from optuna.visualization.matplotlib import plot_slice as plot
 
-    n = len({k for t in study.get_trials(deepcopy=False) for k in t.params})
-    return _optuna_figure(lambda: plot(study), f"{name}: objective against each parameter (complete trials)",
-                          out / "slices.png", (min(max(3.2 * n, 10), 20), 4))
+    return optuna_figure(lambda: plot(study), f"{name}: objective against each parameter (complete trials)",
+                         SLICE_PANEL, _slices_in_rows)
+
+
+def _slices_in_rows(fig: Any, axes: list[Any], title: str) -> None:
+    from matplotlib.colors import Normalize
+
+    cols = min(SLICE_COLUMNS, len(axes))
+    rows = math.ceil(len(axes) / cols)
+    ylabel = axes[0].get_ylabel()
+    # Optuna scales each panel's colours to its own trials and shows the last panel's scale:
+    # one scale for all, so a trial has one colour everywhere.
+    scatters = [c for ax in axes for c in ax.collections if c.get_array() is not None and len(c.get_array())]
+    for other in [a for a in fig.axes if a not in axes]:
+        other.remove()  # Optuna's colour bar
+    fig.set_size_inches(SLICE_PANEL[0] * cols + 1.2, SLICE_PANEL[1] * rows + 0.8)
+    fig.set_layout_engine("constrained")  # keeps each panel's labels clear of its neighbours
+    grid = fig.add_gridspec(rows, cols)
+    for i, ax in enumerate(axes):
+        row, col = divmod(i, cols)
+        ax.set_subplotspec(grid[row, col])
+        ax.tick_params(axis="y", labelleft=col == 0)  # shared: the first column says it
+        ax.set_ylabel(ylabel if col == 0 else "")
+        ax.set_title("")
+        ax.xaxis.set_major_formatter(_labels(ax.xaxis.get_major_formatter(), text=_unquoted))
+    if scatters:
+        numbers = [n for c in scatters for n in c.get_array()]
+        norm = Normalize(min(numbers), max(numbers))
+        for c in scatters:
+            c.set_norm(norm)
+        fig.colorbar(scatters[0], ax=axes, label="trial number", shrink=min(1.0, 0.5 + 0.25 * rows))
+    fig.suptitle(title)
+    _fit_tick_labels(fig, [ax.xaxis for ax in axes], turn=[ax.xaxis for ax in axes if _is_categorical(ax.xaxis)])
+
+
+def _unquoted(label: str) -> str:
+    """``'adam'`` -> ``adam``: Optuna labels categories with their repr."""
+    return label[1:-1] if len(label) >= 2 and label[0] == label[-1] and label[0] in "'\"" else label
+
+
+def _is_categorical(axis: Any) -> bool:
+    from matplotlib.category import StrCategoryFormatter
+
+    formatter = axis.get_major_formatter()
+    return isinstance(getattr(formatter, "inner", formatter), StrCategoryFormatter)  # (inside _labels)
 
 
 def plot_contour(study: Any, name: str, out: Path) -> Path | None:
@@ -394,14 +502,17 @@ def plot_contour(study: Any, name: str, out: Path) -> Path | None:
             if t.state.name == "COMPLETE" and {"lr", "momentum"} <= set(t.params)]
     if len({t.params["lr"] for t in both}) < 2 or len({t.params["momentum"] for t in both}) < 2:
         return None
-    return _optuna_figure(lambda: plot(study, params=["lr", "momentum"]),
-                          f"{name}: objective over lr and momentum ({len(both)} trials with momentum)",
-                          out / "contour_lr_momentum.png", (8, 6))
+    with optuna_figure(lambda: plot(study, params=["lr", "momentum"]),
+                       f"{name}: objective over lr and momentum ({len(both)} trials with momentum)", (8, 6)) as fig:
+        return None if fig is None else _save(fig, out / "contour_lr_momentum.png", tight=True)
 
 
-def _optuna_figure(draw: Any, title: str, path: Path, size: tuple[float, float]) -> Path | None:
-    """Save one of ``optuna.visualization.matplotlib``'s plots (drawn with pyplot, on its own
-    figure, closed after) at the report's size and resolution; None if it has nothing to draw."""
+@contextlib.contextmanager
+def optuna_figure(draw: Any, title: str, size: tuple[float, float],
+                  finish: Callable[[Any, list[Any], str], None] | None = None) -> Iterator[Any]:
+    """One of ``optuna.visualization.matplotlib``'s plots (drawn with pyplot, on its own
+    figure, closed after) at the report's ``size`` with ``title`` (or as ``finish(figure,
+    axes, title)`` arranges it); None if it has nothing to draw."""
     import warnings
 
     import matplotlib
@@ -410,27 +521,131 @@ def _optuna_figure(draw: Any, title: str, path: Path, size: tuple[float, float])
     import matplotlib.pyplot as plt
     import optuna
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        warnings.simplefilter("ignore", UserWarning)
+    # Optuna's slice plot switches pyplot to the ggplot style for the whole process: kept to
+    # that figure, so the figures drawn after it (and the next report's) keep the default style.
+    with matplotlib.rc_context():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            warnings.simplefilter("ignore", UserWarning)
+            try:
+                drawn = draw()
+            except (ValueError, RuntimeError, KeyError):
+                drawn = None
+        if drawn is None:
+            yield None
+            return
+        axes = list(getattr(drawn, "ravel", lambda: [drawn])())
+        fig = axes[0].figure
         try:
-            drawn = draw()
-        except (ValueError, RuntimeError, KeyError):
-            return None
-    axes = list(getattr(drawn, "ravel", lambda: [drawn])())
-    fig = axes[0].figure
-    try:
-        if not any(ax.has_data() for ax in axes):
-            return None
-        fig.set_size_inches(*size)
-        if len(axes) == 1:
-            axes[0].set_title(title)  # instead of Optuna's generic one
-        else:
-            fig.suptitle(title)
-        fig.savefig(path, dpi=DPI, bbox_inches="tight")  # Optuna places its colour bar itself
-        return path
-    finally:
-        plt.close(fig)
+            if not any(ax.has_data() for ax in axes):
+                yield None
+                return
+            fig.set_size_inches(*size)
+            if finish is not None:
+                finish(fig, axes, title)
+            elif len(axes) == 1:
+                axes[0].set_title(title)  # instead of Optuna's generic one
+            else:
+                fig.suptitle(title)
+            yield fig
+        finally:
+            plt.close(fig)
+
+
+def _labels(inner: Any, kept: Sequence[float] | None = None, text: Callable[[str], str] | None = None) -> Any:
+    """A tick formatter that labels as ``inner`` does, but only the ticks in ``kept`` (all if
+    None), each label passed through ``text``. Offsets, and what ``inner`` learns from all
+    the ticks' positions (a log axis's minor labels), stay its own."""
+    if isinstance(inner, _labels_class()):  # one wrapper: the new choice of ticks replaces the old
+        inner, text = inner.inner, text or inner.text
+    return _labels_class()(inner, kept, text)
+
+
+@functools.cache
+def _labels_class() -> type:
+    from matplotlib.ticker import Formatter  # here: importing the report module draws nothing
+
+    class Labels(Formatter):
+        def __init__(self, inner: Any, kept: Sequence[float] | None, text: Callable[[str], str] | None) -> None:
+            self.inner, self.kept, self.text = inner, kept, text
+
+        def set_axis(self, axis: Any) -> None:
+            super().set_axis(axis)
+            self.inner.set_axis(axis)
+
+        def set_locs(self, locs: Sequence[float]) -> None:
+            super().set_locs(locs)
+            self.inner.set_locs(locs)
+
+        def format_ticks(self, values: Sequence[float]) -> list[str]:
+            return [self._label(v, label) for v, label in zip(values, self.inner.format_ticks(values))]
+
+        def __call__(self, x: float, pos: int | None = None) -> str:
+            return self._label(x, self.inner(x, pos))
+
+        def get_offset(self) -> str:
+            return self.inner.get_offset()
+
+        def _label(self, x: float, label: str) -> str:
+            if self.kept is not None and not any(math.isclose(x, k, rel_tol=1e-9, abs_tol=1e-12) for k in self.kept):
+                return ""
+            return self.text(label) if self.text else label
+
+    return Labels
+
+
+def _fit_tick_labels(fig: Any, axes: Sequence[Any], turn: Sequence[Any] = ()) -> None:
+    """Leave out the tick labels of each of ``axes`` (x or y Axis objects) that would overlap
+    another of its labels as the figure draws: major ticks' first, then the minor ones a log
+    axis labels, each in axis order. Those in ``turn`` (categories: each label is needed)
+    are first turned, 30 degrees, then 90, while their labels overlap."""
+    fig.canvas.draw()
+    for angle in (30, 90):
+        crowded = [axis for axis in turn if _overlap(_tick_labels(fig, axis))]
+        if not crowded:
+            break
+        for axis in crowded:
+            axis.set_tick_params(labelrotation=angle)
+            for label in axis.get_ticklabels():
+                label.set_horizontalalignment("right" if angle == 30 else "center")
+                label.set_rotation_mode("anchor" if angle == 30 else "default")
+        fig.canvas.draw()
+    for axis in axes:
+        kept: list[Any] = []
+        for minor in (False, True):
+            keep = []
+            for loc, box in _tick_labels(fig, axis, minor):
+                if not any(box.overlaps(other) for other in kept):
+                    kept.append(box)
+                    keep.append(loc)
+            if minor:
+                axis.set_minor_formatter(_labels(axis.get_minor_formatter(), kept=keep))
+            else:
+                axis.set_major_formatter(_labels(axis.get_major_formatter(), kept=keep))
+
+
+def _tick_labels(fig: Any, axis: Any, minor: bool | None = None) -> list[tuple[float, Any]]:
+    """(position, drawn extent with 2 pixels' margin) of the tick labels that ``axis`` drew:
+    its major ticks', its minor ticks', or both (None)."""
+    renderer = fig.canvas.get_renderer()
+    low, high = sorted(axis.get_transform().transform(axis.get_view_interval()))
+    slack = (high - low) * 1e-9
+    out = []
+    for is_minor in ((False, True) if minor is None else (minor,)):
+        ticks = axis.get_minor_ticks() if is_minor else axis.get_major_ticks()
+        for tick in ticks:
+            where = axis.get_transform().transform(tick.get_loc())
+            if not low - slack <= where <= high + slack:
+                continue  # not drawn
+            for label in (tick.label1, tick.label2):
+                if label.get_visible() and label.get_text():
+                    out.append((tick.get_loc(), label.get_window_extent(renderer).padded(2)))
+    return out
+
+
+def _overlap(labels: Sequence[tuple[float, Any]]) -> bool:
+    boxes = [box for _, box in labels]
+    return any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
 
 
 def write_html(name: str, rows: Sequence[TrialCurves], figures: Sequence[Path], path: Path,

@@ -9,6 +9,7 @@ earlier trial. ``sql/views.sql`` ranks ``best_trials`` by the same rule in SQL, 
 from __future__ import annotations
 
 import math
+from datetime import timedelta
 from typing import Any, Iterable, Mapping, Sequence, TypeVar
 
 import optuna
@@ -63,9 +64,20 @@ def trial_record(t: FrozenTrial) -> dict[str, Any]:
     (fixed values included: they are suggested too), in sampling order, as in the SQL
     views' ``params``; the defaults a trial also trained with are in its
     ``hyperparameters`` attribute and its MLflow run's params."""
-    duration = t.duration.total_seconds() if t.duration is not None else None
     return {"number": t.number, "value": t.value, "state": t.state.name, "params": in_sampling_order(t.params),
-            "duration_s": duration, "mlflow_run_id": t.user_attrs.get(attrs.MLFLOW_RUN)}
+            "duration_s": duration_s(t), "mlflow_run_id": t.user_attrs.get(attrs.MLFLOW_RUN)}
+
+
+def duration_s(t: FrozenTrial) -> float | None:
+    """A trial's duration as every view shows it (``run``, ``best``, the SQL views, the
+    description, the report): from its stored start to its stored completion, in whole
+    milliseconds (rounded half away from zero), in seconds. The views compute the same from
+    the stored times (the ``seconds`` macro in queries.py), so one trial shows one number."""
+    if t.datetime_start is None or t.datetime_complete is None:
+        return None
+    micro = (t.datetime_complete - t.datetime_start) // timedelta(microseconds=1)  # exact
+    milli = (abs(micro) + 500) // 1000
+    return (milli if micro >= 0 else -milli) / 1000
 
 
 def counts(study: optuna.Study) -> tuple[int, int]:

@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from lrsearch import attrs, faults
-from lrsearch.descriptions import DEFAULT_UI_PORT, NOTE_TAG, OBJECTIVE_METRIC, TRIALS_VIEW, VIEW_TAG_PREFIX, run_path, trials_path
+from lrsearch.descriptions import (
+    DEFAULT_UI_PORT, NOTE_TAG, OBJECTIVE_METRIC, TRIALS_VIEW, VIEW_TAG_PREFIX, fmt, run_path, trials_path,
+)
 from lrsearch.errors import TrackingError, first_line
 from lrsearch.retry import Retry, reason
 from lrsearch.stopping import check_stop
@@ -147,11 +149,14 @@ class Tracker:
 
     def start_trial(self, experiment_id: str, parent_run_id: str, study: str, number: int,
                     params: Mapping[str, Any]) -> str:
-        """A child run named ``trial-<number>``, RUNNING, with the trial's ``params``."""
+        """A child run named ``trial-<number>``, RUNNING, with the trial's ``params`` (floats
+        to 4 significant digits: :func:`_trial_param_value`)."""
         tags = {PARENT_TAG: parent_run_id, "lrsearch.role": "trial", "study": study,
                 "trial_number": str(number), "state": "RUNNING"}
         run_id = self._create_run(experiment_id, f"trial-{number}", tags)
-        self._log(run_id, params=params)  # once: MLflow params are immutable
+        # Once: MLflow params are immutable. A repeated call logs the same text (the
+        # formatting is deterministic), which MLflow accepts.
+        self._log(run_id, params={k: _trial_param_value(v) for k, v in params.items()})
         return run_id
 
     def finish_trial(self, run_id: str, history: History, state: str, *, reason: str | None = None,
@@ -503,6 +508,14 @@ def _metrics(history: History) -> list[Any]:
 def _param_value(value: Any) -> str:
     text = value if isinstance(value, str) else json.dumps(value, default=str)
     return text[:6000]  # MLflow's limit for a param value
+
+
+def _trial_param_value(value: Any) -> Any:
+    """A trial's param as its run shows it: a float as the descriptions write numbers
+    (``8.261e-05``, 4 significant digits), because MLflow's runs table cuts a long one
+    (``8.26080839…``) in its narrow columns; anything else as :func:`_param_value` logs it.
+    The exact value stays in Optuna, the SQL views and the run's ``trial_config.json``."""
+    return fmt(value) if isinstance(value, float) else value
 
 
 def _batches(params: list[Any], tags: list[Any], metrics: list[Any]) -> Iterable[dict[str, list[Any]]]:

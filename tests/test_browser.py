@@ -20,7 +20,7 @@ from conftest import free_port, missing, stop_process_group, wait_for_http
 from lrsearch.config import load_config
 from lrsearch.descriptions import run_path, trials_path
 from lrsearch.launch import run_study
-from lrsearch.report import write_report
+from lrsearch.report import DPI, NOTE_FIGURE_WIDTH, PREVIEW_WIDTH, write_report
 
 # Worker processes, servers or a browser: seconds each (python -m pytest -m "not slow" leaves them out).
 pytestmark = pytest.mark.slow
@@ -47,6 +47,34 @@ optimizer = "sgd"
 lr = { choices = [0.05, 1e8] }
 momentum = 0.9
 """
+
+# The horizontal gaps, in pixels, between the text of a table row's neighbouring cells (each
+# cell's text from its first visible character to its last, spaces excepted).
+CELL_GAPS = """row => {
+  const extent = cell => {
+    const walker = document.createTreeWalker(cell, NodeFilter.SHOW_TEXT);
+    let left = Infinity, right = -Infinity;
+    for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+      const text = node.textContent, first = text.search(/\\S/);
+      if (first < 0) continue;
+      const range = document.createRange();
+      range.setStart(node, first);
+      range.setEnd(node, text.length - (text.length - text.trimEnd().length));
+      const box = range.getBoundingClientRect();
+      left = Math.min(left, box.left);
+      right = Math.max(right, box.right);
+    }
+    return [left, right];
+  };
+  const cells = [...row.children].map(extent);
+  return cells.slice(1).map((cell, i) => cell[0] - cells[i][1]);
+}"""
+# Whether the description is no wider than the scrolling box that shows it.
+FITS_ITS_BOX = """note => {
+  let box = note.parentElement;
+  while (box && !['auto', 'scroll'].includes(getComputedStyle(box).overflowX)) box = box.parentElement;
+  return note.scrollWidth <= box.clientWidth && box.scrollWidth <= box.clientWidth;
+}"""
 
 
 def test_mlflow_ui_explains_the_study(write_study, tmp_path):
@@ -80,7 +108,9 @@ def test_mlflow_ui_explains_the_study(write_study, tmp_path):
         assert cmdline[cmdline.index(b"--host") + 1] == b"127.0.0.1"
         with playwright.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            context = browser.new_context(viewport={"width": 1500, "height": 1000})
+            # The UI's default width: a 1280-pixel window (its assistant panel open). Tall, so
+            # that the screenshot holds the whole description.
+            context = browser.new_context(viewport={"width": 1280, "height": 2400})
             page = context.new_page()
 
             # The parent run's description: outcome, best trial, top-trial table, figures.
@@ -92,19 +122,26 @@ def test_mlflow_ui_explains_the_study(write_study, tmp_path):
             assert "done · 2 of 2 trials (1 COMPLETE, 1 PRUNED) · maximize val/acc" in text
             assert f"Best val/acc: {complete.value:.4g}, trial {complete.number}" in text
             assert note.locator("table tr").count() == 2  # header + the one COMPLETE trial
+            # The page pads no table cell: a gap of its own keeps each cell's text apart.
+            for row in range(2):
+                gaps = note.locator("table tr").nth(row).evaluate(CELL_GAPS)
+                assert len(gaps) == 5 and min(gaps) >= 12, gaps
             images = note.locator("img")
             assert images.count() == 3  # a grid: accuracy per value, optimization history, objective against lr
             images.last.scroll_into_view_if_needed()
-            page.wait_for_function("imgs => imgs.every(i => i.complete && i.naturalWidth == 780)",
+            page.wait_for_function(f"imgs => imgs.every(i => i.complete && i.naturalWidth == {PREVIEW_WIDTH})",
                                    arg=images.element_handles(), timeout=15000)
+            # The whole description within its box: nothing pushed past its right edge.
+            assert note.evaluate(FITS_ITS_BOX), "the description is wider than the box that shows it"
             note.screenshot(path=str(shots / "parent_description.png"))
             page.screenshot(path=str(shots / "parent_run.png"))
             with context.expect_page() as opened:  # the table's link opens the trial's run
-                note.locator("table").get_by_role("link", name=f"trial-{complete.number}").click()
+                note.locator("table").get_by_role("link", name=str(complete.number), exact=True).click()
             child = opened.value
             child.wait_for_url(f"**/runs/{complete.user_attrs['mlflow_run_id']}**", timeout=15000)
             child.get_by_text(f"trial-{complete.number}", exact=True).first.wait_for(timeout=15000)
             child.close()
+            page.set_viewport_size({"width": 1500, "height": 1000})  # the tables below: room for every column
 
             # A pruned trial's run says why on its page.
             page.goto(root + run_path(exp, pruned.user_attrs["mlflow_run_id"]))
@@ -149,7 +186,8 @@ def test_mlflow_ui_explains_the_study(write_study, tmp_path):
             page.get_by_text("report", exact=True).click()
             page.get_by_text("optimization_history.png", exact=True).click()
             # (the viewer shows the file through a blob: URL; the page has no other large image)
-            page.wait_for_function("() => [...document.images].some(i => i.complete && i.naturalWidth == 2000)",
+            full = round(NOTE_FIGURE_WIDTH * DPI)  # the figure itself, not its preview
+            page.wait_for_function(f"() => [...document.images].some(i => i.complete && i.naturalWidth == {full})",
                                    timeout=30000)
             page.screenshot(path=str(shots / "report_artifact.png"))
             browser.close()

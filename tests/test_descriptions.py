@@ -11,7 +11,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 
 from lrsearch import attrs
-from lrsearch.descriptions import phase_of, study_note, trial_note, trials_view
+from lrsearch.descriptions import CELL_GAP, phase_of, study_note, trial_note, trials_view
 from lrsearch.report import TrialCurves, best_line
 
 DISTS = {"optimizer": CategoricalDistribution(["sgd", "adam"]), "lr": FloatDistribution(1e-4, 1.0, log=True)}
@@ -52,13 +52,20 @@ def test_the_study_note_ranks_links_and_counts(direction):
     metric = study.user_attrs[attrs.METRIC]
     assert lines[0] == f"**demo** · done · 5 of 6 trials (4 COMPLETE, 1 FAIL, 1 PRUNED) · {direction} {metric}"
     order = [1, 3, 2, 0] if direction == "maximize" else [0, 2, 1, 3]
-    rows = [line for line in lines if line.startswith("| ") and "[trial-" in line]
-    assert [int(r.split("[trial-")[1].split("]")[0]) for r in rows] == order
+    header = lines.index(next(line for line in lines if line.startswith("| rank")))
+    rows = lines[header + 2:lines.index("", header)]
+    # Cells end in a visible gap (MLflow's page pads no cell), the last, params, excepted.
+    cells = [[c.strip() for c in row.strip("|").split("|")] for row in [lines[header], *rows]]
+    assert cells[0] == [f"rank{CELL_GAP}", f"trial{CELL_GAP}", f"{metric}{CELL_GAP}", f"epochs{CELL_GAP}",
+                        f"s{CELL_GAP}", "params"]
+    assert all(c.endswith(CELL_GAP) for row in cells for c in row[:-1])
+    assert all(row[-1].startswith("optimizer=sgd, lr=") for row in cells[1:])
+    assert [int(r[1].split("]")[0].lstrip("[")) for r in cells[1:]] == order
     best = order[0]
     assert lines[2].startswith(f"Best {metric}: **{values[best]:.4g}**, [trial {best}](#/experiments/3/runs/"
                                f"{best:032d}?workflowType=machine_learning): optimizer=sgd, lr=")
-    assert rows[0].startswith(f"| 1 | [trial-{best}](#/experiments/3/runs/{best:032d}?workflowType=machine_learning)"
-                              f" | {values[best]:.4g} | 10 | ")
+    assert cells[1][:4] == [f"1{CELL_GAP}", f"[{best}](#/experiments/3/runs/{best:032d}?workflowType=machine_learning)"
+                            f"{CELL_GAP}", f"{values[best]:.4g}{CELL_GAP}", f"10{CELL_GAP}"]
     assert "1 trials were stopped early (PRUNED, by the median pruner;" in note
     assert "1 trials failed (retried: they do not count); the last, trial 5: RuntimeError: boom" in note
     assert ("![optimization history](get-artifact?path=report%2Fpreview%2Foptimization_history.png"
@@ -68,7 +75,7 @@ def test_the_study_note_ranks_links_and_counts(direction):
 def test_a_long_study_note_stays_within_mlflows_tag_limit():
     study = _study("maximize", [(TrialState.COMPLETE, i / 1000, {}) for i in range(300)])
     note = study_note(study, phase="running", experiment_id="3")
-    assert len(note) < 8000 and note.count("[trial-") == 10  # the top 10 only
+    assert len(note) < 8000 and note.count("](#/experiments/3/runs/") == 11  # the best trial, the top 10
 
 
 def test_phase_follows_the_study():

@@ -146,3 +146,116 @@ def test_the_experiments_script_prints_tables_from_a_tiny_run(tmp_path, monkeypa
                   and not line.startswith("| the five") and not line.startswith("| TPE")]
     # 24 grid trials and 16 schedule trials; one epoch: 0.80 at epoch 1, or never
     assert len(last_cells) == 40 and set(last_cells) <= {"never", "1"}
+
+
+# -- the figures as drawn: properties a reader sees ------------------------------------------
+
+def _search_like_study(trials: int = 24):
+    """A real (in-memory) Optuna study over search.toml's space, with made-up objective values:
+    the figures depend only on the trials' params and values, so nothing is trained."""
+    import optuna
+
+    def objective(trial):
+        optimizer = trial.suggest_categorical("optimizer", ["sgd", "adam", "rmsprop", "adagrad"])
+        lr = trial.suggest_float("lr", 1e-4, 1.0, log=True)
+        if optimizer in ("sgd", "rmsprop"):
+            trial.suggest_float("momentum", 0.0, 0.99)
+        schedule = trial.suggest_categorical("schedule", ["constant", "time_decay", "step", "cosine", "plateau"])
+        if schedule == "time_decay":
+            trial.suggest_float("decay", 1e-4, 1e-1, log=True)
+        if schedule == "plateau":
+            trial.suggest_categorical("patience", [2, 5, 10])
+        return 0.85 - 0.05 * abs(math.log10(lr) + 1.5)
+
+    import math
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(study_name="search", direction="maximize",
+                                sampler=optuna.samplers.RandomSampler(seed=3))
+    study.optimize(objective, n_trials=trials)
+    return study
+
+
+def _drawn_texts(fig):
+    """Every piece of text the figure draws, with its extent on the canvas."""
+    from matplotlib.text import Text
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    if not isinstance(fig.canvas, FigureCanvasAgg):  # a Figure without pyplot
+        FigureCanvasAgg(fig)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    ticks, drawn = set(), []
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            low, high = sorted(axis.get_transform().transform(axis.get_view_interval()))
+            for tick in axis.get_major_ticks() + axis.get_minor_ticks():
+                labels = (tick.label1, tick.label2)
+                ticks.update(map(id, labels))
+                where = axis.get_transform().transform(tick.get_loc())
+                if ax.get_visible() and low - 1e-9 <= where <= high + 1e-9:  # drawn
+                    drawn += [t for t in labels if t.get_visible() and t.get_text()]
+    drawn += [t for t in fig.findobj(Text) if id(t) not in ticks and t.get_visible() and t.get_text().strip()
+              and (t.axes is None or t.axes.get_visible())]
+    return [(t.get_text(), t.get_window_extent(renderer)) for t in drawn]
+
+
+def _overlapping(fig):
+    texts = _drawn_texts(fig)
+    return [(a, b) for i, (a, box_a) in enumerate(texts) for b, box_b in texts[i + 1:] if box_a.overlaps(box_b)]
+
+
+def test_slices_labels_keep_clear_of_each_other():
+    from lrsearch.report import slices_figure
+
+    with slices_figure(_search_like_study(), "search") as fig:
+        assert _overlapping(fig) == []
+        panels = [ax for ax in fig.axes if ax.get_xlabel() in ("optimizer", "schedule", "lr", "momentum", "decay",
+                                                                  "patience")]
+        assert len(panels) == 6
+        texts = [text for text, _ in _drawn_texts(fig)]
+        assert {"adagrad", "time_decay", "plateau"} <= set(texts)  # categories unquoted, every one shown
+        # One colour scale for every panel: a trial has one colour everywhere.
+        norms = {(c.norm.vmin, c.norm.vmax) for ax in panels for c in ax.collections if c.get_array() is not None
+                 and len(c.get_array())}
+        assert norms == {(0, 23)}
+    import matplotlib
+
+    assert matplotlib.rcParams["axes.facecolor"] == "white"  # Optuna's ggplot style stayed in its figure
+
+
+def test_parallel_coordinates_labels_read_over_the_lines():
+    from lrsearch.report import parallel_figure
+
+    with parallel_figure(_search_like_study(), "search") as fig:
+        assert _overlapping(fig) == []
+        (ax,) = [a for a in fig.axes if a.collections and a.get_title()]
+        twins = [a for a in ax.get_shared_x_axes().get_siblings(ax) if a is not ax]
+        assert len(twins) == 6  # one axis per parameter
+        assert all(fig.axes.index(t) > fig.axes.index(ax) and t.get_zorder() >= ax.get_zorder() for t in twins)
+        labels = [label for twin in twins for label in twin.get_yticklabels() if label.get_text()]
+        assert len(labels) >= 12
+        for label in labels:  # on a white ground, drawn after (above) the lines
+            ground = label.get_bbox_patch()
+            assert ground is not None and ground.get_facecolor()[:3] == (1.0, 1.0, 1.0), label.get_text()
+            assert ground.get_alpha() >= 0.8
+
+
+def test_lr_curves_legend_reads_in_the_description():
+    from lrsearch.report import PREVIEW_WIDTH, TrialCurves, lr_figure
+
+    params = {"optimizer": "rmsprop", "lr": 0.019012345, "momentum": 0.403312, "schedule": "plateau",
+              "patience": 10, "decay": 0.000123456}
+    trials = [TrialCurves(n, "COMPLETE", 0.83 - n / 100, params, params,
+                          {"lr": [(e, 0.019 / (1 + e)) for e in range(20)]}) for n in range(5)]
+    fig = lr_figure(trials, [], "search: learning rate per epoch of the top 5 trials", rank=True)
+    legend = fig.axes[0].get_legend()
+    pixels_per_point = PREVIEW_WIDTH / (fig.get_figwidth() * 72)  # in the description's copy
+    assert all(t.get_fontsize() * pixels_per_point >= 13 for t in legend.get_texts())
+    assert _overlapping(fig) == []
+    inside = fig.bbox.padded(-1)  # the whole legend in the figure: long labels wrap, not cut
+    box = legend.get_window_extent()
+    assert inside.x0 <= box.x0 and box.x1 <= inside.x1 and inside.y0 <= box.y0
+    ticks = [float(t.get_text().replace("−", "-")) for t in fig.axes[0].get_xticklabels() if t.get_text()]
+    assert ticks and all(t == int(t) for t in ticks)  # epochs

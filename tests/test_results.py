@@ -62,6 +62,79 @@ def test_sql_and_python_rank_alike_on_postgres(pg_url):
     _same_ranking(pg_url)
 
 
+# (start, complete) times as Optuna stores them, and the duration every view shows: whole
+# milliseconds, half away from zero. Halves on purpose: a rounding that differed anywhere
+# (SQLite's date functions read a time to the millisecond; Python's round() goes to even)
+# would show one of them differently.
+DURATIONS = [
+    ("12:00:00.000000", "12:00:01.393500", 1.394),
+    ("12:00:00.000400", "12:00:01.393600", 1.393),  # each time rounded alone: 1.394 - 0.000
+    ("12:00:00.999500", "12:00:02.000000", 1.001),
+    ("12:00:00.999501", "12:00:02.000000", 1.0),
+    ("12:00:59.500000", "12:01:00.000499", 0.5),
+    ("12:00:00.000000", "12:00:00.000500", 0.001),
+    ("23:59:59.999999", "00:00:00.000001", 0.0),  # the next day
+    ("12:00:00.000000", "12:00:00.000000", 0.0),
+]
+
+
+def _fill_durations(storage: str) -> optuna.Study:
+    from datetime import datetime, timedelta
+
+    study = optuna.create_study(storage=open_storage(storage), study_name="durations")
+    for start, complete, _ in DURATIONS:
+        day = datetime(2026, 11, 30)
+        begun, ended = (datetime.combine(day, datetime.strptime(x, "%H:%M:%S.%f").time()) for x in (start, complete))
+        trial = create_trial(value=1.0, params={"lr": 0.1}, distributions={"lr": FloatDistribution(0.0, 1.0)})
+        trial.datetime_start, trial.datetime_complete = begun, ended if ended >= begun else ended + timedelta(days=1)
+        study.add_trial(trial)
+    return study
+
+
+def _durations_agree(storage: str, tracking: str | None = None) -> None:
+    from lrsearch.results import duration_s
+
+    study = _fill_durations(storage)
+    expected = [d for _, _, d in DURATIONS]
+    assert [duration_s(t) for t in study.trials] == expected  # read back from the store
+    with ResultsDatabase(storage, tracking) as db:
+        rows = db.query("SELECT trial_number, duration_s FROM trials WHERE study_name = 'durations' "
+                        "ORDER BY trial_number").rows
+        assert [r[1] for r in rows] == expected
+        mean = db.query("SELECT mean_trial_s FROM studies WHERE study_name = 'durations'").rows[0][0]
+        assert abs(mean - sum(expected) / len(expected)) < 1e-12
+
+
+def test_one_rounding_of_durations_on_sqlite(stores):
+    _durations_agree(*stores)
+
+
+def test_one_rounding_of_durations_on_postgres(pg_url):
+    prepare_database(pg_url)
+    MlflowClient(tracking_uri=schema_url(pg_url, "mlflow")).search_experiments()  # MLflow's tables
+    _durations_agree(pg_url)
+
+
+def test_run_and_best_show_the_same_durations_on_postgres(pg_url):
+    # What `run` prints (Python's records of the study it ran) and what `best` prints (the
+    # best_trials view), for a real study whose trials and runs are in PostgreSQL.
+    import tomllib
+
+    from lrsearch.config import parse_config
+    from lrsearch.launch import run_study
+    from lrsearch.queries import best_trials_sql
+    from lrsearch.results import best_trials
+
+    prepare_database(pg_url)
+    text = TINY_STUDY.replace('name = "tiny"', 'name = "timed"').replace("trials = 3", "trials = 2")
+    cfg = parse_config(tomllib.loads(text.replace("epochs = 3", "epochs = 1")), "timed.toml")
+    result = run_study(cfg, storage=pg_url, tracking=schema_url(pg_url, "mlflow"))
+    from_run = [(r["number"], r["duration_s"]) for r in best_trials(result.study)]
+    from_best = [(r["trial_number"], r["duration_s"]) for r in best_trials_sql(pg_url, None, "timed", 10)]
+    assert len(from_run) == 2 and from_run == from_best
+    assert all(d == round(d, 3) for _, d in from_run)
+
+
 def _table(text: str) -> list[dict[str, str]]:
     """Rows of a text table as the CLI prints it (columns start where their headers do)."""
     lines = [line for line in text.splitlines() if line.strip()]
@@ -93,5 +166,18 @@ def test_a_minimize_study_reads_the_same_in_run_best_and_the_report(cli, write_s
     assert values == sorted(values)  # minimize: the smallest loss first
     assert [r["params"] for r in from_run] == [r["params"] for r in from_best]  # same meaning, same order
     # params: what Optuna sampled, in sampling order (the schedule is fixed, so sampled too)
-    first = json.loads(cli("best", "tiny", "--format", "json").stdout)[0]["params"]
+    as_json = json.loads(cli("best", "tiny", "--format", "json").stdout)
+    first = as_json[0]["params"]
     assert list(first)[:2] == ["optimizer", "lr"] and list(first)[-2:] == ["schedule", "decay"]
+    # One duration per trial: run's summary, best's table and JSON, the trials view, Python's record.
+    from lrsearch.descriptions import fmt
+    from lrsearch.results import load_study, trial_record
+
+    storage = f"sqlite:///{tmp_path / 'lrsearch-data' / 'optuna.db'}"
+    records = {str(t.number): trial_record(t) for t in load_study("tiny", storage).trials}
+    assert [r["duration_s"] for r in from_run] == [r["duration_s"] for r in from_best]
+    assert [fmt(r["duration_s"]) for r in as_json] == [r["duration_s"] for r in from_best]
+    assert {str(r["number"]): r["duration_s"] for r in as_json} == {n: r["duration_s"] for n, r in records.items()}
+    view = json.loads(cli("sql", "SELECT trial_number, duration_s FROM trials", "--format", "json").stdout)
+    assert {str(r["trial_number"]): r["duration_s"] for r in view} == {n: r["duration_s"] for n, r in records.items()}
+    assert all(d == round(d, 3) for d in (r["duration_s"] for r in as_json))  # whole milliseconds
