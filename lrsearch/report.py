@@ -399,8 +399,6 @@ def plot_importances(study: Any, name: str, out: Path) -> Path | None:
 
 def plot_parallel_coordinate(study: Any, name: str, out: Path) -> Path | None:
     """Optuna's parallel coordinates of the complete trials."""
-    from optuna.visualization.matplotlib import plot_parallel_coordinate as plot
-
     with parallel_figure(study, name) as fig:
         return None if fig is None else _save(fig, out / "parallel_coordinate.png", tight=True)
 
