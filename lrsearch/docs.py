@@ -1,4 +1,5 @@
-"""The README's tables of hyperparameters and choices, generated from the registries.
+"""The README's tables of hyperparameters, choices and study states, generated from the
+registries and ``phase.py``.
 
     python -m lrsearch.docs [README.md]     rewrite the tables in place
     python -m lrsearch.docs --check         exit 1 if they are out of date (a test runs this)
@@ -89,7 +90,14 @@ def _source_keys(entry: Any) -> str:
     return f"; keys: {', '.join(shown)}" if shown else ""
 
 
-TABLES = {"hyperparameters": hyperparameters, "choices": choices}
+def phases() -> str:
+    """A submitted study's states, in the order the rule tests them (``phase.py``)."""
+    from lrsearch.phase import PHASES
+
+    return "\n".join(["| state | meaning |", "|---|---|", *(f"| `{name}` | {text} |" for name, text in PHASES.items())])
+
+
+TABLES = {"hyperparameters": hyperparameters, "choices": choices, "phases": phases}
 
 
 def render(text: str) -> str:
