@@ -141,17 +141,23 @@ def cmd_status(args: argparse.Namespace) -> int:
     from lrsearch.service import STATUS_COLUMNS, status
 
     _quiet()
-    while True:
-        rows = status(args.name, storage=args.storage, tracking=args.tracking_uri)
-        text = _format(rows, args.format, STATUS_COLUMNS) if rows or args.format != "table" else \
-            "(no submitted studies)"
+    try:
+        while True:
+            rows = status(args.name, storage=args.storage, tracking=args.tracking_uri)
+            text = _format(rows, args.format, STATUS_COLUMNS) if rows or args.format != "table" else \
+                "(no submitted studies)"
+            if not args.watch:
+                print(text)
+                return EXIT_OK
+            print(("\033[H\033[J" if sys.stdout.isatty() else "") + text, flush=True)
+            if rows and all(r["state"] in ("done", "cancelled") for r in rows):
+                return EXIT_OK
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
         if not args.watch:
-            print(text)
-            return EXIT_OK
-        print(("\033[H\033[J" if sys.stdout.isatty() else "") + text, flush=True)
-        if rows and all(r["state"] in ("done", "cancelled") for r in rows):
-            return EXIT_OK
-        time.sleep(args.interval)
+            raise
+        # Ctrl-C is how a watch is left: the normal end, not an error (the studies go on).
+        return EXIT_OK
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
