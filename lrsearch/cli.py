@@ -357,7 +357,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
         shown = "localhost" if args.host in ("0.0.0.0", "::") else args.host
         for name, experiment_id in Tracker(uri).study_experiments():
             print(f"study {name}: http://{shown}:{args.port}/{trials_path(experiment_id)}", file=sys.stderr)
-    return serve(uri, host=args.host, port=args.port)
+    return serve(uri, host=args.host, port=args.port, quiet=not args.verbose)
 
 
 # -- output -------------------------------------------------------------------------------
@@ -600,6 +600,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=_positive_int, default=DEFAULT_UI_PORT)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--tracking-uri", metavar="URI", help="tracking store (default: the embedded one)")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show the MLflow server's own log: its INFO lines and one line per request")
     p.set_defaults(command=cmd_ui)
     return parser
 
