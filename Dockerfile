@@ -3,6 +3,8 @@
 FROM python:3.11-slim
 
 ENV PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1
+# The image's own pip may be one with advisories (see the README's install): upgrade it first.
+RUN pip install --upgrade pip
 # CPU wheels: the default torch wheel on Linux pulls several GB of CUDA libraries.
 RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 

@@ -149,17 +149,23 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     from lrsearch.service import STATUS_COLUMNS, status
 
-    while True:
-        rows = status(args.name, storage=args.storage, tracking=args.tracking_uri)
-        text = _format(rows, args.format, STATUS_COLUMNS) if rows or args.format != "table" else \
-            "(no submitted studies)"
+    try:
+        while True:
+            rows = status(args.name, storage=args.storage, tracking=args.tracking_uri)
+            text = _format(rows, args.format, STATUS_COLUMNS) if rows or args.format != "table" else \
+                "(no submitted studies)"
+            if not args.watch:
+                print(text)
+                return EXIT_OK
+            print(("\033[H\033[J" if sys.stdout.isatty() else "") + text, flush=True)
+            if rows and all(r["state"] in ("done", "cancelled", "unrunnable") for r in rows):
+                return EXIT_OK
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
         if not args.watch:
-            print(text)
-            return EXIT_OK
-        print(("\033[H\033[J" if sys.stdout.isatty() else "") + text, flush=True)
-        if rows and all(r["state"] in ("done", "cancelled") for r in rows):
-            return EXIT_OK
-        time.sleep(args.interval)
+            raise
+        # Ctrl-C is how a watch is left: the normal end, not an error (the studies go on).
+        return EXIT_OK
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
@@ -359,7 +365,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
         shown = "localhost" if args.host in ("0.0.0.0", "::") else args.host
         for name, experiment_id in Tracker(uri).study_experiments():
             print(f"study {name}: http://{shown}:{args.port}/{trials_path(experiment_id)}", file=sys.stderr)
-    return serve(uri, host=args.host, port=args.port)
+    return serve(uri, host=args.host, port=args.port, quiet=not args.verbose)
 
 
 # -- output -------------------------------------------------------------------------------
@@ -602,6 +608,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=_positive_int, default=DEFAULT_UI_PORT)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--tracking-uri", metavar="URI", help="tracking store (default: the embedded one)")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show the MLflow server's own log: its INFO lines and one line per request")
     p.set_defaults(command=cmd_ui)
     return parser
 

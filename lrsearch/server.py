@@ -7,12 +7,17 @@ login database is named without its password, which libpq takes from ``PGPASSWOR
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import secrets
+import shlex
+import socket
+import subprocess
 import sys
+from pathlib import Path
 
-from lrsearch.errors import UsageError
+from lrsearch.errors import LrsearchError, UsageError
 from lrsearch.storage import (
     artifact_root, data_dir, is_postgres, make_folder, pg_url, prepare_database, redact, schema_url, sqlite_path,
     with_user,
@@ -25,6 +30,31 @@ AUTH_SCHEMA = "mlflow_auth"  # MLflow's login tables (they have an alembic_versi
 # thousands of requests, so a checked login is remembered this long (MLflow's own cache).
 AUTH_CACHE_S = 300
 SERVER_POOL = {"MLFLOW_SQLALCHEMYSTORE_POOL_SIZE": "4", "MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW": "4"}
+# `lrsearch ui` without --verbose: uvicorn's own log at WARNING and no access log (MLflow's
+# default config logs every request at INFO); warnings and errors still reach stderr.
+QUIET_LOG_CONFIG = Path(__file__).with_name("uvicorn_quiet_log.json")
+# The one notice `mlflow server` prints however it is configured (click.echo, not a logger),
+# whose advice (--host 0.0.0.0) is not lrsearch's: left out of a quiet `lrsearch ui`.
+_BANNER = b"[MLflow] Security middleware enabled"
+# Runs beside the server, between its stderr and the terminal: copies every line but the
+# banner, and ends when the server and its workers have all closed their stderr. It ignores
+# Ctrl-C and SIGTERM (sent to the whole process group) so the server's last words still pass.
+_STDERR_FILTER = f"""
+import os, signal
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+rest = b""
+while True:
+    chunk = os.read(0, 65536)
+    if not chunk:
+        break
+    *lines, rest = (rest + chunk).split(b"\\n")
+    out = b"".join(line + b"\\n" for line in lines if not line.startswith({_BANNER!r}))
+    if out:
+        os.write(1, out)
+if rest and not rest.startswith({_BANNER!r}):
+    os.write(1, rest)
+"""
 
 
 def backend_uri(db: str) -> str:
@@ -114,8 +144,11 @@ def auth_environment(db: str) -> dict[str, str]:
 
 
 def serve(db: str | None, *, host: str = "127.0.0.1", port: int = 5000, artifacts: str | None = None,
-          allowed_hosts: str | None = None, workers: int = 1, auth: bool = False) -> int:
-    """Become the tracking server on ``db`` (or ``$LRSEARCH_DB``): exec, so signals reach it."""
+          allowed_hosts: str | None = None, workers: int = 1, auth: bool = False, quiet: bool = False) -> int:
+    """Become the tracking server on ``db`` (or ``$LRSEARCH_DB``): exec, so signals reach it.
+
+    ``quiet``: none of MLflow's and uvicorn's INFO lines, access log, banner or Python
+    warnings on the terminal, only their warnings and errors (see :func:`quiet_server`)."""
     db = db or os.environ.get(DB_ENV)
     if not db:
         raise UsageError(f"expected the database URL in --db or ${DB_ENV}, e.g. postgresql+psycopg://user@host/db")
@@ -136,12 +169,48 @@ def serve(db: str | None, *, host: str = "127.0.0.1", port: int = 5000, artifact
         env.setdefault(name, value)
     cmd = server_command(env["MLFLOW_BACKEND_STORE_URI"], host=host, port=port, artifacts=artifacts,
                          allowed_hosts=allowed_hosts, workers=workers, auth=auth)
+    check_port(host, port)
     shown = "localhost" if host in ("0.0.0.0", "::") else host
     print(f"MLflow UI: http://{shown}:{port}/#/experiments?workflowType=machine_learning"
           + (" (log in as the admin)" if auth else ""), file=sys.stderr)
     sys.stderr.flush()
+    if quiet:
+        cmd = quiet_server(cmd, env)
     os.execve(cmd[0], cmd, env)
     return 1  # not reached: execve replaces this process or raises
+
+
+def quiet_server(cmd: list[str], env: dict[str, str]) -> list[str]:
+    """Make ``cmd`` (``mlflow server``) quiet: MLflow's loggers at WARNING, uvicorn's log
+    config without access log, no Python warnings (unless ``PYTHONWARNINGS`` says otherwise),
+    the registry URI given (else MLflow says it used the backend's), and this process's stderr
+    through :data:`_STDERR_FILTER`. Returns the command to exec; ``env`` is updated."""
+    env.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    env.setdefault("PYTHONWARNINGS", "ignore")
+    env.setdefault("MLFLOW_REGISTRY_STORE_URI", env["MLFLOW_BACKEND_STORE_URI"])  # MLflow's own default
+    read, write = os.pipe()
+    subprocess.Popen([sys.executable, "-c", _STDERR_FILTER], stdin=read, stdout=sys.stderr.fileno(),
+                     stderr=subprocess.DEVNULL, close_fds=True)
+    os.close(read)
+    os.dup2(write, sys.stderr.fileno())
+    os.close(write)
+    return [*cmd, "--uvicorn-opts", f"--log-config {shlex.quote(str(QUIET_LOG_CONFIG))}"]
+
+
+def check_port(host: str, port: int) -> None:
+    """Fail in one line (exit 1) when something already listens on ``host:port``: MLflow
+    would print uvicorn's bind error and still exit 0. Bound as uvicorn binds (SO_REUSEADDR,
+    so connections in TIME_WAIT from a previous server do not count), then released."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise LrsearchError(f"port {port} on {host} is in use (another lrsearch ui or MLflow server?); "
+                                    "stop it or pass --port") from None
+            # Anything else (an address not on this machine, a name): MLflow reports it.
 
 
 def _loopback(host: str) -> bool:

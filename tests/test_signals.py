@@ -184,3 +184,26 @@ def test_a_second_signal_inside_a_finalizer_prints_no_traceback(monkeypatch):
         del thing
         gc.collect()
     assert seen == ["ValueError"]
+
+
+def test_ctrl_c_ends_a_status_watch_quietly(write_study, tmp_path, cli):
+    """Ctrl-C is the only way out of `status --watch` on a study that is not done: it ends the
+    watch with exit 0 and nothing on stderr, not as an interrupted command (130)."""
+    from conftest import server_study
+
+    assert cli("submit", str(write_study(server_study("watched", 2, 2)))).returncode == 0  # queued: never done
+    env = {k: v for k, v in os.environ.items() if k not in ("LRSEARCH_STORAGE", "MLFLOW_TRACKING_URI", "LRSEARCH_DATA")}
+    watch = subprocess.Popen([sys.executable, "-m", "lrsearch.cli", "status", "--watch", "--interval", "0.2"],
+                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = watch.stdout.readline()  # the table's header: the watch is in its loop
+        assert first.startswith("name "), (first, watch.poll())
+        assert watch.stdout.readline().split()[:2] == ["watched", "queued"]
+        watch.send_signal(signal.SIGINT)
+        out, err = watch.communicate(timeout=60)
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+            watch.wait()
+    assert watch.returncode == 0, err
+    assert err == ""

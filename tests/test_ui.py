@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port
+from conftest import free_port, wait_for_http
 from lrsearch.config import load_config
 from lrsearch.launch import run_study
 
@@ -103,3 +103,70 @@ def test_ui_serves_the_embedded_store(write_study, tmp_path):
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+
+
+def _stop_like_ctrl_c(server: subprocess.Popen) -> None:
+    """SIGINT to the whole process group, as a terminal's Ctrl-C; then wait until every
+    process in it has ended (the server, its workers, anything copying their output)."""
+    os.killpg(server.pid, signal.SIGINT)
+    server.wait(timeout=60)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            os.killpg(server.pid, 0)
+        except ProcessLookupError:
+            return
+        if time.monotonic() > deadline:
+            os.killpg(server.pid, signal.SIGKILL)
+            raise AssertionError("the ui's processes outlived it by 60 s")
+        time.sleep(0.2)
+
+
+def test_ui_prints_its_links_not_the_servers_chatter_unless_verbose(write_study, tmp_path):
+    from conftest import TINY_STUDY
+
+    data = tmp_path / "lrsearch-data"
+    cfg = load_config(write_study(TINY_STUDY)).with_overrides(trials=1, epochs=2)
+    result = run_study(cfg, storage=f"sqlite:///{data / 'optuna.db'}", tracking=f"sqlite:///{data / 'mlflow.db'}")
+    shown = {}
+    for flags in ((), ("--verbose",)):
+        port = free_port()
+        out, err = tmp_path / f"out{len(flags)}.txt", tmp_path / f"err{len(flags)}.txt"
+        with open(out, "w") as stdout, open(err, "w") as stderr:
+            server = subprocess.Popen([sys.executable, "-m", "lrsearch.cli", "ui", "--port", str(port), *flags],
+                                      cwd=tmp_path, stdout=stdout, stderr=stderr, start_new_session=True)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            wait_for_http(f"{base}/health", server)
+            for path in ("/", "/api/2.0/mlflow/experiments/search?max_results=1", "/health"):
+                urllib.request.urlopen(base + path, timeout=10).read()
+        finally:
+            _stop_like_ctrl_c(server)
+        shown[flags] = out.read_text(), err.read_text()
+        link = (f"study tiny: {base}/#/experiments/{result.experiment_id}/runs?viewStateShareKey=lrsearch-trials"
+                "&workflowType=machine_learning")
+        assert shown[flags][1].splitlines()[:2] == [link, f"MLflow UI: {base}/#/experiments?workflowType=machine_learning"]
+
+    quiet_out, quiet_err = shown[()]
+    assert quiet_out == ""
+    assert '"GET ' not in quiet_err and " INFO " not in quiet_err and "INFO:" not in quiet_err
+    assert "Security middleware" not in quiet_err and "Warning" not in quiet_err
+    verbose_out, verbose_err = shown[("--verbose",)]
+    assert '"GET /api/2.0/mlflow/experiments/search?max_results=1 HTTP/1.1" 200' in verbose_out  # one per request
+    assert "Uvicorn running on" in verbose_err and "Security middleware" in verbose_err
+
+
+def test_ui_on_a_port_in_use_fails_in_one_line(tmp_path, cli_process):
+    (tmp_path / "lrsearch-data").mkdir()
+    from mlflow import MlflowClient
+
+    MlflowClient(f"sqlite:///{tmp_path / 'lrsearch-data' / 'mlflow.db'}").create_experiment("other")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # A process of its own: were the check missing, `ui` would exec MLflow's server.
+        done = cli_process("ui", "--port", str(port), timeout=120)
+    assert done.returncode == 1
+    assert done.stderr == (f"lrsearch: error: port {port} on 127.0.0.1 is in use (another lrsearch ui or MLflow "
+                           "server?); stop it or pass --port\n")
