@@ -130,8 +130,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from lrsearch.storage import tracking_uri
     from lrsearch.tracking import links
 
-    _quiet()
     cfg = _study_config(args)
+    if cfg.finds_lr:  # the range test trains: quiet the libraries (nothing else imports them)
+        _quiet()
     sub = submit(cfg, storage=args.storage, tracking=args.tracking_uri)
     print(f"study {sub.name!r} {'resubmitted' if sub.resumed else 'submitted'}: {sub.target} trials, "
           f"for any `lrsearch worker` on {_redact(sub.url)}")

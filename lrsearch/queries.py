@@ -32,7 +32,8 @@ from lrsearch.errors import LrsearchError, UsageError, first_line, unknown_study
 from lrsearch.retry import reason
 from lrsearch.space import in_sampling_order
 from lrsearch.storage import (
-    is_postgres, pg_url, prepare_database, redact, sqlite_path, storage_url, store_lock, tracking_uri, with_user,
+    is_postgres, libpq_url, prepare_database, redact, sqlite_path, storage_url, store_lock, tracking_uri,
+    with_user,
 )
 
 VIEWS = ("trials", "best_trials", "studies")
@@ -191,9 +192,19 @@ class ResultsDatabase:
         self.url = storage_url(storage)
         self.timeout = timeout
         if is_postgres(self.url):
-            if not user_sql:
-                ensure_views(self.url)
-            self._conn: Any = _connect_pg(self.url, user_sql)
+            self._conn: Any = None
+            if not user_sql:  # lrsearch's own queries: the views made or replaced if they are not current
+                try:
+                    self._conn = _connect_pg(self.url, user_sql)
+                    current = _pg_view_version(self._conn) == views_version()
+                except LrsearchError:  # no views yet, or no database yet (made if the role may)
+                    current = False
+                if not current:
+                    if self._conn is not None:
+                        self._conn.close()
+                    ensure_views(self.url)
+                    self._conn = None
+            self._conn = self._conn or _connect_pg(self.url, user_sql)
             self.dialect = "postgresql"
         else:
             self._conn = _connect_sqlite(self.url, tracking_uri(tracking))
@@ -295,7 +306,7 @@ def ensure_views(url: str) -> bool:
 
     prepare_database(url)
     sql = view_sql("postgresql")
-    version = "lrsearch views " + hashlib.sha256(sql.encode()).hexdigest()[:16]
+    version = views_version()
     with store_lock(url) as lock:
         conn = lock.connection
         try:
@@ -330,10 +341,17 @@ def ensure_indexes(url: str) -> None:
             conn.execute(index.format(optuna=""))
 
 
-def _pg_view_version(conn: Any) -> str | None:
-    import sqlalchemy as sa
+def views_version() -> str:
+    """The views' version: a digest of their SQL, stored as a comment on ``lrsearch.trials``."""
+    return "lrsearch views " + hashlib.sha256(view_sql("postgresql").encode()).hexdigest()[:16]
 
-    return conn.execute(sa.text("SELECT obj_description(to_regclass('lrsearch.trials'), 'pg_class')")).scalar()
+
+def _pg_view_version(conn: Any) -> str | None:
+    """The version of the views on a connection (SQLAlchemy's or psycopg's)."""
+    sql = "SELECT obj_description(to_regclass('lrsearch.trials'), 'pg_class')"
+    if hasattr(conn, "exec_driver_sql"):
+        return conn.exec_driver_sql(sql).scalar()
+    return conn.execute(sql).fetchone()[0]
 
 
 def _view_readers(conn: Any) -> list[str]:
@@ -375,13 +393,7 @@ def _connect_pg(url: str, user_sql: bool) -> Any:
 
 
 def _conninfo(url: str) -> str:
-    """A libpq URL for ``url``: its query (sslmode, …) kept, the search path set later."""
-    from sqlalchemy.engine import make_url
-
-    parsed = make_url(pg_url(url))
-    query = {k: v for k, v in parsed.query.items() if k != "options"}
-    return parsed.set(drivername="postgresql", query=query).render_as_string(hide_password=False)
-
+    return libpq_url(url)
 
 def grant_reader(url: str, role: str) -> str:
     """Create (or update) the PostgreSQL role ``role`` that may only read results: LOGIN,

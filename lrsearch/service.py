@@ -6,11 +6,10 @@ host, PostgreSQL across hosts. Imports no torch, so ``submit`` and ``status`` an
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 from dataclasses import dataclass
-from typing import Any
-
-import optuna
+from typing import Any, Iterator
 
 from lrsearch import attrs
 from lrsearch.config import DEFAULT_TRIALS, Config, stored_config
@@ -18,11 +17,11 @@ from lrsearch.data import check_data
 from lrsearch.errors import UsageError, shown
 from lrsearch.lr_find import range_test, record_range_test
 from lrsearch.phase import explain
-from lrsearch.queries import ensure_indexes, ensure_views
-from lrsearch.results import FINISHED_STATES
+from lrsearch.queries import ensure_indexes
+from lrsearch.queue_store import QueueStore
 from lrsearch.space import grid_size
-from lrsearch.storage import check_stores, grace_period, is_postgres, open_storage, prepare_database, redact, \
-    report_dir, sqlite_path, storage_url, store_lock, tracking_uri
+from lrsearch.storage import check_stores, grace_period, is_postgres, open_storage, redact, \
+    report_dir, sqlite_path, storage_url, tracking_uri
 from lrsearch.tracking import check_tracking, run_url
 
 
@@ -70,15 +69,17 @@ def submit(cfg: Config, *, storage: str | None = None, tracking: str | None = No
     # lr = { find = true }: the range test, once, before anything is created ("no clear
     # minimum" stops here); a study that has its range keeps it.
     found = range_test(cfg) if cfg.finds_lr and stored_range(url, name) is None else None
-    if is_postgres(url):
-        prepare_database(url)  # "cannot connect to …" at once, not after an outage window
-    store = open_storage(url, hint="; run the same command again")
-    try:
-        with store_lock(url, store.retry):  # one study, however many submit at once
-            study_id, resumed = _create_or_get(store, cfg, url)
-            user_attrs = store.get_study_user_attrs(study_id)
-            unrunnable = user_attrs.get(attrs.UNRUNNABLE)
-            if not (unrunnable and not _finished(store, study_id)):
+    with _queue(url) as store:
+        with store.locked():  # one study, however many submit at once
+            study_id = store.study_id(name)
+            resumed = study_id is not None
+            if study_id is None:
+                study_id = store.create_study(name, cfg.study.direction)
+            elif store.directions(study_id) != [cfg.study.direction]:
+                raise UsageError(f"study {name!r} in {redact(url)} was created with direction "
+                                 f"{', '.join(store.directions(study_id))}; the study file says {cfg.study.direction}")
+            user_attrs = store.user_attrs(study_id)
+            if not (user_attrs.get(attrs.UNRUNNABLE) and not store.count_trials(study_id, FINISHED)):
                 _check_drift(user_attrs, cfg, url)
             values: dict[str, Any] = {
                 attrs.METRIC: cfg.study.metric, attrs.CONFIG: cfg.to_toml(), attrs.TARGET: target_trials(cfg),
@@ -89,39 +90,35 @@ def submit(cfg: Config, *, storage: str | None = None, tracking: str | None = No
             if cfg.finds_lr and attrs.LR_RANGE not in user_attrs:
                 found = found or range_test(cfg)  # stored when we looked, gone since: another submit's race lost
                 values[attrs.LR_RANGE] = found.record()
-            store.set_study_user_attrs(study_id, values)
-        if found is not None and attrs.LR_RANGE in values:
-            _record_range_test(found, cfg, url, tracking)
-        if is_postgres(url):
-            ensure_views(url)  # no-op when current; skipped when MLflow's tables live elsewhere
-        else:
-            ensure_indexes(url)
-    finally:
-        store.close()
+            store.set_user_attrs(study_id, values)
+    if found is not None and attrs.LR_RANGE in values:
+        _record_range_test(found, cfg, url, tracking)
+    if not is_postgres(url):
+        ensure_indexes(url)  # (PostgreSQL's come with its views: lrsearch server, status, sql)
     experiment_id, parent_run_id = user_attrs.get(attrs.EXPERIMENT), user_attrs.get(attrs.PARENT_RUN)
     return Submission(name, url, values[attrs.TARGET], resumed, experiment_id, parent_run_id,
                       run_url(tracking, experiment_id, parent_run_id) if parent_run_id else None)
 
 
-def _create_or_get(store: Any, cfg: Config, url: str) -> tuple[int, bool]:
-    """The study's id, created if new (and whether it existed); its direction must match."""
-    from optuna.exceptions import DuplicatedStudyError
-    from optuna.study import StudyDirection
+FINISHED = ("COMPLETE", "PRUNED")  # results.FINISHED_STATES by name, without importing Optuna
 
-    name = cfg.study.name
+
+@contextlib.contextmanager
+def _queue(url: str, *, create: bool = True) -> Iterator[QueueStore]:
+    """The queue's SQL on the store ``url`` (see queue_store.py); a new store, or one another
+    Optuna release made, is opened through Optuna first, which makes or checks its tables."""
+    path = sqlite_path(url)
+    if path is not None and not path.exists() and not create:
+        raise UsageError(f"no lrsearch store at {path} (run a study first, or pass --storage)")
+    store = QueueStore(url)  # "cannot connect to …" at once, not after an outage window
     try:
-        return store.create_new_study([StudyDirection[cfg.study.direction.upper()]], name), False
-    except DuplicatedStudyError:
-        study_id = store.get_study_id_from_name(name)
-    stored = [d.name.lower() for d in store.get_study_directions(study_id)]
-    if stored != [cfg.study.direction]:
-        raise UsageError(f"study {name!r} in {redact(url)} was created with direction {', '.join(stored)}; "
-                         f"the study file says {cfg.study.direction}")
-    return study_id, True
-
-
-def _finished(store: Any, study_id: int) -> int:
-    return len(store.get_all_trials(study_id, deepcopy=False, states=FINISHED_STATES))
+        if not store.made_by_this_optuna():
+            store.close()
+            open_storage(url, create=create, hint="; run the same command again").close()
+            store = QueueStore(url)
+        yield store
+    finally:
+        store.close()
 
 
 def _record_range_test(found: Any, cfg: Config, url: str, tracking: str) -> None:
@@ -138,17 +135,9 @@ def stored_range(url: str, name: str) -> dict[str, Any] | None:
     path = sqlite_path(url)
     if path is not None and not path.exists():
         return None
-    if is_postgres(url):
-        prepare_database(url)  # an unreachable database: one line at once, not after an outage window
-    store = open_storage(url, create=False)
-    try:
-        study_id = store.get_study_id_from_name(name)
-    except KeyError:  # no such study: it has no range
-        return None
-    else:
-        return store.get_study_user_attrs(study_id).get(attrs.LR_RANGE)
-    finally:
-        store.close()
+    with _queue(url, create=False) as store:
+        study_id = store.study_id(name)
+        return None if study_id is None else store.user_attrs(study_id).get(attrs.LR_RANGE)
 
 
 def _check_drift(user_attrs: dict[str, Any], cfg: Config, url: str) -> None:
@@ -231,25 +220,18 @@ def cancel(name: str, *, now: bool = False, storage: str | None = None, tracking
     Writes one attribute to the Optuna storage; returns the study's state as a line.
     (``tracking`` is unused: MLflow is the workers' to update.)"""
     url = storage_url(storage)
-    store = open_storage(url, create=False)
-    try:
-        try:
-            study_id = store.get_study_id_from_name(name)
-            user_attrs = store.get_study_user_attrs(study_id)
-        except KeyError:
-            user_attrs = {}
+    with _queue(url, create=False) as store:
+        study_id = store.study_id(name)
+        user_attrs = {} if study_id is None else store.user_attrs(study_id)
         if attrs.CONFIG not in user_attrs:
             raise UsageError(f"no submitted study named {shown(name)} in {redact(url)}")
         target = user_attrs[attrs.TARGET]
-        with store_lock(url, store.retry):
-            trials = store.get_all_trials(study_id, deepcopy=False)
-            finished = sum(t.state in FINISHED_STATES for t in trials)
+        with store.locked():
+            finished = store.count_trials(study_id, FINISHED)
+            running = store.count_trials(study_id, ("RUNNING",))
             if finished >= target:
                 return f"study {name!r} is done ({finished} of {target} trials): nothing to cancel"
-            store.set_study_user_attr(study_id, attrs.CANCELLED, {
-                "at": datetime.datetime.now(datetime.timezone.utc).isoformat(), "now": now})
-        running = sum(t.state == optuna.trial.TrialState.RUNNING for t in trials)
-        what = ("stopping at their next epoch" if now else "finishing") if running else "none running"
-        return f"study {name!r} cancelled: {finished} of {target} trials done, {running} running ({what})"
-    finally:
-        store.close()
+            store.set_user_attrs(study_id, {attrs.CANCELLED: {
+                "at": datetime.datetime.now(datetime.timezone.utc).isoformat(), "now": now}})
+    what = ("stopping at their next epoch" if now else "finishing") if running else "none running"
+    return f"study {name!r} cancelled: {finished} of {target} trials done, {running} running ({what})"

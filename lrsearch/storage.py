@@ -250,6 +250,17 @@ def pg_url(url: str) -> str:
     return url
 
 
+def libpq_url(url: str) -> str:
+    """A PostgreSQL URL as libpq reads it: ``postgresql://`` (no driver), its query kept but
+    SQLAlchemy's ``options`` (the search path is set per connection). Parsed without
+    SQLAlchemy: the commands that only read or queue skip its import."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    query = urlencode([(k, v) for k, v in parse_qsl(parts.query) if k != "options"])
+    return urlunsplit(("postgresql", parts.netloc, parts.path, query, ""))
+
+
 def schema_url(url: str, schema: str) -> str:
     """The URL whose connections put ``schema`` first on the search path, so Optuna's and
     MLflow's tables (both have an ``alembic_version``) live apart in one database."""
@@ -377,9 +388,9 @@ def pg_connect_args(url: str) -> dict[str, Any]:
     """libpq options for lrsearch's own PostgreSQL connections, unless the URL sets them: a
     name that tells an operator whose connection it is (``pg_stat_activity``), and bounds
     on connecting and on a peer that vanished, so an outage is noticed and retried."""
-    from sqlalchemy.engine import make_url
+    from urllib.parse import parse_qsl, urlsplit  # not SQLAlchemy's parser: the queue's commands skip its import
 
-    given = make_url(pg_url(url)).query
+    given = dict(parse_qsl(urlsplit(url).query))
     options = {"application_name": f"lrsearch {socket.gethostname()}:{os.getpid()}", "connect_timeout": 10,
                "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3,
                "tcp_user_timeout": 30_000}
