@@ -20,7 +20,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 from lrsearch.errors import UsageError
 from lrsearch.storage import (
-    _LOCK_KEY, is_postgres, libpq_url, make_folder, pg_connect_args, prepare_database, redact, sqlite_path,
+    _LOCK_KEY, is_postgres, libpq_url, new_sqlite_file, pg_connect_args, prepare_database, redact, sqlite_path,
     store_lock,
 )
 
@@ -46,9 +46,8 @@ class QueueStore:
             if path is None:  # lrsearch keeps studies in SQLite files or PostgreSQL
                 raise UsageError(f"bad storage URL {redact(self.url)}: expected sqlite:///FILE or "
                                  "postgresql://USER@HOST/DATABASE")
-            make_folder(path.parent)
-            conn = sqlite3.connect(path, timeout=60, isolation_level=None)  # transactions: BEGIN below
-            return conn
+            new_sqlite_file(path)  # a new store starts in WAL mode, as Optuna's storage makes it
+            return sqlite3.connect(path, timeout=60, isolation_level=None)  # transactions: BEGIN below
         import psycopg
 
         conninfo, options = libpq_url(self.url), pg_connect_args(self.url)
