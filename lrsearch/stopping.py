@@ -106,12 +106,15 @@ def check_stop() -> None:
 def watch_parent() -> None:
     """In a worker started by ``run --workers``: stop as on SIGTERM when the parent dies
     (even by SIGKILL), so no worker outlives the command that started it. On Linux the
-    kernel sends the signal (``PR_SET_PDEATHSIG``) the moment the parent dies; everywhere,
-    a thread also waits for the end of a pipe only the parent holds."""
+    kernel sends the signal (``PR_SET_PDEATHSIG``) the moment the parent dies; elsewhere a
+    thread waits for the end of a pipe only the parent holds. Never both: a second signal
+    would stop training at once instead of at the epoch's end."""
     fd = os.environ.pop(PARENT_FD_ENV, None)
     if fd is None:
         return
-    _die_with_parent(int(os.environ.pop(PARENT_PID_ENV, "0") or 0))
+    if _die_with_parent(int(os.environ.pop(PARENT_PID_ENV, "0") or 0)):
+        os.close(int(fd))
+        return
 
     def wait() -> None:
         try:
@@ -124,20 +127,22 @@ def watch_parent() -> None:
     threading.Thread(target=wait, name="lrsearch-parent", daemon=True).start()
 
 
-def _die_with_parent(parent: int) -> None:
+def _die_with_parent(parent: int) -> bool:
     """SIGTERM from the kernel when the parent process dies (Linux), and now if it already
-    has (this process then has another parent)."""
+    has (this process then has another parent). False where the kernel cannot do it."""
     if not sys.platform.startswith("linux"):
-        return
+        return False
     import ctypes
 
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    except (OSError, AttributeError):  # no prctl here: the pipe still tells
-        return
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):  # no prctl here: the pipe tells
+        return False
     if parent and os.getppid() != parent:
         os.kill(os.getpid(), signal.SIGTERM)
+    return True
 
 
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
