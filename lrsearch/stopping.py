@@ -45,7 +45,8 @@ class StopFlag:
     def __init__(self, on_signal: Callable[[int], None] | None = None) -> None:
         self.signum: int | None = None
         self.on_signal = on_signal
-        self._interruptible = False
+        self._interruptible = False  # a second signal would raise now
+        self._inside = False  # in an interruptible section (whether or not a signal raised there)
 
     @property
     def requested(self) -> bool:
@@ -67,11 +68,19 @@ class StopFlag:
     @contextlib.contextmanager
     def interruptible(self) -> Iterator[None]:
         """A section a second signal may cut short (in the main thread)."""
-        self._interruptible = True
+        self._interruptible = self._inside = True
         try:
             yield
         finally:
-            self._interruptible = False
+            self._interruptible = self._inside = False
+
+    def _redeliver(self, signum: int) -> None:
+        """The second signal's exception was dropped (raised inside a finalizer): send the
+        signal again, from a thread, to be raised where the main thread is once the hook that
+        dropped it has returned."""
+        if self._inside:
+            self._interruptible = True
+            threading.Timer(0.001, os.kill, (os.getpid(), signum)).start()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.on_signal is not None:
@@ -86,11 +95,14 @@ class StopFlag:
 def _quiet_interrupts(hook: Callable[[Any], None]) -> Callable[[Any], None]:
     """Python's hook for exceptions it cannot raise, minus :class:`Interrupted`: a second
     signal that lands inside a finalizer (a weakref callback during garbage collection) is
-    dropped there, and would print a traceback. Nothing is lost: the first signal's stop
-    flag ends the trial at its next epoch boundary."""
+    dropped there, and would print a traceback. Its signal is sent again instead, so the
+    second Ctrl-C still stops training at once."""
     def handle(unraisable: Any) -> None:
-        if not isinstance(unraisable.exc_value, Interrupted):
+        error = unraisable.exc_value
+        if not isinstance(error, Interrupted):
             hook(unraisable)
+        elif _installed is not None:
+            _installed._redeliver(error.signum)
 
     handle._lrsearch = True  # type: ignore[attr-defined]
     return handle

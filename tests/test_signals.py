@@ -18,6 +18,8 @@ from mlflow import MlflowClient
 
 from conftest import TINY_STUDY
 
+from lrsearch.stopping import Interrupted, StopFlag
+
 # Worker processes, servers or a browser: seconds each (python -m pytest -m "not slow" leaves them out).
 pytestmark = pytest.mark.slow
 
@@ -103,12 +105,15 @@ def test_a_killed_run_command_takes_its_workers_with_it_and_its_retry_runs(write
     assert [r.info.run_name for r in _runs(tmp_path) if r.info.status == "RUNNING"] == [], summary
 
 
-# Epochs of seconds (batch size 1 on 12,000 training samples): two signals 0.02 s apart
-# both land inside an epoch, where only the second can end it.
+# Epochs of seconds (batch size 1 on 12,000 training samples): two signals 0.1 s apart
+# land inside an epoch, where only the second can end it, unless that worker's epoch happens
+# to end between them (the two workers' epochs are not in step), so at least one trial is cut
+# short. (Much closer, on a loaded machine, the kernel may still hold the first signal
+# pending when the second comes: one signal, not two.)
 LONG_EPOCHS = ('pruner = "median"\nprune_every = 1', "batch_size = 1", "\n[data]\nn_samples = 15000\n")
 
 
-@pytest.mark.parametrize("gap, long_epochs", [(None, False), (0.02, True), (0.5, False)],
+@pytest.mark.parametrize("gap, long_epochs", [(None, False), (0.1, True), (0.5, False)],
                          ids=["one", "two-inside-an-epoch", "two-half-a-second-apart"])
 def test_ctrl_c_stops_every_worker_and_leaves_nothing_running(write_study, tmp_path, gap, long_epochs):
     """`run --workers 2` is worker 0 plus one child in its own session: a SIGINT to the
@@ -141,7 +146,7 @@ def test_ctrl_c_stops_every_worker_and_leaves_nothing_running(write_study, tmp_p
     if gap is None:  # the epoch each trial was in ended first
         assert all(r.startswith("interrupted at epoch ") for r in reasons), reasons
     elif long_epochs:  # the second signal cut the epoch short: one signal alone says "at epoch N"
-        assert reasons == ["interrupted", "interrupted"]
+        assert "interrupted" in reasons and all(r.startswith("interrupted") for r in reasons), reasons
     else:  # the second lands where it may: in an epoch, or while the trial's end is recorded
         assert all(r.startswith("interrupted") for r in reasons), reasons
     assert sorted((r.data.tags["lrsearch.role"], r.info.status) for r in _runs(tmp_path)) == [
@@ -208,3 +213,33 @@ def test_ctrl_c_ends_a_status_watch_quietly(write_study, tmp_path, cli):
             watch.wait()
     assert watch.returncode == 0, err
     assert err == ""
+
+
+def test_a_second_signal_a_finalizer_swallowed_still_stops_training():
+    """Python drops an exception raised inside a finalizer: the second signal's own would be
+    lost there, and training would go on to the epoch's end. It is sent again instead."""
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    hook = sys.unraisablehook
+    flag = StopFlag()
+    flag.install()
+
+    class Finalized:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)  # the second signal, handled in here
+            for _ in range(1000):  # bytecodes for the handler to run between
+                pass
+
+    try:
+        os.kill(os.getpid(), signal.SIGINT)  # the first: only sets the flag
+        assert flag.requested
+        with pytest.raises(Interrupted):
+            with flag.interruptible():
+                Finalized()  # dropped at once: __del__ runs, its exception goes to the hook
+                deadline = time.monotonic() + 5
+                while time.monotonic() < deadline:  # training
+                    pass
+                raise AssertionError("training went on past the second signal")
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        sys.unraisablehook = hook
