@@ -219,7 +219,7 @@ def _run(args: argparse.Namespace, cfg: Any, workers: int = 1, progress: bool = 
     with _Progress(cfg.study.name, enabled=progress) as bar:
         return run_study(cfg, storage=args.storage, tracking=args.tracking_uri, study_file=Path(args.file),
                          workers=workers, callbacks=[bar], on_start=bar.start, stop=stop,
-                         worker=args.worker_index)
+                         worker=args.worker_index, array=args.array)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -242,7 +242,7 @@ def _serve(args: argparse.Namespace) -> int:
         sys.stderr.flush()
 
     _warn(serve(args.storage, args.tracking_uri, index=args.worker_index, stop=stop, max_idle=args.max_idle,
-                warn=announce))
+                warn=announce, array=args.array))
     print(f"worker {args.worker_index}: idle for {args.max_idle:g} s, done", file=sys.stderr)
     return EXIT_OK
 
@@ -466,6 +466,20 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _array(text: str) -> int | str:
+    from lrsearch.config import MAX_ARRAY
+
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_ARRAY:
+        raise argparse.ArgumentTypeError(f'expected "auto" or an integer in [1, {MAX_ARRAY}], got {text!r}')
+    return value
+
+
 def _factor(text: str) -> float:
     try:
         value = float(text)
@@ -505,6 +519,11 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--tracking-uri", metavar="URI",
                        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./lrsearch-data/mlflow.db)")
 
+    def array_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--array", type=_array, metavar="K",
+                       help='trials trained at once, in one fit: "auto" (timed here) or K '
+                            "(default: the study's [train] array, itself \"auto\" by default)")
+
     def study_options(p: argparse.ArgumentParser, file_required: bool = True) -> None:
         p.add_argument("file", nargs=None if file_required else "?", help="study file, e.g. studies/quickstart.toml")
         p.add_argument("--trials", type=_positive_int, metavar="N", help="the study's total number of trials")
@@ -516,6 +535,7 @@ def _parser() -> argparse.ArgumentParser:
     study_options(p)
     p.add_argument("--workers", type=_positive_int, default=1, metavar="N",
                    help="worker processes on this host (default 1: trials run in this process)")
+    array_option(p)
     p.add_argument("--no-report", action="store_true",
                    help="skip the end-of-study report (lrsearch report NAME draws it later)")
     p.set_defaults(command=cmd_run, worker_index=0)
@@ -530,6 +550,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="without FILE: exit after S seconds with nothing to do (default: serve until stopped)")
     p.add_argument("--worker-index", type=int, default=None, metavar="I",
                    help="this worker's index, for its sampler seed (default: from the host and process id)")
+    array_option(p)
     p.set_defaults(command=cmd_worker)
 
     p = sub.add_parser("status", help="the submitted studies: state, progress, best value, workers, time left")

@@ -36,6 +36,7 @@ MAX_SAMPLES, MAX_FEATURES, MAX_CENTERS = 1_000_000, 1_000, 1_000
 MAX_VALUES = 20_000_000  # n_samples x n_features: 160 MB as scikit-learn's float64
 MAX_LAYERS, MAX_UNITS = 8, 4096
 MAX_SEED = 2**32 - 1  # NumPy's and PyTorch's seeds
+MAX_ARRAY = 256  # trials trained at once by one worker (memory caps it lower: training.largest_array)
 
 
 def declared(kind: type, default: Any = MISSING, *, expected: str = "", check: Callable[[Any], bool] | None = None,
@@ -103,6 +104,11 @@ class ModelConfig:
 class TrainConfig:
     epochs: int = _int_in(1, MAX_EPOCHS, 200)
     batch_size: int = _int_in(1, MAX_SAMPLES, 32)
+    # Trials a worker trains at once, in one fit (a trial array); "auto": the fastest size
+    # per trial, timed by the worker (training.choose_array_size). Not part of the study:
+    # each worker may use its own (the CLI's --array), and a resubmission may change it.
+    array: int | str = declared(object, "auto", expected=f'"auto" or an integer in [1, {MAX_ARRAY}]',
+                                check=lambda v: v == "auto" or type(v) is int and 1 <= v <= MAX_ARRAY)
 
 
 @dataclass(frozen=True)

@@ -43,16 +43,16 @@ class StudyRun:
 def run_study(cfg: Config, *, storage: str | None = None, tracking: str | None = None,
               study_file: Path | None = None, workers: int = 1, callbacks: Sequence[Callable] = (),
               on_start: Callable[[int, int], None] | None = None, stop: StopFlag | None = None,
-              worker: int = 0) -> StudyRun:
+              worker: int = 0, array: int | str | None = None) -> StudyRun:
     """Create or resume the study ``cfg`` describes and run trials until its total is reached,
     here and in ``workers - 1`` other processes (which need ``study_file``).
 
     ``on_start(target, finished)`` is called once the study is open; ``callbacks`` after
     each trial run here, as ``study.optimize`` calls them. Signals ``stop`` receives are
-    passed on to the other processes.
+    passed on to the other processes. ``array`` overrides ``[train] array`` in every worker.
     """
     stop = stop or StopFlag()
-    others, alive = _start_workers(cfg, study_file, workers - 1, storage, tracking) if workers > 1 else ([], -1)
+    others, alive = _start_workers(cfg, study_file, workers - 1, storage, tracking, array) if workers > 1 else ([], -1)
     if others:
         stop.on_signal = lambda signum: _signal(others, signum)
     from lrsearch import attrs
@@ -67,7 +67,7 @@ def run_study(cfg: Config, *, storage: str | None = None, tracking: str | None =
         session = open_session(cfg, storage=storage, tracking=tracking, study_file=study_file, worker=worker)
         if on_start is not None:
             on_start(session.target, count_finished(session.study))
-        work(session, stop=stop, callbacks=callbacks, index=worker)
+        work(session, stop=stop, callbacks=callbacks, index=worker, array=array)
         status = "FINISHED"
     except BaseException as e:
         if session is None:  # the study never opened here (bad data, unreachable store): nor there
@@ -123,7 +123,7 @@ class _WorkerProcess:
 
 
 def _start_workers(cfg: Config, study_file: Path | None, count: int, storage: str | None,
-                   tracking: str | None) -> tuple[list[_WorkerProcess], int]:
+                   tracking: str | None, array: int | str | None) -> tuple[list[_WorkerProcess], int]:
     """``count`` ``lrsearch worker`` processes on this study, and the write end of a pipe
     whose end of file tells them that this process died (kept here, not inherited, until
     closed). They get the store URLs through their environment, never their command lines
@@ -134,6 +134,8 @@ def _start_workers(cfg: Config, study_file: Path | None, count: int, storage: st
                "--epochs", str(cfg.train.epochs)]
     if cfg.study.trials is not None:
         command += ["--trials", str(cfg.study.trials)]
+    if array is not None:
+        command += ["--array", str(array)]
     read_end, alive = os.pipe()
     env = {**os.environ, STORAGE_ENV: storage_url(storage), TRACKING_ENV: tracking_uri(tracking),
            PARENT_FD_ENV: str(read_end), PARENT_PID_ENV: str(os.getpid())}

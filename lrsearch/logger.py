@@ -1,10 +1,10 @@
-"""A Lightning logger that keeps metrics in memory, for one batched write per trial."""
+"""Lightning loggers that keep a trial's metrics in memory, for one batched write per trial."""
 
 from __future__ import annotations
 
 import time
 from argparse import Namespace
-from typing import Any, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from pytorch_lightning.loggers import Logger
 
@@ -43,3 +43,34 @@ class MemoryLogger(Logger):
         """The last value logged under ``key``, or None."""
         points = self.history.get(key)
         return points[-1][1] if points else None
+
+
+class ArrayLogger(Logger):
+    """The Lightning logger of a trial array: files what LearningRateMonitor logs for member
+    KEY (``lr@KEY``, ``lr@KEY-momentum``) in that member's own history, at that member's own
+    epoch (members join an array at different epochs of its fit). The array logs each
+    member's other metrics there itself."""
+
+    def __init__(self, members: Callable[[], Iterable[Any]]) -> None:
+        super().__init__()
+        self.members = members  # the members now in the array
+
+    @property
+    def name(self) -> str:
+        return "lrsearch"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params: dict[str, Any] | Namespace, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        by_key = {m.key: m for m in self.members()}
+        for name, value in metrics.items():
+            base, _, rest = name.partition("@")
+            key, dash, suffix = rest.partition("-")
+            member = by_key.get(key)
+            if member is not None:
+                member.result.logger.log_metrics({base + dash + suffix: value}, step=member.epoch)

@@ -22,7 +22,8 @@ from lrsearch.sampling import PRUNERS
 from lrsearch.space import in_sampling_order, sample_params
 from lrsearch.stopping import Cancelled, Interrupted, StopFlag, TrialStop
 from lrsearch.tracking import Outbox, Tracker, TrialRecord, write_json
-from lrsearch.training import TrainResult, train
+from lrsearch.member import Member, TrainResult
+from lrsearch.training import fit_array
 
 
 @dataclass
@@ -48,56 +49,79 @@ class Objective:
 
     def __call__(self, trial: optuna.trial.Trial, cancelled: threading.Event | None = None,
                  recorded: Callable[[], None] | None = None) -> float:
-        """Train ``trial``; ``cancelled``, once set, stops it at the next epoch boundary and
-        raises :class:`Cancelled` (the trial ends FAIL, its run KILLED). ``recorded()`` is
-        called once the trial's MLflow record is sent (or has failed), in the background."""
-        self._recorded, self._handed = recorded or (lambda: None), False
-        try:
-            return self._train(trial, cancelled)
-        finally:
-            if not self._handed:  # it failed before its record was handed to the tracking thread
-                self._recorded()
-
-    def _train(self, trial: optuna.trial.Trial, cancelled: threading.Event | None) -> float:
-        cfg = self.cfg
+        """Train ``trial`` alone (an array of one); ``cancelled``, once set, stops it at the
+        next epoch boundary and raises :class:`Cancelled` (the trial ends FAIL, its run
+        KILLED). ``recorded()`` is called once the trial's MLflow record is sent (or has
+        failed), in the background."""
+        member = self.begin(trial, recorded)
         stop = TrialStop(self.stop, cancelled)
-        hp = sample_params(trial, cfg.params, cfg.train.epochs)
-        seed = trial_seed(cfg.study.seed, trial.number)
-        trial.set_user_attr(attrs.HYPERPARAMETERS, hp)
-        run = TrialRecord(self.tracker, trial.number, _attr_writer(trial))
-        run.start(self.outbox, self.experiment_id, self.parent_run_id, cfg.study.name,
-                  {**hp, **_fixed_settings(cfg, seed)})
-        result = TrainResult()
-        started = time.perf_counter()
         try:
             with self.stop.interruptible():  # a second signal stops training at once
-                train(cfg, self.data, hp, seed, trial, result, stop)
+                fit_array(self.cfg, self.data, [member], stop=stop)
         except BaseException as e:
-            # Record what was measured before the failure; the caller marks the trial FAIL.
-            interrupted = isinstance(e, (Interrupted, KeyboardInterrupt))
-            reason = "interrupted" if interrupted else f"{type(e).__name__}: {first_line(e)}"
-            self._end(trial, run, hp, seed, result, "FAIL", reason, "KILLED" if interrupted else None)
+            self.end(member, stop, e)
             raise
+        return self.end(member, stop)
+
+    def begin(self, trial: optuna.trial.Trial, recorded: Callable[[], None] | None = None) -> Member:
+        """A claimed trial's parameters sampled and its MLflow run started (in the
+        background): the member of an array that trains it."""
+        cfg = self.cfg
+        record = _Record(trial, recorded or (lambda: None))
+        try:
+            hp = sample_params(trial, cfg.params, cfg.train.epochs)
+            seed = trial_seed(cfg.study.seed, trial.number)
+            trial.set_user_attr(attrs.HYPERPARAMETERS, hp)
+            record.run = TrialRecord(self.tracker, trial.number, _attr_writer(trial))
+            record.run.start(self.outbox, self.experiment_id, self.parent_run_id, cfg.study.name,
+                             {**hp, **_fixed_settings(cfg, seed)})
+        except BaseException:
+            record.recorded()  # nothing for the tracking thread to send
+            raise
+        return Member(str(trial.number), hp, seed, cfg.train.epochs,
+                      trial if cfg.study.pruner != "none" else None, context=record)
+
+    def end(self, member: Member, stop: TrialStop, error: BaseException | None = None) -> float:
+        """Record how the member's trial ended (its attributes, its MLflow run closed in the
+        background) and return its objective value; raise ``TrialPruned``,
+        :class:`Interrupted` or :class:`Cancelled` as the trial ended. After ``error`` (out of
+        the fit: the trial ends FAIL) the caller raises."""
+        record: _Record = member.context
+        try:
+            return self._outcome(record, member, stop, error)
+        finally:
+            if not record.handed:  # it failed before its record was handed to the tracking thread
+                record.recorded()
+
+    def _outcome(self, record: _Record, member: Member, stop: TrialStop, error: BaseException | None) -> float:
+        trial, result, hp, seed = record.trial, member.result, dict(member.hp), member.seed
+        if error is not None:
+            # Record what was measured before the failure; the caller marks the trial FAIL.
+            interrupted = isinstance(error, (Interrupted, KeyboardInterrupt))
+            reason = "interrupted" if interrupted else f"{type(error).__name__}: {first_line(error)}"
+            self._end(record, hp, seed, result, "FAIL", reason, "KILLED" if interrupted else None)
+            return math.nan
         trial.set_user_attr(attrs.EPOCHS_TRAINED, result.epochs)
-        trial.set_user_attr(attrs.TRAIN_SECONDS, round(time.perf_counter() - started, 4))
+        trial.set_user_attr(attrs.TRAIN_SECONDS, round(time.perf_counter() - record.started, 4))
         if self.stop.requested:
-            self._end(trial, run, hp, seed, result, "FAIL", f"interrupted at epoch {result.epochs - 1}", "KILLED")
+            self._end(record, hp, seed, result, "FAIL", f"interrupted at epoch {result.epochs - 1}", "KILLED")
             raise Interrupted(self.stop.signum or 0)
-        cut_short = result.epochs < cfg.train.epochs and result.pruned_at is None and result.diverged_at is None
+        cut_short = result.epochs < member.epochs and not member.ended_early
         if stop.cancelled.is_set() and cut_short:  # a trial that ended on its own keeps its result
-            self._end(trial, run, hp, seed, result, "FAIL", "cancelled", "KILLED")
+            self._end(record, hp, seed, result, "FAIL", "cancelled", "KILLED")
             raise Cancelled()
-        state, value, reason = outcome(result, cfg.study.metric, PRUNERS[cfg.study.pruner].verdict)
-        self._end(trial, run, hp, seed, result, state, reason, value=value)
+        state, value, reason = outcome(result, self.cfg.study.metric, PRUNERS[self.cfg.study.pruner].verdict)
+        self._end(record, hp, seed, result, state, reason, value=value)
         if state == "PRUNED":
             raise optuna.TrialPruned(reason)
         return value
 
-    def _end(self, trial: optuna.trial.Trial, run: TrialRecord, hp: dict[str, Any], seed: int,
-             result: TrainResult, state: str, reason: str | None, status: str | None = None,
-             value: float | None = None) -> None:
+    def _end(self, record: _Record, hp: dict[str, Any], seed: int, result: TrainResult, state: str,
+             reason: str | None, status: str | None = None, value: float | None = None) -> None:
         """Store why the trial ended (unless COMPLETE) and close its MLflow run (even if the
         reason could not be stored: the run must not stay RUNNING), with its one-line description."""
+        trial, run = record.trial, record.run
+        assert run is not None
         objective = value if state == "COMPLETE" else None
         note = trial_note(state, reason, self.cfg.study.metric, objective, result.epochs,
                           in_sampling_order(trial.params))
@@ -105,9 +129,9 @@ class Objective:
             if reason:
                 trial.set_user_attr(attrs.REASON, reason)
         finally:
-            self._handed = True
+            record.handed = True
             run.finish(self.outbox, self._artifacts(trial, hp, seed, result), result.history, state, reason,
-                       status, note=note, objective=objective, then=self._recorded)
+                       status, note=note, objective=objective, then=record.recorded)
 
     def _artifacts(self, trial: optuna.trial.Trial, hp: dict[str, Any], seed: int,
                    result: TrainResult) -> Callable[[Path], None]:
@@ -120,6 +144,18 @@ class Objective:
                 plot_learning_curves(result.history, f"{self.cfg.study.name} trial {trial.number}: "
                                      f"{_describe(hp)}", folder / "learning_curves.png")
         return write
+
+
+@dataclass
+class _Record:
+    """A trial's record in the making: its MLflow run, when it started, and who to tell once
+    the record is sent."""
+
+    trial: optuna.trial.Trial
+    recorded: Callable[[], None]
+    run: TrialRecord | None = None
+    handed: bool = False  # to the tracking thread, which calls `recorded` once it is sent
+    started: float = field(default_factory=time.perf_counter)
 
 
 def outcome(result: TrainResult, metric: str, verdict: str = "") -> tuple[str, float, str | None]:

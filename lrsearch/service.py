@@ -141,13 +141,14 @@ def stored_range(url: str, name: str) -> dict[str, Any] | None:
 
 
 def _check_drift(user_attrs: dict[str, Any], cfg: Config, url: str) -> None:
-    """Refuse a configuration that differs from the stored one, except a higher ``trials``."""
+    """Refuse a configuration that differs from the stored one, except a higher ``trials``
+    and the array size (how a worker trains, not what the study is)."""
     raw = user_attrs.get(attrs.CONFIG)
     if raw is None:  # a study made before configurations were stored, or by another tool
         return
     stored = stored_config(raw, cfg.study.name)
-    differ = [key for key in stored.differences(cfg)
-              if key != "[study].trials" or target_trials(cfg) < target_trials(stored)]
+    differ = [key for key in stored.differences(cfg) if key != "[train].array"
+              and (key != "[study].trials" or target_trials(cfg) < target_trials(stored))]
     if differ:
         shown = ", ".join(differ[:5]) + (", …" if len(differ) > 5 else "")
         raise UsageError(f"study {cfg.study.name!r} in {redact(url)} was submitted with a different "

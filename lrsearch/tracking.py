@@ -216,6 +216,9 @@ class Tracker:
             self._log(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
         self._call(self.client.set_terminated, run_id, status=status)
 
+    def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
+        self._log(run_id, tags={k: str(v) for k, v in tags.items()})
+
     def set_note(self, run_id: str, text: str) -> None:
         """A run's description, shown (as Markdown) on its page in the MLflow UI."""
         self._log(run_id, tags={NOTE_TAG: text})

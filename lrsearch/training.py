@@ -1,11 +1,11 @@
-"""One training run: hyperparameters and data in, a Lightning fit, a metric history out."""
+"""Training: trials of a study, alone or many at once (a trial array), in one Lightning fit each."""
 
 from __future__ import annotations
 
 import logging
+import math
 import warnings
-from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import optuna
 import pytorch_lightning as pl
@@ -15,37 +15,14 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
-from lrsearch import faults
 from lrsearch.config import Config
 from lrsearch.data import Dataset
-from lrsearch.logger import MemoryLogger
-from lrsearch.model import MLPClassifier
-from lrsearch.network import build_mlp
-from lrsearch.pruning import PruningCallback
+from lrsearch.logger import ArrayLogger
+from lrsearch.member import Member, TrainResult
+from lrsearch.model import ArrayClassifier, ArrayHost
+from lrsearch.pruning import Pruning
 from lrsearch.sampling import check_interval
 from lrsearch.stopping import StopFlag, TrialStop
-
-
-@dataclass
-class TrainResult:
-    """What a fit produced: the per-epoch history and why it stopped early, if it did."""
-
-    logger: MemoryLogger = field(default_factory=MemoryLogger)
-    epochs: int = 0
-    pruned_at: int | None = None
-    diverged_at: int | None = None  # the epoch a loss became non-finite
-    diverged_on: str | None = None  # which loss: train/loss or val/loss
-
-    @property
-    def history(self) -> dict[str, list[tuple[int, float, int]]]:
-        return self.logger.history
-
-    def final(self, key: str) -> float | None:
-        return self.logger.last(key)
-
-    def at(self, key: str, epoch: int) -> float | None:
-        """``key``'s value at ``epoch`` (its step), if logged."""
-        return next((v for step, v, _ in self.history.get(key, []) if step == epoch), None)
 
 
 class _WholeSet(TorchDataset):
@@ -65,24 +42,48 @@ def _whole(x: torch.Tensor, y: torch.Tensor) -> DataLoader:
     return DataLoader(_WholeSet(x, y), batch_size=None)
 
 
-class StopCallback(pl.Callback):
-    """Ends ``fit`` at the end of the current epoch once a stop is requested."""
-
-    def __init__(self, flag: StopFlag | TrialStop) -> None:
-        self.flag = flag
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        faults.point("epoch")
-        if self.flag.requested:
-            trainer.should_stop = True
-
-
 def quiet_lightning() -> None:
     """Silence Lightning's start-up banners and hints, which repeat on every trial."""
     for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module="pytorch_lightning")
     warnings.filterwarnings("ignore", module="lightning_fabric")
+
+
+def fit_array(cfg: Config, data: Dataset, members: Sequence[Member], host: ArrayHost | None = None,
+              stop: StopFlag | TrialStop | None = None) -> ArrayClassifier | None:
+    """Train ``members`` (trials of the study ``cfg``, each with its own hyperparameters,
+    seed and epochs) at once, in one Lightning fit, until every member has left: finished,
+    pruned, diverged, or stopped at an epoch boundary once ``stop`` is requested. The
+    ``host`` hears of each member as it leaves and may send new members in its place."""
+    pruning = Pruning(cfg.study.metric, check_interval(cfg)) if cfg.study.pruner != "none" else None
+    module = ArrayClassifier(cfg, data.n_features, data.n_classes, (data.x_val, data.y_val),
+                             -(-len(data.x_train) // cfg.train.batch_size), members, host, stop, pruning)
+    trainer = pl.Trainer(
+        max_epochs=-1,  # each member counts its own epochs; the fit ends when none is left
+        accelerator="cpu",
+        devices=1,
+        logger=ArrayLogger(lambda: module.members),
+        callbacks=[LearningRateMonitor(logging_interval="epoch", log_momentum=True)],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=1,
+        default_root_dir=None,
+    )
+    try:
+        trainer.fit(module, train_dataloaders=_whole(data.x_train, data.y_train))
+        return module
+    except SIGTERMException:
+        # Lightning's own SIGTERM handler ends fit with a SystemExit; our handler, which
+        # Lightning chains, has set `stop`, and the caller records the interruption.
+        if stop is None or not stop.requested:
+            raise
+    finally:
+        if pruning is not None:
+            pruning.close(module.members)
+    return None
 
 
 def train(
@@ -94,48 +95,69 @@ def train(
     result: TrainResult | None = None,
     stop: StopFlag | TrialStop | None = None,
 ) -> TrainResult:
-    """Train the study's MLP with ``hp`` for ``cfg.train.epochs`` epochs.
+    """Train the study's MLP with ``hp`` for ``cfg.train.epochs`` epochs: an array of one.
 
     ``result`` may be passed in so its history survives an exception inside ``fit``;
     ``stop`` ends training at the next epoch boundary once a signal sets it.
     """
-    result = result or TrainResult()
-    generator = torch.Generator().manual_seed(seed)
-    net = build_mlp(data.n_features, data.n_classes, cfg.model, generator)
-    module = MLPClassifier(net, hp, cfg.train.batch_size, generator, (data.x_val, data.y_val),
-                           steps_per_epoch=-(-len(data.x_train) // cfg.train.batch_size))
-    callbacks: list[pl.Callback] = [LearningRateMonitor(logging_interval="epoch", log_momentum=True)]
-    # With no pruner nothing reads intermediate values: none are written.
-    pruning = (PruningCallback(trial, cfg.study.metric, check_interval(cfg))
-               if trial is not None and cfg.study.pruner != "none" else None)
-    if pruning is not None:
-        callbacks.append(pruning)
-    if stop is not None:
-        callbacks.append(StopCallback(stop))
-    trainer = pl.Trainer(
-        max_epochs=cfg.train.epochs,
-        accelerator="cpu",
-        devices=1,
-        logger=result.logger,
-        callbacks=callbacks,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        log_every_n_steps=1,
-        default_root_dir=None,
-    )
-    try:
-        trainer.fit(module, train_dataloaders=_whole(data.x_train, data.y_train))
-    except SIGTERMException:
-        # Lightning's own SIGTERM handler ends fit with a SystemExit; our handler, which
-        # Lightning chains, has set `stop`, and the caller records the interruption.
-        if stop is None or not stop.requested:
-            raise
-    finally:
-        if pruning is not None:
-            pruning.close()
-    result.epochs = trainer.current_epoch
-    result.diverged_at, result.diverged_on = module.diverged_at, module.diverged_on
-    result.pruned_at = pruning.pruned_at if pruning is not None else None
-    return result
+    member = Member("0", hp, seed, cfg.train.epochs, trial if cfg.study.pruner != "none" else None,
+                    result=result or TrainResult())
+    fit_array(cfg, data, [member], stop=stop)
+    return member.result
+
+
+# Sizes the auto probe times (up to the largest that memory allows, and the study's total).
+PROBE_SIZES = (1, 4, 8, 16, 32, 64)
+PROBE_EPOCHS = 5  # per size: the first is a warm-up, the others are timed (their median)
+PROBE_BUDGET_S = 2.0  # no larger size is tried once the probe has taken this long
+MIN_GAIN = 0.20  # a larger array must be this much faster per trial than the last size kept
+MAX_ARRAY_BYTES = 512 * 2**20  # an array's weights, gradients, optimizer state and activations
+_PROBE_HP = {"optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "schedule": "constant"}
+
+
+def member_bytes(cfg: Config, data: Dataset) -> int:
+    """What one member of an array holds: its weights, their gradients and up to two
+    optimizer buffers (Adam's), and the activations of a minibatch (kept for the backward
+    pass) and of the whole validation set (float32)."""
+    widths = [*cfg.model.hidden, data.n_classes]
+    sizes = [data.n_features, *widths]
+    parameters = sum((a + 1) * b for a, b in zip(sizes, sizes[1:]))
+    activations = (min(cfg.train.batch_size, len(data.x_train)) * 3 + len(data.x_val)) * (data.n_features + sum(widths))
+    return 4 * (4 * parameters + activations)
+
+
+def largest_array(cfg: Config, data: Dataset) -> int:
+    """The largest array whose members fit in ``MAX_ARRAY_BYTES`` (at least one)."""
+    from lrsearch.config import MAX_ARRAY
+
+    return max(1, min(MAX_ARRAY, MAX_ARRAY_BYTES // member_bytes(cfg, data)))
+
+
+def choose_array_size(cfg: Config, data: Dataset, trials: int | None = None) -> int:
+    """The array size ``array = "auto"`` uses, timed on this machine with this study's data
+    and network, a few epochs per size: going up ``PROBE_SIZES`` (to the largest size that
+    memory allows, and the study's total of ``trials``) while each size is at least
+    ``MIN_GAIN`` faster per trial than the last one kept. The knee, not the fastest: beyond
+    it an array buys little speed and costs the search its feedback (TPE learns from
+    finished trials, and an array's trials finish together: it is capped at a quarter of a
+    TPE study, four rounds at least). 1 where arrays do not pay (wide networks, big batches)."""
+    import statistics
+    import time
+
+    cap = largest_array(cfg, data)
+    if trials is not None:
+        cap = min(cap, max(1, trials // 4) if cfg.study.sampler == "tpe" else trials)
+    chosen, best = 1, math.inf
+    started = time.perf_counter()
+    for k in sorted({*(k for k in PROBE_SIZES if k <= cap), cap}):
+        members = [Member(str(i), _PROBE_HP, i, PROBE_EPOCHS) for i in range(k)]
+        module = fit_array(cfg, data, members)
+        assert module is not None
+        ends = module.epoch_ends
+        per_trial = statistics.median(b - a for a, b in zip(ends, ends[1:])) / k
+        if per_trial > (1 - MIN_GAIN) * best:
+            break
+        chosen, best = k, per_trial
+        if time.perf_counter() - started > PROBE_BUDGET_S:
+            break
+    return chosen

@@ -20,7 +20,8 @@ from lrsearch.results import FINISHED_STATES, counts
 from lrsearch.retry import MAX_RETRY_DELAY_S
 from lrsearch.service import config_digest, queue
 from lrsearch.session import Session, close_parent, join, mark_unrunnable, start_parent
-from lrsearch.stopping import Cancelled, Interrupted, StopFlag
+from lrsearch.member import Member
+from lrsearch.stopping import Cancelled, Interrupted, StopFlag, TrialStop
 from lrsearch.storage import (
     Heartbeat, checkpoint, close_connections, grace_period, open_storage, storage_url, store_lock, tracking_uri,
 )
@@ -52,11 +53,12 @@ class Worker:
     served (sampler, data, MLflow records), kept between trials and between studies.
 
     Trials are claimed round robin across the studies it is given (the caller orders them:
-    priority, then the oldest submission), one trial at a time.
+    priority, then the oldest submission), one array of trials at a time (``_Array``).
     """
 
     def __init__(self, store: Any, url: str, tracker: Tracker, *, index: int = 0, stop: StopFlag | None = None,
-                 callbacks: Sequence[TrialCallback] = (), warn: Callable[[str], None] | None = None) -> None:
+                 callbacks: Sequence[TrialCallback] = (), warn: Callable[[str], None] | None = None,
+                 array: int | str | None = None) -> None:
         self.store = store
         self.url = url
         self.tracker = tracker
@@ -71,6 +73,8 @@ class Worker:
         # resubmission is tried again.
         self.broken: dict[str, str] = {}
         self.warnings: list[str] = []  # of the studies it has let go
+        self.array = array  # trials trained at once: "auto", a size, or None (each study's [train] array)
+        self.sizes: dict[str, int] = {}  # the array size used for each study served
         self._last: str | None = None
         faults.worker = index
 
@@ -101,6 +105,7 @@ class Worker:
             if served is None:
                 continue
             session, objective = served
+            size = self._array_size(session)  # timed (once) before a claim: a claimed trial must train
             trial = _claim(session)
             if trial is _DONE or trial is _CANCELLED:
                 self._end(session, "done" if trial is _DONE else "cancelled")
@@ -110,13 +115,31 @@ class Worker:
             self._last = name
             if not session.started:
                 start_parent(session, objective.outbox)
-            frozen = _run_trial(session, objective, trial)
-            for callback in self.callbacks:
-                callback(session.study, frozen)
+                objective.outbox.submit("the study's array size", session.tracker.set_tags, session.parent_run_id,
+                                        {"array": self._wanted(session), "array.size": size})
+            # Its slots are refilled as its trials end only where it is the only study served:
+            # several studies take turns, an array each.
+            array = _Array(session, objective, self.stop, self.callbacks, refill=len(names) == 1)
+            array.train([trial, *_claim_more(session, size - 1)])
             if _cancelled(session) is not None:
                 self._end(session, "cancelled")
             return True
         return False
+
+    def _wanted(self, session: Session) -> int | str:
+        return self.array if self.array is not None else session.cfg.train.array
+
+    def _array_size(self, session: Session) -> int:
+        """Trials of the study to train at once: the size asked for (capped by memory), or
+        the fastest per trial, timed on this worker (``auto``)."""
+        from lrsearch.training import choose_array_size, largest_array
+
+        name = session.study.study_name
+        if name not in self.sizes:
+            wanted = self._wanted(session)
+            self.sizes[name] = (choose_array_size(session.cfg, session.data, session.target) if wanted == "auto"
+                                else min(int(wanted), largest_array(session.cfg, session.data)))
+        return self.sizes[name]
 
     def finish(self, status: str, why: str | None = None) -> list[str]:
         """The end of this worker: every MLflow record written, each study's parent run
@@ -173,14 +196,14 @@ class Worker:
 
 def serve(storage: str | None = None, tracking: str | None = None, *, index: int = 0,
           stop: StopFlag | None = None, callbacks: Sequence[TrialCallback] = (), max_idle: float | None = None,
-          warn: Callable[[str], None] | None = None) -> list[str]:
+          warn: Callable[[str], None] | None = None, array: int | str | None = None) -> list[str]:
     """Serve every study submitted to ``storage`` until stopped, or ``max_idle`` seconds
     pass with nothing to do. Polls while idle, backing off to ``MAX_WAIT_S``. Returns the
     warnings of the studies it served."""
     url = storage_url(storage)
     store = open_storage(url, hint="; start the worker again")
     worker = Worker(store, url, Tracker(tracking_uri(tracking)), index=index, stop=stop, callbacks=callbacks,
-                    warn=warn)
+                    warn=warn, array=array)
     idle_since, wait = time.monotonic(), WAIT_S
     status, why = "FAILED", None
     try:
@@ -214,7 +237,7 @@ def stopped_by(error: BaseException) -> tuple[str, str]:
 
 
 def work(session: Session, *, stop: StopFlag | None = None, callbacks: Sequence[TrialCallback] = (),
-         index: int = 0) -> None:
+         index: int = 0, array: int | str | None = None) -> None:
     """Run trials of this one study until its total of COMPLETE + PRUNED trials is reached
     (or it is cancelled), then close the parent run if this worker is the last.
 
@@ -223,7 +246,8 @@ def work(session: Session, *, stop: StopFlag | None = None, callbacks: Sequence[
     trial whose worker died is freed when its heartbeat goes stale, and its parameters are
     queued again, under the same lock, to be taken by the next claim.
     """
-    worker = Worker(session.store, session.url, session.tracker, index=index, stop=stop, callbacks=callbacks)
+    worker = Worker(session.store, session.url, session.tracker, index=index, stop=stop, callbacks=callbacks,
+                    array=array)
     worker.add(session)
     name = session.study.study_name
     status, why = "FAILED", None
@@ -281,7 +305,7 @@ def _claim(session: Session) -> optuna.trial.Trial | None | Any:
             return _DONE
         if finished + running >= session.target:
             return None
-        with warnings.catch_warnings():  # "heartbeats are meant for optimize": _run_trial beats itself
+        with warnings.catch_warnings():  # "heartbeats are meant for optimize": _Array beats itself
             warnings.simplefilter("ignore", UserWarning)
             trial = study.ask()
         faults.point("claimed")
@@ -307,46 +331,118 @@ def _confirm_claim(session: Session, trial: optuna.trial.Trial) -> optuna.trial.
     return None
 
 
-def _run_trial(session: Session, objective: Objective, trial: optuna.trial.Trial) -> FrozenTrial:
-    """Train one trial and tell Optuna how it ended (this worker's own ask-and-tell, so that
-    a failure on the way, a second signal included, never leaves the trial RUNNING). Its
-    heartbeat goes on until its MLflow record is sent; a trial stopped by a signal, a lost
-    parent or ``cancel --now`` is queued again, as a lost worker's is."""
-    study = session.study
-    value: float | None = None
-    error: BaseException | None = None
-    requeue = False
-    beat = Heartbeat(session.store, trial._trial_id).start()
-    try:
-        with _watch_cancel(session) as cancelled:
+def _claim_more(session: Session, count: int) -> list[optuna.trial.Trial]:
+    """Up to ``count`` more trials of the study, while it has open slots."""
+    trials = []
+    while len(trials) < count:
+        trial = _claim(session)
+        if trial is None or trial is _DONE or trial is _CANCELLED:
+            break
+        trials.append(trial)
+    return trials
+
+
+class _Array:
+    """The trials of one study a worker trains at once (``training.fit_array``'s host): each
+    trial's heartbeat from its claim until its MLflow record is sent, its end told to Optuna
+    as soon as it leaves the array (this worker's own ask-and-tell, so that a failure on the
+    way, a second signal included, never leaves a trial RUNNING), and its slot refilled with
+    a new claim while the study has slots open. A trial stopped by a signal, a lost parent
+    or ``cancel --now`` is queued again, as a lost worker's is."""
+
+    def __init__(self, session: Session, objective: Objective, stop: StopFlag,
+                 callbacks: Sequence[TrialCallback], refill: bool) -> None:
+        self.session = session
+        self.objective = objective
+        self.stop = stop
+        self.callbacks = callbacks
+        self.refilling = refill
+        self.open: dict[Member, Heartbeat] = {}  # joined, not yet told
+        self.raised: BaseException | None = None  # the first stop a trial's end raised
+        self.trial_stop: TrialStop | None = None
+
+    def train(self, trials: Sequence[optuna.trial.Trial]) -> None:
+        from lrsearch.training import fit_array
+
+        members = []
+        try:
+            with _watch_cancel(self.session) as cancelled:
+                self.trial_stop = TrialStop(self.stop, cancelled)
+                for trial in trials:
+                    members.append(self._join(trial))
+                with self.stop.interruptible():  # a second signal stops training at once
+                    fit_array(self.session.cfg, self.session.data, members, self, self.trial_stop)
+        except BaseException as e:
+            for trial in trials[len(members):]:  # claimed, never begun
+                _fail_untold(self.session, trial, e)
+            for member in list(self.open):
+                self._leave(member, e)
+            raise
+        if self.raised is not None:
+            raise self.raised
+
+    def leave(self, member: Member) -> None:
+        """A member ended (at an epoch boundary of the fit): its trial told now."""
+        self._leave(member)
+
+    def refill(self, free: int) -> list[Member]:
+        if not self.refilling or self.stop.requested or self.trial_stop is None or self.trial_stop.requested:
+            return []
+        members = []
+        for trial in _claim_more(self.session, free):
+            members.append(self._join(trial))
+        if len(members) < free:
+            self.refilling = False  # the study's open slots are taken: none will open for this array
+        return members
+
+    def _join(self, trial: optuna.trial.Trial) -> Member:
+        beat = Heartbeat(self.session.store, trial._trial_id).start()
+        try:
+            member = self.objective.begin(trial, recorded=beat.stop)
+        except BaseException:
+            beat.stop()
+            raise
+        self.open[member] = beat
+        return member
+
+    def _leave(self, member: Member, error: BaseException | None = None) -> None:
+        session, trial = self.session, member.context.trial
+        beat = self.open.pop(member)
+        value: float | None = None
+        requeue = False
+        assert self.trial_stop is not None
+        try:
             try:
-                value = objective(trial, cancelled, recorded=beat.stop)
-                state = TrialState.COMPLETE
+                value = self.objective.end(member, self.trial_stop, error)
+                state = TrialState.FAIL if error is not None else TrialState.COMPLETE
+                requeue = isinstance(error, (Interrupted, KeyboardInterrupt))
             except optuna.TrialPruned:
-                state = TrialState.PRUNED
+                state, value = TrialState.PRUNED, None
             except Cancelled:  # `lrsearch cancel --now`: FAIL, and the worker goes on
-                state, requeue = TrialState.FAIL, True
-            except BaseException as e:  # recorded FAIL, then raised
-                state, error = TrialState.FAIL, e
-                requeue = isinstance(e, (Interrupted, KeyboardInterrupt))
-    except BaseException:
-        beat.stop()
-        raise
-    try:
-        study.tell(trial, value, state=state, skip_if_finished=True)
-    except Exception as e:  # the sampler's after_trial, say: the trial must not stay RUNNING
-        _fail_untold(session, trial, e)
-        raise
-    faults.point("told")
-    frozen = session.store.get_trial(trial._trial_id)
-    if frozen.state != state:  # failed by another worker that found no heartbeat of it
-        session.warnings.append(f"trial {trial.number} was marked {frozen.state.name} by another worker "
-                                f"while it ran here ({frozen.user_attrs.get(attrs.REASON, 'no heartbeat')})")
-    elif requeue:
-        _queue_again(session, frozen)
-    if error is not None:
-        raise error
-    return frozen
+                state, requeue, value = TrialState.FAIL, True, None
+            except Interrupted as e:  # stopped at the epoch boundary: the others stop there too
+                state, requeue, value = TrialState.FAIL, True, None
+                self.raised = self.raised or e
+        except BaseException:
+            beat.stop()
+            raise
+        if state != TrialState.COMPLETE:
+            value = None
+        try:
+            session.study.tell(trial, value, state=state, skip_if_finished=True)
+        except Exception as e:  # the sampler's after_trial, say: the trial must not stay RUNNING
+            _fail_untold(session, trial, e)
+            raise
+        faults.point("told")
+        frozen = session.store.get_trial(trial._trial_id)
+        if frozen.state != state:  # failed by another worker that found no heartbeat of it
+            session.warnings.append(f"trial {trial.number} was marked {frozen.state.name} by another worker "
+                                    f"while it ran here ({frozen.user_attrs.get(attrs.REASON, 'no heartbeat')})")
+        elif requeue:
+            _queue_again(session, frozen)
+        if error is None:
+            for callback in self.callbacks:
+                callback(session.study, frozen)
 
 
 def _queue_again(session: Session, trial: FrozenTrial) -> bool:
