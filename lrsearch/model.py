@@ -145,8 +145,7 @@ class ArrayClassifier(pl.LightningModule):
         k, n = len(members), len(x)
         orders = torch.stack([torch.randperm(n, generator=m.generator) for m in members])
         # The schedules that move the learning rate after every update (or are warming up).
-        stepped = [(slot, m) for slot, m in enumerate(members)
-                   if m.schedule.interval == "step" or m.schedule.warmup_steps > m.schedule.updates]
+        stepped = [(slot, m) for slot, m in enumerate(members) if m.schedule.per_update]
         loss_sum = torch.zeros(k, dtype=torch.float64)
         correct = torch.zeros(k, dtype=torch.long)
         active: torch.Tensor | None = None  # None: every member still updates this epoch

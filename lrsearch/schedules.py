@@ -55,6 +55,12 @@ class Schedule:
         for group, target in zip(self.scheduler.optimizer.param_groups, self._targets):
             group["lr"] = target * k / self.warmup_steps
 
+    @property
+    def per_update(self) -> bool:
+        """Whether :meth:`step_update` still does anything: a scheduler that steps every
+        update, or a warm-up not yet over (its last call ends it)."""
+        return self.interval == "step" or (self.warmup_steps > 0 and self.updates <= self.warmup_steps)
+
     def step_update(self) -> None:
         """After an optimizer update."""
         self.updates += 1

@@ -39,7 +39,7 @@ def test_a_trial_in_an_array_of_8_trains_as_it_trains_alone(shift):
     """Every optimizer of the registry and every schedule, at rates up to 0.1, three pairings
     of them: per-epoch val/loss within 1e-4 over 20 epochs, the LR curve equal."""
     optimizers, schedules = list(OPTIMIZERS.names), list(SCHEDULES.names)
-    hps = [_hp(optimizers[(i + shift) % len(optimizers)], schedules[i], LRS[i], warmup=2 if i == 3 else 0)
+    hps = [_hp(optimizers[(i + shift) % len(optimizers)], schedules[i], LRS[i], warmup=2 if i % 3 == shift else 0)
            for i in range(8)]
     members = [Member(str(i), hp, 100 + i, CFG.train.epochs) for i, hp in enumerate(hps)]
     fit_array(CFG, DATA, members)
