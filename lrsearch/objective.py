@@ -94,40 +94,47 @@ class Objective:
                 record.recorded()
 
     def _outcome(self, record: _Record, member: Member, stop: TrialStop, error: BaseException | None) -> float:
-        trial, result, hp, seed = record.trial, member.result, dict(member.hp), member.seed
+        result, hp, seed = member.result, dict(member.hp), member.seed
         if error is not None:
             # Record what was measured before the failure; the caller marks the trial FAIL.
             interrupted = isinstance(error, (Interrupted, KeyboardInterrupt))
             reason = "interrupted" if interrupted else f"{type(error).__name__}: {first_line(error)}"
             self._end(record, hp, seed, result, "FAIL", reason, "KILLED" if interrupted else None)
             return math.nan
-        trial.set_user_attr(attrs.EPOCHS_TRAINED, result.epochs)
-        trial.set_user_attr(attrs.TRAIN_SECONDS, round(time.perf_counter() - record.started, 4))
+        measured = {attrs.EPOCHS_TRAINED: result.epochs,
+                    attrs.TRAIN_SECONDS: round(time.perf_counter() - record.started, 4)}
         if self.stop.requested:
-            self._end(record, hp, seed, result, "FAIL", f"interrupted at epoch {result.epochs - 1}", "KILLED")
+            self._end(record, hp, seed, result, "FAIL", f"interrupted at epoch {result.epochs - 1}", "KILLED",
+                      measured=measured)
             raise Interrupted(self.stop.signum or 0)
         cut_short = result.epochs < member.epochs and not member.ended_early
         if stop.cancelled.is_set() and cut_short:  # a trial that ended on its own keeps its result
-            self._end(record, hp, seed, result, "FAIL", "cancelled", "KILLED")
+            self._end(record, hp, seed, result, "FAIL", "cancelled", "KILLED", measured=measured)
             raise Cancelled()
         state, value, reason = outcome(result, self.cfg.study.metric, PRUNERS[self.cfg.study.pruner].verdict)
-        self._end(record, hp, seed, result, state, reason, value=value)
+        self._end(record, hp, seed, result, state, reason, value=value, measured=measured)
         if state == "PRUNED":
             raise optuna.TrialPruned(reason)
         return value
 
     def _end(self, record: _Record, hp: dict[str, Any], seed: int, result: TrainResult, state: str,
-             reason: str | None, status: str | None = None, value: float | None = None) -> None:
-        """Store why the trial ended (unless COMPLETE) and close its MLflow run (even if the
-        reason could not be stored: the run must not stay RUNNING), with its one-line description."""
+             reason: str | None, status: str | None = None, value: float | None = None,
+             measured: dict[str, Any] | None = None) -> None:
+        """Store how the trial went (``measured``) and why it ended (unless COMPLETE), in one
+        transaction, and close its MLflow run (even if those could not be stored: the run must
+        not stay RUNNING), with its one-line description."""
         trial, run = record.trial, record.run
         assert run is not None
         objective = value if state == "COMPLETE" else None
         note = trial_note(state, reason, self.cfg.study.metric, objective, result.epochs,
                           in_sampling_order(trial.params))
+        values = {**(measured or {}), **({attrs.REASON: reason} if reason else {})}
         try:
-            if reason:
-                trial.set_user_attr(attrs.REASON, reason)
+            if hasattr(trial.storage, "set_trial_user_attrs"):
+                trial.storage.set_trial_user_attrs(trial._trial_id, values)
+            else:  # a storage of Optuna's own (tests): one transaction each
+                for key, item in values.items():
+                    trial.storage.set_trial_user_attr(trial._trial_id, key, item)
         finally:
             record.handed = True
             run.finish(self.outbox, self._artifacts(trial, hp, seed, result), result.history, state, reason,

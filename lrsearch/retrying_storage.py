@@ -117,6 +117,21 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
                     session.add(models.StudyUserAttributeModel(study_id=study_id, key=key,
                                                                value_json=json.dumps(value)))
 
+    def set_trial_user_attrs(self, trial_id: int, values: dict[str, Any]) -> None:
+        """Several user attributes of a running trial in one transaction (a trial's end:
+        epochs trained, training time, reason), where Optuna commits one per call."""
+        rdb = getattr(self._inner, "_backend", self._inner)
+        self._call(self._set_trial_user_attrs, rdb, trial_id, values)
+
+    @staticmethod
+    def _set_trial_user_attrs(rdb: Any, trial_id: int, values: dict[str, Any]) -> None:
+        from optuna.storages._rdb import models
+        from optuna.storages._rdb.storage import _create_scoped_session
+
+        with _create_scoped_session(rdb.scoped_session, True) as session:
+            for key, value in values.items():  # Optuna's own per-attribute write, minus its commit
+                rdb._set_trial_attr_without_commit(session, models.TrialUserAttributeModel, trial_id, key, value)
+
     def heartbeat_ages(self, study_id: int, trial_ids: Sequence[int]) -> dict[int, float]:
         """Seconds since each trial's last heartbeat, on the database's clock (trials that
         never beat are left out). A finished trial's worker keeps beating until its MLflow

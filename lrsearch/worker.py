@@ -106,11 +106,11 @@ class Worker:
                 continue
             session, objective = served
             size = self._array_size(session)  # timed (once) before a claim: a claimed trial must train
-            trial = _claim(session)
-            if trial is _DONE or trial is _CANCELLED:
-                self._end(session, "done" if trial is _DONE else "cancelled")
+            claimed = _claim(session, size)
+            if claimed is _DONE or claimed is _CANCELLED:
+                self._end(session, "done" if claimed is _DONE else "cancelled")
                 continue
-            if trial is None:  # its open slots run elsewhere
+            if not claimed:  # its open slots run elsewhere
                 continue
             self._last = name
             if not session.started:
@@ -120,7 +120,7 @@ class Worker:
             # Its slots are refilled as its trials end only where it is the only study served:
             # several studies take turns, an array each.
             array = _Array(session, objective, self.stop, self.callbacks, refill=len(names) == 1)
-            array.train([trial, *_claim_more(session, size - 1)])
+            array.train(claimed)
             if _cancelled(session) is not None:
                 self._end(session, "cancelled")
             return True
@@ -283,13 +283,13 @@ def _cancelled(session: Session) -> dict[str, Any] | None:
     return session.store.get_study_user_attrs(session.study_id).get(attrs.CANCELLED)
 
 
-def _claim(session: Session) -> optuna.trial.Trial | None | Any:
-    """A new trial of the study, ``None`` if every open slot is running elsewhere, or
-    ``_DONE`` once the total is reached. Under the store lock: trials whose worker died are
-    failed and queued again (unless the store was just unreachable: then no heartbeat could
-    be written either, and their workers get a grace period to beat again), then the slots
-    are counted and Optuna creates the trial (taking a queued one first). ``_CANCELLED``
-    for a cancelled study."""
+def _claim(session: Session, count: int = 1) -> list[optuna.trial.Trial] | Any:
+    """Up to ``count`` new trials of the study (none if every open slot is running
+    elsewhere), or ``_DONE`` once the total is reached. Under the store lock: trials whose
+    worker died are failed and queued again (unless the store was just unreachable: then no
+    heartbeat could be written either, and their workers get a grace period to beat again),
+    then the slots are counted and Optuna creates the trials (taking queued ones first).
+    ``_CANCELLED`` for a cancelled study."""
     study = session.study
     with store_lock(session.url, session.store.retry) as lock:
         user_attrs = session.store.get_study_user_attrs(session.study_id)
@@ -303,18 +303,18 @@ def _claim(session: Session) -> optuna.trial.Trial | None | Any:
         finished, running = counts(study)
         if finished >= session.target:
             return _DONE
-        if finished + running >= session.target:
-            return None
         with warnings.catch_warnings():  # "heartbeats are meant for optimize": _Array beats itself
             warnings.simplefilter("ignore", UserWarning)
-            trial = study.ask()
+            trials = [study.ask() for _ in range(min(count, session.target - finished - running))]
+        if not trials:
+            return trials
         faults.point("claimed")
         if user_attrs.get(attrs.INTERRUPTED) is not None:  # its last worker closed the parent run: reopen it
             session.store.set_study_user_attr(session.study_id, attrs.INTERRUPTED, None)
             session.started = False
         if lock.held():
-            return trial
-    return _confirm_claim(session, trial)
+            return trials
+    return [t for t in trials if _confirm_claim(session, t) is not None]
 
 
 def _confirm_claim(session: Session, trial: optuna.trial.Trial) -> optuna.trial.Trial | None:
@@ -329,17 +329,6 @@ def _confirm_claim(session: Session, trial: optuna.trial.Trial) -> optuna.trial.
                                      "was lost, by more workers than slots")
     session.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
     return None
-
-
-def _claim_more(session: Session, count: int) -> list[optuna.trial.Trial]:
-    """Up to ``count`` more trials of the study, while it has open slots."""
-    trials = []
-    while len(trials) < count:
-        trial = _claim(session)
-        if trial is None or trial is _DONE or trial is _CANCELLED:
-            break
-        trials.append(trial)
-    return trials
 
 
 class _Array:
@@ -388,9 +377,8 @@ class _Array:
     def refill(self, free: int) -> list[Member]:
         if not self.refilling or self.stop.requested or self.trial_stop is None or self.trial_stop.requested:
             return []
-        members = []
-        for trial in _claim_more(self.session, free):
-            members.append(self._join(trial))
+        claimed = _claim(self.session, free)
+        members = [] if claimed is _DONE or claimed is _CANCELLED else [self._join(t) for t in claimed]
         if len(members) < free:
             self.refilling = False  # the study's open slots are taken: none will open for this array
         return members
@@ -429,12 +417,11 @@ class _Array:
         if state != TrialState.COMPLETE:
             value = None
         try:
-            session.study.tell(trial, value, state=state, skip_if_finished=True)
+            frozen = session.study.tell(trial, value, state=state, skip_if_finished=True)  # as stored
         except Exception as e:  # the sampler's after_trial, say: the trial must not stay RUNNING
             _fail_untold(session, trial, e)
             raise
         faults.point("told")
-        frozen = session.store.get_trial(trial._trial_id)
         if frozen.state != state:  # failed by another worker that found no heartbeat of it
             session.warnings.append(f"trial {trial.number} was marked {frozen.state.name} by another worker "
                                     f"while it ran here ({frozen.user_attrs.get(attrs.REASON, 'no heartbeat')})")

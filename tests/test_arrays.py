@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
 
+import optuna
 import pytest
+from mlflow import MlflowClient
 
 from lrsearch.config import parse_config
 from lrsearch.data import load_data
@@ -105,3 +108,93 @@ def test_auto_never_picks_an_array_larger_than_memory_or_the_study_allows():
     assert largest_array(CFG, DATA) == 256
     assert choose_array_size(CFG, DATA, trials=3) == 1  # a quarter of a 3-trial TPE study: one
     assert choose_array_size(CFG, DATA, trials=64) in (4, 8, 16)
+
+
+ARRAY_STUDY = """\
+[study]
+name = "tiny"
+direction = "maximize"
+metric = "val/acc"
+sampler = "grid"
+seed = 5
+pruner = "median"
+prune_every = 1
+
+[train]
+epochs = 6
+batch_size = 64
+
+[params]
+optimizer = { choices = ["sgd", "adam"] }
+lr = { choices = [1e6, 0.05, 0.01, 0.003] }
+momentum = 0.9
+"""
+
+
+def test_a_study_run_in_arrays_records_every_trial_as_alone(write_study, cli, tmp_path):
+    """8 grid trials in arrays of 3 (refilled as trials end): each has its own Optuna trial,
+    child run (params, per-epoch metrics, LR curve, state, note) and row in the SQL views;
+    the diverging ones end PRUNED with their reason, the parent run says which size ran."""
+    done = cli("run", str(write_study(ARRAY_STUDY)), "--array", "3", "--no-report")
+    assert done.returncode == 0, done.stderr
+    data = tmp_path / "lrsearch-data"
+    trials = optuna.load_study(study_name="tiny", storage=f"sqlite:///{data / 'optuna.db'}").trials
+    client = MlflowClient(f"sqlite:///{data / 'mlflow.db'}")
+    assert len(trials) == 8 and {t.state.name for t in trials} <= {"COMPLETE", "PRUNED"}
+    diverged = [t for t in trials if t.params["lr"] == 1e6 and t.params["optimizer"] == "sgd"]  # Adam's steps stay ~lr
+    assert len(diverged) == 1 and all(t.state.name == "PRUNED" and t.user_attrs["reason"].startswith("non-finite")
+                                      for t in diverged)
+    runs = {r.data.tags["trial"]: r for r in client.search_runs(
+        [client.get_experiment_by_name("tiny").experiment_id], "tags.`lrsearch.role` = 'trial'")}
+    assert sorted(runs) == sorted(str(t.number) for t in trials)
+    for t in trials:
+        run = runs[str(t.number)]
+        epochs = t.user_attrs["epochs_trained"]
+        assert run.info.status == ("FINISHED" if t.state.name == "COMPLETE" else "KILLED")
+        assert run.data.tags["state"] == t.state.name and float(run.data.params["lr"]) == t.params["lr"]
+        for key in ("val/acc", "val/loss", "train/loss", "lr", "momentum"):
+            history = client.get_metric_history(run.info.run_id, key)
+            assert sorted(m.step for m in history) == list(range(epochs)), (t.number, key)
+        assert [m.value for m in client.get_metric_history(run.info.run_id, "lr")] == [t.params["lr"]] * epochs
+        assert run.data.tags["mlflow.note.content"].startswith(t.state.name)
+    parent = client.search_runs([client.get_experiment_by_name("tiny").experiment_id],
+                                "tags.`lrsearch.role` = 'study'")[0]
+    assert parent.data.tags["array"] == "3" and parent.data.tags["array.size"] == "3"
+    rows = json.loads(cli("sql", "SELECT number, state FROM trials WHERE study_name = 'tiny'",
+                          "--format", "json").stdout)
+    assert sorted((r["number"], r["state"]) for r in rows) == sorted((t.number, t.state.name) for t in trials)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGKILL"])
+def test_an_array_stopped_or_killed_leaves_nothing_running(write_study, tmp_path, sig):
+    """Three trials in one array. Ctrl-C: each ends at the epoch boundary, FAIL and queued
+    again, its run KILLED. SIGKILL: the rerun fails the three (no heartbeat), queues them
+    again and completes them: every trial accounted for, no run left RUNNING."""
+    import signal
+
+    from conftest import TINY_STUDY
+    from test_signals import _runs, _start, _trials, _wait_running
+
+    study = write_study(TINY_STUDY.replace("epochs = 3", "epochs = 1500"))
+    proc = _start(tmp_path, study, "--array", "3")
+    _wait_running(tmp_path, proc, 3)
+    proc.send_signal(getattr(signal, sig))
+    out, err = proc.communicate(timeout=120)
+    if sig == "SIGINT":
+        assert proc.returncode == 130, err
+        trials = _trials(tmp_path)
+        assert [t.state.name for t in trials] == ["FAIL"] * 3 + ["WAITING"] * 3
+        assert all(t.user_attrs["reason"].startswith("interrupted at epoch ") for t in trials[:3])
+        assert sorted(t.system_attrs["failed_trial"] for t in trials[3:]) == [0, 1, 2]
+        assert sorted(r.info.status for r in _runs(tmp_path)) == ["KILLED"] * 4  # the study's and three trials'
+        return
+    again = _start(tmp_path, study, "--array", "3")
+    out, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err
+    trials = _trials(tmp_path)
+    summary = [(t.number, t.state.name, t.user_attrs.get("reason"), t.system_attrs.get("failed_trial")) for t in trials]
+    assert [t.state.name for t in trials] == ["FAIL"] * 3 + ["COMPLETE"] * 3, summary
+    assert all(t.user_attrs["reason"].startswith("worker lost") for t in trials[:3]), summary
+    assert sorted(t.system_attrs["failed_trial"] for t in trials[3:]) == [0, 1, 2]
+    assert [r.info.run_name for r in _runs(tmp_path) if r.info.status == "RUNNING"] == [], summary
