@@ -221,6 +221,8 @@ class ArrayClassifier(pl.LightningModule):
                 self.pruning.epoch_end(m, metrics, last=m.epoch + 1 >= m.epochs, stopping=stopping)
             m.result.epochs += 1
             m.leaving = stopping or m.ended_early or m.epoch >= m.epochs
+        if self.pruning is not None:
+            self.pruning.submit()
         leaving = [m for m in self.members if m.leaving]
         for m in leaving:
             if self.pruning is not None:

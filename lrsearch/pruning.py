@@ -3,9 +3,10 @@ gives up on."""
 
 from __future__ import annotations
 
+import copy
 import math
 from concurrent.futures import ThreadPoolExecutor
-from typing import Mapping
+from typing import Any, Container, Mapping
 
 from lrsearch.member import Member
 
@@ -19,7 +20,8 @@ class Pruning:
     - the check (a storage write, and the pruner's reads) runs on a helper thread while the
       next epoch trains, and its verdict is applied at the end of that epoch: a pruned trial
       trains one epoch past the check that pruned it, always exactly one, so results stay
-      reproducible;
+      reproducible; the members checked at one epoch boundary are checked together: their
+      values written in one transaction, the pruner deciding each on one read of the study;
     - it never raises inside ``fit`` (which Lightning would record as a crash): the member
       leaves the array, and the caller ends its trial PRUNED.
 
@@ -30,6 +32,7 @@ class Pruning:
         self.metric = metric
         self.every = every
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lrsearch-pruning")
+        self._due: list[tuple[Member, float, int]] = []
 
     def epoch_end(self, member: Member, metrics: Mapping[str, float], *, last: bool, stopping: bool) -> None:
         """At the end of ``member``'s epoch (``member.epoch`` not yet advanced): the verdict
@@ -41,7 +44,15 @@ class Pruning:
         value = metrics.get(self.metric)
         if value is None or not math.isfinite(value):
             return  # a non-finite loss ends the trial through the array, not the pruner
-        member.pending = (epoch, self._executor.submit(_check, member, value, epoch))
+        self._due.append((member, value, epoch))
+
+    def submit(self) -> None:
+        """Start the checks due at this epoch boundary (after every member's ``epoch_end``)."""
+        if self._due:
+            due, self._due = self._due, []
+            checks = self._executor.submit(_check, due)
+            for member, _, epoch in due:
+                member.pending = (epoch, checks)
 
     def settle(self, member: Member) -> None:
         """Wait for a check of a leaving member still running (it writes to the trial)."""
@@ -57,13 +68,47 @@ class Pruning:
     def _apply_verdict(self, member: Member) -> None:
         if member.pending is None:
             return
-        epoch, verdict = member.pending
+        epoch, checks = member.pending
         member.pending = None
-        if verdict.result():  # waits if the check is still running; re-raises its error
+        if member in checks.result():  # waits if the checks are still running; re-raises their error
             member.result.pruned_at = epoch
 
 
-def _check(member: Member, value: float, epoch: int) -> bool:
-    assert member.trial is not None
-    member.trial.report(value, epoch)
-    return member.trial.should_prune()
+def _check(due: list[tuple[Member, float, int]]) -> set[Member]:
+    """Report each member's value at its epoch, and return those the pruner gives up on:
+    ``Trial.report`` and ``Trial.should_prune`` for each, with one transaction for all the
+    writes and one read of the study's trials for all the verdicts."""
+    trials = [member.trial for member, _, _ in due]
+    storage = trials[0].storage
+    if hasattr(storage, "set_trial_intermediate_values"):
+        storage.set_trial_intermediate_values({t._trial_id: (epoch, value) for t, (_, value, epoch) in zip(trials, due)})
+        for trial, (_, value, epoch) in zip(trials, due):
+            trial._cached_frozen_trial.intermediate_values[epoch] = value  # as Trial.report keeps it
+    else:  # a storage of Optuna's own (tests): one write each
+        for trial, (_, value, epoch) in zip(trials, due):
+            trial.report(value, epoch)
+    study = _Snapshot(trials[0].study)
+    return {member for member, trial in zip([m for m, _, _ in due], trials)
+            if study.pruner.prune(study, trial._get_latest_trial())}  # what Trial.should_prune does
+
+
+class _Snapshot:
+    """A study whose finished trials are read once, for the verdicts on every member of a
+    check (the median pruner reads the COMPLETE trials for each). Queries that include
+    running trials go to the study: successive halving writes a member's rung, and the next
+    member's verdict must see it, as when each checked alone."""
+
+    def __init__(self, study: Any) -> None:
+        self._study = study
+        self._read: dict[Any, Any] = {}
+
+    def get_trials(self, deepcopy: bool = True, states: Container[Any] | None = None) -> list[Any]:
+        if states is None or not all(s.is_finished() for s in states):
+            return self._study.get_trials(deepcopy=deepcopy, states=states)
+        key = tuple(states)
+        if key not in self._read:
+            self._read[key] = self._study.get_trials(deepcopy=False, states=states)
+        return copy.deepcopy(self._read[key]) if deepcopy else self._read[key]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._study, name)

@@ -132,6 +132,20 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
             for key, value in values.items():  # Optuna's own per-attribute write, minus its commit
                 rdb._set_trial_attr_without_commit(session, models.TrialUserAttributeModel, trial_id, key, value)
 
+    def set_trial_intermediate_values(self, values: dict[int, tuple[int, float]]) -> None:
+        """One intermediate value (step, value) for each of several running trials (an
+        array's pruning checks at one epoch), in one transaction."""
+        rdb = getattr(self._inner, "_backend", self._inner)
+        self._call(self._set_trial_intermediate_values, rdb, values)
+
+    @staticmethod
+    def _set_trial_intermediate_values(rdb: Any, values: dict[int, tuple[int, float]]) -> None:
+        from optuna.storages._rdb.storage import _create_scoped_session
+
+        with _create_scoped_session(rdb.scoped_session, True) as session:
+            for trial_id, (step, value) in values.items():  # Optuna's own write, minus its commit
+                rdb._set_trial_intermediate_value_without_commit(session, trial_id, step, value)
+
     def heartbeat_ages(self, study_id: int, trial_ids: Sequence[int]) -> dict[int, float]:
         """Seconds since each trial's last heartbeat, on the database's clock (trials that
         never beat are left out). A finished trial's worker keeps beating until its MLflow

@@ -144,7 +144,7 @@ def test_a_study_run_in_arrays_records_every_trial_as_alone(write_study, cli, tm
     diverged = [t for t in trials if t.params["lr"] == 1e6 and t.params["optimizer"] == "sgd"]  # Adam's steps stay ~lr
     assert len(diverged) == 1 and all(t.state.name == "PRUNED" and t.user_attrs["reason"].startswith("non-finite")
                                       for t in diverged)
-    runs = {r.data.tags["trial"]: r for r in client.search_runs(
+    runs = {r.data.tags["trial_number"]: r for r in client.search_runs(
         [client.get_experiment_by_name("tiny").experiment_id], "tags.`lrsearch.role` = 'trial'")}
     assert sorted(runs) == sorted(str(t.number) for t in trials)
     for t in trials:
@@ -160,9 +160,10 @@ def test_a_study_run_in_arrays_records_every_trial_as_alone(write_study, cli, tm
     parent = client.search_runs([client.get_experiment_by_name("tiny").experiment_id],
                                 "tags.`lrsearch.role` = 'study'")[0]
     assert parent.data.tags["array"] == "3" and parent.data.tags["array.size"] == "3"
-    rows = json.loads(cli("sql", "SELECT number, state FROM trials WHERE study_name = 'tiny'",
+    rows = json.loads(cli("sql", "SELECT trial_number, state, mlflow_status FROM trials WHERE study_name = 'tiny'",
                           "--format", "json").stdout)
-    assert sorted((r["number"], r["state"]) for r in rows) == sorted((t.number, t.state.name) for t in trials)
+    assert sorted((r["trial_number"], r["state"], r["mlflow_status"]) for r in rows) == sorted(
+        (t.number, t.state.name, runs[str(t.number)].info.status) for t in trials)
 
 
 @pytest.mark.slow
