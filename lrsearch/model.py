@@ -201,7 +201,8 @@ class ArrayClassifier(pl.LightningModule):
     def _end_epoch(self, train_loss: list[float], train_acc: list[float]) -> None:
         """Each member's metrics, schedule and pruning check; then the members that ended
         leave, the host fills their slots, and the fit ends once no member is left."""
-        faults.point("epoch")
+        if self.host is not None:  # a study's trials (not the auto probe's)
+            faults.point("epoch")
         val_loss, val_acc = self._validate()
         self.epoch_ends.append(time.perf_counter())
         stopping = self.stop is not None and self.stop.requested

@@ -147,6 +147,8 @@ def choose_array_size(cfg: Config, data: Dataset, trials: int | None = None) -> 
     cap = largest_array(cfg, data)
     if trials is not None:
         cap = min(cap, max(1, trials // 4) if cfg.study.sampler == "tpe" else trials)
+    if cap == 1:
+        return 1
     chosen, best = 1, math.inf
     started = time.perf_counter()
     for k in sorted({*(k for k in PROBE_SIZES if k <= cap), cap}):
