@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -199,3 +200,45 @@ def test_an_array_stopped_or_killed_leaves_nothing_running(write_study, tmp_path
     assert all(t.user_attrs["reason"].startswith("worker lost") for t in trials[:3]), summary
     assert sorted(t.system_attrs["failed_trial"] for t in trials[3:]) == [0, 1, 2]
     assert [r.info.run_name for r in _runs(tmp_path) if r.info.status == "RUNNING"] == [], summary
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("store", ["sqlite", "postgresql"])
+def test_a_service_worker_trains_a_submitted_study_in_arrays(store, tmp_path, request):
+    """The file-less service worker, `--array 3`, on a submitted 7-trial study: every trial
+    done, each with its own complete run, the parent run saying which size ran (and the
+    study file's own `array`, 1, is the worker's to override)."""
+    import subprocess
+    import sys
+
+    from test_service import _cfg, _parent, _trials, _wait
+
+    from lrsearch.service import submit
+    from lrsearch.storage import schema_url
+
+    if store == "sqlite":
+        stores = (f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    else:
+        pg = request.getfixturevalue("pg_url")
+        stores = (pg, schema_url(pg, "mlflow"))
+    cfg = _cfg("arr", 7, 4)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, array=1))
+    submit(cfg, storage=stores[0], tracking=stores[1])  # (on PostgreSQL: the schemas)
+    MlflowClient(stores[1]).search_experiments()  # MLflow's tables, as its server makes them first
+    worker = subprocess.Popen([sys.executable, "-m", "lrsearch.cli", "worker", "--array", "3", "--max-idle", "3",
+                               "--storage", stores[0], "--tracking-uri", stores[1]],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    row = _wait(stores, "arr", lambda r: r["state"] == "done", [worker])
+    out, err = worker.communicate(timeout=120)
+    assert worker.returncode == 0, err
+    assert (row["complete"] + row["pruned"], row["fail"], row["running"]) == (7, 0, 0)
+    client, parent, runs = _parent(stores[1], "arr")
+    runs = [r for r in runs if r.data.tags["lrsearch.role"] == "trial"]
+    assert parent.data.tags["array"] == "3" and parent.data.tags["array.size"] == "3"
+    trials = {str(t.number): t for t in _trials(stores[0], "arr")}
+    assert sorted(r.data.tags["trial_number"] for r in runs) == sorted(trials)
+    for run in runs:
+        trial = trials[run.data.tags["trial_number"]]
+        assert run.data.tags["state"] == trial.state.name and run.info.status in ("FINISHED", "KILLED")
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "lr")]
+        assert sorted(steps) == list(range(trial.user_attrs["epochs_trained"]))
