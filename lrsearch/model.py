@@ -222,8 +222,6 @@ class ArrayClassifier(pl.LightningModule):
                 self.pruning.epoch_end(m, metrics, last=m.epoch + 1 >= m.epochs, stopping=stopping)
             m.result.epochs += 1
             m.leaving = stopping or m.ended_early or m.epoch >= m.epochs
-        if self.pruning is not None:
-            self.pruning.submit()
         leaving = [m for m in self.members if m.leaving]
         for m in leaving:
             if self.pruning is not None:
@@ -233,6 +231,10 @@ class ArrayClassifier(pl.LightningModule):
                 self.host.leave(m)
         keep = [i for i, m in enumerate(self.members) if not m.leaving]
         new = list(self.host.refill(len(leaving))) if self.host is not None and leaving and not stopping else []
+        if self.pruning is not None:
+            # The checks start once this boundary's trials are told and new ones claimed: each
+            # check sees the study as it stands here, whatever the thread's timing.
+            self.pruning.submit()
         if leaving or new:
             if not keep and not new:
                 self.members = []

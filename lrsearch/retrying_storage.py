@@ -7,9 +7,11 @@ docstring of ``retry.py`` explains.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import threading
 import uuid
-from collections.abc import Callable, Container, Sequence
+from collections.abc import Callable, Container, Iterator, Sequence
 from typing import Any, TypeVar
 
 from optuna.exceptions import StorageInternalError
@@ -32,6 +34,22 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
         self._inner = inner
         self.retry = retry
         self._engine = engine
+        self._window: dict[int, list[Any]] | None = None  # see sampling()
+        self._window_thread: int | None = None
+
+    @contextlib.contextmanager
+    def sampling(self) -> Iterator[None]:
+        """Sampling the parameters of several new trials in a row (an array's): the study's
+        trials are read once, at the first read, and each parameter (and system attribute:
+        TPE's relative parameters) set meanwhile is written to the database and into that copy. TPE with ``constant_liar`` reads every RUNNING
+        trial at each ``suggest`` (Optuna's cache keeps finished trials only), which costs
+        more the more trials run: an array of 16 runs 16. Only the thread that opened the
+        window reads through it (the pruning checks, on their own thread, read the database)."""
+        self._window, self._window_thread = {}, threading.get_ident()
+        try:
+            yield
+        finally:
+            self._window = self._window_thread = None
 
     def close(self) -> None:
         """Close the storage's database connections (before this process execs another)."""
@@ -189,6 +207,13 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
     def set_trial_param(self, trial_id: int, param_name: str, param_value_internal: float,
                         distribution: Any) -> None:
         self._do("set_trial_param", trial_id, param_name, param_value_internal, distribution)
+        for trial in self._windowed(trial_id):
+            trial.params = {**trial.params, param_name: distribution.to_external_repr(param_value_internal)}
+            trial.distributions = {**trial.distributions, param_name: distribution}
+
+    def _windowed(self, trial_id: int) -> list[Any]:
+        """The sampling window's copy of a trial (see :meth:`sampling`), to write into."""
+        return [t for trials in (self._window or {}).values() for t in trials if t._trial_id == trial_id]
 
     def get_trial_id_from_study_id_trial_number(self, study_id: int, trial_number: int) -> int:
         return self._do("get_trial_id_from_study_id_trial_number", study_id, trial_number)
@@ -204,12 +229,19 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
 
     def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
         self._do("set_trial_system_attr", trial_id, key, value)
+        for trial in self._windowed(trial_id):  # TPE's relative params, shared with the liars
+            trial.system_attrs = {**trial.system_attrs, key: value}
 
     def get_trial(self, trial_id: int) -> Any:
         return self._do("get_trial", trial_id)
 
     def get_all_trials(self, study_id: int, deepcopy: bool = True, states: Container[Any] | None = None) -> list[Any]:
-        return self._do("get_all_trials", study_id, deepcopy, states)
+        if self._window is None or self._window_thread != threading.get_ident():
+            return self._do("get_all_trials", study_id, deepcopy, states)
+        if study_id not in self._window:
+            self._window[study_id] = self._do("get_all_trials", study_id, True, None)  # a copy to patch
+        trials = [t for t in self._window[study_id] if states is None or t.state in states]
+        return copy.deepcopy(trials) if deepcopy else trials
 
     def record_heartbeat(self, trial_id: int) -> None:
         self._do("record_heartbeat", trial_id)

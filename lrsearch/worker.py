@@ -357,8 +357,9 @@ class _Array:
         try:
             with _watch_cancel(self.session) as cancelled:
                 self.trial_stop = TrialStop(self.stop, cancelled)
-                for trial in trials:
-                    members.append(self._join(trial))
+                with _sampling(self.session.store):
+                    for trial in trials:
+                        members.append(self._join(trial))
                 with self.stop.interruptible():  # a second signal stops training at once
                     fit_array(self.session.cfg, self.session.data, members, self, self.trial_stop)
         except BaseException as e:
@@ -378,7 +379,8 @@ class _Array:
         if not self.refilling or self.stop.requested or self.trial_stop is None or self.trial_stop.requested:
             return []
         claimed = _claim(self.session, free)
-        members = [] if claimed is _DONE or claimed is _CANCELLED else [self._join(t) for t in claimed]
+        with _sampling(self.session.store):
+            members = [] if claimed is _DONE or claimed is _CANCELLED else [self._join(t) for t in claimed]
         if len(members) < free:
             self.refilling = False  # the study's open slots are taken: none will open for this array
         return members
@@ -468,6 +470,11 @@ def _watch_cancel(session: Session) -> Iterator[threading.Event]:
     finally:
         done.set()
         thread.join()
+
+
+def _sampling(store: Any) -> Any:
+    """The store's window for sampling several trials in a row (``RetryingStorage.sampling``)."""
+    return store.sampling() if hasattr(store, "sampling") else contextlib.nullcontext()
 
 
 def _fail_untold(session: Session, trial: optuna.trial.Trial, error: Exception) -> None:

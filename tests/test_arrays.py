@@ -242,3 +242,48 @@ def test_a_service_worker_trains_a_submitted_study_in_arrays(store, tmp_path, re
         assert run.data.tags["state"] == trial.state.name and run.info.status in ("FINISHED", "KILLED")
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "lr")]
         assert sorted(steps) == list(range(trial.user_attrs["epochs_trained"]))
+
+
+def test_the_sampling_window_reads_what_the_database_holds(stores):
+    """While an array's new trials are sampled, the study is read once and each write goes
+    into that copy too: every read in the window equals a fresh read of the database."""
+    from lrsearch.storage import open_storage
+
+    store = open_storage(stores[0])
+    study = optuna.create_study(storage=store, study_name="window",
+                                sampler=optuna.samplers.TPESampler(seed=1, constant_liar=True, multivariate=True))
+    for _ in range(3):
+        study.tell(study.ask({"x": optuna.distributions.FloatDistribution(0, 1)}), 0.5)
+    trials = [study.ask() for _ in range(3)]  # RUNNING, as an array's claim leaves them
+    with store.sampling():
+        before = store.get_all_trials(study._study_id)
+        for i, trial in enumerate(trials):
+            trial.suggest_float("x", 0, 1)
+            trial.suggest_categorical("opt", ["sgd", "adam"])
+            store.set_trial_system_attr(trial._trial_id, f"mark:{i}", i)
+            seen = store.get_all_trials(study._study_id, deepcopy=False)
+            store._window_thread = None  # read the database itself, for comparison
+            fresh = store.get_all_trials(study._study_id)
+            store._window_thread = __import__("threading").get_ident()
+            assert [(t.number, t.state, t.params, t.distributions, t.system_attrs) for t in seen] == \
+                   [(t.number, t.state, t.params, t.distributions, t.system_attrs) for t in fresh]
+    assert [t.params for t in before[3:]] == [{}, {}, {}]  # the copy is the window's own
+    assert all(t.params.keys() == {"x", "opt"} for t in store.get_all_trials(study._study_id)[3:])
+
+
+def test_a_seeded_study_in_arrays_gives_the_same_trials_twice(stores, tmp_path):
+    """One worker, a seed: the same trials and values, run after run (the pruning checks see
+    the study as it stands at their epoch boundary, whatever the helper thread's timing)."""
+    from lrsearch.launch import run_study
+
+    cfg = parse_config({"study": {"name": "same", "trials": 12, "seed": 3, "prune_every": 1},
+                        "train": {"epochs": 6, "array": 4},
+                        "params": {"optimizer": {"choices": ["sgd", "adam"]},
+                                   "lr": {"low": 1e-3, "high": 0.3, "log": True}}}, "same.toml")
+    results = []
+    for i in range(2):
+        storage, tracking = (f"sqlite:///{tmp_path / f'optuna{i}.db'}", f"sqlite:///{tmp_path / f'mlflow{i}.db'}")
+        study = run_study(cfg, storage=storage, tracking=tracking).study
+        results.append([(t.number, t.state.name, t.params, t.value, t.intermediate_values) for t in study.trials])
+    assert results[0] == results[1]
+    assert {state for _, state, _, _, _ in results[0]} >= {"COMPLETE"}
