@@ -47,6 +47,8 @@ class StopFlag:
         self.on_signal = on_signal
         self._interruptible = False  # a second signal would raise now
         self._inside = False  # in an interruptible section (whether or not a signal raised there)
+        self._shielded = False  # in a shielded part of it
+        self._deferred: int | None = None  # a second signal that came while shielded
 
     @property
     def requested(self) -> bool:
@@ -74,6 +76,26 @@ class StopFlag:
         finally:
             self._interruptible = self._inside = False
 
+    @contextlib.contextmanager
+    def shielded(self) -> Iterator[None]:
+        """A part of an interruptible section that a second signal must not cut: a trial's
+        end being recorded while the rest of its array trains. A second signal that comes
+        meanwhile is raised when the part ends."""
+        if not self._interruptible:
+            yield
+            return
+        self._interruptible, self._shielded = False, True
+        try:
+            yield
+        except BaseException:
+            self._shielded, self._deferred = False, None
+            raise
+        self._shielded = False
+        deferred, self._deferred = self._deferred, None
+        if deferred is not None:
+            raise Interrupted(deferred)
+        self._interruptible = True
+
     def _redeliver(self, signum: int) -> None:
         """The second signal's exception was dropped (raised inside a finalizer): send the
         signal again, from a thread, to be raised where the main thread is once the hook that
@@ -90,6 +112,8 @@ class StopFlag:
         elif self._interruptible:
             self._interruptible = False  # once
             raise Interrupted(signum)
+        elif self._shielded:
+            self._deferred = signum
 
 
 def _quiet_interrupts(hook: Callable[[Any], None]) -> Callable[[Any], None]:

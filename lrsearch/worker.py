@@ -372,10 +372,16 @@ class _Array:
             raise self.raised
 
     def leave(self, member: Member) -> None:
-        """A member ended (at an epoch boundary of the fit): its trial told now."""
-        self._leave(member)
+        """A member ended (at an epoch boundary of the fit): its trial told now, whatever a
+        second signal (it is raised once the trial is told, and queued again if it must be)."""
+        with self.stop.shielded():
+            self._leave(member)
 
     def refill(self, free: int) -> list[Member]:
+        with self.stop.shielded():
+            return self._refill(free)
+
+    def _refill(self, free: int) -> list[Member]:
         if not self.refilling or self.stop.requested or self.trial_stop is None or self.trial_stop.requested:
             return []
         claimed = _claim(self.session, free)

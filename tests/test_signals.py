@@ -243,3 +243,30 @@ def test_a_second_signal_a_finalizer_swallowed_still_stops_training():
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         sys.unraisablehook = hook
+
+
+def test_a_second_signal_waits_for_a_shielded_part_then_stops_at_once():
+    """An array records a trial's end while its other trials train: a second signal then
+    must not cut the record in half (a trial told but not queued again); it is raised as
+    soon as the record is made."""
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    hook = sys.unraisablehook
+    flag = StopFlag()
+    flag.install()
+    recorded = []
+    try:
+        os.kill(os.getpid(), signal.SIGINT)  # the first: only sets the flag
+        with pytest.raises(Interrupted):
+            with flag.interruptible():
+                with flag.shielded():
+                    os.kill(os.getpid(), signal.SIGINT)  # the second, while the record is made
+                    for _ in range(1000):
+                        pass
+                    recorded.append("told")
+                    recorded.append("queued again")
+                recorded.append("trained on")  # not reached: raised as the shielded part ended
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        sys.unraisablehook = hook
+    assert recorded == ["told", "queued again"]
