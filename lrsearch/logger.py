@@ -1,4 +1,5 @@
-"""Lightning loggers that keep a trial's metrics in memory, for one batched write per trial."""
+"""A trial's metrics kept in memory, for one batched write per trial, and the Lightning
+logger of a trial array that files each member's there."""
 
 from __future__ import annotations
 
@@ -12,24 +13,12 @@ from pytorch_lightning.loggers import Logger
 _RENAMES = {"lr-momentum": "momentum"}
 
 
-class MemoryLogger(Logger):
+class MemoryLogger:
     """Collects ``(step, value, timestamp_ms)`` per metric key; nothing leaves the process
     until the trial's tracking code sends the whole history in a few batched calls."""
 
     def __init__(self) -> None:
-        super().__init__()
         self.history: dict[str, list[tuple[int, float, int]]] = {}
-
-    @property
-    def name(self) -> str:
-        return "lrsearch"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_hyperparams(self, params: dict[str, Any] | Namespace, *args: Any, **kwargs: Any) -> None:
-        pass  # hyperparameters go to MLflow as run params, once, by the tracking code
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         now = int(time.time() * 1000)
@@ -64,7 +53,7 @@ class ArrayLogger(Logger):
         return 0
 
     def log_hyperparams(self, params: dict[str, Any] | Namespace, *args: Any, **kwargs: Any) -> None:
-        pass
+        pass  # hyperparameters go to MLflow as run params, once, by the tracking code
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         by_key = {m.key: m for m in self.members()}
