@@ -117,6 +117,9 @@ class Worker:
                 start_parent(session, objective.outbox)
                 objective.outbox.submit("the study's array size", session.tracker.set_tags, session.parent_run_id,
                                         {"array": self._wanted(session), "array.size": size})
+            # An array's trials end (and start) together: their MLflow records, two jobs each,
+            # wait for the tracking thread instead of holding up the array.
+            objective.outbox.limit = max(objective.outbox.limit, 2 * size)
             # Its slots are refilled as its trials end only where it is the only study served:
             # several studies take turns, an array each.
             array = _Array(session, objective, self.stop, self.callbacks, refill=len(names) == 1)
