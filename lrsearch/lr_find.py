@@ -1,7 +1,7 @@
 """The learning-rate range test (Leslie Smith's; fastai's ``lr_find``) on a study's data and
 model, with Lightning's own ``Tuner.lr_find``.
 
-The study's ``MLPClassifier`` trains a whole epoch in one Lightning step with manual
+The study's ``ArrayClassifier`` trains a whole epoch in one Lightning step with manual
 optimization, which ``lr_find`` cannot drive (it steps its own scheduler once per
 automatically optimized batch and reads each batch's loss). The test therefore trains the
 same network (``build_mlp`` with the study's ``[model]``), on the same training split, with

@@ -56,8 +56,7 @@ class Member:
     generator: torch.Generator | None = None  # its weights' initialization, then its data order
     shadow: torch.optim.Optimizer | None = None  # a torch optimizer its schedule steps (no weights)
     schedule: Schedule | None = None
-    pending: tuple[int, Future[bool]] | None = None  # a pruning check still running, and its epoch
-    leaving: bool = False
+    pending: tuple[int, Future[set[Member]]] | None = None  # pruning checks still running, and the epoch
 
     @property
     def epoch(self) -> int:

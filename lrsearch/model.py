@@ -221,15 +221,14 @@ class ArrayClassifier(pl.LightningModule):
             if self.pruning is not None and m.trial is not None:
                 self.pruning.epoch_end(m, metrics, last=m.epoch + 1 >= m.epochs, stopping=stopping)
             m.result.epochs += 1
-            m.leaving = stopping or m.ended_early or m.epoch >= m.epochs
-        leaving = [m for m in self.members if m.leaving]
+        leaving = [m for m in self.members if stopping or m.ended_early or m.epoch >= m.epochs]
         for m in leaving:
             if self.pruning is not None:
                 self.pruning.settle(m)
             self._forget(m)
             if self.host is not None:
                 self.host.leave(m)
-        keep = [i for i, m in enumerate(self.members) if not m.leaving]
+        keep = [i for i, m in enumerate(self.members) if m not in leaving]
         new = list(self.host.refill(len(leaving))) if self.host is not None and leaving and not stopping else []
         if self.pruning is not None:
             # The checks start once this boundary's trials are told and new ones claimed: each

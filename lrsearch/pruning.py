@@ -88,8 +88,8 @@ def _check(due: list[tuple[Member, float, int]]) -> set[Member]:
         for trial, (_, value, epoch) in zip(trials, due):
             trial.report(value, epoch)
     study = _Snapshot(trials[0].study)
-    return {member for member, trial in zip([m for m, _, _ in due], trials)
-            if study.pruner.prune(study, trial._get_latest_trial())}  # what Trial.should_prune does
+    return {member for member, _, _ in due
+            if study.pruner.prune(study, member.trial._get_latest_trial())}  # what Trial.should_prune does
 
 
 class _Snapshot:

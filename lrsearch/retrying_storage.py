@@ -41,15 +41,21 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
     def sampling(self) -> Iterator[None]:
         """Sampling the parameters of several new trials in a row (an array's): the study's
         trials are read once, at the first read, and each parameter (and system attribute:
-        TPE's relative parameters) set meanwhile is written to the database and into that copy. TPE with ``constant_liar`` reads every RUNNING
-        trial at each ``suggest`` (Optuna's cache keeps finished trials only), which costs
-        more the more trials run: an array of 16 runs 16. Only the thread that opened the
+        TPE's relative parameters) set meanwhile is written to the database and into that
+        copy. TPE with ``constant_liar`` reads every RUNNING trial at each ``suggest``
+        (Optuna's cache keeps finished trials only), which costs more the more trials run:
+        an array of 16 runs 16. Only the thread that opened the
         window reads through it (the pruning checks, on their own thread, read the database)."""
         self._window, self._window_thread = {}, threading.get_ident()
         try:
             yield
         finally:
             self._window = self._window_thread = None
+
+    @property
+    def _rdb(self) -> Any:
+        """The RDB storage under Optuna's cache, for the statements written here."""
+        return getattr(self._inner, "_backend", self._inner)
 
     def close(self) -> None:
         """Close the storage's database connections (before this process execs another)."""
@@ -116,7 +122,7 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
     def set_study_user_attrs(self, study_id: int, values: dict[str, Any]) -> None:
         """Several study user attributes in one transaction (Optuna writes one per call):
         a submitted study is queued with all of its attributes or none, in one commit."""
-        rdb = getattr(self._inner, "_backend", self._inner)
+        rdb = self._rdb
         self._call(self._set_study_user_attrs, rdb, study_id, values)
 
     @staticmethod
@@ -138,7 +144,7 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
     def set_trial_user_attrs(self, trial_id: int, values: dict[str, Any]) -> None:
         """Several user attributes of a running trial in one transaction (a trial's end:
         epochs trained, training time, reason), where Optuna commits one per call."""
-        rdb = getattr(self._inner, "_backend", self._inner)
+        rdb = self._rdb
         self._call(self._set_trial_user_attrs, rdb, trial_id, values)
 
     @staticmethod
@@ -153,7 +159,7 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
     def set_trial_intermediate_values(self, values: dict[int, tuple[int, float]]) -> None:
         """One intermediate value (step, value) for each of several running trials (an
         array's pruning checks at one epoch), in one transaction."""
-        rdb = getattr(self._inner, "_backend", self._inner)
+        rdb = self._rdb
         self._call(self._set_trial_intermediate_values, rdb, values)
 
     @staticmethod
@@ -168,7 +174,7 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
         """Seconds since each trial's last heartbeat, on the database's clock (trials that
         never beat are left out). A finished trial's worker keeps beating until its MLflow
         record is sent (see ``worker.py``), so this tells a record on its way from a lost one."""
-        rdb = getattr(self._inner, "_backend", self._inner)
+        rdb = self._rdb
         return self._call(self._heartbeat_ages, rdb, list(trial_ids)) if trial_ids else {}
 
     @staticmethod
@@ -252,7 +258,7 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
         their worker died between creating the trial and its first heartbeat (an outage at
         that moment, say). Optuna's own query skips a trial with no heartbeat, which would then
         stay RUNNING for good, and a study waiting for its slot would never end."""
-        rdb = getattr(self._inner, "_backend", self._inner)  # under Optuna's cache, the RDB storage
+        rdb = self._rdb
         return self._call(self._stale_trial_ids, rdb, study_id, rdb.grace_period or 2 * rdb.heartbeat_interval)
 
     @staticmethod

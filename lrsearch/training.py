@@ -26,7 +26,7 @@ from lrsearch.stopping import StopFlag, TrialStop
 
 
 class _WholeSet(TorchDataset):
-    """A one-item dataset: the whole tensor pair is the epoch's only batch (see MLPClassifier)."""
+    """A one-item dataset: the whole tensor pair is the epoch's only batch (see ArrayClassifier)."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
         self.pair = (x, y)

@@ -360,7 +360,7 @@ class _Array:
         try:
             with _watch_cancel(self.session) as cancelled:
                 self.trial_stop = TrialStop(self.stop, cancelled)
-                with _sampling(self.session.store):
+                with self.session.store.sampling():
                     for trial in trials:
                         members.append(self._join(trial))
                 with self.stop.interruptible():  # a second signal stops training at once
@@ -388,7 +388,7 @@ class _Array:
         if not self.refilling or self.stop.requested or self.trial_stop is None or self.trial_stop.requested:
             return []
         claimed = _claim(self.session, free)
-        with _sampling(self.session.store):
+        with self.session.store.sampling():
             members = [] if claimed is _DONE or claimed is _CANCELLED else [self._join(t) for t in claimed]
         if len(members) < free:
             self.refilling = False  # the study's open slots are taken: none will open for this array
@@ -416,16 +416,16 @@ class _Array:
                 state = TrialState.FAIL if error is not None else TrialState.COMPLETE
                 requeue = isinstance(error, (Interrupted, KeyboardInterrupt))
             except optuna.TrialPruned:
-                state, value = TrialState.PRUNED, None
+                state = TrialState.PRUNED
             except Cancelled:  # `lrsearch cancel --now`: FAIL, and the worker goes on
-                state, requeue, value = TrialState.FAIL, True, None
+                state, requeue = TrialState.FAIL, True
             except Interrupted as e:  # stopped at the epoch boundary: the others stop there too
-                state, requeue, value = TrialState.FAIL, True, None
+                state, requeue = TrialState.FAIL, True
                 self.raised = self.raised or e
         except BaseException:
             beat.stop()
             raise
-        if state != TrialState.COMPLETE:
+        if state != TrialState.COMPLETE:  # a failed trial's NaN is no value to tell
             value = None
         try:
             frozen = session.study.tell(trial, value, state=state, skip_if_finished=True)  # as stored
@@ -479,11 +479,6 @@ def _watch_cancel(session: Session) -> Iterator[threading.Event]:
     finally:
         done.set()
         thread.join()
-
-
-def _sampling(store: Any) -> Any:
-    """The store's window for sampling several trials in a row (``RetryingStorage.sampling``)."""
-    return store.sampling() if hasattr(store, "sampling") else contextlib.nullcontext()
 
 
 def _fail_untold(session: Session, trial: optuna.trial.Trial, error: Exception) -> None:
