@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import optuna
+from optuna.exceptions import UpdateFinishedTrialError
 
 from lrsearch import attrs
 from lrsearch.config import Config
@@ -125,20 +126,29 @@ class Objective:
         not stay RUNNING), with its one-line description."""
         trial, run = record.trial, record.run
         assert run is not None
-        objective = value if state == "COMPLETE" else None
-        note = trial_note(state, reason, self.cfg.study.metric, objective, result.epochs,
-                          in_sampling_order(trial.params))
         values = {**(measured or {}), **({attrs.REASON: reason} if reason else {})}
+        taken: TakenOver | None = None
         try:
             if hasattr(trial.storage, "set_trial_user_attrs"):
                 trial.storage.set_trial_user_attrs(trial._trial_id, values)
             else:  # a storage of Optuna's own (tests): one transaction each
                 for key, item in values.items():
                     trial.storage.set_trial_user_attr(trial._trial_id, key, item)
+        except UpdateFinishedTrialError:
+            # Ended by another worker, which found no heartbeat of it (this process paused
+            # past the grace period, say): its run records what was trained, KILLED as that
+            # worker left it, and the trial stays as that worker left it.
+            taken = TakenOver(trial.storage.get_trial(trial._trial_id).user_attrs.get(attrs.REASON))
+            state, reason, status = "FAIL", f"ended by another worker: {taken.reason}", "KILLED"
         finally:
+            objective = value if state == "COMPLETE" else None
+            note = trial_note(state, reason, self.cfg.study.metric, objective, result.epochs,
+                              in_sampling_order(trial.params))
             record.handed = True
             run.finish(self.outbox, self._artifacts(trial, hp, seed, result), result.history, state, reason,
                        status, note=note, objective=objective, then=record.recorded)
+        if taken is not None:
+            raise taken
 
     def _artifacts(self, trial: optuna.trial.Trial, hp: dict[str, Any], seed: int,
                    result: TrainResult) -> Callable[[Path], None]:
@@ -151,6 +161,14 @@ class Objective:
                 plot_learning_curves(result.history, f"{self.cfg.study.name} trial {trial.number}: "
                                      f"{_describe(hp)}", folder / "learning_curves.png")
         return write
+
+
+class TakenOver(Exception):
+    """A trial ended by another worker while it trained here (see ``worker._stale_trials``)."""
+
+    def __init__(self, reason: str | None) -> None:
+        self.reason = reason or "no heartbeat"
+        super().__init__(self.reason)
 
 
 @dataclass

@@ -8,6 +8,8 @@ import math
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Container, Mapping
 
+from optuna.exceptions import UpdateFinishedTrialError
+
 from lrsearch.member import Member
 
 
@@ -80,16 +82,25 @@ def _check(due: list[tuple[Member, float, int]]) -> set[Member]:
     writes and one read of the study's trials for all the verdicts."""
     trials = [member.trial for member, _, _ in due]
     storage = trials[0].storage
-    if hasattr(storage, "set_trial_intermediate_values"):
-        storage.set_trial_intermediate_values({t._trial_id: (epoch, value) for t, (_, value, epoch) in zip(trials, due)})
-        for trial, (_, value, epoch) in zip(trials, due):
-            trial._cached_frozen_trial.intermediate_values[epoch] = value  # as Trial.report keeps it
-    else:  # a storage of Optuna's own (tests): one write each
-        for trial, (_, value, epoch) in zip(trials, due):
-            trial.report(value, epoch)
+    taken: set[Member] = set()  # ended by another worker (see worker._stale_trials): they leave too
+    together = hasattr(storage, "set_trial_intermediate_values")  # else a storage of Optuna's own (tests)
+    if together:
+        try:
+            storage.set_trial_intermediate_values({t._trial_id: (epoch, value)
+                                                   for t, (_, value, epoch) in zip(trials, due)})
+            for trial, (_, value, epoch) in zip(trials, due):
+                trial._cached_frozen_trial.intermediate_values[epoch] = value  # as Trial.report keeps it
+        except UpdateFinishedTrialError:  # one of them was taken: which, one write each tells
+            together = False
+    if not together:
+        for trial, (member, value, epoch) in zip(trials, due):
+            try:
+                trial.report(value, epoch)
+            except UpdateFinishedTrialError:
+                taken.add(member)
     study = _Snapshot(trials[0].study)
-    return {member for member, _, _ in due
-            if study.pruner.prune(study, member.trial._get_latest_trial())}  # what Trial.should_prune does
+    return taken | {member for member, _, _ in due if member not in taken
+                    and study.pruner.prune(study, member.trial._get_latest_trial())}  # what Trial.should_prune does
 
 
 class _Snapshot:

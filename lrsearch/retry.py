@@ -155,6 +155,17 @@ class Retry:
                 self._given_up = False
             return result
 
+    def once(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` tried once, for a call that repeats on its own (a heartbeat): a
+        failure for want of a connection is raised, and noted for :meth:`quiet_for`."""
+        try:
+            return fn(*args)
+        except Exception as e:
+            if transient(e):
+                with self._lock:
+                    self.last_failure = time.monotonic()
+            raise
+
     def quiet_for(self, seconds: float) -> bool:
         """Whether no call has failed for want of a connection in the last ``seconds``."""
         with self._lock:

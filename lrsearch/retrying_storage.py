@@ -250,19 +250,26 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
         return copy.deepcopy(trials) if deepcopy else trials
 
     def record_heartbeat(self, trial_id: int) -> None:
-        self._do("record_heartbeat", trial_id)
+        """Tried once: a heartbeat repeats on its own, every interval, so a live worker's
+        beats resume within an interval of the database's return (a retry's backoff would
+        hold them back for up to ``MAX_RETRY_DELAY_S``)."""
+        self.retry.once(self._inner.record_heartbeat, trial_id)
 
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:  # BaseHeartbeat's interface
+        return list(self.stale_heartbeats(study_id))
+
+    def stale_heartbeats(self, study_id: int) -> dict[int, Any]:
         """RUNNING trials whose last heartbeat is older than the grace period (Optuna's rule,
         on the database's clock), and those that never beat and started longer ago than that:
         their worker died between creating the trial and its first heartbeat (an outage at
         that moment, say). Optuna's own query skips a trial with no heartbeat, which would then
-        stay RUNNING for good, and a study waiting for its slot would never end."""
+        stay RUNNING for good, and a study waiting for its slot would never end. Each with its
+        last heartbeat (None: it never beat)."""
         rdb = self._rdb
-        return self._call(self._stale_trial_ids, rdb, study_id, rdb.grace_period or 2 * rdb.heartbeat_interval)
+        return self._call(self._stale_heartbeats, rdb, study_id, rdb.grace_period or 2 * rdb.heartbeat_interval)
 
     @staticmethod
-    def _stale_trial_ids(rdb: Any, study_id: int, grace: float) -> list[int]:
+    def _stale_heartbeats(rdb: Any, study_id: int, grace: float) -> dict[int, Any]:
         import datetime
 
         import sqlalchemy as sa
@@ -281,9 +288,9 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
                        .options(orm.selectinload(models.TrialModel.heartbeats))
                        .filter(models.TrialModel.state == TrialState.RUNNING)
                        .filter(models.TrialModel.study_id == study_id).all())
-            return [t.trial_id for t in running
+            return {t.trial_id: t.heartbeats[0].heartbeat if t.heartbeats else None for t in running
                     if (now - t.heartbeats[0].heartbeat > limit if t.heartbeats
-                        else t.datetime_start is not None and t.datetime_start < started_before)]
+                        else t.datetime_start is not None and t.datetime_start < started_before)}
 
     def get_heartbeat_interval(self) -> int | None:  # None: no heartbeats (an in-memory storage)
         return getattr(self._inner, "get_heartbeat_interval", lambda: None)()

@@ -39,6 +39,8 @@ class Session:
     target: int
     warnings: list[str] = field(default_factory=list)
     started: bool = False  # this worker set the parent run RUNNING (at its first claim)
+    # Trials found stale at one look (worker._fail_stale_trials): id -> (last heartbeat, when seen).
+    suspects: dict[int, tuple[Any, float]] = field(default_factory=dict)
 
     @property
     def mlflow_url(self) -> str:

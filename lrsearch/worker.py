@@ -11,11 +11,12 @@ import warnings
 from typing import Any, Callable, Iterator, Sequence
 
 import optuna
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 from lrsearch import attrs, faults
 from lrsearch.errors import LrsearchError, first_line
-from lrsearch.objective import Objective
+from lrsearch.objective import Objective, TakenOver
 from lrsearch.results import FINISHED_STATES, counts
 from lrsearch.retry import MAX_RETRY_DELAY_S
 from lrsearch.service import config_digest, queue
@@ -356,17 +357,19 @@ class _Array:
     def train(self, trials: Sequence[optuna.trial.Trial]) -> None:
         from lrsearch.training import fit_array
 
-        members = []
+        begun = 0
         try:
             with _watch_cancel(self.session) as cancelled:
                 self.trial_stop = TrialStop(self.stop, cancelled)
                 with self.session.store.sampling():
+                    members = []
                     for trial in trials:
-                        members.append(self._join(trial))
+                        members += self._join(trial)
+                        begun += 1
                 with self.stop.interruptible():  # a second signal stops training at once
                     fit_array(self.session.cfg, self.session.data, members, self, self.trial_stop)
         except BaseException as e:
-            for trial in trials[len(members):]:  # claimed, never begun
+            for trial in trials[begun:]:  # claimed, never begun
                 _fail_untold(self.session, trial, e)
             for member in list(self.open):
                 self._leave(member, e)
@@ -388,26 +391,33 @@ class _Array:
         if not self.refilling or self.stop.requested or self.trial_stop is None or self.trial_stop.requested:
             return []
         claimed = _claim(self.session, free)
-        with self.session.store.sampling():
-            members = [] if claimed is _DONE or claimed is _CANCELLED else [self._join(t) for t in claimed]
-        if len(members) < free:
+        if claimed is _DONE or claimed is _CANCELLED:
+            claimed = []
+        if len(claimed) < free:
             self.refilling = False  # the study's open slots are taken: none will open for this array
-        return members
+        with self.session.store.sampling():
+            return [member for trial in claimed for member in self._join(trial)]
 
-    def _join(self, trial: optuna.trial.Trial) -> Member:
+    def _join(self, trial: optuna.trial.Trial) -> list[Member]:
+        """The trial's member, as a list: none if another worker ended the trial first."""
         beat = Heartbeat(self.session.store, trial._trial_id).start()
         try:
             member = self.objective.begin(trial, recorded=beat.stop)
+        except UpdateFinishedTrialError:  # this process paused past the grace period, say
+            beat.stop()
+            self.session.warnings.append(f"trial {trial.number} was ended by another worker before it began here")
+            return []
         except BaseException:
             beat.stop()
             raise
         self.open[member] = beat
-        return member
+        return [member]
 
     def _leave(self, member: Member, error: BaseException | None = None) -> None:
         session, trial = self.session, member.context.trial
         beat = self.open.pop(member)
         value: float | None = None
+        state: TrialState | None
         requeue = False
         assert self.trial_stop is not None
         try:
@@ -422,6 +432,8 @@ class _Array:
             except Interrupted as e:  # stopped at the epoch boundary: the others stop there too
                 state, requeue = TrialState.FAIL, True
                 self.raised = self.raised or e
+            except TakenOver:  # ended elsewhere: the tell below reads it, and says so
+                state = None
         except BaseException:
             beat.stop()
             raise
@@ -433,7 +445,7 @@ class _Array:
             _fail_untold(session, trial, e)
             raise
         faults.point("told")
-        if frozen.state != state:  # failed by another worker that found no heartbeat of it
+        if frozen.state != state:  # ended by another worker that found no heartbeat of it
             session.warnings.append(f"trial {trial.number} was marked {frozen.state.name} by another worker "
                                     f"while it ran here ({frozen.user_attrs.get(attrs.REASON, 'no heartbeat')})")
         elif requeue:
@@ -492,15 +504,32 @@ def _fail_untold(session: Session, trial: optuna.trial.Trial, error: Exception) 
         pass
 
 
+def _stale_trials(session: Session) -> list[int]:
+    """The trials found stale at two looks ``2 * heartbeat_interval()`` apart or more, with
+    the same last heartbeat at both. One look cannot tell a dead worker from a live one
+    whose beats an outage held back, when this worker saw no outage itself (it was busy
+    with no trial open, say): a live worker beats again within an interval of the
+    database's return (each beat is tried once, every interval)."""
+    from lrsearch.storage import heartbeat_interval
+
+    now, looks = time.monotonic(), {}
+    for tid, beat in session.store.stale_heartbeats(session.study_id).items():
+        last, since = session.suspects.get(tid, (beat, now))
+        looks[tid] = (beat, since if last == beat else now)  # it beat since: a new first look
+    due = [tid for tid, (_, since) in looks.items() if now - since >= 2 * heartbeat_interval()]
+    session.suspects = {tid: look for tid, look in looks.items() if tid not in due}
+    return due
+
+
 def _fail_stale_trials(session: Session) -> None:
-    """Trials whose worker stopped beating (killed, powered off): each ends FAIL with the
-    reason and its MLflow run (made now if its worker died before making it) KILLED, and
-    its parameters are queued again (at most ``MAX_RETRIES`` times, recorded as Optuna's
-    ``RetryHeartbeatStaleTrialCallback`` records retries). Called under the store lock, so
-    the queued retry is the next trial claimed."""
+    """Trials whose worker stopped beating (killed, powered off; see ``_stale_trials``):
+    each ends FAIL with the reason and its MLflow run (made now if its worker died before
+    making it) KILLED, and its parameters are queued again (at most ``MAX_RETRIES`` times,
+    recorded as Optuna's ``RetryHeartbeatStaleTrialCallback`` records retries). Called
+    under the store lock, so the queued retry is the next trial claimed."""
     store, study, tracker = session.store, session.study, session.tracker
     reason = f"worker lost: no heartbeat for {grace_period()} s"
-    for trial_id in store._get_stale_trial_ids(session.study_id):  # BaseHeartbeat's interface
+    for trial_id in _stale_trials(session):
         trial = store.get_trial(trial_id)
         run_id = trial.user_attrs.get(attrs.MLFLOW_RUN)
         try:

@@ -155,6 +155,64 @@ def test_a_killed_worker_loses_no_trial(pg_url, tracking_server, tmp_path):
     _assert_nothing_running(pg_url, "kill-9", tracking_server)
 
 
+def test_a_worker_paused_past_the_grace_period_loses_its_trials_and_carries_on(pg_url, tracking_server, tmp_path):
+    """A worker frozen (SIGSTOP, as a suspended machine) with an array of two trials: another
+    worker ends them FAIL and queues them again. Thawed, the first finds its trials ended
+    (its pruning check's write and each trial's end are refused), says so, leaves them as
+    they are, and ends with the study; their runs keep what it trained, KILLED."""
+    path = tmp_path / "paused.toml"
+    path.write_text(server_study("paused", 4, 500).replace('pruner = "none"', 'pruner = "median"\nprune_every = 20'))
+    args = ("worker", str(path), "--storage", pg_url, "--tracking-uri", tracking_server, "--array", "2")
+    frozen = _lrsearch(*args, "--worker-index", "1", env=FAST_HEARTBEAT)
+    deadline = time.monotonic() + 120
+    while True:
+        assert frozen.poll() is None and time.monotonic() < deadline, frozen.communicate()
+        running = [t for t in _study_or_none(pg_url, "paused") if t.state.name == "RUNNING"]
+        if len(running) == 2 and all("mlflow_run_id" in t.user_attrs for t in running):
+            break
+        time.sleep(0.1)
+    os.killpg(frozen.pid, signal.SIGSTOP)
+    try:
+        other = _lrsearch(*args, "--worker-index", "0", env=FAST_HEARTBEAT)
+        while {t.state.name for t in _study(pg_url, "paused").trials if t.number in {r.number for r in running}} != {
+                "FAIL"}:
+            assert other.poll() is None and time.monotonic() < deadline + 60, other.communicate()
+            time.sleep(0.2)
+    finally:
+        os.killpg(frozen.pid, signal.SIGCONT)
+    _, other_err = other.communicate(timeout=300)
+    assert other.returncode == 0, other_err
+    _, err = frozen.communicate(timeout=300)
+    assert frozen.returncode == 0, err
+    for t in running:
+        assert (f"lrsearch: warning: trial {t.number} was marked FAIL by another worker while it ran here "
+                "(worker lost: no heartbeat for 4 s)") in err.splitlines()
+
+    study = _study(pg_url, "paused")
+    states = _states(study)
+    assert states.get("COMPLETE", 0) + states.get("PRUNED", 0) == 4 and states["FAIL"] == 2, states
+    client, runs = _runs(tracking_server, "paused")
+    assert sorted(r.info.run_name for r in runs if r.data.tags.get("lrsearch.role") == "trial") == sorted(
+        f"trial-{t.number}" for t in study.trials)  # one run each, none made twice
+    for t in running:
+        dead = study.trials[t.number]
+        assert dead.user_attrs["reason"] == "worker lost: no heartbeat for 4 s"
+        retry = [r for r in study.trials if r.system_attrs.get("failed_trial") == t.number]
+        assert len(retry) == 1 and retry[0].state.name in ("COMPLETE", "PRUNED") and retry[0].params == t.params
+        run = client.get_run(t.user_attrs["mlflow_run_id"])
+        assert run.info.status == "KILLED" and run.data.tags["state"] == "FAIL"
+        assert run.data.tags["reason"] == "ended by another worker: worker lost: no heartbeat for 4 s"
+        assert len(client.get_metric_history(run.info.run_id, "val/loss")) >= 20  # what the frozen worker trained
+    _assert_nothing_running(pg_url, "paused", tracking_server)
+
+
+def _study_or_none(pg_url: str, name: str) -> list:
+    try:
+        return _study(pg_url, name).get_trials(deepcopy=False)
+    except KeyError:  # not created yet
+        return []
+
+
 @pytest.mark.parametrize("moment", ["claimed", "run-created", "epoch", "told"])
 def test_a_worker_killed_at_any_moment_of_a_trial_leaves_nothing_running(pg_url, tracking_server, tmp_path, moment):
     """`run --workers 2` whose second worker is SIGKILLed at one moment of its first trial

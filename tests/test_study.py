@@ -370,17 +370,47 @@ def test_a_lost_trial_is_queued_again_twice_at_most(write_study, stores, monkeyp
     from lrsearch.worker import MAX_RETRIES, _fail_stale_trials
 
     monkeypatch.setenv("LRSEARCH_HEARTBEAT_GRACE", "1")
+    monkeypatch.setenv("LRSEARCH_HEARTBEAT_INTERVAL", "1")
     session = open_session(load_config(write_study()), storage=stores[0], tracking=stores[1])
     for _ in range(MAX_RETRIES + 1):
         trial = session.study.ask({"lr": optuna.distributions.FloatDistribution(1e-3, 0.1, log=True)})
         session.store.record_heartbeat(trial._trial_id)
         time.sleep(2.2)  # no beat since: stale (the database clock counts whole seconds)
+        _fail_stale_trials(session)  # the first look
+        assert session.study.trials[-1].state.name == "RUNNING"
+        time.sleep(2.0)  # two intervals on, the same last beat: lost
         _fail_stale_trials(session)
     trials = session.study.get_trials(deepcopy=False)
     assert [t.state.name for t in trials] == ["FAIL"] * (MAX_RETRIES + 1) == ["FAIL"] * 3
     assert [t.system_attrs.get("retry_history") for t in trials] == [None, [0], [0, 1]]
     assert len({t.params["lr"] for t in trials}) == 1  # the same params each time
     assert all(t.user_attrs["reason"] == "worker lost: no heartbeat for 1 s" for t in trials)
+
+
+def test_a_trial_that_beats_again_between_two_looks_is_not_failed(write_study, stores, monkeypatch):
+    """A worker that saw no outage finds another's trial stale: one look cannot tell a lost
+    worker from one whose beats an outage held back. The live one beats again within an
+    interval of the database's return, and the second look, two intervals on, leaves its
+    trial alone; a trial that went on without a beat is failed then."""
+    import time
+
+    from lrsearch.session import open_session
+    from lrsearch.worker import _fail_stale_trials
+
+    monkeypatch.setenv("LRSEARCH_HEARTBEAT_GRACE", "1")
+    monkeypatch.setenv("LRSEARCH_HEARTBEAT_INTERVAL", "1")
+    session = open_session(load_config(write_study()), storage=stores[0], tracking=stores[1])
+    held, lost = (session.study.ask({"lr": optuna.distributions.FloatDistribution(1e-3, 0.1, log=True)})
+                  for _ in range(2))
+    for trial in (held, lost):
+        session.store.record_heartbeat(trial._trial_id)
+    time.sleep(2.2)  # neither has beaten since: both stale (the database clock counts whole seconds)
+    _fail_stale_trials(session)
+    session.store.record_heartbeat(held._trial_id)  # the outage over: its worker beats again
+    time.sleep(2.2)  # stale again by now, with a newer beat: a first look at it, not a second
+    _fail_stale_trials(session)
+    states = {t.number: t.state.name for t in session.study.trials}
+    assert states[held.number] == "RUNNING" and states[lost.number] == "FAIL"
 
 
 def test_schedule_shapes_reach_mlflow_through_learning_rate_monitor(stores):
