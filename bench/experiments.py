@@ -1,4 +1,4 @@
-"""The classic learning-rate experiments, and what a search adds: results tables for the README.
+"""The classic learning-rate experiments, and what a search adds: results tables for docs/experiments.md.
 
 Runs each study in studies/ that is not finished yet on the embedded store (or the one
 given), then prints, from the stored results only, a Markdown table per classic experiment

@@ -581,7 +581,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--allowed-hosts", metavar="HOSTS",
                    help="Host headers MLflow accepts when bound beyond loopback, e.g. mlflow:5000")
     p.add_argument("--workers", type=_positive_int, default=1,
-                   help="uvicorn worker processes (default 1: see README, Performance)")
+                   help="uvicorn worker processes (default 1: see docs/performance.md)")
     p.set_defaults(command=cmd_server)
 
     p = sub.add_parser("best", help="show a study's best trials")

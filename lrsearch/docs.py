@@ -1,8 +1,8 @@
-"""The README's tables of hyperparameters, choices and study states, generated from the
-registries and ``phase.py``.
+"""The documentation's tables of hyperparameters, choices and study states (in ``docs/``),
+generated from the registries and ``phase.py``.
 
-    python -m lrsearch.docs [README.md]     rewrite the tables in place
-    python -m lrsearch.docs --check         exit 1 if they are out of date (a test runs this)
+    python -m lrsearch.docs [PAGE.md ...]   rewrite the tables in place (default: every page of docs/)
+    python -m lrsearch.docs --check         exit 1 if one is out of date (CI runs this)
 
 A table sits between ``<!-- lrsearch.docs: NAME -->`` and ``<!-- /lrsearch.docs -->``.
 """
@@ -105,19 +105,23 @@ def render(text: str) -> str:
     return _BLOCK.sub(lambda m: f"{m.group(1)}{TABLES[m.group(2)]()}\n{m.group(3)}", text)
 
 
+DOCS = Path(__file__).resolve().parent.parent / "docs"  # in a checkout: the site's pages
+
+
 def main(argv: list[str]) -> int:
     check = "--check" in argv
-    paths = [a for a in argv if a != "--check"]
-    path = Path(paths[0] if paths else "README.md")
-    text = path.read_text()
-    new = render(text)
-    if check:
+    paths = [Path(a) for a in argv if a != "--check"] or sorted(DOCS.glob("*.md"))
+    stale = []
+    for path in paths:
+        text = path.read_text()
+        new = render(text)
         if new != text:
-            print(f"{path}: generated tables are out of date; run python -m lrsearch.docs {path}", file=sys.stderr)
-            return 1
-        return 0
-    path.write_text(new)
-    return 0
+            stale.append(path)
+            if not check:
+                path.write_text(new)
+    for path in stale if check else []:
+        print(f"{path}: generated tables are out of date; run python -m lrsearch.docs", file=sys.stderr)
+    return 1 if check and stale else 0
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """A submitted study's phase: the one rule that ``status``, the ``studies`` SQL view, the
-parent run's description and the README's table of states follow (``sql/views.sql``
+parent run's description and the docs' table of states (docs/service.md) follow (``sql/views.sql``
 writes it in SQL; ``tests/test_phase.py`` holds the two together on every state)."""
 
 from __future__ import annotations

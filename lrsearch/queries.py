@@ -39,7 +39,7 @@ from lrsearch.storage import (
 VIEWS = ("trials", "best_trials", "studies")
 DEFAULT_TIMEOUT_S = 30.0
 # What a reader role may read besides the views: the tables they read, and MLflow's metric
-# history (for whole curves, as in the README's last example). Nothing else.
+# history (for whole curves, as in the last example of docs/sql.md). Nothing else.
 READER_TABLES = (
     "optuna.studies", "optuna.study_directions", "optuna.study_user_attributes", "optuna.trials",
     "optuna.trial_values", "optuna.trial_params", "optuna.trial_user_attributes",

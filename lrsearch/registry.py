@@ -4,7 +4,7 @@ docs line.
 Each concept owns its registry (optimizers in ``optimizers.py``, schedules in
 ``schedules.py``, activations and initializations in ``network.py``, data sources in
 ``data.py``, samplers and pruners in ``sampling.py``); validation (``config.py``), sampling
-(``space.py``), the report and the README's tables read it. Adding a choice is one entry.
+(``space.py``), the report and the docs' tables read it. Adding a choice is one entry.
 Registries import nothing heavy: factories import torch or Optuna when called.
 """
 
@@ -16,7 +16,7 @@ from typing import Generic, Iterable, Iterator, Protocol, TypeVar
 
 class Entry(Protocol):
     name: str
-    doc: str  # one line for the README's tables and `--help`
+    doc: str  # one line for the docs' tables and `--help`
 
 
 E = TypeVar("E", bound=Entry)

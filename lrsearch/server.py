@@ -97,7 +97,7 @@ def server_command(backend: str, *, host: str = "127.0.0.1", port: int = 5000,
 
     One uvicorn worker by default: with more, uvicorn's listening socket loses TCP_NODELAY
     and every request on a kept-alive connection waits for the client's delayed ACK
-    (Kludex/uvicorn#3149); see the README's Performance section.
+    (Kludex/uvicorn#3149); see docs/performance.md.
     """
     destination = artifacts or artifact_root(backend) or (data_dir() / "artifacts").as_uri()
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port),

@@ -179,13 +179,14 @@ def test_overrides_replace_trials_epochs_and_name():
     assert (cfg.study.trials, cfg.train.epochs, cfg.study.name) == (9, 4, "other")
 
 
-def test_readme_tables_are_generated_from_the_registries():
-    from pathlib import Path
+def test_the_docs_tables_are_generated_from_the_registries():
+    from lrsearch.docs import DOCS, main, render
 
-    from lrsearch.docs import render
-
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    assert "<!-- lrsearch.docs: hyperparameters -->" in readme and "<!-- lrsearch.docs: choices -->" in readme
-    assert render(readme) == readme, "README tables are out of date: run python -m lrsearch.docs README.md"
-    assert "| `weight_decay` | optimizer is `adamw` |" in readme
-    assert "| `nesterov` | optimizer is `sgd`, momentum > 0 | `true`, `false` | `false` |" in readme
+    page = (DOCS / "study-files.md").read_text()
+    assert "<!-- lrsearch.docs: hyperparameters -->" in page and "<!-- lrsearch.docs: choices -->" in page
+    assert render(page) == page, "docs tables are out of date: run python -m lrsearch.docs"
+    assert "| `weight_decay` | optimizer is `adamw` |" in page
+    assert "| `nesterov` | optimizer is `sgd`, momentum > 0 | `true`, `false` | `false` |" in page
+    states = (DOCS / "service.md").read_text()
+    assert "<!-- lrsearch.docs: phases -->" in states and render(states) == states
+    assert main(["--check"]) == 0  # every page, as CI checks them

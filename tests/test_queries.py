@@ -134,14 +134,14 @@ def test_postgres_views_are_idempotent_and_in_their_schema(pg_url):
     assert indexes == {"lrsearch_trials_study_state", "lrsearch_trial_values_value"}
 
 
-def test_readme_queries_give_the_same_answers_on_both_dialects(stores):
+def test_the_docs_queries_give_the_same_answers_on_both_dialects(stores):
     from decimal import Decimal
     from pathlib import Path
 
     from lrsearch.queries import _statements
 
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    block = readme.split("```sql\n", 1)[1].split("```", 1)[0]
+    page = (Path(__file__).parent.parent / "docs" / "sql.md").read_text()
+    block = page.split("```sql\n", 1)[1].split("```", 1)[0]
     statements = [s.replace("'quickstart'", "'acc'") for s in _statements(block)]
     assert len(statements) == 5
 

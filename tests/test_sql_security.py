@@ -121,8 +121,8 @@ def test_the_reader_reads_the_views_and_the_readme_queries(results_pg, reader_ur
         assert db.query("SELECT count(*) FROM trials").rows == [(12,)]
         best = db.query("SELECT study_name, trial_number FROM best_trials WHERE rank = 1 ORDER BY study_name")
         assert best.rows == [("acc", 0), ("loss", 1)]
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    statements = _statements(readme.split("```sql\n", 1)[1].split("```", 1)[0])
+    page = (Path(__file__).parent.parent / "docs" / "sql.md").read_text()
+    statements = _statements(page.split("```sql\n", 1)[1].split("```", 1)[0])
     assert len(statements) >= 5
     for statement in statements:
         with ResultsDatabase(reader_url, user_sql=True) as db:
