@@ -355,7 +355,7 @@ def cmd_sql(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    from lrsearch.descriptions import trials_path
+    from lrsearch.names import trials_path
     from lrsearch.server import serve
     from lrsearch.storage import sqlite_path, tracking_uri
     from lrsearch.tracking import Tracker
@@ -397,7 +397,7 @@ def _format(rows: list[dict[str, Any]], fmt: str, columns: list[str] | None = No
 
 def _cell(value: Any, fmt: str) -> str:
     """A table cell as the MLflow descriptions write numbers and params; a CSV cell exact."""
-    from lrsearch.descriptions import fmt as readable, params_text
+    from lrsearch.text import fmt as readable, params_text
 
     if value is None:
         return ""
@@ -503,7 +503,7 @@ def _positive_float(text: str) -> float:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from lrsearch.descriptions import DEFAULT_UI_PORT
+    from lrsearch.names import DEFAULT_UI_PORT
 
     parser = argparse.ArgumentParser(
         prog="lrsearch",

@@ -21,14 +21,10 @@ from typing import Any, Mapping, Sequence
 from urllib.parse import quote
 
 from lrsearch import attrs
+from lrsearch.names import NOTE_FIGURES, OBJECTIVE_METRIC, PREVIEW_DIR, run_path, trials_path
 from lrsearch.phase import explain
+from lrsearch.text import fmt, params_text
 
-NOTE_TAG = "mlflow.note.content"
-VIEW_TAG_PREFIX = "mlflow.sharedViewState."
-TRIALS_VIEW = "lrsearch-trials"  # one experiment per study: one key is enough
-OBJECTIVE_METRIC = "objective"  # a COMPLETE trial's value, logged once at its end
-UI_QUERY = "workflowType=machine_learning"  # MLflow 3 opens on its GenAI views otherwise
-DEFAULT_UI_PORT = 5000  # where `lrsearch ui` serves the UI unless told --port
 TOP_TRIALS = 10
 # MLflow 3.17's run page draws a description's tables with neither cell padding nor borders
 # (its sanitizer drops style and class attributes), so neighbouring columns ran together
@@ -36,17 +32,6 @@ TOP_TRIALS = 10
 # character, which the Markdown renderer would trim from the cell.
 CELL_GAP = "&emsp;&ensp;"  # 1.5 em
 _MAX_NOTE = 8000  # MLflow's limit on a tag value
-
-
-def fmt(value: Any) -> str:
-    """A number as people read it (4 significant digits), anything else as text."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return str(value)
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def params_text(params: Mapping[str, Any], sep: str = ", ") -> str:
-    return sep.join(f"{k}={fmt(v)}" for k, v in params.items())
 
 
 def trial_note(state: str, reason: str | None, metric: str, value: float | None, epochs: int,
@@ -57,16 +42,6 @@ def trial_note(state: str, reason: str | None, metric: str, value: float | None,
     else:
         ended = f"{state}: {reason or 'no reason recorded'}"
     return f"{ended} · {params_text(params)}" if params else ended
-
-
-def run_path(experiment_id: str, run_id: str) -> str:
-    """A run's page, relative to the UI's root."""
-    return f"#/experiments/{experiment_id}/runs/{run_id}?{UI_QUERY}"
-
-
-def trials_path(experiment_id: str) -> str:
-    """The study's trials in the runs table (its shared view), relative to the UI's root."""
-    return f"#/experiments/{experiment_id}/runs?viewStateShareKey={TRIALS_VIEW}&{UI_QUERY}"
 
 
 def trials_view(study_name: str, direction: str, metric: str, params: Sequence[str]) -> str:
@@ -172,7 +147,6 @@ def write_study_note(study: Any, tracker: Any, phase: str | None = None,
     (``phase``: as :func:`phase_of` tells, unless given), with the report's main figures if
     the run has them. ``user_attrs``: as for :func:`study_note`."""
     from lrsearch.config import stored_config
-    from lrsearch.report import NOTE_FIGURES, PREVIEW_DIR
 
     user_attrs = study.user_attrs if user_attrs is None else user_attrs  # read once: each access is a query
     parent = user_attrs.get(attrs.PARENT_RUN)

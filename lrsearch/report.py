@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from lrsearch import attrs
-from lrsearch.descriptions import DEFAULT_UI_PORT, write_study_note
+from lrsearch.descriptions import write_study_note
+from lrsearch.names import DEFAULT_UI_PORT, NOTE_FIGURES, PREVIEW_DIR
 from lrsearch.optimizers import OPTIMIZERS
 from lrsearch.results import best_so_far, direction, duration_s, load_study, ranking
 from lrsearch.space import in_sampling_order
@@ -81,14 +82,13 @@ CURVE_KEYS = ("train/acc", "val/acc", "lr")
 DPI = 200  # hi-dpi PNGs: sharp when the page shows them at full width
 TOP_CURVES = 5  # trials whose learning-rate curves the report draws
 FEW_TRIALS = 20  # below this many complete trials, parameter importances are noise
-# The report's figures that the parent run's description shows (the others are in report.html),
-# as copies PREVIEW_WIDTH pixels wide in preview/: MLflow shows a description's images at their
+# The report's figures that the parent run's description shows (names.NOTE_FIGURES; the others
+# are in report.html), as copies PREVIEW_WIDTH pixels wide in names.PREVIEW_DIR: MLflow shows a description's images at their
 # own size (its Markdown drops width attributes), and at the UI's default width (a 1280-pixel
 # window, its assistant panel open) the box is 714 pixels wide: a wider image (780 before)
 # pushed the whole description past the box's right edge, cutting off lines of text too.
 # The figures it shows are NOTE_FIGURE_WIDTH inches wide, so their text keeps its size there.
-NOTE_FIGURES = ("grid_accuracy.png", "optimization_history.png", "objective_vs_lr.png", "lr_curves.png")
-PREVIEW_DIR, PREVIEW_WIDTH = "preview", 680
+PREVIEW_WIDTH = 680
 NOTE_FIGURE_WIDTH = 8.0  # 10-point text: ~12 pixels in the copy
 
 
@@ -273,7 +273,7 @@ def lr_figure(trials: Sequence[TrialCurves], axes: Sequence[str], title: str, ra
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    from lrsearch.descriptions import params_text
+    from lrsearch.text import params_text
 
     labels = [textwrap.fill(f"#{i}, trial {t.number} ({t.value:.4g}): {params_text(t.params)}" if rank
                             else _label(t, axes), _LEGEND_CHARS, subsequent_indent="    ")

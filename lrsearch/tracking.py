@@ -18,12 +18,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from lrsearch import attrs, faults
-from lrsearch.descriptions import (
-    DEFAULT_UI_PORT, NOTE_TAG, OBJECTIVE_METRIC, TRIALS_VIEW, VIEW_TAG_PREFIX, fmt, run_path, trials_path,
+from lrsearch.names import (
+    DEFAULT_UI_PORT, NOTE_TAG, OBJECTIVE_METRIC, TRIALS_VIEW, VIEW_TAG_PREFIX, run_path, trials_path,
 )
 from lrsearch.errors import TrackingError, first_line
 from lrsearch.retry import Retry, reason
 from lrsearch.stopping import check_stop
+from lrsearch.text import fmt
 from lrsearch.storage import (
     MLFLOW_MARKERS, artifact_root, check_sqlite_owner, folder_name, new_sqlite_file, redact, sqlite_path, store_lock,
 )

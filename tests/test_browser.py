@@ -18,7 +18,7 @@ import pytest
 
 from conftest import free_port, missing, stop_process_group, wait_for_http
 from lrsearch.config import load_config
-from lrsearch.descriptions import run_path, trials_path
+from lrsearch.names import run_path, trials_path
 from lrsearch.launch import run_study
 from lrsearch.report import DPI, NOTE_FIGURE_WIDTH, PREVIEW_WIDTH, write_report
 

@@ -170,7 +170,7 @@ def test_a_minimize_study_reads_the_same_in_run_best_and_the_report(cli, write_s
     first = as_json[0]["params"]
     assert list(first)[:2] == ["optimizer", "lr"] and list(first)[-2:] == ["schedule", "decay"]
     # One duration per trial: run's summary, best's table and JSON, the trials view, Python's record.
-    from lrsearch.descriptions import fmt
+    from lrsearch.text import fmt
     from lrsearch.results import load_study, trial_record
 
     storage = f"sqlite:///{tmp_path / 'lrsearch-data' / 'optuna.db'}"
