@@ -86,8 +86,8 @@ def in_process(trials: int, epochs: int, in_memory: bool) -> tuple[float, float]
         if in_memory:
             session.store = RetryingStorage(optuna.storages.InMemoryStorage(), session.store.retry)
             session.study = optuna.create_study(storage=session.store, study_name=cfg.study.name,
-                                                direction=cfg.study.direction, sampler=make_sampler(cfg),
-                                                pruner=make_pruner(cfg))
+                                                direction=cfg.study.direction, sampler=make_sampler(cfg.study.sampler, cfg.params, cfg.study.seed),
+                                                pruner=make_pruner(cfg.study.pruner, cfg.train.epochs, cfg.study.prune_every))
             session.study_id = session.store.get_study_id_from_name(cfg.study.name)
         start = time.perf_counter()
         work(session)

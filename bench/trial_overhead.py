@@ -142,7 +142,7 @@ def make_tracked(cfg, data, storage: str, tracking: str) -> Callable[[object, ob
     experiment_id = tracker.experiment(cfg.study.name)
     parent = tracker.start_study(experiment_id, cfg.study.name, {}, {}, None)
     study = optuna.create_study(storage=open_storage(storage), study_name=cfg.study.name, direction="maximize",
-                                pruner=_ChecksButKeeps(make_pruner(cfg)))
+                                pruner=_ChecksButKeeps(make_pruner(cfg.study.pruner, cfg.train.epochs, cfg.study.prune_every)))
     objective = Objective(cfg, data, tracker, experiment_id, parent)
 
     def run(cfg, data, n: int) -> None:

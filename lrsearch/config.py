@@ -15,10 +15,11 @@ from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from lrsearch.data import SOURCES
+from lrsearch.constraints import MAX_SEED, declared, int_in
+from lrsearch.data import MAX_SAMPLES, MAX_VALUES, SOURCES, DataConfig
 from lrsearch.errors import ConfigError, UsageError, shown
-from lrsearch.network import ACTIVATIONS, INITS
-from lrsearch.registry import Registry, did_you_mean
+from lrsearch.network import ModelConfig
+from lrsearch.registry import did_you_mean
 from lrsearch.sampling import PRUNERS, SAMPLERS
 from lrsearch.space import HYPERPARAMETERS, Choices, Find, Fixed, Hyperparameter, ParamSpec, Range, resolve_find
 
@@ -32,26 +33,7 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 NAME_EXPECTED = "1 to 100 letters, digits, '.', '_' or '-', starting with a letter or digit"
 # Sizes a laptop can hold (a study file may come from someone else).
 MAX_TRIALS, MAX_EPOCHS = 100_000, 100_000
-MAX_SAMPLES, MAX_FEATURES, MAX_CENTERS = 1_000_000, 1_000, 1_000
-MAX_VALUES = 20_000_000  # n_samples x n_features: 160 MB as scikit-learn's float64
-MAX_LAYERS, MAX_UNITS = 8, 4096
-MAX_SEED = 2**32 - 1  # NumPy's and PyTorch's seeds
 MAX_ARRAY = 256  # trials trained at once by one worker (memory caps it lower: training.largest_array)
-
-
-def declared(kind: type, default: Any = MISSING, *, expected: str = "", check: Callable[[Any], bool] | None = None,
-        choices: Registry | tuple[str, ...] | None = None) -> Any:
-    """A config field read from its study-file key: its type, default and constraint, declared
-    once (the default is the dataclass's; the reader and the error message use the rest)."""
-    if choices is not None:
-        names = choices.names if isinstance(choices, Registry) else choices
-        expected, check = "one of " + ", ".join(repr(c) for c in names), (lambda v: v in names)
-    meta = {"kind": kind, "expected": expected, "check": check}
-    return field(metadata=meta) if default is MISSING else field(default=default, metadata=meta)
-
-
-def _int_in(low: int, high: int, default: Any = MISSING) -> Any:
-    return declared(int, default, expected=f"an integer in [{low}, {high}]", check=lambda v: low <= v <= high)
 
 
 def check_name(name: str) -> str | None:
@@ -66,44 +48,20 @@ class StudyConfig:
     name: str = declared(str, expected=NAME_EXPECTED, check=lambda v: check_name(v) is None)
     direction: str = declared(str, "maximize", choices=DIRECTIONS)
     metric: str = declared(str, "val/acc", choices=METRICS)
-    trials: int | None = _int_in(1, MAX_TRIALS, None)  # None: the grid's size for grid studies, else DEFAULT_TRIALS
+    trials: int | None = int_in(1, MAX_TRIALS, None)  # None: the grid's size for grid studies, else DEFAULT_TRIALS
     sampler: str = declared(str, "tpe", choices=SAMPLERS)
-    seed: int | None = _int_in(0, MAX_SEED, None)
+    seed: int | None = int_in(0, MAX_SEED, None)
     pruner: str = declared(str, "median", choices=PRUNERS)
     # Epochs between pruning checks; None: see sampling.check_interval.
     prune_every: int | None = declared(int, None, expected="an integer >= 1", check=lambda v: v >= 1)
     # Workers serving several studies take a higher priority first, then the oldest submission.
-    priority: int = _int_in(-1000, 1000, 0)
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    source: str = declared(str, "blobs", choices=SOURCES)
-    val_fraction: float = declared(float, 0.5, expected="a number in (0, 1)", check=lambda v: 0 < v < 1)
-    seed: int = _int_in(0, MAX_SEED, 0)  # the train/validation split
-    n_samples: int = _int_in(4, MAX_SAMPLES, 1000)
-    centers: int = _int_in(2, MAX_CENTERS, 3)
-    n_features: int = _int_in(1, MAX_FEATURES, 2)
-    cluster_std: float = declared(float, 2.0, expected="a finite number > 0", check=lambda v: v > 0)
-    noise: float = declared(float, 0.2, expected="a finite number >= 0", check=lambda v: v >= 0)
-    random_state: int = _int_in(0, MAX_SEED, 2)
-    path: Path | None = declared(str, None, expected="a file path", check=lambda v: bool(v.strip()))
-    label: str | None = declared(str, None, expected="a column name", check=lambda v: bool(v.strip()))
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    hidden: tuple[int, ...] = declared(
-        list, (50,), expected=f"a list of 1 to {MAX_LAYERS} integers in [1, {MAX_UNITS}]",
-        check=lambda v: 1 <= len(v) <= MAX_LAYERS and all(type(x) is int and 1 <= x <= MAX_UNITS for x in v))
-    activation: str = declared(str, "relu", choices=ACTIVATIONS)
-    init: str = declared(str, "he_uniform", choices=INITS)
+    priority: int = int_in(-1000, 1000, 0)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = _int_in(1, MAX_EPOCHS, 200)
-    batch_size: int = _int_in(1, MAX_SAMPLES, 32)
+    epochs: int = int_in(1, MAX_EPOCHS, 200)
+    batch_size: int = int_in(1, MAX_SAMPLES, 32)
     # Trials a worker trains at once, in one fit (a trial array); "auto": the fastest size
     # per trial, timed by the worker (training.choose_array_size). Not part of the study:
     # each worker may use its own (the CLI's --array), and a resubmission may change it.

@@ -12,6 +12,7 @@ from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
+from lrsearch.constraints import MAX_SEED, declared, int_in
 from lrsearch.errors import UsageError
 from lrsearch.registry import Registry
 
@@ -19,7 +20,6 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
-    from lrsearch.config import DataConfig
 
 
 @dataclass(frozen=True)
@@ -350,3 +350,23 @@ SOURCES: Registry[Source] = Registry("data source", [
     Source("csv", "a UTF-8 CSV file with a header line: `path` (relative to the study file), `label` the "
                   "class column, the other columns features (finite numbers)", _csv, ("path", "label")),
 ])
+
+
+# The [data] section of a study file, beside the sources it names (config.py reads it).
+MAX_SAMPLES, MAX_FEATURES, MAX_CENTERS = 1_000_000, 1_000, 1_000
+MAX_VALUES = 20_000_000  # n_samples x n_features: 160 MB as scikit-learn's float64
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = declared(str, "blobs", choices=SOURCES)
+    val_fraction: float = declared(float, 0.5, expected="a number in (0, 1)", check=lambda v: 0 < v < 1)
+    seed: int = int_in(0, MAX_SEED, 0)  # the train/validation split
+    n_samples: int = int_in(4, MAX_SAMPLES, 1000)
+    centers: int = int_in(2, MAX_CENTERS, 3)
+    n_features: int = int_in(1, MAX_FEATURES, 2)
+    cluster_std: float = declared(float, 2.0, expected="a finite number > 0", check=lambda v: v > 0)
+    noise: float = declared(float, 0.2, expected="a finite number >= 0", check=lambda v: v >= 0)
+    random_state: int = int_in(0, MAX_SEED, 2)
+    path: Path | None = declared(str, None, expected="a file path", check=lambda v: bool(v.strip()))
+    label: str | None = declared(str, None, expected="a column name", check=lambda v: bool(v.strip()))

@@ -5,13 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
+from lrsearch.constraints import declared
 from lrsearch.registry import Registry
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from lrsearch.config import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,20 @@ INITS: Registry[Init] = Registry("init", [
     Init("glorot_uniform", "Glorot-uniform weights, zero biases", _glorot_uniform),
     Init("torch_default", "PyTorch's own initialization for every layer", None),
 ])
+
+
+# The [model] section of a study file, beside the choices it names (config.py reads it).
+MAX_LAYERS, MAX_UNITS = 8, 4096
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    hidden: tuple[int, ...] = declared(
+        list, (50,), expected=f"a list of 1 to {MAX_LAYERS} integers in [1, {MAX_UNITS}]",
+        check=lambda v: 1 <= len(v) <= MAX_LAYERS and all(type(x) is int and 1 <= x <= MAX_UNITS for x in v))
+    activation: str = declared(str, "relu", choices=ACTIVATIONS)
+    init: str = declared(str, "he_uniform", choices=INITS)
+
 
 
 def build_mlp(n_in: int, n_out: int, cfg: ModelConfig, generator: torch.Generator) -> nn.Sequential:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from lrsearch.registry import Registry
 from lrsearch.space import grid_space
@@ -13,21 +13,21 @@ from lrsearch.space import grid_space
 if TYPE_CHECKING:
     import optuna
 
-    from lrsearch.config import Config
+    from lrsearch.space import ParamSpec
 
 
 @dataclass(frozen=True)
 class Sampler:
     name: str
     doc: str
-    make: Callable[[Config, int | None], optuna.samplers.BaseSampler]  # (config, seed)
+    make: Callable[[Mapping[str, ParamSpec], int | None], optuna.samplers.BaseSampler]  # ([params], seed)
 
 
 @dataclass(frozen=True)
 class Pruner:
     name: str
     doc: str
-    make: Callable[[Config], optuna.pruners.BasePruner]
+    make: Callable[[int, int], optuna.pruners.BasePruner]  # (epochs, epochs between checks)
     verdict: str = ""  # why it stops a trial, as a pruning reason says it
 
 
@@ -37,17 +37,17 @@ class Pruner:
 CHECKS_PER_TRIAL = 5
 
 
-def check_interval(cfg: Config) -> int:
+def check_interval(epochs: int, prune_every: int | None = None) -> int:
     """Epochs between pruning checks: ``[study].prune_every``, else about 5 checks a trial.
 
     Each check is a write to Optuna's storage and, for the median pruner, a read of every
     trial of the study (about ten SQL statements): checking every epoch would cost more
     than the epoch itself.
     """
-    return cfg.study.prune_every or max(1, cfg.train.epochs // CHECKS_PER_TRIAL)
+    return prune_every or max(1, epochs // CHECKS_PER_TRIAL)
 
 
-def _tpe(cfg: Config, seed: int | None) -> optuna.samplers.BaseSampler:
+def _tpe(params: Mapping[str, ParamSpec], seed: int | None) -> optuna.samplers.BaseSampler:
     import optuna
 
     # multivariate + group: TPE models the parameters that occur together (momentum only
@@ -58,13 +58,13 @@ def _tpe(cfg: Config, seed: int | None) -> optuna.samplers.BaseSampler:
         return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True)
 
 
-def _random(cfg: Config, seed: int | None) -> optuna.samplers.BaseSampler:
+def _random(params: Mapping[str, ParamSpec], seed: int | None) -> optuna.samplers.BaseSampler:
     import optuna
 
     return optuna.samplers.RandomSampler(seed=seed)
 
 
-def _grid(cfg: Config, seed: int | None) -> optuna.samplers.BaseSampler:
+def _grid(params: Mapping[str, ParamSpec], seed: int | None) -> optuna.samplers.BaseSampler:
     import optuna
 
     class GridSampler(optuna.samplers.GridSampler):
@@ -76,10 +76,10 @@ def _grid(cfg: Config, seed: int | None) -> optuna.samplers.BaseSampler:
                         values: Sequence[float] | None) -> None:
             pass
 
-    return GridSampler(grid_space(cfg.params), seed=seed)
+    return GridSampler(grid_space(params), seed=seed)
 
 
-def _qmc(cfg: Config, seed: int | None) -> optuna.samplers.BaseSampler:
+def _qmc(params: Mapping[str, ParamSpec], seed: int | None) -> optuna.samplers.BaseSampler:
     import optuna
 
     return optuna.samplers.QMCSampler(seed=seed, warn_independent_sampling=False)
@@ -93,25 +93,25 @@ SAMPLERS: Registry[Sampler] = Registry("sampler", [
 ])
 
 
-def _median(cfg: Config) -> optuna.pruners.BasePruner:
+def _median(epochs: int, every: int) -> optuna.pruners.BasePruner:
     import optuna
 
-    return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=max(1, cfg.train.epochs // 10))
+    return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=max(1, epochs // 10))
 
 
-def _hyperband(cfg: Config) -> optuna.pruners.BasePruner:
+def _hyperband(epochs: int, every: int) -> optuna.pruners.BasePruner:
     import optuna
 
-    return optuna.pruners.HyperbandPruner(min_resource=check_interval(cfg), max_resource=cfg.train.epochs)
+    return optuna.pruners.HyperbandPruner(min_resource=every, max_resource=epochs)
 
 
-def _successive_halving(cfg: Config) -> optuna.pruners.BasePruner:
+def _successive_halving(epochs: int, every: int) -> optuna.pruners.BasePruner:
     import optuna
 
     return optuna.pruners.SuccessiveHalvingPruner()
 
 
-def _none(cfg: Config) -> optuna.pruners.BasePruner:
+def _none(epochs: int, every: int) -> optuna.pruners.BasePruner:
     import optuna
 
     return optuna.pruners.NopPruner()
@@ -128,17 +128,20 @@ PRUNERS: Registry[Pruner] = Registry("pruner", [
 ])
 
 
-def make_sampler(cfg: Config, n_existing: int = 0, worker: int = 0) -> optuna.samplers.BaseSampler:
-    """The study's sampler. A seeded sampler's seed is derived from the study seed, the
-    trials already run and the worker's index: a resumed study continues its sequence
-    instead of proposing its first trials again, and parallel workers never share a seed
-    (which would make them propose the same trials)."""
+def make_sampler(name: str, params: Mapping[str, ParamSpec], study_seed: int | None, n_existing: int = 0,
+                 worker: int = 0) -> optuna.samplers.BaseSampler:
+    """The sampler ``name`` over ``params`` (a study file's [study].sampler, [params] and
+    seed). A seeded sampler's seed is derived from the study seed, the trials already run
+    and the worker's index: a resumed study continues its sequence instead of proposing its
+    first trials again, and parallel workers never share a seed (which would make them
+    propose the same trials)."""
     seed = None
-    if cfg.study.seed is not None:
-        seed = (cfg.study.seed + 7919 * n_existing + 104729 * worker) % 2**31
-    return SAMPLERS[cfg.study.sampler].make(cfg, seed)
+    if study_seed is not None:
+        seed = (study_seed + 7919 * n_existing + 104729 * worker) % 2**31
+    return SAMPLERS[name].make(params, seed)
 
 
-def make_pruner(cfg: Config) -> optuna.pruners.BasePruner:
-    """The study's pruner; epochs are its steps."""
-    return PRUNERS[cfg.study.pruner].make(cfg)
+def make_pruner(name: str, epochs: int, prune_every: int | None = None) -> optuna.pruners.BasePruner:
+    """The pruner ``name`` for trials of ``epochs`` epochs (its steps), checked every
+    ``check_interval(epochs, prune_every)`` epochs."""
+    return PRUNERS[name].make(epochs, check_interval(epochs, prune_every))

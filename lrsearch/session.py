@@ -74,8 +74,9 @@ def join(name: str, store: Any, url: str, tracker: Tracker, *, worker: int = 0,
         if user_attrs.get(attrs.UNRUNNABLE) is not None:  # another worker's verdict: this one can run it
             store.set_study_user_attr(study_id, attrs.UNRUNNABLE, None)
     n_existing = len(store.get_all_trials(study_id, deepcopy=False))
-    study = optuna.load_study(study_name=name, storage=store, sampler=make_sampler(cfg, n_existing, worker),
-                              pruner=make_pruner(cfg))
+    sampler = make_sampler(cfg.study.sampler, cfg.params, cfg.study.seed, n_existing, worker)
+    pruner = make_pruner(cfg.study.pruner, cfg.train.epochs, cfg.study.prune_every)
+    study = optuna.load_study(study_name=name, storage=store, sampler=sampler, pruner=pruner)
     return Session(cfg, study, store, study_id, url, tracker, user_attrs[attrs.EXPERIMENT],
                    user_attrs[attrs.PARENT_RUN], data, user_attrs[attrs.TARGET])
 

@@ -56,7 +56,7 @@ def fit_array(cfg: Config, data: Dataset, members: Sequence[Member], host: Array
     seed and epochs) at once, in one Lightning fit, until every member has left: finished,
     pruned, diverged, or stopped at an epoch boundary once ``stop`` is requested. The
     ``host`` hears of each member as it leaves and may send new members in its place."""
-    pruning = Pruning(cfg.study.metric, check_interval(cfg)) if cfg.study.pruner != "none" else None
+    pruning = Pruning(cfg.study.metric, check_interval(cfg.train.epochs, cfg.study.prune_every)) if cfg.study.pruner != "none" else None
     module = ArrayClassifier(cfg, data.n_features, data.n_classes, (data.x_val, data.y_val),
                              -(-len(data.x_train) // cfg.train.batch_size), members, host, stop, pruning)
     trainer = pl.Trainer(
