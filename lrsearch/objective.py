@@ -138,7 +138,10 @@ class Objective:
             # Ended by another worker, which found no heartbeat of it (this process paused
             # past the grace period, say): its run records what was trained, KILLED as that
             # worker left it, and the trial stays as that worker left it.
-            taken = TakenOver(trial.storage.get_trial(trial._trial_id).user_attrs.get(attrs.REASON))
+            try:
+                taken = TakenOver(trial.storage.get_trial(trial._trial_id).user_attrs.get(attrs.REASON))
+            except Exception:  # its reason unread: the run still says how the trial ended
+                taken = TakenOver(None)
             state, reason, status = "FAIL", f"ended by another worker: {taken.reason}", "KILLED"
         finally:
             objective = value if state == "COMPLETE" else None

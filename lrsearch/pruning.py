@@ -99,8 +99,16 @@ def _check(due: list[tuple[Member, float, int]]) -> set[Member]:
             except UpdateFinishedTrialError:
                 taken.add(member)
     study = _Snapshot(trials[0].study)
-    return taken | {member for member, _, _ in due if member not in taken
-                    and study.pruner.prune(study, member.trial._get_latest_trial())}  # what Trial.should_prune does
+    pruned = set()
+    for member, _, _ in due:
+        if member in taken:
+            continue
+        try:
+            if study.pruner.prune(study, member.trial._get_latest_trial()):  # what Trial.should_prune does
+                pruned.add(member)
+        except UpdateFinishedTrialError:  # successive halving writes its rung to the trial: taken since
+            taken.add(member)
+    return taken | pruned
 
 
 class _Snapshot:

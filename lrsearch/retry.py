@@ -159,12 +159,15 @@ class Retry:
         """``fn(*args)`` tried once, for a call that repeats on its own (a heartbeat): a
         failure for want of a connection is raised, and noted for :meth:`quiet_for`."""
         try:
-            return fn(*args)
+            result = fn(*args)
         except Exception as e:
             if transient(e):
                 with self._lock:
                     self.last_failure = time.monotonic()
             raise
+        with self._lock:
+            self._given_up = False  # reachable again: the next call gets the whole window
+        return result
 
     def quiet_for(self, seconds: float) -> bool:
         """Whether no call has failed for want of a connection in the last ``seconds``."""

@@ -156,6 +156,38 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
             for key, value in values.items():  # Optuna's own per-attribute write, minus its commit
                 rdb._set_trial_attr_without_commit(session, models.TrialUserAttributeModel, trial_id, key, value)
 
+    def fail_trial(self, trial_id: int, user_attrs: dict[str, Any]) -> bool:
+        """End a RUNNING trial FAIL with ``user_attrs`` (its reason), in one transaction that
+        holds the trial's row: False, and nothing written, if it ended meanwhile (its own
+        worker told it first). Optuna writes the attributes and the state one commit each,
+        with the trial's own worker free to tell it between them."""
+        def done() -> bool | None:
+            current = self._inner.get_trial(trial_id)
+            if not current.state.is_finished():
+                return None
+            return current.state.name == "FAIL" and all(current.user_attrs.get(k) == v for k, v in user_attrs.items())
+
+        rdb = self._rdb
+        return self._call(self._fail_trial, rdb, trial_id, user_attrs, recover=done)
+
+    @staticmethod
+    def _fail_trial(rdb: Any, trial_id: int, user_attrs: dict[str, Any]) -> bool:
+        import datetime
+
+        from optuna.storages._rdb import models
+        from optuna.storages._rdb.storage import _create_scoped_session
+        from optuna.trial import TrialState
+
+        with _create_scoped_session(rdb.scoped_session) as session:
+            trial = models.TrialModel.find_or_raise_by_id(trial_id, session, for_update=True)
+            if trial.state.is_finished():
+                return False
+            for key, value in user_attrs.items():  # Optuna's own per-attribute write, minus its commit
+                rdb._set_trial_attr_without_commit(session, models.TrialUserAttributeModel, trial_id, key, value)
+            trial.state = TrialState.FAIL
+            trial.datetime_complete = datetime.datetime.now()  # as Optuna writes it
+        return True
+
     def set_trial_intermediate_values(self, values: dict[int, tuple[int, float]]) -> None:
         """One intermediate value (step, value) for each of several running trials (an
         array's pruning checks at one epoch), in one transaction."""

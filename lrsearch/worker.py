@@ -299,8 +299,9 @@ def _claim(session: Session, count: int = 1) -> list[optuna.trial.Trial] | Any:
         user_attrs = session.store.get_study_user_attrs(session.study_id)
         if user_attrs.get(attrs.CANCELLED) is not None:
             return _CANCELLED
-        # After an outage, a live worker's heartbeat resumes within one retry delay of the
-        # database's return, and this worker's last failure was at most one delay before it.
+        # Not while this worker meets an outage: its own calls wait it out, and the others'
+        # heartbeats, held back by it, resume within an interval of the database's return
+        # (and a trial is failed only at a second look: see _stale_trials).
         heartbeats = session.store.get_heartbeat_interval() is not None
         if heartbeats and session.store.retry.quiet_for(grace_period() + 2 * MAX_RETRY_DELAY_S):
             _fail_stale_trials(session)
@@ -367,7 +368,8 @@ class _Array:
                         members += self._join(trial)
                         begun += 1
                 with self.stop.interruptible():  # a second signal stops training at once
-                    fit_array(self.session.cfg, self.session.data, members, self, self.trial_stop)
+                    if members:  # none if another worker ended every one before it began
+                        fit_array(self.session.cfg, self.session.data, members, self, self.trial_stop)
         except BaseException as e:
             for trial in trials[begun:]:  # claimed, never begun
                 _fail_untold(self.session, trial, e)
@@ -497,9 +499,8 @@ def _fail_untold(session: Session, trial: optuna.trial.Trial, error: Exception) 
     """Mark FAIL, with the reason, a trial that Optuna's tell could not end (unless the
     database itself is out of reach: then its heartbeat stops and a rerun fails it)."""
     try:
-        session.store.set_trial_user_attr(trial._trial_id, attrs.REASON, f"not told: {type(error).__name__}: "
-                                                                        f"{first_line(error)}")
-        session.store.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        session.store.fail_trial(trial._trial_id, {attrs.REASON: f"not told: {type(error).__name__}: "
+                                                                f"{first_line(error)}"})
     except Exception:
         pass
 
@@ -536,11 +537,11 @@ def _fail_stale_trials(session: Session) -> None:
             run_id = run_id or tracker.trial_run(session.experiment_id, study.study_name, trial.number) or \
                 tracker.start_trial(session.experiment_id, session.parent_run_id, study.study_name, trial.number,
                                     trial.user_attrs.get(attrs.HYPERPARAMETERS, trial.params))
-            store.set_trial_user_attr(trial_id, attrs.MLFLOW_RUN, run_id)
         except Exception as e:  # the queued retry matters more than the dead run's record
             session.warnings.append(f"could not record trial {trial.number}'s MLflow run: {first_line(e)}")
-        store.set_trial_user_attr(trial_id, attrs.REASON, reason)
-        store.set_trial_state_values(trial_id, TrialState.FAIL)
+        ended = {attrs.REASON: reason, **({attrs.MLFLOW_RUN: run_id} if run_id else {})}
+        if not store.fail_trial(trial_id, ended):
+            continue  # its worker told it meanwhile: alive after all (a pause, thawed)
         _queue_again(session, trial)
         if run_id:
             try:

@@ -413,6 +413,41 @@ def test_a_trial_that_beats_again_between_two_looks_is_not_failed(write_study, s
     assert states[held.number] == "RUNNING" and states[lost.number] == "FAIL"
 
 
+def test_a_trial_is_failed_with_its_reason_in_one_step_unless_its_worker_told_it_first(write_study, stores):
+    """Failing a stale trial writes its reason and its FAIL state together, holding its row:
+    a trial its own worker told meanwhile is left as told, without the reason."""
+    from lrsearch.session import open_session
+
+    session = open_session(load_config(write_study()), storage=stores[0], tracking=stores[1])
+    lr = {"lr": optuna.distributions.FloatDistribution(1e-3, 0.1, log=True)}
+    lost, told = session.study.ask(lr), session.study.ask(lr)
+    session.study.tell(told, 0.5)
+    assert session.store.fail_trial(lost._trial_id, {"reason": "worker lost"}) is True
+    assert session.store.fail_trial(told._trial_id, {"reason": "worker lost"}) is False
+    trials = session.study.get_trials(deepcopy=False)
+    assert [(t.state.name, t.user_attrs.get("reason")) for t in trials] == [("FAIL", "worker lost"), ("COMPLETE", None)]
+
+
+def test_an_array_whose_trials_were_all_ended_elsewhere_before_they_began_trains_nothing(write_study, stores):
+    """A worker that claimed trials, then paused past the grace period while another worker
+    failed them, finds them ended as it begins them: it says so and goes on (no fit of an
+    empty array, no error)."""
+    from lrsearch.session import open_session
+    from lrsearch.stopping import StopFlag
+    from lrsearch.worker import Worker, _Array, _claim
+
+    session = open_session(load_config(write_study()), storage=stores[0], tracking=stores[1])
+    worker = Worker(session.store, session.url, session.tracker)
+    worker.add(session)
+    trials = _claim(session, 2)
+    assert len(trials) == 2
+    for trial in trials:
+        assert session.store.fail_trial(trial._trial_id, {"reason": "worker lost: no heartbeat for 20 s"})
+    _Array(session, worker.sessions[session.study.study_name][1], StopFlag(), (), refill=False).train(trials)
+    assert session.warnings == [f"trial {t.number} was ended by another worker before it began here" for t in trials]
+    assert [t.state.name for t in session.study.get_trials(deepcopy=False)] == ["FAIL", "FAIL"]
+
+
 def test_schedule_shapes_reach_mlflow_through_learning_rate_monitor(stores):
     # Two warm-up epochs before each schedule; the lr curves MLflow holds (one point per
     # epoch, as LearningRateMonitor logs them at each epoch's start) have their shapes.
