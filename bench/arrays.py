@@ -13,7 +13,7 @@ buys, from the bare training loop to whole studies, against the same work one tr
    in either), each in a fresh temporary folder (its cwd: ./lrsearch-data, embedded SQLite).
    Then two `lrsearch worker --array 1` (or `--array auto`) processes, started and warmed
    first (a 2-trial study), serve the same study: timed from launching `lrsearch submit` to
-   the study's state "done" (lrsearch.service.status polled in this process every 0.2 s,
+   the study's state "done" (lrsearch.service.queue.status polled in this process every 0.2 s,
    what `status --format json` prints), on SQLite and in server mode (a scratch PostgreSQL
    database for Optuna and `lrsearch server` on it for MLflow, both given to the processes
    through LRSEARCH_STORAGE and MLFLOW_TRACKING_URI, never their command lines).
@@ -22,7 +22,7 @@ buys, from the bare training loop to whole studies, against the same work one tr
    epochs, TPE + median pruning: `run --array 1` against `--array auto`, as in 2.
 4. Search quality per second: studies/search.toml (TPE over optimizer, lr, momentum and
    schedule, median pruning) with ``--array 1`` and ``auto``, in this process through
-   ``lrsearch.launch.run_study`` with room for up to 160 trials (4 x the file's 40: auto's
+   ``lrsearch.service.launch.run_study`` with room for up to 160 trials (4 x the file's 40: auto's
    array is capped at a quarter of a TPE study's total, so this total caps it at 40), stopped (the worker's
    StopFlag, as a Ctrl-C would) by a trial callback once a COMPLETE trial reaches 0.840
    val/acc (the five classic grids' best, bench/search_efficiency.py). Wall time: from
@@ -169,8 +169,8 @@ def study_facts(storage: str, tracking: str, name: str) -> tuple[str, int]:
     import mlflow
     import optuna
 
-    from lrsearch import attrs
-    from lrsearch.storage import open_storage
+    from lrsearch.core import attrs
+    from lrsearch.store.storage import open_storage
 
     store = open_storage(storage)
     try:
@@ -210,9 +210,9 @@ class Server:
 
 def part_training(sizes: Sizes, repeats: int) -> None:
     from lrsearch.config import parse_config
-    from lrsearch.data import load_data
-    from lrsearch.member import Member
-    from lrsearch.training import fit_array
+    from lrsearch.choices.data import load_data
+    from lrsearch.fit.member import Member
+    from lrsearch.fit.training import fit_array
     from trial_overhead import HP, bare_loop
 
     cfg = parse_config({"study": {"name": "arrays", "pruner": "none"}, "train": {"epochs": sizes.train_epochs}},
@@ -375,10 +375,10 @@ def part_search(sizes: Sizes, folder: Path) -> None:
     import optuna
     from optuna.trial import TrialState
 
-    from lrsearch import attrs
+    from lrsearch.core import attrs
     from lrsearch.config import load_config
-    from lrsearch.launch import run_study
-    from lrsearch.stopping import Interrupted, StopFlag
+    from lrsearch.service.launch import run_study
+    from lrsearch.core.stopping import Interrupted, StopFlag
 
     warm_up(folder)
     base = load_config(STUDIES / "search.toml").with_overrides(trials=sizes.max_trials)
@@ -444,7 +444,7 @@ class TrainingClock:
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[TrainingClock]:
-        from lrsearch import training
+        from lrsearch.fit import training
 
         fit, choose = training.fit_array, training.choose_array_size
 
@@ -479,7 +479,7 @@ class TrainingClock:
             finally:
                 self.probe += time.perf_counter() - start
 
-        # The worker imports both from lrsearch.training when it calls them.
+        # The worker imports both from lrsearch.fit.training when it calls them.
         training.fit_array, training.choose_array_size = timed_fit, timed_choose
         try:
             yield self
@@ -490,7 +490,7 @@ class TrainingClock:
 def warm_up(folder: Path) -> None:
     """An untimed 2-trial study in this process: lazy imports and first-call caches."""
     from lrsearch.config import load_config
-    from lrsearch.launch import run_study
+    from lrsearch.service.launch import run_study
 
     (folder / "warm-up").mkdir()
     stores = sqlite_stores(folder / "warm-up")
@@ -500,7 +500,7 @@ def warm_up(folder: Path) -> None:
 
 def part_outside(sizes: Sizes, repeats: int, folder: Path, server: Server) -> None:
     from lrsearch.config import load_config
-    from lrsearch.launch import run_study
+    from lrsearch.service.launch import run_study
 
     warm_up(folder)
     trials = sizes.study_trials
@@ -559,8 +559,8 @@ def main() -> None:
     import optuna
     import torch
 
-    from lrsearch.tracking import quiet_mlflow
-    from lrsearch.training import quiet_lightning
+    from lrsearch.track.tracking import quiet_mlflow
+    from lrsearch.fit.training import quiet_lightning
 
     torch.set_num_threads(1)
     quiet_lightning()

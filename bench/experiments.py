@@ -37,11 +37,11 @@ def main() -> None:
     import torch
 
     from lrsearch.config import load_config
-    from lrsearch.launch import run_study
-    from lrsearch.report import results_table
-    from lrsearch.attrs import EPOCHS_TRAINED
-    from lrsearch.results import direction, load_study, ranking
-    from lrsearch.training import quiet_lightning
+    from lrsearch.service.launch import run_study
+    from lrsearch.results.report import results_table
+    from lrsearch.core.attrs import EPOCHS_TRAINED
+    from lrsearch.results.ranking import direction, load_study, ranking
+    from lrsearch.fit.training import quiet_lightning
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     torch.set_num_threads(1)

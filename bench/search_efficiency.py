@@ -23,8 +23,8 @@ GRIDS = ("lr_sweep", "momentum", "time_decay", "plateau", "adaptive")
 
 
 def best_and_epochs(study) -> tuple[float, int]:
-    from lrsearch.attrs import EPOCHS_TRAINED
-    from lrsearch.results import direction, ranking
+    from lrsearch.core.attrs import EPOCHS_TRAINED
+    from lrsearch.results.ranking import direction, ranking
 
     best = ranking(study.trials, direction(study))[0]
     return best.value, sum(t.user_attrs.get(EPOCHS_TRAINED, 0) for t in study.trials)
@@ -39,11 +39,11 @@ def main() -> None:
         import optuna
         import torch
 
-        from lrsearch.attrs import LR_RANGE
+        from lrsearch.core.attrs import LR_RANGE
         from lrsearch.config import load_config
-        from lrsearch.space import Find
-        from lrsearch.launch import run_study
-        from lrsearch.training import quiet_lightning
+        from lrsearch.choices.space import Find
+        from lrsearch.service.launch import run_study
+        from lrsearch.fit.training import quiet_lightning
 
         optuna.logging.set_verbosity(optuna.logging.ERROR)
         torch.set_num_threads(1)

@@ -45,7 +45,7 @@ def worker(storage: str, tracking: str, max_idle: float) -> subprocess.Popen:
 
 
 def wait_done(names: list[str], storage: str, tracking: str, timeout: float = 1800) -> None:
-    from lrsearch.service import status
+    from lrsearch.service.queue import status
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -59,7 +59,7 @@ def wait_done(names: list[str], storage: str, tracking: str, timeout: float = 18
 def first_start(name: str, storage: str, timeout: float = 120) -> datetime.datetime:
     import optuna
 
-    from lrsearch.storage import open_storage
+    from lrsearch.store.storage import open_storage
 
     store = open_storage(storage)
     deadline = time.monotonic() + timeout
@@ -73,7 +73,7 @@ def first_start(name: str, storage: str, timeout: float = 120) -> datetime.datet
 
 def pickup(folder: Path, repeats: int) -> None:
     from lrsearch.config import load_config
-    from lrsearch.service import submit
+    from lrsearch.service.queue import submit
 
     storage, tracking = f"sqlite:///{folder / 'optuna.db'}", f"sqlite:///{folder / 'mlflow.db'}"
     small = load_config(STUDY).with_overrides(trials=2, epochs=5)
@@ -97,7 +97,7 @@ def pickup(folder: Path, repeats: int) -> None:
 
 def throughput(folder: Path, trials: int, epochs: int) -> None:
     from lrsearch.config import load_config
-    from lrsearch.service import submit
+    from lrsearch.service.queue import submit
 
     names = [f"svc-{i}" for i in range(5)]
     cfg = load_config(STUDY).with_overrides(trials=trials, epochs=epochs)
@@ -137,7 +137,7 @@ def postgres(folder: Path, admin: str) -> None:
 def idle_worker(url: str, tracking: str) -> None:
     """Connections and polling of one idle worker, as in server mode (MLflow through the server)."""
     from lrsearch.config import load_config
-    from lrsearch.service import submit
+    from lrsearch.service.queue import submit
 
     submit(load_config(STUDY).with_overrides(trials=1, epochs=2, name="warm-up"), storage=url, tracking=tracking)
     proc = worker(url, tracking, max_idle=60)
@@ -220,7 +220,7 @@ def main() -> None:
     args = parser.parse_args()
     import optuna
 
-    from lrsearch.tracking import quiet_mlflow
+    from lrsearch.track.tracking import quiet_mlflow
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     quiet_mlflow()

@@ -26,10 +26,10 @@ import optuna
 import sqlalchemy as sa
 from mlflow import MlflowClient
 
-from lrsearch.attrs import HYPERPARAMETERS, MLFLOW_RUN
-from lrsearch.queries import ResultsDatabase, ensure_indexes, ensure_views
+from lrsearch.core.attrs import HYPERPARAMETERS, MLFLOW_RUN
+from lrsearch.sql.queries import ResultsDatabase, ensure_indexes, ensure_views
 from scratch import scratch_database
-from lrsearch.storage import open_storage, prepare_database, schema_url
+from lrsearch.store.storage import open_storage, prepare_database, schema_url
 
 QUERY = "SELECT * FROM best_trials WHERE study_name = 'bench' AND rank <= 10"
 OPTIMIZER = json.dumps({"name": "CategoricalDistribution", "attributes": {"choices": ["sgd", "adam", "rmsprop"]}})

@@ -72,11 +72,11 @@ def in_process(trials: int, epochs: int, in_memory: bool) -> tuple[float, float]
     import optuna
 
     from lrsearch.config import load_config
-    from lrsearch.retrying_storage import RetryingStorage
-    from lrsearch.sampling import make_pruner, make_sampler
-    from lrsearch.session import open_session
-    from lrsearch.worker import work
-    from lrsearch.training import quiet_lightning
+    from lrsearch.store.retrying_storage import RetryingStorage
+    from lrsearch.choices.sampling import make_pruner, make_sampler
+    from lrsearch.service.session import open_session
+    from lrsearch.service.worker import work
+    from lrsearch.fit.training import quiet_lightning
 
     quiet_lightning()
     optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -26,14 +26,14 @@ import torch
 import torch.nn.functional as F
 
 from lrsearch.config import parse_config
-from lrsearch.data import load_data
-from lrsearch.network import build_mlp
-from lrsearch.objective import Objective
-from lrsearch.optimizers import make_optimizer
-from lrsearch.storage import open_storage
-from lrsearch.sampling import make_pruner
-from lrsearch.tracking import Tracker
-from lrsearch.training import quiet_lightning, train
+from lrsearch.choices.data import load_data
+from lrsearch.choices.network import build_mlp
+from lrsearch.service.objective import Objective
+from lrsearch.choices.optimizers import make_optimizer
+from lrsearch.store.storage import open_storage
+from lrsearch.choices.sampling import make_pruner
+from lrsearch.track.tracking import Tracker
+from lrsearch.fit.training import quiet_lightning, train
 from scratch import lrsearch_server, scratch_database
 
 HP = {"optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "schedule": "constant"}

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from lrsearch.errors import LrsearchError, UsageError, first_line
+from lrsearch.core.errors import LrsearchError, UsageError, first_line
 
 EXIT_OK, EXIT_RUNTIME, EXIT_INTERRUPTED = 0, 1, 130
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a program killed by the closed pipe would exit
@@ -55,16 +55,16 @@ def _fail(args: argparse.Namespace, e: BaseException, code: int, message: str) -
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from lrsearch.config import load_config
-    from lrsearch.data import check_data
+    from lrsearch.choices.data import check_data
 
     cfg = load_config(args.file)
     check_data(cfg.data)  # the data's mistakes too: submit would refuse them
     print(f"{args.file}: ok (study {cfg.study.name!r}, {cfg.study.sampler} sampler, "
           f"{len(cfg.params)} params)")
     if cfg.finds_lr:  # the range it has, or would have if created now
-        from lrsearch.lr_find import range_test
-        from lrsearch.service import stored_range
-        from lrsearch.storage import redact, storage_url
+        from lrsearch.fit.lr_find import range_test
+        from lrsearch.service.queue import stored_range
+        from lrsearch.store.storage import redact, storage_url
 
         url = storage_url(args.storage)
         found = stored_range(url, cfg.study.name)
@@ -81,10 +81,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_lr_find(args: argparse.Namespace) -> int:
     from lrsearch.config import load_config
-    from lrsearch.data import check_data
-    from lrsearch.lr_find import MAX_LR, MIN_LR, STEPS, SWEEPS, range_test, record_range_test
-    from lrsearch.storage import report_dir, storage_url, tracking_uri
-    from lrsearch.tracking import Tracker
+    from lrsearch.choices.data import check_data
+    from lrsearch.fit.lr_find import MAX_LR, MIN_LR, STEPS, SWEEPS, range_test, record_range_test
+    from lrsearch.store.storage import report_dir, storage_url, tracking_uri
+    from lrsearch.track.tracking import Tracker
 
     cfg = load_config(args.file)
     check_data(cfg.data)  # before any store is opened (the range test reuses what it read)
@@ -126,9 +126,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from lrsearch.service import submit
-    from lrsearch.storage import tracking_uri
-    from lrsearch.tracking import links
+    from lrsearch.service.queue import submit
+    from lrsearch.store.storage import tracking_uri
+    from lrsearch.track.tracking import links
 
     cfg = _study_config(args)
     if cfg.finds_lr:  # the range test trains: quiet the libraries (nothing else imports them)
@@ -148,7 +148,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     import time
 
-    from lrsearch.service import STATUS_COLUMNS, status
+    from lrsearch.service.queue import STATUS_COLUMNS, status
 
     try:
         while True:
@@ -170,7 +170,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    from lrsearch.service import cancel
+    from lrsearch.service.queue import cancel
 
     _quiet()
     print(cancel(args.name, now=args.now, storage=args.storage, tracking=args.tracking_uri))
@@ -178,8 +178,8 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from lrsearch.results import state_counts
-    from lrsearch.stopping import watch_parent
+    from lrsearch.results.ranking import state_counts
+    from lrsearch.core.stopping import watch_parent
 
     watch_parent()
     if args.worker_index is None:
@@ -196,7 +196,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_server(args: argparse.Namespace) -> int:
-    from lrsearch.server import serve
+    from lrsearch.service.server import serve
 
     return serve(args.db, host=args.host, port=args.port, allowed_hosts=args.allowed_hosts,
                  artifacts=str(Path(args.artifacts).resolve()) if args.artifacts else None,
@@ -211,8 +211,8 @@ def _study_config(args: argparse.Namespace) -> Any:
 
 def _run(args: argparse.Namespace, cfg: Any, workers: int = 1, progress: bool = True) -> Any:
     """Run the study here (and in ``workers - 1`` more processes) until its total is reached."""
-    from lrsearch.launch import run_study
-    from lrsearch.stopping import StopFlag
+    from lrsearch.service.launch import run_study
+    from lrsearch.core.stopping import StopFlag
 
     stop = StopFlag()
     stop.install()
@@ -224,14 +224,14 @@ def _run(args: argparse.Namespace, cfg: Any, workers: int = 1, progress: bool = 
 
 def _serve(args: argparse.Namespace) -> int:
     """``lrsearch worker`` with no file: every submitted study, until stopped or idle."""
-    from lrsearch.stopping import StopFlag
+    from lrsearch.core.stopping import StopFlag
 
     for flag in ("trials", "epochs", "name"):
         if getattr(args, flag) is not None:
             raise UsageError(f"--{flag}: only with a study file (submitted studies keep their own)")
     stop = StopFlag()
     stop.install()
-    from lrsearch.worker import serve, setup_process
+    from lrsearch.service.worker import serve, setup_process
 
     setup_process()
     print(f"worker {args.worker_index}: serving the studies submitted to {_redact(_storage(args))}"
@@ -248,13 +248,13 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _storage(args: argparse.Namespace) -> str:
-    from lrsearch.storage import storage_url
+    from lrsearch.store.storage import storage_url
 
     return storage_url(args.storage)
 
 
 def _redact(url: str) -> str:
-    from lrsearch.storage import redact
+    from lrsearch.store.storage import redact
 
     return redact(url)
 
@@ -279,7 +279,7 @@ def _default_worker_index() -> int:
 
 def _report(args: argparse.Namespace, cfg: Any, study: Any) -> None:
     """The study's report, at the end of `run`; a failure to draw it is a warning only."""
-    from lrsearch.report import write_report
+    from lrsearch.results.report import write_report
 
     try:
         paths = write_report(cfg.study.name, storage=args.storage, tracking=args.tracking_uri, study=study)
@@ -292,9 +292,9 @@ def _report(args: argparse.Namespace, cfg: Any, study: Any) -> None:
 def _print_result(study: Any, target: int, experiment_id: str, parent_run_id: str, tracking: str | None,
                   warnings: list[str]) -> None:
     """The study's top trials as `lrsearch best` shows them, and where MLflow shows the rest."""
-    from lrsearch.results import best_trials, state_counts
-    from lrsearch.storage import tracking_uri
-    from lrsearch.tracking import links, trial_link
+    from lrsearch.results.ranking import best_trials, state_counts
+    from lrsearch.store.storage import tracking_uri
+    from lrsearch.track.tracking import links, trial_link
 
     uri = tracking_uri(tracking)
     rows = [{**r, "mlflow": trial_link(uri, experiment_id, r["mlflow_run_id"])} for r in best_trials(study, 5)]
@@ -311,7 +311,7 @@ def _warn(lines: list[str]) -> None:
 
 
 def cmd_best(args: argparse.Namespace) -> int:
-    from lrsearch.queries import best_trials_sql
+    from lrsearch.sql.queries import best_trials_sql
 
     rows = [{"number": r.pop("trial_number"), **r} for r in
             best_trials_sql(args.storage, args.tracking_uri, args.name, args.top)]
@@ -323,7 +323,7 @@ def cmd_best(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from lrsearch.report import results_table, write_report
+    from lrsearch.results.report import results_table, write_report
 
     _quiet()
     if args.table:
@@ -336,7 +336,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_sql(args: argparse.Namespace) -> int:
-    from lrsearch.queries import ResultsDatabase, grant_reader, schema_script
+    from lrsearch.sql.queries import ResultsDatabase, grant_reader, schema_script
 
     if args.schema:
         print(schema_script(args.storage, args.tracking_uri))
@@ -355,10 +355,10 @@ def cmd_sql(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    from lrsearch.names import trials_path
-    from lrsearch.server import serve
-    from lrsearch.storage import sqlite_path, tracking_uri
-    from lrsearch.tracking import Tracker
+    from lrsearch.core.names import trials_path
+    from lrsearch.service.server import serve
+    from lrsearch.store.storage import sqlite_path, tracking_uri
+    from lrsearch.track.tracking import Tracker
 
     uri = tracking_uri(args.tracking_uri)
     path = sqlite_path(uri)
@@ -397,7 +397,7 @@ def _format(rows: list[dict[str, Any]], fmt: str, columns: list[str] | None = No
 
 def _cell(value: Any, fmt: str) -> str:
     """A table cell as the MLflow descriptions write numbers and params; a CSV cell exact."""
-    from lrsearch.text import fmt as readable, params_text
+    from lrsearch.core.text import fmt as readable, params_text
 
     if value is None:
         return ""
@@ -427,7 +427,7 @@ class _Progress:
 
     def refresh(self, study: Any) -> None:
         """Show the study's state as its store has it (any worker's trials count)."""
-        from lrsearch.results import best_trials, count_finished
+        from lrsearch.results.ranking import best_trials, count_finished
 
         if self.bar is None:
             return
@@ -448,7 +448,7 @@ class _Progress:
 def _quiet() -> None:
     import optuna
 
-    from lrsearch.tracking import quiet_mlflow
+    from lrsearch.track.tracking import quiet_mlflow
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     quiet_mlflow()
@@ -456,14 +456,23 @@ def _quiet() -> None:
 
 # -- parser -------------------------------------------------------------------------------
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
+def _option(kind: type, ok: Any, expected: str) -> Any:
+    """An argparse type: ``text`` read as ``kind`` and accepted if ``ok(value)``; else one
+    message, ``expected …, got …``, whatever was wrong with it."""
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+    return parse
+
+
+_positive_int = _option(int, lambda v: v >= 1, "an integer >= 1")
+_factor = _option(float, lambda v: 1 < v < float("inf"), "a number > 1")
+_positive_float = _option(float, lambda v: 0 < v < float("inf"), "a number of seconds > 0")
 
 
 def _array(text: str) -> int | str:
@@ -471,39 +480,11 @@ def _array(text: str) -> int | str:
 
     if text == "auto":
         return text
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if not 1 <= value <= MAX_ARRAY:
-        raise argparse.ArgumentTypeError(f'expected "auto" or an integer in [1, {MAX_ARRAY}], got {text!r}')
-    return value
-
-
-def _factor(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not value > 1 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number > 1, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    import math
-
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
-    return value
+    return _option(int, lambda v: 1 <= v <= MAX_ARRAY, f'"auto" or an integer in [1, {MAX_ARRAY}]')(text)
 
 
 def _parser() -> argparse.ArgumentParser:
-    from lrsearch.names import DEFAULT_UI_PORT
+    from lrsearch.core.names import DEFAULT_UI_PORT
 
     parser = argparse.ArgumentParser(
         prog="lrsearch",

@@ -15,13 +15,13 @@ from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from lrsearch.constraints import MAX_SEED, declared, int_in
-from lrsearch.data import MAX_SAMPLES, MAX_VALUES, SOURCES, DataConfig
-from lrsearch.errors import ConfigError, UsageError, shown
-from lrsearch.network import ModelConfig
-from lrsearch.registry import did_you_mean
-from lrsearch.sampling import PRUNERS, SAMPLERS
-from lrsearch.space import HYPERPARAMETERS, Choices, Find, Fixed, Hyperparameter, ParamSpec, Range, resolve_find
+from lrsearch.core.constraints import MAX_SEED, declared, int_in
+from lrsearch.choices.data import MAX_SAMPLES, MAX_VALUES, SOURCES, DataConfig
+from lrsearch.core.errors import ConfigError, UsageError, shown
+from lrsearch.choices.network import ModelConfig
+from lrsearch.core.registry import did_you_mean
+from lrsearch.choices.sampling import PRUNERS, SAMPLERS
+from lrsearch.choices.space import HYPERPARAMETERS, Choices, Find, Fixed, Hyperparameter, ParamSpec, Range, resolve_find
 
 DIRECTIONS = ("maximize", "minimize")
 METRICS = ("val/acc", "val/loss", "train/acc", "train/loss")

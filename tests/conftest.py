@@ -72,7 +72,7 @@ def server_study(name: str, trials: int, epochs: int, *, seed: int = 11, extra: 
 def _quiet_and_single_threaded() -> None:
     import torch
 
-    from lrsearch.training import quiet_lightning
+    from lrsearch.fit.training import quiet_lightning
 
     torch.set_num_threads(1)
     quiet_lightning()
@@ -110,7 +110,7 @@ def cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     import io
     import signal
 
-    from lrsearch import stopping
+    from lrsearch.core import stopping
     from lrsearch.cli import main
 
     def run(*args: str) -> subprocess.CompletedProcess:
@@ -331,8 +331,8 @@ def fill_results(storage_url: str, client) -> None:
     from optuna.distributions import CategoricalDistribution
     from optuna.trial import TrialState
 
-    from lrsearch import attrs
-    from lrsearch.storage import open_storage
+    from lrsearch.core import attrs
+    from lrsearch.store.storage import open_storage
 
     store = open_storage(storage_url)
     acc = optuna.create_study(storage=store, study_name="acc", direction="maximize")

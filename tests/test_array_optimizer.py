@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lrsearch.array_optimizer import ArrayOptimizer
-from lrsearch.optimizers import OPTIMIZERS, make_optimizer
+from lrsearch.fit.array_optimizer import ArrayOptimizer
+from lrsearch.choices.optimizers import OPTIMIZERS, make_optimizer
 
 SHAPES = ((5, 3), (1, 3))  # a layer's weight [in, out] and bias [1, out], stacked as [K, ...]
 LRS = (0.003, 0.01, 0.03, 0.1)

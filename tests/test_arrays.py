@@ -11,11 +11,11 @@ import pytest
 from mlflow import MlflowClient
 
 from lrsearch.config import parse_config
-from lrsearch.data import load_data
-from lrsearch.member import Member
-from lrsearch.optimizers import OPTIMIZERS
-from lrsearch.schedules import SCHEDULES
-from lrsearch.training import choose_array_size, fit_array, largest_array, member_bytes, train
+from lrsearch.choices.data import load_data
+from lrsearch.fit.member import Member
+from lrsearch.choices.optimizers import OPTIMIZERS
+from lrsearch.choices.schedules import SCHEDULES
+from lrsearch.fit.training import choose_array_size, fit_array, largest_array, member_bytes, train
 
 CFG = parse_config({"study": {"name": "arrays", "pruner": "none"}, "train": {"epochs": 20}}, "arrays.toml")
 DATA = load_data(CFG.data)
@@ -213,8 +213,8 @@ def test_a_service_worker_trains_a_submitted_study_in_arrays(store, tmp_path, re
 
     from test_service import _cfg, _parent, _trials, _wait
 
-    from lrsearch.service import submit
-    from lrsearch.storage import schema_url
+    from lrsearch.service.queue import submit
+    from lrsearch.store.storage import schema_url
 
     if store == "sqlite":
         stores = (f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -247,7 +247,7 @@ def test_a_service_worker_trains_a_submitted_study_in_arrays(store, tmp_path, re
 def test_the_sampling_window_reads_what_the_database_holds(stores):
     """While an array's new trials are sampled, the study is read once and each write goes
     into that copy too: every read in the window equals a fresh read of the database."""
-    from lrsearch.storage import open_storage
+    from lrsearch.store.storage import open_storage
 
     store = open_storage(stores[0])
     study = optuna.create_study(storage=store, study_name="window",
@@ -274,7 +274,7 @@ def test_the_sampling_window_reads_what_the_database_holds(stores):
 def test_a_seeded_study_in_arrays_gives_the_same_trials_twice(stores, tmp_path):
     """One worker, a seed: the same trials and values, run after run (the pruning checks see
     the study as it stands at their epoch boundary, whatever the helper thread's timing)."""
-    from lrsearch.launch import run_study
+    from lrsearch.service.launch import run_study
 
     cfg = parse_config({"study": {"name": "same", "trials": 12, "seed": 3, "prune_every": 1},
                         "train": {"epochs": 6, "array": 4},

@@ -18,9 +18,9 @@ import pytest
 
 from conftest import free_port, missing, stop_process_group, wait_for_http
 from lrsearch.config import load_config
-from lrsearch.names import run_path, trials_path
-from lrsearch.launch import run_study
-from lrsearch.report import DPI, NOTE_FIGURE_WIDTH, PREVIEW_WIDTH, write_report
+from lrsearch.core.names import run_path, trials_path
+from lrsearch.service.launch import run_study
+from lrsearch.results.report import DPI, NOTE_FIGURE_WIDTH, PREVIEW_WIDTH, write_report
 
 # Worker processes, servers or a browser: seconds each (python -m pytest -m "not slow" leaves them out).
 pytestmark = pytest.mark.slow

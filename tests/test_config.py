@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from lrsearch.config import load_config, parse_config
-from lrsearch.errors import ConfigError
-from lrsearch.space import Choices, Fixed, Range
+from lrsearch.core.errors import ConfigError
+from lrsearch.choices.space import Choices, Fixed, Range
 
 
 def _raw(params: dict | None = None, **sections: dict) -> dict:
@@ -34,7 +34,7 @@ def test_defaults_and_fixed_values():
 
 
 def test_pruning_checks_every_fifth_of_the_epochs_unless_set():
-    from lrsearch.sampling import check_interval
+    from lrsearch.choices.sampling import check_interval
 
     def interval(cfg):
         return check_interval(cfg.train.epochs, cfg.study.prune_every)
@@ -170,7 +170,7 @@ def test_a_study_file_that_is_not_utf8_is_named(tmp_path):
 
 
 def test_a_bad_name_on_the_command_line_is_refused():
-    from lrsearch.errors import UsageError
+    from lrsearch.core.errors import UsageError
 
     cfg = parse_config(_raw(), "f.toml")
     with pytest.raises(UsageError, match=r"^--name: expected 1 to 100 letters, .*got '\.\./x'$"):
@@ -183,11 +183,11 @@ def test_overrides_replace_trials_epochs_and_name():
 
 
 def test_the_docs_tables_are_generated_from_the_registries():
-    from lrsearch.docs import DOCS, main, render
+    from lrsearch.results.docs import DOCS, main, render
 
     page = (DOCS / "study-files.md").read_text()
     assert "<!-- lrsearch.docs: hyperparameters -->" in page and "<!-- lrsearch.docs: choices -->" in page
-    assert render(page) == page, "docs tables are out of date: run python -m lrsearch.docs"
+    assert render(page) == page, "docs tables are out of date: run python -m lrsearch.results.docs"
     assert "| `weight_decay` | optimizer is `adamw` |" in page
     assert "| `nesterov` | optimizer is `sgd`, momentum > 0 | `true`, `false` | `false` |" in page
     states = (DOCS / "service.md").read_text()

@@ -8,10 +8,10 @@ import os
 
 import pytest
 
-from lrsearch import data
+from lrsearch.choices import data
 from lrsearch.config import load_config
-from lrsearch.data import check_data, load_data
-from lrsearch.errors import UsageError
+from lrsearch.choices.data import check_data, load_data
+from lrsearch.core.errors import UsageError
 
 STUDY = """\
 [study]

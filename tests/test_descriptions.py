@@ -10,9 +10,9 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 
-from lrsearch import attrs
-from lrsearch.descriptions import CELL_GAP, phase_of, study_note, trial_note, trials_view
-from lrsearch.report import TrialCurves, best_line
+from lrsearch.core import attrs
+from lrsearch.results.descriptions import CELL_GAP, phase_of, study_note, trial_note, trials_view
+from lrsearch.results.report import TrialCurves, best_line
 
 DISTS = {"optimizer": CategoricalDistribution(["sgd", "adam"]), "lr": FloatDistribution(1e-4, 1.0, log=True)}
 

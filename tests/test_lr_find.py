@@ -10,11 +10,11 @@ import math
 import pytest
 from mlflow import MlflowClient
 
-from lrsearch import attrs
+from lrsearch.core import attrs
 from lrsearch.config import load_config, parse_config
-from lrsearch.launch import run_study
-from lrsearch.lr_find import MAX_LR, MIN_LR, STEPS, NoMinimum, range_test, suggest
-from lrsearch.results import load_study
+from lrsearch.service.launch import run_study
+from lrsearch.fit.lr_find import MAX_LR, MIN_LR, STEPS, NoMinimum, range_test, suggest
+from lrsearch.results.ranking import load_study
 
 
 def test_the_suggestion_is_the_lowest_loss_before_it_climbs_back():

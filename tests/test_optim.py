@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lrsearch.optimizers import make_optimizer
-from lrsearch.schedules import make_schedule
+from lrsearch.choices.optimizers import make_optimizer
+from lrsearch.choices.schedules import make_schedule
 
 
 def _params() -> list[torch.nn.Parameter]:

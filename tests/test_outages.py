@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from mlflow import MlflowClient
 
 from conftest import FAST_HEARTBEAT, TcpProxy, missing, server_study, start_server, stop_process_group
-from lrsearch.storage import schema_url
+from lrsearch.store.storage import schema_url
 
 # Worker processes, servers or a browser: seconds each (python -m pytest -m "not slow" leaves them out).
 pytestmark = pytest.mark.slow
@@ -207,7 +207,7 @@ def test_a_full_disk_is_one_line(tiny_disk, tmp_path):
 
 
 def test_a_lock_whose_connection_dropped_knows_it(pg_url):
-    from lrsearch.storage import store_lock
+    from lrsearch.store.storage import store_lock
 
     with store_lock(pg_url) as lock:
         assert lock.held()
@@ -230,8 +230,8 @@ def test_a_tracking_server_that_never_answers_costs_one_bounded_call(monkeypatch
     import socket
     import threading
 
-    from lrsearch.errors import TrackingError
-    from lrsearch.tracking import HTTP_LIMITS, Tracker
+    from lrsearch.core.errors import TrackingError
+    from lrsearch.track.tracking import HTTP_LIMITS, Tracker
 
     for name in HTTP_LIMITS:
         monkeypatch.delenv(name, raising=False)

@@ -8,8 +8,8 @@ import uuid
 import pytest
 
 from conftest import PG_ADMIN_URL, missing
-from lrsearch.errors import LrsearchError
-from lrsearch.storage import SCHEMAS, prepare_database
+from lrsearch.core.errors import LrsearchError
+from lrsearch.store.storage import SCHEMAS, prepare_database
 
 PASSWORD = "s3cret-do-not-print"
 

@@ -9,9 +9,9 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import fill_results as _fill
-from lrsearch.errors import UsageError
-from lrsearch.queries import ResultsDatabase, best_trials_sql, schema_script
-from lrsearch.storage import open_storage, prepare_database, schema_url
+from lrsearch.core.errors import UsageError
+from lrsearch.sql.queries import ResultsDatabase, best_trials_sql, schema_script
+from lrsearch.store.storage import open_storage, prepare_database, schema_url
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def stores(request, tmp_path_factory):
@@ -117,7 +117,7 @@ def test_sqlite_schema_script_runs_in_a_plain_sqlite_connection(tmp_path):
 def test_postgres_views_are_idempotent_and_in_their_schema(pg_url):
     import sqlalchemy as sa
 
-    from lrsearch.queries import ensure_views
+    from lrsearch.sql.queries import ensure_views
 
     prepare_database(pg_url)
     MlflowClient(tracking_uri=schema_url(pg_url, "mlflow")).search_experiments()  # MLflow's tables
@@ -138,7 +138,7 @@ def test_the_docs_queries_give_the_same_answers_on_both_dialects(stores):
     from decimal import Decimal
     from pathlib import Path
 
-    from lrsearch.queries import _statements
+    from lrsearch.sql.queries import _statements
 
     page = (Path(__file__).parent.parent / "docs" / "sql.md").read_text()
     block = page.split("```sql\n", 1)[1].split("```", 1)[0]
@@ -164,8 +164,8 @@ def test_postgres_views_come_from_server_and_sql_and_are_replaced_when_they_chan
     import sqlalchemy as sa
 
     from conftest import PG_ADMIN_URL, missing
-    from lrsearch.queries import ensure_views
-    from lrsearch.server import backend_uri
+    from lrsearch.sql.queries import ensure_views
+    from lrsearch.service.server import backend_uri
 
     name = f"lrsearch_views_{uuid.uuid4().hex[:10]}"
     admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
@@ -214,7 +214,7 @@ def test_postgres_views_come_from_server_and_sql_and_are_replaced_when_they_chan
 def test_a_run_on_sqlite_indexes_what_the_views_read(write_study, tmp_path):
     from conftest import TINY_STUDY
     from lrsearch.config import load_config
-    from lrsearch.launch import run_study
+    from lrsearch.service.launch import run_study
 
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     run_study(load_config(write_study(TINY_STUDY)).with_overrides(trials=1, epochs=1), storage=storage,

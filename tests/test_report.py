@@ -8,8 +8,8 @@ import pytest
 from mlflow import MlflowClient
 
 from lrsearch.config import load_config, parse_config
-from lrsearch.launch import run_study
-from lrsearch.report import results_table, write_report
+from lrsearch.service.launch import run_study
+from lrsearch.results.report import results_table, write_report
 
 STUDIES = sorted((Path(__file__).parent.parent / "studies").glob("*.toml"))
 
@@ -207,7 +207,7 @@ def _overlapping(fig):
 
 
 def test_slices_labels_keep_clear_of_each_other():
-    from lrsearch.report import slices_figure
+    from lrsearch.results.report import slices_figure
 
     with slices_figure(_search_like_study(), "search") as fig:
         assert _overlapping(fig) == []
@@ -226,7 +226,7 @@ def test_slices_labels_keep_clear_of_each_other():
 
 
 def test_parallel_coordinates_labels_read_over_the_lines():
-    from lrsearch.report import parallel_figure
+    from lrsearch.results.report import parallel_figure
 
     with parallel_figure(_search_like_study(), "search") as fig:
         assert _overlapping(fig) == []
@@ -243,7 +243,7 @@ def test_parallel_coordinates_labels_read_over_the_lines():
 
 
 def test_lr_curves_legend_reads_in_the_description():
-    from lrsearch.report import PREVIEW_WIDTH, TrialCurves, lr_figure
+    from lrsearch.results.report import PREVIEW_WIDTH, TrialCurves, lr_figure
 
     params = {"optimizer": "rmsprop", "lr": 0.019012345, "momentum": 0.403312, "schedule": "plateau",
               "patience": 10, "decay": 0.000123456}

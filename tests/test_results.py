@@ -12,9 +12,9 @@ from optuna.trial import TrialState, create_trial
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 
 from conftest import TINY_STUDY
-from lrsearch.queries import ResultsDatabase
-from lrsearch.results import ranking
-from lrsearch.storage import open_storage, prepare_database, schema_url
+from lrsearch.sql.queries import ResultsDatabase
+from lrsearch.results.ranking import ranking
+from lrsearch.store.storage import open_storage, prepare_database, schema_url
 
 # Ties on purpose: each value twice, out of order.
 VALUES = [0.5, 0.2, 0.5, 0.2, 0.9]
@@ -92,7 +92,7 @@ def _fill_durations(storage: str) -> optuna.Study:
 
 
 def _durations_agree(storage: str, tracking: str | None = None) -> None:
-    from lrsearch.results import duration_s
+    from lrsearch.results.ranking import duration_s
 
     study = _fill_durations(storage)
     expected = [d for _, _, d in DURATIONS]
@@ -121,9 +121,9 @@ def test_run_and_best_show_the_same_durations_on_postgres(pg_url):
     import tomllib
 
     from lrsearch.config import parse_config
-    from lrsearch.launch import run_study
-    from lrsearch.queries import best_trials_sql
-    from lrsearch.results import best_trials
+    from lrsearch.service.launch import run_study
+    from lrsearch.sql.queries import best_trials_sql
+    from lrsearch.results.ranking import best_trials
 
     prepare_database(pg_url)
     text = TINY_STUDY.replace('name = "tiny"', 'name = "timed"').replace("trials = 3", "trials = 2")
@@ -170,8 +170,8 @@ def test_a_minimize_study_reads_the_same_in_run_best_and_the_report(cli, write_s
     first = as_json[0]["params"]
     assert list(first)[:2] == ["optimizer", "lr"] and list(first)[-2:] == ["schedule", "decay"]
     # One duration per trial: run's summary, best's table and JSON, the trials view, Python's record.
-    from lrsearch.text import fmt
-    from lrsearch.results import load_study, trial_record
+    from lrsearch.core.text import fmt
+    from lrsearch.results.ranking import load_study, trial_record
 
     storage = f"sqlite:///{tmp_path / 'lrsearch-data' / 'optuna.db'}"
     records = {str(t.number): trial_record(t) for t in load_study("tiny", storage).trials}

@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 from conftest import (
     FAST_HEARTBEAT, compose_service, compose_variables, server_study, start_server, stop_process_group,
 )
-from lrsearch.storage import schema_url
+from lrsearch.store.storage import schema_url
 
 # Worker processes, servers or a browser: seconds each (python -m pytest -m "not slow" leaves them out).
 pytestmark = pytest.mark.slow
@@ -216,7 +216,7 @@ def _study_or_none(pg_url: str, name: str) -> list:
 @pytest.mark.parametrize("moment", ["claimed", "run-created", "epoch", "told"])
 def test_a_worker_killed_at_any_moment_of_a_trial_leaves_nothing_running(pg_url, tracking_server, tmp_path, moment):
     """`run --workers 2` whose second worker is SIGKILLed at one moment of its first trial
-    (lrsearch/faults.py): before the trial's MLflow run exists, as the run is made, while it
+    (lrsearch/core/faults.py): before the trial's MLflow run exists, as the run is made, while it
     trains, and once Optuna is told but the run's last records are still on their way. The
     first worker finishes the study: its exact total, the killed trial queued again (or, told
     COMPLETE, kept), and nothing RUNNING in Optuna or MLflow."""
@@ -323,7 +323,7 @@ def test_the_dashboard_command_reads_the_optuna_schema(pg_url, tracking_server, 
         "postgres:5432": f"{url.host}:{url.port or 5432}", "0.0.0.0": "127.0.0.1", "8080": str(port)})
     assert command[0] == "python"
     from lrsearch.config import load_config
-    from lrsearch.service import submit
+    from lrsearch.service.queue import submit
 
     submit(load_config(_study_file(tmp_path, "dash", trials=1, epochs=1)), storage=pg_url, tracking=tracking_server)
     dashboard = subprocess.Popen([sys.executable, *command[1:]], env={**os.environ, **environment},
@@ -344,7 +344,7 @@ def test_the_compose_worker_runs_from_its_environment(pg_url, tracking_server, t
     """The worker service as compose runs it (no study, no URL on its command line, a login
     from the environment) serves a study submitted from the host."""
     from lrsearch.config import load_config
-    from lrsearch.service import submit
+    from lrsearch.service.queue import submit
 
     url = sa.engine.make_url(pg_url)
     port = tracking_server.rsplit(":", 1)[1]

@@ -16,9 +16,9 @@ from mlflow import MlflowClient
 
 from conftest import FAST_HEARTBEAT, server_study
 from lrsearch.config import parse_config
-from lrsearch.errors import UsageError
-from lrsearch.service import STATUS_COLUMNS, cancel, status, submit
-from lrsearch.storage import open_storage, schema_url
+from lrsearch.core.errors import UsageError
+from lrsearch.service.queue import STATUS_COLUMNS, cancel, status, submit
+from lrsearch.store.storage import open_storage, schema_url
 
 # Worker processes, servers or a browser: seconds each (python -m pytest -m "not slow" leaves them out).
 pytestmark = pytest.mark.slow
@@ -148,7 +148,7 @@ def test_a_changed_configuration_is_refused_but_more_trials_are_taken(stores):
 
 
 def test_priority_then_the_oldest_submission_first(stores):
-    from lrsearch.service import queue
+    from lrsearch.service.queue import queue
 
     for name, priority in (("old", 0), ("new", 0), ("urgent", 5)):
         submit(_cfg(name, 1, 2, priority=priority), storage=stores[0], tracking=stores[1])
@@ -218,7 +218,7 @@ def test_a_study_no_worker_can_run_says_why_and_a_corrected_submit_queues_it(sto
     the worker skips it with one warning and serves the others; status, the studies view and
     the parent run's description say unrunnable, by which version and why; submitting the
     corrected study queues it again, and a worker runs it."""
-    from lrsearch import attrs
+    from lrsearch.core import attrs
 
     storage, tracking = stores
     submit(_cfg("newer", 2, 2), storage=storage, tracking=tracking)

@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 
 from conftest import TINY_STUDY
 
-from lrsearch.stopping import Interrupted, StopFlag
+from lrsearch.core.stopping import Interrupted, StopFlag
 
 # Worker processes, servers or a browser: seconds each (python -m pytest -m "not slow" leaves them out).
 pytestmark = pytest.mark.slow
@@ -152,7 +152,7 @@ def test_ctrl_c_stops_every_worker_and_leaves_nothing_running(write_study, tmp_p
     assert sorted((r.data.tags["lrsearch.role"], r.info.status) for r in _runs(tmp_path)) == [
         ("study", "KILLED"), ("trial", "KILLED"), ("trial", "KILLED")]
     # status says interrupted (resumable), and why, until a worker takes the study up again
-    from lrsearch.service import status
+    from lrsearch.service.queue import status
 
     row = status(storage=f"sqlite:///{tmp_path / 'data' / 'optuna.db'}",
                  tracking=f"sqlite:///{tmp_path / 'data' / 'mlflow.db'}")[0]
@@ -167,7 +167,7 @@ def test_a_second_signal_inside_a_finalizer_prints_no_traceback(monkeypatch):
     import gc
     import weakref
 
-    from lrsearch.stopping import Interrupted, StopFlag
+    from lrsearch.core.stopping import Interrupted, StopFlag
 
     seen = []
     monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(type(u.exc_value).__name__))

@@ -6,7 +6,7 @@ import optuna
 import pytest
 
 from lrsearch.config import parse_config
-from lrsearch.space import Choices, Fixed, Range, grid_size, grid_space, sample_params
+from lrsearch.choices.space import Choices, Fixed, Range, grid_size, grid_space, sample_params
 
 SPACE = {
     "optimizer": Choices(("sgd", "adam", "rmsprop")),

@@ -16,9 +16,9 @@ import sqlalchemy as sa
 from mlflow import MlflowClient
 
 from conftest import fill_results
-from lrsearch.errors import UsageError
-from lrsearch.queries import ResultsDatabase, ensure_views, grant_reader
-from lrsearch.storage import prepare_database, schema_url
+from lrsearch.core.errors import UsageError
+from lrsearch.sql.queries import ResultsDatabase, ensure_views, grant_reader
+from lrsearch.store.storage import prepare_database, schema_url
 
 MARKER = f"/tmp/lrsearch-attack-{uuid.uuid4().hex}"
 
@@ -115,7 +115,7 @@ def test_a_slow_query_stops_at_the_timeout(results_pg, reader_url, attack):
 
 
 def test_the_reader_reads_the_views_and_the_readme_queries(results_pg, reader_url):
-    from lrsearch.queries import _statements
+    from lrsearch.sql.queries import _statements
 
     with ResultsDatabase(reader_url, user_sql=True) as db:
         assert db.query("SELECT count(*) FROM trials").rows == [(12,)]

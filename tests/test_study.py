@@ -10,12 +10,12 @@ import pytest
 from mlflow import MlflowClient
 
 from lrsearch.config import load_config, parse_config
-from lrsearch.data import load_data
-from lrsearch.objective import Objective
-from lrsearch.storage import open_storage, redact
-from lrsearch.launch import run_study
-from lrsearch.results import best_trials, load_study
-from lrsearch.tracking import Tracker
+from lrsearch.choices.data import load_data
+from lrsearch.service.objective import Objective
+from lrsearch.store.storage import open_storage, redact
+from lrsearch.service.launch import run_study
+from lrsearch.results.ranking import best_trials, load_study
+from lrsearch.track.tracking import Tracker
 
 
 def _children(client: MlflowClient, experiment_id: str, parent_id: str):
@@ -235,7 +235,7 @@ def test_embedded_stores_are_wal_and_checkpointed_when_the_loop_ends(write_study
 
 
 def test_log_batch_calls_stay_within_mlflows_limits():
-    from lrsearch.tracking import _batches
+    from lrsearch.track.tracking import _batches
 
     batches = list(_batches(list(range(150)), list(range(5)), list(range(2500))))
     assert [(len(b["params"]), len(b["tags"]), len(b["metrics"])) for b in batches] == [
@@ -269,8 +269,8 @@ def test_a_claim_made_without_the_lock_never_passes_the_total(write_study, store
     down (another worker may have claimed the same slot): kept if the trials before it leave
     it a slot, else ended FAIL at once, untrained, with the reason."""
     from conftest import TINY_STUDY
-    from lrsearch.session import open_session
-    from lrsearch.worker import _confirm_claim
+    from lrsearch.service.session import open_session
+    from lrsearch.service.worker import _confirm_claim
 
     cfg = load_config(write_study(TINY_STUDY.replace("trials = 3", "trials = 2")))
     session = open_session(cfg, storage=stores[0], tracking=stores[1])
@@ -289,8 +289,8 @@ def test_adamw_and_nesterov_end_to_end(write_study, stores, tmp_path):
     """A study that searches the two newest registry entries: sampled only where they apply,
     decoded by the SQL views (a boolean stays a boolean), in the MLflow runs and the report."""
     from conftest import TINY_STUDY
-    from lrsearch.queries import ResultsDatabase
-    from lrsearch.report import write_report
+    from lrsearch.sql.queries import ResultsDatabase
+    from lrsearch.results.report import write_report
 
     text = (TINY_STUDY.replace('sampler = "tpe"', 'sampler = "random"').replace("trials = 3", "trials = 6")
             .replace("seed = 7", "seed = 1")
@@ -325,7 +325,7 @@ def test_adamw_and_nesterov_end_to_end(write_study, stores, tmp_path):
 
 
 def test_the_study_samples_with_multivariate_grouped_tpe_and_a_constant_liar(write_study, stores):
-    from lrsearch.session import open_session
+    from lrsearch.service.session import open_session
 
     sampler = open_session(load_config(write_study()), storage=stores[0], tracking=stores[1]).study.sampler
     assert isinstance(sampler, optuna.samplers.TPESampler)
@@ -333,7 +333,7 @@ def test_the_study_samples_with_multivariate_grouped_tpe_and_a_constant_liar(wri
 
 
 def test_heartbeat_defaults(monkeypatch, stores):
-    from lrsearch.storage import grace_period, heartbeat_interval
+    from lrsearch.store.storage import grace_period, heartbeat_interval
 
     for name in ("LRSEARCH_HEARTBEAT_INTERVAL", "LRSEARCH_HEARTBEAT_GRACE"):
         monkeypatch.delenv(name, raising=False)
@@ -366,8 +366,8 @@ def test_a_lost_trial_is_queued_again_twice_at_most(write_study, stores, monkeyp
     the trials it retries in ``retry_history``; the third loss queues nothing."""
     import time
 
-    from lrsearch.session import open_session
-    from lrsearch.worker import MAX_RETRIES, _fail_stale_trials
+    from lrsearch.service.session import open_session
+    from lrsearch.service.worker import MAX_RETRIES, _fail_stale_trials
 
     monkeypatch.setenv("LRSEARCH_HEARTBEAT_GRACE", "1")
     monkeypatch.setenv("LRSEARCH_HEARTBEAT_INTERVAL", "1")
@@ -394,8 +394,8 @@ def test_a_trial_that_beats_again_between_two_looks_is_not_failed(write_study, s
     trial alone; a trial that went on without a beat is failed then."""
     import time
 
-    from lrsearch.session import open_session
-    from lrsearch.worker import _fail_stale_trials
+    from lrsearch.service.session import open_session
+    from lrsearch.service.worker import _fail_stale_trials
 
     monkeypatch.setenv("LRSEARCH_HEARTBEAT_GRACE", "1")
     monkeypatch.setenv("LRSEARCH_HEARTBEAT_INTERVAL", "1")
@@ -416,7 +416,7 @@ def test_a_trial_that_beats_again_between_two_looks_is_not_failed(write_study, s
 def test_a_trial_is_failed_with_its_reason_in_one_step_unless_its_worker_told_it_first(write_study, stores):
     """Failing a stale trial writes its reason and its FAIL state together, holding its row:
     a trial its own worker told meanwhile is left as told, without the reason."""
-    from lrsearch.session import open_session
+    from lrsearch.service.session import open_session
 
     session = open_session(load_config(write_study()), storage=stores[0], tracking=stores[1])
     lr = {"lr": optuna.distributions.FloatDistribution(1e-3, 0.1, log=True)}
@@ -432,9 +432,9 @@ def test_an_array_whose_trials_were_all_ended_elsewhere_before_they_began_trains
     """A worker that claimed trials, then paused past the grace period while another worker
     failed them, finds them ended as it begins them: it says so and goes on (no fit of an
     empty array, no error)."""
-    from lrsearch.session import open_session
-    from lrsearch.stopping import StopFlag
-    from lrsearch.worker import Worker, _Array, _claim
+    from lrsearch.service.session import open_session
+    from lrsearch.core.stopping import StopFlag
+    from lrsearch.service.worker import Worker, _Array, _claim
 
     session = open_session(load_config(write_study()), storage=stores[0], tracking=stores[1])
     worker = Worker(session.store, session.url, session.tracker)

@@ -8,9 +8,9 @@ import math
 import pytest
 
 from lrsearch.config import parse_config
-from lrsearch.data import load_data
-from lrsearch.objective import outcome
-from lrsearch.training import train
+from lrsearch.choices.data import load_data
+from lrsearch.service.objective import outcome
+from lrsearch.fit.training import train
 
 CFG = parse_config({"study": {"name": "t"}, "train": {"epochs": 4, "batch_size": 50}}, "t.toml")
 DATA = load_data(CFG.data)

@@ -17,7 +17,7 @@ import pytest
 
 from conftest import free_port, wait_for_http
 from lrsearch.config import load_config
-from lrsearch.launch import run_study
+from lrsearch.service.launch import run_study
 
 # Worker processes, servers or a browser: seconds each (python -m pytest -m "not slow" leaves them out).
 pytestmark = pytest.mark.slow

@@ -1,7 +1,7 @@
 -- lrsearch's SQL views over Optuna's tables (schema `optuna`) and MLflow's (schema `mlflow`).
 -- One text for PostgreSQL and SQLite: a macro name and its arguments (split by ;;) in
--- braces mark the few dialect-specific expressions, expanded by lrsearch/queries.py;
--- the attr macro gives the key of an Optuna attribute (lrsearch/attrs.py).
+-- braces mark the few dialect-specific expressions, expanded by lrsearch/sql/queries.py;
+-- the attr macro gives the key of an Optuna attribute (lrsearch/core/attrs.py).
 -- On PostgreSQL the views live in schema `lrsearch`; on SQLite they are TEMP views over the attached `optuna` and `mlflow` files.
 
 -- One row per trial of every study. `value` is NULL unless finite; categorical params are
@@ -72,7 +72,7 @@ FROM (
 
 -- One row per study: its trials by state, its best trial and its MLflow parent run; for a
 -- submitted study (`lrsearch submit`, `run`), its total, its state (the rule of
--- lrsearch/phase.py: done, cancelled, running, unrunnable, interrupted, queued, the first
+-- lrsearch/core/phase.py: done, cancelled, running, unrunnable, interrupted, queued, the first
 -- that holds), why when unrunnable or interrupted, and when it was first submitted. best_*
 -- are NULL for multi-objective studies (a Pareto front has no single best).
 {create_view: studies}

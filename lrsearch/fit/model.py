@@ -1,0 +1,257 @@
+"""The LightningModule that trains an array of K MLPs of one architecture at once: their
+weights stacked (``[K, in, out]``, biases ``[K, 1, out]``), one batched matmul per layer for
+all of them, one batched optimizer update. A trial trained alone is an array of one."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Protocol, Sequence
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+
+from lrsearch.core import faults
+from lrsearch.fit.array_optimizer import ArrayOptimizer
+from lrsearch.fit.member import Member
+from lrsearch.choices.network import build_mlp
+from lrsearch.choices.optimizers import make_optimizer
+from lrsearch.choices.schedules import make_schedule
+
+# LearningRateMonitor logs member KEY's learning rate as "lr@KEY" (and its momentum as
+# "lr@KEY-momentum"); the array's logger files them under LR_NAME for that member.
+LR_NAME = "lr"
+
+
+class ArrayHost(Protocol):
+    """Who the array reports to at each epoch boundary: a member that ended (finished,
+    pruned, diverged, or stopped), and how many slots are free for new members."""
+
+    def leave(self, member: Member) -> None: ...
+
+    def refill(self, free: int) -> Sequence[Member]: ...
+
+
+class ArrayClassifier(pl.LightningModule):
+    """Trains with manual optimization: one Lightning "batch" is the whole epoch, sliced into
+    minibatches here (each member in its own order), so Lightning's per-step hooks run once
+    per epoch instead of once per optimizer update (they cost more than these small
+    networks' compute). It validates each member on the whole validation set at the end of
+    its epoch, in one batched forward pass, rather than through Lightning's validation loop.
+
+    Each member keeps what a trial trained alone has: its own initial weights (drawn by its
+    own generator, as alone), its own data order, optimizer, schedule (PyTorch's scheduler,
+    stepped on a weightless "shadow" optimizer whose learning rate is copied into the
+    batched update), divergence check and pruning checks. At each epoch boundary the members
+    that ended leave (their slices are dropped) and the host may send new ones in their
+    place; the fit ends when no member is left.
+    """
+
+    def __init__(self, cfg: Any, n_features: int, n_classes: int, val: tuple[torch.Tensor, torch.Tensor],
+                 steps_per_epoch: int, members: Sequence[Member], host: ArrayHost | None = None,
+                 stop: Any = None, pruning: Any = None) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.cfg = cfg
+        self.shape = (n_features, n_classes)
+        self.val = val
+        self.batch_size = cfg.train.batch_size
+        self.steps_per_epoch = steps_per_epoch  # optimizer updates per epoch
+        self.host = host
+        self.stop = stop
+        self.pruning = pruning
+        self.activation = getattr(torch.nn, _activation_class(cfg))()
+        self.members: list[Member] = []
+        self.weights: list[torch.Tensor] = []  # W0, b0, W1, b1, ...: leaves, dim 0 = member
+        self.optimizer: ArrayOptimizer | None = None
+        self.epoch_ends: list[float] = []  # perf_counter() at each epoch's end (the array-size probe reads them)
+        self._first = list(members)
+
+    # -- membership ----------------------------------------------------------------------
+
+    def _stack(self, keep: Sequence[int], new: Sequence[Member]) -> None:
+        """The stacked weights of the members at ``keep`` (indices into ``self.members``) and
+        of ``new`` ones, initialized as each would be alone; the optimizer's state follows
+        them. Members are ordered by optimizer, so that each optimizer's batched update
+        reads one contiguous run of slots."""
+        fresh = [self._initial_weights(m) for m in new]
+        rows = [*((self.members[i], i, None) for i in keep), *((m, None, f) for m, f in zip(new, fresh))]
+        rows.sort(key=lambda row: _kind(row[0].hp))
+        stacked = []
+        for layer in range(len(fresh[0]) if fresh else len(self.weights)):
+            old = self.weights[layer].detach() if keep else None
+            stacked.append(torch.stack([old[i] if i is not None else f[layer]  # type: ignore[index]
+                                        for _, i, f in rows]).requires_grad_(True))
+        self.weights = stacked
+        self.members = [m for m, _, _ in rows]
+        if self.optimizer is None:
+            self.optimizer = ArrayOptimizer(self.weights)
+        else:
+            self.optimizer.rebind(self.weights, [i for _, i, _ in rows])
+        for slot, (member, i, _) in enumerate(rows):
+            if i is None:
+                self._start(member, slot)
+
+    def _initial_weights(self, member: Member) -> list[torch.Tensor]:
+        """The weights ``build_mlp`` gives this member's seed: the same as alone."""
+        member.generator = torch.Generator().manual_seed(member.seed)
+        net = build_mlp(*self.shape, self.cfg.model, member.generator)
+        return [t for layer in net if isinstance(layer, torch.nn.Linear)
+                for t in (layer.weight.detach().t(), layer.bias.detach().unsqueeze(0))]
+
+    def _start(self, member: Member, slot: int) -> None:
+        """Its optimizer settings in the batched update, and its schedule on a shadow
+        optimizer, listed where Lightning's LearningRateMonitor finds it."""
+        assert self.optimizer is not None
+        member.shadow = make_optimizer([torch.zeros(1, requires_grad=True)], member.hp)
+        member.shadow._opt_called = True  # type: ignore[attr-defined]  # its scheduler never sees a step
+        member.schedule = make_schedule(member.shadow, member.hp, member.epochs, self.steps_per_epoch)
+        self.optimizer.assign(slot, member.hp)
+        self.optimizer.set_lr(slot, member.lr)
+        from pytorch_lightning.utilities.types import LRSchedulerConfig
+
+        self.trainer.strategy.lr_scheduler_configs.append(LRSchedulerConfig(
+            member.schedule.scheduler, name=f"{LR_NAME}@{member.key}", interval="epoch"))
+
+    def _forget(self, member: Member) -> None:
+        """Its schedule off LearningRateMonitor's list."""
+        configs = self.trainer.strategy.lr_scheduler_configs
+        configs[:] = [c for c in configs if c.scheduler is not member.schedule.scheduler]
+
+    def configure_optimizers(self) -> None:
+        # The members' shadow optimizers and schedulers are listed as they join (``_start``).
+        return None
+
+    def on_fit_start(self) -> None:
+        self._stack([], self._first)
+        self._first = []
+
+    # -- one epoch -----------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``[K, batch, classes]`` for inputs ``[K, batch, features]``."""
+        w = self.weights
+        for i in range(0, len(w), 2):
+            x = torch.baddbmm(w[i + 1], x, w[i])
+            if i + 2 < len(w):
+                x = self.activation(x)
+        return x
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        members, optimizer = self.members, self.optimizer
+        assert optimizer is not None
+        k, n = len(members), len(x)
+        orders = torch.stack([torch.randperm(n, generator=m.generator) for m in members])
+        # The schedules that move the learning rate after every update (or are warming up).
+        stepped = [(slot, m) for slot, m in enumerate(members) if m.schedule.per_update]
+        loss_sum = torch.zeros(k, dtype=torch.float64)
+        correct = torch.zeros(k, dtype=torch.long)
+        active: torch.Tensor | None = None  # None: every member still updates this epoch
+        broken: dict[int, float] = {}  # slot -> its non-finite training loss
+        for start in range(0, n, self.batch_size):
+            idx = orders[:, start:start + self.batch_size]
+            yb = y[idx]
+            logits = self(x[idx])
+            losses = F.cross_entropy(logits.transpose(1, 2), yb, reduction="none").mean(1)
+            values = losses.detach()
+            finite = torch.isfinite(values)
+            if not bool(finite.all()) and (active is None or bool((active & ~finite).any())):
+                for slot in (~finite).nonzero().flatten().tolist():
+                    if slot not in broken:
+                        broken[slot] = float(values[slot])
+                        self._diverge(members[slot], "train/loss")
+                active = finite if active is None else active & finite
+                if not bool(active.any()):
+                    break
+            optimizer.zero_grad()
+            (losses.sum() if active is None else torch.where(active, losses, 0.0).sum()).backward()
+            optimizer.step(active)
+            for slot, m in stepped:
+                m.schedule.step_update()
+                optimizer.set_lr(slot, m.lr)
+            b = idx.shape[1]
+            counted = values if active is None else torch.where(active, values, 0.0)
+            loss_sum += counted.double() * b
+            correct += (logits.argmax(-1) == yb).sum(1) if active is None else \
+                ((logits.argmax(-1) == yb).sum(1) * active)
+        train_loss = (loss_sum / n).tolist()
+        for slot, value in broken.items():
+            train_loss[slot] = value
+        train_acc = (correct.double() / n).tolist()
+        self._end_epoch(train_loss, train_acc)
+
+    @torch.no_grad()
+    def _validate(self) -> tuple[list[float], list[float]]:
+        x, y = self.val
+        k = len(self.members)
+        logits = self(x.expand(k, -1, -1))
+        losses = F.cross_entropy(logits.transpose(1, 2), y.expand(k, -1), reduction="none").mean(1)
+        correct = (logits.argmax(-1) == y).sum(1)
+        return losses.tolist(), (correct.double() / len(y)).tolist()
+
+    def _diverge(self, member: Member, key: str) -> None:
+        """It ends at the end of this epoch: ``key`` is not finite (the trial ends PRUNED, saying so)."""
+        if member.result.diverged_at is None:
+            member.result.diverged_at, member.result.diverged_on = member.epoch, key
+
+    # -- the epoch boundary --------------------------------------------------------------
+
+    def _end_epoch(self, train_loss: list[float], train_acc: list[float]) -> None:
+        """Each member's metrics, schedule and pruning check; then the members that ended
+        leave, the host fills their slots, and the fit ends once no member is left."""
+        if self.host is not None:  # a study's trials (not the auto probe's)
+            faults.point("epoch")
+        val_loss, val_acc = self._validate()
+        self.epoch_ends.append(time.perf_counter())
+        stopping = self.stop is not None and self.stop.requested
+        assert self.optimizer is not None
+        for slot, m in enumerate(self.members):
+            metrics = {"train/loss": train_loss[slot], "train/acc": train_acc[slot],
+                       "val/loss": val_loss[slot], "val/acc": val_acc[slot]}
+            m.result.logger.log_metrics(metrics, step=m.epoch)
+            # Whatever the metric: a NaN validation loss still leaves a finite val/acc (argmax
+            # of NaN logits), which would rank the trial COMPLETE.
+            if not math.isfinite(val_loss[slot]):
+                self._diverge(m, "val/loss")
+            if m.result.diverged_at is None:
+                m.schedule.step_epoch(metrics)
+                self.optimizer.set_lr(slot, m.lr)
+            if self.pruning is not None and m.trial is not None:
+                self.pruning.epoch_end(m, metrics, last=m.epoch + 1 >= m.epochs, stopping=stopping)
+            m.result.epochs += 1
+        leaving = [m for m in self.members if stopping or m.ended_early or m.epoch >= m.epochs]
+        for m in leaving:
+            if self.pruning is not None:
+                self.pruning.settle(m)
+            self._forget(m)
+            if self.host is not None:
+                self.host.leave(m)
+        keep = [i for i, m in enumerate(self.members) if m not in leaving]
+        new = list(self.host.refill(len(leaving))) if self.host is not None and leaving and not stopping else []
+        if self.pruning is not None:
+            # The checks start once this boundary's trials are told and new ones claimed: each
+            # check sees the study as it stands here, whatever the thread's timing.
+            self.pruning.submit()
+        if leaving or new:
+            if not keep and not new:
+                self.members = []
+                self.trainer.should_stop = True
+                return
+            self._stack(keep, new)
+
+    def on_train_epoch_end(self) -> None:
+        if not self.members:
+            self.trainer.should_stop = True
+
+
+def _kind(hp: Any) -> tuple[str, bool, bool]:
+    """Members that share one batched update: one optimizer, momentum or not, Nesterov or not."""
+    return hp["optimizer"], bool(hp.get("momentum")), bool(hp.get("nesterov"))
+
+
+def _activation_class(cfg: Any) -> str:
+    from lrsearch.choices.network import ACTIVATIONS
+
+    return ACTIVATIONS[cfg.model.activation].torch_class

@@ -1,0 +1,178 @@
+"""What a study's and a trial's MLflow runs say about themselves in the MLflow UI.
+
+- A run's description: MLflow renders the tag ``mlflow.note.content`` as Markdown on the run
+  page. The study's parent run gets its outcome, a table of the top trials linked to their
+  runs and the report's figures; each trial's run gets one line (its hyperparameters and how
+  it ended), because the runs table shows a pruned trial only as "Killed".
+- The trials table: an MLflow *shared view* (an experiment tag
+  ``mlflow.sharedViewState.<key>`` holding the runs table's state as JSON; MLflow 3.17's UI
+  reads it for ``…/runs?viewStateShareKey=<key>``) filters the experiment to the study's
+  trials, ranks them by ``objective`` (logged on COMPLETE trials only, so they come first)
+  and shows the searched hyperparameters, the state and the pruning reason as columns.
+
+Links inside descriptions are relative to the UI (``#/experiments/…``, ``get-artifact?…``),
+so they work whatever host and port serve it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Mapping, Sequence
+from urllib.parse import quote
+
+from lrsearch.core import attrs
+from lrsearch.core.names import NOTE_FIGURES, OBJECTIVE_METRIC, PREVIEW_DIR, run_path, trials_path
+from lrsearch.core.phase import explain
+from lrsearch.core.text import fmt, params_text
+
+TOP_TRIALS = 10
+# MLflow 3.17's run page draws a description's tables with neither cell padding nor borders
+# (its sanitizer drops style and class attributes), so neighbouring columns ran together
+# (`val/accepochs`). Each cell but a row's last ends in this gap: an entity, not a space
+# character, which the Markdown renderer would trim from the cell.
+CELL_GAP = "&emsp;&ensp;"  # 1.5 em
+_MAX_NOTE = 8000  # MLflow's limit on a tag value
+
+
+def trial_note(state: str, reason: str | None, metric: str, value: float | None, epochs: int,
+               params: Mapping[str, Any]) -> str:
+    """One line for a trial's run: how it ended, then its sampled hyperparameters."""
+    if state == "COMPLETE" and value is not None:
+        ended = f"COMPLETE: {metric} {fmt(value)} after {epochs} epochs"
+    else:
+        ended = f"{state}: {reason or 'no reason recorded'}"
+    return f"{ended} · {params_text(params)}" if params else ended
+
+
+def trials_view(study_name: str, direction: str, metric: str, params: Sequence[str]) -> str:
+    """The shared view's state (JSON): the study's trials, best first, with the columns that
+    explain them. Column keys are the UI's own (``metrics.`val/acc```)."""
+    columns = [f"metrics.`{OBJECTIVE_METRIC}`", f"metrics.`{metric}`",
+               *(f"params.`{p}`" for p in params), "tags.`state`", "tags.`reason`"]
+    return json.dumps({
+        "searchFilter": f"tags.study = '{study_name}'",
+        "orderByKey": f"metrics.`{OBJECTIVE_METRIC}`",
+        "orderByAsc": direction == "minimize",
+        "selectedColumns": columns,
+    })
+
+
+def study_note(study: Any, *, phase: str, experiment_id: str, figures: Sequence[str] = (),
+               parent_run_id: str | None = None, pruner: str | None = None,
+               user_attrs: Mapping[str, Any] | None = None) -> str:
+    """The parent run's description: the study's outcome, its top trials linked to their runs,
+    and ``figures`` (artifact paths of this run, e.g. ``report/optimization_history.png``).
+    ``phase``: what the study is doing (a phase of ``phase.py``: "running", "done", …). ``user_attrs``: the
+    study's, if already read (each ``study.user_attrs`` is a query)."""
+    from optuna.trial import TrialState
+
+    from lrsearch.results.ranking import by_state, direction, duration_s, ranking, state_text
+    from lrsearch.choices.space import in_sampling_order
+
+    trials = study.get_trials(deepcopy=False)
+    user_attrs = study.user_attrs if user_attrs is None else user_attrs
+    metric = user_attrs.get(attrs.METRIC, "value")
+    target = user_attrs.get(attrs.TARGET)
+    counts = by_state(trials)
+    finished = counts.get("COMPLETE", 0) + counts.get("PRUNED", 0)
+    counted = state_text(counts) or "no trials yet"
+    way = direction(study)
+    lines = [f"**{study.study_name}** · {phase} · {finished} of {target if target is not None else '?'} "
+             f"trials ({counted}) · {way} {metric}", ""]
+    why = explain(phase, user_attrs.get(attrs.UNRUNNABLE), user_attrs.get(attrs.INTERRUPTED))
+    if why:
+        lines += [f"{phase.capitalize()}: {why}.", ""]
+    best = ranking(trials, way)
+    if best:
+        b = best[0]
+        lines += [f"Best {metric}: **{fmt(b.value)}**, [trial {b.number}]({_trial_link(experiment_id, b)}): "
+                  f"{params_text(in_sampling_order(b.params))}", ""]
+        lines += [_table_row(["rank", "trial", metric, "epochs", "s", "params"]), "|---|---|---|---|---|---|"]
+        for rank, t in enumerate(best[:TOP_TRIALS], 1):
+            seconds = duration_s(t)
+            # The trial's number alone: "trial-10" broke at its hyphen in a narrow box.
+            lines.append(_table_row([str(rank), f"[{t.number}]({_trial_link(experiment_id, t)})", fmt(t.value),
+                                     str(t.user_attrs.get(attrs.EPOCHS_TRAINED, "")),
+                                     "" if seconds is None else f"{seconds:.1f}",
+                                     params_text(in_sampling_order(t.params))]))
+        lines.append("")
+    pruned = counts.get("PRUNED", 0)
+    if pruned:
+        lines += [f"{pruned} trials were stopped early (PRUNED{f', by the {pruner} pruner' if pruner else ''}; "
+                  f"the reason is each trial run's description and `reason` tag). "
+                  f"[All trials, best first]({trials_path(experiment_id)})", ""]
+    elif trials:
+        lines += [f"[All trials, best first]({trials_path(experiment_id)})", ""]
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    if failed:
+        last = failed[-1]
+        lines += [f"{len(failed)} trials failed (retried: they do not count); the last, trial {last.number}: "
+                  f"{last.user_attrs.get(attrs.REASON, 'no reason recorded')}", ""]
+    if figures and parent_run_id:
+        lines.append("Figures from the study's report (this run's artifacts, `report/`: full size there, "
+                     "and all of them in `report.html`):")
+        lines.append("")
+        lines += [f"![{_title(path)}](get-artifact?path={quote(path, safe='')}&run_uuid={parent_run_id})"
+                  for path in figures]
+    note = "\n".join(lines).rstrip() + "\n"
+    return note if len(note) <= _MAX_NOTE else note[:_MAX_NOTE - 2] + "…\n"
+
+
+def searched(params: Mapping[str, Any]) -> list[str]:
+    """The hyperparameters a study searches (not fixed), in sampling order: the trials view's
+    param columns. All of them when none varies."""
+    from lrsearch.choices.space import Fixed, in_sampling_order
+
+    varied = [k for k in in_sampling_order(params) if not isinstance(params[k], Fixed)]
+    return varied or list(in_sampling_order(params))
+
+
+def phase_of(study: Any, user_attrs: Mapping[str, Any] | None = None) -> str:
+    """What a study is doing, as its description says it (the rule of ``phase.py``, which
+    ``status`` and the ``studies`` view follow). ``user_attrs``: as for :func:`study_note`."""
+    from lrsearch.core.phase import phase
+    from lrsearch.results.ranking import counts
+
+    user_attrs = study.user_attrs if user_attrs is None else user_attrs
+    finished, running = counts(study)
+    target = user_attrs.get(attrs.TARGET)
+    return phase(target=finished + 1 if target is None else target, finished=finished, running=running,
+                 cancelled=user_attrs.get(attrs.CANCELLED), unrunnable=user_attrs.get(attrs.UNRUNNABLE),
+                 interrupted=user_attrs.get(attrs.INTERRUPTED))
+
+
+def write_study_note(study: Any, tracker: Any, phase: str | None = None,
+                     user_attrs: Mapping[str, Any] | None = None) -> None:
+    """Set the study's parent run description (:func:`study_note`) as the study stands now
+    (``phase``: as :func:`phase_of` tells, unless given), with the report's main figures if
+    the run has them. ``user_attrs``: as for :func:`study_note`."""
+    from lrsearch.config import stored_config
+
+    user_attrs = study.user_attrs if user_attrs is None else user_attrs  # read once: each access is a query
+    parent = user_attrs.get(attrs.PARENT_RUN)
+    experiment_id = user_attrs.get(attrs.EXPERIMENT)
+    if not parent or not experiment_id:
+        return
+    raw = user_attrs.get(attrs.CONFIG)
+    pruner = stored_config(raw, study.study_name).study.pruner if raw is not None else None
+    folder = f"report/{PREVIEW_DIR}"
+    logged = set(tracker.artifact_files(parent, folder))
+    figures = [f"{folder}/{name}" for name in NOTE_FIGURES if f"{folder}/{name}" in logged]
+    tracker.set_note(parent, study_note(study, phase=phase or phase_of(study, user_attrs), experiment_id=experiment_id,
+                                        figures=figures, parent_run_id=parent,
+                                        pruner=pruner if pruner != "none" else None, user_attrs=user_attrs))
+
+
+def _table_row(cells: Sequence[str]) -> str:
+    """A Markdown table row whose cells, but the last, end in CELL_GAP."""
+    return "| " + " | ".join([*(f"{cell}{CELL_GAP}" for cell in cells[:-1]), cells[-1]]) + " |"
+
+
+def _trial_link(experiment_id: str, trial: Any) -> str:
+    run_id = trial.user_attrs.get(attrs.MLFLOW_RUN)
+    return run_path(experiment_id, run_id) if run_id else trials_path(experiment_id)
+
+
+def _title(path: str) -> str:
+    return path.rsplit("/", 1)[-1].rsplit(".", 1)[0].replace("_", " ")
+

@@ -1,0 +1,141 @@
+"""Reading a study's results: its trials counted, ranked and shown as records.
+
+One ranking serves every view of the trials (``run``'s summary, the progress bar, the
+parent run's metrics, the report): best first in the study's direction, ties to the
+earlier trial. ``sql/views.sql`` ranks ``best_trials`` by the same rule in SQL, for
+``lrsearch best`` and SQL users; ``tests/test_results.py`` holds the two together.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import timedelta
+from typing import Any, Iterable, Mapping, Sequence, TypeVar
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from lrsearch.core import attrs
+from lrsearch.core.errors import unknown_study
+from lrsearch.choices.space import in_sampling_order
+from lrsearch.store.storage import open_storage, redact, storage_url
+
+# Trials that count towards a study's total: a FAIL is retried, a PRUNED one is an answer.
+FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
+
+T = TypeVar("T")
+
+
+def ranking(trials: Iterable[T], direction: str, states: Sequence[str] = ("COMPLETE",)) -> list[T]:
+    """The trials in ``states`` that have a finite value, best first in ``direction``
+    ("maximize" or "minimize"), ties to the earlier trial; states in the order given
+    (COMPLETE before PRUNED: a pruned trial's value is its last report, not its result).
+    Trials are anything with ``number``, ``state`` (a TrialState or its name) and ``value``."""
+    sign = -1.0 if direction == "maximize" else 1.0
+    order = {state: i for i, state in enumerate(states)}
+
+    def state(t: Any) -> str:
+        return getattr(t.state, "name", t.state)
+
+    kept = [t for t in trials if state(t) in order and t.value is not None and math.isfinite(t.value)]
+    return sorted(kept, key=lambda t: (order[state(t)], sign * t.value, t.number))
+
+
+def best_so_far(trials: Sequence[T], direction: str) -> list[T]:
+    """For each trial of ``trials`` (in trial order), the best of it and those before it,
+    by :func:`ranking`'s rule."""
+    out: list[T] = []
+    for t in trials:
+        out.append(t if not out else ranking([out[-1], t], direction, (getattr(t.state, "name", t.state),))[0])
+    return out
+
+
+def direction(study: optuna.Study) -> str:
+    return study.direction.name.lower()
+
+
+def best_trials(study: optuna.Study, top: int = 10) -> list[dict[str, Any]]:
+    """The ``top`` COMPLETE trials, best first, as :func:`trial_record` shows them."""
+    return [trial_record(t) for t in ranking(study.get_trials(deepcopy=False), direction(study))[:top]]
+
+
+def trial_record(t: FrozenTrial) -> dict[str, Any]:
+    """One trial as ``run`` and ``best`` show it. ``params`` are the values Optuna sampled
+    (fixed values included: they are suggested too), in sampling order, as in the SQL
+    views' ``params``; the defaults a trial also trained with are in its
+    ``hyperparameters`` attribute and its MLflow run's params."""
+    return {"number": t.number, "value": t.value, "state": t.state.name, "params": in_sampling_order(t.params),
+            "duration_s": duration_s(t), "mlflow_run_id": t.user_attrs.get(attrs.MLFLOW_RUN)}
+
+
+def duration_s(t: FrozenTrial) -> float | None:
+    """A trial's duration as every view shows it (``run``, ``best``, the SQL views, the
+    description, the report): from its stored start to its stored completion, in whole
+    milliseconds (rounded half away from zero), in seconds. The views compute the same from
+    the stored times (the ``seconds`` macro in queries.py), so one trial shows one number."""
+    if t.datetime_start is None or t.datetime_complete is None:
+        return None
+    micro = (t.datetime_complete - t.datetime_start) // timedelta(microseconds=1)  # exact
+    milli = (abs(micro) + 500) // 1000
+    return (milli if micro >= 0 else -milli) / 1000
+
+
+def counts(study: optuna.Study) -> tuple[int, int]:
+    """Trials that count towards the total (COMPLETE + PRUNED), and trials RUNNING."""
+    trials = study.get_trials(deepcopy=False, states=(*FINISHED_STATES, TrialState.RUNNING))
+    running = sum(t.state == TrialState.RUNNING for t in trials)
+    return len(trials) - running, running
+
+
+def count_finished(study: optuna.Study) -> int:
+    return counts(study)[0]
+
+
+def by_state(trials: Sequence[FrozenTrial]) -> dict[str, int]:
+    """``{"COMPLETE": 12, "PRUNED": 8}``: how many trials are in each state, by name."""
+    counted: dict[str, int] = {}
+    for t in trials:
+        counted[t.state.name] = counted.get(t.state.name, 0) + 1
+    return counted
+
+
+def state_text(counted: Mapping[str, int]) -> str:
+    """``12 COMPLETE, 8 PRUNED``, states in alphabetical order (every view of a study's counts)."""
+    return ", ".join(f"{n} {s}" for s, n in sorted(counted.items()))
+
+
+def state_counts(study: optuna.Study) -> str:
+    """``12 COMPLETE, 8 PRUNED``: the study's trials by state."""
+    return state_text(by_state(study.get_trials(deepcopy=False)))
+
+
+def summary(study: optuna.Study) -> dict[str, float]:
+    """The parent run's closing metrics: trials by state, the best value and trial."""
+    trials = study.get_trials(deepcopy=False)
+    out = {f"n_{s.name.lower()}": float(sum(t.state == s for t in trials))
+           for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+    best = ranking(trials, direction(study))
+    if best:
+        out["best_value"] = best[0].value
+        out["best_trial"] = float(best[0].number)
+    return out
+
+
+def tracking_warnings(study: optuna.Study) -> list[str]:
+    """One line for trials whose MLflow record was lost (the tracking store stopped answering)."""
+    lost = [t.number for t in study.get_trials(deepcopy=False) if attrs.TRACKING_ERROR in t.user_attrs]
+    if not lost:
+        return []
+    shown = ", ".join(map(str, lost[:10])) + (", …" if len(lost) > 10 else "")
+    return [f"MLflow tracking was lost for {len(lost)} trials ({shown}); they are complete in Optuna, "
+            f"with the error in their {attrs.TRACKING_ERROR!r} user attribute"]
+
+
+def load_study(name: str, storage: str | None = None) -> optuna.Study:
+    """An existing study, or :class:`UsageError` naming the studies that do exist."""
+    url = storage_url(storage)
+    store = open_storage(url, create=False)
+    names = [s.study_name for s in optuna.get_all_study_summaries(store, include_best_trial=False)]
+    if name not in names:
+        raise unknown_study(name, redact(url), names)
+    return optuna.load_study(study_name=name, storage=store)

@@ -1,0 +1,155 @@
+"""Running a study from this host: this process is a worker, and ``workers - 1`` more
+``lrsearch worker`` processes are started first, so they all import torch and Lightning at
+once. Whichever of them ends last closes the study's parent run, as the study stands.
+
+Light on purpose: nothing heavy is imported before the other workers have started.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Sequence
+
+from lrsearch.core.errors import LrsearchError
+from lrsearch.core.stopping import PARENT_FD_ENV, PARENT_PID_ENV, StopFlag
+from lrsearch.store.storage import STORAGE_ENV, TRACKING_ENV, storage_url, tracking_uri
+
+if TYPE_CHECKING:
+    import optuna
+
+    from lrsearch.config import Config
+
+
+@dataclass
+class StudyRun:
+    """A study after ``run_study``: where its records are and how to find them."""
+
+    study: optuna.Study
+    target: int
+    experiment_id: str
+    parent_run_id: str
+    url: str
+    warnings: list[str]
+    errors: list[str] = field(default_factory=list)  # other worker processes that failed
+    cancelled: bool = False  # by `lrsearch cancel` while it ran
+
+
+def run_study(cfg: Config, *, storage: str | None = None, tracking: str | None = None,
+              study_file: Path | None = None, workers: int = 1, callbacks: Sequence[Callable] = (),
+              on_start: Callable[[int, int], None] | None = None, stop: StopFlag | None = None,
+              worker: int = 0, array: int | str | None = None) -> StudyRun:
+    """Create or resume the study ``cfg`` describes and run trials until its total is reached,
+    here and in ``workers - 1`` other processes (which need ``study_file``).
+
+    ``on_start(target, finished)`` is called once the study is open; ``callbacks`` after
+    each trial run here, as ``study.optimize`` calls them. Signals ``stop`` receives are
+    passed on to the other processes. ``array`` overrides ``[train] array`` in every worker.
+    """
+    stop = stop or StopFlag()
+    others, alive = _start_workers(cfg, study_file, workers - 1, storage, tracking, array) if workers > 1 else ([], -1)
+    if others:
+        stop.on_signal = lambda signum: _signal(others, signum)
+    from lrsearch.core import attrs
+    from lrsearch.results.ranking import count_finished, tracking_warnings
+    from lrsearch.service.session import close_parent, open_session
+    from lrsearch.service.worker import setup_process, stopped_by, work
+
+    session = None
+    status, why = "FAILED", None
+    try:
+        setup_process()
+        session = open_session(cfg, storage=storage, tracking=tracking, study_file=study_file, worker=worker)
+        if on_start is not None:
+            on_start(session.target, count_finished(session.study))
+        work(session, stop=stop, callbacks=callbacks, index=worker, array=array)
+        status = "FINISHED"
+    except BaseException as e:
+        if session is None:  # the study never opened here (bad data, unreachable store): nor there
+            _signal(others, signal.SIGTERM)
+        status, why = stopped_by(e)
+        raise
+    finally:
+        for w in others:  # their last trials, or their own interruption
+            w.wait()
+        if session is not None and others:  # work() closed it for this worker; the last closes it
+            close_parent(session, status, why)
+        if alive >= 0:
+            os.close(alive)  # the others' pipe: end of file
+    failed = [w.error for w in others if w.proc.returncode != 0]
+    cancelled = session.store.get_study_user_attrs(session.study_id).get(attrs.CANCELLED) is not None
+    return StudyRun(session.study, session.target, session.experiment_id, session.parent_run_id,
+                    session.mlflow_url,
+                    session.warnings + tracking_warnings(session.study) + [x for w in others for x in w.warnings],
+                    [f"{len(failed)} of {len(others)} other workers failed ({failed[0]})"] if failed else [],
+                    cancelled)
+
+
+class _WorkerProcess:
+    """A worker process started by ``run_study``, its stderr read on a thread: its warnings
+    are shown by this process, and its error line, if it fails, named in this process's."""
+
+    def __init__(self, proc: subprocess.Popen, index: int) -> None:
+        self.proc = proc
+        self.index = index
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line.rstrip("\n"))
+
+    def wait(self) -> None:
+        self.proc.wait()
+        self._reader.join()
+
+    @property
+    def warnings(self) -> list[str]:
+        prefix = "lrsearch: warning: "
+        return [f"worker {self.index}: {line[len(prefix):]}" for line in self.lines if line.startswith(prefix)]
+
+    @property
+    def error(self) -> str:
+        prefix = "lrsearch: error: "
+        errors = [line[len(prefix):] for line in self.lines if line.startswith(prefix)]
+        return f"worker {self.index}: " + (errors[-1] if errors else f"exit code {self.proc.returncode}")
+
+
+def _start_workers(cfg: Config, study_file: Path | None, count: int, storage: str | None,
+                   tracking: str | None, array: int | str | None) -> tuple[list[_WorkerProcess], int]:
+    """``count`` ``lrsearch worker`` processes on this study, and the write end of a pipe
+    whose end of file tells them that this process died (kept here, not inherited, until
+    closed). They get the store URLs through their environment, never their command lines
+    (which every local user can read)."""
+    if study_file is None:
+        raise LrsearchError("other worker processes need the study file")
+    command = [sys.executable, "-m", "lrsearch.cli", "worker", str(study_file), "--name", cfg.study.name,
+               "--epochs", str(cfg.train.epochs)]
+    if cfg.study.trials is not None:
+        command += ["--trials", str(cfg.study.trials)]
+    if array is not None:
+        command += ["--array", str(array)]
+    read_end, alive = os.pipe()
+    env = {**os.environ, STORAGE_ENV: storage_url(storage), TRACKING_ENV: tracking_uri(tracking),
+           PARENT_FD_ENV: str(read_end), PARENT_PID_ENV: str(os.getpid())}
+    try:
+        # Own sessions: a Ctrl-C reaches this process only, which passes it on.
+        return [_WorkerProcess(subprocess.Popen([*command, "--worker-index", str(i)], start_new_session=True,
+                                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                                text=True, pass_fds=(read_end,)), i)
+                for i in range(1, count + 1)], alive
+    finally:
+        os.close(read_end)
+
+
+def _signal(others: Sequence[_WorkerProcess], signum: int) -> None:
+    for w in others:
+        if w.proc.poll() is None:
+            w.proc.send_signal(signum)

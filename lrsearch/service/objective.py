@@ -1,0 +1,231 @@
+"""The objective: a trial's params, a trained model, a metric, and the MLflow run that records it."""
+
+from __future__ import annotations
+
+import math
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import optuna
+from optuna.exceptions import UpdateFinishedTrialError
+
+from lrsearch.core import attrs
+from lrsearch.config import Config
+from lrsearch.choices.data import Dataset
+from lrsearch.results.descriptions import trial_note
+from lrsearch.core.errors import first_line
+from lrsearch.results.report import plot_learning_curves
+from lrsearch.choices.sampling import PRUNERS
+from lrsearch.choices.space import in_sampling_order, sample_params
+from lrsearch.core.stopping import Cancelled, Interrupted, StopFlag, TrialStop
+from lrsearch.track.tracking import Outbox, Tracker, TrialRecord, write_json
+from lrsearch.fit.member import Member, TrainResult
+from lrsearch.fit.training import fit_array
+
+
+@dataclass
+class Objective:
+    """Called once per trial, by the worker loop (``worker.py``) or ``study.optimize``.
+
+    A trial's MLflow calls run in the background: the run is created while the trial
+    trains, and its metrics, artifacts and status are sent while the next trial trains.
+    Call :meth:`drain` before reading them or ending the study.
+    """
+
+    cfg: Config
+    data: Dataset
+    tracker: Tracker
+    experiment_id: str
+    parent_run_id: str
+    stop: StopFlag = field(default_factory=StopFlag)
+    outbox: Outbox = field(default_factory=Outbox)
+
+    def drain(self) -> list[str]:
+        """Wait until every trial's MLflow record is written; one line per record that failed."""
+        return [f"MLflow record lost for {error}" for error in self.outbox.drain()]
+
+    def __call__(self, trial: optuna.trial.Trial, cancelled: threading.Event | None = None,
+                 recorded: Callable[[], None] | None = None) -> float:
+        """Train ``trial`` alone (an array of one); ``cancelled``, once set, stops it at the
+        next epoch boundary and raises :class:`Cancelled` (the trial ends FAIL, its run
+        KILLED). ``recorded()`` is called once the trial's MLflow record is sent (or has
+        failed), in the background."""
+        member = self.begin(trial, recorded)
+        stop = TrialStop(self.stop, cancelled)
+        try:
+            with self.stop.interruptible():  # a second signal stops training at once
+                fit_array(self.cfg, self.data, [member], stop=stop)
+        except BaseException as e:
+            self.end(member, stop, e)
+            raise
+        return self.end(member, stop)
+
+    def begin(self, trial: optuna.trial.Trial, recorded: Callable[[], None] | None = None) -> Member:
+        """A claimed trial's parameters sampled and its MLflow run started (in the
+        background): the member of an array that trains it."""
+        cfg = self.cfg
+        record = _Record(trial, recorded or (lambda: None))
+        try:
+            hp = sample_params(trial, cfg.params, cfg.train.epochs)
+            seed = trial_seed(cfg.study.seed, trial.number)
+            trial.set_user_attr(attrs.HYPERPARAMETERS, hp)
+            record.run = TrialRecord(self.tracker, trial.number, _attr_writer(trial))
+            record.run.start(self.outbox, self.experiment_id, self.parent_run_id, cfg.study.name,
+                             {**hp, **_fixed_settings(cfg, seed)})
+        except BaseException:
+            record.recorded()  # nothing for the tracking thread to send
+            raise
+        return Member(str(trial.number), hp, seed, cfg.train.epochs,
+                      trial if cfg.study.pruner != "none" else None, context=record)
+
+    def end(self, member: Member, stop: TrialStop, error: BaseException | None = None) -> float:
+        """Record how the member's trial ended (its attributes, its MLflow run closed in the
+        background) and return its objective value; raise ``TrialPruned``,
+        :class:`Interrupted` or :class:`Cancelled` as the trial ended. After ``error`` (out of
+        the fit: the trial ends FAIL) the caller raises."""
+        record: _Record = member.context
+        try:
+            return self._outcome(record, member, stop, error)
+        finally:
+            if not record.handed:  # it failed before its record was handed to the tracking thread
+                record.recorded()
+
+    def _outcome(self, record: _Record, member: Member, stop: TrialStop, error: BaseException | None) -> float:
+        result, hp, seed = member.result, dict(member.hp), member.seed
+        if error is not None:
+            # Record what was measured before the failure; the caller marks the trial FAIL.
+            interrupted = isinstance(error, (Interrupted, KeyboardInterrupt))
+            reason = "interrupted" if interrupted else f"{type(error).__name__}: {first_line(error)}"
+            self._end(record, hp, seed, result, "FAIL", reason, "KILLED" if interrupted else None)
+            return math.nan
+        measured = {attrs.EPOCHS_TRAINED: result.epochs,
+                    attrs.TRAIN_SECONDS: round(time.perf_counter() - record.started, 4)}
+        if self.stop.requested:
+            self._end(record, hp, seed, result, "FAIL", f"interrupted at epoch {result.epochs - 1}", "KILLED",
+                      measured=measured)
+            raise Interrupted(self.stop.signum or 0)
+        cut_short = result.epochs < member.epochs and not member.ended_early
+        if stop.cancelled.is_set() and cut_short:  # a trial that ended on its own keeps its result
+            self._end(record, hp, seed, result, "FAIL", "cancelled", "KILLED", measured=measured)
+            raise Cancelled()
+        state, value, reason = outcome(result, self.cfg.study.metric, PRUNERS[self.cfg.study.pruner].verdict)
+        self._end(record, hp, seed, result, state, reason, value=value, measured=measured)
+        if state == "PRUNED":
+            raise optuna.TrialPruned(reason)
+        return value
+
+    def _end(self, record: _Record, hp: dict[str, Any], seed: int, result: TrainResult, state: str,
+             reason: str | None, status: str | None = None, value: float | None = None,
+             measured: dict[str, Any] | None = None) -> None:
+        """Store how the trial went (``measured``) and why it ended (unless COMPLETE), in one
+        transaction, and close its MLflow run (even if those could not be stored: the run must
+        not stay RUNNING), with its one-line description."""
+        trial, run = record.trial, record.run
+        assert run is not None
+        values = {**(measured or {}), **({attrs.REASON: reason} if reason else {})}
+        taken: TakenOver | None = None
+        try:
+            if hasattr(trial.storage, "set_trial_user_attrs"):
+                trial.storage.set_trial_user_attrs(trial._trial_id, values)
+            else:  # a storage of Optuna's own (tests): one transaction each
+                for key, item in values.items():
+                    trial.storage.set_trial_user_attr(trial._trial_id, key, item)
+        except UpdateFinishedTrialError:
+            # Ended by another worker, which found no heartbeat of it (this process paused
+            # past the grace period, say): its run records what was trained, KILLED as that
+            # worker left it, and the trial stays as that worker left it.
+            try:
+                taken = TakenOver(trial.storage.get_trial(trial._trial_id).user_attrs.get(attrs.REASON))
+            except Exception:  # its reason unread: the run still says how the trial ended
+                taken = TakenOver(None)
+            state, reason, status = "FAIL", f"ended by another worker: {taken.reason}", "KILLED"
+        finally:
+            objective = value if state == "COMPLETE" else None
+            note = trial_note(state, reason, self.cfg.study.metric, objective, result.epochs,
+                              in_sampling_order(trial.params))
+            record.handed = True
+            run.finish(self.outbox, self._artifacts(trial, hp, seed, result), result.history, state, reason,
+                       status, note=note, objective=objective, then=record.recorded)
+        if taken is not None:
+            raise taken
+
+    def _artifacts(self, trial: optuna.trial.Trial, hp: dict[str, Any], seed: int,
+                   result: TrainResult) -> Callable[[Path], None]:
+        def write(folder: Path) -> None:
+            config = self.cfg.to_dict()
+            write_json({"study": self.cfg.study.name, "trial": trial.number, "seed": seed,
+                        attrs.HYPERPARAMETERS: hp, **{k: config[k] for k in ("data", "model", "train")}},
+                       folder / "trial_config.json")
+            if self.cfg.tracking.trial_plots and result.history:
+                plot_learning_curves(result.history, f"{self.cfg.study.name} trial {trial.number}: "
+                                     f"{_describe(hp)}", folder / "learning_curves.png")
+        return write
+
+
+class TakenOver(Exception):
+    """A trial ended by another worker while it trained here (see ``worker._stale_trials``)."""
+
+    def __init__(self, reason: str | None) -> None:
+        self.reason = reason or "no heartbeat"
+        super().__init__(self.reason)
+
+
+@dataclass
+class _Record:
+    """A trial's record in the making: its MLflow run, when it started, and who to tell once
+    the record is sent."""
+
+    trial: optuna.trial.Trial
+    recorded: Callable[[], None]
+    run: TrialRecord | None = None
+    handed: bool = False  # to the tracking thread, which calls `recorded` once it is sent
+    started: float = field(default_factory=time.perf_counter)
+
+
+def outcome(result: TrainResult, metric: str, verdict: str = "") -> tuple[str, float, str | None]:
+    """The trial's Optuna state, objective value and, unless COMPLETE, why.
+
+    A trial whose loss (training or validation) or objective is not finite is never
+    COMPLETE: Optuna would store ``inf`` as a valid value. A pruned trial's reason gives the
+    value the pruner judged (the one reported at the check's epoch, not the epoch trained
+    after it) and ``verdict``, the pruner's rule.
+    """
+    if result.diverged_at is not None:
+        return "PRUNED", math.nan, f"non-finite {result.diverged_on} at epoch {result.diverged_at}"
+    value = result.final(metric)
+    if result.pruned_at is not None:
+        judged = result.at(metric, result.pruned_at)
+        shown = "" if judged is None else f": {metric}={judged:.4g}"
+        return "PRUNED", math.nan, f"pruned at epoch {result.pruned_at}{shown}" + (f", {verdict}" if verdict else "")
+    if value is None or not math.isfinite(value):
+        return "PRUNED", math.nan, f"non-finite {metric} ({value})"
+    return "COMPLETE", value, None
+
+
+def _attr_writer(trial: optuna.trial.Trial) -> Callable[[str, Any], None]:
+    """Writes a trial's user attribute from the tracking thread: straight to the storage
+    (thread-safe; the trial stays RUNNING until its record has been waited for), because
+    ``Trial.set_user_attr`` would also edit the trial's cached copy, which the training
+    thread reads."""
+    return lambda key, value: trial.storage.set_trial_user_attr(trial._trial_id, key, value)
+
+
+def trial_seed(study_seed: int | None, number: int) -> int:
+    """The seed for a trial's weights and shuffling: reproducible when the study has a seed."""
+    if study_seed is None:
+        return random.randrange(2**31)
+    return (study_seed * 1_000_003 + number) % 2**31
+
+
+def _fixed_settings(cfg: Config, seed: int) -> dict[str, Any]:
+    return {"epochs": cfg.train.epochs, "batch_size": cfg.train.batch_size,
+            "hidden": list(cfg.model.hidden), "activation": cfg.model.activation,
+            "init": cfg.model.init, "data": cfg.data.source, "seed": seed}
+
+
+def _describe(hp: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in hp.items())

@@ -1,0 +1,238 @@
+"""The study service's queue, in the Optuna storage the workers share (study attributes:
+see attrs.py): submit a study, list the studies with open slots in the order workers take
+them, report their state, cancel one. No broker and no server of its own: SQLite on one
+host, PostgreSQL across hosts. Imports no torch, so ``submit`` and ``status`` answer at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+from lrsearch.core import attrs
+from lrsearch.config import DEFAULT_TRIALS, Config, stored_config
+from lrsearch.choices.data import check_data
+from lrsearch.core.errors import UsageError, shown
+from lrsearch.fit.lr_find import range_test, record_range_test
+from lrsearch.core.phase import explain
+from lrsearch.sql.queries import ensure_indexes
+from lrsearch.store.queue_store import QueueStore
+from lrsearch.choices.space import grid_size
+from lrsearch.store.storage import check_stores, grace_period, is_postgres, open_storage, redact, \
+    report_dir, sqlite_path, storage_url, tracking_uri
+from lrsearch.track.tracking import check_tracking, run_url
+
+
+def target_trials(cfg: Config) -> int:
+    """The study's total: ``trials``, capped at the grid's size for a grid study."""
+    if cfg.study.sampler == "grid":
+        size = grid_size(cfg.params)
+        return min(cfg.study.trials or size, size)
+    return cfg.study.trials or DEFAULT_TRIALS
+
+
+@dataclass
+class Submission:
+    """A study as ``submit`` left it: queued (or resumed) for workers. Its MLflow experiment
+    and parent run are made by the first worker that starts it: until then ``mlflow_url``
+    (and the ids) are None."""
+
+    name: str
+    url: str  # the Optuna storage
+    target: int
+    resumed: bool
+    experiment_id: str | None = None
+    parent_run_id: str | None = None
+    mlflow_url: str | None = None
+
+
+def submit(cfg: Config, *, storage: str | None = None, tracking: str | None = None) -> Submission:
+    """Create (or resume) the study ``cfg`` describes, and store its whole configuration
+    with it, so that any worker runs it without the file. An existing study of that name
+    must have the same configuration (only ``trials`` may rise), unless a worker found it
+    unrunnable and none of its trials has finished; a cancelled, interrupted or finished one
+    is queued again.
+
+    Writes to the Optuna storage only, all of the study's attributes in one transaction:
+    MLflow's experiment and parent run are the first worker's to make (:func:`session.join`),
+    so ``submit`` imports neither MLflow nor torch. Bad data, an unreachable database and an
+    unreachable tracking server are reported before anything is created. (A study with
+    ``lr = { find = true }`` runs the range test here, once, and records it in MLflow.)
+    """
+    check_data(cfg.data)  # a CSV file's mistakes, before anything is created
+    url, tracking = storage_url(storage), tracking_uri(tracking)
+    name = cfg.study.name
+    check_stores(url, tracking)  # another application's file is left as it is, before any lock file
+    check_tracking(tracking)  # a tracking server that is down or refuses the login: one line, now
+    # lr = { find = true }: the range test, once, before anything is created ("no clear
+    # minimum" stops here); a study that has its range keeps it.
+    found = range_test(cfg) if cfg.finds_lr and stored_range(url, name) is None else None
+    with _queue(url) as store:
+        with store.locked():  # one study, however many submit at once
+            study_id = store.study_id(name)
+            resumed = study_id is not None
+            if study_id is None:
+                study_id = store.create_study(name, cfg.study.direction)
+            elif store.directions(study_id) != [cfg.study.direction]:
+                raise UsageError(f"study {name!r} in {redact(url)} was created with direction "
+                                 f"{', '.join(store.directions(study_id))}; the study file says {cfg.study.direction}")
+            user_attrs = store.user_attrs(study_id)
+            if not (user_attrs.get(attrs.UNRUNNABLE) and not store.count_trials(study_id, FINISHED)):
+                _check_drift(user_attrs, cfg, url)
+            values: dict[str, Any] = {
+                attrs.METRIC: cfg.study.metric, attrs.CONFIG: cfg.to_toml(), attrs.TARGET: target_trials(cfg),
+                attrs.PRIORITY: cfg.study.priority, attrs.CANCELLED: None, attrs.DONE: False,
+                attrs.INTERRUPTED: None, attrs.UNRUNNABLE: None}
+            if attrs.SUBMITTED_AT not in user_attrs:
+                values[attrs.SUBMITTED_AT] = datetime.datetime.now(datetime.timezone.utc).isoformat()
+            if cfg.finds_lr and attrs.LR_RANGE not in user_attrs:
+                found = found or range_test(cfg)  # stored when we looked, gone since: another submit's race lost
+                values[attrs.LR_RANGE] = found.record()
+            store.set_user_attrs(study_id, values)
+    if found is not None and attrs.LR_RANGE in values:
+        _record_range_test(found, cfg, url, tracking)
+    if not is_postgres(url):
+        ensure_indexes(url)  # (PostgreSQL's come with its views: lrsearch server, status, sql)
+    experiment_id, parent_run_id = user_attrs.get(attrs.EXPERIMENT), user_attrs.get(attrs.PARENT_RUN)
+    return Submission(name, url, values[attrs.TARGET], resumed, experiment_id, parent_run_id,
+                      run_url(tracking, experiment_id, parent_run_id) if parent_run_id else None)
+
+
+FINISHED = ("COMPLETE", "PRUNED")  # results.FINISHED_STATES by name, without importing Optuna
+
+
+@contextlib.contextmanager
+def _queue(url: str, *, create: bool = True) -> Iterator[QueueStore]:
+    """The queue's SQL on the store ``url`` (see queue_store.py); a new store, or one another
+    Optuna release made, is opened through Optuna first, which makes or checks its tables."""
+    path = sqlite_path(url)
+    if path is not None and not path.exists() and not create:
+        raise UsageError(f"no lrsearch store at {path} (run a study first, or pass --storage)")
+    store = QueueStore(url)  # "cannot connect to …" at once, not after an outage window
+    try:
+        if not store.made_by_this_optuna():
+            store.close()
+            open_storage(url, create=create, hint="; run the same command again").close()
+            store = QueueStore(url)
+        yield store
+    finally:
+        store.close()
+
+
+def _record_range_test(found: Any, cfg: Config, url: str, tracking: str) -> None:
+    """The range test's plot and ``lr-find`` run in the study's MLflow experiment."""
+    from lrsearch.track.tracking import Tracker
+
+    tracker = Tracker(tracking)
+    record_range_test(found, cfg, tracker, tracker.experiment(cfg.study.name), report_dir(url, cfg.study.name))
+
+
+def stored_range(url: str, name: str) -> dict[str, Any] | None:
+    """The lr range a study of ``name`` in ``url`` already has (``lr = { find = true }``),
+    without creating anything; None when there is no such study or range."""
+    path = sqlite_path(url)
+    if path is not None and not path.exists():
+        return None
+    with _queue(url, create=False) as store:
+        study_id = store.study_id(name)
+        return None if study_id is None else store.user_attrs(study_id).get(attrs.LR_RANGE)
+
+
+def _check_drift(user_attrs: dict[str, Any], cfg: Config, url: str) -> None:
+    """Refuse a configuration that differs from the stored one, except a higher ``trials``
+    and the array size (how a worker trains, not what the study is)."""
+    raw = user_attrs.get(attrs.CONFIG)
+    if raw is None:  # a study made before configurations were stored, or by another tool
+        return
+    stored = stored_config(raw, cfg.study.name)
+    differ = [key for key in stored.differences(cfg) if key != "[train].array"
+              and (key != "[study].trials" or target_trials(cfg) < target_trials(stored))]
+    if differ:
+        shown = ", ".join(differ[:5]) + (", …" if len(differ) > 5 else "")
+        raise UsageError(f"study {cfg.study.name!r} in {redact(url)} was submitted with a different "
+                         f"configuration: {shown} {'differs' if len(differ) == 1 else 'differ'} (only trials "
+                         f"may rise); use another --name, or the file it was submitted with")
+
+
+def queue(store: Any, *, with_config: bool = False) -> Any:
+    """The submitted studies with open slots (not done, not cancelled), in the order workers
+    take them: higher priority first, then the oldest submission. A few reads, whatever the
+    number of trials: cheap enough to poll. ``with_config``: a dict of each name to a digest
+    of its stored configuration (a worker that cannot run a study tries again once it
+    changes)."""
+    studies = [s for s in store.get_all_studies()
+               if attrs.CONFIG in s.user_attrs and not s.user_attrs.get(attrs.DONE)
+               and not s.user_attrs.get(attrs.CANCELLED)]
+    studies.sort(key=lambda s: (-s.user_attrs.get(attrs.PRIORITY, 0), s.user_attrs.get(attrs.SUBMITTED_AT, ""),
+                                s.study_name))
+    if with_config:
+        return {s.study_name: config_digest(s.user_attrs[attrs.CONFIG]) for s in studies}
+    return [s.study_name for s in studies]
+
+
+def config_digest(raw: Any) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16]
+
+
+STATUS_COLUMNS = ["name", "state", "target", "complete", "pruned", "fail", "running", "best_value", "best_trial",
+                  "workers", "submitted", "eta_s", "mlflow_url", "reason"]
+
+
+def status(name: str | None = None, *, storage: str | None = None, tracking: str | None = None) -> list[dict[str, Any]]:
+    """One row per submitted study (or the one named), from the ``studies`` view, with the
+    workers on it now (its RUNNING trials whose heartbeat is fresh), an estimate of the
+    time left (trials left × mean trial time ÷ workers), and for an unrunnable or
+    interrupted study, why. SQL only: no Optuna, no MLflow (it answers at once)."""
+    from lrsearch.sql.queries import ResultsDatabase
+
+    url, tracking = storage_url(storage), tracking_uri(tracking)
+    with ResultsDatabase(url, tracking) as db:
+        rows = db.query("SELECT * FROM studies WHERE target IS NOT NULL ORDER BY submitted_at, study_name").records()
+        if name is not None:
+            rows = [r for r in rows if r["study_name"] == name]
+            if not rows:
+                raise UsageError(f"no submitted study named {shown(name)} in {redact(url)}")
+        workers = db.active_workers(grace_period()) if any(r["n_running"] for r in rows) else {}
+    out = []
+    for r in rows:
+        active = workers.get(r["study_name"], 0)
+        left = max(0, r["target"] - r["n_complete"] - r["n_pruned"])
+        eta = None if not active or r["mean_trial_s"] is None else round(left * r["mean_trial_s"] / active, 1)
+        out.append({"name": r["study_name"], "state": r["state"], "target": r["target"],
+                    "complete": r["n_complete"], "pruned": r["n_pruned"], "fail": r["n_fail"],
+                    "running": r["n_running"], "best_value": r["best_value"],
+                    "best_trial": r["best_trial_number"], "workers": active,
+                    "submitted": r["submitted_at"], "eta_s": 0.0 if r["state"] == "done" else eta,
+                    "mlflow_url": run_url(tracking, r["mlflow_experiment_id"], r["mlflow_parent_run_id"])
+                    if r["mlflow_parent_run_id"] else None,
+                    "reason": explain(r["state"], r["unrunnable"], r["interrupted"])})
+    return out
+
+
+def cancel(name: str, *, now: bool = False, storage: str | None = None, tracking: str | None = None) -> str:
+    """Stop a study: no new trials are claimed; running ones finish (with ``now``, they stop
+    at their next epoch boundary, FAIL with reason ``cancelled``). The workers on it close
+    its parent run (KILLED), the last to leave; submitting the study again resumes it.
+    Writes one attribute to the Optuna storage; returns the study's state as a line.
+    (``tracking`` is unused: MLflow is the workers' to update.)"""
+    url = storage_url(storage)
+    with _queue(url, create=False) as store:
+        study_id = store.study_id(name)
+        user_attrs = {} if study_id is None else store.user_attrs(study_id)
+        if attrs.CONFIG not in user_attrs:
+            raise UsageError(f"no submitted study named {shown(name)} in {redact(url)}")
+        target = user_attrs[attrs.TARGET]
+        with store.locked():
+            finished = store.count_trials(study_id, FINISHED)
+            running = store.count_trials(study_id, ("RUNNING",))
+            if finished >= target:
+                return f"study {name!r} is done ({finished} of {target} trials): nothing to cancel"
+            store.set_user_attrs(study_id, {attrs.CANCELLED: {
+                "at": datetime.datetime.now(datetime.timezone.utc).isoformat(), "now": now}})
+    what = ("stopping at their next epoch" if now else "finishing") if running else "none running"
+    return f"study {name!r} cancelled: {finished} of {target} trials done, {running} running ({what})"

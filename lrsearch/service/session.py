@@ -1,0 +1,230 @@
+"""A worker's session on a submitted study: its stored configuration, a sampler of its
+own, its data and MLflow records; and the parent run closed as the study stands."""
+
+from __future__ import annotations
+
+import datetime
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from lrsearch.core import attrs
+from lrsearch.config import Config, stored_config
+from lrsearch.choices.data import Dataset, load_data
+from lrsearch.results.descriptions import write_study_note
+from lrsearch.core.errors import UsageError, first_line
+from lrsearch.results.ranking import counts, summary
+from lrsearch.choices.sampling import make_pruner, make_sampler
+from lrsearch.store.storage import open_storage, redact, store_lock, tracking_uri
+from lrsearch.track.tracking import Tracker
+
+
+@dataclass
+class Session:
+    """One worker's view of an open study: the study, its MLflow records and its data."""
+
+    cfg: Config
+    study: optuna.Study
+    store: Any  # the study's storage (lrsearch.store.retrying_storage.RetryingStorage)
+    study_id: int
+    url: str
+    tracker: Tracker
+    experiment_id: str
+    parent_run_id: str
+    data: Dataset
+    target: int
+    warnings: list[str] = field(default_factory=list)
+    started: bool = False  # this worker set the parent run RUNNING (at its first claim)
+    # Trials found stale at one look (worker._fail_stale_trials): id -> (last heartbeat, when seen).
+    suspects: dict[int, tuple[Any, float]] = field(default_factory=dict)
+
+    @property
+    def mlflow_url(self) -> str:
+        return self.tracker.run_url(self.experiment_id, self.parent_run_id)
+
+
+def join(name: str, store: Any, url: str, tracker: Tracker, *, worker: int = 0,
+         study_file: Path | None = None) -> Session:
+    """This worker's session on a submitted study: its stored configuration, a sampler of
+    this worker's own, its data, and its MLflow experiment and parent run (made by the first
+    worker that joins: ``submit`` leaves MLflow alone). The parent run turns RUNNING when
+    this worker claims its first trial (``worker.py``), not before: a worker that joins a
+    study whose total is reached, or dies first, leaves its parent as it was."""
+    study_id = store.get_study_id_from_name(name)
+    user_attrs = store.get_study_user_attrs(study_id)
+    raw = user_attrs.get(attrs.CONFIG)
+    if raw is None:
+        raise UsageError(f"study {name!r} in {redact(url)} was not submitted with lrsearch (no stored "
+                         "configuration): run lrsearch submit FILE first")
+    submitted = stored_config(raw, name)
+    cfg = submitted
+    if cfg.finds_lr:  # the range the test found when the study was created
+        found = user_attrs.get(attrs.LR_RANGE)
+        if found is None:
+            raise UsageError(f"study {name!r} has lr = {{ find = true }} but no range stored: submit it again")
+        cfg = cfg.with_lr_range(found["low"], found["high"])
+    data = load_data(cfg.data)  # a CSV file this host lacks: unrunnable here, before any record
+    with store_lock(url, store.retry):  # one experiment and parent run, however many workers join
+        user_attrs = store.get_study_user_attrs(study_id)
+        user_attrs = {**user_attrs, **open_records(store, study_id, submitted, url, tracker, study_file)}
+        if user_attrs.get(attrs.UNRUNNABLE) is not None:  # another worker's verdict: this one can run it
+            store.set_study_user_attr(study_id, attrs.UNRUNNABLE, None)
+    n_existing = len(store.get_all_trials(study_id, deepcopy=False))
+    sampler = make_sampler(cfg.study.sampler, cfg.params, cfg.study.seed, n_existing, worker)
+    pruner = make_pruner(cfg.study.pruner, cfg.train.epochs, cfg.study.prune_every)
+    study = optuna.load_study(study_name=name, storage=store, sampler=sampler, pruner=pruner)
+    return Session(cfg, study, store, study_id, url, tracker, user_attrs[attrs.EXPERIMENT],
+                   user_attrs[attrs.PARENT_RUN], data, user_attrs[attrs.TARGET])
+
+
+def open_records(store: Any, study_id: int, cfg: Config, url: str, tracker: Tracker,
+                 study_file: Path | None = None) -> dict[str, str]:
+    """The study's MLflow experiment, its trials view and its parent run (new: SCHEDULED
+    until a worker claims a trial; one that exists keeps its status), their ids stored with
+    the study; called under the store lock. The parent's params are the study file's keys
+    (with the range test's result for ``lr = { find = true }``), its artifact ``study.toml``
+    the file itself when this process has it, else the stored configuration written out."""
+    from lrsearch.config import to_toml_text
+    from lrsearch.results.descriptions import searched, trials_view
+
+    name = cfg.study.name
+    user_attrs = store.get_study_user_attrs(study_id)
+    experiment_id = tracker.experiment(name)
+    lr_range = user_attrs.get(attrs.LR_RANGE)
+    found = {f"lr_find.{k}": lr_range[k] for k in ("low", "high", "suggestion", "optimizer")} \
+        if cfg.finds_lr and lr_range else {}
+    with tempfile.TemporaryDirectory(prefix="lrsearch-") as tmp:
+        if study_file is None:
+            study_file = Path(tmp) / "study.toml"
+            study_file.write_text(to_toml_text(cfg))
+        parent_run_id = tracker.start_study(
+            experiment_id, name, params={**_flatten(cfg.to_dict()), **found},
+            tags={"sampler": cfg.study.sampler, "pruner": cfg.study.pruner, "storage": redact(url),
+                  "direction": cfg.study.direction, "metric": cfg.study.metric},
+            study_file=study_file, run_id=user_attrs.get(attrs.PARENT_RUN), status="SCHEDULED")
+    tracker.share_trials_view(experiment_id, trials_view(name, cfg.study.direction, cfg.study.metric,
+                                                         searched(cfg.params)))
+    records = {attrs.EXPERIMENT: experiment_id, attrs.PARENT_RUN: parent_run_id}
+    if any(user_attrs.get(k) != v for k, v in records.items()):
+        store.set_study_user_attrs(study_id, records)
+    return records
+
+
+def mark_unrunnable(store: Any, name: str, url: str, tracker: Tracker, reason: str) -> None:
+    """Record why this worker cannot run a submitted study, where ``status``, the ``studies``
+    view and the parent run's description show it. The study stays queued for other workers
+    (another version, another host with its data); the first that can run it, or submitting
+    the corrected study, clears the record."""
+    import socket
+
+    from lrsearch import __version__
+
+    study_id = store.get_study_id_from_name(name)
+    record = {"reason": reason, "version": __version__, "host": socket.gethostname(),
+              "at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    store.set_study_user_attr(study_id, attrs.UNRUNNABLE, record)
+    with store_lock(url, store.retry):
+        parent = store.get_study_user_attrs(study_id).get(attrs.PARENT_RUN)
+        if parent is None:  # a run to carry the description; its params wait for a worker that can run it
+            experiment_id = tracker.experiment(name)
+            parent = tracker.start_study(experiment_id, name, params={}, tags={"storage": redact(url)},
+                                         study_file=None, status="FAILED")
+            store.set_study_user_attrs(study_id, {attrs.EXPERIMENT: experiment_id, attrs.PARENT_RUN: parent})
+    if tracker.status(parent) != "RUNNING":  # else another worker runs it, and describes it
+        tracker.set_note(parent, f"**{name}** · unrunnable · lrsearch {record['version']} on {record['host']} "
+                                 f"cannot run it ({record['at']}): {reason}\n\nSubmit the corrected study to "
+                                 "queue it again.\n")
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and prefix == "":
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def open_session(cfg: Config, *, storage: str | None = None, tracking: str | None = None,
+                 study_file: Path | None = None, worker: int = 0) -> Session:
+    """Submit the study ``cfg`` describes (or resume it) and join it as a worker."""
+    from lrsearch.service.queue import submit
+
+    submission = submit(cfg, storage=storage, tracking=tracking)
+    store = open_storage(submission.url, hint="; run the same command again to resume the study")
+    return join(cfg.study.name, store, submission.url, Tracker(tracking_uri(tracking)), worker=worker,
+                study_file=study_file)
+
+
+def start_parent(session: Session, outbox: Any) -> None:
+    """The parent run RUNNING at this worker's first claim (and again after the study was
+    interrupted meanwhile), with a description saying so, written on the tracking thread
+    (``outbox``) while the trial trains."""
+    session.tracker.set_running(session.parent_run_id)
+    session.started = True
+    outbox.submit("the study's description", write_study_note, session.study, session.tracker, "running")
+
+
+def close_parent(session: Session, status: str, why: str | None = None) -> None:
+    """End the study's parent run as the study stands, whichever worker ends last: FINISHED
+    once the total is reached (``status``, this worker's own fate, does not matter then);
+    else, when no trial is running elsewhere, ``status`` (KILLED or FAILED), with the study
+    marked interrupted (``why``: by which signal, or which error) unless it was cancelled;
+    while trials run elsewhere, nothing (their workers close it). Trial runs whose records
+    were lost are closed first (see :func:`close_lost_runs`)."""
+    try:
+        finished, running = counts(session.study)
+        if finished >= session.target:
+            status = "FINISHED"
+        elif running > 0 or status == "FINISHED":
+            return
+        user_attrs = session.store.get_study_user_attrs(session.study_id)
+        if status != "FINISHED" and user_attrs.get(attrs.CANCELLED) is None:
+            session.store.set_study_user_attr(session.study_id, attrs.INTERRUPTED, {
+                "at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "signal": why or status.lower()})
+        if session.tracker.status(session.parent_run_id) == status:  # closed so by another worker
+            return
+        close_lost_runs(session)
+        session.tracker.end_run(session.parent_run_id, status, summary(session.study))
+        write_study_note(session.study, session.tracker)
+    except Exception as e:  # the trials are safe in Optuna: report, do not fail the study
+        session.warnings.append(f"could not close the study's MLflow run: {first_line(e)}")
+
+
+def close_lost_runs(session: Session) -> None:
+    """Close the trial runs still RUNNING whose trial has ended (in Optuna) and whose worker
+    stopped beating: it died before sending the run's last records (a worker keeps beating
+    until they are sent). One whose worker still beats is on its way: wait for it, up to
+    the grace period, then leave it to that worker."""
+    from lrsearch.store.storage import grace_period, heartbeat_interval
+
+    grace = grace_period()
+    deadline = time.monotonic() + grace + 2 * heartbeat_interval()
+    while True:
+        trials = {t.number: t for t in session.study.get_trials(deepcopy=False)}
+        pending = [(run_id, trials[number]) for run_id, number in
+                   session.tracker.running_trial_runs(session.experiment_id, session.parent_run_id)
+                   if number in trials and trials[number].state.is_finished()]
+        if not pending:
+            return
+        ages = session.store.heartbeat_ages(session.study_id, [t._trial_id for _, t in pending])
+        now = datetime.datetime.now()
+        waiting = 0
+        for run_id, trial in pending:
+            age = ages.get(trial._trial_id)
+            if age is None:  # never beat (stored before heartbeats): its end is its last sign of life
+                age = (now - trial.datetime_complete).total_seconds() if trial.datetime_complete else grace + 1
+            if age > grace:
+                session.tracker.close_lost_run(run_id, trial.state.name)
+            else:
+                waiting += 1
+        if not waiting or time.monotonic() > deadline:
+            return
+        time.sleep(0.25)

@@ -1,0 +1,334 @@
+"""An Optuna storage whose every call survives a dropped connection or a database restart.
+
+Each call goes through a :class:`lrsearch.store.retry.Retry`; the two that would not be safe to
+repeat as they are (creating a trial, changing a trial's state) are made safe here, as the
+docstring of ``retry.py`` explains.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import threading
+import uuid
+from collections.abc import Callable, Container, Iterator, Sequence
+from typing import Any, TypeVar
+
+from optuna.exceptions import StorageInternalError
+from optuna.storages import BaseStorage
+from optuna.storages._heartbeat import BaseHeartbeat  # the interface fail_stale_trials checks
+
+from lrsearch.core.errors import LrsearchError
+from lrsearch.store.retry import Retry, reason
+
+CLAIM_ATTR = "lrsearch_claim"  # a new trial's token: see RetryingStorage.create_new_trial
+
+T = TypeVar("T")
+
+
+class RetryingStorage(BaseStorage, BaseHeartbeat):
+    """An Optuna storage (``inner``, an RDB storage) whose every call is repeated through
+    ``retry`` while its database cannot be reached."""
+
+    def __init__(self, inner: Any, retry: Retry, engine: Any = None) -> None:
+        self._inner = inner
+        self.retry = retry
+        self._engine = engine
+        self._window: dict[int, list[Any]] | None = None  # see sampling()
+        self._window_thread: int | None = None
+
+    @contextlib.contextmanager
+    def sampling(self) -> Iterator[None]:
+        """Sampling the parameters of several new trials in a row (an array's): the study's
+        trials are read once, at the first read, and each parameter (and system attribute:
+        TPE's relative parameters) set meanwhile is written to the database and into that
+        copy. TPE with ``constant_liar`` reads every RUNNING trial at each ``suggest``
+        (Optuna's cache keeps finished trials only), which costs more the more trials run:
+        an array of 16 runs 16. Only the thread that opened the
+        window reads through it (the pruning checks, on their own thread, read the database)."""
+        self._window, self._window_thread = {}, threading.get_ident()
+        try:
+            yield
+        finally:
+            self._window = self._window_thread = None
+
+    @property
+    def _rdb(self) -> Any:
+        """The RDB storage under Optuna's cache, for the statements written here."""
+        return getattr(self._inner, "_backend", self._inner)
+
+    def close(self) -> None:
+        """Close the storage's database connections (before this process execs another)."""
+        if self._engine is not None:
+            self._engine.dispose()
+
+    def _do(self, name: str, *args: Any) -> Any:
+        return self._call(getattr(self._inner, name), *args)
+
+    def _call(self, fn: Callable[..., T], *args: Any, recover: Callable[[], T | None] | None = None) -> T:
+        """``retry.call``, with a database's refusal (a full disk, say) in one line of its own
+        words instead of Optuna's guess ("… e.g. exceeding max length")."""
+        try:
+            return self.retry.call(fn, *args, recover=recover)
+        except StorageInternalError as e:
+            raise LrsearchError(f"{self.retry.what} refused a write: {reason(e)}") from e
+
+    # -- made safe to repeat -----------------------------------------------------------
+
+    def create_new_trial(self, study_id: int, template_trial: Any = None) -> int:
+        """Create the trial with a token among its system attributes; before trying again,
+        look for that token, so a trial is never created twice."""
+        import optuna
+        from optuna.trial import TrialState
+
+        token = uuid.uuid4().hex
+        if template_trial is None:
+            template = optuna.trial.create_trial(state=TrialState.RUNNING, system_attrs={CLAIM_ATTR: token})
+        else:
+            template = copy.deepcopy(template_trial)
+            template.system_attrs = {**template.system_attrs, CLAIM_ATTR: token}
+
+        def created() -> int | None:
+            for t in self._inner.get_all_trials(study_id, deepcopy=False, states=(template.state,)):
+                if t.system_attrs.get(CLAIM_ATTR) == token:
+                    return t._trial_id
+            return None
+
+        return self._call(self._inner.create_new_trial, study_id, template, recover=created)
+
+    def set_trial_state_values(self, trial_id: int, state: Any, values: Sequence[float] | None = None) -> bool:
+        """Before trying again, read the trial: if it has the state (and values) asked for,
+        the earlier try committed. (A queued trial taken by this worker, WAITING -> RUNNING,
+        is taken under the store lock, so no other lrsearch worker took it meanwhile.)"""
+        def done() -> bool | None:
+            current = self._inner.get_trial(trial_id)
+            if current.state == state and (values is None or current.values == list(values)):
+                return True
+            return None
+
+        return self._call(self._inner.set_trial_state_values, trial_id, state, values, recover=done)
+
+    # -- idempotent: repeated as they are ----------------------------------------------
+
+    def create_new_study(self, directions: Sequence[Any], study_name: str | None = None) -> int:
+        return self._do("create_new_study", directions, study_name)  # a repeat: DuplicatedStudyError
+
+    def delete_study(self, study_id: int) -> None:
+        self._do("delete_study", study_id)
+
+    def set_study_user_attr(self, study_id: int, key: str, value: Any) -> None:
+        self._do("set_study_user_attr", study_id, key, value)
+
+    def set_study_user_attrs(self, study_id: int, values: dict[str, Any]) -> None:
+        """Several study user attributes in one transaction (Optuna writes one per call):
+        a submitted study is queued with all of its attributes or none, in one commit."""
+        rdb = self._rdb
+        self._call(self._set_study_user_attrs, rdb, study_id, values)
+
+    @staticmethod
+    def _set_study_user_attrs(rdb: Any, study_id: int, values: dict[str, Any]) -> None:
+        import json
+
+        from optuna.storages._rdb import models
+        from optuna.storages._rdb.storage import _create_scoped_session
+
+        with _create_scoped_session(rdb.scoped_session, True) as session:
+            stored = {a.key: a for a in models.StudyUserAttributeModel.where_study_id(study_id, session)}
+            for key, value in values.items():
+                if key in stored:
+                    stored[key].value_json = json.dumps(value)
+                else:
+                    session.add(models.StudyUserAttributeModel(study_id=study_id, key=key,
+                                                               value_json=json.dumps(value)))
+
+    def set_trial_user_attrs(self, trial_id: int, values: dict[str, Any]) -> None:
+        """Several user attributes of a running trial in one transaction (a trial's end:
+        epochs trained, training time, reason), where Optuna commits one per call."""
+        rdb = self._rdb
+        self._call(self._set_trial_user_attrs, rdb, trial_id, values)
+
+    @staticmethod
+    def _set_trial_user_attrs(rdb: Any, trial_id: int, values: dict[str, Any]) -> None:
+        from optuna.storages._rdb import models
+        from optuna.storages._rdb.storage import _create_scoped_session
+
+        with _create_scoped_session(rdb.scoped_session, True) as session:
+            for key, value in values.items():  # Optuna's own per-attribute write, minus its commit
+                rdb._set_trial_attr_without_commit(session, models.TrialUserAttributeModel, trial_id, key, value)
+
+    def fail_trial(self, trial_id: int, user_attrs: dict[str, Any]) -> bool:
+        """End a RUNNING trial FAIL with ``user_attrs`` (its reason), in one transaction that
+        holds the trial's row: False, and nothing written, if it ended meanwhile (its own
+        worker told it first). Optuna writes the attributes and the state one commit each,
+        with the trial's own worker free to tell it between them."""
+        def done() -> bool | None:
+            current = self._inner.get_trial(trial_id)
+            if not current.state.is_finished():
+                return None
+            return current.state.name == "FAIL" and all(current.user_attrs.get(k) == v for k, v in user_attrs.items())
+
+        rdb = self._rdb
+        return self._call(self._fail_trial, rdb, trial_id, user_attrs, recover=done)
+
+    @staticmethod
+    def _fail_trial(rdb: Any, trial_id: int, user_attrs: dict[str, Any]) -> bool:
+        import datetime
+
+        from optuna.storages._rdb import models
+        from optuna.storages._rdb.storage import _create_scoped_session
+        from optuna.trial import TrialState
+
+        with _create_scoped_session(rdb.scoped_session) as session:
+            trial = models.TrialModel.find_or_raise_by_id(trial_id, session, for_update=True)
+            if trial.state.is_finished():
+                return False
+            for key, value in user_attrs.items():  # Optuna's own per-attribute write, minus its commit
+                rdb._set_trial_attr_without_commit(session, models.TrialUserAttributeModel, trial_id, key, value)
+            trial.state = TrialState.FAIL
+            trial.datetime_complete = datetime.datetime.now()  # as Optuna writes it
+        return True
+
+    def set_trial_intermediate_values(self, values: dict[int, tuple[int, float]]) -> None:
+        """One intermediate value (step, value) for each of several running trials (an
+        array's pruning checks at one epoch), in one transaction."""
+        rdb = self._rdb
+        self._call(self._set_trial_intermediate_values, rdb, values)
+
+    @staticmethod
+    def _set_trial_intermediate_values(rdb: Any, values: dict[int, tuple[int, float]]) -> None:
+        from optuna.storages._rdb.storage import _create_scoped_session
+
+        with _create_scoped_session(rdb.scoped_session, True) as session:
+            for trial_id, (step, value) in values.items():  # Optuna's own write, minus its commit
+                rdb._set_trial_intermediate_value_without_commit(session, trial_id, step, value)
+
+    def heartbeat_ages(self, study_id: int, trial_ids: Sequence[int]) -> dict[int, float]:
+        """Seconds since each trial's last heartbeat, on the database's clock (trials that
+        never beat are left out). A finished trial's worker keeps beating until its MLflow
+        record is sent (see ``worker.py``), so this tells a record on its way from a lost one."""
+        rdb = self._rdb
+        return self._call(self._heartbeat_ages, rdb, list(trial_ids)) if trial_ids else {}
+
+    @staticmethod
+    def _heartbeat_ages(rdb: Any, trial_ids: list[int]) -> dict[int, float]:
+        import sqlalchemy as sa
+        from optuna.storages._rdb import models
+        from optuna.storages._rdb.storage import _create_scoped_session
+
+        with _create_scoped_session(rdb.scoped_session) as session:
+            now = session.execute(sa.func.now()).scalar().replace(tzinfo=None)
+            beats = session.query(models.TrialHeartbeatModel).filter(
+                models.TrialHeartbeatModel.trial_id.in_(trial_ids)).all()
+            return {b.trial_id: (now - b.heartbeat).total_seconds() for b in beats}
+
+    def set_study_system_attr(self, study_id: int, key: str, value: Any) -> None:
+        self._do("set_study_system_attr", study_id, key, value)
+
+    def get_study_id_from_name(self, study_name: str) -> int:
+        return self._do("get_study_id_from_name", study_name)
+
+    def get_study_name_from_id(self, study_id: int) -> str:
+        return self._do("get_study_name_from_id", study_id)
+
+    def get_study_directions(self, study_id: int) -> list[Any]:
+        return self._do("get_study_directions", study_id)
+
+    def get_study_user_attrs(self, study_id: int) -> dict[str, Any]:
+        return self._do("get_study_user_attrs", study_id)
+
+    def get_study_system_attrs(self, study_id: int) -> dict[str, Any]:
+        return self._do("get_study_system_attrs", study_id)
+
+    def get_all_studies(self) -> list[Any]:
+        return self._do("get_all_studies")
+
+    def set_trial_param(self, trial_id: int, param_name: str, param_value_internal: float,
+                        distribution: Any) -> None:
+        self._do("set_trial_param", trial_id, param_name, param_value_internal, distribution)
+        for trial in self._windowed(trial_id):
+            trial.params = {**trial.params, param_name: distribution.to_external_repr(param_value_internal)}
+            trial.distributions = {**trial.distributions, param_name: distribution}
+
+    def _windowed(self, trial_id: int) -> list[Any]:
+        """The sampling window's copy of a trial (see :meth:`sampling`), to write into."""
+        return [t for trials in (self._window or {}).values() for t in trials if t._trial_id == trial_id]
+
+    def get_trial_id_from_study_id_trial_number(self, study_id: int, trial_number: int) -> int:
+        return self._do("get_trial_id_from_study_id_trial_number", study_id, trial_number)
+
+    def get_best_trial(self, study_id: int) -> Any:
+        return self._do("get_best_trial", study_id)
+
+    def set_trial_intermediate_value(self, trial_id: int, step: int, intermediate_value: float) -> None:
+        self._do("set_trial_intermediate_value", trial_id, step, intermediate_value)
+
+    def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
+        self._do("set_trial_user_attr", trial_id, key, value)
+
+    def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
+        self._do("set_trial_system_attr", trial_id, key, value)
+        for trial in self._windowed(trial_id):  # TPE's relative params, shared with the liars
+            trial.system_attrs = {**trial.system_attrs, key: value}
+
+    def get_trial(self, trial_id: int) -> Any:
+        return self._do("get_trial", trial_id)
+
+    def get_all_trials(self, study_id: int, deepcopy: bool = True, states: Container[Any] | None = None) -> list[Any]:
+        if self._window is None or self._window_thread != threading.get_ident():
+            return self._do("get_all_trials", study_id, deepcopy, states)
+        if study_id not in self._window:
+            self._window[study_id] = self._do("get_all_trials", study_id, True, None)  # a copy to patch
+        trials = [t for t in self._window[study_id] if states is None or t.state in states]
+        return copy.deepcopy(trials) if deepcopy else trials
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        """Tried once: a heartbeat repeats on its own, every interval, so a live worker's
+        beats resume within an interval of the database's return (a retry's backoff would
+        hold them back for up to ``MAX_RETRY_DELAY_S``)."""
+        self.retry.once(self._inner.record_heartbeat, trial_id)
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:  # BaseHeartbeat's interface
+        return list(self.stale_heartbeats(study_id))
+
+    def stale_heartbeats(self, study_id: int) -> dict[int, Any]:
+        """RUNNING trials whose last heartbeat is older than the grace period (Optuna's rule,
+        on the database's clock), and those that never beat and started longer ago than that:
+        their worker died between creating the trial and its first heartbeat (an outage at
+        that moment, say). Optuna's own query skips a trial with no heartbeat, which would then
+        stay RUNNING for good, and a study waiting for its slot would never end. Each with its
+        last heartbeat (None: it never beat)."""
+        rdb = self._rdb
+        return self._call(self._stale_heartbeats, rdb, study_id, rdb.grace_period or 2 * rdb.heartbeat_interval)
+
+    @staticmethod
+    def _stale_heartbeats(rdb: Any, study_id: int, grace: float) -> dict[int, Any]:
+        import datetime
+
+        import sqlalchemy as sa
+        from optuna.storages._rdb import models
+        from optuna.storages._rdb.storage import _create_scoped_session
+        from optuna.trial import TrialState
+        from sqlalchemy import orm
+
+        limit = datetime.timedelta(seconds=grace)
+        # datetime_start is the creating worker's clock, as Optuna writes it (naive local time).
+        started_before = datetime.datetime.now() - limit
+        with _create_scoped_session(rdb.scoped_session) as session:
+            # Naive, like the stored heartbeats (Optuna does the same for PostgreSQL).
+            now = session.execute(sa.func.now()).scalar().replace(tzinfo=None)
+            running = (session.query(models.TrialModel)
+                       .options(orm.selectinload(models.TrialModel.heartbeats))
+                       .filter(models.TrialModel.state == TrialState.RUNNING)
+                       .filter(models.TrialModel.study_id == study_id).all())
+            return {t.trial_id: t.heartbeats[0].heartbeat if t.heartbeats else None for t in running
+                    if (now - t.heartbeats[0].heartbeat > limit if t.heartbeats
+                        else t.datetime_start is not None and t.datetime_start < started_before)}
+
+    def get_heartbeat_interval(self) -> int | None:  # None: no heartbeats (an in-memory storage)
+        return getattr(self._inner, "get_heartbeat_interval", lambda: None)()
+
+    def get_heartbeat_stale_trial_callback(self) -> Any:
+        return getattr(self._inner, "get_heartbeat_stale_trial_callback", lambda: None)()
+
+    def remove_session(self) -> None:
+        self._inner.remove_session()

@@ -1,0 +1,551 @@
+"""MLflow records: an experiment per study, a parent run per study, a child run per trial.
+
+Everything goes through ``MlflowClient`` with explicit run ids (the fluent API keeps one
+global active run per process), and a trial's metrics go out in a few ``log_batch`` calls
+at its end rather than a round trip per value.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from lrsearch.core import attrs, faults
+from lrsearch.core.names import (
+    DEFAULT_UI_PORT, NOTE_TAG, OBJECTIVE_METRIC, TRIALS_VIEW, VIEW_TAG_PREFIX, run_path, trials_path,
+)
+from lrsearch.core.errors import TrackingError, first_line
+from lrsearch.store.retry import Retry, reason
+from lrsearch.core.stopping import check_stop
+from lrsearch.core.text import fmt
+from lrsearch.store.storage import (
+    MLFLOW_MARKERS, artifact_root, check_sqlite_owner, folder_name, new_sqlite_file, redact, sqlite_path, store_lock,
+)
+
+PARENT_TAG = "mlflow.parentRunId"
+# A new run's token: a create_run repeated after a dropped connection first looks for it.
+TOKEN_TAG = "lrsearch.token"
+# Optuna trial state -> MLflow run status. A pruned trial was stopped on purpose: KILLED.
+STATUS_FOR_STATE = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+DEFAULT_UI = f"http://127.0.0.1:{DEFAULT_UI_PORT}"
+# log_batch limits (MLflow REST API): per request.
+_MAX_METRICS, _MAX_PARAMS, _MAX_TAGS, _MAX_ENTITIES = 1000, 100, 100, 1000
+# Bounds on each request to a tracking server (MLflow's defaults can stall a call for
+# minutes); lrsearch repeats a failed call itself (retry.py), knowing which calls are safe
+# to repeat. A variable already set in the environment wins.
+HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+# (step, value, timestamp_ms) per metric key, as MemoryLogger records a trial's metrics.
+History = Mapping[str, Sequence[tuple[int, float, int]]]
+
+
+def quiet_mlflow() -> None:
+    """Keep MLflow's and Alembic's migration chatter off the terminal."""
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+class Tracker:
+    """An MLflow tracking store (SQLite file or server) seen as studies and trials.
+
+    Every call waits out a lost connection (``retry.py``), except :meth:`check`, which
+    answers at once whether the store is there when a study starts.
+    """
+
+    def __init__(self, uri: str) -> None:
+        from mlflow import MlflowClient
+
+        quiet_mlflow()
+        # set_terminated would print "View run … at …" to stdout for every trial.
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+        self.uri = uri
+        path = sqlite_path(uri)
+        if path is not None:
+            check_sqlite_owner(path, MLFLOW_MARKERS, "MLflow tracking store", "--tracking-uri")
+            new_sqlite_file(path)  # a new embedded store starts in WAL mode, like Optuna's
+        else:
+            for name, value in HTTP_LIMITS.items():
+                os.environ.setdefault(name, value)
+        # The client makes (or migrates) MLflow's tables as it starts: workers starting
+        # together would collide ("duplicate column name"), so one at a time per store (a
+        # tracking server migrates its own database).
+        with contextlib.nullcontext() if is_server(uri) else store_lock(uri):
+            self.client = MlflowClient(tracking_uri=uri, registry_uri=uri if path is None else None)
+        self.retry = Retry(f"MLflow tracking at {redact(uri)}", check_stop=check_stop)
+
+    def check(self) -> None:
+        """Raise :class:`TrackingError` naming the URI if the store does not answer."""
+        try:
+            self.client.search_experiments(max_results=1)
+        except Exception as e:
+            if getattr(e, "error_code", "") in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+                raise TrackingError(f"MLflow tracking at {redact(self.uri)} refused the login: set "
+                                    "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD") from e
+            raise TrackingError(f"cannot reach MLflow tracking at {redact(self.uri)}: "
+                                f"{_without(reason(e), self.uri)}") from e
+
+    def experiment(self, name: str) -> str:
+        """The id of the experiment named ``name``, created (or restored) if needed."""
+        exp = self._call(self.client.get_experiment_by_name, name)
+        if exp is None:
+            def created() -> str | None:
+                found = self.client.get_experiment_by_name(name)
+                return None if found is None else found.experiment_id
+
+            return self._call(self.client.create_experiment, name,
+                              artifact_location=_experiment_artifacts(self.uri, name), recover=created)
+        if exp.lifecycle_stage == "deleted":
+            self._call(self.client.restore_experiment, exp.experiment_id)
+        return exp.experiment_id
+
+    def start_study(self, experiment_id: str, name: str, params: Mapping[str, Any],
+                    tags: Mapping[str, str], study_file: Path | None, run_id: str | None = None,
+                    status: str = "SCHEDULED") -> str:
+        """The study's parent run: ``run_id`` if it still exists (its status kept: a worker
+        sets RUNNING when it claims a trial), else a new run with ``status`` (SCHEDULED until a
+        worker claims a trial). The study file's keys become its params and the file its
+        artifact, once (MLflow params are immutable): a run made without them (a study no
+        worker could run) gets them when one can."""
+        run = self._run(run_id) if run_id is not None else None
+        if run is not None:
+            self._log(run_id, params=None if run.data.params else params, tags=tags)
+            if not run.data.params and study_file is not None:
+                self._call(self.client.log_artifact, run_id, str(study_file))
+            return run_id
+        run_id = self._create_run(experiment_id, name, {"lrsearch.role": "study", **tags})
+        self._log(run_id, params=params)
+        if study_file is not None:
+            self._call(self.client.log_artifact, run_id, str(study_file))
+        if status != "RUNNING":
+            self._call(self.client.update_run, run_id, status=status)
+        return run_id
+
+    def log_range_test(self, experiment_id: str, study: str, record: Mapping[str, Any],
+                       curve: Sequence[tuple[float, float]], plot: Path) -> str:
+        """A finished run named ``lr-find`` in the study's experiment: the range test's
+        ``record`` as params, its ``curve`` ((lr, loss) per step) as the metrics
+        ``lr_find/lr`` and ``lr_find/loss`` (step = the test's step), and its ``plot``."""
+        from mlflow.entities import Metric
+
+        run_id = self._create_run(experiment_id, "lr-find", {"lrsearch.role": "lr-find", "lr_find.study": study})
+        now = _now_ms()
+        metrics = [Metric(key, value, now, step) for step, point in enumerate(curve)
+                   for key, value in zip(("lr_find/lr", "lr_find/loss"), point) if value == value]  # no NaN
+        self._log(run_id, params=dict(record), metrics=metrics)
+        self._call(self.client.log_artifact, run_id, str(plot))
+        self._call(self.client.set_terminated, run_id, status="FINISHED")
+        return run_id
+
+    def set_running(self, run_id: str) -> None:
+        """A SCHEDULED (or closed) parent run that a worker starts on."""
+        if self.status(run_id) != "RUNNING":
+            self._call(self.client.update_run, run_id, status="RUNNING")
+
+    def start_trial(self, experiment_id: str, parent_run_id: str, study: str, number: int,
+                    params: Mapping[str, Any]) -> str:
+        """A child run named ``trial-<number>``, RUNNING, with the trial's ``params`` (floats
+        to 4 significant digits: :func:`_trial_param_value`)."""
+        tags = {PARENT_TAG: parent_run_id, "lrsearch.role": "trial", "study": study,
+                "trial_number": str(number), "state": "RUNNING"}
+        run_id = self._create_run(experiment_id, f"trial-{number}", tags)
+        # Once: MLflow params are immutable. A repeated call logs the same text (the
+        # formatting is deterministic), which MLflow accepts.
+        self._log(run_id, params={k: _trial_param_value(v) for k, v in params.items()})
+        return run_id
+
+    def finish_trial(self, run_id: str, history: History, state: str, *, reason: str | None = None,
+                     artifacts: Path | None = None, status: str | None = None, note: str | None = None,
+                     objective: float | None = None) -> None:
+        """Send the trial's metric history, its final state, description (``note``) and
+        artifacts, and close the run with the status that ``state`` maps to (or ``status``,
+        e.g. KILLED on an interrupt). ``objective``: a COMPLETE trial's value, logged as the
+        metric the study's trials view ranks by (a pruned trial has none: it ranks last)."""
+        from mlflow.entities import Metric
+
+        tags = {"state": state}
+        if reason:
+            tags["reason"] = reason
+        if note:
+            tags[NOTE_TAG] = note
+        metrics = _metrics(history)
+        if objective is not None:
+            last = max((step for points in history.values() for step, _, _ in points), default=0)
+            metrics.append(Metric(OBJECTIVE_METRIC, objective, _now_ms(), last))
+        self._log(run_id, metrics=metrics, tags=tags)
+        if artifacts is not None:
+            self._call(self.client.log_artifacts, run_id, str(artifacts))
+        self._call(self.client.set_terminated, run_id, status=status or STATUS_FOR_STATE[state])
+
+    def kill_run(self, run_id: str, reason: str) -> None:
+        """End a trial's run whose worker died: KILLED, with tag ``state=FAIL`` and the reason."""
+        self._log(run_id, tags={"state": "FAIL", "reason": reason})
+        self._call(self.client.set_terminated, run_id, status="KILLED")
+
+    def trial_run(self, experiment_id: str, study: str, number: int) -> str | None:
+        """The run of trial ``number`` of ``study``, found by its tags (for a trial whose worker
+        died before storing the run's id in Optuna)."""
+        runs = self._call(self.client.search_runs, [experiment_id],
+                          f"tags.study = '{study}' AND tags.trial_number = '{number}'", max_results=1)
+        return runs[0].info.run_id if runs else None
+
+    def running_trial_runs(self, experiment_id: str, parent_run_id: str) -> list[tuple[str, int]]:
+        """(run id, trial number) of the study's trial runs still RUNNING."""
+        runs = self._call(self.client.search_runs, [experiment_id],
+                          f"tags.`{PARENT_TAG}` = '{parent_run_id}' AND attributes.status = 'RUNNING'",
+                          max_results=1000)
+        return [(r.info.run_id, int(r.data.tags.get("trial_number", -1))) for r in runs]
+
+    def close_lost_run(self, run_id: str, state: str) -> None:
+        """Close a trial's run whose last records never arrived, as its trial ended."""
+        self._log(run_id, tags={"state": state, attrs.TRACKING_ERROR: "the trial's last records were lost "
+                                "(its worker stopped, or the tracking store was unreachable)"})
+        self._call(self.client.set_terminated, run_id, status=STATUS_FOR_STATE.get(state, "FAILED"))
+
+    def end_run(self, run_id: str, status: str, metrics: Mapping[str, float] | None = None) -> None:
+        """Close a run (the study's parent) with ``status``, logging summary ``metrics`` first."""
+        if metrics:
+            from mlflow.entities import Metric
+
+            now = _now_ms()
+            self._log(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+        self._call(self.client.set_terminated, run_id, status=status)
+
+    def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
+        self._log(run_id, tags={k: str(v) for k, v in tags.items()})
+
+    def set_note(self, run_id: str, text: str) -> None:
+        """A run's description, shown (as Markdown) on its page in the MLflow UI."""
+        self._log(run_id, tags={NOTE_TAG: text})
+
+    def share_trials_view(self, experiment_id: str, state: str) -> None:
+        """The experiment's trials view (see descriptions.py): a tag the UI reads as a shared view."""
+        self._call(self.client.set_experiment_tag, experiment_id, VIEW_TAG_PREFIX + TRIALS_VIEW, state)
+
+    def study_experiments(self) -> list[tuple[str, str]]:
+        """(name, id) of the experiments that hold an lrsearch study (they have its trials view)."""
+        return [(e.name, e.experiment_id) for e in self._call(self.client.search_experiments, max_results=1000)
+                if VIEW_TAG_PREFIX + TRIALS_VIEW in e.tags]
+
+    def artifact_files(self, run_id: str, folder: str) -> list[str]:
+        """The paths of the files in a run's artifact ``folder`` (not recursive)."""
+        return [f.path for f in self._call(self.client.list_artifacts, run_id, folder) if not f.is_dir]
+
+    def status(self, run_id: str) -> str:
+        """A run's status: RUNNING, FINISHED, FAILED, KILLED."""
+        return self._call(self.client.get_run, run_id).info.status
+
+    def curves(self, run_id: str, keys: Iterable[str]) -> dict[str, list[tuple[int, float]]]:
+        """A run's metric histories: (step, value) per key, in step order."""
+        return {key: sorted((m.step, m.value) for m in self._call(self.client.get_metric_history, run_id, key))
+                for key in keys}
+
+    def log_dir(self, run_id: str, folder: Path, artifact_path: str | None = None) -> None:
+        """Upload every file in ``folder`` as artifacts of ``run_id``."""
+        self._call(self.client.log_artifacts, run_id, str(folder), artifact_path)
+
+    def run_url(self, experiment_id: str, run_id: str) -> str:
+        return run_url(self.uri, experiment_id, run_id)
+
+    def trials_url(self, experiment_id: str) -> str:
+        return trials_url(self.uri, experiment_id)
+
+    def _run(self, run_id: str) -> Any:
+        """The run, or None if it was deleted (by hand) or belongs to another store."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = self._call(self.client.get_run, run_id)
+        except MlflowException:
+            return None
+        return run if run.info.lifecycle_stage == "active" else None
+
+    def _call(self, fn: Callable[..., Any], *args: Any, recover: Callable[[], Any] | None = None,
+              **kwargs: Any) -> Any:
+        return self.retry.call(fn, *args, recover=recover, **kwargs)
+
+    def _create_run(self, experiment_id: str, name: str, tags: Mapping[str, str]) -> str:
+        """A new run, created once however often the call is repeated: it carries a token,
+        looked for before trying again."""
+        token = uuid.uuid4().hex
+
+        def created() -> Any:
+            runs = self.client.search_runs([experiment_id], f"tags.`{TOKEN_TAG}` = '{token}'", max_results=1)
+            return runs[0] if runs else None
+
+        run = self._call(self.client.create_run, experiment_id, run_name=name,
+                         tags={**tags, TOKEN_TAG: token}, recover=created)
+        return run.info.run_id
+
+    def _log(self, run_id: str, *, metrics: Sequence[Any] = (), params: Mapping[str, Any] | None = None,
+             tags: Mapping[str, str] | None = None) -> None:
+        """Params, tags and metrics in as few ``log_batch`` calls as MLflow's limits allow
+        (one for a trial of up to ~900 metric points): each call is a round trip."""
+        from mlflow.entities import Param, RunTag
+
+        param_list = [Param(k, _param_value(v)) for k, v in (params or {}).items()]
+        tag_list = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+        for batch in _batches(param_list, tag_list, list(metrics)):  # each safe to repeat: same rows
+            self._call(self.client.log_batch, run_id, **batch)
+
+
+class TrialRecord:
+    """A trial's MLflow run, opened in the background as the trial starts training and
+    closed in the background after it ends, in order with the other trials' records.
+
+    Tolerant of a tracking store that stops answering: the trial trains and is stored in
+    Optuna regardless, with the error in its ``tracking_error`` attribute. ``set_attr``
+    stores a trial attribute (the run's id); it is called from the tracking thread.
+    """
+
+    def __init__(self, tracker: Tracker, number: int, set_attr: Callable[[str, Any], None]) -> None:
+        self.tracker = tracker
+        self.number = number
+        self.set_attr = set_attr
+        self.run_id: str | None = None
+        self.error: str | None = None
+        self._opened: Future | None = None
+
+    def start(self, outbox: Outbox, experiment_id: str, parent_run_id: str, study: str,
+              params: dict[str, Any]) -> None:
+        """Create the run and log its params while the trial trains."""
+        self._opened = outbox.submit(f"trial {self.number}", self._open, experiment_id, parent_run_id,
+                                     study, params)
+
+    def _open(self, experiment_id: str, parent_run_id: str, study: str, params: dict[str, Any]) -> None:
+        try:
+            run_id = self.tracker.start_trial(experiment_id, parent_run_id, study, self.number, params)
+        except Exception as e:  # one failure is enough: later calls would wait out timeouts too
+            self.error = f"MLflow tracking lost: {first_line(e)}"
+            return
+        self.run_id = run_id
+        faults.point("run-created")
+        self.set_attr(attrs.MLFLOW_RUN, run_id)
+
+    def finish(self, outbox: Outbox, write_artifacts: Callable[[Path], None], history: History,
+               state: str, reason: str | None, status: str | None = None, *, note: str | None = None,
+               objective: float | None = None, then: Callable[[], None] = lambda: None) -> None:
+        """Wait until the run is open (usually long done), then close it in the background;
+        ``then()`` runs once the record is sent, or has failed (the trial's heartbeat stops)."""
+        handed = False
+        try:
+            if self._opened is not None:
+                self._opened.exception()  # waits; MLflow's errors land in self.error, not raised
+                if self.error is not None:
+                    self.set_attr(attrs.TRACKING_ERROR, self.error)
+                elif self.run_id is not None:
+                    outbox.submit(f"trial {self.number}", self._send, self.run_id, write_artifacts, history,
+                                  state, reason, status, note, objective, then)
+                    handed = True
+        finally:
+            if not handed:
+                then()
+
+    def _send(self, run_id: str, write_artifacts: Callable[[Path], None], history: History, state: str,
+              reason: str | None, status: str | None, note: str | None, objective: float | None,
+              then: Callable[[], None]) -> None:
+        try:
+            faults.point("record")
+            with artifact_dir() as tmp:
+                folder = Path(tmp)
+                write_artifacts(folder)
+                self.tracker.finish_trial(run_id, history, state, reason=reason, artifacts=folder, status=status,
+                                          note=note, objective=objective)
+        finally:
+            then()
+
+
+class Outbox:
+    """Tracking calls run in order on one background thread, so a trial's records travel to
+    MLflow while the next trial trains; ``drain`` waits for them all.
+
+    At most ``limit`` jobs wait at a time (a submit past that waits for the oldest), and
+    the thread is joined at interpreter exit, so nothing queued is dropped.
+    """
+
+    def __init__(self, limit: int = 2) -> None:
+        self.limit = limit
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: list[tuple[str, Future]] = []
+        self._errors: list[str] = []
+
+    def submit(self, label: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
+        """Run ``fn(*args, **kwargs)`` in the background; ``label`` names it in errors."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lrsearch-tracking")
+        while len(self._pending) >= self.limit:
+            self._settle(*self._pending.pop(0))
+        future = self._executor.submit(fn, *args, **kwargs)
+        self._pending.append((label, future))
+        return future
+
+    def drain(self) -> list[str]:
+        """Wait for every submitted call; one line per call that failed since the last drain."""
+        while self._pending:
+            self._settle(*self._pending.pop(0))
+        errors, self._errors = self._errors, []
+        return errors
+
+    def _settle(self, label: str, future: Future) -> None:
+        error = future.exception()  # waits
+        if error is not None:
+            self._errors.append(f"{label}: {first_line(error)}")
+
+
+def check_tracking(uri: str) -> None:
+    """Raise :class:`TrackingError` if a tracking server does not answer, or refuses the
+    login, with one REST request and without importing MLflow (``submit`` writes nothing to
+    MLflow: a worker does, and ``submit`` must answer at once). The same bounds and messages
+    as :meth:`Tracker.check`; an embedded store has nothing to reach."""
+    if not is_server(uri):
+        return
+    import base64
+    import socket
+    import urllib.error
+    import urllib.request
+
+    timeout = float(os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT") or HTTP_LIMITS["MLFLOW_HTTP_REQUEST_TIMEOUT"])
+    request = urllib.request.Request(f"{_without_credentials(uri).rstrip('/')}/api/2.0/mlflow/experiments/search"
+                                     "?max_results=1")
+    user, password = _credentials(uri)
+    if user is not None:
+        token = base64.b64encode(f"{user}:{password or ''}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    elif os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        request.add_header("Authorization", f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            response.read()
+    except urllib.error.HTTPError as e:
+        if e.code in (401, 403):
+            raise TrackingError(f"MLflow tracking at {redact(uri)} refused the login: set "
+                                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD") from None
+        raise TrackingError(f"cannot reach MLflow tracking at {redact(uri)}: HTTP {e.code} {e.reason}") from None
+    except (urllib.error.URLError, OSError) as e:
+        cause = getattr(e, "reason", e)
+        if isinstance(cause, (socket.timeout, TimeoutError)):
+            why = f"no answer within {timeout:g} s"
+        elif isinstance(cause, OSError) and cause.strerror:
+            why = cause.strerror[:1].lower() + cause.strerror[1:]
+        else:
+            why = str(cause)
+        raise TrackingError(f"cannot reach MLflow tracking at {redact(uri)}: {_without(why, uri)}") from None
+
+
+def _credentials(uri: str) -> tuple[str | None, str | None]:
+    """The login a client sends: ``user:password@`` in the URI, else MLflow's variables."""
+    from urllib.parse import unquote, urlsplit
+
+    parts = urlsplit(uri)
+    if parts.username is not None:
+        return unquote(parts.username), unquote(parts.password) if parts.password is not None else None
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    return (user, os.environ.get("MLFLOW_TRACKING_PASSWORD")) if user else (None, None)
+
+
+def ui_base(uri: str) -> str:
+    """Where the MLflow UI of tracking store ``uri`` is: the tracking server itself (without
+    any credentials the URI carries), or for an embedded store ``lrsearch ui``'s default."""
+    return _without_credentials(uri).rstrip("/") if is_server(uri) else DEFAULT_UI
+
+
+def is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def run_url(uri: str, experiment_id: str, run_id: str) -> str:
+    """The MLflow UI page of a run."""
+    return f"{ui_base(uri)}/{run_path(experiment_id, run_id)}"
+
+
+def trials_url(uri: str, experiment_id: str) -> str:
+    """The study's trials in MLflow's runs table, best first (descriptions.trials_view)."""
+    return f"{ui_base(uri)}/{trials_path(experiment_id)}"
+
+
+def links(uri: str, experiment_id: str, parent_run_id: str) -> list[str]:
+    """What ``run`` and ``submit`` print: the study's run page and its trials table, and for
+    an embedded store where its UI will be."""
+    lines = [f"MLflow: {run_url(uri, experiment_id, parent_run_id)}  (the study: outcome, top trials, figures)",
+             f"        {trials_url(uri, experiment_id)}  (its trials, best first)"]
+    if not is_server(uri):
+        lines.append(f"        (served by `lrsearch ui`, on its default port {DEFAULT_UI_PORT}; "
+                     "with --port P, use port P)")
+    return lines
+
+
+def trial_link(uri: str, experiment_id: str, run_id: str | None) -> str | None:
+    """What a trial's row shows for its run: the page's URL on a tracking server; the run's
+    id on an embedded store, whose UI runs only while ``lrsearch ui`` does."""
+    if run_id is None:
+        return None
+    return run_url(uri, experiment_id, run_id) if is_server(uri) else run_id
+
+
+def write_json(obj: Any, path: Path) -> Path:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    return path
+
+
+def artifact_dir() -> tempfile.TemporaryDirectory:
+    """A scratch folder for a run's artifacts before upload."""
+    return tempfile.TemporaryDirectory(prefix="lrsearch-")
+
+
+def _experiment_artifacts(uri: str, name: str) -> str | None:
+    root = artifact_root(uri)
+    return None if root is None else f"{root}/{folder_name(name)}"
+
+
+def _metrics(history: History) -> list[Any]:
+    from mlflow.entities import Metric
+
+    return [Metric(key, value, ts, step) for key, points in history.items() for step, value, ts in points]
+
+
+def _param_value(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text[:6000]  # MLflow's limit for a param value
+
+
+def _trial_param_value(value: Any) -> Any:
+    """A trial's param as its run shows it: a float as the descriptions write numbers
+    (``8.261e-05``, 4 significant digits), because MLflow's runs table cuts a long one
+    (``8.26080839…``) in its narrow columns; anything else as :func:`_param_value` logs it.
+    The exact value stays in Optuna, the SQL views and the run's ``trial_config.json``."""
+    return fmt(value) if isinstance(value, float) else value
+
+
+def _batches(params: list[Any], tags: list[Any], metrics: list[Any]) -> Iterable[dict[str, list[Any]]]:
+    """``log_batch`` arguments within MLflow's per-request limits (params, tags, total)."""
+    while params or tags or metrics:
+        batch = {"params": params[:_MAX_PARAMS], "tags": tags[:_MAX_TAGS]}
+        room = _MAX_ENTITIES - len(batch["params"]) - len(batch["tags"])
+        batch["metrics"] = metrics[:min(room, _MAX_METRICS)]
+        params, tags, metrics = params[_MAX_PARAMS:], tags[_MAX_TAGS:], metrics[len(batch["metrics"]):]
+        yield batch
+
+
+def _without_credentials(uri: str) -> str:
+    """``http://user:secret@host:5000`` -> ``http://host:5000``."""
+    scheme, sep, rest = uri.partition("://")
+    if not sep or "@" not in rest.split("/", 1)[0]:
+        return uri
+    return f"{scheme}://{rest.split('@', 1)[1]}"
+
+
+def _without(text: str, uri: str) -> str:
+    """``text`` with the URI (and so any password in it) shown redacted."""
+    return text.replace(uri, redact(uri)) if uri in text else text
+
+
+def _now_ms() -> int:
+    import time
+
+    return int(time.time() * 1000)
