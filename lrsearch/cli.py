@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from lrsearch.core.errors import LrsearchError, UsageError, first_line
+from lrsearch.core.errors import ERROR_PREFIX, WARNING_PREFIX, LrsearchError, UsageError, first_line
 
 EXIT_OK, EXIT_RUNTIME, EXIT_INTERRUPTED = 0, 1, 130
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a program killed by the closed pipe would exit
@@ -47,7 +47,7 @@ def _silence_stdout() -> None:
 def _fail(args: argparse.Namespace, e: BaseException, code: int, message: str) -> int:
     if getattr(args, "debug", False):
         raise e
-    print(f"lrsearch: error: {message}", file=sys.stderr)
+    print(f"{ERROR_PREFIX}{message}", file=sys.stderr)
     return code
 
 
@@ -64,7 +64,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if cfg.finds_lr:  # the range it has, or would have if created now
         from lrsearch.fit.lr_find import range_test
         from lrsearch.service.queue import stored_range
-        from lrsearch.store.storage import redact, storage_url
+        from lrsearch.store.urls import redact, storage_url
 
         url = storage_url(args.storage)
         found = stored_range(url, cfg.study.name)
@@ -83,7 +83,8 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
     from lrsearch.config import load_config
     from lrsearch.choices.data import check_data
     from lrsearch.fit.lr_find import MAX_LR, MIN_LR, STEPS, SWEEPS, range_test, record_range_test
-    from lrsearch.store.storage import report_dir, storage_url, tracking_uri
+    from lrsearch.store.storage import report_dir
+    from lrsearch.store.urls import storage_url, tracking_uri
     from lrsearch.track.tracking import Tracker
 
     cfg = load_config(args.file)
@@ -127,7 +128,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from lrsearch.service.queue import submit
-    from lrsearch.store.storage import tracking_uri
+    from lrsearch.store.urls import tracking_uri
     from lrsearch.track.tracking import links
 
     cfg = _study_config(args)
@@ -248,13 +249,13 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _storage(args: argparse.Namespace) -> str:
-    from lrsearch.store.storage import storage_url
+    from lrsearch.store.urls import storage_url
 
     return storage_url(args.storage)
 
 
 def _redact(url: str) -> str:
-    from lrsearch.store.storage import redact
+    from lrsearch.store.urls import redact
 
     return redact(url)
 
@@ -293,7 +294,7 @@ def _print_result(study: Any, target: int, experiment_id: str, parent_run_id: st
                   warnings: list[str]) -> None:
     """The study's top trials as `lrsearch best` shows them, and where MLflow shows the rest."""
     from lrsearch.results.ranking import best_trials, state_counts
-    from lrsearch.store.storage import tracking_uri
+    from lrsearch.store.urls import tracking_uri
     from lrsearch.track.tracking import links, trial_link
 
     uri = tracking_uri(tracking)
@@ -307,7 +308,7 @@ def _print_result(study: Any, target: int, experiment_id: str, parent_run_id: st
 
 def _warn(lines: list[str]) -> None:
     for line in lines:
-        print(f"lrsearch: warning: {line}", file=sys.stderr)
+        print(f"{WARNING_PREFIX}{line}", file=sys.stderr)
 
 
 def cmd_best(args: argparse.Namespace) -> int:
@@ -357,13 +358,13 @@ def cmd_sql(args: argparse.Namespace) -> int:
 def cmd_ui(args: argparse.Namespace) -> int:
     from lrsearch.core.names import trials_path
     from lrsearch.service.server import serve
-    from lrsearch.store.storage import sqlite_path, tracking_uri
+    from lrsearch.store.urls import shown_host, sqlite_path, tracking_uri
     from lrsearch.track.tracking import Tracker
 
     uri = tracking_uri(args.tracking_uri)
     path = sqlite_path(uri)
     if path is not None and path.exists():  # each study's trials, at this UI's own address
-        shown = "localhost" if args.host in ("0.0.0.0", "::") else args.host
+        shown = shown_host(args.host)
         for name, experiment_id in Tracker(uri).study_experiments():
             print(f"study {name}: http://{shown}:{args.port}/{trials_path(experiment_id)}", file=sys.stderr)
     return serve(uri, host=args.host, port=args.port, quiet=not args.verbose)
@@ -456,31 +457,48 @@ def _quiet() -> None:
 
 # -- parser -------------------------------------------------------------------------------
 
-def _option(kind: type, ok: Any, expected: str) -> Any:
-    """An argparse type: ``text`` read as ``kind`` and accepted if ``ok(value)``; else one
-    message, ``expected …, got …``, whatever was wrong with it."""
+def _option(kind: type, constraint: Any) -> Any:
+    """An argparse type: ``text`` read as ``kind`` and accepted if ``constraint(value)`` (an
+    object of ``core/constraints.py``); else one message, ``expected …, got …``, whatever was
+    wrong with it."""
     def parse(text: str) -> Any:
         try:
             value = kind(text)
         except ValueError:
             value = None
-        if value is None or not ok(value):
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        if value is None or not constraint(value):
+            raise argparse.ArgumentTypeError(f"expected {constraint.expected}, got {text!r}")
         return value
     return parse
 
 
-_positive_int = _option(int, lambda v: v >= 1, "an integer >= 1")
-_factor = _option(float, lambda v: 1 < v < float("inf"), "a number > 1")
-_positive_float = _option(float, lambda v: 0 < v < float("inf"), "a number of seconds > 0")
+def _finite(low: float, what: str) -> Any:
+    from lrsearch.core.constraints import Satisfies
+
+    return Satisfies(f"a number{what} > {low:g}", lambda v: low < v < float("inf"))
+
+
+def _positive_int(text: str) -> int:
+    from lrsearch.core.constraints import Interval
+
+    return _option(int, Interval(int, 1, None))(text)
+
+
+def _factor(text: str) -> float:
+    return _option(float, _finite(1, ""))(text)
+
+
+def _positive_float(text: str) -> float:
+    return _option(float, _finite(0, " of seconds"))(text)
 
 
 def _array(text: str) -> int | str:
-    from lrsearch.config import MAX_ARRAY
+    from lrsearch.config import ARRAY_SIZES
+    from lrsearch.core.constraints import Satisfies
 
     if text == "auto":
         return text
-    return _option(int, lambda v: 1 <= v <= MAX_ARRAY, f'"auto" or an integer in [1, {MAX_ARRAY}]')(text)
+    return _option(int, Satisfies(f'"auto" or {ARRAY_SIZES.expected}', ARRAY_SIZES))(text)
 
 
 def _parser() -> argparse.ArgumentParser:

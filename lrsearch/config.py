@@ -15,7 +15,7 @@ from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from lrsearch.core.constraints import MAX_SEED, declared, int_in
+from lrsearch.core.constraints import MAX_SEED, POSITIVE, Interval, Satisfies, declared, int_in
 from lrsearch.choices.data import MAX_SAMPLES, MAX_VALUES, SOURCES, DataConfig
 from lrsearch.core.errors import ConfigError, UsageError, shown
 from lrsearch.choices.network import ModelConfig
@@ -34,6 +34,7 @@ NAME_EXPECTED = "1 to 100 letters, digits, '.', '_' or '-', starting with a lett
 # Sizes a laptop can hold (a study file may come from someone else).
 MAX_TRIALS, MAX_EPOCHS = 100_000, 100_000
 MAX_ARRAY = 256  # trials trained at once by one worker (memory caps it lower: training.largest_array)
+ARRAY_SIZES = Interval(int, 1, MAX_ARRAY)  # [train] array and --array
 
 
 def check_name(name: str) -> str | None:
@@ -45,7 +46,7 @@ def check_name(name: str) -> str | None:
 
 @dataclass(frozen=True)
 class StudyConfig:
-    name: str = declared(str, expected=NAME_EXPECTED, check=lambda v: check_name(v) is None)
+    name: str = declared(str, constraint=Satisfies(NAME_EXPECTED, lambda v: check_name(v) is None))
     direction: str = declared(str, "maximize", choices=DIRECTIONS)
     metric: str = declared(str, "val/acc", choices=METRICS)
     trials: int | None = int_in(1, MAX_TRIALS, None)  # None: the grid's size for grid studies, else DEFAULT_TRIALS
@@ -53,7 +54,7 @@ class StudyConfig:
     seed: int | None = int_in(0, MAX_SEED, None)
     pruner: str = declared(str, "median", choices=PRUNERS)
     # Epochs between pruning checks; None: see sampling.check_interval.
-    prune_every: int | None = declared(int, None, expected="an integer >= 1", check=lambda v: v >= 1)
+    prune_every: int | None = declared(int, None, Interval(int, 1, None))
     # Workers serving several studies take a higher priority first, then the oldest submission.
     priority: int = int_in(-1000, 1000, 0)
 
@@ -65,8 +66,8 @@ class TrainConfig:
     # Trials a worker trains at once, in one fit (a trial array); "auto": the fastest size
     # per trial, timed by the worker (training.choose_array_size). Not part of the study:
     # each worker may use its own (the CLI's --array), and a resubmission may change it.
-    array: int | str = declared(object, "auto", expected=f'"auto" or an integer in [1, {MAX_ARRAY}]',
-                                check=lambda v: v == "auto" or type(v) is int and 1 <= v <= MAX_ARRAY)
+    array: int | str = declared(object, "auto", Satisfies(f'"auto" or {ARRAY_SIZES.expected}',
+                                                          lambda v: v == "auto" or type(v) is int and ARRAY_SIZES(v)))
 
 
 @dataclass(frozen=True)
@@ -216,7 +217,7 @@ def _read(t: _Table, cls: type) -> Any:
     for f in dataclasses.fields(cls):
         default = None if f.default is MISSING else f.default
         value = t.get(f.name, f.metadata["kind"], default, required=f.default is MISSING,
-                      check=f.metadata["check"], expected=f.metadata["expected"])
+                      check=f.metadata["constraint"], expected=getattr(f.metadata["constraint"], "expected", ""))
         values[f.name] = tuple(value) if isinstance(value, list) else value
     t.finish()
     return cls(**values)
@@ -311,12 +312,12 @@ def _param(t: _Table, hp: Hyperparameter, value: Any) -> ParamSpec:
     log = value.get("log", False)
     if not isinstance(log, bool):
         raise t.error(f"{key}.log", "expected true or false", log)
-    if log and low <= 0:
-        raise t.error(f"{key}.low", "expected a number > 0 when log = true", low)
+    if log and not POSITIVE(low):
+        raise t.error(f"{key}.low", f"expected {POSITIVE.expected} when log = true", low)
     step = value.get("step")
     if step is not None:
-        if _number(step, hp.kind) is None or step <= 0:
-            raise t.error(f"{key}.step", "expected a finite number > 0", step)
+        if _number(step, hp.kind) is None or not POSITIVE(step):
+            raise t.error(f"{key}.step", f"expected {POSITIVE.expected}", step)
         if log:
             raise t.error(f"{key}.step", "expected no step when log = true", step)
     return Range(low, high, log, step)

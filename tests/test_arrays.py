@@ -214,7 +214,7 @@ def test_a_service_worker_trains_a_submitted_study_in_arrays(store, tmp_path, re
     from test_service import _cfg, _parent, _trials, _wait
 
     from lrsearch.service.queue import submit
-    from lrsearch.store.storage import schema_url
+    from lrsearch.store.urls import schema_url
 
     if store == "sqlite":
         stores = (f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}")

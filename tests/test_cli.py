@@ -146,8 +146,8 @@ def test_a_study_file_in_another_encoding_exits_2_naming_it(cli, tmp_path):
 
 
 def test_values_that_would_crash_or_exhaust_memory_are_refused(cli, write_study):
-    cases = {'lr = { low = 1e-5, high = inf }': "[params].lr.high: expected a number > 0, got inf",
-             "lr = inf": "[params].lr: expected a number > 0, got inf",
+    cases = {'lr = { low = 1e-5, high = inf }': "[params].lr.high: expected a finite number > 0, got inf",
+             "lr = inf": "[params].lr: expected a finite number > 0, got inf",
              "[data]\ncluster_std = inf": "[data].cluster_std: expected a finite number > 0, got inf",
              "[data]\nn_samples = 1000000000000": "[data].n_samples: expected an integer in [4, 1000000]",
              "[model]\nhidden = [1000000000]": "[model].hidden: expected a list of 1 to 8 integers in [1, 4096]"}

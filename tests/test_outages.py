@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from mlflow import MlflowClient
 
 from conftest import FAST_HEARTBEAT, TcpProxy, missing, server_study, start_server, stop_process_group
-from lrsearch.store.storage import schema_url
+from lrsearch.store.urls import schema_url
 
 # Worker processes, servers or a browser: seconds each (python -m pytest -m "not slow" leaves them out).
 pytestmark = pytest.mark.slow

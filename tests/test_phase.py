@@ -15,7 +15,8 @@ from optuna.trial import TrialState, create_trial
 from lrsearch.core import attrs
 from lrsearch.core.phase import PHASES, phase
 from lrsearch.sql.queries import ResultsDatabase
-from lrsearch.store.storage import open_storage, prepare_database, schema_url
+from lrsearch.store.storage import open_storage, prepare_database
+from lrsearch.store.urls import schema_url
 
 TARGET = 2
 RECORD = {"at": "2026-12-05T10:00:00+00:00"}

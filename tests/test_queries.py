@@ -11,7 +11,8 @@ from mlflow import MlflowClient
 from conftest import fill_results as _fill
 from lrsearch.core.errors import UsageError
 from lrsearch.sql.queries import ResultsDatabase, best_trials_sql, schema_script
-from lrsearch.store.storage import open_storage, prepare_database, schema_url
+from lrsearch.store.storage import open_storage, prepare_database
+from lrsearch.store.urls import schema_url
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def stores(request, tmp_path_factory):

@@ -18,7 +18,8 @@ from conftest import FAST_HEARTBEAT, server_study
 from lrsearch.config import parse_config
 from lrsearch.core.errors import UsageError
 from lrsearch.service.queue import STATUS_COLUMNS, cancel, status, submit
-from lrsearch.store.storage import open_storage, schema_url
+from lrsearch.store.storage import open_storage
+from lrsearch.store.urls import schema_url
 
 # Worker processes, servers or a browser: seconds each (python -m pytest -m "not slow" leaves them out).
 pytestmark = pytest.mark.slow

@@ -18,7 +18,8 @@ from mlflow import MlflowClient
 from conftest import fill_results
 from lrsearch.core.errors import UsageError
 from lrsearch.sql.queries import ResultsDatabase, ensure_views, grant_reader
-from lrsearch.store.storage import prepare_database, schema_url
+from lrsearch.store.storage import prepare_database
+from lrsearch.store.urls import schema_url
 
 MARKER = f"/tmp/lrsearch-attack-{uuid.uuid4().hex}"
 

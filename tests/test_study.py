@@ -12,7 +12,8 @@ from mlflow import MlflowClient
 from lrsearch.config import load_config, parse_config
 from lrsearch.choices.data import load_data
 from lrsearch.service.objective import Objective
-from lrsearch.store.storage import open_storage, redact
+from lrsearch.store.storage import open_storage
+from lrsearch.store.urls import redact
 from lrsearch.service.launch import run_study
 from lrsearch.results.ranking import best_trials, load_study
 from lrsearch.track.tracking import Tracker

@@ -12,7 +12,7 @@ from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from lrsearch.core.constraints import MAX_SEED, declared, int_in
+from lrsearch.core.constraints import MAX_SEED, Interval, Satisfies, declared, int_in
 from lrsearch.core.errors import UsageError
 from lrsearch.core.registry import Registry
 
@@ -360,13 +360,13 @@ MAX_VALUES = 20_000_000  # n_samples x n_features: 160 MB as scikit-learn's floa
 @dataclass(frozen=True)
 class DataConfig:
     source: str = declared(str, "blobs", choices=SOURCES)
-    val_fraction: float = declared(float, 0.5, expected="a number in (0, 1)", check=lambda v: 0 < v < 1)
+    val_fraction: float = declared(float, 0.5, Interval(float, 0, 1, closed="neither"))
     seed: int = int_in(0, MAX_SEED, 0)  # the train/validation split
     n_samples: int = int_in(4, MAX_SAMPLES, 1000)
     centers: int = int_in(2, MAX_CENTERS, 3)
     n_features: int = int_in(1, MAX_FEATURES, 2)
-    cluster_std: float = declared(float, 2.0, expected="a finite number > 0", check=lambda v: v > 0)
-    noise: float = declared(float, 0.2, expected="a finite number >= 0", check=lambda v: v >= 0)
+    cluster_std: float = declared(float, 2.0, Interval(float, 0, None, closed="neither"))
+    noise: float = declared(float, 0.2, Interval(float, 0, None))
     random_state: int = int_in(0, MAX_SEED, 2)
-    path: Path | None = declared(str, None, expected="a file path", check=lambda v: bool(v.strip()))
-    label: str | None = declared(str, None, expected="a column name", check=lambda v: bool(v.strip()))
+    path: Path | None = declared(str, None, Satisfies("a file path", lambda v: bool(v.strip())))
+    label: str | None = declared(str, None, Satisfies("a column name", lambda v: bool(v.strip())))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
-from lrsearch.core.constraints import declared
+from lrsearch.core.constraints import Satisfies, declared
 from lrsearch.core.registry import Registry
 
 if TYPE_CHECKING:
@@ -65,9 +65,9 @@ MAX_LAYERS, MAX_UNITS = 8, 4096
 
 @dataclass(frozen=True)
 class ModelConfig:
-    hidden: tuple[int, ...] = declared(
-        list, (50,), expected=f"a list of 1 to {MAX_LAYERS} integers in [1, {MAX_UNITS}]",
-        check=lambda v: 1 <= len(v) <= MAX_LAYERS and all(type(x) is int and 1 <= x <= MAX_UNITS for x in v))
+    hidden: tuple[int, ...] = declared(list, (50,), Satisfies(
+        f"a list of 1 to {MAX_LAYERS} integers in [1, {MAX_UNITS}]",
+        lambda v: 1 <= len(v) <= MAX_LAYERS and all(type(x) is int and 1 <= x <= MAX_UNITS for x in v)))
     activation: str = declared(str, "relu", choices=ACTIVATIONS)
     init: str = declared(str, "he_uniform", choices=INITS)
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Union
 
 from lrsearch.choices.optimizers import OPTIMIZERS
+from lrsearch.core.constraints import POSITIVE, Constraint, Interval, Options, Satisfies
 from lrsearch.core.registry import Registry, resolve
 from lrsearch.choices.schedules import SCHEDULES, schedule_epochs
 
@@ -73,14 +74,20 @@ class Hyperparameter:
 
     name: str
     kind: str  # "float", "int", "bool" or "category"
-    expected: str
-    valid: Callable[[Any], bool]
+    constraint: Constraint  # its check, and the words of its error messages
     doc: str
     default: Any = None  # a value, or a function of the values sampled before it
     owner: str | None = None
     requires: tuple[str, Callable[[Any], bool], str] | None = None  # (name, test, as text)
     choices: tuple[Any, ...] = ()
     optional: bool = False  # undeclared: left out of a trial's hyperparameters (its default changes nothing)
+
+    @property
+    def expected(self) -> str:
+        return self.constraint.expected
+
+    def valid(self, value: Any) -> bool:
+        return self.constraint(value)
 
     def applies(self, sampled: Mapping[str, Any]) -> bool:
         """Whether this hyperparameter means something given the values sampled before it."""
@@ -99,13 +106,12 @@ class Hyperparameter:
 
 
 def _category(name: str, registry: Registry, default: str, doc: str) -> Hyperparameter:
-    return Hyperparameter(name, "category", registry.expected, lambda v: v in registry, doc,
+    return Hyperparameter(name, "category", Options(registry.names), doc,
                           default, choices=registry.names)
 
 
 def _choice(name: str, values: tuple[str, ...], doc: str, owner: str) -> Hyperparameter:
-    return Hyperparameter(name, "category", "one of " + ", ".join(repr(v) for v in values),
-                          lambda v: v in values, doc, owner=owner, choices=values)
+    return Hyperparameter(name, "category", Options(values), doc, owner=owner, choices=values)
 
 
 # Order matters: this is the sampling order, and a condition refers only to those above it.
@@ -113,39 +119,39 @@ HYPERPARAMETERS: dict[str, Hyperparameter] = {
     h.name: h
     for h in (
         _category("optimizer", OPTIMIZERS, "sgd", "the optimizer (table below)"),
-        Hyperparameter("lr", "float", "a number > 0", lambda v: v > 0, "the (initial) learning rate",
+        Hyperparameter("lr", "float", POSITIVE, "the (initial) learning rate",
                        lambda sampled: OPTIMIZERS[sampled["optimizer"]].default_lr),
-        Hyperparameter("momentum", "float", "a number in [0, 1)", lambda v: 0 <= v < 1, "momentum",
+        Hyperparameter("momentum", "float", Interval(float, 0, 1, closed="left"), "momentum",
                        owner="optimizer"),
-        Hyperparameter("nesterov", "bool", "true or false", lambda v: isinstance(v, bool),
+        Hyperparameter("nesterov", "bool", Satisfies("true or false", lambda v: isinstance(v, bool)),
                        "Nesterov's momentum", owner="optimizer",
                        requires=("momentum", lambda v: v > 0, "momentum > 0"), choices=(True, False)),
-        Hyperparameter("weight_decay", "float", "a number >= 0", lambda v: v >= 0,
+        Hyperparameter("weight_decay", "float", Interval(float, 0, None),
                        "decoupled weight decay (per update: w -= lr · weight_decay · w)", owner="optimizer"),
-        Hyperparameter("warmup_epochs", "int", "an integer >= 0 (epochs)", lambda v: v >= 0,
+        Hyperparameter("warmup_epochs", "int", Interval(int, 0, None, unit="epochs"),
                        "epochs of linear warm-up (update by update, up to the rate the schedule starts "
                        "at) before any schedule", 0, optional=True),
         _category("schedule", SCHEDULES, "constant", "the learning-rate schedule (table below)"),
-        Hyperparameter("decay", "float", "a number >= 0", lambda v: v >= 0, "time_decay's decay",
+        Hyperparameter("decay", "float", Interval(float, 0, None), "time_decay's decay",
                        owner="schedule"),
-        Hyperparameter("step_size", "int", "an integer >= 1 (epochs)", lambda v: v >= 1,
+        Hyperparameter("step_size", "int", Interval(int, 1, None, unit="epochs"),
                        "epochs between steps", owner="schedule"),
-        Hyperparameter("gamma", "float", "a number in (0, 1]", lambda v: 0 < v <= 1,
+        Hyperparameter("gamma", "float", Interval(float, 0, 1, closed="right"),
                        "the factor per step (step) or per epoch (exponential)", owner="schedule"),
-        Hyperparameter("t_max", "int", "an integer >= 1 (epochs)", lambda v: v >= 1,
+        Hyperparameter("t_max", "int", Interval(int, 1, None, unit="epochs"),
                        "epochs to anneal over", owner="schedule"),
-        Hyperparameter("patience", "int", "an integer >= 0 (epochs)", lambda v: v >= 0,
+        Hyperparameter("patience", "int", Interval(int, 0, None, unit="epochs"),
                        "epochs without improvement before a cut", owner="schedule"),
-        Hyperparameter("factor", "float", "a number in (0, 1)", lambda v: 0 < v < 1,
+        Hyperparameter("factor", "float", Interval(float, 0, 1, closed="neither"),
                        "the factor of each cut", owner="schedule"),
-        Hyperparameter("pct_start", "float", "a number in (0, 1)", lambda v: 0 < v < 1,
+        Hyperparameter("pct_start", "float", Interval(float, 0, 1, closed="neither"),
                        "the fraction of the updates spent rising to `lr`", owner="schedule"),
         _choice("anneal", ("cos", "linear"), "how the rate rises and falls", owner="schedule"),
         _choice("mode", ("triangular", "triangular2"), "triangles of equal height, or halved each cycle",
                 owner="schedule"),
-        Hyperparameter("base_fraction", "float", "a number in (0, 1)", lambda v: 0 < v < 1,
+        Hyperparameter("base_fraction", "float", Interval(float, 0, 1, closed="neither"),
                        "the cycle's lowest rate, as a fraction of `lr`", owner="schedule"),
-        Hyperparameter("half_cycle", "int", "an integer >= 1 (epochs)", lambda v: v >= 1,
+        Hyperparameter("half_cycle", "int", Interval(int, 1, None, unit="epochs"),
                        "epochs from the lowest rate to `lr` (and as many back)", owner="schedule"),
     )
 }

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 
+# How lrsearch's own lines start on stderr (cli.py writes them; launch.py reads its workers' by them).
+ERROR_PREFIX = "lrsearch: error: "
+WARNING_PREFIX = "lrsearch: warning: "
+
+
 class LrsearchError(Exception):
     """A failure lrsearch can explain in one line (exit code 1)."""
 

@@ -4,7 +4,7 @@ generated from the registries and ``phase.py``.
     python -m lrsearch.results.docs [PAGE.md ...]   rewrite the tables in place (default: every page of docs/)
     python -m lrsearch.results.docs --check         exit 1 if one is out of date (CI runs this)
 
-A table sits between ``<!-- lrsearch.docs: NAME -->`` and ``<!-- /lrsearch.results.docs -->``.
+A table sits between ``<!-- lrsearch.docs: NAME -->`` and ``<!-- /lrsearch.docs -->``.
 """
 
 from __future__ import annotations
@@ -102,7 +102,10 @@ TABLES = {"hyperparameters": hyperparameters, "choices": choices, "phases": phas
 
 def render(text: str) -> str:
     """``text`` with every generated table brought up to date."""
-    return _BLOCK.sub(lambda m: f"{m.group(1)}{TABLES[m.group(2)]()}\n{m.group(3)}", text)
+    new, blocks = _BLOCK.subn(lambda m: f"{m.group(1)}{TABLES[m.group(2)]()}\n{m.group(3)}", text)
+    if blocks != text.count("<!-- lrsearch.docs: "):  # a marker without its end: nothing would be checked
+        raise ValueError("a generated table's <!-- lrsearch.docs: NAME --> has no <!-- /lrsearch.docs --> after it")
+    return new
 
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"  # in a checkout: the site's pages

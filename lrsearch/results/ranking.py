@@ -18,7 +18,8 @@ from optuna.trial import FrozenTrial, TrialState
 from lrsearch.core import attrs
 from lrsearch.core.errors import unknown_study
 from lrsearch.choices.space import in_sampling_order
-from lrsearch.store.storage import open_storage, redact, storage_url
+from lrsearch.store.storage import open_storage
+from lrsearch.store.urls import redact, storage_url
 
 # Trials that count towards a study's total: a FAIL is retried, a PRUNED one is an answer.
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)

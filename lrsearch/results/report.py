@@ -18,8 +18,10 @@ from lrsearch.core.names import DEFAULT_UI_PORT, NOTE_FIGURES, PREVIEW_DIR
 from lrsearch.choices.optimizers import OPTIMIZERS
 from lrsearch.results.ranking import best_so_far, direction, duration_s, load_study, ranking
 from lrsearch.choices.space import in_sampling_order
-from lrsearch.store.storage import report_dir, storage_url, tracking_uri
-from lrsearch.track.tracking import History, Tracker, is_server
+from lrsearch.store.storage import report_dir
+from lrsearch.store.urls import storage_url, tracking_uri
+from lrsearch.track.tracking import History, Tracker
+from lrsearch.store.urls import is_server
 
 
 def write_report(name: str, *, storage: str | None = None, tracking: str | None = None,

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from lrsearch.core.errors import LrsearchError
+from lrsearch.core.errors import ERROR_PREFIX, WARNING_PREFIX, LrsearchError
 from lrsearch.core.stopping import PARENT_FD_ENV, PARENT_PID_ENV, StopFlag
-from lrsearch.store.storage import STORAGE_ENV, TRACKING_ENV, storage_url, tracking_uri
+from lrsearch.store.urls import STORAGE_ENV, TRACKING_ENV, storage_url, tracking_uri
 
 if TYPE_CHECKING:
     import optuna
@@ -112,12 +112,12 @@ class _WorkerProcess:
 
     @property
     def warnings(self) -> list[str]:
-        prefix = "lrsearch: warning: "
+        prefix = WARNING_PREFIX
         return [f"worker {self.index}: {line[len(prefix):]}" for line in self.lines if line.startswith(prefix)]
 
     @property
     def error(self) -> str:
-        prefix = "lrsearch: error: "
+        prefix = ERROR_PREFIX
         errors = [line[len(prefix):] for line in self.lines if line.startswith(prefix)]
         return f"worker {self.index}: " + (errors[-1] if errors else f"exit code {self.proc.returncode}")
 

@@ -17,11 +17,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from lrsearch.core.errors import LrsearchError, UsageError
-from lrsearch.store.storage import (
-    artifact_root, data_dir, is_postgres, make_folder, pg_url, prepare_database, redact, schema_url, sqlite_path,
-    with_user,
-)
+from lrsearch.core.errors import WARNING_PREFIX, LrsearchError, UsageError
+from lrsearch.store.storage import artifact_root, make_folder, prepare_database
+from lrsearch.store.urls import data_dir, is_postgres, pg_parts, redact, schema_url, shown_host, sqlite_path, with_user
 
 DB_ENV = "LRSEARCH_DB"
 ADMIN_USER_ENV, ADMIN_PASSWORD_ENV = "MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD"
@@ -120,10 +118,9 @@ def auth_environment(db: str) -> dict[str, str]:
     env = {"MLFLOW_FLASK_SERVER_SECRET_KEY": os.environ.get("MLFLOW_FLASK_SERVER_SECRET_KEY") or secrets.token_hex(32),
            ADMIN_USER_ENV: os.environ.get(ADMIN_USER_ENV) or "admin"}
     if is_postgres(db):
-        from sqlalchemy.engine import make_url
 
         prepare_database(db, extra_schemas=(AUTH_SCHEMA,))
-        password = make_url(pg_url(db)).password
+        password = pg_parts(db).password
         if password:
             env["PGPASSWORD"] = str(password)
         database = with_user(schema_url(db, AUTH_SCHEMA))
@@ -158,7 +155,7 @@ def serve(db: str | None, *, host: str = "127.0.0.1", port: int = 5000, artifact
     if auth:
         env.update(auth_environment(db))
     elif not _loopback(host):
-        print(f"lrsearch: warning: serving on {host} without authentication: anyone who reaches this port can "
+        print(f"{WARNING_PREFIX}serving on {host} without authentication: anyone who reaches this port can "
               "read and change every study (add --auth)", file=sys.stderr)
     # MLflow 3 also starts a job runner and seven task consumers for its GenAI features; they
     # poll the database and take CPU even when idle, and lrsearch uses none of them.
@@ -170,7 +167,7 @@ def serve(db: str | None, *, host: str = "127.0.0.1", port: int = 5000, artifact
     cmd = server_command(env["MLFLOW_BACKEND_STORE_URI"], host=host, port=port, artifacts=artifacts,
                          allowed_hosts=allowed_hosts, workers=workers, auth=auth)
     check_port(host, port)
-    shown = "localhost" if host in ("0.0.0.0", "::") else host
+    shown = shown_host(host)
     print(f"MLflow UI: http://{shown}:{port}/#/experiments?workflowType=machine_learning"
           + (" (log in as the admin)" if auth else ""), file=sys.stderr)
     sys.stderr.flush()

@@ -19,7 +19,8 @@ from lrsearch.results.descriptions import write_study_note
 from lrsearch.core.errors import UsageError, first_line
 from lrsearch.results.ranking import counts, summary
 from lrsearch.choices.sampling import make_pruner, make_sampler
-from lrsearch.store.storage import open_storage, redact, store_lock, tracking_uri
+from lrsearch.store.storage import open_storage, store_lock
+from lrsearch.store.urls import redact, tracking_uri
 from lrsearch.track.tracking import Tracker
 
 

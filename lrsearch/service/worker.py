@@ -23,9 +23,8 @@ from lrsearch.service.queue import config_digest, queue
 from lrsearch.service.session import Session, close_parent, join, mark_unrunnable, start_parent
 from lrsearch.fit.member import Member
 from lrsearch.core.stopping import Cancelled, Interrupted, StopFlag, TrialStop
-from lrsearch.store.storage import (
-    Heartbeat, checkpoint, close_connections, grace_period, open_storage, storage_url, store_lock, tracking_uri,
-)
+from lrsearch.store.storage import Heartbeat, checkpoint, close_connections, grace_period, open_storage, store_lock
+from lrsearch.store.urls import storage_url, tracking_uri
 from lrsearch.track.tracking import Tracker
 
 MAX_RETRIES = 2  # re-queues of a trial whose worker died (retries of retries count)

@@ -31,10 +31,8 @@ from lrsearch.core import attrs
 from lrsearch.core.errors import LrsearchError, UsageError, first_line, unknown_study
 from lrsearch.store.retry import reason
 from lrsearch.choices.space import in_sampling_order
-from lrsearch.store.storage import (
-    is_postgres, libpq_url, prepare_database, redact, sqlite_path, storage_url, store_lock, tracking_uri,
-    with_user,
-)
+from lrsearch.store.storage import prepare_database, store_lock
+from lrsearch.store.urls import is_postgres, libpq_url, redact, sqlite_path, storage_url, tracking_uri, with_user
 
 VIEWS = ("trials", "best_trials", "studies")
 DEFAULT_TIMEOUT_S = 30.0

@@ -19,10 +19,8 @@ import sqlite3
 from typing import Any, Iterator, Mapping, Sequence
 
 from lrsearch.core.errors import UsageError
-from lrsearch.store.storage import (
-    _LOCK_KEY, is_postgres, libpq_url, new_sqlite_file, pg_connect_args, prepare_database, redact, sqlite_path,
-    store_lock,
-)
+from lrsearch.store.storage import _LOCK_KEY, new_sqlite_file, pg_connect_args, prepare_database, store_lock
+from lrsearch.store.urls import is_postgres, libpq_url, redact, sqlite_path
 
 
 def optuna_version() -> str:

@@ -11,11 +11,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from lrsearch.core.errors import LrsearchError, UsageError, first_line
+from lrsearch.store.urls import data_dir, is_postgres, pg_parts, pg_url, redact, schema_url, sqlite_path
 
-DATA_DIR_ENV = "LRSEARCH_DATA"
-STORAGE_ENV = "LRSEARCH_STORAGE"
-TRACKING_ENV = "MLFLOW_TRACKING_URI"
-DEFAULT_DATA_DIR = "lrsearch-data"
 # How long an SQLite writer waits for a lock before "database is locked".
 SQLITE_TIMEOUT_S = 60
 SCHEMAS = ("optuna", "mlflow", "lrsearch")
@@ -29,58 +26,12 @@ OPTUNA_MARKERS = ("studies", "version_info")
 MLFLOW_MARKERS = ("experiments", "runs")
 
 
-def data_dir() -> Path:
-    """The embedded store's folder: ``$LRSEARCH_DATA`` or ``./lrsearch-data``, absolute."""
-    return Path(os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR).resolve()
-
-
-def storage_url(url: str | None = None) -> str:
-    """The Optuna storage URL as given: ``url``, ``$LRSEARCH_STORAGE`` or the embedded
-    SQLite file. A plain PostgreSQL URL is fine: ``open_storage`` adds the schema."""
-    return url or os.environ.get(STORAGE_ENV) or f"sqlite:///{data_dir() / 'optuna.db'}"
-
-
-def tracking_uri(uri: str | None = None) -> str:
-    """The MLflow tracking URI: ``uri``, ``$MLFLOW_TRACKING_URI`` or the embedded SQLite file."""
-    return uri or os.environ.get(TRACKING_ENV) or f"sqlite:///{data_dir() / 'mlflow.db'}"
-
-
 def make_folder(folder: Path) -> None:
     """``mkdir -p``, failing in one line that names the folder."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise LrsearchError(f"cannot create the folder {folder}: {e.strerror}") from e
-
-
-def sqlite_path(url: str) -> Path | None:
-    """The file behind a ``sqlite:///`` URL, or None for other URLs."""
-    if not url.startswith("sqlite:///"):
-        return None
-    return Path(url[len("sqlite:///"):].split("?", 1)[0])
-
-
-def with_user(url: str, user: str | None = None) -> str:
-    """A database URL without its password (libpq then reads ``PGPASSWORD``), for ``user``
-    if given. (``URL.set`` cannot clear a field: it skips None.)"""
-    from sqlalchemy.engine import make_url
-
-    parsed = make_url(pg_url(url))
-    return parsed._replace(username=user or parsed.username, password=None).render_as_string(hide_password=False)
-
-
-def redact(url: str) -> str:
-    """``url`` with any password replaced by ``***``, for tags and messages."""
-    if "://" not in url or "@" not in url:
-        return url
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:  # an http URI with credentials
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
 
 
 def open_storage(url: str, *, create: bool = True, hint: str = "") -> Any:
@@ -238,40 +189,6 @@ class Heartbeat:
 
 # -- PostgreSQL: one database, one schema per owner ----------------------------------------
 
-def is_postgres(url: str) -> bool:
-    return url.startswith(("postgresql", "postgres://"))
-
-
-def pg_url(url: str) -> str:
-    """``url`` with the psycopg 3 driver spelled out (``postgresql://`` maps to it anyway)."""
-    for prefix in ("postgresql://", "postgres://"):
-        if url.startswith(prefix):
-            return "postgresql+psycopg://" + url[len(prefix):]
-    return url
-
-
-def libpq_url(url: str) -> str:
-    """A PostgreSQL URL as libpq reads it: ``postgresql://`` (no driver), its query kept but
-    SQLAlchemy's ``options`` (the search path is set per connection). Parsed without
-    SQLAlchemy: the commands that only read or queue skip its import."""
-    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    query = urlencode([(k, v) for k, v in parse_qsl(parts.query) if k != "options"])
-    return urlunsplit(("postgresql", parts.netloc, parts.path, query, ""))
-
-
-def schema_url(url: str, schema: str) -> str:
-    """The URL whose connections put ``schema`` first on the search path, so Optuna's and
-    MLflow's tables (both have an ``alembic_version``) live apart in one database."""
-    from sqlalchemy.engine import make_url
-
-    parsed = make_url(pg_url(url))
-    if "options" in parsed.query:
-        return parsed.render_as_string(hide_password=False)  # the user chose the search path
-    return parsed.update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(
-        hide_password=False)
-
 
 def prepare_database(url: str, extra_schemas: tuple[str, ...] = ()) -> None:
     """Create the database if it is missing and its role may (see :func:`create_database`),
@@ -312,9 +229,8 @@ def create_database(url: str) -> None:
     host, port and credentials) to the ``postgres`` maintenance database. A role without
     CREATEDB gets one line naming the two commands that set up the role and the database."""
     import sqlalchemy as sa
-    from sqlalchemy.engine import make_url
 
-    parsed = make_url(pg_url(url))
+    parsed = pg_parts(url)
     names = _names(url)
     maintenance = parsed.set(database="postgres").render_as_string(hide_password=False)
     engine = sa.create_engine(maintenance, poolclass=sa.pool.NullPool, isolation_level="AUTOCOMMIT",
@@ -342,9 +258,8 @@ def _names(url: str) -> dict[str, str]:
     """The database and role ``url`` names (libpq's defaults when it names none)."""
     import getpass
 
-    from sqlalchemy.engine import make_url
 
-    parsed = make_url(pg_url(url))
+    parsed = pg_parts(url)
     role = parsed.username or os.environ.get("PGUSER") or getpass.getuser()
     return {"database": parsed.database or os.environ.get("PGDATABASE") or role, "role": role}
 
@@ -364,9 +279,8 @@ def _missing(url: str, error: BaseException) -> str | None:
 
 def _server(url: str) -> str:
     """``host:port`` of a PostgreSQL URL, for messages."""
-    from sqlalchemy.engine import make_url
 
-    parsed = make_url(pg_url(url))
+    parsed = pg_parts(url)
     return f"{parsed.host or 'localhost'}:{parsed.port or 5432}"
 
 
@@ -503,9 +417,8 @@ def store_lock(url: str, retry: Any = None) -> Iterator[StoreLock]:
 
 def _lock_url(url: str) -> str:
     """The database's URL without a search path: one lock connection per database."""
-    from sqlalchemy.engine import make_url
 
-    parsed = make_url(pg_url(url))
+    parsed = pg_parts(url)
     return parsed.set(query={k: v for k, v in parsed.query.items() if k != "options"}).render_as_string(
         hide_password=False)
 
@@ -570,9 +483,8 @@ def report_dir(url: str, name: str) -> Path:
     path = sqlite_path(url)
     if path is not None:
         return path.resolve().parent / "reports" / folder_name(name)
-    from sqlalchemy.engine import make_url
 
-    parsed = make_url(pg_url(url))
+    parsed = pg_parts(url)
     store = folder_name(f"{parsed.host or 'localhost'}-{parsed.port or 5432}-{parsed.database or ''}")
     return data_dir() / "reports" / store / folder_name(name)
 

@@ -26,8 +26,9 @@ from lrsearch.store.retry import Retry, reason
 from lrsearch.core.stopping import check_stop
 from lrsearch.core.text import fmt
 from lrsearch.store.storage import (
-    MLFLOW_MARKERS, artifact_root, check_sqlite_owner, folder_name, new_sqlite_file, redact, sqlite_path, store_lock,
+    MLFLOW_MARKERS, artifact_root, check_sqlite_owner, folder_name, new_sqlite_file, store_lock,
 )
+from lrsearch.store.urls import credentials, is_server, redact, sqlite_path, without_credentials
 
 PARENT_TAG = "mlflow.parentRunId"
 # A new run's token: a create_run repeated after a dropped connection first looks for it.
@@ -47,9 +48,13 @@ History = Mapping[str, Sequence[tuple[int, float, int]]]
 
 
 def quiet_mlflow() -> None:
-    """Keep MLflow's and Alembic's migration chatter off the terminal."""
+    """Keep MLflow's and Alembic's migration chatter off the terminal, and psycopg's warning
+    when MLflow's metric insert on PostgreSQL meets a row it already holds ("error ignored
+    terminating <psycopg.Pipeline …>: pipeline aborted"): MLflow catches that IntegrityError
+    and inserts the new rows alone, so nothing is lost."""
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("psycopg").setLevel(logging.ERROR)
 
 
 class Tracker:
@@ -411,9 +416,9 @@ def check_tracking(uri: str) -> None:
     import urllib.request
 
     timeout = float(os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT") or HTTP_LIMITS["MLFLOW_HTTP_REQUEST_TIMEOUT"])
-    request = urllib.request.Request(f"{_without_credentials(uri).rstrip('/')}/api/2.0/mlflow/experiments/search"
+    request = urllib.request.Request(f"{without_credentials(uri).rstrip('/')}/api/2.0/mlflow/experiments/search"
                                      "?max_results=1")
-    user, password = _credentials(uri)
+    user, password = credentials(uri)
     if user is not None:
         token = base64.b64encode(f"{user}:{password or ''}".encode()).decode()
         request.add_header("Authorization", f"Basic {token}")
@@ -438,25 +443,10 @@ def check_tracking(uri: str) -> None:
         raise TrackingError(f"cannot reach MLflow tracking at {redact(uri)}: {_without(why, uri)}") from None
 
 
-def _credentials(uri: str) -> tuple[str | None, str | None]:
-    """The login a client sends: ``user:password@`` in the URI, else MLflow's variables."""
-    from urllib.parse import unquote, urlsplit
-
-    parts = urlsplit(uri)
-    if parts.username is not None:
-        return unquote(parts.username), unquote(parts.password) if parts.password is not None else None
-    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
-    return (user, os.environ.get("MLFLOW_TRACKING_PASSWORD")) if user else (None, None)
-
-
 def ui_base(uri: str) -> str:
     """Where the MLflow UI of tracking store ``uri`` is: the tracking server itself (without
     any credentials the URI carries), or for an embedded store ``lrsearch ui``'s default."""
-    return _without_credentials(uri).rstrip("/") if is_server(uri) else DEFAULT_UI
-
-
-def is_server(uri: str) -> bool:
-    return uri.startswith(("http://", "https://"))
+    return without_credentials(uri).rstrip("/") if is_server(uri) else DEFAULT_UI
 
 
 def run_url(uri: str, experiment_id: str, run_id: str) -> str:
@@ -504,9 +494,13 @@ def _experiment_artifacts(uri: str, name: str) -> str | None:
 
 
 def _metrics(history: History) -> list[Any]:
+    """The history's points as MLflow metrics, each once: a point logged twice in one
+    millisecond (same key, step, value and time) is one row of MLflow's, and sending it twice
+    in a batch would fail the batch's insert (MLflow then inserts the rows one by one)."""
     from mlflow.entities import Metric
 
-    return [Metric(key, value, ts, step) for key, points in history.items() for step, value, ts in points]
+    points = dict.fromkeys((key, value, ts, step) for key, points in history.items() for step, value, ts in points)
+    return [Metric(*point) for point in points]
 
 
 def _param_value(value: Any) -> str:
@@ -530,14 +524,6 @@ def _batches(params: list[Any], tags: list[Any], metrics: list[Any]) -> Iterable
         batch["metrics"] = metrics[:min(room, _MAX_METRICS)]
         params, tags, metrics = params[_MAX_PARAMS:], tags[_MAX_TAGS:], metrics[len(batch["metrics"]):]
         yield batch
-
-
-def _without_credentials(uri: str) -> str:
-    """``http://user:secret@host:5000`` -> ``http://host:5000``."""
-    scheme, sep, rest = uri.partition("://")
-    if not sep or "@" not in rest.split("/", 1)[0]:
-        return uri
-    return f"{scheme}://{rest.split('@', 1)[1]}"
 
 
 def _without(text: str, uri: str) -> str:
