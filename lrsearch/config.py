@@ -49,12 +49,12 @@ class StudyConfig:
     name: str = declared(str, constraint=Satisfies(NAME_EXPECTED, lambda v: check_name(v) is None))
     direction: str = declared(str, "maximize", choices=DIRECTIONS)
     metric: str = declared(str, "val/acc", choices=METRICS)
-    trials: int | None = int_in(1, MAX_TRIALS, None)  # None: the grid's size for grid studies, else DEFAULT_TRIALS
+    trials: int | None = int_in(1, MAX_TRIALS, None, unset=f"{DEFAULT_TRIALS} (a grid study: the grid's size)")
     sampler: str = declared(str, "tpe", choices=SAMPLERS)
-    seed: int | None = int_in(0, MAX_SEED, None)
+    seed: int | None = int_in(0, MAX_SEED, None, unset="none: each run samples anew")
     pruner: str = declared(str, "median", choices=PRUNERS)
     # Epochs between pruning checks; None: see sampling.check_interval.
-    prune_every: int | None = declared(int, None, Interval(int, 1, None))
+    prune_every: int | None = declared(int, None, Interval(int, 1, None), unset="epochs / 5, at least 1")
     # Workers serving several studies take a higher priority first, then the oldest submission.
     priority: int = int_in(-1000, 1000, 0)
 

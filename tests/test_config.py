@@ -190,6 +190,17 @@ def test_the_docs_tables_are_generated_from_the_registries():
     assert render(page) == page, "docs tables are out of date: run python -m lrsearch.results.docs"
     assert "| `weight_decay` | optimizer is `adamw` |" in page
     assert "| `nesterov` | optimizer is `sgd`, momentum > 0 | `true`, `false` | `false` |" in page
+    # Every key of every section, in the words its error message uses (one constraint object each).
+    import dataclasses
+
+    from lrsearch.config import DataConfig, ModelConfig, StudyConfig, TrackingConfig, TrainConfig
+    for section, schema in (("study", StudyConfig), ("data", DataConfig), ("model", ModelConfig),
+                            ("train", TrainConfig), ("tracking", TrackingConfig)):
+        for f in dataclasses.fields(schema):
+            assert f"| `[{section}].{f.name}` |" in page
+    assert '| `[train].array` | string or integer | `auto` | "auto" or an integer in [1, 256] |' in page
+    with pytest.raises(ConfigError, match=r'\[train\]\.array: expected "auto" or an integer in \[1, 256\], got 0'):
+        parse_config(_raw({}, train={"array": 0}), "f.toml")
     states = (DOCS / "service.md").read_text()
     assert "<!-- lrsearch.docs: phases -->" in states and render(states) == states
     assert main(["--check"]) == 0  # every page, as CI checks them

@@ -82,16 +82,17 @@ class Satisfies:
 
 
 def declared(kind: type, default: Any = MISSING, constraint: Constraint | None = None, *,
-             choices: Registry | tuple[str, ...] | None = None) -> Any:
+             choices: Registry | tuple[str, ...] | None = None, unset: str | None = None) -> Any:
     """A config field read from its study-file key: its type, default and constraint, declared
     once (the default is the dataclass's; the reader checks the constraint and its error
-    message says the constraint's ``expected``). ``choices``: the names of a registry or tuple."""
+    message says the constraint's ``expected``). ``choices``: the names of a registry or tuple.
+    ``unset``: what a default of None means, in words (the docs' reference says it)."""
     if choices is not None:
         constraint = Options(choices.names if isinstance(choices, Registry) else tuple(choices))
-    return field(metadata={"kind": kind, "constraint": constraint}) if default is MISSING else \
-        field(default=default, metadata={"kind": kind, "constraint": constraint})
+    meta = {"kind": kind, "constraint": constraint, "unset": unset}
+    return field(metadata=meta) if default is MISSING else field(default=default, metadata=meta)
 
 
-def int_in(low: int, high: int, default: Any = MISSING) -> Any:
+def int_in(low: int, high: int, default: Any = MISSING, *, unset: str | None = None) -> Any:
     """An integer field in [low, high]."""
-    return declared(int, default, Interval(int, low, high))
+    return declared(int, default, Interval(int, low, high), unset=unset)

@@ -97,7 +97,29 @@ def phases() -> str:
     return "\n".join(["| state | meaning |", "|---|---|", *(f"| `{name}` | {text} |" for name, text in PHASES.items())])
 
 
-TABLES = {"hyperparameters": hyperparameters, "choices": choices, "phases": phases}
+def keys() -> str:
+    """Every key of the study file's sections but [params]: its type, default and what it
+    must be, read from the dataclass fields that declare them (``core/constraints.py``)."""
+    import typing
+
+    from lrsearch.config import Config
+
+    types = {int: "integer", float: "number", str: "string", bool: "boolean", list: "list", object: "string or integer"}
+    lines = ["| key | type | default | must be |", "|---|---|---|---|"]
+    for section, schema in typing.get_type_hints(Config).items():
+        if not dataclasses.is_dataclass(schema):
+            continue  # source (the file's path) and [params] (the hyperparameters table)
+        for f in dataclasses.fields(schema):
+            constraint = f.metadata["constraint"]
+            default = ("required" if f.default is dataclasses.MISSING
+                       else f.metadata["unset"] or "none" if f.default is None
+                       else _value(list(f.default) if isinstance(f.default, tuple) else f.default))
+            rule = constraint.expected if constraint is not None else "true or false"
+            lines.append(f"| `[{section}].{f.name}` | {types[f.metadata['kind']]} | {default} | {rule} |")
+    return "\n".join(lines)
+
+
+TABLES = {"keys": keys, "hyperparameters": hyperparameters, "choices": choices, "phases": phases}
 
 
 def render(text: str) -> str:
