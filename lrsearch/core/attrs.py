@@ -7,7 +7,7 @@ from __future__ import annotations
 PARENT_RUN = "mlflow_parent_run_id"  # the study's MLflow parent run
 EXPERIMENT = "mlflow_experiment_id"
 METRIC = "metric"  # the objective's metric name, e.g. val/acc
-# The study service's queue lives in these (see service.py): a submitted study has them all.
+# The study service's queue lives in these (see service/queue.py): a submitted study has them all.
 CONFIG = "lrsearch_config"  # the whole study configuration: any worker runs it without the file
 TARGET = "lrsearch_target"  # the total of COMPLETE + PRUNED trials
 PRIORITY = "lrsearch_priority"  # higher first; then the oldest submission
