@@ -472,12 +472,6 @@ def _option(kind: type, constraint: Any) -> Any:
     return parse
 
 
-def _finite(low: float, what: str) -> Any:
-    from lrsearch.core.constraints import Satisfies
-
-    return Satisfies(f"a number{what} > {low:g}", lambda v: low < v < float("inf"))
-
-
 def _positive_int(text: str) -> int:
     from lrsearch.core.constraints import Interval
 
@@ -485,20 +479,23 @@ def _positive_int(text: str) -> int:
 
 
 def _factor(text: str) -> float:
-    return _option(float, _finite(1, ""))(text)
+    from lrsearch.choices.space import FIND_FACTOR
+
+    return _option(float, FIND_FACTOR)(text)
 
 
 def _positive_float(text: str) -> float:
-    return _option(float, _finite(0, " of seconds"))(text)
+    import math
+
+    from lrsearch.core.constraints import Satisfies
+
+    return _option(float, Satisfies("a number of seconds > 0", lambda v: 0 < v < math.inf))(text)
 
 
 def _array(text: str) -> int | str:
-    from lrsearch.config import ARRAY_SIZES
-    from lrsearch.core.constraints import Satisfies
+    from lrsearch.config import ARRAY
 
-    if text == "auto":
-        return text
-    return _option(int, Satisfies(f'"auto" or {ARRAY_SIZES.expected}', ARRAY_SIZES))(text)
+    return text if text == "auto" else _option(int, ARRAY)(text)
 
 
 def _parser() -> argparse.ArgumentParser:

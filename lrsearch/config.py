@@ -21,7 +21,9 @@ from lrsearch.core.errors import ConfigError, UsageError, shown
 from lrsearch.choices.network import ModelConfig
 from lrsearch.core.registry import did_you_mean
 from lrsearch.choices.sampling import PRUNERS, SAMPLERS
-from lrsearch.choices.space import HYPERPARAMETERS, Choices, Find, Fixed, Hyperparameter, ParamSpec, Range, resolve_find
+from lrsearch.choices.space import (
+    FIND_FACTOR, HYPERPARAMETERS, Choices, Find, Fixed, Hyperparameter, ParamSpec, Range, resolve_find,
+)
 
 DIRECTIONS = ("maximize", "minimize")
 METRICS = ("val/acc", "val/loss", "train/acc", "train/loss")
@@ -34,7 +36,9 @@ NAME_EXPECTED = "1 to 100 letters, digits, '.', '_' or '-', starting with a lett
 # Sizes a laptop can hold (a study file may come from someone else).
 MAX_TRIALS, MAX_EPOCHS = 100_000, 100_000
 MAX_ARRAY = 256  # trials trained at once by one worker (memory caps it lower: training.largest_array)
-ARRAY_SIZES = Interval(int, 1, MAX_ARRAY)  # [train] array and --array
+ARRAY_SIZES = Interval(int, 1, MAX_ARRAY)
+# [train] array and --array: "auto", or a size.
+ARRAY = Satisfies(f'"auto" or {ARRAY_SIZES.expected}', lambda v: v == "auto" or type(v) is int and ARRAY_SIZES(v))
 
 
 def check_name(name: str) -> str | None:
@@ -66,8 +70,7 @@ class TrainConfig:
     # Trials a worker trains at once, in one fit (a trial array); "auto": the fastest size
     # per trial, timed by the worker (training.choose_array_size). Not part of the study:
     # each worker may use its own (the CLI's --array), and a resubmission may change it.
-    array: int | str = declared(object, "auto", Satisfies(f'"auto" or {ARRAY_SIZES.expected}',
-                                                          lambda v: v == "auto" or type(v) is int and ARRAY_SIZES(v)))
+    array: int | str = declared(object, "auto", ARRAY)
 
 
 @dataclass(frozen=True)
@@ -335,8 +338,8 @@ def _find(t: _Table, key: str, value: Mapping[str, Any]) -> Find:
     if value["find"] is not True:
         raise t.error(f"{key}.find", "expected true", value["find"])
     factor = value.get("factor", Find.factor)
-    if _number(factor, "float") is None or not factor > 1:
-        raise t.error(f"{key}.factor", "expected a number > 1 (the range is the suggestion / factor "
+    if _number(factor, "float") is None or not FIND_FACTOR(factor):
+        raise t.error(f"{key}.factor", f"expected {FIND_FACTOR.expected} (the range is the suggestion / factor "
                                        "to the suggestion × factor)", factor)
     return Find(float(factor))
 

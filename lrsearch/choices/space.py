@@ -51,6 +51,10 @@ class Find:
     factor: float = 10.0
 
 
+# A find table's factor, in the study file and on `lrsearch lr-find --factor`.
+FIND_FACTOR = Satisfies("a number > 1", lambda v: 1 < v < math.inf)
+
+
 ParamSpec = Union[Fixed, Range, Choices, Find]
 
 
