@@ -172,14 +172,19 @@ def test_a_worker_paused_past_the_grace_period_loses_its_trials_and_carries_on(p
             break
         time.sleep(0.1)
     os.killpg(frozen.pid, signal.SIGSTOP)
+    other = _lrsearch(*args, "--worker-index", "0", env=FAST_HEARTBEAT)
+    taken = False
     try:
-        other = _lrsearch(*args, "--worker-index", "0", env=FAST_HEARTBEAT)
         while {t.state.name for t in _study(pg_url, "paused").trials if t.number in {r.number for r in running}} != {
                 "FAIL"}:
-            assert other.poll() is None and time.monotonic() < deadline + 60, other.communicate()
+            assert other.poll() is None and time.monotonic() < deadline + 60, "its trials were never taken"
             time.sleep(0.2)
+        taken = True
     finally:
         os.killpg(frozen.pid, signal.SIGCONT)
+        if not taken:  # no worker left behind, waiting on a study that cannot end
+            for proc in (other, frozen):
+                os.killpg(proc.pid, signal.SIGKILL)
     _, other_err = other.communicate(timeout=300)
     assert other.returncode == 0, other_err
     _, err = frozen.communicate(timeout=300)

@@ -76,6 +76,8 @@ def open_storage(url: str, *, create: bool = True, hint: str = "") -> Any:
                 grace_period=grace_period(), skip_table_creation=warm, skip_compatibility_check=warm)
             if path is not None:
                 _relax_sync(storage.engine)
+            else:
+                _bound_idle_transactions(storage.engine)
     except (ArgumentError, NoSuchModuleError, ValueError) as e:  # not a database URL
         raise UsageError(f"bad storage URL {redact(url)}: {first_line(e)}") from e
     except LrsearchError:
@@ -315,6 +317,22 @@ def _reason(e: BaseException) -> str:
     from lrsearch.store.retry import reason
 
     return reason(e)
+
+
+def _bound_idle_transactions(engine: Any) -> None:
+    """PostgreSQL ends a session of this worker that idles inside a transaction for longer
+    than the grace period: a worker paused mid-transaction (a suspended machine) would
+    otherwise hold its trial's row lock for good, and every other worker would wait on it
+    while failing that trial. Its own transactions are short; once it runs again, the lost
+    session is a lost connection, retried."""
+    import sqlalchemy as sa
+
+    @sa.event.listens_for(engine, "connect")
+    def bound(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.execute(f"SET idle_in_transaction_session_timeout = {grace_period() * 1000}")
+        dbapi_connection.commit()
+
+    engine.dispose()  # the connections opened before the listener
 
 
 def _relax_sync(engine: Any) -> None:
