@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from conftest import compose_interpolate, compose_service
-from lrsearch.cli import _parser
+from lrsearch.cli.parser import build_parser
 
 ROOT = Path(__file__).parent.parent
 TEXT = (ROOT / "docker-compose.yml").read_text()
@@ -72,13 +72,13 @@ def test_logins_are_on():
 
 def test_commands_agree_with_the_cli():
     server, environment = compose_service("mlflow", ENV, {})
-    args = _parser().parse_args(server[1:])
+    args = build_parser().parse_args(server[1:])
     assert server[0] == "lrsearch" and args.command.__name__ == "cmd_server"
     assert (args.db, args.artifacts, args.port, args.auth) == (None, "/artifacts", 5000, True)
     assert environment["LRSEARCH_DB"] == "postgresql+psycopg://u:p4ss@postgres:5432/lr"
 
     worker, environment = compose_service("worker", ENV, {})
-    args = _parser().parse_args(worker[1:])
+    args = build_parser().parse_args(worker[1:])
     assert args.command.__name__ == "cmd_worker"
     assert worker == ["lrsearch", "worker"]  # every submitted study, whatever its name
     assert args.file is None and args.storage is None and args.tracking_uri is None

@@ -252,3 +252,20 @@ def test_a_study_no_worker_can_run_says_why_and_a_corrected_submit_queues_it(sto
     assert _row(stores, "newer")["state"] == "done" and parent.info.status == "FINISHED"
     assert parent.data.params["study.name"] == "newer"  # the params wait for a worker that can run it
     assert parent.data.tags["mlflow.note.content"].startswith("**newer** · done · 2 of 2")
+
+
+def test_run_hears_its_worker_processes_through_their_results_pipes(tmp_path):
+    """A worker process that run_study starts tells it its error as a JSON line on a pipe of
+    its own (its stderr is not read): here, a study file gone before the workers read it."""
+    from lrsearch.service.launch import _start_workers
+
+    gone = tmp_path / "gone.toml"
+    workers, alive = _start_workers(_cfg("piped", 2, 1), gone, 2, f"sqlite:///{tmp_path}/optuna.db",
+                                    f"sqlite:///{tmp_path}/mlflow.db", None)
+    for w in workers:
+        w.wait()
+    os.close(alive)
+    assert [w.proc.returncode for w in workers] == [2, 2]
+    assert [w.error for w in workers] == [f"worker {i}: {gone}: no such file" for i in (1, 2)]
+    assert [w.warnings for w in workers] == [[], []]
+    assert not (tmp_path / "optuna.db").exists()

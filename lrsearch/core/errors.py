@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 
-# How lrsearch's own lines start on stderr (cli.py writes them; launch.py reads its workers' by them).
+# How lrsearch's own lines start on stderr (the CLI writes them).
 ERROR_PREFIX = "lrsearch: error: "
 WARNING_PREFIX = "lrsearch: warning: "
 

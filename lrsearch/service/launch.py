@@ -7,6 +7,7 @@ Light on purpose: nothing heavy is imported before the other workers have starte
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from lrsearch.core.errors import ERROR_PREFIX, WARNING_PREFIX, LrsearchError
+from lrsearch.core.errors import LrsearchError
 from lrsearch.core.stopping import PARENT_FD_ENV, PARENT_PID_ENV, StopFlag
 from lrsearch.store.urls import STORAGE_ENV, TRACKING_ENV, storage_url, tracking_uri
 
@@ -24,6 +25,22 @@ if TYPE_CHECKING:
     import optuna
 
     from lrsearch.config import Config
+
+# A worker process that run_study starts tells it its warnings and its error, if it fails,
+# as JSON lines on a pipe of its own whose write end it finds here; its stderr is not read.
+RESULTS_FD_ENV = "LRSEARCH_RESULTS_FD"
+
+
+def tell_parent(kind: str, text: str) -> None:
+    """In a worker process that ``run_study`` started, pass one of its ``"warning"`` lines,
+    or its ``"error"``, to that process, which shows them; elsewhere, nothing."""
+    fd = os.environ.get(RESULTS_FD_ENV)
+    if not fd:
+        return
+    try:
+        os.write(int(fd), (json.dumps({kind: text}) + "\n").encode())
+    except (OSError, ValueError):  # the parent is gone: nobody to tell
+        pass
 
 
 @dataclass
@@ -91,20 +108,23 @@ def run_study(cfg: Config, *, storage: str | None = None, tracking: str | None =
 
 
 class _WorkerProcess:
-    """A worker process started by ``run_study``, its stderr read on a thread: its warnings
-    are shown by this process, and its error line, if it fails, named in this process's."""
+    """A worker process started by ``run_study``, its results pipe read on a thread: its
+    warnings are shown by this process, and its error, if it fails, named in this process's."""
 
-    def __init__(self, proc: subprocess.Popen, index: int) -> None:
+    def __init__(self, proc: subprocess.Popen, index: int, results: int) -> None:
         self.proc = proc
         self.index = index
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
+        self.results: list[dict[str, str]] = []
+        self._reader = threading.Thread(target=self._read, args=(results,), daemon=True)
         self._reader.start()
 
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.lines.append(line.rstrip("\n"))
+    def _read(self, fd: int) -> None:
+        with open(fd, encoding="utf-8", errors="replace") as pipe:
+            for line in pipe:
+                try:
+                    self.results.append(json.loads(line))
+                except ValueError:  # cut short by the worker's death
+                    pass
 
     def wait(self) -> None:
         self.proc.wait()
@@ -112,13 +132,11 @@ class _WorkerProcess:
 
     @property
     def warnings(self) -> list[str]:
-        prefix = WARNING_PREFIX
-        return [f"worker {self.index}: {line[len(prefix):]}" for line in self.lines if line.startswith(prefix)]
+        return [f"worker {self.index}: {r['warning']}" for r in self.results if "warning" in r]
 
     @property
     def error(self) -> str:
-        prefix = ERROR_PREFIX
-        errors = [line[len(prefix):] for line in self.lines if line.startswith(prefix)]
+        errors = [r["error"] for r in self.results if "error" in r]
         return f"worker {self.index}: " + (errors[-1] if errors else f"exit code {self.proc.returncode}")
 
 
@@ -139,12 +157,26 @@ def _start_workers(cfg: Config, study_file: Path | None, count: int, storage: st
     read_end, alive = os.pipe()
     env = {**os.environ, STORAGE_ENV: storage_url(storage), TRACKING_ENV: tracking_uri(tracking),
            PARENT_FD_ENV: str(read_end), PARENT_PID_ENV: str(os.getpid())}
+    started: list[_WorkerProcess] = []
     try:
-        # Own sessions: a Ctrl-C reaches this process only, which passes it on.
-        return [_WorkerProcess(subprocess.Popen([*command, "--worker-index", str(i)], start_new_session=True,
-                                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                                text=True, pass_fds=(read_end,)), i)
-                for i in range(1, count + 1)], alive
+        for i in range(1, count + 1):
+            results, told = os.pipe()
+            try:
+                # Own sessions: a Ctrl-C reaches this process only, which passes it on.
+                proc = subprocess.Popen([*command, "--worker-index", str(i)], start_new_session=True,
+                                        env={**env, RESULTS_FD_ENV: str(told)}, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL, pass_fds=(read_end, told))
+            except BaseException:
+                os.close(results)
+                raise
+            finally:
+                os.close(told)  # the worker's own: end of file here when it exits
+            started.append(_WorkerProcess(proc, i, results))
+        return started, alive
+    except BaseException:
+        _signal(started, signal.SIGTERM)
+        os.close(alive)
+        raise
     finally:
         os.close(read_end)
 

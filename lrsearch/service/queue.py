@@ -129,6 +129,29 @@ def _record_range_test(found: Any, cfg: Config, url: str, tracking: str) -> None
     record_range_test(found, cfg, tracker, tracker.experiment(cfg.study.name), report_dir(url, cfg.study.name))
 
 
+@dataclass(frozen=True)
+class SearchRange:
+    """The lr range of a study with ``lr = { find = true }``: stored with it (``stored_in``
+    its store) or, for a study not created yet, the range test's answer now."""
+
+    low: float
+    high: float
+    suggestion: float
+    optimizer: str
+    stored_in: str | None
+
+
+def search_range(cfg: Config, *, storage: str | None = None) -> SearchRange:
+    """The range ``cfg``'s study searches: the one stored with it, else the range test's
+    (run here, recorded nowhere: ``submit`` records it when it creates the study)."""
+    url = storage_url(storage)
+    found = stored_range(url, cfg.study.name)
+    if found is not None:
+        return SearchRange(found["low"], found["high"], found["suggestion"], found["optimizer"], url)
+    result = range_test(cfg)
+    return SearchRange(result.low, result.high, result.suggestion, result.optimizer, None)
+
+
 def stored_range(url: str, name: str) -> dict[str, Any] | None:
     """The lr range a study of ``name`` in ``url`` already has (``lr = { find = true }``),
     without creating anything; None when there is no such study or range."""

@@ -35,6 +35,15 @@ CANCEL_POLL_S = 1.0  # how often a running trial's worker looks for `lrsearch ca
 TrialCallback = Callable[[optuna.Study, FrozenTrial], None]
 
 
+def default_index() -> int:
+    """A worker's index when none is given (its sampler's seed): distinct per process and per
+    host, since in containers every worker may be pid 1."""
+    import socket
+    import zlib
+
+    return zlib.crc32(f"{socket.gethostname()}:{os.getpid()}".encode())
+
+
 def setup_process() -> None:
     """Process-wide settings for a process that trains: quiet libraries, one torch thread
     (faster than several for these small networks, and fair to parallel workers)."""

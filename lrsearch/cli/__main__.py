@@ -1,0 +1,5 @@
+"""``python -m lrsearch.cli``: the ``lrsearch`` executable."""
+
+from lrsearch.cli import entry
+
+entry()

@@ -1,0 +1,108 @@
+"""What the commands print: tables (text, JSON, CSV), warnings, run's summary and progress bar."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from typing import Any
+
+from lrsearch.core.errors import WARNING_PREFIX
+
+# `run`'s summary and `best`: the same columns (mlflow: the run's page on a tracking server,
+# else its id).
+TRIAL_COLUMNS = ["number", "value", "state", "params", "duration_s", "mlflow"]
+
+
+def format_rows(rows: list[dict[str, Any]], fmt: str, columns: list[str] | None = None) -> str:
+    """Rows as a text table, JSON (a list of objects) or CSV."""
+    columns = columns or (list(rows[0]) if rows else [])
+    if fmt == "json":
+        return json.dumps([{c: row.get(c) for c in columns} for row in rows], indent=2, default=str)
+    cells = [[_cell(row.get(c), fmt) for c in columns] for row in rows]
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(columns)
+        writer.writerows(cells)
+        return out.getvalue().rstrip("\n")
+    if not rows:
+        return "(no rows)"
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = [columns, *cells]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip() for line in lines)
+
+
+def _cell(value: Any, fmt: str) -> str:
+    """A table cell as the MLflow descriptions write numbers and params; a CSV cell exact."""
+    from lrsearch.core.text import fmt as readable, params_text
+
+    if value is None:
+        return ""
+    if fmt == "csv":
+        return json.dumps(value) if isinstance(value, dict) else str(value)
+    return params_text(value, sep=" ") if isinstance(value, dict) else readable(value)
+
+
+class Progress:
+    """Trials n/N (COMPLETE + PRUNED) and the best value so far, on stderr."""
+
+    def __init__(self, name: str, enabled: bool = True) -> None:
+        self.name = name
+        self.enabled = enabled
+        self.bar: Any = None
+
+    def start(self, total: int, done: int) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, initial=min(done, total), desc=self.name, unit="trial",
+                        file=sys.stderr, dynamic_ncols=True)
+
+    def __call__(self, study: Any, trial: Any) -> None:
+        self.refresh(study)
+
+    def refresh(self, study: Any) -> None:
+        """Show the study's state as its store has it (any worker's trials count)."""
+        from lrsearch.results.ranking import best_trials, count_finished
+
+        if self.bar is None:
+            return
+        self.bar.n = min(count_finished(study), self.bar.total)
+        best = best_trials(study, 1)
+        if best:
+            self.bar.set_postfix_str(f"best {best[0]['value']:.4g} (trial {best[0]['number']})", refresh=False)
+        self.bar.refresh()
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+def print_result(study: Any, target: int, experiment_id: str, parent_run_id: str, tracking: str | None,
+                  warnings: list[str]) -> None:
+    """The study's top trials as `lrsearch best` shows them, and where MLflow shows the rest."""
+    from lrsearch.results.ranking import best_trials, state_counts
+    from lrsearch.store.urls import tracking_uri
+    from lrsearch.track.tracking import links, trial_link
+
+    uri = tracking_uri(tracking)
+    rows = [{**r, "mlflow": trial_link(uri, experiment_id, r["mlflow_run_id"])} for r in best_trials(study, 5)]
+    print(f"study {study.study_name!r}: {len(study.trials)} trials ({state_counts(study)}), target {target}")
+    if rows:
+        print(format_rows(rows, "table", TRIAL_COLUMNS))
+    print("\n".join(links(uri, experiment_id, parent_run_id)))
+    warn(warnings)
+
+
+def warn(lines: list[str]) -> None:
+    """Warnings on stderr, each also told to the `run` that started this worker process, if any."""
+    from lrsearch.service.launch import tell_parent
+
+    for line in lines:
+        print(f"{WARNING_PREFIX}{line}", file=sys.stderr)
+        tell_parent("warning", line)
