@@ -29,7 +29,8 @@ from mlflow import MlflowClient
 from lrsearch.core.attrs import HYPERPARAMETERS, MLFLOW_RUN
 from lrsearch.sql.queries import ResultsDatabase, ensure_indexes, ensure_views
 from scratch import scratch_database
-from lrsearch.store.storage import open_storage, prepare_database
+from lrsearch.store.postgres import prepare_database
+from lrsearch.store.storage import open_storage
 from lrsearch.store.urls import schema_url
 
 QUERY = "SELECT * FROM best_trials WHERE study_name = 'bench' AND rank <= 10"

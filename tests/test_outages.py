@@ -207,7 +207,7 @@ def test_a_full_disk_is_one_line(tiny_disk, tmp_path):
 
 
 def test_a_lock_whose_connection_dropped_knows_it(pg_url):
-    from lrsearch.store.storage import store_lock
+    from lrsearch.store.lock import store_lock
 
     with store_lock(pg_url) as lock:
         assert lock.held()

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import PG_ADMIN_URL, missing
 from lrsearch.core.errors import LrsearchError
-from lrsearch.store.storage import SCHEMAS, prepare_database
+from lrsearch.store.postgres import SCHEMAS, prepare_database
 
 PASSWORD = "s3cret-do-not-print"
 

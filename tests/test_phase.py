@@ -15,7 +15,8 @@ from optuna.trial import TrialState, create_trial
 from lrsearch.core import attrs
 from lrsearch.core.phase import PHASES, phase
 from lrsearch.sql.queries import ResultsDatabase
-from lrsearch.store.storage import open_storage, prepare_database
+from lrsearch.store.postgres import prepare_database
+from lrsearch.store.storage import open_storage
 from lrsearch.store.urls import schema_url
 
 TARGET = 2

@@ -11,7 +11,8 @@ from mlflow import MlflowClient
 from conftest import fill_results as _fill
 from lrsearch.core.errors import UsageError
 from lrsearch.sql.queries import ResultsDatabase, best_trials_sql, schema_script
-from lrsearch.store.storage import open_storage, prepare_database
+from lrsearch.store.postgres import prepare_database
+from lrsearch.store.storage import open_storage
 from lrsearch.store.urls import schema_url
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])

@@ -14,7 +14,8 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from conftest import TINY_STUDY
 from lrsearch.sql.queries import ResultsDatabase
 from lrsearch.results.ranking import ranking
-from lrsearch.store.storage import open_storage, prepare_database
+from lrsearch.store.postgres import prepare_database
+from lrsearch.store.storage import open_storage
 from lrsearch.store.urls import schema_url
 
 # Ties on purpose: each value twice, out of order.

@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 from conftest import fill_results
 from lrsearch.core.errors import UsageError
 from lrsearch.sql.queries import ResultsDatabase, ensure_views, grant_reader
-from lrsearch.store.storage import prepare_database
+from lrsearch.store.postgres import prepare_database
 from lrsearch.store.urls import schema_url
 
 MARKER = f"/tmp/lrsearch-attack-{uuid.uuid4().hex}"

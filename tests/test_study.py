@@ -334,7 +334,7 @@ def test_the_study_samples_with_multivariate_grouped_tpe_and_a_constant_liar(wri
 
 
 def test_heartbeat_defaults(monkeypatch, stores):
-    from lrsearch.store.storage import grace_period, heartbeat_interval
+    from lrsearch.store.heartbeat import grace_period, heartbeat_interval
 
     for name in ("LRSEARCH_HEARTBEAT_INTERVAL", "LRSEARCH_HEARTBEAT_GRACE"):
         monkeypatch.delenv(name, raising=False)

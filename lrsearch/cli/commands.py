@@ -44,7 +44,7 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
     from lrsearch.config import load_config
     from lrsearch.choices.data import check_data
     from lrsearch.fit.lr_find import MAX_LR, MIN_LR, STEPS, SWEEPS, range_test, record_range_test
-    from lrsearch.store.storage import report_dir
+    from lrsearch.store.folders import report_dir
     from lrsearch.store.urls import storage_url, tracking_uri
     from lrsearch.track.tracking import Tracker
 

@@ -18,7 +18,7 @@ from lrsearch.core.names import DEFAULT_UI_PORT, NOTE_FIGURES, PREVIEW_DIR
 from lrsearch.choices.optimizers import OPTIMIZERS
 from lrsearch.results.ranking import best_so_far, direction, duration_s, load_study, ranking
 from lrsearch.choices.space import in_sampling_order
-from lrsearch.store.storage import report_dir
+from lrsearch.store.folders import report_dir
 from lrsearch.store.urls import storage_url, tracking_uri
 from lrsearch.track.tracking import History, Tracker
 from lrsearch.store.urls import is_server
@@ -27,7 +27,7 @@ from lrsearch.store.urls import is_server
 def write_report(name: str, *, storage: str | None = None, tracking: str | None = None,
                  out: Path | None = None, study: Any = None) -> list[Path]:
     """Draw the study's report from the stores into ``out`` (default: see
-    ``storage.report_dir``) and log it under ``report/`` on the parent MLflow run.
+    ``folders.report_dir``) and log it under ``report/`` on the parent MLflow run.
     ``study``: the study already open (as at the end of ``run``), read through its storage."""
     study = study or load_study(name, storage)
     tracker = Tracker(tracking_uri(tracking))

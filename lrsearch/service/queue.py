@@ -20,7 +20,9 @@ from lrsearch.core.phase import explain
 from lrsearch.sql.queries import ensure_indexes
 from lrsearch.store.queue_store import QueueStore
 from lrsearch.choices.space import grid_size
-from lrsearch.store.storage import check_stores, grace_period, open_storage, report_dir
+from lrsearch.store.folders import report_dir
+from lrsearch.store.heartbeat import grace_period
+from lrsearch.store.storage import check_stores, open_storage
 from lrsearch.store.urls import is_postgres, redact, sqlite_path, storage_url, tracking_uri
 from lrsearch.track.tracking import check_tracking, run_url
 

@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 
 from lrsearch.core.errors import WARNING_PREFIX, LrsearchError, UsageError
-from lrsearch.store.storage import artifact_root, make_folder, prepare_database
+from lrsearch.store.folders import artifact_root, make_folder
+from lrsearch.store.postgres import prepare_database
 from lrsearch.store.urls import data_dir, is_postgres, pg_parts, redact, schema_url, shown_host, sqlite_path, with_user
 
 DB_ENV = "LRSEARCH_DB"
@@ -77,7 +78,8 @@ def _create_tables(backend: str, db: str) -> None:
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
     from lrsearch.sql.queries import ensure_views
-    from lrsearch.store.storage import close_connections, open_storage
+    from lrsearch.store.lock import close_connections
+    from lrsearch.store.storage import open_storage
     from lrsearch.track.tracking import quiet_mlflow
 
     quiet_mlflow()

@@ -19,7 +19,8 @@ from lrsearch.results.descriptions import write_study_note
 from lrsearch.core.errors import UsageError, first_line
 from lrsearch.results.ranking import counts, summary
 from lrsearch.choices.sampling import make_pruner, make_sampler
-from lrsearch.store.storage import open_storage, store_lock
+from lrsearch.store.lock import store_lock
+from lrsearch.store.storage import open_storage
 from lrsearch.store.urls import redact, tracking_uri
 from lrsearch.track.tracking import Tracker
 
@@ -204,7 +205,7 @@ def close_lost_runs(session: Session) -> None:
     stopped beating: it died before sending the run's last records (a worker keeps beating
     until they are sent). One whose worker still beats is on its way: wait for it, up to
     the grace period, then leave it to that worker."""
-    from lrsearch.store.storage import grace_period, heartbeat_interval
+    from lrsearch.store.heartbeat import grace_period, heartbeat_interval
 
     grace = grace_period()
     deadline = time.monotonic() + grace + 2 * heartbeat_interval()

@@ -23,7 +23,9 @@ from lrsearch.service.queue import config_digest, queue
 from lrsearch.service.session import Session, close_parent, join, mark_unrunnable, start_parent
 from lrsearch.fit.member import Member
 from lrsearch.core.stopping import Cancelled, Interrupted, StopFlag, TrialStop
-from lrsearch.store.storage import Heartbeat, checkpoint, close_connections, grace_period, open_storage, store_lock
+from lrsearch.store.heartbeat import Heartbeat, grace_period
+from lrsearch.store.lock import close_connections, store_lock
+from lrsearch.store.storage import checkpoint, open_storage
 from lrsearch.store.urls import storage_url, tracking_uri
 from lrsearch.track.tracking import Tracker
 
@@ -519,7 +521,7 @@ def _stale_trials(session: Session) -> list[int]:
     whose beats an outage held back, when this worker saw no outage itself (it was busy
     with no trial open, say): a live worker beats again within an interval of the
     database's return (each beat is tried once, every interval)."""
-    from lrsearch.store.storage import heartbeat_interval
+    from lrsearch.store.heartbeat import heartbeat_interval
 
     now, looks = time.monotonic(), {}
     for tid, beat in session.store.stale_heartbeats(session.study_id).items():

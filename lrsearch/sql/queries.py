@@ -31,7 +31,8 @@ from lrsearch.core import attrs
 from lrsearch.core.errors import LrsearchError, UsageError, first_line, unknown_study
 from lrsearch.store.retry import reason
 from lrsearch.choices.space import in_sampling_order
-from lrsearch.store.storage import prepare_database, store_lock
+from lrsearch.store.lock import store_lock
+from lrsearch.store.postgres import prepare_database
 from lrsearch.store.urls import is_postgres, libpq_url, redact, sqlite_path, storage_url, tracking_uri, with_user
 
 VIEWS = ("trials", "best_trials", "studies")

@@ -19,7 +19,9 @@ import sqlite3
 from typing import Any, Iterator, Mapping, Sequence
 
 from lrsearch.core.errors import UsageError
-from lrsearch.store.storage import _LOCK_KEY, new_sqlite_file, pg_connect_args, prepare_database, store_lock
+from lrsearch.store.lock import store_lock
+from lrsearch.store.postgres import LOCK_KEY, pg_connect_args, prepare_database
+from lrsearch.store.storage import new_sqlite_file
 from lrsearch.store.urls import is_postgres, libpq_url, redact, sqlite_path
 
 
@@ -88,14 +90,14 @@ class QueueStore:
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         """The store lock every lrsearch process takes for a claim or a submission (see
-        ``storage.store_lock``), held around one transaction on this connection."""
+        ``lock.store_lock``), held around one transaction on this connection."""
         if self.postgres:  # the same session advisory lock as store_lock's, on this connection
-            self._conn.execute("SELECT pg_advisory_lock(%s)", (_LOCK_KEY + 1,))
+            self._conn.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY + 1,))
             try:
                 with self._conn.transaction():
                     yield
             finally:
-                self._conn.execute("SELECT pg_advisory_unlock(%s)", (_LOCK_KEY + 1,))
+                self._conn.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY + 1,))
         else:
             with store_lock(self.url):
                 self._conn.execute("BEGIN IMMEDIATE")

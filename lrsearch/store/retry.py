@@ -35,7 +35,7 @@ DEFAULT_OUTAGE_S = 60.0
 _FIRST_DELAY_S, MAX_RETRY_DELAY_S = 0.1, 5.0
 # SQLSTATEs of a lost or refused connection, an administrator's shutdown, a server starting
 # up, a transaction rolled back for a deadlock or a serialization conflict, and a session
-# ended for idling inside a transaction (a process paused mid-transaction: storage.py).
+# ended for idling inside a transaction (a process paused mid-transaction: postgres.py).
 _TRANSIENT_SQLSTATES = {"57P01", "57P02", "57P03", "40001", "40P01", "25P03"}
 _TRANSIENT_MLFLOW_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED",
                            "DEADLINE_EXCEEDED"}

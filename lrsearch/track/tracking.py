@@ -25,9 +25,9 @@ from lrsearch.core.errors import TrackingError, first_line
 from lrsearch.store.retry import Retry, reason
 from lrsearch.core.stopping import check_stop
 from lrsearch.core.text import fmt
-from lrsearch.store.storage import (
-    MLFLOW_MARKERS, artifact_root, check_sqlite_owner, folder_name, new_sqlite_file, store_lock,
-)
+from lrsearch.store.folders import artifact_root, folder_name
+from lrsearch.store.lock import store_lock
+from lrsearch.store.storage import MLFLOW_MARKERS, check_sqlite_owner, new_sqlite_file
 from lrsearch.store.urls import credentials, is_server, redact, sqlite_path, without_credentials
 
 PARENT_TAG = "mlflow.parentRunId"
