@@ -155,7 +155,8 @@ def test_what_a_csv_file_becomes(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data.csv").write_bytes(b'\xef\xbb\xbfx1,"x 2",y\r\n1.5,"2",b\r\n\r\n-3,4e1,"a"\r\n5,6,c\r\n'
                                         b"7,8,b\r\n9,10,a\r\n")
-    (tmp_path / "study.toml").write_text(STUDY.replace('val_fraction = 0.2', 'val_fraction = 0.4'))
+    # The file's own values (unscaled): scaling has its tests in test_models.py.
+    (tmp_path / "study.toml").write_text(STUDY.replace('val_fraction = 0.2', 'val_fraction = 0.4\nscale = "none"'))
     d = load_data(load_config("study.toml").data)
     rows = sorted(zip(map(tuple, [*d.x_train.tolist(), *d.x_val.tolist()]), [*d.y_train.tolist(), *d.y_val.tolist()]))
     assert rows == [((-3.0, 40.0), 0), ((1.5, 2.0), 1), ((5.0, 6.0), 2), ((7.0, 8.0), 1), ((9.0, 10.0), 0)]
@@ -167,7 +168,7 @@ def test_the_load_reuses_the_checks_parse_until_the_file_changes(tmp_path, monke
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "data.csv"
     path.write_bytes(GOOD)
-    (tmp_path / "study.toml").write_text(STUDY)
+    (tmp_path / "study.toml").write_text(STUDY.replace('val_fraction = 0.2', 'val_fraction = 0.2\nscale = "none"'))
     cfg = load_config("study.toml").data
     check_data(cfg)
     stat = path.stat()

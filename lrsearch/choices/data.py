@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import csv
 import gc
+import hashlib
 import io
+import json
 import sys
 import time
+import dataclasses
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -24,26 +27,89 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Dataset:
-    """Train and validation tensors (float32 features, int64 class indices)."""
+    """Train and validation tensors (float32 features, scaled as ``[data].scale`` says;
+    int64 class indices), and what a model trained on them needs to take raw rows and give
+    the data's own labels: the feature columns' names, the label of each class index, the
+    scaling (``mean``/``std`` of the training rows, None when unscaled)."""
 
     x_train: torch.Tensor
     y_train: torch.Tensor
     x_val: torch.Tensor
     y_val: torch.Tensor
     n_classes: int
+    features: tuple[str, ...] = ()
+    classes: tuple[Any, ...] = ()  # class index -> the data's label value
+    label: str = "label"
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    origin: Origin | None = None
+    example: tuple[tuple[float, ...], ...] = ()  # a few training rows, raw: a model's input example
+    # The training and validation rows as MLflow's datasets record them (see inputs()).
+    digests: tuple[str, str] = ("", "")
+
+    def inputs(self) -> list[dict[str, Any]]:
+        """The training and validation data as MLflow records a run's datasets
+        (``mlflow.log_input``): name, digest (of the rows: the content's digest and the split),
+        source, schema (the features and the label), profile (rows, features, classes), and
+        the context, ``training`` or ``validation``. Plain values: tracking.py makes MLflow's."""
+        if self.origin is None:
+            return []
+        label_type = {int: "long", float: "double"}.get(type(self.classes[0]) if self.classes else str, "string")
+        schema = json.dumps({"mlflow_colspec": [*({"type": "double", "name": f, "required": True}
+                                                  for f in self.features),
+                                                {"type": label_type, "name": self.label, "required": True}]})
+        return [{"name": self.origin.name, "digest": digest, "source_type": self.origin.source_type,
+                 "source": self.origin.source, "schema": schema, "context": context,
+                 "profile": json.dumps({"num_rows": len(y), "num_features": self.n_features,
+                                        "num_classes": self.n_classes})}
+                for context, digest, y in (("training", self.digests[0], self.y_train),
+                                           ("validation", self.digests[1], self.y_val))]
 
     @property
     def n_features(self) -> int:
         return self.x_train.shape[1]
 
 
+@dataclass(frozen=True)
+class Origin:
+    """Where a dataset came from, as MLflow's datasets record it: a name, a digest of its
+    content (the CSV file's bytes, or a built-in source's settings), and its source (the
+    file, or the generator and its settings)."""
+
+    name: str
+    digest: str
+    source_type: str  # "local" (a file) or "code" (a generator)
+    source: str  # JSON
+
+
 def load_data(cfg: DataConfig) -> Dataset:
-    """Build the dataset the ``[data]`` table describes and split it with ``cfg.seed``."""
+    """Build the dataset the ``[data]`` table describes, split it with ``cfg.seed`` and
+    scale it as ``cfg.scale`` says (fitted on the training rows only)."""
+    import numpy as np
     import torch
 
-    x, y, n_classes, train, val = _split(cfg)
-    xt, yt = torch.as_tensor(x), torch.as_tensor(y)
-    return Dataset(xt[train], yt[train], xt[val], yt[val], n_classes)
+    table = _split(cfg)
+    x, train, val = table.x, table.train, table.val
+    mean = std = None
+    if scale_of(cfg) == "standard":
+        fitted = x[train].astype(np.float64)
+        mean = fitted.mean(axis=0)
+        std = fitted.std(axis=0)
+        std[std == 0] = 1.0  # a constant column stays constant (0), not NaN
+        x = ((x - mean) / std).astype(np.float32)
+    xt, yt = torch.as_tensor(x), torch.as_tensor(table.y)
+    return Dataset(xt[train], yt[train], xt[val], yt[val], len(table.classes), table.features, table.classes,
+                   table.label, None if mean is None else tuple(mean.tolist()),
+                   None if std is None else tuple(std.tolist()), table.origin,
+                   tuple(map(tuple, table.x[train[:5]].astype(np.float64).tolist())),
+                   tuple(_digest(f"{table.origin.digest} {scale_of(cfg)} ".encode() + rows.tobytes())
+                         for rows in (train, val)))
+
+
+def scale_of(cfg: DataConfig) -> str:
+    """``[data].scale``, or its default: ``standard`` for a CSV file, ``none`` for a built-in
+    source (scaled by design, and the classic experiments did not scale)."""
+    return cfg.scale or SOURCES[cfg.source].scale
 
 
 def check_data(cfg: DataConfig) -> None:
@@ -52,7 +118,7 @@ def check_data(cfg: DataConfig) -> None:
     ``run``) and ``lr-find`` check before opening any store. A CSV file is read here, once:
     ``load_data`` in this process then reuses its arrays."""
     source = SOURCES[cfg.source]
-    _check_split(cfg, len(source.load(cfg)[0]) if source.rows is None else source.rows(cfg))
+    _check_split(cfg, len(source.load(cfg).x) if source.rows is None else source.rows(cfg))
 
 
 def _check_split(cfg: DataConfig, rows: int) -> int:
@@ -67,40 +133,71 @@ def _check_split(cfg: DataConfig, rows: int) -> int:
     return n_val
 
 
-def _split(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, int, np.ndarray, np.ndarray]:
-    """Features (float32), class indices (int64), the number of classes, and the training
-    and validation rows."""
+@dataclass(frozen=True)
+class _Table:
+    """A source's rows before scaling: features (float32), class indices (int64), the label
+    of each index, the features' names, the split, and where the rows came from."""
+
+    x: np.ndarray
+    y: np.ndarray
+    classes: tuple[Any, ...]
+    features: tuple[str, ...]
+    label: str
+    origin: Origin
+    train: Any = None
+    val: Any = None
+
+
+def _split(cfg: DataConfig) -> _Table:
+    """The source's table, with its training and validation rows."""
     import numpy as np
 
-    x, y = SOURCES[cfg.source].load(cfg)
-    classes, y = np.unique(y, return_inverse=True)
-    n_val = _check_split(cfg, len(x))
-    order = np.random.default_rng(cfg.seed).permutation(len(x))
-    train, val = order[: len(x) - n_val], order[len(x) - n_val:]
-    return np.asarray(x, dtype=np.float32), y.astype(np.int64), len(classes), train, val
+    table = SOURCES[cfg.source].load(cfg)
+    n_val = _check_split(cfg, len(table.x))
+    order = np.random.default_rng(cfg.seed).permutation(len(table.x))
+    return dataclasses.replace(table, train=order[: len(table.x) - n_val], val=order[len(table.x) - n_val:])
 
 
-def _blobs(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
+def _generated(cfg: DataConfig, x: np.ndarray, y: np.ndarray, generator: str) -> _Table:
+    """A built-in source's table: features ``x0``, ``x1``…, label ``label``, the classes its
+    labels (integers), its digest that of its settings."""
+    import numpy as np
+
+    classes, codes = np.unique(y, return_inverse=True)
+    settings = {k: getattr(cfg, k) for k in SOURCES[cfg.source].keys}
+    source = json.dumps({"generator": generator, "settings": settings}, sort_keys=True)
+    return _Table(np.asarray(x, dtype=np.float32), codes.astype(np.int64), tuple(classes.tolist()),
+                  tuple(f"x{i}" for i in range(x.shape[1])), "label",
+                  Origin(cfg.source, _digest(source.encode()), "code", source))
+
+
+def _digest(content: bytes) -> str:
+    return hashlib.sha256(content).hexdigest()[:12]
+
+
+def _blobs(cfg: DataConfig) -> _Table:
     from sklearn.datasets import make_blobs
 
-    return make_blobs(n_samples=cfg.n_samples, centers=cfg.centers, n_features=cfg.n_features,
+    x, y = make_blobs(n_samples=cfg.n_samples, centers=cfg.centers, n_features=cfg.n_features,
                       cluster_std=cfg.cluster_std, random_state=cfg.random_state)
+    return _generated(cfg, x, y, "sklearn.datasets.make_blobs")
 
 
-def _moons(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
+def _moons(cfg: DataConfig) -> _Table:
     from sklearn.datasets import make_moons
 
-    return make_moons(n_samples=cfg.n_samples, noise=cfg.noise, random_state=cfg.random_state)
+    x, y = make_moons(n_samples=cfg.n_samples, noise=cfg.noise, random_state=cfg.random_state)
+    return _generated(cfg, x, y, "sklearn.datasets.make_moons")
 
 
-def _digits(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
+def _digits(cfg: DataConfig) -> _Table:
     from sklearn.datasets import load_digits  # ships with scikit-learn: no download
 
     x, y = load_digits(return_X_y=True)
-    return x / 16.0, y  # pixels are 0..16
+    return _generated(cfg, x / 16.0, y, "sklearn.datasets.load_digits")  # pixels are 0..16
 
 
-def _csv(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
+def _csv(cfg: DataConfig) -> _Table:
     """The file's features (float32) and class indices (its labels in sorted order), from the
     last parse in this process while the file's size and modification time are unchanged:
     ``run`` checks it (``submit``) and then trains on it (the worker's session), and a
@@ -119,7 +216,7 @@ def _csv(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
     return _last_csv[1]
 
 
-_last_csv: tuple[tuple[Any, ...], tuple[np.ndarray, np.ndarray]] | None = None
+_last_csv: tuple[tuple[Any, ...], _Table] | None = None
 
 # The CSV reader: the file's bytes read once and decoded strictly, parsed by the csv module
 # a chunk of rows at a time, each chunk's columns converted by NumPy at once. Its mistakes
@@ -137,6 +234,7 @@ class _CsvFile:
     """One CSV file's bytes, checked as text, and the one-line errors that name its rows and columns."""
 
     def __init__(self, path: Path) -> None:
+        self.path = path
         self.name = _shown(path)
         try:
             self.data = path.read_bytes()
@@ -155,7 +253,7 @@ class _CsvFile:
         text = io.TextIOWrapper(io.BytesIO(self.data), encoding="utf-8-sig", newline="")
         return csv.reader(text, strict=True)
 
-    def read(self, label: str) -> tuple[np.ndarray, np.ndarray]:
+    def read(self, label: str) -> _Table:
         import numpy as np
 
         records = filter(None, self._reader())  # no blank lines
@@ -203,7 +301,9 @@ class _CsvFile:
         rank = np.empty(len(classes), dtype=np.int64)
         rank[[classes[c] for c in sorted(classes)]] = np.arange(len(classes))
         x = np.stack([np.concatenate(c) for c in columns], axis=1)
-        return x, rank[np.concatenate(codes)]
+        origin = Origin(self.path.name, _digest(self.data), "local", json.dumps({"uri": self.path.as_uri()}))
+        return _Table(x, rank[np.concatenate(codes)], _label_values(sorted(classes)),
+                      tuple(names[j] for j in features), label, origin)
 
     def _refused(self, e: csv.Error) -> UsageError:
         """The csv module's refusal, at the line its record starts on."""
@@ -293,6 +393,17 @@ class _CsvFile:
             line = reader.line_num + 1
 
 
+def _label_values(labels: list[str]) -> tuple[Any, ...]:
+    """A CSV file's class labels as a reader of the file (pandas, say) types the column:
+    integers if every label is one, else numbers if every label is one, else text."""
+    for kind in (int, float):
+        try:
+            return tuple(kind(label) for label in labels)
+        except ValueError:
+            continue
+    return tuple(labels)
+
+
 def _is_float(text: str) -> bool:
     try:
         float(text)
@@ -335,9 +446,10 @@ def _count(n: int, noun: str, plural: str | None = None) -> str:
 class Source:
     name: str
     doc: str
-    load: Callable[[DataConfig], tuple[np.ndarray, np.ndarray]]
-    keys: tuple[str, ...] = ()  # the [data] keys it reads, besides val_fraction and seed
+    load: Callable[[DataConfig], _Table]
+    keys: tuple[str, ...] = ()  # the [data] keys it reads, besides val_fraction, seed and scale
     rows: Callable[[DataConfig], int] | None = None  # how many rows, without making them (None: load it)
+    scale: str = "none"  # [data].scale's default
 
 
 SOURCES: Registry[Source] = Registry("data source", [
@@ -348,11 +460,13 @@ SOURCES: Registry[Source] = Registry("data source", [
     Source("digits", "scikit-learn's 8x8 digits (shipped with it), pixels scaled to [0, 1]", _digits,
            rows=lambda cfg: 1797),
     Source("csv", "a UTF-8 CSV file with a header line: `path` (relative to the study file), `label` the "
-                  "class column, the other columns features (finite numbers)", _csv, ("path", "label")),
+                  "class column, the other columns features (finite numbers)", _csv, ("path", "label"),
+           scale="standard"),
 ])
 
 
 # The [data] section of a study file, beside the sources it names (config.py reads it).
+SCALES = ("standard", "none")
 MAX_SAMPLES, MAX_FEATURES, MAX_CENTERS = 1_000_000, 1_000, 1_000
 MAX_VALUES = 20_000_000  # n_samples x n_features: 160 MB as scikit-learn's float64
 
@@ -370,3 +484,6 @@ class DataConfig:
     random_state: int = int_in(0, MAX_SEED, 2)
     path: Path | None = declared(str, None, Satisfies("a file path", lambda v: bool(v.strip())))
     label: str | None = declared(str, None, Satisfies("a column name", lambda v: bool(v.strip())))
+    # Features standardized with the training rows' mean and standard deviation (scikit-learn's
+    # StandardScaler), the scaling kept inside the registered model.
+    scale: str | None = declared(str, None, choices=SCALES, unset='"standard" for source "csv", else "none"')
