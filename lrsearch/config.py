@@ -76,6 +76,8 @@ class TrainConfig:
 @dataclass(frozen=True)
 class TrackingConfig:
     trial_plots: bool = declared(bool, False)  # a learning-curve PNG per trial (matplotlib, on the tracking thread)
+    # The best trial's network as a model in MLflow's registry when the study finishes.
+    register_model: bool = declared(bool, True)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """The MLflow UI served by `lrsearch server`, in headless Chromium: the study's parent run
-explains the study (outcome, top trials linked to their runs, the report's figures), a pruned
-trial's run says why, the trials view ranks the study's trials with their columns, the trials
+explains the study (outcome, top trials linked to their runs, the report's figures, the
+registered model), the Models page shows the best trial's network, its run the datasets it
+learned from, a pruned trial's run says why, the trials view ranks the study's trials with their columns, the trials
 nest under the parent run, a trial's `lr` chart, and a report image in the artifact viewer.
 
 Screenshots land in the test's folder, and in $LRSEARCH_SCREENSHOTS when set (to look at them).
@@ -9,6 +10,7 @@ Screenshots land in the test's folder, and in $LRSEARCH_SCREENSHOTS when set (to
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -121,6 +123,7 @@ def test_mlflow_ui_explains_the_study(write_study, tmp_path):
             text = note.inner_text()
             assert "done · 2 of 2 trials (1 COMPLETE, 1 PRUNED) · maximize val/acc" in text
             assert f"Best val/acc: {complete.value:.4g}, trial {complete.number}" in text
+            assert f"Model: models:/tiny@best (version 1, trial {complete.number})" in text
             assert note.locator("table tr").count() == 2  # header + the one COMPLETE trial
             # The page pads no table cell: a gap of its own keeps each cell's text apart.
             for row in range(2):
@@ -147,6 +150,28 @@ def test_mlflow_ui_explains_the_study(write_study, tmp_path):
             page.goto(root + run_path(exp, pruned.user_attrs["mlflow_run_id"]))
             page.get_by_text(f"PRUNED: {reason} · optimizer=sgd, lr=1e+08, momentum=0.9").wait_for(timeout=30000)
             page.screenshot(path=str(shots / "pruned_run.png"))
+
+            # The registered model on the Models page, its newest version aliased best; the trial's
+            # run names the model and the datasets it learned from.
+            page.goto(root + "#/models")
+            row = page.locator("tr, [role=row]", has_text="tiny").last
+            row.wait_for(timeout=30000)
+            playwright.expect(row).to_contain_text("@ best")
+            playwright.expect(row).to_contain_text("Version 1")
+            page.wait_for_timeout(1000)  # MLflow's one-time notice about its registry UI, if it comes
+            page.keyboard.press("Escape")
+            page.wait_for_timeout(500)
+            page.screenshot(path=str(shots / "models.png"))
+            page.goto(root + "#/models/tiny")
+            playwright.expect(page.locator("body")).to_contain_text(f"lrsearch.trial: {complete.number}",
+                                                                    timeout=30000)
+            page.goto(root + run_path(exp, complete.user_attrs["mlflow_run_id"]))
+            about = page.locator("body")
+            playwright.expect(about).to_contain_text("Registered models", timeout=30000)
+            page.get_by_text(re.compile(r"^blobs \(\w{12}\)$")).wait_for(timeout=30000)  # name (digest)
+            # The first dataset's context, "+1" the other (training, validation).
+            assert re.search(r"blobs \(\w{12}\)\n(Training|Validation)\n\+1\n", page.inner_text("body"))
+            page.screenshot(path=str(shots / "best_trial_run.png"))
 
             # The plain runs table (first: the UI keeps the last view's filter): trials nested under
             # the study's run until expanded.

@@ -82,21 +82,22 @@ def test_run_then_best_on_the_embedded_default(cli, write_study, tmp_path):
 
     table = cli("best", "tiny", "--top", "1")
     assert table.returncode == 0 and table.stdout.splitlines()[0].split()[:4] == ["rank", "number", "value", "state"]
-    assert len(table.stdout.strip().splitlines()) == 2
+    assert len(table.stdout.strip().splitlines()) == 3
+    assert table.stdout.splitlines()[2].startswith(f"model: models:/tiny@best (trial {rows[0]['number']};")
     # run's summary and best show the same trials alike: params in sampling order, the run's id
     # (an embedded store: no UI known) where a tracking server would give its page.
     split = lambda line: re.split(r"\s{2,}", line.strip())
     summary = lines[1:lines.index(links[0])]
     assert split(summary[0]) == ["number", "value", "state", "params", "duration_s", "mlflow"]
     by_run = [split(line) for line in summary[1:]]
-    by_best = [split(line)[1:] for line in cli("best", "tiny").stdout.splitlines()[1:]]  # without rank
+    by_best = [split(line)[1:] for line in cli("best", "tiny").stdout.splitlines()[1:-1]]  # without rank, model
     assert len(by_run) == 2 and by_best == by_run  # durations too: one rounding (results.duration_s)
     assert by_best[0][5] == rows[0]["mlflow_run_id"]
     assert by_best[0][3] == " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                      for k, v in rows[0]["params"].items())
     csv_out = cli("best", "tiny", "--format", "csv")
     assert csv_out.stdout.splitlines()[0] == ("rank,number,value,state,params,optimizer,lr,momentum,schedule,"
-                                              "duration_s,mlflow_run_id,mlflow,mlflow_status,val_acc,val_loss,train_loss")
+                                              "duration_s,mlflow_run_id,mlflow,mlflow_status,val_acc,val_loss,train_loss,model")
 
     sql = cli("sql", "select optimizer, max(value) as best from best_trials group by optimizer", "--format", "json")
     assert sql.returncode == 0, sql.stderr

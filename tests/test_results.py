@@ -138,8 +138,9 @@ def test_run_and_best_show_the_same_durations_on_postgres(pg_url):
 
 
 def _table(text: str) -> list[dict[str, str]]:
-    """Rows of a text table as the CLI prints it (columns start where their headers do)."""
-    lines = [line for line in text.splitlines() if line.strip()]
+    """Rows of a text table as the CLI prints it (columns start where their headers do; the
+    registered model's line under `best`'s table is not a row)."""
+    lines = [line for line in text.splitlines() if line.strip() and not line.startswith("model: ")]
     header = lines[0]
     starts = [m.start() for m in re.finditer(r"\S+", header)]
     names = header.split()

@@ -74,7 +74,7 @@ def test_three_trial_study_records_everything(write_study, stores, tmp_path):
         for key in ("train/loss", "train/acc", "val/loss", "momentum"):
             assert len(client.get_metric_history(child.info.run_id, key)) == 3, key
         names = sorted(a.path for a in client.list_artifacts(child.info.run_id))
-        assert names == ["trial_config.json"]  # learning-curve PNGs are opt-in
+        assert names == ["network.pt", "trial_config.json"]  # its network; learning-curve PNGs are opt-in
         config = json.loads(open(client.download_artifacts(child.info.run_id, "trial_config.json",
                                                            str(tmp_path))).read())
         assert config["hyperparameters"]["lr"] == trial.params["lr"] and config["trial"] == trial.number
@@ -111,7 +111,7 @@ def test_trial_plots_are_opt_in(write_study, stores):
     result = run_study(load_config(path), storage=stores[0], tracking=stores[1])
     client = MlflowClient(tracking_uri=stores[1])
     run_id = result.study.trials[0].user_attrs["mlflow_run_id"]
-    assert sorted(a.path for a in client.list_artifacts(run_id)) == ["learning_curves.png", "trial_config.json"]
+    assert sorted(a.path for a in client.list_artifacts(run_id)) == ["learning_curves.png", "network.pt", "trial_config.json"]
     with open(client.download_artifacts(run_id, "learning_curves.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 

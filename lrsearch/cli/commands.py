@@ -249,12 +249,23 @@ def _report(args: argparse.Namespace, cfg: Any, study: Any) -> None:
 def cmd_best(args: argparse.Namespace) -> int:
     from lrsearch.sql.queries import best_trials_sql
 
+    if args.register:  # the best trial's model, registered (or found registered) first
+        from lrsearch.service.session import register
+
+        _quiet()
+        registered = register(args.name, storage=args.storage, tracking=args.tracking_uri)
+        print(f"model: {registered.uri} (version {registered.version}: trial {registered.trial}; "
+              f"{'registered now' if registered.new else 'already registered'})")
     rows = [{"number": r.pop("trial_number"), **r} for r in
             best_trials_sql(args.storage, args.tracking_uri, args.name, args.top)]
     columns = ["rank", *TRIAL_COLUMNS] if args.format == "table" else [
         "rank", "number", "value", "state", "params", "optimizer", "lr", "momentum", "schedule",
-        "duration_s", "mlflow_run_id", "mlflow", "mlflow_status", "val_acc", "val_loss", "train_loss"]
+        "duration_s", "mlflow_run_id", "mlflow", "mlflow_status", "val_acc", "val_loss", "train_loss", "model"]
     print(format_rows(rows, args.format, columns) if rows or args.format != "table" else "(no completed trials)")
+    model = next((r["model"] for r in rows if r["model"]), None)
+    if args.format == "table" and model:
+        print(f"model: {model} (trial {next(r['number'] for r in rows if r['model'])}; "
+              "mlflow.pyfunc.load_model or mlflow models serve -m with MLFLOW_TRACKING_URI set)")
     return EXIT_OK
 
 

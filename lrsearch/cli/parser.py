@@ -135,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="study name")
     p.add_argument("--top", type=_positive_int, default=10, metavar="N", help="the N best trials (default: 10)")
     p.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    p.add_argument("--register", action="store_true",
+                   help="first register the best trial's network in MLflow's Model Registry (as models:/NAME@best) "
+                        "unless it already is")
     stores(p)
     p.set_defaults(command=commands.cmd_best)
 

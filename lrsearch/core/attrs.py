@@ -16,6 +16,7 @@ CANCELLED = "lrsearch_cancelled"  # null, or {"at": ISO 8601, "now": bool}
 DONE = "lrsearch_done"  # true once the total is reached and the parent run closed
 UNRUNNABLE = "lrsearch_unrunnable"  # null, or {"reason", "version", "host", "at"}: a worker could not run it
 INTERRUPTED = "lrsearch_interrupted"  # null, or {"at", "signal"}: its last worker stopped on a signal
+MODEL = "lrsearch_model"  # null, or {"name", "version", "trial", "run_id", "uri"}: the registered best trial
 LR_RANGE = "lrsearch_lr_range"  # lr = { find = true }: the range test's {low, high, suggestion, optimizer, factor}
 
 # Trial user attributes.
@@ -35,4 +36,4 @@ GRID_ID = "grid_id"  # set by Optuna's GridSampler
 # For the SQL views.
 SQL_NAMES = {"parent_run": PARENT_RUN, "experiment": EXPERIMENT, "hyperparameters": HYPERPARAMETERS,
              "mlflow_run": MLFLOW_RUN, "target": TARGET, "submitted_at": SUBMITTED_AT, "cancelled": CANCELLED,
-             "unrunnable": UNRUNNABLE, "interrupted": INTERRUPTED}
+             "unrunnable": UNRUNNABLE, "interrupted": INTERRUPTED, "model": MODEL}

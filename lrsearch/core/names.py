@@ -12,6 +12,16 @@ OBJECTIVE_METRIC = "objective"  # a COMPLETE trial's value, logged once at its e
 UI_QUERY = "workflowType=machine_learning"  # MLflow 3 opens on its GenAI views otherwise
 DEFAULT_UI_PORT = 5000  # where `lrsearch ui` serves the UI unless told --port
 
+# The model a study registers: each trial run's network file, the model's alias, its tags.
+NETWORK_FILE = "network.pt"
+MODEL_ALIAS = "best"
+MODEL_TAGS = ("lrsearch.study", "lrsearch.trial", "lrsearch.metric", "lrsearch.value", "lrsearch.run_id")
+
+
+def model_uri(name: str) -> str:
+    """Where MLflow finds a study's registered model: its newest version, the best trial's."""
+    return f"models:/{name}@{MODEL_ALIAS}"
+
 # The report's figures a study's description shows, as copies PREVIEW_WIDTH pixels wide in
 # PREVIEW_DIR (report.py draws them).
 NOTE_FIGURES = ("grid_accuracy.png", "optimization_history.png", "objective_vs_lr.png", "lr_curves.png")

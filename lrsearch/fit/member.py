@@ -26,6 +26,8 @@ class TrainResult:
     diverged_at: int | None = None  # the epoch a loss became non-finite
     diverged_on: str | None = None  # which loss: train/loss or val/loss
     seconds: float = 0.0  # its share of the array's training time (the whole fit, alone)
+    # Its network as training left it: W0, b0, W1, b1, … (W as [in, out], b as [1, out]).
+    weights: list[torch.Tensor] | None = None
 
     @property
     def history(self) -> dict[str, list[tuple[int, float, int]]]:

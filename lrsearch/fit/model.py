@@ -223,6 +223,9 @@ class ArrayClassifier(pl.LightningModule):
             m.result.epochs += 1
         leaving = [m for m in self.members if stopping or m.ended_early or m.epoch >= m.epochs]
         for m in leaving:
+            # Its final network, kept with its result (a copy: the stacked weights are restacked).
+            slot = self.members.index(m)
+            m.result.weights = [w[slot].detach().clone() for w in self.weights]
             if self.pruning is not None:
                 self.pruning.settle(m)
             self._forget(m)

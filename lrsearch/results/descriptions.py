@@ -87,6 +87,11 @@ def study_note(study: Any, *, phase: str, experiment_id: str, figures: Sequence[
         b = best[0]
         lines += [f"Best {metric}: **{fmt(b.value)}**, [trial {b.number}]({_trial_link(experiment_id, b)}): "
                   f"{params_text(in_sampling_order(b.params))}", ""]
+        model = user_attrs.get(attrs.MODEL)
+        if model:  # registered when the study finished (or by `lrsearch best --register`)
+            lines += [f"Model: `{model['uri']}` (version {model['version']}, trial {model['trial']}): "
+                      f"`mlflow.pyfunc.load_model(\"{model['uri']}\")` takes the data's feature columns and "
+                      f"returns each row's label and class probabilities.", ""]
         lines += [_table_row(["rank", "trial", metric, "epochs", "s", "params"]), "|---|---|---|---|---|---|"]
         for rank, t in enumerate(best[:TOP_TRIALS], 1):
             seconds = duration_s(t)

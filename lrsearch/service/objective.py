@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import threading
@@ -16,12 +17,15 @@ from optuna.exceptions import UpdateFinishedTrialError
 from lrsearch.core import attrs
 from lrsearch.config import Config
 from lrsearch.choices.data import Dataset
+from lrsearch.choices.network import ACTIVATIONS
 from lrsearch.results.descriptions import trial_note
 from lrsearch.core.errors import first_line
 from lrsearch.results.report import plot_learning_curves
 from lrsearch.choices.sampling import PRUNERS
 from lrsearch.choices.space import in_sampling_order, sample_params
 from lrsearch.core.stopping import Cancelled, Interrupted, StopFlag, TrialStop
+from lrsearch.core.names import NETWORK_FILE
+from lrsearch.track.models import save_network
 from lrsearch.track.tracking import Outbox, Tracker, TrialRecord, write_json
 from lrsearch.fit.member import Member, TrainResult
 from lrsearch.fit.training import fit_array
@@ -43,6 +47,11 @@ class Objective:
     parent_run_id: str
     stop: StopFlag = field(default_factory=StopFlag)
     outbox: Outbox = field(default_factory=Outbox)
+
+    @functools.cached_property
+    def inputs(self) -> list[dict[str, Any]]:
+        """The data every trial run records as its datasets (the same for the whole study)."""
+        return self.data.inputs()
 
     def drain(self) -> list[str]:
         """Wait until every trial's MLflow record is written; one line per record that failed."""
@@ -75,7 +84,7 @@ class Objective:
             trial.set_user_attr(attrs.HYPERPARAMETERS, hp)
             record.run = TrialRecord(self.tracker, trial.number, _attr_writer(trial))
             record.run.start(self.outbox, self.experiment_id, self.parent_run_id, cfg.study.name,
-                             {**hp, **_fixed_settings(cfg, seed)})
+                             {**hp, **_fixed_settings(cfg, seed)}, self.inputs)
         except BaseException:
             record.recorded()  # nothing for the tracking thread to send
             raise
@@ -160,6 +169,9 @@ class Objective:
             write_json({"study": self.cfg.study.name, "trial": trial.number, "seed": seed,
                         attrs.HYPERPARAMETERS: hp, **{k: config[k] for k in ("data", "model", "train")}},
                        folder / "trial_config.json")
+            if result.weights is not None:  # its network, which the study's model is made of if it is best
+                save_network(folder / NETWORK_FILE, self.data, ACTIVATIONS[self.cfg.model.activation].torch_class,
+                             result.weights)
             if self.cfg.tracking.trial_plots and result.history:
                 plot_learning_curves(result.history, f"{self.cfg.study.name} trial {trial.number}: "
                                      f"{_describe(hp)}", folder / "learning_curves.png")

@@ -22,6 +22,7 @@ from lrsearch.choices.sampling import make_pruner, make_sampler
 from lrsearch.store.lock import store_lock
 from lrsearch.store.storage import open_storage
 from lrsearch.store.urls import redact, tracking_uri
+from lrsearch.track.models import Registered
 from lrsearch.track.tracking import Tracker
 
 
@@ -72,7 +73,7 @@ def join(name: str, store: Any, url: str, tracker: Tracker, *, worker: int = 0,
     data = load_data(cfg.data)  # a CSV file this host lacks: unrunnable here, before any record
     with store_lock(url, store.retry):  # one experiment and parent run, however many workers join
         user_attrs = store.get_study_user_attrs(study_id)
-        user_attrs = {**user_attrs, **open_records(store, study_id, submitted, url, tracker, study_file)}
+        user_attrs = {**user_attrs, **open_records(store, study_id, submitted, url, tracker, study_file, data)}
         if user_attrs.get(attrs.UNRUNNABLE) is not None:  # another worker's verdict: this one can run it
             store.set_study_user_attr(study_id, attrs.UNRUNNABLE, None)
     n_existing = len(store.get_all_trials(study_id, deepcopy=False))
@@ -84,7 +85,7 @@ def join(name: str, store: Any, url: str, tracker: Tracker, *, worker: int = 0,
 
 
 def open_records(store: Any, study_id: int, cfg: Config, url: str, tracker: Tracker,
-                 study_file: Path | None = None) -> dict[str, str]:
+                 study_file: Path | None = None, data: Dataset | None = None) -> dict[str, str]:
     """The study's MLflow experiment, its trials view and its parent run (new: SCHEDULED
     until a worker claims a trial; one that exists keeps its status), their ids stored with
     the study; called under the store lock. The parent's params are the study file's keys
@@ -108,6 +109,8 @@ def open_records(store: Any, study_id: int, cfg: Config, url: str, tracker: Trac
             tags={"sampler": cfg.study.sampler, "pruner": cfg.study.pruner, "storage": redact(url),
                   "direction": cfg.study.direction, "metric": cfg.study.metric},
             study_file=study_file, run_id=user_attrs.get(attrs.PARENT_RUN), status="SCHEDULED")
+    if data is not None and user_attrs.get(attrs.PARENT_RUN) != parent_run_id:  # a new parent: its datasets
+        tracker.log_data(parent_run_id, data.inputs())
     tracker.share_trials_view(experiment_id, trials_view(name, cfg.study.direction, cfg.study.metric,
                                                          searched(cfg.params)))
     records = {attrs.EXPERIMENT: experiment_id, attrs.PARENT_RUN: parent_run_id}
@@ -194,10 +197,71 @@ def close_parent(session: Session, status: str, why: str | None = None) -> None:
         if session.tracker.status(session.parent_run_id) == status:  # closed so by another worker
             return
         close_lost_runs(session)
+        if status == "FINISHED" and session.cfg.tracking.register_model:
+            _register(session)
         session.tracker.end_run(session.parent_run_id, status, summary(session.study))
         write_study_note(session.study, session.tracker)
     except Exception as e:  # the trials are safe in Optuna: report, do not fail the study
         session.warnings.append(f"could not close the study's MLflow run: {first_line(e)}")
+
+
+def _register(session: Session) -> None:
+    """The finished study's model; a failure is a warning (``lrsearch best --register`` tries again)."""
+    try:
+        register_model(session.study, session.store, session.study_id, session.url, session.tracker,
+                       session.experiment_id)
+    except Exception as e:
+        session.warnings.append(f"could not register the study's model: {first_line(e)} (lrsearch best "
+                                f"{session.study.study_name} --register tries again)")
+
+
+def register_model(study: optuna.Study, store: Any, study_id: int, url: str, tracker: Tracker,
+                   experiment_id: str) -> Registered | None:
+    """The study's best COMPLETE trial's network as the newest version of the registered
+    model named after the study (alias ``best``), unless it already is; kept in the study's
+    attributes (``attrs.MODEL``) for ``best``, ``status`` and the description. None when no
+    trial completed with a run. Under the store lock: one version per best trial, however
+    many processes register at once."""
+    from lrsearch.results.ranking import best_trials
+    from lrsearch.track.models import register_best
+
+    best = best_trials(study, 1)
+    if not best or best[0]["mlflow_run_id"] is None:
+        return None
+    row = best[0]
+    metric = store.get_study_user_attrs(study_id).get(attrs.METRIC) or "objective"
+    with store_lock(url, store.retry):
+        registered = register_best(tracker, experiment_id, study.study_name, trial=row["number"],
+                                   run_id=row["mlflow_run_id"], metric=metric, value=row["value"])
+        if store.get_study_user_attrs(study_id).get(attrs.MODEL) != registered.record():
+            store.set_study_user_attr(study_id, attrs.MODEL, registered.record())
+    return registered
+
+
+def register(name: str, *, storage: str | None = None, tracking: str | None = None) -> Registered:
+    """``lrsearch best NAME --register``: :func:`register_model` for a study in the stores."""
+    from lrsearch.store.urls import storage_url
+
+    url = storage_url(storage)
+    store = open_storage(url, create=False)
+    try:
+        study_id = store.get_study_id_from_name(name)
+    except KeyError:
+        from lrsearch.core.errors import unknown_study
+
+        raise unknown_study(name, redact(url), [s.study_name for s in optuna.get_all_study_summaries(store)]) \
+            from None
+    study = optuna.load_study(study_name=name, storage=store)
+    experiment_id = store.get_study_user_attrs(study_id).get(attrs.EXPERIMENT)
+    tracker = Tracker(tracking_uri(tracking))
+    if experiment_id is None:
+        raise UsageError(f"study {name!r} has no MLflow records yet: no worker has started it")
+    registered = register_model(study, store, study_id, url, tracker, experiment_id)
+    if registered is None:
+        raise UsageError(f"study {name!r} has no COMPLETE trial with an MLflow run to register")
+    if registered.new:  # the parent run's description names the model
+        write_study_note(study, tracker)
+    return registered
 
 
 def close_lost_runs(session: Session) -> None:

@@ -278,7 +278,8 @@ class ResultsDatabase:
 
 def best_trials_sql(storage: str | None, tracking: str | None, name: str, top: int) -> list[dict[str, Any]]:
     """``lrsearch best``: the study's rows of ``best_trials`` with ``rank <= top``, each with
-    ``mlflow``: its run's page on a tracking server, else its run's id."""
+    ``mlflow``: its run's page on a tracking server, else its run's id; and ``model``: the
+    registered model's URI on the row of the trial it was made from (else None)."""
     from lrsearch.track.tracking import trial_link
 
     with ResultsDatabase(storage, tracking) as db:
@@ -287,12 +288,16 @@ def best_trials_sql(storage: str | None, tracking: str | None, name: str, top: i
             raise unknown_study(name, redact(db.url), names)
         rows = db.query("SELECT * FROM best_trials WHERE study_name = ? AND rank <= ? ORDER BY rank",
                         (name, top)).records()
-        experiment_id = db.query("SELECT mlflow_experiment_id FROM studies WHERE study_name = ?", (name,)).rows[0][0]
+        experiment_id, model = db.query("SELECT mlflow_experiment_id, model FROM studies WHERE study_name = ?",
+                                        (name,)).rows[0]
+    model = json.loads(model) if isinstance(model, str) else model
     uri = tracking_uri(tracking)
     for row in rows:  # JSON objects keep no order: shown in sampling order, as everywhere
         params = json.loads(row["params"]) if isinstance(row["params"], str) else row["params"]
         row["params"] = in_sampling_order(params or {})
         row["mlflow"] = trial_link(uri, experiment_id, row["mlflow_run_id"]) if experiment_id else row["mlflow_run_id"]
+        # The registered model, on the row of the trial it was made from.
+        row["model"] = model["uri"] if model and model.get("run_id") == row["mlflow_run_id"] else None
     return rows
 
 

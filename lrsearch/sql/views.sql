@@ -73,7 +73,8 @@ FROM (
 -- One row per study: its trials by state, its best trial and its MLflow parent run; for a
 -- submitted study (`lrsearch submit`, `run`), its total, its state (the rule of
 -- lrsearch/core/phase.py: done, cancelled, running, unrunnable, interrupted, queued, the first
--- that holds), why when unrunnable or interrupted, and when it was first submitted. best_*
+-- that holds), why when unrunnable or interrupted, and when it was first submitted; model:
+-- the registered best trial's model, {"name", "version", "trial", "run_id", "uri"}. best_*
 -- are NULL for multi-objective studies (a Pareto front has no single best).
 {create_view: studies}
 SELECT
@@ -106,6 +107,7 @@ SELECT
     {scalar: ca.value_json} AS cancelled,
     CASE WHEN ua.value_json <> 'null' THEN ua.value_json END AS unrunnable,
     CASE WHEN ia.value_json <> 'null' THEN ia.value_json END AS interrupted,
+    CASE WHEN ma.value_json <> 'null' THEN ma.value_json END AS model,
     AVG(CASE WHEN t.state IN ('COMPLETE', 'PRUNED')
              THEN {seconds: t.datetime_start ;; t.datetime_complete} END) AS mean_trial_s
 FROM optuna.studies s
@@ -119,6 +121,8 @@ LEFT JOIN optuna.study_user_attributes sa ON sa.study_id = s.study_id AND sa.key
 LEFT JOIN optuna.study_user_attributes ca ON ca.study_id = s.study_id AND ca.key = {attr: cancelled}
 LEFT JOIN optuna.study_user_attributes ua ON ua.study_id = s.study_id AND ua.key = {attr: unrunnable}
 LEFT JOIN optuna.study_user_attributes ia ON ia.study_id = s.study_id AND ia.key = {attr: interrupted}
+LEFT JOIN optuna.study_user_attributes ma ON ma.study_id = s.study_id AND ma.key = {attr: model}
 GROUP BY s.study_id, s.study_name, sd.direction, b.value, b.trial_number, b.params,
-         pa.value_json, ea.value_json, ta.value_json, sa.value_json, ca.value_json, ua.value_json, ia.value_json
+         pa.value_json, ea.value_json, ta.value_json, sa.value_json, ca.value_json, ua.value_json, ia.value_json,
+         ma.value_json
 ) counted;

@@ -70,6 +70,8 @@ class Tracker:
         quiet_mlflow()
         # set_terminated would print "View run … at …" to stdout for every trial.
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+        # Nor a progress bar on stderr for each artifact downloaded (the model's network file).
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         self.uri = uri
         path = sqlite_path(uri)
         if path is not None:
@@ -82,7 +84,7 @@ class Tracker:
         # together would collide ("duplicate column name"), so one at a time per store (a
         # tracking server migrates its own database).
         with contextlib.nullcontext() if is_server(uri) else store_lock(uri):
-            self.client = MlflowClient(tracking_uri=uri, registry_uri=uri if path is None else None)
+            self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)  # the registry: the same store
         self.retry = Retry(f"MLflow tracking at {redact(uri)}", check_stop=check_stop)
 
     def check(self) -> None:
@@ -154,16 +156,31 @@ class Tracker:
             self._call(self.client.update_run, run_id, status="RUNNING")
 
     def start_trial(self, experiment_id: str, parent_run_id: str, study: str, number: int,
-                    params: Mapping[str, Any]) -> str:
+                    params: Mapping[str, Any], inputs: Sequence[Mapping[str, Any]] = ()) -> str:
         """A child run named ``trial-<number>``, RUNNING, with the trial's ``params`` (floats
-        to 4 significant digits: :func:`_trial_param_value`)."""
+        to 4 significant digits: :func:`_trial_param_value`) and the data it trains on
+        (``inputs``: see :meth:`log_data`)."""
         tags = {PARENT_TAG: parent_run_id, "lrsearch.role": "trial", "study": study,
                 "trial_number": str(number), "state": "RUNNING"}
         run_id = self._create_run(experiment_id, f"trial-{number}", tags)
         # Once: MLflow params are immutable. A repeated call logs the same text (the
         # formatting is deterministic), which MLflow accepts.
         self._log(run_id, params={k: _trial_param_value(v) for k, v in params.items()})
+        self.log_data(run_id, inputs)
         return run_id
+
+    def log_data(self, run_id: str, inputs: Sequence[Mapping[str, Any]]) -> None:
+        """The run's datasets, as ``mlflow.log_input`` records them (the run page's Datasets):
+        ``inputs`` as ``Dataset.inputs()`` describes them (name, digest, source, schema,
+        profile, and the context tag: training or validation). Safe to repeat: MLflow keeps
+        one record of a dataset per experiment and one input per run."""
+        if not inputs:
+            return
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        self._call(self.client.log_inputs, run_id, [
+            DatasetInput(Dataset(i["name"], i["digest"], i["source_type"], i["source"], i["schema"], i["profile"]),
+                         [InputTag("mlflow.data.context", i["context"])]) for i in inputs])
 
     def finish_trial(self, run_id: str, history: History, state: str, *, reason: str | None = None,
                      artifacts: Path | None = None, status: str | None = None, note: str | None = None,
@@ -318,14 +335,15 @@ class TrialRecord:
         self._opened: Future | None = None
 
     def start(self, outbox: Outbox, experiment_id: str, parent_run_id: str, study: str,
-              params: dict[str, Any]) -> None:
-        """Create the run and log its params while the trial trains."""
+              params: dict[str, Any], inputs: Sequence[Mapping[str, Any]] = ()) -> None:
+        """Create the run and log its params and datasets while the trial trains."""
         self._opened = outbox.submit(f"trial {self.number}", self._open, experiment_id, parent_run_id,
-                                     study, params)
+                                     study, params, inputs)
 
-    def _open(self, experiment_id: str, parent_run_id: str, study: str, params: dict[str, Any]) -> None:
+    def _open(self, experiment_id: str, parent_run_id: str, study: str, params: dict[str, Any],
+              inputs: Sequence[Mapping[str, Any]]) -> None:
         try:
-            run_id = self.tracker.start_trial(experiment_id, parent_run_id, study, self.number, params)
+            run_id = self.tracker.start_trial(experiment_id, parent_run_id, study, self.number, params, inputs)
         except Exception as e:  # one failure is enough: later calls would wait out timeouts too
             self.error = f"MLflow tracking lost: {first_line(e)}"
             return

@@ -1,0 +1,143 @@
+"""The study's model in MLflow: each trial run keeps its network (``network.pt``, a few
+kilobytes), and the best trial's becomes an MLflow model on its run, registered under the
+study's name with the alias ``best`` (a new version only when the best trial changed).
+
+The model is a pyfunc (``served_model.py``, models from code): it takes the data's raw
+feature columns and returns the data's own labels and the class probabilities, because the
+features' scaling and the classes' labels travel inside it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from lrsearch.core.names import MODEL_ALIAS, NETWORK_FILE, model_uri
+
+if TYPE_CHECKING:
+    import torch
+
+    from lrsearch.choices.data import Dataset
+    from lrsearch.track.tracking import Tracker
+
+SERVED_MODEL = Path(__file__).with_name("served_model.py")
+_LABEL_TYPES = {int: "long", float: "double", str: "string"}
+
+
+def save_network(path: Path, data: Dataset, activation: str, weights: Sequence[torch.Tensor]) -> Path:
+    """A trial's network as ``served_model.py`` reads it: its layers (W as [in, out], b as
+    [out]), its activation (a ``torch.nn`` class name), and the data's features, classes,
+    scaling and a few raw rows (the model's input example). Plain tensors, lists and
+    numbers: ``torch.load(..., weights_only=True)`` reads it."""
+    import torch
+
+    torch.save({"format": 1, "layers": [w.reshape(-1, w.shape[-1]) if i % 2 == 0 else w.reshape(-1)
+                                        for i, w in enumerate(weights)],
+                "activation": activation, "features": list(data.features), "classes": list(data.classes),
+                "label": data.label, "mean": None if data.mean is None else list(data.mean),
+                "std": None if data.std is None else list(data.std),
+                "example": [list(row) for row in data.example]}, path)
+    return path
+
+
+@dataclass(frozen=True)
+class Registered:
+    """A study's model in the registry: its name, the version the alias points at, and the
+    trial it came from; ``new`` if this call made that version."""
+
+    name: str
+    version: str
+    trial: int
+    run_id: str
+    new: bool
+
+    @property
+    def uri(self) -> str:
+        return model_uri(self.name)
+
+    def record(self) -> dict[str, Any]:
+        """What the study's attributes keep of it (``attrs.MODEL``)."""
+        return {"name": self.name, "version": self.version, "trial": self.trial, "run_id": self.run_id,
+                "uri": self.uri}
+
+
+def register_best(tracker: Tracker, experiment_id: str, name: str, *, trial: int, run_id: str, metric: str,
+                  value: float) -> Registered:
+    """Log trial ``trial``'s network as an MLflow model on its run ``run_id`` and register it
+    as a new version of model ``name``, aliased ``best``; nothing new if the alias already
+    points at that run's model. Needs the run's ``network.pt``."""
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+    from mlflow.exceptions import MlflowException
+
+    client = tracker.client
+    current = _aliased(tracker, name)
+    if current is not None and current.tags.get("lrsearch.run_id") == run_id:
+        return Registered(name, str(current.version), trial, run_id, new=False)
+    tags = {"lrsearch.study": name, "lrsearch.trial": str(trial), "lrsearch.metric": metric,
+            "lrsearch.value": repr(value), "lrsearch.run_id": run_id}
+    from lrsearch.track.tracking import artifact_dir
+
+    with artifact_dir() as tmp:
+        network = Path(tracker._call(client.download_artifacts, run_id, NETWORK_FILE, tmp))
+        folder = Path(tmp) / "model"
+        build_model(network, folder)
+        model = tracker._call(client.create_logged_model, experiment_id, name="model", source_run_id=run_id,
+                              tags=tags)
+        tracker._call(client.log_model_artifacts, model.model_id, str(folder))
+    tracker._call(client.finalize_logged_model, model.model_id, LoggedModelStatus.READY)
+    tracker._call(client.log_outputs, run_id, [LoggedModelOutput(model.model_id, step=0)])
+    try:
+        client.create_registered_model(name, tags={"lrsearch.study": name}, description=(
+            f"The best trial's network of lrsearch study {name}: raw feature columns in, the data's "
+            f"label and each class's probability out. Alias `{MODEL_ALIAS}`: the newest best trial."))
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    # Its source the model's artifacts, not models:/ID: for that, MLflow's SQL registry looks
+    # the model up through the process's default tracking URI, not this client's.
+    version = client.create_model_version(name, model.artifact_location, run_id=run_id, tags=tags,
+                                          description=f"Trial {trial} of study {name}: {metric} = {value:.4g}",
+                                          model_id=model.model_id)
+    tracker._call(client.set_registered_model_alias, name, MODEL_ALIAS, version.version)
+    return Registered(name, str(version.version), trial, run_id, new=True)
+
+
+def _aliased(tracker: Tracker, name: str) -> Any:
+    """The version the alias points at, or None (no such model, or no alias yet)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return tracker.client.get_model_version_by_alias(name, MODEL_ALIAS)
+    except MlflowException as e:
+        if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            return None
+        raise
+
+
+def build_model(network: Path, folder: Path) -> None:
+    """The pyfunc model of ``network`` in ``folder``: ``served_model.py``, the network file
+    as its artifact, a signature (the features as doubles; the label and one probability per
+    class) and an input example (raw training rows). Its requirements are this process's
+    versions, given rather than inferred (inference loads the model in a new process)."""
+    import mlflow
+    import mlflow.pyfunc
+    import numpy as np
+    import pandas as pd
+    import torch
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    saved = torch.load(network, weights_only=True)
+    label_type = _LABEL_TYPES[type(saved["classes"][0])]
+    signature = ModelSignature(
+        inputs=Schema([ColSpec("double", name) for name in saved["features"]]),
+        outputs=Schema([ColSpec(label_type, "label"), *(ColSpec("double", f"proba_{c}") for c in saved["classes"])]))
+    example = pd.DataFrame(saved["example"], columns=saved["features"])
+    requirements = [f"mlflow=={mlflow.__version__}", f"torch=={torch.__version__.split('+')[0]}",
+                    f"pandas=={pd.__version__}", f"numpy=={np.__version__}"]
+    with warnings.catch_warnings():  # MLflow's advice on type hints and pandas' deprecations: not the user's
+        warnings.simplefilter("ignore")
+        mlflow.pyfunc.save_model(str(folder), python_model=str(SERVED_MODEL), artifacts={"network": str(network)},
+                                 signature=signature, input_example=example, pip_requirements=requirements)
