@@ -170,3 +170,64 @@ def test_ui_on_a_port_in_use_fails_in_one_line(tmp_path, cli_process):
     assert done.returncode == 1
     assert done.stderr == (f"lrsearch: error: port {port} on 127.0.0.1 is in use (another lrsearch ui or MLflow "
                            "server?); stop it or pass --port\n")
+
+
+def test_ctrl_c_in_a_terminal_ends_the_ui_quietly(write_study, tmp_path):
+    """In a real terminal (a pty): the ui's links, then Ctrl-C, then nothing more (uvicorn
+    logs the lifespan task's CancelledError as an ERROR traceback: not shown), exit 0."""
+    import pty
+    import select
+
+    from conftest import TINY_STUDY
+
+    data = tmp_path / "lrsearch-data"
+    cfg = load_config(write_study(TINY_STUDY)).with_overrides(trials=1, epochs=2)
+    run_study(cfg, storage=f"sqlite:///{data / 'optuna.db'}", tracking=f"sqlite:///{data / 'mlflow.db'}")
+    port = free_port()
+    pid, terminal = pty.fork()
+    if pid == 0:  # the child: the command, in the terminal's foreground
+        os.chdir(tmp_path)
+        os.execv(sys.executable, [sys.executable, "-m", "lrsearch.cli", "ui", "--port", str(port)])
+    shown = b""
+
+    def read(seconds: float) -> None:
+        nonlocal shown
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            if select.select([terminal], [], [], 0.2)[0]:
+                try:
+                    chunk = os.read(terminal, 65536)
+                except OSError:  # the terminal closed: every process in it has ended
+                    return
+                if not chunk:
+                    return
+                shown += chunk
+
+    try:
+        deadline = time.monotonic() + 120
+        while not _answers(f"http://127.0.0.1:{port}/health"):
+            assert time.monotonic() < deadline, shown
+            read(0.5)
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10).read()
+        read(1)
+        os.write(terminal, b"\x03")  # Ctrl-C, as typed
+        read(30)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        os.close(terminal)
+    text = shown.decode(errors="replace")
+    assert os.waitstatus_to_exitcode(status) == 0, text
+    assert "Traceback" not in text and "CancelledError" not in text and "ERROR" not in text, text
+    assert f"MLflow UI: http://127.0.0.1:{port}/" in text
+
+
+def _answers(url: str) -> bool:
+    try:
+        urllib.request.urlopen(url, timeout=2).read()
+    except (urllib.error.URLError, OSError):
+        return False
+    return True

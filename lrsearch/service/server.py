@@ -36,23 +36,50 @@ QUIET_LOG_CONFIG = Path(__file__).with_name("uvicorn_quiet_log.json")
 # whose advice (--host 0.0.0.0) is not lrsearch's: left out of a quiet `lrsearch ui`.
 _BANNER = b"[MLflow] Security middleware enabled"
 # Runs beside the server, between its stderr and the terminal: copies every line but the
-# banner, and ends when the server and its workers have all closed their stderr. It ignores
-# Ctrl-C and SIGTERM (sent to the whole process group) so the server's last words still pass.
+# banner, and but the traceback uvicorn logs when Ctrl-C cancels the app's lifespan task (an
+# ERROR record ending in asyncio's CancelledError: the normal end, not a failure), and ends
+# when the server and its workers have all closed their stderr. It ignores Ctrl-C and
+# SIGTERM (sent to the whole process group) so the server's last words still pass.
 _STDERR_FILTER = f"""
 import os, signal
 signal.signal(signal.SIGINT, signal.SIG_IGN)
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
+held = []  # an ERROR record's traceback, until its last line tells what it was
+
+
+def put(lines):
+    out = b"".join(line + b"\\n" for line in lines if not line.startswith({_BANNER!r}))
+    if out:
+        os.write(1, out)
+
+
+def take(line):
+    global held
+    if held:
+        held.append(line)
+        if line.strip() == b"asyncio.exceptions.CancelledError":  # Ctrl-C's, whole: dropped
+            held = []
+        elif len(held) > 400 or (line[:1].isdigit() and b"ERROR" in line):  # another record: not Ctrl-C's
+            put(held[:-1])
+            held = []
+            take(line)
+    elif b"ERROR" in line and line.rstrip().endswith(b"Traceback (most recent call last):"):
+        held = [line]
+    else:
+        put([line])
+
+
 rest = b""
 while True:
     chunk = os.read(0, 65536)
     if not chunk:
         break
     *lines, rest = (rest + chunk).split(b"\\n")
-    out = b"".join(line + b"\\n" for line in lines if not line.startswith({_BANNER!r}))
-    if out:
-        os.write(1, out)
-if rest and not rest.startswith({_BANNER!r}):
-    os.write(1, rest)
+    for line in lines:
+        take(line)
+if rest:
+    take(rest)
+put(held)
 """
 
 
