@@ -116,7 +116,7 @@ def test_two_workers_share_one_study(pg_url, tracking_server, tmp_path):
     assert {r.info.status for r in children} == {"FINISHED"}
     assert {t.user_attrs["mlflow_run_id"] for t in study.trials} == {r.info.run_id for r in children}
     artifacts = {a.path for a in client.list_artifacts(children[0].info.run_id)}
-    assert artifacts == {"learning_curves.png", "trial_config.json"}  # served by the server
+    assert artifacts == {"learning_curves.png", "network.pt", "trial_config.json"}  # served by the server
 
     engine = sa.create_engine(pg_url, poolclass=sa.pool.NullPool)
     with engine.connect() as conn:

@@ -97,7 +97,7 @@ def test_ui_serves_the_embedded_store(write_study, tmp_path):
         tags = {t["key"]: t["value"] for t in child["data"]["tags"]}
         assert tags["mlflow.parentRunId"] == result.parent_run_id
         files = _get(f"{base}/ajax-api/2.0/mlflow/artifacts/list?run_id={child_id}")["files"]
-        assert {f["path"] for f in files} == {"learning_curves.png", "trial_config.json"}
+        assert {f["path"] for f in files} == {"learning_curves.png", "network.pt", "trial_config.json"}
         with urllib.request.urlopen(f"{base}/get-artifact?path=learning_curves.png&run_uuid={child_id}") as r:
             assert r.read(8) == b"\x89PNG\r\n\x1a\n"
     finally:
