@@ -76,7 +76,8 @@ class TrainConfig:
 @dataclass(frozen=True)
 class TrackingConfig:
     trial_plots: bool = declared(bool, False)  # a learning-curve PNG per trial (matplotlib, on the tracking thread)
-    # The best trial's network as a model in MLflow's registry when the study finishes.
+    # The best trial's network as a model in MLflow's registry when the study finishes (and
+    # each trial's network.pt, which it is made of).
     register_model: bool = declared(bool, True)
 
 
@@ -174,7 +175,11 @@ def _flat(tables: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def stored_config(raw: Mapping[str, Any], name: str) -> Config:
-    """A submitted study's configuration, as ``Config.to_toml`` stored it."""
+    """A submitted study's configuration, as ``Config.to_toml`` stored it. One stored before
+    ``[data].scale`` existed trained on unscaled features: it keeps doing so (``"none"``)."""
+    data = raw.get("data")
+    if isinstance(data, Mapping) and "scale" not in data:
+        raw = {**raw, "data": {**data, "scale": "none"}}
     return parse_config(raw, f"study {name!r} (stored configuration)")
 
 
@@ -243,6 +248,8 @@ def _data(t: _Table, base_dir: Path) -> DataConfig:
         if name in source.keys and getattr(d, name) is None:
             what = "the CSV file's path" if name == "path" else "the label column's name"
             raise t.error(name, f"expected {what} for source {d.source!r}", show_got=False)
+    if d.scale is None:  # its source's default, resolved now: the stored configuration says which
+        d = dataclasses.replace(d, scale=source.scale)
     if d.n_samples * d.n_features > MAX_VALUES:
         raise t.error("n_samples", f"expected n_samples x n_features <= {MAX_VALUES:,} (about 160 MB)",
                       f"{d.n_samples:,} x {d.n_features:,}", raw=True)

@@ -179,7 +179,7 @@ def test_a_study_ends_with_its_best_network_registered_which_predicts_the_csv_la
 
 
 def test_a_new_best_trial_makes_a_new_version_and_moves_the_alias(cli, tmp_path):
-    from lrsearch.track.models import register_best
+    from lrsearch.track.models import Candidate, log_model, register_version
     from lrsearch.track.tracking import Tracker
 
     study_file = _flowers(tmp_path, "moving")
@@ -187,19 +187,75 @@ def test_a_new_best_trial_makes_a_new_version_and_moves_the_alias(cli, tmp_path)
     tracking = f"sqlite:///{tmp_path / 'lrsearch-data' / 'mlflow.db'}"
     import optuna
 
-    study = optuna.load_study(study_name="moving", storage=f"sqlite:///{tmp_path / 'lrsearch-data' / 'optuna.db'}")
+    storage = f"sqlite:///{tmp_path / 'lrsearch-data' / 'optuna.db'}"
+    study = optuna.load_study(study_name="moving", storage=storage)
     tracker = Tracker(tracking)
     best = tracker.client.get_model_version_by_alias("moving", "best")
-    other = next(t for t in study.trials if t.user_attrs["mlflow_run_id"] != best.run_id)
     experiment_id = study.user_attrs["mlflow_experiment_id"]
-    same = register_best(tracker, experiment_id, "moving", trial=int(best.tags["lrsearch.trial"]),
-                         run_id=best.run_id, metric="val/acc", value=float(best.tags["lrsearch.value"]))
-    assert (same.version, same.new) == ("1", False)
-    moved = register_best(tracker, experiment_id, "moving", trial=other.number,
-                          run_id=other.user_attrs["mlflow_run_id"], metric="val/acc", value=other.value)
+    same = Candidate(int(best.tags["lrsearch.trial"]), best.run_id, "val/acc", float(best.tags["lrsearch.value"]))
+    logged = [o.model_id for o in tracker.client.get_run(best.run_id).outputs.model_outputs]
+    assert [log_model(tracker, experiment_id, "moving", same)] == logged  # the one already logged
+    again = register_version(tracker, "moving", logged[0], same)
+    assert (again.version, again.new) == ("1", False)
+    other = next(t for t in study.trials if t.user_attrs["mlflow_run_id"] != best.run_id)
+    candidate = Candidate(other.number, other.user_attrs["mlflow_run_id"], "val/acc", other.value)
+    moved = register_version(tracker, "moving", log_model(tracker, experiment_id, "moving", candidate), candidate)
     assert (moved.version, moved.new) == ("2", True)
     assert str(tracker.client.get_model_version_by_alias("moving", "best").version) == "2"
     assert len(tracker.client.search_model_versions("name = 'moving'")) == 2
+
+    # The study resumed with more trials: its end registers its best trial, a new version only
+    # if that trial changed (here the alias points at trial `other`, not the best: it moves back).
+    result = cli("run", str(study_file), "--no-report", "--trials", "5")
+    assert result.returncode == 0 and "warning" not in result.stderr, result.stderr
+    study = optuna.load_study(study_name="moving", storage=storage)
+    top = max((t for t in study.trials if t.state.name == "COMPLETE"), key=lambda t: (t.value, -t.number))
+    aliased = tracker.client.get_model_version_by_alias("moving", "best")
+    assert aliased.run_id == top.user_attrs["mlflow_run_id"]
+    versions = tracker.client.search_model_versions("name = 'moving'")
+    assert len(versions) == (2 if top.user_attrs["mlflow_run_id"] == best.run_id else 3)
+    assert study.user_attrs["lrsearch_model"]["version"] == str(aliased.version)
+    shown = cli("best", "moving", "--register", "--format", "json")
+    assert json.loads(shown.stdout)[0]["model"] == "models:/moving@best"  # JSON stays JSON
+    assert shown.stderr.startswith("model: models:/moving@best (version ")
+
+
+def test_every_trial_of_an_array_keeps_its_own_network(cli, tmp_path):
+    """Five trials of two optimizers in arrays of two, pruned or not: each trial's network.pt
+    (its slice of the stacked weights when it left) predicts its own final val/acc exactly."""
+    import types
+
+    import optuna
+    import pandas as pd
+
+    from lrsearch.track.served_model import StudyNetwork
+
+    study_file = _flowers(tmp_path, "slices")
+    text = study_file.read_text().replace("trials = 3", "trials = 5").replace('pruner = "none"', 'pruner = "median"')
+    text = text.replace("array = 3", "array = 2").replace('optimizer = "adam"', 'optimizer = { choices = ["adam", "sgd"] }')
+    study_file.write_text(text + "momentum = { low = 0.5, high = 0.9 }\n")
+    assert cli("run", str(study_file), "--no-report").returncode == 0
+    tracking = f"sqlite:///{tmp_path / 'lrsearch-data' / 'mlflow.db'}"
+    client = MlflowClient(tracking)
+    study = optuna.load_study(study_name="slices", storage=f"sqlite:///{tmp_path / 'lrsearch-data' / 'optuna.db'}")
+    lines, truth = _validation_rows(study_file)
+    (tmp_path / "val.csv").write_text("\n".join(lines) + "\n")
+    rows = pd.read_csv(tmp_path / "val.csv")
+    assert len({t.params["optimizer"] for t in study.trials}) == 2
+    for t in study.trials:
+        run_id = t.user_attrs["mlflow_run_id"]
+        network = client.download_artifacts(run_id, "network.pt", str(tmp_path / f"n{t.number}"))
+        model = StudyNetwork()
+        model.load_context(types.SimpleNamespace(artifacts={"network": network}))
+        final = client.get_metric_history(run_id, "val/acc")[-1].value
+        assert _accuracy(model.predict(None, rows)["label"], truth) == pytest.approx(final, abs=1e-9), t.number
+
+
+def test_the_served_model_knows_every_activation_a_study_can_choose():
+    from lrsearch.choices.network import ACTIVATIONS
+    from lrsearch.track.served_model import ACTIVATIONS as SERVED
+
+    assert sorted(SERVED) == sorted(a.torch_class for a in ACTIVATIONS)
 
 
 def test_scale_is_fitted_on_the_training_rows_and_kept_in_the_data(tmp_path):
@@ -264,3 +320,13 @@ def test_on_postgres_the_model_is_registered_through_the_tracking_server(pg_url,
     assert _accuracy(loaded["labels"], truth) == pytest.approx(best.value, abs=1e-9)
     predictions = _serve(tracking_server, "models:/pgflowers@best", tmp_path / "val.csv", tmp_path)
     assert [p["label"] for p in predictions] == loaded["labels"]
+
+
+def test_scale_is_stored_resolved_and_a_study_stored_before_it_keeps_raw_features(tmp_path):
+    from lrsearch.config import stored_config
+
+    cfg = load_config(_flowers(tmp_path))
+    raw = cfg.to_toml()
+    assert cfg.data.scale == "standard" and raw["data"]["scale"] == "standard"  # the default, said
+    del raw["data"]["scale"]  # as a study submitted before [data].scale existed was stored
+    assert stored_config(raw, "flowers").data.scale == "none"

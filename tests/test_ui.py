@@ -231,3 +231,20 @@ def _answers(url: str) -> bool:
     except (urllib.error.URLError, OSError):
         return False
     return True
+
+
+@pytest.mark.parametrize("given, shown", [
+    # Ctrl-C: uvicorn's ERROR record of the cancelled lifespan task, chained on KeyboardInterrupt.
+    (b"2026/12/06 10:04:06 ERROR:    Traceback (most recent call last):\n  File \"x\"\nKeyboardInterrupt\n\n"
+     b"During handling of the above exception, another exception occurred:\n\nTraceback (most recent call last):\n"
+     b"  File \"y\"\nasyncio.exceptions.CancelledError\nlast words\n", b"last words\n"),
+    # A real error: shown whole, at once, and what follows it too.
+    (b"2026/12/06 10:04:06 ERROR:    Traceback (most recent call last):\n  File \"x\"\nValueError: boom\nnext\n",
+     b"2026/12/06 10:04:06 ERROR:    Traceback (most recent call last):\n  File \"x\"\nValueError: boom\nnext\n"),
+    (b"a\n[MLflow] Security middleware enabled\nb", b"a\nb\n"),
+])
+def test_the_quiet_uis_filter_drops_the_banner_and_ctrl_c_s_traceback_only(given, shown):
+    from lrsearch.service.server import _STDERR_FILTER
+
+    assert subprocess.run([sys.executable, "-c", _STDERR_FILTER], input=given, capture_output=True,
+                          timeout=30).stdout == shown

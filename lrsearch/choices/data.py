@@ -107,8 +107,9 @@ def load_data(cfg: DataConfig) -> Dataset:
 
 
 def scale_of(cfg: DataConfig) -> str:
-    """``[data].scale``, or its default: ``standard`` for a CSV file, ``none`` for a built-in
-    source (scaled by design, and the classic experiments did not scale)."""
+    """``[data].scale``, or its default (which the study file's reader resolves): ``standard``
+    for a CSV file, ``none`` for a built-in source (scaled by design, and the classic
+    experiments did not scale)."""
     return cfg.scale or SOURCES[cfg.source].scale
 
 
@@ -398,9 +399,11 @@ def _label_values(labels: list[str]) -> tuple[Any, ...]:
     integers if every label is one, else numbers if every label is one, else text."""
     for kind in (int, float):
         try:
-            return tuple(kind(label) for label in labels)
+            values = tuple(kind(label) for label in labels)
         except ValueError:
             continue
+        if len(set(values)) == len(values):  # "1" and "01" are two classes: then text
+            return values
     return tuple(labels)
 
 

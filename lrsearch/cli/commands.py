@@ -254,8 +254,10 @@ def cmd_best(args: argparse.Namespace) -> int:
 
         _quiet()
         registered = register(args.name, storage=args.storage, tracking=args.tracking_uri)
+        # On stdout before a table; on stderr before JSON or CSV, which stay whole.
         print(f"model: {registered.uri} (version {registered.version}: trial {registered.trial}; "
-              f"{'registered now' if registered.new else 'already registered'})")
+              f"{'registered now' if registered.new else 'already registered'})",
+              file=sys.stdout if args.format == "table" else sys.stderr)
     rows = [{"number": r.pop("trial_number"), **r} for r in
             best_trials_sql(args.storage, args.tracking_uri, args.name, args.top)]
     columns = ["rank", *TRIAL_COLUMNS] if args.format == "table" else [

@@ -12,10 +12,9 @@ OBJECTIVE_METRIC = "objective"  # a COMPLETE trial's value, logged once at its e
 UI_QUERY = "workflowType=machine_learning"  # MLflow 3 opens on its GenAI views otherwise
 DEFAULT_UI_PORT = 5000  # where `lrsearch ui` serves the UI unless told --port
 
-# The model a study registers: each trial run's network file, the model's alias, its tags.
+# The model a study registers: each trial run's network file, the model's alias.
 NETWORK_FILE = "network.pt"
 MODEL_ALIAS = "best"
-MODEL_TAGS = ("lrsearch.study", "lrsearch.trial", "lrsearch.metric", "lrsearch.value", "lrsearch.run_id")
 
 
 def model_uri(name: str) -> str:

@@ -169,7 +169,7 @@ class Objective:
             write_json({"study": self.cfg.study.name, "trial": trial.number, "seed": seed,
                         attrs.HYPERPARAMETERS: hp, **{k: config[k] for k in ("data", "model", "train")}},
                        folder / "trial_config.json")
-            if result.weights is not None:  # its network, which the study's model is made of if it is best
+            if result.weights is not None and self.cfg.tracking.register_model:  # the study's model, if best
                 save_network(folder / NETWORK_FILE, self.data, ACTIVATIONS[self.cfg.model.activation].torch_class,
                              result.weights)
             if self.cfg.tracking.trial_plots and result.history:

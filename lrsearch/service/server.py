@@ -53,16 +53,24 @@ def put(lines):
         os.write(1, out)
 
 
+FRAMING = (b"Traceback (most recent call last):", b"During handling of the above exception",
+           b"The above exception was the direct cause", b"KeyboardInterrupt")
+
+
 def take(line):
     global held
     if held:
         held.append(line)
+        summary = line.strip() and not line[:1].isspace() and not line.startswith(FRAMING)
         if line.strip() == b"asyncio.exceptions.CancelledError":  # Ctrl-C's, whole: dropped
             held = []
-        elif len(held) > 400 or (line[:1].isdigit() and b"ERROR" in line):  # another record: not Ctrl-C's
+        elif line[:1].isdigit() and b"ERROR" in line:  # another record began: the held one was not Ctrl-C's
             put(held[:-1])
             held = []
             take(line)
+        elif summary or len(held) > 400:  # the traceback ended in another exception: shown whole
+            put(held)
+            held = []
     elif b"ERROR" in line and line.rstrip().endswith(b"Traceback (most recent call last):"):
         held = [line]
     else:

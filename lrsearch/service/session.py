@@ -109,13 +109,16 @@ def open_records(store: Any, study_id: int, cfg: Config, url: str, tracker: Trac
             tags={"sampler": cfg.study.sampler, "pruner": cfg.study.pruner, "storage": redact(url),
                   "direction": cfg.study.direction, "metric": cfg.study.metric},
             study_file=study_file, run_id=user_attrs.get(attrs.PARENT_RUN), status="SCHEDULED")
-    if data is not None and user_attrs.get(attrs.PARENT_RUN) != parent_run_id:  # a new parent: its datasets
-        tracker.log_data(parent_run_id, data.inputs())
     tracker.share_trials_view(experiment_id, trials_view(name, cfg.study.direction, cfg.study.metric,
                                                          searched(cfg.params)))
     records = {attrs.EXPERIMENT: experiment_id, attrs.PARENT_RUN: parent_run_id}
     if any(user_attrs.get(k) != v for k, v in records.items()):
         store.set_study_user_attrs(study_id, records)
+    if data is not None and user_attrs.get(attrs.PARENT_RUN) != parent_run_id:  # a new parent: its datasets
+        try:
+            tracker.log_data(parent_run_id, data.inputs())
+        except Exception:  # a description of the study: the study runs without it
+            pass
     return records
 
 
@@ -219,23 +222,33 @@ def register_model(study: optuna.Study, store: Any, study_id: int, url: str, tra
                    experiment_id: str) -> Registered | None:
     """The study's best COMPLETE trial's network as the newest version of the registered
     model named after the study (alias ``best``), unless it already is; kept in the study's
-    attributes (``attrs.MODEL``) for ``best``, ``status`` and the description. None when no
-    trial completed with a run. Under the store lock: one version per best trial, however
-    many processes register at once."""
+    attributes (``attrs.MODEL``) for ``best``, the ``studies`` view and the description. None
+    when no trial completed with a run. The model is logged outside the store lock (it takes
+    seconds); its version is made under it, if the trial is still the best: one version per
+    best trial, however many processes register at once."""
     from lrsearch.results.ranking import best_trials
-    from lrsearch.track.models import register_best
+    from lrsearch.track.models import Candidate, log_model, register_version, registered
 
-    best = best_trials(study, 1)
-    if not best or best[0]["mlflow_run_id"] is None:
+    def best() -> Candidate | None:
+        rows = best_trials(study, 1)
+        if not rows or rows[0]["mlflow_run_id"] is None:
+            return None
+        metric = store.get_study_user_attrs(study_id).get(attrs.METRIC) or "objective"
+        return Candidate(rows[0]["number"], rows[0]["mlflow_run_id"], metric, rows[0]["value"])
+
+    candidate = best()
+    if candidate is None:
         return None
-    row = best[0]
-    metric = store.get_study_user_attrs(study_id).get(attrs.METRIC) or "objective"
-    with store_lock(url, store.retry):
-        registered = register_best(tracker, experiment_id, study.study_name, trial=row["number"],
-                                   run_id=row["mlflow_run_id"], metric=metric, value=row["value"])
-        if store.get_study_user_attrs(study_id).get(attrs.MODEL) != registered.record():
-            store.set_study_user_attr(study_id, attrs.MODEL, registered.record())
-    return registered
+    result = registered(tracker, study.study_name, candidate)
+    if result is None:
+        model_id = log_model(tracker, experiment_id, study.study_name, candidate)
+        with store_lock(url, store.retry):
+            if best() != candidate:  # a better trial since: its own registration makes its version
+                return registered(tracker, study.study_name)
+            result = register_version(tracker, study.study_name, model_id, candidate)
+    if store.get_study_user_attrs(study_id).get(attrs.MODEL) != result.record():
+        store.set_study_user_attr(study_id, attrs.MODEL, result.record())
+    return result
 
 
 def register(name: str, *, storage: str | None = None, tracking: str | None = None) -> Registered:
@@ -253,9 +266,9 @@ def register(name: str, *, storage: str | None = None, tracking: str | None = No
             from None
     study = optuna.load_study(study_name=name, storage=store)
     experiment_id = store.get_study_user_attrs(study_id).get(attrs.EXPERIMENT)
-    tracker = Tracker(tracking_uri(tracking))
     if experiment_id is None:
         raise UsageError(f"study {name!r} has no MLflow records yet: no worker has started it")
+    tracker = Tracker(tracking_uri(tracking))
     registered = register_model(study, store, study_id, url, tracker, experiment_id)
     if registered is None:
         raise UsageError(f"study {name!r} has no COMPLETE trial with an MLflow run to register")

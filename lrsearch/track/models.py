@@ -63,31 +63,70 @@ class Registered:
                 "uri": self.uri}
 
 
-def register_best(tracker: Tracker, experiment_id: str, name: str, *, trial: int, run_id: str, metric: str,
-                  value: float) -> Registered:
-    """Log trial ``trial``'s network as an MLflow model on its run ``run_id`` and register it
-    as a new version of model ``name``, aliased ``best``; nothing new if the alias already
-    points at that run's model. Needs the run's ``network.pt``."""
-    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
-    from mlflow.exceptions import MlflowException
+@dataclass(frozen=True)
+class Candidate:
+    """A study's best trial, to be its model: its number, its run, its metric and value."""
 
-    client = tracker.client
+    trial: int
+    run_id: str
+    metric: str
+    value: float
+
+
+def registered(tracker: Tracker, name: str, candidate: Candidate | None = None) -> Registered | None:
+    """Model ``name`` as the registry has it: the version its alias points at (``new``
+    False), or None; with ``candidate``, None too unless that version is the candidate's."""
     current = _aliased(tracker, name)
-    if current is not None and current.tags.get("lrsearch.run_id") == run_id:
-        return Registered(name, str(current.version), trial, run_id, new=False)
-    tags = {"lrsearch.study": name, "lrsearch.trial": str(trial), "lrsearch.metric": metric,
-            "lrsearch.value": repr(value), "lrsearch.run_id": run_id}
+    if current is None or (candidate is not None and current.tags.get("lrsearch.run_id") != candidate.run_id):
+        return None
+    return Registered(name, str(current.version), int(current.tags.get("lrsearch.trial", -1)),
+                      current.tags.get("lrsearch.run_id", ""), new=False)
+
+
+def log_model(tracker: Tracker, experiment_id: str, name: str, candidate: Candidate) -> str:
+    """The candidate's network as an MLflow model on its run (READY, with its ``network.pt``
+    inside), or the one already logged there; its model id. A model whose logging failed
+    half-way is marked FAILED, not left PENDING. Slow (a download, building the model, an
+    upload): called outside the store lock."""
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+
     from lrsearch.track.tracking import artifact_dir
 
+    client = tracker.client
+    run = tracker._call(client.get_run, candidate.run_id)
+    for output in (run.outputs.model_outputs if run.outputs else []):
+        if tracker._call(client.get_logged_model, output.model_id).status == LoggedModelStatus.READY:
+            return output.model_id
     with artifact_dir() as tmp:
-        network = Path(tracker._call(client.download_artifacts, run_id, NETWORK_FILE, tmp))
+        network = Path(tracker._call(client.download_artifacts, candidate.run_id, NETWORK_FILE, tmp))
         folder = Path(tmp) / "model"
         build_model(network, folder)
-        model = tracker._call(client.create_logged_model, experiment_id, name="model", source_run_id=run_id,
-                              tags=tags)
-        tracker._call(client.log_model_artifacts, model.model_id, str(folder))
-    tracker._call(client.finalize_logged_model, model.model_id, LoggedModelStatus.READY)
-    tracker._call(client.log_outputs, run_id, [LoggedModelOutput(model.model_id, step=0)])
+        # Once, not retried: a repeated create would make a second model.
+        model = client.create_logged_model(experiment_id, name="model", source_run_id=candidate.run_id,
+                                           tags=_tags(name, candidate))
+        try:
+            tracker._call(client.log_model_artifacts, model.model_id, str(folder))
+            tracker._call(client.finalize_logged_model, model.model_id, LoggedModelStatus.READY)
+            tracker._call(client.log_outputs, candidate.run_id, [LoggedModelOutput(model.model_id, step=0)])
+        except BaseException:
+            try:
+                client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+            except Exception:  # the store is away: it stays PENDING, and a later call logs another
+                pass
+            raise
+    return model.model_id
+
+
+def register_version(tracker: Tracker, name: str, model_id: str, candidate: Candidate) -> Registered:
+    """Logged model ``model_id`` (the candidate's) as a version of registered model ``name``,
+    the alias ``best`` on it: a version of that run already made is reused (a registration cut
+    short before its alias), else a new one. Under the store lock: one version per best trial."""
+    from mlflow.exceptions import MlflowException
+
+    found = registered(tracker, name, candidate)
+    if found is not None:
+        return found
+    client = tracker.client
     try:
         client.create_registered_model(name, tags={"lrsearch.study": name}, description=(
             f"The best trial's network of lrsearch study {name}: raw feature columns in, the data's "
@@ -95,13 +134,24 @@ def register_best(tracker: Tracker, experiment_id: str, name: str, *, trial: int
     except MlflowException as e:
         if e.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    # Its source the model's artifacts, not models:/ID: for that, MLflow's SQL registry looks
-    # the model up through the process's default tracking URI, not this client's.
-    version = client.create_model_version(name, model.artifact_location, run_id=run_id, tags=tags,
-                                          description=f"Trial {trial} of study {name}: {metric} = {value:.4g}",
-                                          model_id=model.model_id)
+    made = tracker._call(client.search_model_versions, f"name = '{name}' AND run_id = '{candidate.run_id}'")
+    if made:
+        version = max(made, key=lambda v: int(v.version))
+    else:
+        model = tracker._call(client.get_logged_model, model_id)
+        # Its source the model's artifacts, not models:/ID: for that, MLflow's SQL registry
+        # looks the model up through the process's default tracking URI, not this client's.
+        version = client.create_model_version(
+            name, model.artifact_location, run_id=candidate.run_id, tags=_tags(name, candidate), model_id=model_id,
+            description=f"Trial {candidate.trial} of study {name}: {candidate.metric} = {candidate.value:.4g}")
     tracker._call(client.set_registered_model_alias, name, MODEL_ALIAS, version.version)
-    return Registered(name, str(version.version), trial, run_id, new=True)
+    return Registered(name, str(version.version), candidate.trial, candidate.run_id, new=not made)
+
+
+def _tags(name: str, candidate: Candidate) -> dict[str, str]:
+    """The model's and its version's tags: which study, trial, metric and value, which run."""
+    return {"lrsearch.study": name, "lrsearch.trial": str(candidate.trial), "lrsearch.metric": candidate.metric,
+            "lrsearch.value": repr(candidate.value), "lrsearch.run_id": candidate.run_id}
 
 
 def _aliased(tracker: Tracker, name: str) -> Any:

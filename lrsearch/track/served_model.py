@@ -11,6 +11,10 @@ from typing import Any
 import mlflow
 from mlflow.pyfunc import PythonModel
 
+# The torch.nn classes lrsearch's networks use (choices/network.py): no other name in a
+# network file is looked up.
+ACTIVATIONS = ("ReLU", "Tanh", "Sigmoid", "ELU", "LeakyReLU", "GELU")
+
 
 class StudyNetwork(PythonModel):
     """A trial's MLP: its layers, the features' scaling and the labels of its classes, read
@@ -27,6 +31,8 @@ class StudyNetwork(PythonModel):
         self.features = list(saved["features"])
         self.classes = list(saved["classes"])
         self.layers = saved["layers"]
+        if saved["activation"] not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {saved['activation']!r}, expected one of {sorted(ACTIVATIONS)}")
         self.activation = getattr(torch.nn, saved["activation"])()
         self.mean = None if saved["mean"] is None else torch.tensor(saved["mean"], dtype=torch.float64)
         self.std = None if saved["std"] is None else torch.tensor(saved["std"], dtype=torch.float64)
@@ -35,7 +41,8 @@ class StudyNetwork(PythonModel):
         import pandas as pd
         import torch
 
-        x = torch.tensor(model_input[self.features].to_numpy(dtype="float64"))
+        # As training saw them: the file's values as float32, then scaled in float64.
+        x = torch.tensor(model_input[self.features].to_numpy(dtype="float64")).float().double()
         if self.mean is not None:
             x = (x - self.mean) / self.std
         h = x.float()

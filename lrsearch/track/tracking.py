@@ -156,17 +156,15 @@ class Tracker:
             self._call(self.client.update_run, run_id, status="RUNNING")
 
     def start_trial(self, experiment_id: str, parent_run_id: str, study: str, number: int,
-                    params: Mapping[str, Any], inputs: Sequence[Mapping[str, Any]] = ()) -> str:
+                    params: Mapping[str, Any]) -> str:
         """A child run named ``trial-<number>``, RUNNING, with the trial's ``params`` (floats
-        to 4 significant digits: :func:`_trial_param_value`) and the data it trains on
-        (``inputs``: see :meth:`log_data`)."""
+        to 4 significant digits: :func:`_trial_param_value`)."""
         tags = {PARENT_TAG: parent_run_id, "lrsearch.role": "trial", "study": study,
                 "trial_number": str(number), "state": "RUNNING"}
         run_id = self._create_run(experiment_id, f"trial-{number}", tags)
         # Once: MLflow params are immutable. A repeated call logs the same text (the
         # formatting is deterministic), which MLflow accepts.
         self._log(run_id, params={k: _trial_param_value(v) for k, v in params.items()})
-        self.log_data(run_id, inputs)
         return run_id
 
     def log_data(self, run_id: str, inputs: Sequence[Mapping[str, Any]]) -> None:
@@ -343,13 +341,17 @@ class TrialRecord:
     def _open(self, experiment_id: str, parent_run_id: str, study: str, params: dict[str, Any],
               inputs: Sequence[Mapping[str, Any]]) -> None:
         try:
-            run_id = self.tracker.start_trial(experiment_id, parent_run_id, study, self.number, params, inputs)
+            run_id = self.tracker.start_trial(experiment_id, parent_run_id, study, self.number, params)
         except Exception as e:  # one failure is enough: later calls would wait out timeouts too
             self.error = f"MLflow tracking lost: {first_line(e)}"
             return
         self.run_id = run_id
         faults.point("run-created")
         self.set_attr(attrs.MLFLOW_RUN, run_id)
+        try:
+            self.tracker.log_data(run_id, inputs)
+        except Exception as e:  # a description of the run: its loss is said, the record goes on
+            self.set_attr(attrs.TRACKING_ERROR, f"datasets not recorded: {first_line(e)}")
 
     def finish(self, outbox: Outbox, write_artifacts: Callable[[Path], None], history: History,
                state: str, reason: str | None, status: str | None = None, *, note: str | None = None,
