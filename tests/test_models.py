@@ -156,6 +156,10 @@ def test_a_study_ends_with_its_best_network_registered_which_predicts_the_csv_la
     client = MlflowClient(tracking, registry_uri=tracking)
     run_id, best = _check_records(client, "flowers", study)
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()  # only the data folder
+    assert f"model: models:/flowers@best (version 1: trial {best.number};" in result.stdout
+    params = client.get_run(study.user_attrs["mlflow_parent_run_id"]).data.params
+    assert params["data.label"] == "species" and params["data.scale"] == "standard"
+    assert "data.n_samples" not in params and "data.centers" not in params  # make_blobs' keys: not a CSV's
 
     shown = cli("best", "flowers", "--format", "json")
     rows = json.loads(shown.stdout)

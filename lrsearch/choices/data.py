@@ -463,7 +463,8 @@ SOURCES: Registry[Source] = Registry("data source", [
     Source("digits", "scikit-learn's 8x8 digits (shipped with it), pixels scaled to [0, 1]", _digits,
            rows=lambda cfg: 1797),
     Source("csv", "a UTF-8 CSV file with a header line: `path` (relative to the study file), `label` the "
-                  "class column, the other columns features (finite numbers)", _csv, ("path", "label"),
+                  "class column, the other columns features (finite numbers, standardized unless `scale = "
+                  "\"none\"`)", _csv, ("path", "label"),
            scale="standard"),
 ])
 

@@ -267,7 +267,7 @@ def cmd_best(args: argparse.Namespace) -> int:
     model = next((r["model"] for r in rows if r["model"]), None)
     if args.format == "table" and model:
         print(f"model: {model} (trial {next(r['number'] for r in rows if r['model'])}; "
-              "mlflow.pyfunc.load_model or mlflow models serve -m with MLFLOW_TRACKING_URI set)")
+              "mlflow.pyfunc.load_model or mlflow models serve -m, with MLFLOW_TRACKING_URI set)")
     return EXIT_OK
 
 

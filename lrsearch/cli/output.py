@@ -8,6 +8,7 @@ import json
 import sys
 from typing import Any
 
+from lrsearch.core import attrs
 from lrsearch.core.errors import WARNING_PREFIX
 
 # `run`'s summary and `best`: the same columns (mlflow: the run's page on a tracking server,
@@ -96,6 +97,10 @@ def print_result(study: Any, target: int, experiment_id: str, parent_run_id: str
     if rows:
         print(format_rows(rows, "table", TRIAL_COLUMNS))
     print("\n".join(links(uri, experiment_id, parent_run_id)))
+    model = study.user_attrs.get(attrs.MODEL)
+    if model:
+        print(f"model: {model['uri']} (version {model['version']}: trial {model['trial']}; "
+              "mlflow.pyfunc.load_model or mlflow models serve -m, with MLFLOW_TRACKING_URI set)")
     warn(warnings)
 
 

@@ -105,7 +105,7 @@ def open_records(store: Any, study_id: int, cfg: Config, url: str, tracker: Trac
             study_file = Path(tmp) / "study.toml"
             study_file.write_text(to_toml_text(cfg))
         parent_run_id = tracker.start_study(
-            experiment_id, name, params={**_flatten(cfg.to_dict()), **found},
+            experiment_id, name, params={**_study_params(cfg), **found},
             tags={"sampler": cfg.study.sampler, "pruner": cfg.study.pruner, "storage": redact(url),
                   "direction": cfg.study.direction, "metric": cfg.study.metric},
             study_file=study_file, run_id=user_attrs.get(attrs.PARENT_RUN), status="SCHEDULED")
@@ -146,6 +146,15 @@ def mark_unrunnable(store: Any, name: str, url: str, tracker: Tracker, reason: s
         tracker.set_note(parent, f"**{name}** · unrunnable · lrsearch {record['version']} on {record['host']} "
                                  f"cannot run it ({record['at']}): {reason}\n\nSubmit the corrected study to "
                                  "queue it again.\n")
+
+
+def _study_params(cfg: Config) -> dict[str, Any]:
+    """The study file's keys as the parent run's params, ``[data]``'s only those of its source
+    (a CSV study's run shows no make_blobs settings)."""
+    from lrsearch.choices.data import SOURCES
+
+    other = {f"data.{k}" for s in SOURCES for k in s.keys} - {f"data.{k}" for k in SOURCES[cfg.data.source].keys}
+    return {k: v for k, v in _flatten(cfg.to_dict()).items() if k not in other}
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
