@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from lrsearch.core.constraints import MAX_SEED, POSITIVE, Interval, Satisfies, declared, int_in
-from lrsearch.choices.data import MAX_SAMPLES, MAX_VALUES, SOURCES, DataConfig
+from lrsearch.choices.data import MAX_SAMPLES, MAX_VALUES, SOURCES, DataConfig, scale_of
 from lrsearch.core.errors import ConfigError, UsageError, shown
 from lrsearch.choices.network import ModelConfig
 from lrsearch.core.registry import did_you_mean
@@ -249,7 +249,7 @@ def _data(t: _Table, base_dir: Path) -> DataConfig:
             what = "the CSV file's path" if name == "path" else "the label column's name"
             raise t.error(name, f"expected {what} for source {d.source!r}", show_got=False)
     if d.scale is None:  # its source's default, resolved now: the stored configuration says which
-        d = dataclasses.replace(d, scale=source.scale)
+        d = dataclasses.replace(d, scale=scale_of(d))
     if d.n_samples * d.n_features > MAX_VALUES:
         raise t.error("n_samples", f"expected n_samples x n_features <= {MAX_VALUES:,} (about 160 MB)",
                       f"{d.n_samples:,} x {d.n_features:,}", raw=True)

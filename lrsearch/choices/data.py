@@ -10,6 +10,7 @@ import json
 import sys
 import time
 import dataclasses
+import functools
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -47,6 +48,7 @@ class Dataset:
     # The training and validation rows as MLflow's datasets record them (see inputs()).
     digests: tuple[str, str] = ("", "")
 
+    @functools.cached_property
     def inputs(self) -> list[dict[str, Any]]:
         """The training and validation data as MLflow records a run's datasets
         (``mlflow.log_input``): name, digest (of the rows: the content's digest and the split),
@@ -54,7 +56,7 @@ class Dataset:
         the context, ``training`` or ``validation``. Plain values: tracking.py makes MLflow's."""
         if self.origin is None:
             return []
-        label_type = {int: "long", float: "double"}.get(type(self.classes[0]) if self.classes else str, "string")
+        label_type = column_type(self.classes[0] if self.classes else "")
         schema = json.dumps({"mlflow_colspec": [*({"type": "double", "name": f, "required": True}
                                                   for f in self.features),
                                                 {"type": label_type, "name": self.label, "required": True}]})
@@ -104,6 +106,11 @@ def load_data(cfg: DataConfig) -> Dataset:
                    tuple(map(tuple, table.x[train[:5]].astype(np.float64).tolist())),
                    tuple(_digest(f"{table.origin.digest} {scale_of(cfg)} ".encode() + rows.tobytes())
                          for rows in (train, val)))
+
+
+def column_type(label: Any) -> str:
+    """The type of a label column whose values are like ``label``, as MLflow's schemas name it."""
+    return {int: "long", float: "double"}.get(type(label), "string")
 
 
 def scale_of(cfg: DataConfig) -> str:

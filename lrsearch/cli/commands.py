@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lrsearch.cli.output import TRIAL_COLUMNS, Progress, format_rows, print_result, warn
+from lrsearch.cli.output import TRIAL_COLUMNS, Progress, format_rows, model_line, print_result, warn
 from lrsearch.core.errors import LrsearchError, UsageError, first_line
 
 EXIT_OK = 0
@@ -264,10 +264,9 @@ def cmd_best(args: argparse.Namespace) -> int:
         "rank", "number", "value", "state", "params", "optimizer", "lr", "momentum", "schedule",
         "duration_s", "mlflow_run_id", "mlflow", "mlflow_status", "val_acc", "val_loss", "train_loss", "model"]
     print(format_rows(rows, args.format, columns) if rows or args.format != "table" else "(no completed trials)")
-    model = next((r["model"] for r in rows if r["model"]), None)
-    if args.format == "table" and model:
-        print(f"model: {model} (trial {next(r['number'] for r in rows if r['model'])}; "
-              "mlflow.pyfunc.load_model or mlflow models serve -m, with MLFLOW_TRACKING_URI set)")
+    made = next((r for r in rows if r["model"]), None)  # the row of the trial the model was made from
+    if args.format == "table" and made:
+        print(model_line(made["model"], made["number"]))
     return EXIT_OK
 
 

@@ -99,9 +99,14 @@ def print_result(study: Any, target: int, experiment_id: str, parent_run_id: str
     print("\n".join(links(uri, experiment_id, parent_run_id)))
     model = study.user_attrs.get(attrs.MODEL)
     if model:
-        print(f"model: {model['uri']} (version {model['version']}: trial {model['trial']}; "
-              "mlflow.pyfunc.load_model or mlflow models serve -m, with MLFLOW_TRACKING_URI set)")
+        print(model_line(model["uri"], model["trial"], model["version"]))
     warn(warnings)
+
+
+def model_line(uri: str, trial: int, version: str | None = None) -> str:
+    """Where a study's registered model is, and how to use it (`run`'s summary, `best`)."""
+    made = f"version {version}: trial {trial}" if version is not None else f"trial {trial}"
+    return f"model: {uri} ({made}; mlflow.pyfunc.load_model or mlflow models serve -m, with MLFLOW_TRACKING_URI set)"
 
 
 def warn(lines: list[str]) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import math
 import random
 import threading
@@ -48,11 +47,6 @@ class Objective:
     stop: StopFlag = field(default_factory=StopFlag)
     outbox: Outbox = field(default_factory=Outbox)
 
-    @functools.cached_property
-    def inputs(self) -> list[dict[str, Any]]:
-        """The data every trial run records as its datasets (the same for the whole study)."""
-        return self.data.inputs()
-
     def drain(self) -> list[str]:
         """Wait until every trial's MLflow record is written; one line per record that failed."""
         return [f"MLflow record lost for {error}" for error in self.outbox.drain()]
@@ -84,7 +78,7 @@ class Objective:
             trial.set_user_attr(attrs.HYPERPARAMETERS, hp)
             record.run = TrialRecord(self.tracker, trial.number, _attr_writer(trial))
             record.run.start(self.outbox, self.experiment_id, self.parent_run_id, cfg.study.name,
-                             {**hp, **_fixed_settings(cfg, seed)}, self.inputs)
+                             {**hp, **_fixed_settings(cfg, seed)}, self.data.inputs)
         except BaseException:
             record.recorded()  # nothing for the tracking thread to send
             raise

@@ -116,7 +116,7 @@ def open_records(store: Any, study_id: int, cfg: Config, url: str, tracker: Trac
         store.set_study_user_attrs(study_id, records)
     if data is not None and user_attrs.get(attrs.PARENT_RUN) != parent_run_id:  # a new parent: its datasets
         try:
-            tracker.log_data(parent_run_id, data.inputs())
+            tracker.log_data(parent_run_id, data.inputs)
         except Exception:  # a description of the study: the study runs without it
             pass
     return records
@@ -220,29 +220,32 @@ def close_parent(session: Session, status: str, why: str | None = None) -> None:
 def _register(session: Session) -> None:
     """The finished study's model; a failure is a warning (``lrsearch best --register`` tries again)."""
     try:
-        register_model(session.study, session.store, session.study_id, session.url, session.tracker,
-                       session.experiment_id)
+        register_model(session.study, session.url, session.tracker, session.experiment_id,
+                       retry=session.store.retry)
     except Exception as e:
         session.warnings.append(f"could not register the study's model: {first_line(e)} (lrsearch best "
                                 f"{session.study.study_name} --register tries again)")
 
 
-def register_model(study: optuna.Study, store: Any, study_id: int, url: str, tracker: Tracker,
-                   experiment_id: str) -> Registered | None:
+def register_model(study: optuna.Study, url: str, tracker: Tracker, experiment_id: str, *,
+                   retry: Any = None) -> Registered | None:
     """The study's best COMPLETE trial's network as the newest version of the registered
     model named after the study (alias ``best``), unless it already is; kept in the study's
     attributes (``attrs.MODEL``) for ``best``, the ``studies`` view and the description. None
     when no trial completed with a run. The model is logged outside the store lock (it takes
     seconds); its version is made under it, if the trial is still the best: one version per
-    best trial, however many processes register at once."""
+    best trial, however many processes register at once (``retry``: how the lock waits out a
+    lost connection)."""
     from lrsearch.results.ranking import best_trials
     from lrsearch.track.models import Candidate, log_model, register_version, registered
+
+    user_attrs = study.user_attrs  # one read: each access is a query
+    metric = user_attrs.get(attrs.METRIC) or "objective"
 
     def best() -> Candidate | None:
         rows = best_trials(study, 1)
         if not rows or rows[0]["mlflow_run_id"] is None:
             return None
-        metric = store.get_study_user_attrs(study_id).get(attrs.METRIC) or "objective"
         return Candidate(rows[0]["number"], rows[0]["mlflow_run_id"], metric, rows[0]["value"])
 
     candidate = best()
@@ -251,34 +254,26 @@ def register_model(study: optuna.Study, store: Any, study_id: int, url: str, tra
     result = registered(tracker, study.study_name, candidate)
     if result is None:
         model_id = log_model(tracker, experiment_id, study.study_name, candidate)
-        with store_lock(url, store.retry):
+        with store_lock(url, retry):
             if best() != candidate:  # a better trial since: its own registration makes its version
                 return registered(tracker, study.study_name)
             result = register_version(tracker, study.study_name, model_id, candidate)
-    if store.get_study_user_attrs(study_id).get(attrs.MODEL) != result.record():
-        store.set_study_user_attr(study_id, attrs.MODEL, result.record())
+    if user_attrs.get(attrs.MODEL) != result.record():
+        study.set_user_attr(attrs.MODEL, result.record())
     return result
 
 
 def register(name: str, *, storage: str | None = None, tracking: str | None = None) -> Registered:
     """``lrsearch best NAME --register``: :func:`register_model` for a study in the stores."""
+    from lrsearch.results.ranking import load_study
     from lrsearch.store.urls import storage_url
 
-    url = storage_url(storage)
-    store = open_storage(url, create=False)
-    try:
-        study_id = store.get_study_id_from_name(name)
-    except KeyError:
-        from lrsearch.core.errors import unknown_study
-
-        raise unknown_study(name, redact(url), [s.study_name for s in optuna.get_all_study_summaries(store)]) \
-            from None
-    study = optuna.load_study(study_name=name, storage=store)
-    experiment_id = store.get_study_user_attrs(study_id).get(attrs.EXPERIMENT)
+    study = load_study(name, storage)  # UsageError naming the studies there are
+    experiment_id = study.user_attrs.get(attrs.EXPERIMENT)
     if experiment_id is None:
         raise UsageError(f"study {name!r} has no MLflow records yet: no worker has started it")
     tracker = Tracker(tracking_uri(tracking))
-    registered = register_model(study, store, study_id, url, tracker, experiment_id)
+    registered = register_model(study, storage_url(storage), tracker, experiment_id)
     if registered is None:
         raise UsageError(f"study {name!r} has no COMPLETE trial with an MLflow run to register")
     if registered.new:  # the parent run's description names the model

@@ -23,7 +23,6 @@ if TYPE_CHECKING:
     from lrsearch.track.tracking import Tracker
 
 SERVED_MODEL = Path(__file__).with_name("served_model.py")
-_LABEL_TYPES = {int: "long", float: "double", str: "string"}
 
 
 def save_network(path: Path, data: Dataset, activation: str, weights: Sequence[torch.Tensor]) -> Path:
@@ -33,8 +32,7 @@ def save_network(path: Path, data: Dataset, activation: str, weights: Sequence[t
     numbers: ``torch.load(..., weights_only=True)`` reads it."""
     import torch
 
-    torch.save({"format": 1, "layers": [w.reshape(-1, w.shape[-1]) if i % 2 == 0 else w.reshape(-1)
-                                        for i, w in enumerate(weights)],
+    torch.save({"format": 1, "layers": [w if i % 2 == 0 else w.reshape(-1) for i, w in enumerate(weights)],
                 "activation": activation, "features": list(data.features), "classes": list(data.classes),
                 "label": data.label, "mean": None if data.mean is None else list(data.mean),
                 "std": None if data.std is None else list(data.std),
@@ -179,15 +177,16 @@ def build_model(network: Path, folder: Path) -> None:
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
+    from lrsearch.choices.data import column_type
+
     saved = torch.load(network, weights_only=True)
-    label_type = _LABEL_TYPES[type(saved["classes"][0])]
     signature = ModelSignature(
         inputs=Schema([ColSpec("double", name) for name in saved["features"]]),
-        outputs=Schema([ColSpec(label_type, "label"), *(ColSpec("double", f"proba_{c}") for c in saved["classes"])]))
+        outputs=Schema([ColSpec(column_type(saved["classes"][0]), "label"), *(ColSpec("double", f"proba_{c}") for c in saved["classes"])]))
     example = pd.DataFrame(saved["example"], columns=saved["features"])
     requirements = [f"mlflow=={mlflow.__version__}", f"torch=={torch.__version__.split('+')[0]}",
                     f"pandas=={pd.__version__}", f"numpy=={np.__version__}"]
-    with warnings.catch_warnings():  # MLflow's advice on type hints and pandas' deprecations: not the user's
+    with warnings.catch_warnings():  # pandas' deprecations, from MLflow's input-example code: not the user's
         warnings.simplefilter("ignore")
         mlflow.pyfunc.save_model(str(folder), python_model=str(SERVED_MODEL), artifacts={"network": str(network)},
                                  signature=signature, input_example=example, pip_requirements=requirements)

@@ -169,7 +169,7 @@ class Tracker:
 
     def log_data(self, run_id: str, inputs: Sequence[Mapping[str, Any]]) -> None:
         """The run's datasets, as ``mlflow.log_input`` records them (the run page's Datasets):
-        ``inputs`` as ``Dataset.inputs()`` describes them (name, digest, source, schema,
+        ``inputs`` as ``Dataset.inputs`` describes them (name, digest, source, schema,
         profile, and the context tag: training or validation). Safe to repeat: MLflow keeps
         one record of a dataset per experiment and one input per run."""
         if not inputs:
