@@ -75,6 +75,9 @@ class _Host:
         self.queue = queue
         self.left: list[tuple[str, int]] = []
 
+    def epoch_end(self, members: list[Member]) -> None:
+        pass
+
     def leave(self, member: Member) -> None:
         self.left.append((member.key, member.result.epochs))
 

@@ -60,6 +60,10 @@ def entry() -> None:
     flushed. Imported as a library, :func:`main` returns normally.
     """
     code = main()
+    if "lrsearch.track.process" in sys.modules:  # its tracking processes finish their work first
+        from lrsearch.track.process import close_all
+
+        close_all()
     try:
         sys.stdout.flush()
     except BrokenPipeError:

@@ -73,17 +73,24 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from lrsearch.store.urls import tracking_uri
+    from lrsearch.track.process import TrackingProcess
+
     cfg = _study_config(args)
-    result = _run(args, cfg, workers=args.workers)
-    print_result(result.study, result.target, result.experiment_id, result.parent_run_id, args.tracking_uri,
-                  result.warnings)
-    if result.errors:
-        raise LrsearchError(f"{result.errors[0]}; run the same command again to resume")
-    if result.cancelled:
-        raise LrsearchError(f"study {cfg.study.name!r} was cancelled (lrsearch cancel); run or submit "
-                            "the same file again to resume it")
-    if not args.no_report:
-        _report(args, cfg, result.study)
+    tracker = TrackingProcess(tracking_uri(args.tracking_uri), args.worker_index or 0)  # MLflow, imported meanwhile
+    try:
+        result = _run(args, cfg, workers=args.workers, tracker=tracker)
+        print_result(result.study, result.target, result.experiment_id, result.parent_run_id, args.tracking_uri,
+                     result.warnings)
+        if result.errors:
+            raise LrsearchError(f"{result.errors[0]}; run the same command again to resume")
+        if result.cancelled:
+            raise LrsearchError(f"study {cfg.study.name!r} was cancelled (lrsearch cancel); run or submit "
+                                "the same file again to resume it")
+        if not args.no_report:
+            _report(args, cfg, result.study, tracker)
+    finally:
+        tracker.close()
     return EXIT_OK
 
 
@@ -173,7 +180,7 @@ def _study_config(args: argparse.Namespace) -> Any:
     return load_config(args.file).with_overrides(trials=args.trials, epochs=args.epochs, name=args.name)
 
 
-def _run(args: argparse.Namespace, cfg: Any, workers: int = 1, progress: bool = True) -> Any:
+def _run(args: argparse.Namespace, cfg: Any, workers: int = 1, progress: bool = True, tracker: Any = None) -> Any:
     """Run the study here (and in ``workers - 1`` more processes) until its total is reached."""
     from lrsearch.service.launch import run_study
     from lrsearch.core.stopping import StopFlag
@@ -183,7 +190,7 @@ def _run(args: argparse.Namespace, cfg: Any, workers: int = 1, progress: bool = 
     with Progress(cfg.study.name, enabled=progress) as bar:
         return run_study(cfg, storage=args.storage, tracking=args.tracking_uri, study_file=Path(args.file),
                          workers=workers, callbacks=[bar], on_start=bar.start, stop=stop,
-                         worker=args.worker_index, array=args.array)
+                         worker=args.worker_index, array=args.array, tracker=tracker)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -195,6 +202,10 @@ def _serve(args: argparse.Namespace) -> int:
             raise UsageError(f"--{flag}: only with a study file (submitted studies keep their own)")
     stop = StopFlag()
     stop.install()
+    from lrsearch.store.urls import tracking_uri
+    from lrsearch.track.process import TrackingProcess
+
+    tracker = TrackingProcess(tracking_uri(args.tracking_uri), args.worker_index)  # MLflow, imported meanwhile
     from lrsearch.service.worker import serve, setup_process
 
     setup_process()
@@ -205,8 +216,11 @@ def _serve(args: argparse.Namespace) -> int:
         warn([line])
         sys.stderr.flush()
 
-    warn(serve(args.storage, args.tracking_uri, index=args.worker_index, stop=stop, max_idle=args.max_idle,
-                warn=announce, array=args.array))
+    try:
+        warn(serve(args.storage, args.tracking_uri, index=args.worker_index, stop=stop, max_idle=args.max_idle,
+                   warn=announce, array=args.array, tracker=tracker))
+    finally:
+        tracker.close()
     print(f"worker {args.worker_index}: idle for {args.max_idle:g} s, done", file=sys.stderr)
     return EXIT_OK
 
@@ -233,12 +247,13 @@ def _store_flags(args: argparse.Namespace) -> str:
     return flags
 
 
-def _report(args: argparse.Namespace, cfg: Any, study: Any) -> None:
+def _report(args: argparse.Namespace, cfg: Any, study: Any, tracker: Any) -> None:
     """The study's report, at the end of `run`; a failure to draw it is a warning only."""
     from lrsearch.results.report import write_report
 
     try:
-        paths = write_report(cfg.study.name, storage=args.storage, tracking=args.tracking_uri, study=study)
+        paths = write_report(cfg.study.name, storage=args.storage, tracking=args.tracking_uri, study=study,
+                             tracker=tracker)
     except Exception as e:
         warn([f"could not write the study's report: {first_line(e)}"])
         return

@@ -19,6 +19,9 @@ import time
 KILL_ENV, SLOW_ENV = "LRSEARCH_KILL_AT", "LRSEARCH_SLOW_AT"
 SLOW_S = 3.0
 worker = 0  # this process's worker index (set by worker.Worker)
+# The worker's other processes (its tracking process; in that process, the worker): a fault
+# that kills the worker kills them too, as a lost host would.
+companions: list[int] = []
 
 
 def _armed(env: str, moment: str) -> bool:
@@ -33,6 +36,11 @@ def point(moment: str) -> None:
     """Die here if ``LRSEARCH_KILL_AT`` names this moment (and worker); slow down if
     ``LRSEARCH_SLOW_AT`` does."""
     if _armed(KILL_ENV, moment):
+        for pid in companions:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:  # gone already
+                pass
         os.kill(os.getpid(), signal.SIGKILL)
     if _armed(SLOW_ENV, moment):
         time.sleep(SLOW_S)

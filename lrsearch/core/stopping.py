@@ -21,6 +21,9 @@ PARENT_FD_ENV = "LRSEARCH_PARENT_FD"
 PARENT_PID_ENV = "LRSEARCH_PARENT_PID"  # and the parent's pid, to notice one already gone
 
 _installed: StopFlag | None = None
+# Processes that serve this one (its tracking process): each signal it receives is passed
+# on to them, so that they stop waiting out an outage when it stops.
+helpers: list[int] = []
 
 
 class Interrupted(LrsearchError):
@@ -105,6 +108,11 @@ class StopFlag:
             threading.Timer(0.001, os.kill, (os.getpid(), signum)).start()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        for pid in helpers:
+            try:
+                os.kill(pid, signum)
+            except OSError:  # gone already
+                pass
         if self.on_signal is not None:
             self.on_signal(signum)
         if self.signum is None:
@@ -130,6 +138,17 @@ def _quiet_interrupts(hook: Callable[[Any], None]) -> Callable[[Any], None]:
 
     handle._lrsearch = True  # type: ignore[attr-defined]
     return handle
+
+
+def stopped_by(error: BaseException) -> tuple[str, str]:
+    """A worker's parent-run status for the exception that stopped it, and why in words."""
+    if isinstance(error, Interrupted):
+        return "KILLED", signal.Signals(error.signum).name
+    if isinstance(error, KeyboardInterrupt):
+        return "KILLED", "SIGINT"
+    from lrsearch.core.errors import first_line
+
+    return "FAILED", f"an error: {type(error).__name__}: {first_line(error)}"
 
 
 def check_stop() -> None:

@@ -25,8 +25,11 @@ LR_NAME = "lr"
 
 
 class ArrayHost(Protocol):
-    """Who the array reports to at each epoch boundary: a member that ended (finished,
-    pruned, diverged, or stopped), and how many slots are free for new members."""
+    """Who the array reports to at each epoch boundary: the members at the boundary (before
+    any leaves), a member that ended (finished, pruned, diverged, or stopped), and how many
+    slots are free for new members."""
+
+    def epoch_end(self, members: Sequence[Member]) -> None: ...
 
     def leave(self, member: Member) -> None: ...
 
@@ -221,6 +224,8 @@ class ArrayClassifier(pl.LightningModule):
             if self.pruning is not None and m.trial is not None:
                 self.pruning.epoch_end(m, metrics, last=m.epoch + 1 >= m.epochs, stopping=stopping)
             m.result.epochs += 1
+        if self.host is not None:
+            self.host.epoch_end(self.members)
         leaving = [m for m in self.members if stopping or m.ended_early or m.epoch >= m.epochs]
         for m in leaving:
             # Its final network, kept with its result (a copy: the stacked weights are restacked).

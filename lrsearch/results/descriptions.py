@@ -113,6 +113,13 @@ def study_note(study: Any, *, phase: str, experiment_id: str, figures: Sequence[
         last = failed[-1]
         lines += [f"{len(failed)} trials failed (retried: they do not count); the last, trial {last.number}: "
                   f"{last.user_attrs.get(attrs.REASON, 'no reason recorded')}", ""]
+    return with_figures("\n".join(lines), figures, parent_run_id)
+
+
+def with_figures(text: str, figures: Sequence[str], parent_run_id: str | None) -> str:
+    """A study's description ``text`` with ``figures`` (artifact paths of its parent run)
+    below it, within MLflow's limit on a tag."""
+    lines = [text.rstrip(), ""]
     if figures and parent_run_id:
         lines.append("Figures from the study's report (this run's artifacts, `report/`: full size there, "
                      "and all of them in `report.html`):")
@@ -147,10 +154,11 @@ def phase_of(study: Any, user_attrs: Mapping[str, Any] | None = None) -> str:
 
 
 def write_study_note(study: Any, tracker: Any, phase: str | None = None,
-                     user_attrs: Mapping[str, Any] | None = None) -> None:
+                     user_attrs: Mapping[str, Any] | None = None, outbox: Any = None) -> None:
     """Set the study's parent run description (:func:`study_note`) as the study stands now
     (``phase``: as :func:`phase_of` tells, unless given), with the report's main figures if
-    the run has them. ``user_attrs``: as for :func:`study_note`."""
+    the run has them. ``user_attrs``: as for :func:`study_note`. Written where the tracker
+    runs (its tracking process), in one round trip, or in the background through ``outbox``."""
     from lrsearch.config import stored_config
 
     user_attrs = study.user_attrs if user_attrs is None else user_attrs  # read once: each access is a query
@@ -160,12 +168,21 @@ def write_study_note(study: Any, tracker: Any, phase: str | None = None,
         return
     raw = user_attrs.get(attrs.CONFIG)
     pruner = stored_config(raw, study.study_name).study.pruner if raw is not None else None
+    text = study_note(study, phase=phase or phase_of(study, user_attrs), experiment_id=experiment_id,
+                      parent_run_id=parent, pruner=pruner if pruner != "none" else None, user_attrs=user_attrs)
+    if outbox is not None:
+        outbox.submit("the study's description", set_study_note, parent, text)
+    else:
+        tracker.run(set_study_note, parent, text)
+
+
+def set_study_note(tracker: Any, parent: str, text: str) -> None:
+    """The parent run's description: ``text`` (:func:`study_note` without figures), and the
+    report's main figures if the run has them (a job of the tracker's: ``outbox.py``)."""
     folder = f"report/{PREVIEW_DIR}"
     logged = set(tracker.artifact_files(parent, folder))
     figures = [f"{folder}/{name}" for name in NOTE_FIGURES if f"{folder}/{name}" in logged]
-    tracker.set_note(parent, study_note(study, phase=phase or phase_of(study, user_attrs), experiment_id=experiment_id,
-                                        figures=figures, parent_run_id=parent,
-                                        pruner=pruner if pruner != "none" else None, user_attrs=user_attrs))
+    tracker.set_note(parent, with_figures(text, figures, parent))
 
 
 def _table_row(cells: Sequence[str]) -> str:

@@ -25,12 +25,13 @@ from lrsearch.store.urls import is_server
 
 
 def write_report(name: str, *, storage: str | None = None, tracking: str | None = None,
-                 out: Path | None = None, study: Any = None) -> list[Path]:
+                 out: Path | None = None, study: Any = None, tracker: Any = None) -> list[Path]:
     """Draw the study's report from the stores into ``out`` (default: see
     ``folders.report_dir``) and log it under ``report/`` on the parent MLflow run.
-    ``study``: the study already open (as at the end of ``run``), read through its storage."""
+    ``study``: the study already open (as at the end of ``run``), read through its storage;
+    ``tracker``: the MLflow client to use (as ``run``'s tracking process)."""
     study = study or load_study(name, storage)
-    tracker = Tracker(tracking_uri(tracking))
+    tracker = tracker or Tracker(tracking_uri(tracking))
     out = out or report_dir(storage_url(storage), name)
     grid = any(attrs.GRID_ID in t.system_attrs for t in study.get_trials(deepcopy=False))
     paths = build_report(study, tracker, out, grid=grid)

@@ -15,7 +15,7 @@ import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from lrsearch.core.errors import LrsearchError
 from lrsearch.core.stopping import PARENT_FD_ENV, PARENT_PID_ENV, StopFlag
@@ -55,33 +55,48 @@ class StudyRun:
     warnings: list[str]
     errors: list[str] = field(default_factory=list)  # other worker processes that failed
     cancelled: bool = False  # by `lrsearch cancel` while it ran
+    tracker: Any = None  # the MLflow client it used (the caller's, if it gave one)
 
 
 def run_study(cfg: Config, *, storage: str | None = None, tracking: str | None = None,
               study_file: Path | None = None, workers: int = 1, callbacks: Sequence[Callable] = (),
               on_start: Callable[[int, int], None] | None = None, stop: StopFlag | None = None,
-              worker: int = 0, array: int | str | None = None) -> StudyRun:
+              worker: int = 0, array: int | str | None = None, tracker: Any = None) -> StudyRun:
     """Create or resume the study ``cfg`` describes and run trials until its total is reached,
     here and in ``workers - 1`` other processes (which need ``study_file``).
 
     ``on_start(target, finished)`` is called once the study is open; ``callbacks`` after
     each trial run here, as ``study.optimize`` calls them. Signals ``stop`` receives are
     passed on to the other processes. ``array`` overrides ``[train] array`` in every worker.
+    ``tracker``: this worker's MLflow client, the caller's to close (default: a tracking
+    process of its own, started first so that its imports overlap this process's, and
+    closed before returning).
     """
+    from lrsearch.track.process import TrackingProcess
+
     stop = stop or StopFlag()
     others, alive = _start_workers(cfg, study_file, workers - 1, storage, tracking, array) if workers > 1 else ([], -1)
     if others:
         stop.on_signal = lambda signum: _signal(others, signum)
-    from lrsearch.core import attrs
-    from lrsearch.results.ranking import count_finished, tracking_warnings
-    from lrsearch.service.session import close_parent, open_session
-    from lrsearch.service.worker import setup_process, stopped_by, work
+    own = tracker is None
+    tracker = tracker or TrackingProcess(tracking_uri(tracking), worker)
+    from lrsearch.core.stopping import stopped_by
 
     session = None
     status, why = "FAILED", None
     try:
+        from lrsearch.service.queue import submit
+
+        submitted = submit(cfg, storage=storage, tracking=tracking)  # the input checked, the study made
+        tracker.open()  # MLflow's store opened (or made) there while this process imports torch and Lightning
+        from lrsearch.core import attrs
+        from lrsearch.results.ranking import count_finished, tracking_warnings
+        from lrsearch.service.session import close_parent, open_session
+        from lrsearch.service.worker import setup_process, work
+
         setup_process()
-        session = open_session(cfg, storage=storage, tracking=tracking, study_file=study_file, worker=worker)
+        session = open_session(cfg, storage=storage, tracking=tracking, study_file=study_file, worker=worker,
+                               tracker=tracker, submitted=submitted)
         if on_start is not None:
             on_start(session.target, count_finished(session.study))
         work(session, stop=stop, callbacks=callbacks, index=worker, array=array)
@@ -98,13 +113,15 @@ def run_study(cfg: Config, *, storage: str | None = None, tracking: str | None =
             close_parent(session, status, why)
         if alive >= 0:
             os.close(alive)  # the others' pipe: end of file
+        if own:
+            tracker.close()
     failed = [w.error for w in others if w.proc.returncode != 0]
     cancelled = session.store.get_study_user_attrs(session.study_id).get(attrs.CANCELLED) is not None
     return StudyRun(session.study, session.target, session.experiment_id, session.parent_run_id,
                     session.mlflow_url,
                     session.warnings + tracking_warnings(session.study) + [x for w in others for x in w.warnings],
                     [f"{len(failed)} of {len(others)} other workers failed ({failed[0]})"] if failed else [],
-                    cancelled)
+                    cancelled, None if own else tracker)
 
 
 class _WorkerProcess:

@@ -7,7 +7,6 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import optuna
@@ -24,8 +23,9 @@ from lrsearch.choices.sampling import PRUNERS
 from lrsearch.choices.space import in_sampling_order, sample_params
 from lrsearch.core.stopping import Cancelled, Interrupted, StopFlag, TrialStop
 from lrsearch.core.names import NETWORK_FILE
-from lrsearch.track.models import save_network
-from lrsearch.track.tracking import Outbox, Tracker, TrialRecord, write_json
+from lrsearch.track.models import network_bytes
+from lrsearch.track.outbox import Drawing, Outbox, TrialRecord, json_bytes, outbox_for
+from lrsearch.track.tracking import Tracker
 from lrsearch.fit.member import Member, TrainResult
 from lrsearch.fit.training import fit_array
 
@@ -45,7 +45,11 @@ class Objective:
     experiment_id: str
     parent_run_id: str
     stop: StopFlag = field(default_factory=StopFlag)
-    outbox: Outbox = field(default_factory=Outbox)
+    outbox: Outbox | None = None  # where the records go: the tracker's (its tracking process's) by default
+
+    def __post_init__(self) -> None:
+        if self.outbox is None:
+            self.outbox = outbox_for(self.tracker)
 
     def drain(self) -> list[str]:
         """Wait until every trial's MLflow record is written; one line per record that failed."""
@@ -76,7 +80,7 @@ class Objective:
             hp = sample_params(trial, cfg.params, cfg.train.epochs)
             seed = trial_seed(cfg.study.seed, trial.number)
             trial.set_user_attr(attrs.HYPERPARAMETERS, hp)
-            record.run = TrialRecord(self.tracker, trial.number, _attr_writer(trial))
+            record.run = TrialRecord(trial.number)
             record.run.start(self.outbox, self.experiment_id, self.parent_run_id, cfg.study.name,
                              {**hp, **_fixed_settings(cfg, seed)}, self.data.inputs)
         except BaseException:
@@ -84,6 +88,19 @@ class Objective:
             raise
         return Member(str(trial.number), hp, seed, cfg.train.epochs,
                       trial if cfg.study.pruner != "none" else None, context=record)
+
+    def run_attrs(self, member: Member) -> dict[str, Any]:
+        """The attributes the member's MLflow run gives its trial (its id, or why there is
+        none), once the run is made and only once: written at an epoch boundary, so a running
+        trial links to its run (empty until then, and after)."""
+        record: _Record = member.context
+        if record.linked or record.run is None:
+            return {}
+        run_id, error = record.run.opened(wait=False)
+        if run_id is None and error is None:
+            return {}
+        record.linked = True
+        return record.run.attrs()
 
     def end(self, member: Member, stop: TrialStop, error: BaseException | None = None) -> float:
         """Record how the member's trial ended (its attributes, its MLflow run closed in the
@@ -129,7 +146,8 @@ class Objective:
         not stay RUNNING), with its one-line description."""
         trial, run = record.trial, record.run
         assert run is not None
-        values = {**(measured or {}), **({attrs.REASON: reason} if reason else {})}
+        values = {**(measured or {}), **({attrs.REASON: reason} if reason else {}),
+                  **({} if record.linked else run.attrs())}
         taken: TakenOver | None = None
         try:
             if hasattr(trial.storage, "set_trial_user_attrs"):
@@ -151,25 +169,28 @@ class Objective:
             note = trial_note(state, reason, self.cfg.study.metric, objective, result.epochs,
                               in_sampling_order(trial.params))
             record.handed = True
-            run.finish(self.outbox, self._artifacts(trial, hp, seed, result), result.history, state, reason,
+            assert self.outbox is not None
+            run.finish(self.outbox, *self._artifacts(trial, hp, seed, result), result.history, state, reason,
                        status, note=note, objective=objective, then=record.recorded)
         if taken is not None:
             raise taken
 
     def _artifacts(self, trial: optuna.trial.Trial, hp: dict[str, Any], seed: int,
-                   result: TrainResult) -> Callable[[Path], None]:
-        def write(folder: Path) -> None:
-            config = self.cfg.to_dict()
-            write_json({"study": self.cfg.study.name, "trial": trial.number, "seed": seed,
-                        attrs.HYPERPARAMETERS: hp, **{k: config[k] for k in ("data", "model", "train")}},
-                       folder / "trial_config.json")
-            if result.weights is not None and self.cfg.tracking.register_model:  # the study's model, if best
-                save_network(folder / NETWORK_FILE, self.data, ACTIVATIONS[self.cfg.model.activation].torch_class,
-                             result.weights)
-            if self.cfg.tracking.trial_plots and result.history:
-                plot_learning_curves(result.history, f"{self.cfg.study.name} trial {trial.number}: "
-                                     f"{_describe(hp)}", folder / "learning_curves.png")
-        return write
+                   result: TrainResult) -> tuple[dict[str, bytes], list[Drawing]]:
+        """The trial run's artifacts: files made here (its configuration, its network), and
+        drawings made where the record is sent (its learning curves, opt-in)."""
+        config = self.cfg.to_dict()
+        files = {"trial_config.json": json_bytes({"study": self.cfg.study.name, "trial": trial.number, "seed": seed,
+                                                  attrs.HYPERPARAMETERS: hp,
+                                                  **{k: config[k] for k in ("data", "model", "train")}})}
+        if result.weights is not None and self.cfg.tracking.register_model:  # the study's model, if best
+            files[NETWORK_FILE] = network_bytes(self.data, ACTIVATIONS[self.cfg.model.activation].torch_class,
+                                                result.weights)
+        drawings: list[Drawing] = []
+        if self.cfg.tracking.trial_plots and result.history:
+            drawings.append((plot_learning_curves, (result.history, f"{self.cfg.study.name} trial {trial.number}: "
+                                                                  f"{_describe(hp)}"), "learning_curves.png"))
+        return files, drawings
 
 
 class TakenOver(Exception):
@@ -188,6 +209,7 @@ class _Record:
     trial: optuna.trial.Trial
     recorded: Callable[[], None]
     run: TrialRecord | None = None
+    linked: bool = False  # its run's id (or why there is none) stored with the trial
     handed: bool = False  # to the tracking thread, which calls `recorded` once it is sent
     started: float = field(default_factory=time.perf_counter)
 
@@ -210,14 +232,6 @@ def outcome(result: TrainResult, metric: str, verdict: str = "") -> tuple[str, f
     if value is None or not math.isfinite(value):
         return "PRUNED", math.nan, f"non-finite {metric} ({value})"
     return "COMPLETE", value, None
-
-
-def _attr_writer(trial: optuna.trial.Trial) -> Callable[[str, Any], None]:
-    """Writes a trial's user attribute from the tracking thread: straight to the storage
-    (thread-safe; the trial stays RUNNING until its record has been waited for), because
-    ``Trial.set_user_attr`` would also edit the trial's cached copy, which the training
-    thread reads."""
-    return lambda key, value: trial.storage.set_trial_user_attr(trial._trial_id, key, value)
 
 
 def trial_seed(study_seed: int | None, number: int) -> int:

@@ -71,6 +71,8 @@ def join(name: str, store: Any, url: str, tracker: Tracker, *, worker: int = 0,
             raise UsageError(f"study {name!r} has lr = {{ find = true }} but no range stored: submit it again")
         cfg = cfg.with_lr_range(found["low"], found["high"])
     data = load_data(cfg.data)  # a CSV file this host lacks: unrunnable here, before any record
+    # Its store opened before the lock: a new MLflow store is made under the same lock.
+    tracker.ready()
     with store_lock(url, store.retry):  # one experiment and parent run, however many workers join
         user_attrs = store.get_study_user_attrs(study_id)
         user_attrs = {**user_attrs, **open_records(store, study_id, submitted, url, tracker, study_file, data)}
@@ -135,6 +137,7 @@ def mark_unrunnable(store: Any, name: str, url: str, tracker: Tracker, reason: s
     record = {"reason": reason, "version": __version__, "host": socket.gethostname(),
               "at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     store.set_study_user_attr(study_id, attrs.UNRUNNABLE, record)
+    tracker.ready()  # (its store opened outside the lock, which opening it may take)
     with store_lock(url, store.retry):
         parent = store.get_study_user_attrs(study_id).get(attrs.PARENT_RUN)
         if parent is None:  # a run to carry the description; its params wait for a worker that can run it
@@ -169,23 +172,27 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def open_session(cfg: Config, *, storage: str | None = None, tracking: str | None = None,
-                 study_file: Path | None = None, worker: int = 0) -> Session:
-    """Submit the study ``cfg`` describes (or resume it) and join it as a worker."""
+                 study_file: Path | None = None, worker: int = 0, tracker: Any = None,
+                 submitted: Any = None) -> Session:
+    """Submit the study ``cfg`` describes (or resume it; ``submitted``: already done, its
+    ``queue.Submission``) and join it as a worker. ``tracker``: the worker's MLflow client
+    (default: a tracking process of its own, ``track/process.py``)."""
     from lrsearch.service.queue import submit
+    from lrsearch.track.process import TrackingProcess
 
-    submission = submit(cfg, storage=storage, tracking=tracking)
+    submission = submitted or submit(cfg, storage=storage, tracking=tracking)
     store = open_storage(submission.url, hint="; run the same command again to resume the study")
-    return join(cfg.study.name, store, submission.url, Tracker(tracking_uri(tracking)), worker=worker,
-                study_file=study_file)
+    tracker = tracker or TrackingProcess(tracking_uri(tracking), worker)
+    return join(cfg.study.name, store, submission.url, tracker, worker=worker, study_file=study_file)
 
 
 def start_parent(session: Session, outbox: Any) -> None:
     """The parent run RUNNING at this worker's first claim (and again after the study was
-    interrupted meanwhile), with a description saying so, written on the tracking thread
+    interrupted meanwhile), with a description saying so, both sent in the background
     (``outbox``) while the trial trains."""
-    session.tracker.set_running(session.parent_run_id)
+    outbox.submit("the study's run", Tracker.set_running, session.parent_run_id)
     session.started = True
-    outbox.submit("the study's description", write_study_note, session.study, session.tracker, "running")
+    write_study_note(session.study, session.tracker, "running", outbox=outbox)
 
 
 def close_parent(session: Session, status: str, why: str | None = None) -> None:
@@ -251,13 +258,13 @@ def register_model(study: optuna.Study, url: str, tracker: Tracker, experiment_i
     candidate = best()
     if candidate is None:
         return None
-    result = registered(tracker, study.study_name, candidate)
+    result = tracker.run(registered, study.study_name, candidate)
     if result is None:
-        model_id = log_model(tracker, experiment_id, study.study_name, candidate)
+        model_id = tracker.run(log_model, experiment_id, study.study_name, candidate)
         with store_lock(url, retry):
             if best() != candidate:  # a better trial since: its own registration makes its version
-                return registered(tracker, study.study_name)
-            result = register_version(tracker, study.study_name, model_id, candidate)
+                return tracker.run(registered, study.study_name)
+            result = tracker.run(register_version, study.study_name, model_id, candidate)
     if user_attrs.get(attrs.MODEL) != result.record():
         study.set_user_attr(attrs.MODEL, result.record())
     return result

@@ -22,7 +22,7 @@ from lrsearch.store.retry import MAX_RETRY_DELAY_S
 from lrsearch.service.queue import config_digest, queue
 from lrsearch.service.session import Session, close_parent, join, mark_unrunnable, start_parent
 from lrsearch.fit.member import Member
-from lrsearch.core.stopping import Cancelled, Interrupted, StopFlag, TrialStop
+from lrsearch.core.stopping import Cancelled, Interrupted, StopFlag, TrialStop, stopped_by
 from lrsearch.store.heartbeat import Heartbeat, grace_period
 from lrsearch.store.lock import close_connections, store_lock
 from lrsearch.store.storage import checkpoint, open_storage
@@ -126,7 +126,7 @@ class Worker:
             self._last = name
             if not session.started:
                 start_parent(session, objective.outbox)
-                objective.outbox.submit("the study's array size", session.tracker.set_tags, session.parent_run_id,
+                objective.outbox.submit("the study's array size", Tracker.set_tags, session.parent_run_id,
                                         {"array": self._wanted(session), "array.size": size})
             # An array's trials end (and start) together: their MLflow records, two jobs each,
             # wait for the tracking thread instead of holding up the array.
@@ -210,14 +210,24 @@ class Worker:
 
 def serve(storage: str | None = None, tracking: str | None = None, *, index: int = 0,
           stop: StopFlag | None = None, callbacks: Sequence[TrialCallback] = (), max_idle: float | None = None,
-          warn: Callable[[str], None] | None = None, array: int | str | None = None) -> list[str]:
+          warn: Callable[[str], None] | None = None, array: int | str | None = None,
+          tracker: Any = None) -> list[str]:
     """Serve every study submitted to ``storage`` until stopped, or ``max_idle`` seconds
     pass with nothing to do. Polls while idle, backing off to ``MAX_WAIT_S``. Returns the
-    warnings of the studies it served."""
+    warnings of the studies it served. ``tracker``: its MLflow client (default: a tracking
+    process of its own, closed at the end)."""
+    from lrsearch.track.process import TrackingProcess
+
     url = storage_url(storage)
-    store = open_storage(url, hint="; start the worker again")
-    worker = Worker(store, url, Tracker(tracking_uri(tracking)), index=index, stop=stop, callbacks=callbacks,
-                    warn=warn, array=array)
+    own = tracker is None
+    tracker = tracker or TrackingProcess(tracking_uri(tracking), index)
+    try:
+        store = open_storage(url, hint="; start the worker again")
+    except BaseException:
+        if own:
+            tracker.close()
+        raise
+    worker = Worker(store, url, tracker, index=index, stop=stop, callbacks=callbacks, warn=warn, array=array)
     idle_since, wait = time.monotonic(), WAIT_S
     status, why = "FAILED", None
     try:
@@ -236,18 +246,9 @@ def serve(storage: str | None = None, tracking: str | None = None, *, index: int
         raise
     finally:
         lines = worker.finish(status, why)
+        if own:
+            tracker.close()
     return lines
-
-
-def stopped_by(error: BaseException) -> tuple[str, str]:
-    """A worker's parent-run status for the exception that stopped it, and why in words."""
-    import signal
-
-    if isinstance(error, Interrupted):
-        return "KILLED", signal.Signals(error.signum).name
-    if isinstance(error, KeyboardInterrupt):
-        return "KILLED", "SIGINT"
-    return "FAILED", f"an error: {type(error).__name__}: {first_line(error)}"
 
 
 def work(session: Session, *, stop: StopFlag | None = None, callbacks: Sequence[TrialCallback] = (),
@@ -388,6 +389,20 @@ class _Array:
             raise
         if self.raised is not None:
             raise self.raised
+
+    def epoch_end(self, members: Sequence[Member]) -> None:
+        """At each epoch boundary: the trials whose MLflow run was made since the last one
+        link to it (one transaction for all of them)."""
+        linked = {m.context.trial._trial_id: found for m in members if (found := self.objective.run_attrs(m))}
+        if not linked:
+            return
+        with self.stop.shielded():
+            try:
+                self.session.store.set_trials_user_attrs(linked)
+            except UpdateFinishedTrialError:  # one was ended elsewhere: the others one at a time
+                for trial_id, values in linked.items():
+                    with contextlib.suppress(UpdateFinishedTrialError):
+                        self.session.store.set_trials_user_attrs({trial_id: values})
 
     def leave(self, member: Member) -> None:
         """A member ended (at an epoch boundary of the fit): its trial told now, whatever a

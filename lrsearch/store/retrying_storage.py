@@ -144,17 +144,22 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
     def set_trial_user_attrs(self, trial_id: int, values: dict[str, Any]) -> None:
         """Several user attributes of a running trial in one transaction (a trial's end:
         epochs trained, training time, reason), where Optuna commits one per call."""
+        self.set_trials_user_attrs({trial_id: values})
+
+    def set_trials_user_attrs(self, values: dict[int, dict[str, Any]]) -> None:
+        """User attributes of several running trials (trial id -> attributes) in one transaction."""
         rdb = self._rdb
-        self._call(self._set_trial_user_attrs, rdb, trial_id, values)
+        self._call(self._set_trials_user_attrs, rdb, values)
 
     @staticmethod
-    def _set_trial_user_attrs(rdb: Any, trial_id: int, values: dict[str, Any]) -> None:
+    def _set_trials_user_attrs(rdb: Any, values: dict[int, dict[str, Any]]) -> None:
         from optuna.storages._rdb import models
         from optuna.storages._rdb.storage import _create_scoped_session
 
         with _create_scoped_session(rdb.scoped_session, True) as session:
-            for key, value in values.items():  # Optuna's own per-attribute write, minus its commit
-                rdb._set_trial_attr_without_commit(session, models.TrialUserAttributeModel, trial_id, key, value)
+            for trial_id, attrs in values.items():
+                for key, value in attrs.items():  # Optuna's own per-attribute write, minus its commit
+                    rdb._set_trial_attr_without_commit(session, models.TrialUserAttributeModel, trial_id, key, value)
 
     def fail_trial(self, trial_id: int, user_attrs: dict[str, Any]) -> bool:
         """End a RUNNING trial FAIL with ``user_attrs`` (its reason), in one transaction that

@@ -25,19 +25,22 @@ if TYPE_CHECKING:
 SERVED_MODEL = Path(__file__).with_name("served_model.py")
 
 
-def save_network(path: Path, data: Dataset, activation: str, weights: Sequence[torch.Tensor]) -> Path:
+def network_bytes(data: Dataset, activation: str, weights: Sequence[torch.Tensor]) -> bytes:
     """A trial's network as ``served_model.py`` reads it: its layers (W as [in, out], b as
     [out]), its activation (a ``torch.nn`` class name), and the data's features, classes,
     scaling and a few raw rows (the model's input example). Plain tensors, lists and
     numbers: ``torch.load(..., weights_only=True)`` reads it."""
+    import io
+
     import torch
 
+    buffer = io.BytesIO()
     torch.save({"format": 1, "layers": [w if i % 2 == 0 else w.reshape(-1) for i, w in enumerate(weights)],
                 "activation": activation, "features": list(data.features), "classes": list(data.classes),
                 "label": data.label, "mean": None if data.mean is None else list(data.mean),
                 "std": None if data.std is None else list(data.std),
-                "example": [list(row) for row in data.example]}, path)
-    return path
+                "example": [list(row) for row in data.example]}, buffer)
+    return buffer.getvalue()
 
 
 @dataclass(frozen=True)

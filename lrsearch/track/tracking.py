@@ -2,7 +2,8 @@
 
 Everything goes through ``MlflowClient`` with explicit run ids (the fluent API keeps one
 global active run per process), and a trial's metrics go out in a few ``log_batch`` calls
-at its end rather than a round trip per value.
+at its end rather than a round trip per value. A worker uses it in its tracking process
+(``process.py``), through an outbox (``outbox.py``).
 """
 
 from __future__ import annotations
@@ -13,15 +14,14 @@ import logging
 import os
 import tempfile
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from lrsearch.core import attrs, faults
+from lrsearch.core import attrs
 from lrsearch.core.names import (
     DEFAULT_UI_PORT, NOTE_TAG, OBJECTIVE_METRIC, TRIALS_VIEW, VIEW_TAG_PREFIX, run_path, trials_path,
 )
-from lrsearch.core.errors import TrackingError, first_line
+from lrsearch.core.errors import TrackingError
 from lrsearch.store.retry import Retry, reason
 from lrsearch.core.stopping import check_stop
 from lrsearch.core.text import fmt
@@ -86,6 +86,13 @@ class Tracker:
         with contextlib.nullcontext() if is_server(uri) else store_lock(uri):
             self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)  # the registry: the same store
         self.retry = Retry(f"MLflow tracking at {redact(uri)}", check_stop=check_stop)
+
+    def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(self, *args, **kwargs)``: what a tracking process's handle runs there."""
+        return fn(self, *args, **kwargs)
+
+    def ready(self) -> None:
+        """Nothing to wait for (a tracking process's handle waits for its store there)."""
 
     def check(self) -> None:
         """Raise :class:`TrackingError` naming the URI if the store does not answer."""
@@ -313,114 +320,6 @@ class Tracker:
         tag_list = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
         for batch in _batches(param_list, tag_list, list(metrics)):  # each safe to repeat: same rows
             self._call(self.client.log_batch, run_id, **batch)
-
-
-class TrialRecord:
-    """A trial's MLflow run, opened in the background as the trial starts training and
-    closed in the background after it ends, in order with the other trials' records.
-
-    Tolerant of a tracking store that stops answering: the trial trains and is stored in
-    Optuna regardless, with the error in its ``tracking_error`` attribute. ``set_attr``
-    stores a trial attribute (the run's id); it is called from the tracking thread.
-    """
-
-    def __init__(self, tracker: Tracker, number: int, set_attr: Callable[[str, Any], None]) -> None:
-        self.tracker = tracker
-        self.number = number
-        self.set_attr = set_attr
-        self.run_id: str | None = None
-        self.error: str | None = None
-        self._opened: Future | None = None
-
-    def start(self, outbox: Outbox, experiment_id: str, parent_run_id: str, study: str,
-              params: dict[str, Any], inputs: Sequence[Mapping[str, Any]] = ()) -> None:
-        """Create the run and log its params and datasets while the trial trains."""
-        self._opened = outbox.submit(f"trial {self.number}", self._open, experiment_id, parent_run_id,
-                                     study, params, inputs)
-
-    def _open(self, experiment_id: str, parent_run_id: str, study: str, params: dict[str, Any],
-              inputs: Sequence[Mapping[str, Any]]) -> None:
-        try:
-            run_id = self.tracker.start_trial(experiment_id, parent_run_id, study, self.number, params)
-        except Exception as e:  # one failure is enough: later calls would wait out timeouts too
-            self.error = f"MLflow tracking lost: {first_line(e)}"
-            return
-        self.run_id = run_id
-        faults.point("run-created")
-        self.set_attr(attrs.MLFLOW_RUN, run_id)
-        try:
-            self.tracker.log_data(run_id, inputs)
-        except Exception as e:  # a description of the run: its loss is said, the record goes on
-            self.set_attr(attrs.TRACKING_ERROR, f"datasets not recorded: {first_line(e)}")
-
-    def finish(self, outbox: Outbox, write_artifacts: Callable[[Path], None], history: History,
-               state: str, reason: str | None, status: str | None = None, *, note: str | None = None,
-               objective: float | None = None, then: Callable[[], None] = lambda: None) -> None:
-        """Wait until the run is open (usually long done), then close it in the background;
-        ``then()`` runs once the record is sent, or has failed (the trial's heartbeat stops)."""
-        handed = False
-        try:
-            if self._opened is not None:
-                self._opened.exception()  # waits; MLflow's errors land in self.error, not raised
-                if self.error is not None:
-                    self.set_attr(attrs.TRACKING_ERROR, self.error)
-                elif self.run_id is not None:
-                    outbox.submit(f"trial {self.number}", self._send, self.run_id, write_artifacts, history,
-                                  state, reason, status, note, objective, then)
-                    handed = True
-        finally:
-            if not handed:
-                then()
-
-    def _send(self, run_id: str, write_artifacts: Callable[[Path], None], history: History, state: str,
-              reason: str | None, status: str | None, note: str | None, objective: float | None,
-              then: Callable[[], None]) -> None:
-        try:
-            faults.point("record")
-            with artifact_dir() as tmp:
-                folder = Path(tmp)
-                write_artifacts(folder)
-                self.tracker.finish_trial(run_id, history, state, reason=reason, artifacts=folder, status=status,
-                                          note=note, objective=objective)
-        finally:
-            then()
-
-
-class Outbox:
-    """Tracking calls run in order on one background thread, so a trial's records travel to
-    MLflow while the next trial trains; ``drain`` waits for them all.
-
-    At most ``limit`` jobs wait at a time (a submit past that waits for the oldest), and
-    the thread is joined at interpreter exit, so nothing queued is dropped.
-    """
-
-    def __init__(self, limit: int = 2) -> None:
-        self.limit = limit
-        self._executor: ThreadPoolExecutor | None = None
-        self._pending: list[tuple[str, Future]] = []
-        self._errors: list[str] = []
-
-    def submit(self, label: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
-        """Run ``fn(*args, **kwargs)`` in the background; ``label`` names it in errors."""
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lrsearch-tracking")
-        while len(self._pending) >= self.limit:
-            self._settle(*self._pending.pop(0))
-        future = self._executor.submit(fn, *args, **kwargs)
-        self._pending.append((label, future))
-        return future
-
-    def drain(self) -> list[str]:
-        """Wait for every submitted call; one line per call that failed since the last drain."""
-        while self._pending:
-            self._settle(*self._pending.pop(0))
-        errors, self._errors = self._errors, []
-        return errors
-
-    def _settle(self, label: str, future: Future) -> None:
-        error = future.exception()  # waits
-        if error is not None:
-            self._errors.append(f"{label}: {first_line(error)}")
 
 
 def check_tracking(uri: str) -> None:

@@ -1,0 +1,374 @@
+"""The tracking process: a worker's MLflow client in a process of its own.
+
+A worker that trains hands every MLflow call to this process: its trials' runs, metrics and
+artifacts, and its study's parent run. Why a process and not a thread: a training step is a
+few hundred tiny torch operations, each of which lets go of the interpreter's lock; a thread
+busy with MLflow's SQLAlchemy code takes the lock at each of them and keeps it for the
+switch interval (5 ms), so while it works, training all but stops (a fit of 16 trials ran
+hundreds of times slower beside a busy Python thread: docs/performance.md). In a process of
+its own, MLflow's work runs on the other core, and its import and a new store's migrations
+overlap the worker's import of torch and Lightning.
+
+One process serves every tracking store its worker uses (a handle each:
+:class:`TrackingProcess`), from the first handle to the worker's end. It reads requests from
+a socket until its end of file: then it finishes what it was given, folds each SQLite
+store's log back into its file, and exits. So a worker that dies leaves no record half-sent
+that it had handed over. SIGINT and SIGTERM end the worker (which passes them on here):
+here they only cut short the waits through an outage, as in the worker.
+
+    python -m lrsearch.track.process FD KIND    (started by the first handle)
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import pickle
+import subprocess
+import sys
+import threading
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, Callable
+
+from lrsearch.core.errors import LrsearchError, first_line
+from lrsearch.track.outbox import Outbox
+
+_OPEN, _CLOSE = "open", "close"  # a request's function field for a handle's store
+
+
+class RemoteError(LrsearchError):
+    """An error raised in the tracking process: its message (and exit code) as it was."""
+
+    def __init__(self, message: str, exit_code: int = 1, kind: str = "") -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+        self.kind = kind
+
+
+class TrackingProcess:
+    """A handle on the MLflow store ``uri`` in this process's tracking process (started with
+    the first handle: it imports MLflow while this process does other things). The store
+    is opened there (a new embedded one made) at :meth:`open`, or at the first call: a
+    command opens it once its input is checked, so that bad input creates nothing.
+
+    It answers the :class:`~lrsearch.track.tracking.Tracker` methods (each a round trip, in
+    order with the other calls), ``run(fn, *args)`` (``fn(tracker, *args)`` there), and
+    ``outbox()``: jobs in order, in the background. :meth:`close` waits for its jobs.
+    """
+
+    def __init__(self, uri: str, worker: int = 0) -> None:
+        self.uri = uri
+        self.worker = worker
+        self._child = _Child.get(uri)
+        self._key = next(_keys)
+        self._opened: Future | None = None
+        self._lock = threading.Lock()
+
+    # -- what callers use ----------------------------------------------------------------
+
+    def open(self) -> None:
+        """Open the store there (once; a new embedded store is made now)."""
+        with self._lock:
+            if self._opened is None:
+                # This process's environment goes along (MLflow's HTTP limits, the outage
+                # window): the process may have been started before it changed.
+                self._opened = self._child.request("job", self._key, _OPEN, (self.uri, self.worker, dict(os.environ)),
+                                                   {})
+
+    def ready(self) -> None:
+        """Open the store there and wait until it is; raise its error if it could not be."""
+        self.open()
+        assert self._opened is not None
+        self._opened.result()
+
+    def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(tracker, *args, **kwargs)`` in the tracking process, waited for."""
+        self.ready()
+        return self._child.request("call", self._key, fn, args, kwargs).result()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        """``fn(tracker, *args)`` in the tracking process, after every job submitted before it."""
+        self.open()
+        return self._child.request("job", self._key, fn, args, {})
+
+    def outbox(self) -> Outbox:
+        """An outbox of jobs run there, in order (a submit waits only past a long backlog)."""
+        return Outbox(self, limit=64)
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        from lrsearch.track.tracking import Tracker
+
+        if name.startswith("_") or not callable(getattr(Tracker, name, None)):
+            raise AttributeError(name)
+        return lambda *args, **kwargs: self.run(_method, name, args, kwargs)
+
+    def run_url(self, experiment_id: str, run_id: str) -> str:
+        from lrsearch.track.tracking import run_url
+
+        return run_url(self.uri, experiment_id, run_id)
+
+    def trials_url(self, experiment_id: str) -> str:
+        from lrsearch.track.tracking import trials_url
+
+        return trials_url(self.uri, experiment_id)
+
+    def close(self) -> None:
+        """Wait for this handle's jobs, and let the process close its store (an SQLite
+        store's log folded back into its file)."""
+        with self._lock:
+            opened, self._opened = self._opened, None
+        if opened is None:
+            return
+        try:
+            self._child.request("job", self._key, _CLOSE, (), {}).result()
+        except RemoteError:  # the process is gone: nothing left to wait for
+            pass
+
+
+_keys = itertools.count(1)
+
+
+class _Child:
+    """The tracking process itself, seen from the worker: one per worker process."""
+
+    _current: _Child | None = None
+    _lock = threading.Lock()
+
+    @classmethod
+    def get(cls, uri: str) -> _Child:
+        with cls._lock:
+            if cls._current is None or cls._current.dead is not None or cls._current.pid != os.getpid():
+                cls._current = _Child(uri)
+            return cls._current
+
+    def __init__(self, uri: str) -> None:
+        import socket
+        from multiprocessing.connection import Connection
+
+        from lrsearch.core import faults, stopping
+        from lrsearch.store.urls import is_server
+
+        self.pid = os.getpid()
+        ours, theirs = socket.socketpair()
+        root = str(Path(__file__).resolve().parents[2])  # this lrsearch, whatever the caller's path
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+        kind = "server" if is_server(uri) else "file"  # what to import ahead (URIs go by the socket)
+        try:
+            self.proc = subprocess.Popen([sys.executable, "-m", "lrsearch.track.process", str(theirs.fileno()), kind],
+                                         pass_fds=(theirs.fileno(),), env=env, stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL)
+        finally:
+            theirs.close()
+        self._socket = ours  # shut for writing at the end: the process reads its end of file
+        self._conn = Connection(os.dup(ours.fileno()))
+        self._send_lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._waiting: dict[int, Future] = {}
+        self._lock = threading.Lock()
+        self.dead: str | None = None
+        self._reader = threading.Thread(target=self._read, name="lrsearch-tracking-replies", daemon=True)
+        self._reader.start()
+        faults.companions.append(self.proc.pid)  # a fault that kills the worker kills this process too
+        stopping.helpers.append(self.proc.pid)
+
+    def request(self, lane: str, key: int, fn: Any, args: tuple, kwargs: dict) -> Future:
+        future: Future = Future()
+        try:  # pickled here, so that a request the process could not read never goes
+            payload = pickle.dumps((fn, args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as e:
+            future.set_exception(e)
+            return future
+        with self._lock:
+            if self.dead is not None:
+                future.set_exception(RemoteError(self.dead))
+                return future
+            request = next(self._ids)
+            self._waiting[request] = future
+        try:
+            with self._send_lock:
+                self._conn.send((request, lane, key, payload))
+        except (OSError, ValueError) as e:  # the process is gone: the reader fails what waits
+            with self._lock:
+                self._waiting.pop(request, None)
+            future.set_exception(RemoteError(f"the tracking process is gone: {first_line(e)}"))
+        return future
+
+    def end(self) -> None:
+        """Let the process finish what it was given and exit; wait for it."""
+        import socket
+
+        from lrsearch.core import faults, stopping
+
+        for pids in (faults.companions, stopping.helpers):
+            if self.proc.pid in pids:
+                pids.remove(self.proc.pid)
+        with self._send_lock:
+            try:
+                self._socket.shutdown(socket.SHUT_WR)  # (closing it would not wake the reader's recv)
+            except OSError:  # the process is gone
+                pass
+        self.proc.wait()
+        self._reader.join()
+        self._conn.close()
+        self._socket.close()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                request, ok, value = self._conn.recv()
+            except (EOFError, OSError):
+                break
+            with self._lock:
+                future = self._waiting.pop(request, None)
+            if future is None:
+                continue
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(RemoteError(*value))
+        code = self.proc.wait()
+        with self._lock:
+            self.dead = f"the tracking process ended (exit code {code})"
+            left, self._waiting = list(self._waiting.values()), {}
+        for future in left:
+            if not future.done():
+                future.set_exception(RemoteError(self.dead))
+
+
+def close_all() -> None:
+    """End this process's tracking process, once it has finished its work (before ``os._exit``)."""
+    with _Child._lock:
+        child, _Child._current = _Child._current, None
+    if child is not None and child.pid == os.getpid():
+        child.end()
+
+
+def _method(tracker: Any, name: str, args: tuple, kwargs: dict) -> Any:
+    return getattr(tracker, name)(*args, **kwargs)
+
+
+# -- the tracking process itself ------------------------------------------------------------
+
+def _error(e: BaseException) -> tuple[str, int, str]:
+    """An error as it travels back: its one-line message, exit code and class name."""
+    if isinstance(e, LrsearchError):
+        return str(e), e.exit_code, type(e).__name__
+    return f"{type(e).__name__}: {first_line(e)}", 1, type(e).__name__
+
+
+class _Store:
+    """A handle's store in the tracking process: its tracker, once made."""
+
+    def __init__(self) -> None:
+        self.made = threading.Event()
+        self.tracker: Any = None
+        self.error: BaseException | None = None
+
+
+def main(fd: int, kind: str) -> None:
+    import queue
+    from multiprocessing.connection import Connection
+
+    from lrsearch.core import faults
+    from lrsearch.core.stopping import StopFlag
+    from lrsearch.store.storage import checkpoint
+
+    # SIGINT and SIGTERM end the worker, and this process with its socket; here they only
+    # cut short the waits through an outage (core/stopping.check_stop), as in the worker.
+    StopFlag().install()
+    faults.companions.append(os.getppid())
+    conn = Connection(fd)
+    _import_ahead(kind)
+    send_lock = threading.Lock()
+    stores: dict[int, _Store] = {}
+
+    def reply(request: int, ok: bool, value: Any) -> None:
+        try:
+            with send_lock:
+                try:
+                    conn.send((request, ok, value))
+                except (pickle.PicklingError, TypeError, AttributeError) as e:  # an answer that cannot travel
+                    conn.send((request, False, _error(e)))
+        except (OSError, ValueError):  # the worker is gone: what it handed over is still written
+            pass
+
+    def make(store: _Store, uri: str, worker: int, environ: dict[str, str]) -> None:
+        from lrsearch.core import stopping
+        from lrsearch.track.tracking import Tracker
+
+        faults.worker = worker
+        os.environ.clear()
+        os.environ.update(environ)
+        if stopping._installed is not None:  # a signal the worker had before: its studies since wait out outages
+            stopping._installed.signum = None
+        try:
+            store.tracker = Tracker(uri)
+        except BaseException as e:
+            store.error = e
+        store.made.set()
+
+    def handle(request: int, key: int, payload: bytes) -> None:
+        try:
+            fn, args, kwargs = pickle.loads(payload)
+            if fn == _OPEN:  # made on a thread of its own: the other stores' work goes on
+                store = stores[key] = _Store()
+                threading.Thread(target=make, args=(store, *args), daemon=True).start()
+                store.made.wait()
+                if store.error is not None:
+                    raise store.error
+                value = None
+            else:
+                store = stores[key]
+                store.made.wait()
+                if store.error is not None:
+                    raise store.error
+                if fn == _CLOSE:
+                    del stores[key]
+                    value = checkpoint(store.tracker.uri)
+                else:
+                    value = fn(store.tracker, *args, **kwargs)
+        except BaseException as e:
+            reply(request, False, _error(e))
+            return
+        reply(request, True, value)
+
+    lanes: dict[str, queue.Queue] = {"job": queue.Queue(), "call": queue.Queue()}
+
+    def serve(lane: queue.Queue) -> None:
+        while (item := lane.get()) is not None:
+            handle(*item)
+
+    threads = [threading.Thread(target=serve, args=(lane,), name=f"lrsearch-{kind}s") for kind, lane in lanes.items()]
+    for thread in threads:
+        thread.start()
+    while True:
+        try:
+            request, lane, key, payload = conn.recv()
+        except (EOFError, OSError):
+            break
+        lanes[lane].put((request, key, payload))
+    for lane in lanes.values():
+        lane.put(None)
+    for thread in threads:
+        thread.join()
+    for store in stores.values():
+        if store.tracker is not None:
+            checkpoint(store.tracker.uri)
+
+
+def _import_ahead(kind: str) -> None:
+    """What ``Tracker(uri)`` will import, while the worker checks its input and imports
+    torch (about a second: most of a worker's tracking set-up)."""
+    import mlflow  # noqa: F401
+    from mlflow import MlflowClient  # noqa: F401
+
+    if kind == "file":
+        import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), sys.argv[2])
+    # Everything is written and closed: skip tearing down MLflow's and SQLAlchemy's modules,
+    # which takes longer than the work (as the CLI's own ``entry`` does).
+    os._exit(0)
