@@ -433,7 +433,8 @@ def part_search(sizes: Sizes, folder: Path) -> None:
 
 class TrainingClock:
     """Time inside the worker's ``fit_array`` calls (those with a host: the auto probe's are
-    not), less the time the fit spends in the host's ``leave`` and ``refill``; the auto probe;
+    not), less the time the fit spends in the host's ``boundary`` (telling Optuna, handing
+    the MLflow records over, claiming refills); the auto probe;
     when the first of those fits started and the last ended (perf_counter)."""
 
     def __init__(self) -> None:
@@ -454,15 +455,15 @@ class TrainingClock:
             inside = [0.0]
 
             def counted(method: Callable) -> Callable:
-                def call(*args: Any) -> Any:
+                def call(*args: Any, **kwargs: Any) -> Any:
                     start = time.perf_counter()
                     try:
-                        return method(*args)
+                        return method(*args, **kwargs)
                     finally:
                         inside[0] += time.perf_counter() - start
                 return call
 
-            host.leave, host.refill = counted(host.leave), counted(host.refill)
+            host.boundary = counted(host.boundary)
             start = time.perf_counter()
             self.first = start if self.first is None else self.first
             try:
@@ -470,7 +471,7 @@ class TrainingClock:
             finally:
                 self.last = time.perf_counter()
                 self.training += self.last - start - inside[0]
-                del host.leave, host.refill
+                del host.boundary
 
         def timed_choose(*args: Any, **kwargs: Any) -> int:
             start = time.perf_counter()

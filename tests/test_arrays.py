@@ -15,6 +15,7 @@ from lrsearch.choices.data import load_data
 from lrsearch.fit.member import Member
 from lrsearch.choices.optimizers import OPTIMIZERS
 from lrsearch.choices.schedules import SCHEDULES
+from lrsearch.choices.sampling import array_target
 from lrsearch.fit.training import choose_array_size, fit_array, largest_array, member_bytes, train
 
 CFG = parse_config({"study": {"name": "arrays", "pruner": "none"}, "train": {"epochs": 20}}, "arrays.toml")
@@ -75,13 +76,9 @@ class _Host:
         self.queue = queue
         self.left: list[tuple[str, int]] = []
 
-    def epoch_end(self, members: list[Member]) -> None:
-        pass
-
-    def leave(self, member: Member) -> None:
-        self.left.append((member.key, member.result.epochs))
-
-    def refill(self, free: int) -> list[Member]:
+    def boundary(self, members: list[Member], leaving: list[Member], refill: bool) -> list[Member]:
+        self.left += [(member.key, member.result.epochs) for member in leaving]
+        free = len(leaving) if refill else 0
         taken, self.queue = self.queue[:free], self.queue[free:]
         return taken
 
@@ -110,8 +107,16 @@ def test_auto_never_picks_an_array_larger_than_memory_or_the_study_allows():
     assert member_bytes(wide, data) > 100 * 2**20  # two 4096-wide layers and 10,000 validation rows
     assert largest_array(wide, data) <= 5
     assert largest_array(CFG, DATA) == 256
-    assert choose_array_size(CFG, DATA, trials=3) == 1  # a quarter of a 3-trial TPE study: one
-    assert choose_array_size(CFG, DATA, trials=64) in (4, 8, 16)
+    assert choose_array_size(CFG, DATA, trials=3) <= 3  # never more members than the study's trials
+    assert choose_array_size(CFG, DATA, trials=64) in (4, 8, 16, 32, 64)
+
+
+def test_a_learning_sampler_starts_small_and_grows_with_what_it_has_learnt():
+    # TPE proposes each member knowing none of its array's running trials: 8 first, then
+    # one member more for each 4 trials finished, up to the fastest size.
+    assert [array_target("tpe", 32, finished) for finished in (0, 31, 40, 80, 200)] == [8, 8, 10, 20, 32]
+    assert array_target("tpe", 4, 0) == 4
+    assert array_target("random", 32, 0) == array_target("qmc", 32, 0) == 32  # they learn nothing
 
 
 ARRAY_STUDY = """\

@@ -34,7 +34,7 @@ def test_a_trial_says_how_it_ended_then_its_params():
     params = {"optimizer": "sgd", "lr": 0.071587, "momentum": 0.4889}
     assert trial_note("COMPLETE", None, "val/acc", 0.83812, 200, params) == \
         "COMPLETE: val/acc 0.8381 after 200 epochs · optimizer=sgd, lr=0.07159, momentum=0.4889"
-    reason = "pruned at epoch 11: val/acc=0.41, worse than the median of earlier trials at that epoch"
+    reason = "pruned at epoch 11: val/acc=0.41, worse than the median of the other trials at that epoch"
     assert trial_note("PRUNED", reason, "val/acc", None, 13, params).startswith(f"PRUNED: {reason} · optimizer=sgd")
     assert trial_note("FAIL", None, "val/acc", None, 0, {}) == "FAIL: no reason recorded"
 

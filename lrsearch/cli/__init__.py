@@ -23,6 +23,8 @@ EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a program killed by the closed pipe 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; return the exit code (0 ok, 1 runtime failure, 2 bad input, 130 interrupted)."""
     args = build_parser().parse_args(argv)
+    if getattr(args, "debug", False):
+        os.environ["LRSEARCH_DEBUG"] = "1"  # the tracking process's stderr too (track/process.py)
     try:
         return args.command(args) or EXIT_OK
     except BrokenPipeError:  # `lrsearch sql … | head`: the reader has all it wanted

@@ -36,4 +36,4 @@ GRID_ID = "grid_id"  # set by Optuna's GridSampler
 # For the SQL views.
 SQL_NAMES = {"parent_run": PARENT_RUN, "experiment": EXPERIMENT, "hyperparameters": HYPERPARAMETERS,
              "mlflow_run": MLFLOW_RUN, "target": TARGET, "submitted_at": SUBMITTED_AT, "cancelled": CANCELLED,
-             "unrunnable": UNRUNNABLE, "interrupted": INTERRUPTED, "model": MODEL}
+             "unrunnable": UNRUNNABLE, "interrupted": INTERRUPTED, "model": MODEL, "train_seconds": TRAIN_SECONDS}

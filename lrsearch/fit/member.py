@@ -3,7 +3,6 @@ pruning checks and what its training produced (a trial trained alone is an array
 
 from __future__ import annotations
 
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -25,7 +24,7 @@ class TrainResult:
     pruned_at: int | None = None
     diverged_at: int | None = None  # the epoch a loss became non-finite
     diverged_on: str | None = None  # which loss: train/loss or val/loss
-    seconds: float = 0.0  # its share of the array's training time (the whole fit, alone)
+    seconds: float = 0.0  # its share of the array's training time: each epoch's, divided among its members
     # Its network as training left it: W0, b0, W1, b1, … (W as [in, out], b as [1, out]).
     weights: list[torch.Tensor] | None = None
 
@@ -58,7 +57,6 @@ class Member:
     generator: torch.Generator | None = None  # its weights' initialization, then its data order
     shadow: torch.optim.Optimizer | None = None  # a torch optimizer its schedule steps (no weights)
     schedule: Schedule | None = None
-    pending: tuple[int, Future[set[Member]]] | None = None  # pruning checks still running, and the epoch
 
     @property
     def epoch(self) -> int:

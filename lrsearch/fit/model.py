@@ -25,15 +25,11 @@ LR_NAME = "lr"
 
 
 class ArrayHost(Protocol):
-    """Who the array reports to at each epoch boundary: the members at the boundary (before
-    any leaves), a member that ended (finished, pruned, diverged, or stopped), and how many
-    slots are free for new members."""
+    """Who the array reports to at each epoch boundary: every member (its epoch done) and
+    those that ended (finished, pruned, diverged, or stopped: they leave now); it returns
+    new members to train from now on (none unless ``refill``: the array is stopping)."""
 
-    def epoch_end(self, members: Sequence[Member]) -> None: ...
-
-    def leave(self, member: Member) -> None: ...
-
-    def refill(self, free: int) -> Sequence[Member]: ...
+    def boundary(self, members: Sequence[Member], leaving: Sequence[Member], refill: bool) -> Sequence[Member]: ...
 
 
 class ArrayClassifier(pl.LightningModule):
@@ -66,7 +62,13 @@ class ArrayClassifier(pl.LightningModule):
         self.pruning = pruning
         self.activation = getattr(torch.nn, _activation_class(cfg))()
         self.members: list[Member] = []
-        self.weights: list[torch.Tensor] = []  # W0, b0, W1, b1, ...: leaves, dim 0 = member
+        # Every member's parameters in one row of one leaf tensor ([K, 1, P]); the layers are
+        # views of it (``weights``): the batched update is one set of operations per
+        # optimizer for the whole network, not one per layer (a mixed array of 8 spent most of
+        # its epoch in those operations' dispatch).
+        self.flat: torch.Tensor | None = None
+        self._layout: list[tuple[int, int, tuple[int, ...]]] = []  # each layer's (start, end, shape) in a row
+        self.weights: list[torch.Tensor] = []  # W0, b0, W1, b1, ...: views of ``flat``, dim 0 = member
         self.optimizer: ArrayOptimizer | None = None
         self.epoch_ends: list[float] = []  # perf_counter() at each epoch's end (the array-size probe reads them)
         self._first = list(members)
@@ -81,20 +83,29 @@ class ArrayClassifier(pl.LightningModule):
         fresh = [self._initial_weights(m) for m in new]
         rows = [*((self.members[i], i, None) for i in keep), *((m, None, f) for m, f in zip(new, fresh))]
         rows.sort(key=lambda row: _kind(row[0].hp))
-        stacked = []
-        for layer in range(len(fresh[0]) if fresh else len(self.weights)):
-            old = self.weights[layer].detach() if keep else None
-            stacked.append(torch.stack([old[i] if i is not None else f[layer]  # type: ignore[index]
-                                        for _, i, f in rows]).requires_grad_(True))
-        self.weights = stacked
+        if not self._layout:
+            start = 0
+            for t in fresh[0]:
+                self._layout.append((start, start + t.numel(), tuple(t.shape)))
+                start += t.numel()
+        old = self.flat.detach() if keep and self.flat is not None else None
+        self.flat = torch.stack([old[i] if i is not None else torch.cat([t.reshape(1, -1) for t in f], dim=1)  # type: ignore[index]
+                                 for _, i, f in rows]).requires_grad_(True)
+        self.weights = self._views()
         self.members = [m for m, _, _ in rows]
         if self.optimizer is None:
-            self.optimizer = ArrayOptimizer(self.weights)
+            self.optimizer = ArrayOptimizer([self.flat])
         else:
-            self.optimizer.rebind(self.weights, [i for _, i, _ in rows])
+            self.optimizer.rebind([self.flat], [i for _, i, _ in rows])
         for slot, (member, i, _) in enumerate(rows):
             if i is None:
                 self._start(member, slot)
+
+    def _views(self) -> list[torch.Tensor]:
+        """The layers, as views of ``flat``: W ``[K, in, out]``, b ``[K, 1, out]``."""
+        assert self.flat is not None
+        k = self.flat.shape[0]
+        return [self.flat[:, 0, start:end].view(k, *shape) for start, end, shape in self._layout]
 
     def _initial_weights(self, member: Member) -> list[torch.Tensor]:
         """The weights ``build_mlp`` gives this member's seed: the same as alone."""
@@ -129,6 +140,7 @@ class ArrayClassifier(pl.LightningModule):
     def on_fit_start(self) -> None:
         self._stack([], self._first)
         self._first = []
+        self._epoch_started = time.perf_counter()
 
     # -- one epoch -----------------------------------------------------------------------
 
@@ -208,12 +220,15 @@ class ArrayClassifier(pl.LightningModule):
             faults.point("epoch")
         val_loss, val_acc = self._validate()
         self.epoch_ends.append(time.perf_counter())
+        share = (self.epoch_ends[-1] - self._epoch_started) / len(self.members)  # of this epoch's training
         stopping = self.stop is not None and self.stop.requested
         assert self.optimizer is not None
+        due = []  # (member, value) of the pruning checks at this boundary
         for slot, m in enumerate(self.members):
             metrics = {"train/loss": train_loss[slot], "train/acc": train_acc[slot],
                        "val/loss": val_loss[slot], "val/acc": val_acc[slot]}
             m.result.logger.log_metrics(metrics, step=m.epoch)
+            m.result.seconds += share
             # Whatever the metric: a NaN validation loss still leaves a finite val/acc (argmax
             # of NaN logits), which would rank the trial COMPLETE.
             if not math.isfinite(val_loss[slot]):
@@ -221,33 +236,29 @@ class ArrayClassifier(pl.LightningModule):
             if m.result.diverged_at is None:
                 m.schedule.step_epoch(metrics)
                 self.optimizer.set_lr(slot, m.lr)
-            if self.pruning is not None and m.trial is not None:
-                self.pruning.epoch_end(m, metrics, last=m.epoch + 1 >= m.epochs, stopping=stopping)
+            if self.pruning is not None:
+                value = self.pruning.due(m, metrics, last=m.epoch + 1 >= m.epochs, stopping=stopping)
+                if value is not None:
+                    due.append((m, value))
+        if self.pruning is not None:
+            self.pruning.check(due)  # the members checked now, judged together
+        for m in self.members:
             m.result.epochs += 1
-        if self.host is not None:
-            self.host.epoch_end(self.members)
         leaving = [m for m in self.members if stopping or m.ended_early or m.epoch >= m.epochs]
         for m in leaving:
             # Its final network, kept with its result (a copy: the stacked weights are restacked).
             slot = self.members.index(m)
             m.result.weights = [w[slot].detach().clone() for w in self.weights]
-            if self.pruning is not None:
-                self.pruning.settle(m)
             self._forget(m)
-            if self.host is not None:
-                self.host.leave(m)
         keep = [i for i, m in enumerate(self.members) if m not in leaving]
-        new = list(self.host.refill(len(leaving))) if self.host is not None and leaving and not stopping else []
-        if self.pruning is not None:
-            # The checks start once this boundary's trials are told and new ones claimed: each
-            # check sees the study as it stands here, whatever the thread's timing.
-            self.pruning.submit()
+        new = list(self.host.boundary(self.members, leaving, refill=not stopping)) if self.host is not None else []
         if leaving or new:
             if not keep and not new:
                 self.members = []
                 self.trainer.should_stop = True
                 return
             self._stack(keep, new)
+        self._epoch_started = time.perf_counter()  # the host's time at the boundary is no member's training
 
     def on_train_epoch_end(self) -> None:
         if not self.members:

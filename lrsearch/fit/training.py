@@ -80,9 +80,6 @@ def fit_array(cfg: Config, data: Dataset, members: Sequence[Member], host: Array
         # Lightning chains, has set `stop`, and the caller records the interruption.
         if stop is None or not stop.requested:
             raise
-    finally:
-        if pruning is not None:
-            pruning.close(module.members)
     return None
 
 
@@ -146,7 +143,7 @@ def choose_array_size(cfg: Config, data: Dataset, trials: int | None = None) -> 
 
     cap = largest_array(cfg, data)
     if trials is not None:
-        cap = min(cap, max(1, trials // 4) if cfg.study.sampler == "tpe" else trials)
+        cap = min(cap, trials)
     if cap == 1:
         return 1
     chosen, best = 1, math.inf

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import threading
@@ -106,74 +107,91 @@ class Objective:
         """Record how the member's trial ended (its attributes, its MLflow run closed in the
         background) and return its objective value; raise ``TrialPruned``,
         :class:`Interrupted` or :class:`Cancelled` as the trial ended. After ``error`` (out of
-        the fit: the trial ends FAIL) the caller raises."""
-        record: _Record = member.context
-        try:
-            return self._outcome(record, member, stop, error)
-        finally:
-            if not record.handed:  # it failed before its record was handed to the tracking thread
-                record.recorded()
-
-    def _outcome(self, record: _Record, member: Member, stop: TrialStop, error: BaseException | None) -> float:
-        result, hp, seed = member.result, dict(member.hp), member.seed
-        if error is not None:
-            # Record what was measured before the failure; the caller marks the trial FAIL.
-            interrupted = isinstance(error, (Interrupted, KeyboardInterrupt))
-            reason = "interrupted" if interrupted else f"{type(error).__name__}: {first_line(error)}"
-            self._end(record, hp, seed, result, "FAIL", reason, "KILLED" if interrupted else None)
-            return math.nan
-        measured = {attrs.EPOCHS_TRAINED: result.epochs,
-                    attrs.TRAIN_SECONDS: round(time.perf_counter() - record.started, 4)}
-        if self.stop.requested:
-            self._end(record, hp, seed, result, "FAIL", f"interrupted at epoch {result.epochs - 1}", "KILLED",
-                      measured=measured)
-            raise Interrupted(self.stop.signum or 0)
-        cut_short = result.epochs < member.epochs and not member.ended_early
-        if stop.cancelled.is_set() and cut_short:  # a trial that ended on its own keeps its result
-            self._end(record, hp, seed, result, "FAIL", "cancelled", "KILLED", measured=measured)
-            raise Cancelled()
-        state, value, reason = outcome(result, self.cfg.study.metric, PRUNERS[self.cfg.study.pruner].verdict)
-        self._end(record, hp, seed, result, state, reason, value=value, measured=measured)
-        if state == "PRUNED":
-            raise optuna.TrialPruned(reason)
-        return value
-
-    def _end(self, record: _Record, hp: dict[str, Any], seed: int, result: TrainResult, state: str,
-             reason: str | None, status: str | None = None, value: float | None = None,
-             measured: dict[str, Any] | None = None) -> None:
-        """Store how the trial went (``measured``) and why it ended (unless COMPLETE), in one
-        transaction, and close its MLflow run (even if those could not be stored: the run must
-        not stay RUNNING), with its one-line description."""
-        trial, run = record.trial, record.run
-        assert run is not None
-        values = {**(measured or {}), **({attrs.REASON: reason} if reason else {}),
-                  **({} if record.linked else run.attrs())}
-        taken: TakenOver | None = None
+        the fit: the trial ends FAIL) the caller raises. (A trial alone: an array's trials end
+        together, ``worker._Array``, through :meth:`ending` and :meth:`record`.)"""
+        ending = self.ending(member, stop, error)
+        trial = ending.trial
         try:
             if hasattr(trial.storage, "set_trial_user_attrs"):
-                trial.storage.set_trial_user_attrs(trial._trial_id, values)
+                trial.storage.set_trial_user_attrs(trial._trial_id, ending.attrs)
             else:  # a storage of Optuna's own (tests): one transaction each
-                for key, item in values.items():
+                for key, item in ending.attrs.items():
                     trial.storage.set_trial_user_attr(trial._trial_id, key, item)
         except UpdateFinishedTrialError:
-            # Ended by another worker, which found no heartbeat of it (this process paused
-            # past the grace period, say): its run records what was trained, KILLED as that
-            # worker left it, and the trial stays as that worker left it.
-            try:
-                taken = TakenOver(trial.storage.get_trial(trial._trial_id).user_attrs.get(attrs.REASON))
-            except Exception:  # its reason unread: the run still says how the trial ended
-                taken = TakenOver(None)
-            state, reason, status = "FAIL", f"ended by another worker: {taken.reason}", "KILLED"
-        finally:
-            objective = value if state == "COMPLETE" else None
-            note = trial_note(state, reason, self.cfg.study.metric, objective, result.epochs,
-                              in_sampling_order(trial.params))
-            record.handed = True
-            assert self.outbox is not None
-            run.finish(self.outbox, *self._artifacts(trial, hp, seed, result), result.history, state, reason,
-                       status, note=note, objective=objective, then=record.recorded)
-        if taken is not None:
-            raise taken
+            ending = self.taken(ending)
+        except BaseException:
+            self.record(ending)  # the run must not stay RUNNING
+            raise
+        self.record(ending)
+        if ending.taken is not None:
+            raise ending.taken
+        if ending.raises is not None:
+            raise ending.raises
+        if ending.state == "PRUNED":
+            raise optuna.TrialPruned(ending.reason)
+        return math.nan if ending.value is None else ending.value
+
+    def ending(self, member: Member, stop: TrialStop, error: BaseException | None = None) -> Ending:
+        """How the member's trial ended, before anything is stored: its state and value, why,
+        what it measured, and what follows (an interruption raised, the trial queued again).
+        After ``error`` (out of the fit) it ends FAIL with what was measured before."""
+        record: _Record = member.context
+        result = member.result
+        run_attrs = {} if record.linked else record.run.attrs() if record.run is not None else {}
+        if error is not None:
+            interrupted = isinstance(error, (Interrupted, KeyboardInterrupt))
+            reason = "interrupted" if interrupted else f"{type(error).__name__}: {first_line(error)}"
+            return Ending(member, "FAIL", None, reason, {attrs.REASON: reason, **run_attrs},
+                          status="KILLED" if interrupted else None, requeue=interrupted)
+        measured = {attrs.EPOCHS_TRAINED: result.epochs,
+                    attrs.TRAIN_SECONDS: round(result.seconds, 3), **run_attrs}  # ms: as results.duration_s shows it
+        if self.stop.requested:
+            reason = f"interrupted at epoch {result.epochs - 1}"
+            return Ending(member, "FAIL", None, reason, {**measured, attrs.REASON: reason}, status="KILLED",
+                          requeue=True, raises=Interrupted(self.stop.signum or 0))
+        cut_short = result.epochs < member.epochs and not member.ended_early
+        if stop.cancelled.is_set() and cut_short:  # a trial that ended on its own keeps its result
+            return Ending(member, "FAIL", None, "cancelled", {**measured, attrs.REASON: "cancelled"},
+                          status="KILLED", requeue=True, raises=Cancelled())
+        state, value, reason = outcome(result, self.cfg.study.metric, PRUNERS[self.cfg.study.pruner].verdict)
+        return Ending(member, state, value if state == "COMPLETE" else None, reason,
+                      {**measured, **({attrs.REASON: reason} if reason else {})})
+
+    def taken(self, ending: Ending) -> Ending:
+        """``ending`` for a trial another worker ended meanwhile (finding no heartbeat of it:
+        this process paused past the grace period, say): its run records what was trained,
+        KILLED as that worker left it, and the trial stays as that worker left it."""
+        trial = ending.trial
+        try:
+            why = trial.storage.get_trial(trial._trial_id).user_attrs.get(attrs.REASON)
+        except Exception:  # its reason unread: the run still says how the trial ended
+            why = None
+        taken = TakenOver(why)
+        return dataclasses.replace(ending, state="FAIL", value=None, reason=f"ended by another worker: {taken.reason}",
+                                   status="KILLED", requeue=False, raises=None, taken=taken)
+
+    def record(self, ending: Ending) -> None:
+        """Close the trial's MLflow run in the background (once), as ``ending`` says, with its
+        one-line description; the trial's heartbeat stops once it is sent."""
+        record: _Record = ending.member.context
+        if record.handed:
+            return
+        record.handed = True
+        run, result, trial = record.run, ending.member.result, ending.trial
+        if run is None:
+            record.recorded()
+            return
+        objective = ending.value if ending.state == "COMPLETE" else None
+        note = trial_note(ending.state, ending.reason, self.cfg.study.metric, objective, result.epochs,
+                          in_sampling_order(trial.params))
+        assert self.outbox is not None
+        try:
+            run.finish(self.outbox, *self._artifacts(trial, dict(ending.member.hp), ending.member.seed, result),
+                       result.history, ending.state, ending.reason, ending.status, note=note, objective=objective,
+                       then=record.recorded)
+        except BaseException:
+            record.recorded()
+            raise
 
     def _artifacts(self, trial: optuna.trial.Trial, hp: dict[str, Any], seed: int,
                    result: TrainResult) -> tuple[dict[str, bytes], list[Drawing]]:
@@ -191,6 +209,43 @@ class Objective:
             drawings.append((plot_learning_curves, (result.history, f"{self.cfg.study.name} trial {trial.number}: "
                                                                   f"{_describe(hp)}"), "learning_curves.png"))
         return files, drawings
+
+
+@dataclass
+class Ending:
+    """How an array member's trial ended, before it is stored: its Optuna state (COMPLETE,
+    PRUNED or FAIL), objective value (COMPLETE only), why, the user attributes stored with its
+    end, its MLflow run's status (if not the state's), and what follows: the trial queued
+    again, an interruption or ``lrsearch cancel --now`` to raise once it is stored, or
+    another worker's end of it (``taken``)."""
+
+    member: Member
+    state: str
+    value: float | None
+    reason: str | None
+    attrs: dict[str, Any]
+    status: str | None = None
+    requeue: bool = False
+    raises: BaseException | None = None  # Interrupted (a signal) or Cancelled (cancel --now)
+    taken: TakenOver | None = None
+
+    @property
+    def trial(self) -> optuna.trial.Trial:
+        return self.member.context.trial
+
+    def told(self) -> tuple[Any, list[float] | None]:
+        """The Optuna state and values ``study.tell`` stores for it: a PRUNED trial's value
+        is its last report (if any), as Optuna's tell keeps it."""
+        from optuna.trial import TrialState
+
+        state = TrialState[self.state]
+        if self.state == "COMPLETE":
+            return state, [float(self.value)] if self.value is not None else None
+        if self.state == "PRUNED":
+            reports = self.trial._cached_frozen_trial.intermediate_values
+            last = reports.get(max(reports)) if reports else None
+            return state, [float(last)] if last is not None and math.isfinite(last) else None
+        return state, None
 
 
 class TakenOver(Exception):

@@ -42,6 +42,7 @@ class Session:
     target: int
     warnings: list[str] = field(default_factory=list)
     started: bool = False  # this worker set the parent run RUNNING (at its first claim)
+    finished: int = 0  # COMPLETE + PRUNED trials, as last counted, and told here since
     # Trials found stale at one look (worker._fail_stale_trials): id -> (last heartbeat, when seen).
     suspects: dict[int, tuple[Any, float]] = field(default_factory=dict)
 
@@ -78,6 +79,8 @@ def join(name: str, store: Any, url: str, tracker: Tracker, *, worker: int = 0,
         user_attrs = {**user_attrs, **open_records(store, study_id, submitted, url, tracker, study_file, data)}
         if user_attrs.get(attrs.UNRUNNABLE) is not None:  # another worker's verdict: this one can run it
             store.set_study_user_attr(study_id, attrs.UNRUNNABLE, None)
+    if cfg.tracking.register_model:
+        tracker.prepare_models()
     n_existing = len(store.get_all_trials(study_id, deepcopy=False))
     sampler = make_sampler(cfg.study.sampler, cfg.params, cfg.study.seed, n_existing, worker)
     pruner = make_pruner(cfg.study.pruner, cfg.train.epochs, cfg.study.prune_every)

@@ -4,10 +4,11 @@ total is reached; trials whose worker died are failed and queued again on the wa
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import os
 import threading
 import time
-import warnings
 from typing import Any, Callable, Iterator, Sequence
 
 import optuna
@@ -16,14 +17,14 @@ from optuna.trial import FrozenTrial, TrialState
 
 from lrsearch.core import attrs, faults
 from lrsearch.core.errors import LrsearchError, first_line
-from lrsearch.service.objective import Objective, TakenOver
-from lrsearch.results.ranking import FINISHED_STATES, counts
+from lrsearch.service.objective import Objective
+from lrsearch.results.ranking import FINISHED_STATES
 from lrsearch.store.retry import MAX_RETRY_DELAY_S
 from lrsearch.service.queue import config_digest, queue
 from lrsearch.service.session import Session, close_parent, join, mark_unrunnable, start_parent
 from lrsearch.fit.member import Member
-from lrsearch.core.stopping import Cancelled, Interrupted, StopFlag, TrialStop, stopped_by
-from lrsearch.store.heartbeat import Heartbeat, grace_period
+from lrsearch.core.stopping import Interrupted, StopFlag, TrialStop, stopped_by
+from lrsearch.store.heartbeat import Heartbeats, grace_period
 from lrsearch.store.lock import close_connections, store_lock
 from lrsearch.store.storage import checkpoint, open_storage
 from lrsearch.store.urls import storage_url, tracking_uri
@@ -86,6 +87,7 @@ class Worker:
         self.warnings: list[str] = []  # of the studies it has let go
         self.array = array  # trials trained at once: "auto", a size, or None (each study's [train] array)
         self.sizes: dict[str, int] = {}  # the array size used for each study served
+        self.beats = Heartbeats(store)  # of the trials it holds, in one statement
         self._last: str | None = None
         faults.worker = index
 
@@ -117,7 +119,8 @@ class Worker:
                 continue
             session, objective = served
             size = self._array_size(session)  # timed (once) before a claim: a claimed trial must train
-            claimed = _claim(session, size)
+            target = functools.partial(self._target, session, size)
+            claimed = _claim(session, target())
             if claimed is _DONE or claimed is _CANCELLED:
                 self._end(session, "done" if claimed is _DONE else "cancelled")
                 continue
@@ -133,7 +136,8 @@ class Worker:
             objective.outbox.limit = max(objective.outbox.limit, 2 * size)
             # Its slots are refilled as its trials end only where it is the only study served:
             # several studies take turns, an array each.
-            array = _Array(session, objective, self.stop, self.callbacks, refill=len(names) == 1)
+            array = _Array(session, objective, self.stop, self.callbacks, refill=len(names) == 1, beats=self.beats,
+                           target=target)
             array.train(claimed)
             if _cancelled(session) is not None:
                 self._end(session, "cancelled")
@@ -142,6 +146,15 @@ class Worker:
 
     def _wanted(self, session: Session) -> int | str:
         return self.array if self.array is not None else session.cfg.train.array
+
+    def _target(self, session: Session, size: int) -> int:
+        """The array's size now: ``size`` as asked for; with ``auto``, for a sampler that
+        learns from finished trials, what the study's progress allows (``array_target``)."""
+        from lrsearch.choices.sampling import array_target
+
+        if self._wanted(session) != "auto":
+            return size
+        return array_target(session.cfg.study.sampler, size, session.finished)
 
     def _array_size(self, session: Session) -> int:
         """Trials of the study to train at once: the size asked for (capped by memory), or
@@ -166,6 +179,7 @@ class Worker:
             ended = self.ended.get(session.study.study_name)
             close_parent(session, "KILLED" if ended == "cancelled" else status, why)
             lines += session.warnings
+        self.beats.stop()
         for url in (self.url, self.tracker.uri):
             checkpoint(url)
         self.store.close()  # idle connections: what follows (summary, report) opens what it needs
@@ -298,14 +312,13 @@ def _cancelled(session: Session) -> dict[str, Any] | None:
     return session.store.get_study_user_attrs(session.study_id).get(attrs.CANCELLED)
 
 
-def _claim(session: Session, count: int = 1) -> list[optuna.trial.Trial] | Any:
-    """Up to ``count`` new trials of the study (none if every open slot is running
-    elsewhere), or ``_DONE`` once the total is reached. Under the store lock: trials whose
-    worker died are failed and queued again (unless the store was just unreachable: then no
-    heartbeat could be written either, and their workers get a grace period to beat again),
-    then the slots are counted and Optuna creates the trials (taking queued ones first).
-    ``_CANCELLED`` for a cancelled study."""
-    study = session.study
+def _claim(session: Session, count: int = 1) -> list[int] | Any:
+    """Up to ``count`` trials of the study to run (their ids; none if every open slot is
+    running elsewhere), or ``_DONE`` once the total is reached. Under the store lock: trials
+    whose worker died are failed and queued again (unless the store was just unreachable:
+    then no heartbeat could be written either, and their workers get a grace period to beat
+    again), then the slots are counted and the trials made, queued ones first, in one
+    transaction. ``_CANCELLED`` for a cancelled study."""
     with store_lock(session.url, session.store.retry) as lock:
         user_attrs = session.store.get_study_user_attrs(session.study_id)
         if user_attrs.get(attrs.CANCELLED) is not None:
@@ -316,12 +329,12 @@ def _claim(session: Session, count: int = 1) -> list[optuna.trial.Trial] | Any:
         heartbeats = session.store.get_heartbeat_interval() is not None
         if heartbeats and session.store.retry.quiet_for(grace_period() + 2 * MAX_RETRY_DELAY_S):
             _fail_stale_trials(session)
-        finished, running = counts(study)
+        states = session.store.count_states(session.study_id)
+        finished = session.finished = sum(states.get(s.name, 0) for s in FINISHED_STATES)
         if finished >= session.target:
             return _DONE
-        with warnings.catch_warnings():  # "heartbeats are meant for optimize": _Array beats itself
-            warnings.simplefilter("ignore", UserWarning)
-            trials = [study.ask() for _ in range(min(count, session.target - finished - running))]
+        trials = session.store.claim_trials(session.study_id,
+                                            min(count, session.target - finished - states.get("RUNNING", 0)))
         if not trials:
             return trials
         faults.point("claimed")
@@ -333,153 +346,180 @@ def _claim(session: Session, count: int = 1) -> list[optuna.trial.Trial] | Any:
     return [t for t in trials if _confirm_claim(session, t) is not None]
 
 
-def _confirm_claim(session: Session, trial: optuna.trial.Trial) -> optuna.trial.Trial | None:
+def _confirm_claim(session: Session, trial_id: int) -> int | None:
     """A trial claimed while the lock's connection dropped (so another worker may have
     claimed at the same time): keep it if the trials numbered before it leave it a slot,
     else end it FAIL at once, untrained, so the study never passes its total."""
+    number = session.store.get_trial(trial_id).number
     ahead = [t for t in session.study.get_trials(deepcopy=False, states=(*FINISHED_STATES, TrialState.RUNNING))
-             if t.number < trial.number]
+             if t.number < number]
     if len(ahead) < session.target:
-        return trial
-    trial.set_user_attr(attrs.REASON, "over the study's total: claimed while the store lock's connection "
-                                     "was lost, by more workers than slots")
-    session.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+        return trial_id
+    session.store.fail_trial(trial_id, {attrs.REASON: "over the study's total: claimed while the store lock's "
+                                                      "connection was lost, by more workers than slots"})
     return None
 
 
 class _Array:
-    """The trials of one study a worker trains at once (``training.fit_array``'s host): each
-    trial's heartbeat from its claim until its MLflow record is sent, its end told to Optuna
-    as soon as it leaves the array (this worker's own ask-and-tell, so that a failure on the
-    way, a second signal included, never leaves a trial RUNNING), and its slot refilled with
-    a new claim while the study has slots open. A trial stopped by a signal, a lost parent
+    """The trials of one study a worker trains at once (``training.fit_array``'s host). At
+    each epoch boundary, in as few transactions as the store allows: the trials whose MLflow
+    run was made since link to it; the trials that ended are told to Optuna together (this
+    worker's own ask-and-tell, so that a failure on the way, a second signal included, never
+    leaves a trial RUNNING); and their slots are refilled with new claims while the study has
+    slots open, sampled together and stored in one transaction. A trial holds its heartbeat
+    from its claim until its MLflow record is sent. A trial stopped by a signal, a lost parent
     or ``cancel --now`` is queued again, as a lost worker's is."""
 
     def __init__(self, session: Session, objective: Objective, stop: StopFlag,
-                 callbacks: Sequence[TrialCallback], refill: bool) -> None:
+                 callbacks: Sequence[TrialCallback], refill: bool, beats: Heartbeats,
+                 target: Callable[[], int] = lambda: 1) -> None:
         self.session = session
+        self.target = target  # how many trials to train at once from now on
         self.objective = objective
         self.stop = stop
         self.callbacks = callbacks
         self.refilling = refill
-        self.open: dict[Member, Heartbeat] = {}  # joined, not yet told
+        self.beats = beats
+        self.open: set[Member] = set()  # joined, not yet told
         self.raised: BaseException | None = None  # the first stop a trial's end raised
         self.trial_stop: TrialStop | None = None
 
-    def train(self, trials: Sequence[optuna.trial.Trial]) -> None:
+    def train(self, trials: Sequence[int]) -> None:
+        """Train the claimed ``trials`` (ids) and the trials claimed as they end."""
         from lrsearch.fit.training import fit_array
 
-        begun = 0
+        joining: list[int] = list(trials)
         try:
             with _watch_cancel(self.session) as cancelled:
                 self.trial_stop = TrialStop(self.stop, cancelled)
-                with self.session.store.sampling():
-                    members = []
-                    for trial in trials:
-                        members += self._join(trial)
-                        begun += 1
+                members = self._join(joining)
+                joining = []
                 with self.stop.interruptible():  # a second signal stops training at once
                     if members:  # none if another worker ended every one before it began
                         fit_array(self.session.cfg, self.session.data, members, self, self.trial_stop)
         except BaseException as e:
-            for trial in trials[begun:]:  # claimed, never begun
-                _fail_untold(self.session, trial, e)
-            for member in list(self.open):
-                self._leave(member, e)
+            for trial_id in joining:  # claimed, never begun
+                _fail_untold(self.session, trial_id, e)
+            self._end(list(self.open), e)
             raise
         if self.raised is not None:
             raise self.raised
 
-    def epoch_end(self, members: Sequence[Member]) -> None:
-        """At each epoch boundary: the trials whose MLflow run was made since the last one
-        link to it (one transaction for all of them)."""
+    def boundary(self, members: Sequence[Member], leaving: Sequence[Member], refill: bool) -> list[Member]:
+        """At an epoch boundary of the fit: link new runs, tell the trials that ended (whatever
+        a second signal: it is raised once they are told), and claim new ones up to the
+        array's size (if ``refill``)."""
+        with self.stop.shielded():
+            self._link(members)
+            self._end(leaving)
+            return self._refill(max(0, self.target() - (len(members) - len(leaving))) if refill else 0)
+
+    def _link(self, members: Sequence[Member]) -> None:
+        """The trials whose MLflow run was made since the last boundary link to it (one transaction)."""
         linked = {m.context.trial._trial_id: found for m in members if (found := self.objective.run_attrs(m))}
         if not linked:
             return
-        with self.stop.shielded():
-            try:
-                self.session.store.set_trials_user_attrs(linked)
-            except UpdateFinishedTrialError:  # one was ended elsewhere: the others one at a time
-                for trial_id, values in linked.items():
-                    with contextlib.suppress(UpdateFinishedTrialError):
-                        self.session.store.set_trials_user_attrs({trial_id: values})
-
-    def leave(self, member: Member) -> None:
-        """A member ended (at an epoch boundary of the fit): its trial told now, whatever a
-        second signal (it is raised once the trial is told, and queued again if it must be)."""
-        with self.stop.shielded():
-            self._leave(member)
-
-    def refill(self, free: int) -> list[Member]:
-        with self.stop.shielded():
-            return self._refill(free)
+        try:
+            self.session.store.set_trials_user_attrs(linked)
+        except UpdateFinishedTrialError:  # one was ended elsewhere: the others one at a time
+            for trial_id, values in linked.items():
+                with contextlib.suppress(UpdateFinishedTrialError):
+                    self.session.store.set_trials_user_attrs({trial_id: values})
 
     def _refill(self, free: int) -> list[Member]:
-        if not self.refilling or self.stop.requested or self.trial_stop is None or self.trial_stop.requested:
+        if (not free or not self.refilling or self.stop.requested or self.trial_stop is None
+                or self.trial_stop.requested):
             return []
         claimed = _claim(self.session, free)
         if claimed is _DONE or claimed is _CANCELLED:
             claimed = []
         if len(claimed) < free:
             self.refilling = False  # the study's open slots are taken: none will open for this array
-        with self.session.store.sampling():
-            return [member for trial in claimed for member in self._join(trial)]
+        return self._join(claimed)
 
-    def _join(self, trial: optuna.trial.Trial) -> list[Member]:
-        """The trial's member, as a list: none if another worker ended the trial first."""
-        beat = Heartbeat(self.session.store, trial._trial_id).start()
-        try:
-            member = self.objective.begin(trial, recorded=beat.stop)
-        except UpdateFinishedTrialError:  # this process paused past the grace period, say
-            beat.stop()
-            self.session.warnings.append(f"trial {trial.number} was ended by another worker before it began here")
-            return []
-        except BaseException:
-            beat.stop()
-            raise
-        self.open[member] = beat
-        return [member]
-
-    def _leave(self, member: Member, error: BaseException | None = None) -> None:
-        session, trial = self.session, member.context.trial
-        beat = self.open.pop(member)
-        value: float | None = None
-        state: TrialState | None
-        requeue = False
+    def _join(self, ids: Sequence[int]) -> list[Member]:
+        """The claimed trials' members, their parameters sampled on one read of the study and
+        stored in one transaction; none for a trial another worker ended first (this process
+        paused past the grace period, say)."""
+        members: list[Member] = []
         assert self.trial_stop is not None
         try:
-            try:
-                value = self.objective.end(member, self.trial_stop, error)
-                state = TrialState.FAIL if error is not None else TrialState.COMPLETE
-                requeue = isinstance(error, (Interrupted, KeyboardInterrupt))
-            except optuna.TrialPruned:
-                state = TrialState.PRUNED
-            except Cancelled:  # `lrsearch cancel --now`: FAIL, and the worker goes on
-                state, requeue = TrialState.FAIL, True
-            except Interrupted as e:  # stopped at the epoch boundary: the others stop there too
-                state, requeue = TrialState.FAIL, True
-                self.raised = self.raised or e
-            except TakenOver:  # ended elsewhere: the tell below reads it, and says so
-                state = None
-        except BaseException:
-            beat.stop()
+            with self.session.store.sampling(self.session.study_id, ids) as ended:
+                for trial_id in ids:
+                    # What study.ask does: the sampler's cache of the study's trials (TPE's, QMC's)
+                    # read again for each trial, here from the window's copy.
+                    self.session.study._thread_local.cached_all_trials = None
+                    trial = optuna.Trial(self.session.study, trial_id)
+                    member = self.objective.begin(trial, recorded=functools.partial(self.beats.release, trial_id))
+                    self.beats.hold(trial_id)
+                    members.append(member)
+        except BaseException as e:
+            self.open.update(members)  # sampled, never trained: ended FAIL with their runs
+            self._end(members, e)
+            for trial_id in ids[len(members):]:
+                _fail_untold(self.session, trial_id, e)
             raise
-        if state != TrialState.COMPLETE:  # a failed trial's NaN is no value to tell
-            value = None
+        for member in [m for m in members if m.context.trial._trial_id in ended]:
+            # Ended by another worker before it began here (this process paused past the grace period, say).
+            self.objective.record(self.objective.taken(self.objective.ending(member, self.trial_stop)))
+            self.session.warnings.append(f"trial {member.context.trial.number} was ended by another worker "
+                                         "before it began here")
+            members.remove(member)
+        self.open.update(members)
+        return members
+
+    def _end(self, members: Sequence[Member], error: BaseException | None = None) -> None:
+        """Tell Optuna how each of ``members`` ended, all in one transaction (after ``error``,
+        out of the fit: FAIL), and hand their MLflow records over; then queue again the ones
+        that must be, and call the callbacks."""
+        members = [m for m in members if m in self.open]
+        if not members:
+            return
+        assert self.trial_stop is not None
+        session = self.session
+        endings = [self.objective.ending(m, self.trial_stop, error) for m in members]
+        told = {e.trial._trial_id: (*e.told(), e.attrs) for e in endings}
         try:
-            frozen = session.study.tell(trial, value, state=state, skip_if_finished=True)  # as stored
-        except Exception as e:  # the sampler's after_trial, say: the trial must not stay RUNNING
-            _fail_untold(session, trial, e)
+            for e in endings:  # as study.tell does, before it stores the state
+                state, values = told[e.trial._trial_id][:2]
+                session.study.sampler.after_trial(session.study, e.trial._cached_frozen_trial, state, values)
+            taken = session.store.end_trials(told)
+        except BaseException as e:  # the trials must not stay RUNNING, nor their runs
+            for ending in endings:
+                _fail_untold(session, ending.trial._trial_id, e)
+                self.open.discard(ending.member)
+                self.objective.record(ending)
             raise
+        for ending in endings:
+            self.open.discard(ending.member)
+            session.finished += ending.state in ("COMPLETE", "PRUNED") and ending.trial._trial_id not in taken
+            if ending.trial._trial_id in taken:  # ended by another worker that found no heartbeat of it
+                ending = self.objective.taken(ending)
+                session.warnings.append(f"trial {ending.trial.number} was marked FAIL by another worker while it "
+                                        f"ran here ({ending.taken.reason if ending.taken else 'no heartbeat'})")
+            self.objective.record(ending)
         faults.point("told")
-        if frozen.state != state:  # ended by another worker that found no heartbeat of it
-            session.warnings.append(f"trial {trial.number} was marked {frozen.state.name} by another worker "
-                                    f"while it ran here ({frozen.user_attrs.get(attrs.REASON, 'no heartbeat')})")
-        elif requeue:
-            _queue_again(session, frozen)
-        if error is None:
-            for callback in self.callbacks:
-                callback(session.study, frozen)
+        for ending in endings:
+            frozen = _frozen(ending)
+            if ending.taken is None and ending.requeue:
+                _queue_again(session, frozen)
+            if isinstance(ending.raises, Interrupted):  # stopped at the epoch boundary: the others stop too
+                self.raised = self.raised or ending.raises
+            if error is None and ending.taken is None:
+                for callback in self.callbacks:
+                    callback(session.study, frozen)
+
+
+def _frozen(ending: Any) -> FrozenTrial:
+    """The trial as its end stored it (``study.tell`` returns as much)."""
+    import datetime
+
+    frozen = copy.copy(ending.trial._cached_frozen_trial)
+    state, values = ending.told()
+    frozen.state, frozen.values = state, values
+    frozen.user_attrs = {**frozen.user_attrs, **ending.attrs}
+    frozen.datetime_complete = datetime.datetime.now()
+    return frozen
 
 
 def _queue_again(session: Session, trial: FrozenTrial) -> bool:
@@ -520,12 +560,12 @@ def _watch_cancel(session: Session) -> Iterator[threading.Event]:
         thread.join()
 
 
-def _fail_untold(session: Session, trial: optuna.trial.Trial, error: Exception) -> None:
+def _fail_untold(session: Session, trial_id: int, error: BaseException) -> None:
     """Mark FAIL, with the reason, a trial that Optuna's tell could not end (unless the
     database itself is out of reach: then its heartbeat stops and a rerun fails it)."""
     try:
-        session.store.fail_trial(trial._trial_id, {attrs.REASON: f"not told: {type(error).__name__}: "
-                                                                f"{first_line(error)}"})
+        session.store.fail_trial(trial_id, {attrs.REASON: f"not told: {type(error).__name__}: "
+                                                         f"{first_line(error)}"})
     except Exception:
         pass
 

@@ -19,37 +19,51 @@ def grace_period() -> int:
     return int(os.environ.get("LRSEARCH_HEARTBEAT_GRACE", "20"))
 
 
-class Heartbeat:
-    """A trial's heartbeat, recorded now and every ``heartbeat_interval()`` seconds on a
-    thread until :meth:`stop` (nothing for a storage without heartbeats). It outlives the
-    trial's training: the worker keeps beating until the trial's MLflow record is sent, so a
-    study's last worker can tell a record on its way (a live worker beats) from one lost
-    with its worker (no beat for the grace period). A beat that fails (an outage longer than
-    the store's window) is tried again at the next interval; the trial meets the same outage."""
+class Heartbeats:
+    """The heartbeats of the trials a worker holds, recorded every ``heartbeat_interval()``
+    seconds on one thread, all in one statement (nothing for a storage without heartbeats).
 
-    def __init__(self, store: Any, trial_id: int) -> None:
+    A trial's first beat is written with its claim (``RetryingStorage.sampling``); it is held
+    until its MLflow record is sent, not only while it trains, so a study's last worker can
+    tell a record on its way (a live worker beats) from one lost with its worker (no beat for
+    the grace period). A beat that fails (an outage longer than the store's window) is tried
+    again at the next interval; the trials meet the same outage.
+    """
+
+    def __init__(self, store: Any) -> None:
         self.store = store
-        self.trial_id = trial_id
+        self._held: set[int] = set()
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def start(self) -> Heartbeat:
-        if self.store.get_heartbeat_interval() is not None:
-            self._thread = threading.Thread(target=self._beat, name="lrsearch-heartbeat", daemon=True)
-            self._thread.start()
-        return self
+    def hold(self, trial_id: int) -> None:
+        """Beat for ``trial_id`` from now on (its first beat is the caller's to write)."""
+        with self._lock:
+            self._held.add(trial_id)
+            if self._thread is None and self.store.get_heartbeat_interval() is not None:
+                self._thread = threading.Thread(target=self._beat, name="lrsearch-heartbeat", daemon=True)
+                self._thread.start()
+
+    def release(self, trial_id: int) -> None:
+        """Stop beating for ``trial_id`` (from any thread; idempotent)."""
+        with self._lock:
+            self._held.discard(trial_id)
 
     def stop(self) -> None:
-        """Stop beating (from any thread; idempotent)."""
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
+        self._thread = None
+        self._stop.clear()
 
     def _beat(self) -> None:
-        while True:
+        while not self._stop.wait(heartbeat_interval()):
+            with self._lock:
+                held = sorted(self._held)
+            if not held:
+                continue
             try:
-                self.store.record_heartbeat(self.trial_id)
+                self.store.record_heartbeats(held)
             except Exception:
                 pass
-            if self._stop.wait(heartbeat_interval()):
-                return

@@ -14,11 +14,12 @@ import uuid
 from collections.abc import Callable, Container, Iterator, Sequence
 from typing import Any, TypeVar
 
-from optuna.exceptions import StorageInternalError
+from optuna.exceptions import StorageInternalError, UpdateFinishedTrialError
 from optuna.storages import BaseStorage
 from optuna.storages._heartbeat import BaseHeartbeat  # the interface fail_stale_trials checks
 
 from lrsearch.core.errors import LrsearchError
+from lrsearch.store import array_writes
 from lrsearch.store.retry import Retry, reason
 
 CLAIM_ATTR = "lrsearch_claim"  # a new trial's token: see RetryingStorage.create_new_trial
@@ -36,21 +37,49 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
         self._engine = engine
         self._window: dict[int, list[Any]] | None = None  # see sampling()
         self._window_thread: int | None = None
+        self._behind: dict[int, list[tuple[Any, ...]]] = {}  # trial id -> its writes held back
 
     @contextlib.contextmanager
-    def sampling(self) -> Iterator[None]:
+    def sampling(self, study_id: int | None = None, new: Sequence[int] = ()) -> Iterator[set[int]]:
         """Sampling the parameters of several new trials in a row (an array's): the study's
-        trials are read once, at the first read, and each parameter (and system attribute:
-        TPE's relative parameters) set meanwhile is written to the database and into that
-        copy. TPE with ``constant_liar`` reads every RUNNING trial at each ``suggest``
-        (Optuna's cache keeps finished trials only), which costs more the more trials run:
-        an array of 16 runs 16. Only the thread that opened the
-        window reads through it (the pruning checks, on their own thread, read the database)."""
+        trials are read once, at the first read, and what is set meanwhile (parameters, TPE's
+        relative parameters and the other attributes) goes into that copy. TPE with
+        ``constant_liar`` reads every RUNNING trial at each ``suggest`` (Optuna's cache keeps
+        finished trials only): an array of 16 runs 16. The writes to the ``new`` trials (just
+        claimed: no other worker writes to them) are held back and made at the end in one
+        transaction, instead of one transaction each; writes
+        to other trials go to the database at once (``study_id``: the new trials' study, read
+        now). Only the thread that opened the window reads and writes through it. It yields
+        the set of new trials found ended at the end (another worker failed them meanwhile,
+        finding no heartbeat): nothing is written to those."""
+        from optuna.exceptions import UpdateFinishedTrialError
+
         self._window, self._window_thread = {}, threading.get_ident()
+        self._behind = {trial_id: [] for trial_id in new}
+        ended: set[int] = set()
+        if study_id is not None:
+            self._window[study_id] = self._do("get_all_trials", study_id, True, None)  # a copy to patch
         try:
-            yield
+            yield ended
         finally:
+            behind, self._behind = self._behind, {}
             self._window = self._window_thread = None
+            rdb = self._rdb
+            while behind:
+                try:
+                    self._call(array_writes.write_claimed, rdb, behind)
+                    break
+                except UpdateFinishedTrialError:  # which: read, and write the others' alone
+                    gone = {t for t in behind if self._inner.get_trial(t).state.is_finished()}
+                    ended |= gone
+                    behind = {t: writes for t, writes in behind.items() if t not in gone}
+
+    def _held_back(self, trial_id: int, *write: Any) -> bool:
+        """Hold back a write to a new trial of the sampling window (see :meth:`sampling`)."""
+        if trial_id not in self._behind or self._window_thread != threading.get_ident():
+            return False
+        self._behind[trial_id].append(write)
+        return True
 
     @property
     def _rdb(self) -> Any:
@@ -148,18 +177,7 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
 
     def set_trials_user_attrs(self, values: dict[int, dict[str, Any]]) -> None:
         """User attributes of several running trials (trial id -> attributes) in one transaction."""
-        rdb = self._rdb
-        self._call(self._set_trials_user_attrs, rdb, values)
-
-    @staticmethod
-    def _set_trials_user_attrs(rdb: Any, values: dict[int, dict[str, Any]]) -> None:
-        from optuna.storages._rdb import models
-        from optuna.storages._rdb.storage import _create_scoped_session
-
-        with _create_scoped_session(rdb.scoped_session, True) as session:
-            for trial_id, attrs in values.items():
-                for key, value in attrs.items():  # Optuna's own per-attribute write, minus its commit
-                    rdb._set_trial_attr_without_commit(session, models.TrialUserAttributeModel, trial_id, key, value)
+        self._call(array_writes.set_user_attrs, self._rdb, values)
 
     def fail_trial(self, trial_id: int, user_attrs: dict[str, Any]) -> bool:
         """End a RUNNING trial FAIL with ``user_attrs`` (its reason), in one transaction that
@@ -193,19 +211,12 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
             trial.datetime_complete = datetime.datetime.now()  # as Optuna writes it
         return True
 
-    def set_trial_intermediate_values(self, values: dict[int, tuple[int, float]]) -> None:
-        """One intermediate value (step, value) for each of several running trials (an
-        array's pruning checks at one epoch), in one transaction."""
-        rdb = self._rdb
-        self._call(self._set_trial_intermediate_values, rdb, values)
-
-    @staticmethod
-    def _set_trial_intermediate_values(rdb: Any, values: dict[int, tuple[int, float]]) -> None:
-        from optuna.storages._rdb.storage import _create_scoped_session
-
-        with _create_scoped_session(rdb.scoped_session, True) as session:
-            for trial_id, (step, value) in values.items():  # Optuna's own write, minus its commit
-                rdb._set_trial_intermediate_value_without_commit(session, trial_id, step, value)
+    def report_trials(self, values: dict[int, tuple[int, float]],
+                      system_attrs: dict[int, dict[str, Any]] | None = None) -> None:
+        """One intermediate value (step, value) for each of several running trials, and
+        system attributes of some of them (what their pruner records), in one transaction:
+        the pruning check of an array's members at one epoch."""
+        self._call(array_writes.report, self._rdb, values, system_attrs or {})
 
     def heartbeat_ages(self, study_id: int, trial_ids: Sequence[int]) -> dict[int, float]:
         """Seconds since each trial's last heartbeat, on the database's clock (trials that
@@ -249,10 +260,25 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
 
     def set_trial_param(self, trial_id: int, param_name: str, param_value_internal: float,
                         distribution: Any) -> None:
-        self._do("set_trial_param", trial_id, param_name, param_value_internal, distribution)
+        if self._held_back(trial_id, "param", param_name, param_value_internal, distribution):
+            self._check_distribution(trial_id, param_name, distribution)
+        else:
+            self._do("set_trial_param", trial_id, param_name, param_value_internal, distribution)
         for trial in self._windowed(trial_id):
             trial.params = {**trial.params, param_name: distribution.to_external_repr(param_value_internal)}
             trial.distributions = {**trial.distributions, param_name: distribution}
+
+    def _check_distribution(self, trial_id: int, name: str, distribution: Any) -> None:
+        """What Optuna checks as it stores a parameter: the same name has a compatible
+        distribution in every trial of the study (the window's copy holds them all)."""
+        from optuna.distributions import check_distribution_compatibility
+
+        study_id = next(sid for sid, trials in (self._window or {}).items()
+                        if any(t._trial_id == trial_id for t in trials))
+        for trial in self.get_all_trials(study_id, deepcopy=False):
+            if name in trial.distributions:
+                check_distribution_compatibility(trial.distributions[name], distribution)
+                return
 
     def _windowed(self, trial_id: int) -> list[Any]:
         """The sampling window's copy of a trial (see :meth:`sampling`), to write into."""
@@ -268,14 +294,22 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
         self._do("set_trial_intermediate_value", trial_id, step, intermediate_value)
 
     def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
-        self._do("set_trial_user_attr", trial_id, key, value)
+        if not self._held_back(trial_id, "user", key, value):
+            self._do("set_trial_user_attr", trial_id, key, value)
+        for trial in self._windowed(trial_id):
+            trial.user_attrs = {**trial.user_attrs, key: value}
 
     def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
-        self._do("set_trial_system_attr", trial_id, key, value)
+        if not self._held_back(trial_id, "system", key, value):
+            self._do("set_trial_system_attr", trial_id, key, value)
         for trial in self._windowed(trial_id):  # TPE's relative params, shared with the liars
             trial.system_attrs = {**trial.system_attrs, key: value}
 
     def get_trial(self, trial_id: int) -> Any:
+        if trial_id in self._behind and self._window_thread == threading.get_ident():
+            found = self._windowed(trial_id)
+            if found:  # with what is held back so far
+                return copy.deepcopy(found[0])
         return self._do("get_trial", trial_id)
 
     def get_all_trials(self, study_id: int, deepcopy: bool = True, states: Container[Any] | None = None) -> list[Any]:
@@ -290,7 +324,90 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
         """Tried once: a heartbeat repeats on its own, every interval, so a live worker's
         beats resume within an interval of the database's return (a retry's backoff would
         hold them back for up to ``MAX_RETRY_DELAY_S``)."""
+        if trial_id in self._behind and self._window_thread == threading.get_ident():
+            return  # written with the window's other writes
         self.retry.once(self._inner.record_heartbeat, trial_id)
+
+    def record_heartbeats(self, trial_ids: Sequence[int]) -> None:
+        """A heartbeat for each of ``trial_ids``, in one transaction, tried once (see
+        :meth:`record_heartbeat`)."""
+        self.retry.once(array_writes.beat, self._rdb, list(trial_ids))
+
+    def end_trials(self, endings: dict[int, tuple[Any, Sequence[float] | None, dict[str, Any]]]) -> set[int]:
+        """End several running trials in one transaction, each (trial id -> state, values,
+        user attributes) as ``study.tell`` stores it after its attributes: the trials of an
+        array that end at one epoch boundary. Returns the trials that had ended already
+        (another worker failed them, finding no heartbeat): left as they were."""
+        def done() -> set[int] | None:
+            taken = set()
+            for trial_id, (state, values, _) in endings.items():
+                current = self._inner.get_trial(trial_id)
+                if not current.state.is_finished():
+                    return None  # not committed: try again
+                if current.state != state or (values is not None and current.values != list(values)):
+                    taken.add(trial_id)
+            return taken
+
+        return self._call(array_writes.end, self._rdb, endings, recover=done)
+
+    def claim_trials(self, study_id: int, count: int) -> list[int]:
+        """Up to ``count`` trials of the study to run, RUNNING from now: its queued ones first
+        (WAITING: retries of lost trials), as Optuna's ``ask`` takes them, then new ones, all
+        made in one transaction. Their ids, in order."""
+        from optuna.trial import TrialState
+
+        taken = []
+        for trial_id in self._waiting(study_id)[:count]:
+            try:
+                if self.set_trial_state_values(trial_id, TrialState.RUNNING):
+                    taken.append(trial_id)
+            except UpdateFinishedTrialError:
+                continue
+        if taken and self.get_heartbeat_interval() is not None:
+            self.record_heartbeats(taken)
+        if len(taken) < count:
+            start = array_writes.utc_now()
+            rdb = self._rdb
+            taken += self._call(array_writes.create_trials, rdb, study_id, count - len(taken), start,
+                                recover=lambda: array_writes.created_at(rdb, study_id, start))
+        return taken
+
+    def _waiting(self, study_id: int) -> list[int]:
+        import sqlalchemy as sa
+        from optuna.storages._rdb import models
+        from optuna.storages._rdb.storage import _create_scoped_session
+        from optuna.trial import TrialState
+
+        def read(rdb: Any) -> list[int]:
+            trials = models.TrialModel.__table__
+            with _create_scoped_session(rdb.scoped_session) as session:
+                return list(session.execute(sa.select(trials.c.trial_id).where(
+                    trials.c.study_id == study_id, trials.c.state == TrialState.WAITING)
+                    .order_by(trials.c.trial_id)).scalars())
+
+        return self._call(read, self._rdb)
+
+    def values_at(self, study_id: int, step: int) -> list[tuple[int, float]]:
+        """(trial number, value) of the study's COMPLETE, RUNNING and PRUNED trials at
+        ``step``: the value reported there, or for a trial pruned before it, its last
+        (``pruners._at``'s rule), in one query."""
+        return self._call(array_writes.values_at, self._rdb, study_id, step)
+
+    def count_states(self, study_id: int) -> dict[str, int]:
+        """The study's trials by state (its name): one query, where ``study.get_trials`` reads
+        every unfinished trial whole."""
+        import sqlalchemy as sa
+        from optuna.storages._rdb import models
+        from optuna.storages._rdb.storage import _create_scoped_session
+
+        def read(rdb: Any) -> dict[str, int]:
+            trials = models.TrialModel.__table__
+            with _create_scoped_session(rdb.scoped_session) as session:
+                return {state.name: n for state, n in session.execute(
+                    sa.select(trials.c.state, sa.func.count()).where(trials.c.study_id == study_id)
+                    .group_by(trials.c.state))}
+
+        return self._call(read, self._rdb)
 
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:  # BaseHeartbeat's interface
         return list(self.stale_heartbeats(study_id))

@@ -26,9 +26,9 @@ Drawing = tuple[Callable[..., Any], tuple[Any, ...], str]
 
 class Runner(Protocol):
     """Where an outbox's jobs run: ``submit(fn, *args)`` runs ``fn(tracker, *args)`` after
-    every job submitted before it."""
+    every job submitted before it (``first``: it may go ahead of those not yet begun)."""
 
-    def submit(self, fn: Callable[..., Any], *args: Any) -> Future: ...
+    def submit(self, fn: Callable[..., Any], *args: Any, first: bool = False) -> Future: ...
 
 
 class ThreadRunner:
@@ -38,7 +38,7 @@ class ThreadRunner:
         self.tracker = tracker
         self._executor: ThreadPoolExecutor | None = None
 
-    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+    def submit(self, fn: Callable[..., Any], *args: Any, first: bool = False) -> Future:
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lrsearch-tracking")
         return self._executor.submit(fn, self.tracker, *args)
@@ -56,11 +56,12 @@ class Outbox:
         self._pending: list[tuple[str, Future]] = []
         self._errors: list[str] = []
 
-    def submit(self, label: str, fn: Callable[..., Any], *args: Any) -> Future:
-        """Run ``fn(tracker, *args)`` in the background; ``label`` names it in errors."""
+    def submit(self, label: str, fn: Callable[..., Any], *args: Any, first: bool = False) -> Future:
+        """Run ``fn(tracker, *args)`` in the background; ``label`` names it in errors;
+        ``first``: ahead of the jobs not yet begun, where the runner can (a trial's new run)."""
         while len(self._pending) >= self.limit:
             self._settle(*self._pending.pop(0))
-        future = self.runner.submit(fn, *args)
+        future = self.runner.submit(fn, *args, first=first)
         self._pending.append((label, future))
         return future
 
@@ -100,7 +101,7 @@ class TrialRecord:
               params: dict[str, Any], inputs: Sequence[Mapping[str, Any]] = ()) -> None:
         """Create the run and log its params and datasets while the trial trains."""
         self._opened = outbox.submit(f"trial {self.number}", open_trial_run, experiment_id, parent_run_id,
-                                     study, self.number, params, list(inputs))
+                                     study, self.number, params, list(inputs), first=True)
 
     def opened(self, wait: bool = True) -> tuple[str | None, str | None]:
         """(the run's id, what went wrong) once the run is made; (None, None) while it is not

@@ -35,6 +35,8 @@ from lrsearch.core.errors import LrsearchError, first_line
 from lrsearch.track.outbox import Outbox
 
 _OPEN, _CLOSE = "open", "close"  # a request's function field for a handle's store
+_NO_STORE = 0  # the store key of requests that need none (handles count from 1)
+DEBUG_ENV = "LRSEARCH_DEBUG"  # set by the CLI's --debug: the process's stderr is the worker's
 
 
 class RemoteError(LrsearchError):
@@ -73,8 +75,8 @@ class TrackingProcess:
             if self._opened is None:
                 # This process's environment goes along (MLflow's HTTP limits, the outage
                 # window): the process may have been started before it changed.
-                self._opened = self._child.request("job", self._key, _OPEN, (self.uri, self.worker, dict(os.environ)),
-                                                   {})
+                self._opened = self._child.request("first", self._key, _OPEN,
+                                                   (self.uri, self.worker, dict(os.environ)), {})
 
     def ready(self) -> None:
         """Open the store there and wait until it is; raise its error if it could not be."""
@@ -87,10 +89,11 @@ class TrackingProcess:
         self.ready()
         return self._child.request("call", self._key, fn, args, kwargs).result()
 
-    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
-        """``fn(tracker, *args)`` in the tracking process, after every job submitted before it."""
+    def submit(self, fn: Callable[..., Any], *args: Any, first: bool = False) -> Future:
+        """``fn(tracker, *args)`` in the tracking process, after every job submitted before it
+        (``first``: before the others not yet begun, after those submitted ``first`` too)."""
         self.open()
-        return self._child.request("job", self._key, fn, args, {})
+        return self._child.request("first" if first else "job", self._key, fn, args, {})
 
     def outbox(self) -> Outbox:
         """An outbox of jobs run there, in order (a submit waits only past a long backlog)."""
@@ -102,6 +105,23 @@ class TrackingProcess:
         if name.startswith("_") or not callable(getattr(Tracker, name, None)):
             raise AttributeError(name)
         return lambda *args, **kwargs: self.run(_method, name, args, kwargs)
+
+    def prepare_models(self) -> None:
+        """Have the process import what logging a model needs (torch, pandas, MLflow's pyfunc:
+        seconds) on a thread of its own now, while it has little to do, rather than when
+        the study ends and registers its model."""
+        self._child.request("first", _NO_STORE, _import, ("mlflow.models", "mlflow.pyfunc", "pandas", "torch"), {})
+
+    def prepare_report(self) -> None:
+        """Have the process import what drawing a report needs (matplotlib, Optuna's plots),
+        ahead, as :meth:`prepare_models` does: it draws some of the figures (``start``)."""
+        self._child.request("first", _NO_STORE, _import, ("matplotlib.pyplot", "optuna.visualization.matplotlib",
+                                                          "optuna.importance", "lrsearch.results.report"), {})
+
+    def start(self, fn: Callable[..., Any], *args: Any) -> Future:
+        """``fn(None, *args)`` in the tracking process, not waited for: work that needs no
+        store (drawing some of a report's figures while this process draws the others)."""
+        return self._child.request("call", _NO_STORE, fn, args, {})
 
     def run_url(self, experiment_id: str, run_id: str) -> str:
         from lrsearch.track.tracking import run_url
@@ -157,7 +177,9 @@ class _Child:
         try:
             self.proc = subprocess.Popen([sys.executable, "-m", "lrsearch.track.process", str(theirs.fileno()), kind],
                                          pass_fds=(theirs.fileno(),), env=env, stdin=subprocess.DEVNULL,
-                                         stdout=subprocess.DEVNULL)
+                                         stdout=subprocess.DEVNULL,
+                                         # Its errors come back as answers; its own stderr only with --debug.
+                                         stderr=None if os.environ.get(DEBUG_ENV) else subprocess.DEVNULL)
         finally:
             theirs.close()
         self._socket = ours  # shut for writing at the end: the process reads its end of file
@@ -248,6 +270,20 @@ def _method(tracker: Any, name: str, args: tuple, kwargs: dict) -> Any:
     return getattr(tracker, name)(*args, **kwargs)
 
 
+def _import(tracker: Any, *modules: str) -> None:
+    """Import ``modules`` on a thread of the tracking process's own (it goes on meanwhile)."""
+    import importlib
+
+    def imports() -> None:
+        for module in modules:
+            try:
+                importlib.import_module(module)
+            except Exception:  # the work that needs it says what is wrong
+                return
+
+    threading.Thread(target=imports, name="lrsearch-imports", daemon=True).start()
+
+
 # -- the tracking process itself ------------------------------------------------------------
 
 def _error(e: BaseException) -> tuple[str, int, str]:
@@ -318,6 +354,8 @@ def main(fd: int, kind: str) -> None:
                 if store.error is not None:
                     raise store.error
                 value = None
+            elif key == _NO_STORE:
+                value = fn(None, *args, **kwargs)
             else:
                 store = stores[key]
                 store.made.wait()
@@ -333,13 +371,23 @@ def main(fd: int, kind: str) -> None:
             return
         reply(request, True, value)
 
-    lanes: dict[str, queue.Queue] = {"job": queue.Queue(), "call": queue.Queue()}
+    # Two lanes, each a thread: jobs in order ("first" ones ahead of the others: a trial's run
+    # is made as it starts, however many finished trials' records wait), and calls, which
+    # the worker waits for.
+    jobs: queue.PriorityQueue = queue.PriorityQueue()
+    calls: queue.Queue = queue.Queue()
+    order = itertools.count()
 
-    def serve(lane: queue.Queue) -> None:
-        while (item := lane.get()) is not None:
+    def serve_jobs() -> None:
+        while (item := jobs.get())[2] is not None:
+            handle(*item[2])
+
+    def serve_calls() -> None:
+        while (item := calls.get()) is not None:
             handle(*item)
 
-    threads = [threading.Thread(target=serve, args=(lane,), name=f"lrsearch-{kind}s") for kind, lane in lanes.items()]
+    threads = [threading.Thread(target=serve_jobs, name="lrsearch-jobs"),
+               threading.Thread(target=serve_calls, name="lrsearch-calls")]
     for thread in threads:
         thread.start()
     while True:
@@ -347,9 +395,12 @@ def main(fd: int, kind: str) -> None:
             request, lane, key, payload = conn.recv()
         except (EOFError, OSError):
             break
-        lanes[lane].put((request, key, payload))
-    for lane in lanes.values():
-        lane.put(None)
+        if lane == "call":
+            calls.put((request, key, payload))
+        else:
+            jobs.put((0 if lane == "first" else 1, next(order), (request, key, payload)))
+    jobs.put((2, next(order), None))
+    calls.put(None)
     for thread in threads:
         thread.join()
     for store in stores.values():

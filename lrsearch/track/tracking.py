@@ -94,6 +94,24 @@ class Tracker:
     def ready(self) -> None:
         """Nothing to wait for (a tracking process's handle waits for its store there)."""
 
+    def prepare_models(self) -> None:
+        """Nothing here (a tracking process imports what logging a model needs ahead)."""
+
+    def prepare_report(self) -> None:
+        """Nothing here (a tracking process imports what drawing a report needs ahead)."""
+
+    def start(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(None, *args)``, here and now (a tracking process's handle runs it there,
+        meanwhile); a finished future."""
+        from concurrent.futures import Future
+
+        done: Future = Future()
+        try:
+            done.set_result(fn(None, *args))
+        except Exception as e:
+            done.set_exception(e)
+        return done
+
     def check(self) -> None:
         """Raise :class:`TrackingError` naming the URI if the store does not answer."""
         try:
@@ -272,6 +290,12 @@ class Tracker:
         """A run's metric histories: (step, value) per key, in step order."""
         return {key: sorted((m.step, m.value) for m in self._call(self.client.get_metric_history, run_id, key))
                 for key in keys}
+
+    def histories(self, run_ids: Iterable[str], keys: Iterable[str]) -> dict[str, dict[str, list[tuple[int, float]]]]:
+        """:meth:`curves` of several runs (run id -> curves), in one call (a round trip to a
+        tracking process)."""
+        keys = list(keys)
+        return {run_id: self.curves(run_id, keys) for run_id in run_ids}
 
     def log_dir(self, run_id: str, folder: Path, artifact_path: str | None = None) -> None:
         """Upload every file in ``folder`` as artifacts of ``run_id``."""
