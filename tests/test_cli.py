@@ -88,16 +88,18 @@ def test_run_then_best_on_the_embedded_default(cli, write_study, tmp_path):
     # (an embedded store: no UI known) where a tracking server would give its page.
     split = lambda line: re.split(r"\s{2,}", line.strip())
     summary = lines[1:lines.index(links[0])]
-    assert split(summary[0]) == ["number", "value", "state", "params", "duration_s", "mlflow"]
+    assert split(summary[0]) == ["number", "value", "state", "params", "duration_s", "wall_s", "mlflow"]
     by_run = [split(line) for line in summary[1:]]
     by_best = [split(line)[1:] for line in cli("best", "tiny").stdout.splitlines()[1:-1]]  # without rank, model
     assert len(by_run) == 2 and by_best == by_run  # durations too: one rounding (results.duration_s)
-    assert by_best[0][5] == rows[0]["mlflow_run_id"]
+    assert by_best[0][6] == rows[0]["mlflow_run_id"]
+    # Its share of the array's training time beside its wall time (claim to end).
+    assert all(float(r[4]) <= float(r[5]) for r in by_run)
     assert by_best[0][3] == " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                      for k, v in rows[0]["params"].items())
     csv_out = cli("best", "tiny", "--format", "csv")
     assert csv_out.stdout.splitlines()[0] == ("rank,number,value,state,params,optimizer,lr,momentum,schedule,"
-                                              "duration_s,mlflow_run_id,mlflow,mlflow_status,val_acc,val_loss,train_loss,model")
+                                              "duration_s,wall_s,mlflow_run_id,mlflow,mlflow_status,val_acc,val_loss,train_loss,model")
 
     sql = cli("sql", "select optimizer, max(value) as best from best_trials group by optimizer", "--format", "json")
     assert sql.returncode == 0, sql.stderr

@@ -98,12 +98,15 @@ def test_a_minimize_study_report_ranks_complete_before_pruned_with_why_and_where
     for row in rows:
         t = trials[int(row[1])]
         assert row[2] == t.state.name and row[4] == str(t.user_attrs["epochs_trained"])
-        assert float(row[5]) == pytest.approx(t.duration.total_seconds(), abs=0.051)
-        assert row[7] == (t.user_attrs.get("reason") or "")
+        # Its share of its array's training time, then its wall time (claim to end).
+        assert float(row[5]) == pytest.approx(t.user_attrs["train_seconds"], abs=0.0051)
+        assert float(row[6]) == pytest.approx(t.duration.total_seconds(), abs=0.0051)
+        assert float(row[5]) < float(row[6])
+        assert row[8] == (t.user_attrs.get("reason") or "")
         run_id = t.user_attrs["mlflow_run_id"]
-        assert row[8] == (f'<a href="http://127.0.0.1:5000/#/experiments/{result.experiment_id}/runs/{run_id}'
+        assert row[9] == (f'<a href="http://127.0.0.1:5000/#/experiments/{result.experiment_id}/runs/{run_id}'
                           f'?workflowType=machine_learning">{run_id[:8]}</a>')
-    assert rows[-1][7].startswith("non-finite train/loss at epoch ")
+    assert rows[-1][8].startswith("non-finite train/loss at epoch ")
     # With momentum searched beside lr: Optuna's contour of the two.
     assert (tmp_path / "mini" / "contour_lr_momentum.png").is_file()
 

@@ -84,25 +84,33 @@ def _fill_durations(storage: str) -> optuna.Study:
     from datetime import datetime, timedelta
 
     study = optuna.create_study(storage=open_storage(storage), study_name="durations")
-    for start, complete, _ in DURATIONS:
+    for i, (start, complete, _) in enumerate(DURATIONS):
         day = datetime(2026, 11, 30)
         begun, ended = (datetime.combine(day, datetime.strptime(x, "%H:%M:%S.%f").time()) for x in (start, complete))
-        trial = create_trial(value=1.0, params={"lr": 0.1}, distributions={"lr": FloatDistribution(0.0, 1.0)})
+        # The first trial trained in an array: its duration is its share of the array's training.
+        attrs = {"train_seconds": TRAIN_SHARE} if i == 0 else {}
+        trial = create_trial(value=1.0, params={"lr": 0.1}, distributions={"lr": FloatDistribution(0.0, 1.0)},
+                             user_attrs=attrs)
         trial.datetime_start, trial.datetime_complete = begun, ended if ended >= begun else ended + timedelta(days=1)
         study.add_trial(trial)
     return study
 
 
+TRAIN_SHARE = 0.125
+
+
 def _durations_agree(storage: str, tracking: str | None = None) -> None:
-    from lrsearch.results.ranking import duration_s
+    from lrsearch.results.ranking import duration_s, wall_s
 
     study = _fill_durations(storage)
-    expected = [d for _, _, d in DURATIONS]
+    walls = [d for _, _, d in DURATIONS]
+    expected = [TRAIN_SHARE] + walls[1:]
     assert [duration_s(t) for t in study.trials] == expected  # read back from the store
+    assert [wall_s(t) for t in study.trials] == walls
     with ResultsDatabase(storage, tracking) as db:
-        rows = db.query("SELECT trial_number, duration_s FROM trials WHERE study_name = 'durations' "
+        rows = db.query("SELECT trial_number, duration_s, wall_s FROM trials WHERE study_name = 'durations' "
                         "ORDER BY trial_number").rows
-        assert [r[1] for r in rows] == expected
+        assert [r[1] for r in rows] == expected and [r[2] for r in rows] == walls
         mean = db.query("SELECT mean_trial_s FROM studies WHERE study_name = 'durations'").rows[0][0]
         assert abs(mean - sum(expected) / len(expected)) < 1e-12
 

@@ -78,6 +78,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = _study_config(args)
     tracker = TrackingProcess(tracking_uri(args.tracking_uri), args.worker_index or 0)  # MLflow, imported meanwhile
+    if not args.no_report:
+        tracker.prepare_report()  # it draws some of the report's figures
     try:
         result = _run(args, cfg, workers=args.workers, tracker=tracker)
         print_result(result.study, result.target, result.experiment_id, result.parent_run_id, args.tracking_uri,
@@ -277,7 +279,7 @@ def cmd_best(args: argparse.Namespace) -> int:
             best_trials_sql(args.storage, args.tracking_uri, args.name, args.top)]
     columns = ["rank", *TRIAL_COLUMNS] if args.format == "table" else [
         "rank", "number", "value", "state", "params", "optimizer", "lr", "momentum", "schedule",
-        "duration_s", "mlflow_run_id", "mlflow", "mlflow_status", "val_acc", "val_loss", "train_loss", "model"]
+        "duration_s", "wall_s", "mlflow_run_id", "mlflow", "mlflow_status", "val_acc", "val_loss", "train_loss", "model"]
     print(format_rows(rows, args.format, columns) if rows or args.format != "table" else "(no completed trials)")
     made = next((r for r in rows if r["model"]), None)  # the row of the trial the model was made from
     if args.format == "table" and made:

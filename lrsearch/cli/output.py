@@ -13,7 +13,7 @@ from lrsearch.core.errors import WARNING_PREFIX
 
 # `run`'s summary and `best`: the same columns (mlflow: the run's page on a tracking server,
 # else its id).
-TRIAL_COLUMNS = ["number", "value", "state", "params", "duration_s", "mlflow"]
+TRIAL_COLUMNS = ["number", "value", "state", "params", "duration_s", "wall_s", "mlflow"]
 
 
 def format_rows(rows: list[dict[str, Any]], fmt: str, columns: list[str] | None = None) -> str:
@@ -47,12 +47,19 @@ def _cell(value: Any, fmt: str) -> str:
 
 
 class Progress:
-    """Trials n/N (COMPLETE + PRUNED) and the best value so far, on stderr."""
+    """Trials n/N (COMPLETE + PRUNED) and the best value so far, on stderr: counted from the
+    trials that end here, and read from the store (where other workers' trials count too)
+    at most every ``REFRESH_S`` (a read of the whole study costs more than an array's trial)."""
+
+    REFRESH_S = 1.0
 
     def __init__(self, name: str, enabled: bool = True) -> None:
         self.name = name
         self.enabled = enabled
         self.bar: Any = None
+        self._read_at = 0.0
+        self._best: tuple[float, int] | None = None
+        self._maximize = True
 
     def start(self, total: int, done: int) -> None:
         if not self.enabled:
@@ -63,19 +70,39 @@ class Progress:
                         file=sys.stderr, dynamic_ncols=True)
 
     def __call__(self, study: Any, trial: Any) -> None:
-        self.refresh(study)
-
-    def refresh(self, study: Any) -> None:
-        """Show the study's state as its store has it (any worker's trials count)."""
-        from lrsearch.results.ranking import best_trials, count_finished
+        import time
 
         if self.bar is None:
             return
+        if time.monotonic() - self._read_at >= self.REFRESH_S:
+            self.refresh(study)
+            return
+        if trial.state.name in ("COMPLETE", "PRUNED"):
+            self.bar.n = min(self.bar.n + 1, self.bar.total)
+        if trial.state.name == "COMPLETE" and trial.value is not None and (
+                self._best is None or (trial.value > self._best[0]) == self._maximize and trial.value != self._best[0]):
+            self._show_best(trial.value, trial.number)
+        self.bar.refresh()
+
+    def refresh(self, study: Any) -> None:
+        """Show the study's state as its store has it (any worker's trials count)."""
+        import time
+
+        from lrsearch.results.ranking import best_trials, count_finished, direction
+
+        if self.bar is None:
+            return
+        self._read_at = time.monotonic()
+        self._maximize = direction(study) == "maximize"
         self.bar.n = min(count_finished(study), self.bar.total)
         best = best_trials(study, 1)
         if best:
-            self.bar.set_postfix_str(f"best {best[0]['value']:.4g} (trial {best[0]['number']})", refresh=False)
+            self._show_best(best[0]["value"], best[0]["number"])
         self.bar.refresh()
+
+    def _show_best(self, value: float, number: int) -> None:
+        self._best = (value, number)
+        self.bar.set_postfix_str(f"best {value:.4g} (trial {number})", refresh=False)
 
     def __enter__(self) -> Progress:
         return self

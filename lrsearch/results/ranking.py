@@ -66,14 +66,26 @@ def trial_record(t: FrozenTrial) -> dict[str, Any]:
     views' ``params``; the defaults a trial also trained with are in its
     ``hyperparameters`` attribute and its MLflow run's params."""
     return {"number": t.number, "value": t.value, "state": t.state.name, "params": in_sampling_order(t.params),
-            "duration_s": duration_s(t), "mlflow_run_id": t.user_attrs.get(attrs.MLFLOW_RUN)}
+            "duration_s": duration_s(t), "wall_s": wall_s(t), "mlflow_run_id": t.user_attrs.get(attrs.MLFLOW_RUN)}
 
 
 def duration_s(t: FrozenTrial) -> float | None:
     """A trial's duration as every view shows it (``run``, ``best``, the SQL views, the
-    description, the report): from its stored start to its stored completion, in whole
-    milliseconds (rounded half away from zero), in seconds. The views compute the same from
-    the stored times (the ``seconds`` macro in queries.py), so one trial shows one number."""
+    description, the report): the time it trained, which for a trial of an array is its
+    share of the array's (each epoch's time divided among the members that trained it, the
+    ``train_seconds`` attribute: what it would have taken alone in an array of one, roughly,
+    divided by the array's speed-up), so that trials compare whatever array they ran in; a
+    trial without it (stored before, or failed early), :func:`wall_s`. The views read the
+    same."""
+    seconds = t.user_attrs.get(attrs.TRAIN_SECONDS)
+    return float(seconds) if isinstance(seconds, (int, float)) else wall_s(t)
+
+
+def wall_s(t: FrozenTrial) -> float | None:
+    """A trial's wall time: from its stored start (its claim) to its stored completion, in
+    whole milliseconds (rounded half away from zero), in seconds; the arrays' trials all
+    share their array's wall time. The views compute the same from the stored times (the
+    ``seconds`` macro in queries.py), so one trial shows one number."""
     if t.datetime_start is None or t.datetime_complete is None:
         return None
     micro = (t.datetime_complete - t.datetime_start) // timedelta(microseconds=1)  # exact

@@ -16,7 +16,7 @@ from lrsearch.core import attrs
 from lrsearch.results.descriptions import write_study_note
 from lrsearch.core.names import DEFAULT_UI_PORT, NOTE_FIGURES, PREVIEW_DIR
 from lrsearch.choices.optimizers import OPTIMIZERS
-from lrsearch.results.ranking import best_so_far, direction, duration_s, load_study, ranking
+from lrsearch.results.ranking import best_so_far, direction, duration_s, load_study, ranking, wall_s
 from lrsearch.choices.space import in_sampling_order
 from lrsearch.store.folders import report_dir
 from lrsearch.store.urls import storage_url, tracking_uri
@@ -108,6 +108,7 @@ class TrialCurves:
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     epochs: int | None = None
     duration_s: float | None = None
+    wall_s: float | None = None
     reason: str | None = None
     run_id: str | None = None
 
@@ -119,14 +120,15 @@ class TrialCurves:
         return points[-1][1] if points else None
 
 
-def collect(study: Any, tracker: Tracker, states: Sequence[str] = ("COMPLETE", "PRUNED")) -> list[TrialCurves]:
-    """The study's trials in ``states`` with their MLflow metric histories."""
+def collect(study: Any, tracker: Tracker | None, states: Sequence[str] = ("COMPLETE", "PRUNED")) -> list[TrialCurves]:
+    """The study's trials in ``states``, with their MLflow metric histories if ``tracker``
+    is given (else :func:`with_curves` reads those of the trials that need them)."""
     trials = []
     for t in study.get_trials(deepcopy=False):
         if t.state.name not in states:
             continue
         run_id = t.user_attrs.get(attrs.MLFLOW_RUN)
-        curves = tracker.curves(run_id, CURVE_KEYS) if run_id else {}
+        curves: dict[str, list[tuple[int, float]]] = {}
         value = t.value
         if value is None and t.intermediate_values:  # pruned: its last report is what was judged
             value = t.intermediate_values[max(t.intermediate_values)]
@@ -134,9 +136,17 @@ def collect(study: Any, tracker: Tracker, states: Sequence[str] = ("COMPLETE", "
             t.number, t.state.name, value, in_sampling_order(t.params),
             dict(t.user_attrs.get(attrs.HYPERPARAMETERS, t.params)), curves,
             epochs=t.user_attrs.get(attrs.EPOCHS_TRAINED),
-            duration_s=duration_s(t),
+            duration_s=duration_s(t), wall_s=wall_s(t),
             reason=t.user_attrs.get(attrs.REASON), run_id=run_id))
-    return trials
+    return trials if tracker is None else with_curves(trials, tracker)
+
+
+def with_curves(trials: Sequence[TrialCurves], tracker: Any) -> list[TrialCurves]:
+    """``trials`` with their metric histories (``CURVE_KEYS``), read in one call."""
+    histories = tracker.histories([t.run_id for t in trials if t.run_id], CURVE_KEYS)
+    for t in trials:
+        t.curves = histories.get(t.run_id, {}) if t.run_id else {}
+    return list(trials)
 
 
 def varied_params(trials: Sequence[TrialCurves]) -> list[str]:
@@ -151,7 +161,7 @@ def varied_params(trials: Sequence[TrialCurves]) -> list[str]:
 def build_report(study: Any, tracker: Tracker, out: Path, grid: bool) -> list[Path]:
     """Write the study's figures (PNG) and one self-contained HTML page into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    every = collect(study, tracker, ("COMPLETE", "PRUNED", "FAIL"))
+    every = collect(study, None, ("COMPLETE", "PRUNED", "FAIL"))
     trials = [t for t in every if t.state != "FAIL"]
     name = study.study_name
     way = direction(study)
@@ -159,25 +169,50 @@ def build_report(study: Any, tracker: Tracker, out: Path, grid: bool) -> list[Pa
     # The table: ranked, then the trials with no value to rank (diverged at once, failed).
     unranked = sorted((t for t in every if t not in ranked), key=lambda t: (t.state == "FAIL", t.number))
     figures: list[Path] = []
+    # The curves the figures draw: every trial's on a grid, else the best trials' learning rates.
+    with_curves(trials if grid else [t for t in ranked if t.state == "COMPLETE"][:TOP_CURVES], tracker)
     if grid and trials:
         figures.append(plot_grid(trials, name, out / "grid_accuracy.png"))
         figures.append(plot_grid_lr(trials, name, out / "grid_lr.png"))
     user_attrs = study.user_attrs  # read once: each access is a query
     objective = f"objective ({user_attrs.get(attrs.METRIC, 'value')})"
+    # Optuna's figures, drawn meanwhile by the tracker's process (here, for a tracker in this one).
+    elsewhere = tracker.start(draw_optuna_figures, name, way, study.get_trials(deepcopy=False), str(out))
     figures.append(plot_history(trials, name, way, objective, out / "optimization_history.png"))
     figures.append(plot_objective_vs_lr(trials, name, objective, out / "objective_vs_lr.png"))
     if not grid:
         top = [t for t in ranked if t.state == "COMPLETE"][:TOP_CURVES]
         if any(t.curves.get("lr") for t in top):
             figures.append(plot_lr_curves(top, name, out / "lr_curves.png"))
-    for plot in (plot_importances, plot_parallel_coordinate, plot_slices, plot_contour):
-        path = plot(study, name, out)
-        if path is not None:
-            figures.append(path)
+    figures += [Path(path) for path in elsewhere.result()]
     _previews([p for p in figures if p.name in NOTE_FIGURES], out / PREVIEW_DIR)
     figures.append(write_html(name, ranked + unranked, figures, out / "report.html", tracker, way,
                               user_attrs.get(attrs.EXPERIMENT)))
     return figures
+
+
+def draw_optuna_figures(tracker: Any, name: str, way: str, trials: Sequence[Any], out: str) -> list[str]:
+    """Optuna's figures of a study (its ``trials``) into ``out``: importances, parallel
+    coordinates, slices and the lr-momentum contour, those it has something to show in. A
+    function of plain data, so that the tracking process draws them while the worker draws
+    the others (``tracker`` is not used)."""
+    import logging
+    import warnings
+
+    import optuna
+
+    logger = logging.getLogger("optuna")
+    level = logger.level
+    logger.setLevel(logging.WARNING)  # not "a new study created in memory"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study = optuna.create_study(study_name=name, direction=way)  # in memory: a copy to draw from
+            study.add_trials([t for t in trials if t.state.name in ("COMPLETE", "PRUNED")])
+    finally:
+        logger.setLevel(level)
+    return [str(path) for plot in (plot_importances, plot_parallel_coordinate, plot_slices, plot_contour)
+            if (path := plot(study, name, Path(out))) is not None]
 
 
 def _previews(figures: Sequence[Path], folder: Path) -> None:
@@ -649,12 +684,16 @@ def _overlap(labels: Sequence[tuple[float, Any]]) -> bool:
     return any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
 
 
+def _seconds(s: float | None) -> str:
+    return "" if s is None else f"{s:.2f}"
+
+
 def write_html(name: str, rows: Sequence[TrialCurves], figures: Sequence[Path], path: Path,
                tracker: Tracker | None = None, way: str = "maximize", experiment_id: str | None = None) -> Path:
     """One self-contained page: the figures inline, full width, and a table of the trials in
     ``rows``' order (the study's ranking: its direction, COMPLETE before PRUNED, then trials
     without a value) with their
-    epochs, duration, why they stopped and a link to their MLflow run."""
+    epochs, training seconds (its share of its array's), wall seconds, why they stopped and a link to their MLflow run."""
     def link(t: TrialCurves) -> str:
         if not t.run_id:
             return ""
@@ -669,7 +708,7 @@ def write_html(name: str, rows: Sequence[TrialCurves], figures: Sequence[Path], 
     table = "".join(
         f"<tr><td>{rank if ranked(t) else ''}</td><td>{t.number}</td><td>{t.state}</td>"
         f"<td>{'' if t.value is None else f'{t.value:.4f}'}</td><td>{'' if t.epochs is None else t.epochs}</td>"
-        f"<td>{'' if t.duration_s is None else f'{t.duration_s:.1f}'}</td>"
+        f"<td>{_seconds(t.duration_s)}</td><td>{_seconds(t.wall_s)}</td>"
         f"<td>{html.escape(_label(t, []))}</td><td>{html.escape(t.reason or '')}</td><td>{link(t)}</td></tr>"
         for rank, t in enumerate(rows, 1))
     images = "".join(
@@ -684,7 +723,7 @@ def write_html(name: str, rows: Sequence[TrialCurves], figures: Sequence[Path], 
         "tr:nth-child(even){background:#f4f4f4}</style></head>"
         f"<body><h1>lrsearch report: {html.escape(name)}</h1>{images}"
         f"<h2>Trials, best first ({way}; COMPLETE before PRUNED, then trials without a value){where}</h2>"
-        "<table><tr><th>rank</th><th>trial</th><th>state</th><th>objective</th><th>epochs</th><th>s</th>"
+        "<table><tr><th>rank</th><th>trial</th><th>state</th><th>objective</th><th>epochs</th><th>training s</th><th>wall s</th>"
         f"<th>params</th><th>why it stopped</th><th>MLflow run</th></tr>{table}</table></body></html>")
     return path
 

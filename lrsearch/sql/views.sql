@@ -27,7 +27,10 @@ SELECT
        FROM optuna.trial_params p WHERE p.trial_id = t.trial_id) AS params,
     t.datetime_start,
     t.datetime_complete,
-    {seconds: t.datetime_start ;; t.datetime_complete} AS duration_s,
+    -- Its training time (its share of its array's: results.duration_s), else its wall time.
+    COALESCE(CAST({scalar: ts.value_json} AS DOUBLE PRECISION),
+             {seconds: t.datetime_start ;; t.datetime_complete}) AS duration_s,
+    {seconds: t.datetime_start ;; t.datetime_complete} AS wall_s,
     r.run_uuid AS mlflow_run_id,
     r.status AS mlflow_status,
     {final_metric: val/acc} AS val_acc,
@@ -40,6 +43,7 @@ LEFT JOIN optuna.study_directions sd ON sd.study_id = t.study_id AND sd.objectiv
 LEFT JOIN optuna.trial_values tv ON tv.trial_id = t.trial_id AND tv.objective = 0
 LEFT JOIN optuna.trial_user_attributes hp ON hp.trial_id = t.trial_id AND hp.key = {attr: hyperparameters}
 LEFT JOIN optuna.trial_user_attributes ra ON ra.trial_id = t.trial_id AND ra.key = {attr: mlflow_run}
+LEFT JOIN optuna.trial_user_attributes ts ON ts.trial_id = t.trial_id AND ts.key = {attr: train_seconds}
 LEFT JOIN mlflow.runs r ON r.run_uuid = {scalar: ra.value_json};
 
 {trial_lookup}
@@ -50,7 +54,7 @@ LEFT JOIN mlflow.runs r ON r.run_uuid = {scalar: ra.value_json};
 SELECT
     ranked.rank, ranked.study_name, tr.trial_number, tr.state, tr.value, tr.direction,
     tr.optimizer, tr.lr, tr.momentum, tr.schedule, tr.params, tr.datetime_start,
-    tr.datetime_complete, tr.duration_s, tr.mlflow_run_id, tr.mlflow_status, tr.val_acc,
+    tr.datetime_complete, tr.duration_s, tr.wall_s, tr.mlflow_run_id, tr.mlflow_status, tr.val_acc,
     tr.val_loss, tr.train_loss, tr.trial_id
 FROM (
     SELECT
@@ -109,10 +113,12 @@ SELECT
     CASE WHEN ia.value_json <> 'null' THEN ia.value_json END AS interrupted,
     CASE WHEN ma.value_json <> 'null' THEN ma.value_json END AS model,
     AVG(CASE WHEN t.state IN ('COMPLETE', 'PRUNED')
-             THEN {seconds: t.datetime_start ;; t.datetime_complete} END) AS mean_trial_s
+             THEN COALESCE(CAST({scalar: ts.value_json} AS DOUBLE PRECISION),
+                           {seconds: t.datetime_start ;; t.datetime_complete}) END) AS mean_trial_s
 FROM optuna.studies s
 LEFT JOIN optuna.study_directions sd ON sd.study_id = s.study_id AND sd.objective = 0
 LEFT JOIN optuna.trials t ON t.study_id = s.study_id
+LEFT JOIN optuna.trial_user_attributes ts ON ts.trial_id = t.trial_id AND ts.key = {attr: train_seconds}
 LEFT JOIN {view: best_trials} b ON b.study_name = s.study_name AND b.rank = 1
 LEFT JOIN optuna.study_user_attributes pa ON pa.study_id = s.study_id AND pa.key = {attr: parent_run}
 LEFT JOIN optuna.study_user_attributes ea ON ea.study_id = s.study_id AND ea.key = {attr: experiment}
