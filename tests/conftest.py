@@ -45,6 +45,8 @@ decay = 0.01
 
 
 # A study for server-mode tests: format with name, trials, epochs (and seed, extra tables).
+# One trial at a time: these tests follow single trials through workers and faults (a
+# worker's --array overrides it; tests/test_arrays.py has the arrays').
 SERVER_STUDY = """\
 [study]
 name = "{name}"
@@ -55,6 +57,7 @@ pruner = "none"
 [train]
 epochs = {epochs}
 batch_size = 64
+array = 1
 
 [params]
 optimizer = {{ choices = ["sgd", "adam"] }}

@@ -119,6 +119,22 @@ def test_a_learning_sampler_starts_small_and_grows_with_what_it_has_learnt():
     assert array_target("random", 32, 0) == array_target("qmc", 32, 0) == 32  # they learn nothing
 
 
+def test_runs_summary_says_how_many_trials_trained_together_and_why():
+    from lrsearch.cli.output import array_line
+    from lrsearch.service.session import ArrayUse
+
+    grown = ArrayUse("auto", 16, 8, 8)
+    grown.saw(12)
+    grown.saw(5)  # the study's last trials
+    assert array_line(grown, "tpe") == (
+        "trials trained together: 8, growing to 12, at a time (auto: arrays of 16 train fastest a trial on this "
+        "machine; tpe learns from finished trials, so arrays start smaller and grow by one trial per 4 finished)")
+    assert array_line(ArrayUse("auto", 16, 16, 16), "random") == (
+        "trials trained together: 16 at a time (auto: arrays of 16 train fastest a trial on this machine)")
+    assert array_line(ArrayUse(64, 5, 5, 5), "tpe") == (
+        "trials trained together: 5 at a time (array = 64; memory allows 5)")
+
+
 ARRAY_STUDY = """\
 [study]
 name = "tiny"
@@ -208,6 +224,48 @@ def test_an_array_stopped_or_killed_leaves_nothing_running(write_study, tmp_path
     assert all(t.user_attrs["reason"].startswith("worker lost") for t in trials[:3]), summary
     assert sorted(t.system_attrs["failed_trial"] for t in trials[3:]) == [0, 1, 2]
     assert [r.info.run_name for r in _runs(tmp_path) if r.info.status == "RUNNING"] == [], summary
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moment", ["claimed", "joined", "fit", "batch", "epoch", "boundary", "told", "refilled",
+                                    "trained"])
+def test_a_sigterm_at_any_step_of_an_arrays_start_and_end_is_recorded_as_at_an_epoch_boundary(
+        write_study, tmp_path, moment):
+    """Four trials, arrays of two (refilled once at the epoch boundary where the first two end),
+    SIGTERM at one step of the array's life (core/faults.py): `run` exits 143 in one line;
+    nothing is left RUNNING in Optuna or MLflow; each trial it stopped is FAIL and queued
+    again; the same command then completes the study."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import TINY_STUDY
+    from test_signals import _runs, _trials
+
+    study = write_study(TINY_STUDY.replace("trials = 3", "trials = 4").replace("epochs = 3", "epochs = 4"))
+    env = {**os.environ, "LRSEARCH_DATA": str(tmp_path / "data")}
+    command = [sys.executable, "-m", "lrsearch.cli", "run", str(study), "--no-report", "--array", "2"]
+    stopped = subprocess.run(command, cwd=tmp_path, env={**env, "LRSEARCH_SIGNAL_AT": moment},
+                             capture_output=True, text=True, timeout=300)
+    trials = _trials(tmp_path)
+    seen = [(t.number, t.state.name, t.user_attrs.get("reason")) for t in trials]
+    assert stopped.returncode == 143, (stopped.stderr, seen)
+    assert stopped.stderr.splitlines()[-1] == ("lrsearch: error: interrupted by SIGTERM; run the same command "
+                                               "again to resume the study"), stopped.stderr
+    assert "Traceback" not in stopped.stderr
+    assert all(t.state.name != "RUNNING" for t in trials), seen
+    assert all(r.info.status != "RUNNING" for r in _runs(tmp_path)), seen
+    interrupted = [t for t in trials if t.state.name == "FAIL"]
+    assert all(t.user_attrs["reason"].startswith("interrupted") for t in interrupted), seen
+    queued = sorted(t.system_attrs["failed_trial"] for t in trials if t.state.name == "WAITING")
+    assert queued == [t.number for t in interrupted], seen
+    if moment in ("claimed", "joined", "fit", "batch", "epoch"):
+        assert len(interrupted) == 2, seen  # the first array's two, stopped before they ended
+    again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    states = [t.state.name for t in _trials(tmp_path)]
+    assert states.count("COMPLETE") == 4 and "RUNNING" not in states and "WAITING" not in states, states
+    assert all(r.info.status in ("FINISHED", "KILLED") for r in _runs(tmp_path))
 
 
 @pytest.mark.slow

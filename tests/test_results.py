@@ -161,7 +161,9 @@ def test_a_minimize_study_reads_the_same_in_run_best_and_the_report(cli, write_s
              .replace('metric = "val/acc"', 'metric = "val/loss"').replace("trials = 3", "trials = 4"))
     run = cli("run", str(write_study(study)), "--epochs", "2")
     assert run.returncode == 0, run.stderr
-    summary = run.stdout.split("\n", 1)[1].split("\nMLflow:")[0]  # the table between the two lines
+    # the table between the array line and the links
+    summary = run.stdout.split("\n", 2)[2].split("\nMLflow:")[0]
+    assert run.stdout.splitlines()[1].startswith("trials trained together: ")
     from_run = _table(summary)
     best = cli("best", "tiny")
     assert best.returncode == 0, best.stderr

@@ -86,7 +86,9 @@ def _scenario(stores: tuple[str, str]) -> None:
     assert not _experiment(tracking, "a")
     rows = status(storage=storage, tracking=tracking)
     assert {r["state"] for r in rows} == {"queued"} and {r["mlflow_url"] for r in rows} == {None}
-    workers = [_worker(storage, tracking, max_idle=5) for _ in range(2)]
+    # Idle long enough to outlast the other worker's end of a study (its parent run closed, its
+    # model registered: seconds on a loaded machine), so both are there for the next one.
+    workers = [_worker(storage, tracking, max_idle=15) for _ in range(2)]
     for name in ("a", "b", "c"):
         row = _wait(stores, name, lambda r: r["state"] == "done", workers)
         assert (row["complete"] + row["pruned"], row["fail"], row["running"]) == (3, 0, 0)

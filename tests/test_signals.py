@@ -72,7 +72,7 @@ def _children_of(pid: int) -> list[int]:
 def test_a_killed_run_command_takes_its_workers_with_it_and_its_retry_runs(write_study, tmp_path):
     # Trials long enough to kill the command inside them, short enough to resume (same file).
     study = write_study(TINY_STUDY.replace("epochs = 3", "epochs = 2000"))
-    proc = _start(tmp_path, study, "--workers", "2")
+    proc = _start(tmp_path, study, "--workers", "2", "--array", "1")
     _wait_running(tmp_path, proc, 2)
     children = _children_of(proc.pid)
     assert len(children) == 1
@@ -89,7 +89,7 @@ def test_a_killed_run_command_takes_its_workers_with_it_and_its_retry_runs(write
                                                                    for t in _trials(tmp_path)]
     assert all(t.user_attrs["reason"].startswith("interrupted") for t in _trials(tmp_path) if t.state.name == "FAIL")
 
-    again = _start(tmp_path, study, "--workers", "2")
+    again = _start(tmp_path, study, "--workers", "2", "--array", "1")
     out, err = again.communicate(timeout=300)
     assert again.returncode == 0, err
     trials = _trials(tmp_path)
@@ -123,7 +123,7 @@ def test_ctrl_c_stops_every_worker_and_leaves_nothing_running(write_study, tmp_p
     if long_epochs:
         prune, batch, data = LONG_EPOCHS
         text = text.replace('pruner = "none"', prune).replace("batch_size = 64", batch) + data
-    proc = _start(tmp_path, write_study(text), "--workers", "2")
+    proc = _start(tmp_path, write_study(text), "--workers", "2", "--array", "1")
     _wait_running(tmp_path, proc, 2)
     if long_epochs:  # both past epoch 0
         _wait_until(tmp_path, proc, lambda trials: all(t.intermediate_values for t in trials))

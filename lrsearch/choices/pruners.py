@@ -37,7 +37,8 @@ def rung_key(rung: int) -> str:
 
 class PeerPercentilePruner(BasePruner):
     """Optuna's percentile pruner (the median pruner at 50), over the values the COMPLETE
-    trials and the other RUNNING ones reported at the same step: prune a trial whose best
+    trials, the other RUNNING ones and the PRUNED ones reported at the same step (a PRUNED
+    trial that stopped before it: its last value): prune a trial whose best
     value so far is worse than the ``percentile`` of theirs, once ``n_startup_trials`` of
     them have reached that step and after ``n_warmup_steps``. One trial at a time, it is
     Optuna's own; in an array, the members judge each other as they go. (Optuna's reads
@@ -161,7 +162,7 @@ class ArrayHyperbandPruner(BasePruner):
         n = math.floor(math.log(max_resource / min_resource, reduction_factor)) + 1
         self.brackets = [ArrayHalvingPruner(min_resource, reduction_factor, s) for s in range(n)]
         # Trials per bracket, as the paper's n (Algorithm 1), in proportion.
-        self.budgets = [math.ceil(n * reduction_factor ** (n - 1 - s) / (s + 1)) for s in range(n)]
+        self.budgets = [math.ceil(n * reduction_factor ** (n - 1 - s) / (n - s)) for s in range(n)]
 
     def bracket(self, study_name: str, number: int) -> int:
         draw = binascii.crc32(f"{study_name}_{number}".encode()) % sum(self.budgets)

@@ -134,8 +134,8 @@ PRUNERS: Registry[Pruner] = Registry("pruner", [
 # Measured on studies/search.toml (20 seeds, time from the first trial to 0.840): arrays
 # of 8 that grow by one member per 4 finished trials reached it soonest with fixed 12 and
 # "16, grow by 4" within the spread, and arrays of 4 a third later (docs/arrays.md).
-_FIRST_ARRAY = 8
-_TRIALS_PER_MEMBER = 4
+FIRST_ARRAY = 8
+TRIALS_PER_MEMBER = 4
 
 
 def array_target(sampler: str, size: int, finished: int) -> int:
@@ -146,7 +146,7 @@ def array_target(sampler: str, size: int, finished: int) -> int:
     liar): the array grows with the study (docs/arrays.md, "How big")."""
     if not SAMPLERS[sampler].learns:
         return size
-    return max(1, min(size, max(_FIRST_ARRAY, finished // _TRIALS_PER_MEMBER)))
+    return max(1, min(size, max(FIRST_ARRAY, finished // TRIALS_PER_MEMBER)))
 
 
 def make_sampler(name: str, params: Mapping[str, ParamSpec], study_seed: int | None, n_existing: int = 0,

@@ -83,7 +83,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         result = _run(args, cfg, workers=args.workers, tracker=tracker)
         print_result(result.study, result.target, result.experiment_id, result.parent_run_id, args.tracking_uri,
-                     result.warnings)
+                     result.warnings, result.arrays, cfg.study.sampler)
         if result.errors:
             raise LrsearchError(f"{result.errors[0]}; run the same command again to resume")
         if result.cancelled:

@@ -60,6 +60,7 @@ class Progress:
         self._read_at = 0.0
         self._best: tuple[float, int] | None = None
         self._maximize = True
+        self._counted: set[int] = set()  # the finished trials the bar counts, by number
 
     def start(self, total: int, done: int) -> None:
         if not self.enabled:
@@ -77,8 +78,10 @@ class Progress:
         if time.monotonic() - self._read_at >= self.REFRESH_S:
             self.refresh(study)
             return
-        if trial.state.name in ("COMPLETE", "PRUNED"):
-            self.bar.n = min(self.bar.n + 1, self.bar.total)
+        if trial.state.name in ("COMPLETE", "PRUNED") and trial.number not in self._counted:
+            # (an array's trials end together: the last read may have counted it already)
+            self._counted.add(trial.number)
+            self.bar.n = min(len(self._counted), self.bar.total)
         if trial.state.name == "COMPLETE" and trial.value is not None and (
                 self._best is None or (trial.value > self._best[0]) == self._maximize and trial.value != self._best[0]):
             self._show_best(trial.value, trial.number)
@@ -88,13 +91,14 @@ class Progress:
         """Show the study's state as its store has it (any worker's trials count)."""
         import time
 
-        from lrsearch.results.ranking import best_trials, count_finished, direction
+        from lrsearch.results.ranking import FINISHED_STATES, best_trials, direction
 
         if self.bar is None:
             return
         self._read_at = time.monotonic()
         self._maximize = direction(study) == "maximize"
-        self.bar.n = min(count_finished(study), self.bar.total)
+        self._counted = {t.number for t in study.get_trials(deepcopy=False, states=FINISHED_STATES)}
+        self.bar.n = min(len(self._counted), self.bar.total)
         best = best_trials(study, 1)
         if best:
             self._show_best(best[0]["value"], best[0]["number"])
@@ -112,7 +116,7 @@ class Progress:
             self.bar.close()
 
 def print_result(study: Any, target: int, experiment_id: str, parent_run_id: str, tracking: str | None,
-                  warnings: list[str]) -> None:
+                  warnings: list[str], arrays: Any = None, sampler: str = "tpe") -> None:
     """The study's top trials as `lrsearch best` shows them, and where MLflow shows the rest."""
     from lrsearch.results.ranking import best_trials, state_counts
     from lrsearch.store.urls import tracking_uri
@@ -121,6 +125,8 @@ def print_result(study: Any, target: int, experiment_id: str, parent_run_id: str
     uri = tracking_uri(tracking)
     rows = [{**r, "mlflow": trial_link(uri, experiment_id, r["mlflow_run_id"])} for r in best_trials(study, 5)]
     print(f"study {study.study_name!r}: {len(study.trials)} trials ({state_counts(study)}), target {target}")
+    if arrays is not None:
+        print(array_line(arrays, sampler))
     if rows:
         print(format_rows(rows, "table", TRIAL_COLUMNS))
     print("\n".join(links(uri, experiment_id, parent_run_id)))
@@ -128,6 +134,24 @@ def print_result(study: Any, target: int, experiment_id: str, parent_run_id: str
     if model:
         print(model_line(model["uri"], model["trial"], model["version"]))
     warn(warnings)
+
+
+def array_line(use: Any, sampler: str) -> str:
+    """How many trials trained at once, and why (``service.session.ArrayUse``)."""
+    from lrsearch.choices.sampling import SAMPLERS, TRIALS_PER_MEMBER
+
+    together = f"{use.most}" if use.first == use.most else f"{use.first}, growing to {use.most},"
+    if use.wanted != "auto":
+        capped = f"; memory allows {use.size}" if use.size < int(use.wanted) else ""
+        why = f"array = {use.wanted}{capped}"
+    elif use.size == 1:
+        why = "auto: larger arrays train no faster a trial here"
+    else:
+        why = f"auto: arrays of {use.size} train fastest a trial on this machine"
+        if SAMPLERS[sampler].learns and use.first < use.size:
+            why += (f"; {sampler} learns from finished trials, so arrays start smaller and grow by one "
+                    f"trial per {TRIALS_PER_MEMBER} finished")
+    return f"trials trained together: {together} at a time ({why})"
 
 
 def model_line(uri: str, trial: int, version: str | None = None) -> str:

@@ -141,6 +141,8 @@ class ArrayClassifier(pl.LightningModule):
         self._stack([], self._first)
         self._first = []
         self._epoch_started = time.perf_counter()
+        if self.host is not None:
+            faults.point("fit")
 
     # -- one epoch -----------------------------------------------------------------------
 
@@ -166,6 +168,8 @@ class ArrayClassifier(pl.LightningModule):
         active: torch.Tensor | None = None  # None: every member still updates this epoch
         broken: dict[int, float] = {}  # slot -> its non-finite training loss
         for start in range(0, n, self.batch_size):
+            if start == self.batch_size and self.host is not None:
+                faults.point("batch")  # (an epoch is one step of the fit: its minibatches are these)
             idx = orders[:, start:start + self.batch_size]
             yb = y[idx]
             logits = self(x[idx])

@@ -74,7 +74,8 @@ def _check(due: list[tuple[Member, float, int]]) -> set[Member]:
     if not together:
         for trial, (member, value, epoch) in zip(trials, due):
             try:
-                trial.report(value, epoch)
+                # (not Trial.report: the value is in the trial's cache already, which it would take as written)
+                storage.set_trial_intermediate_value(trial._trial_id, epoch, value)
                 for key, item in recorded[member].items():
                     storage.set_trial_system_attr(trial._trial_id, key, item)
             except UpdateFinishedTrialError:

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     import optuna
 
     from lrsearch.config import Config
+    from lrsearch.service.session import ArrayUse
 
 # A worker process that run_study starts tells it its warnings and its error, if it fails,
 # as JSON lines on a pipe of its own whose write end it finds here; its stderr is not read.
@@ -56,6 +57,7 @@ class StudyRun:
     errors: list[str] = field(default_factory=list)  # other worker processes that failed
     cancelled: bool = False  # by `lrsearch cancel` while it ran
     tracker: Any = None  # the MLflow client it used (the caller's, if it gave one)
+    arrays: ArrayUse | None = None  # how this process trained its trials together
 
 
 def run_study(cfg: Config, *, storage: str | None = None, tracking: str | None = None,
@@ -121,7 +123,7 @@ def run_study(cfg: Config, *, storage: str | None = None, tracking: str | None =
                     session.mlflow_url,
                     session.warnings + tracking_warnings(session.study) + [x for w in others for x in w.warnings],
                     [f"{len(failed)} of {len(others)} other workers failed ({failed[0]})"] if failed else [],
-                    cancelled, None if own else tracker)
+                    cancelled, None if own else tracker, session.arrays)
 
 
 class _WorkerProcess:

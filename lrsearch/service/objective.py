@@ -145,11 +145,12 @@ class Objective:
                           status="KILLED" if interrupted else None, requeue=interrupted)
         measured = {attrs.EPOCHS_TRAINED: result.epochs,
                     attrs.TRAIN_SECONDS: round(result.seconds, 3), **run_attrs}  # ms: as results.duration_s shows it
-        if self.stop.requested:
-            reason = f"interrupted at epoch {result.epochs - 1}"
+        cut_short = result.epochs < member.epochs and not member.ended_early
+        if self.stop.requested and cut_short:  # one that trained all its epochs keeps its result
+            reason = (f"interrupted at epoch {result.epochs - 1}" if result.epochs else
+                      "interrupted before its first epoch")
             return Ending(member, "FAIL", None, reason, {**measured, attrs.REASON: reason}, status="KILLED",
                           requeue=True, raises=Interrupted(self.stop.signum or 0))
-        cut_short = result.epochs < member.epochs and not member.ended_early
         if stop.cancelled.is_set() and cut_short:  # a trial that ended on its own keeps its result
             return Ending(member, "FAIL", None, "cancelled", {**measured, attrs.REASON: "cancelled"},
                           status="KILLED", requeue=True, raises=Cancelled())

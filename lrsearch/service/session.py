@@ -27,6 +27,22 @@ from lrsearch.track.tracking import Tracker
 
 
 @dataclass
+class ArrayUse:
+    """How a worker trained a study's trials together: the size asked for (``auto`` or a
+    number), the size it came to (auto: the fastest a trial on this machine; else the one
+    asked for, capped by memory), and how many trials its first array and its largest trained
+    at once."""
+
+    wanted: int | str
+    size: int
+    first: int
+    most: int
+
+    def saw(self, together: int) -> None:
+        self.most = max(self.most, together)
+
+
+@dataclass
 class Session:
     """One worker's view of an open study: the study, its MLflow records and its data."""
 
@@ -45,6 +61,7 @@ class Session:
     finished: int = 0  # COMPLETE + PRUNED trials, as last counted, and told here since
     # Trials found stale at one look (worker._fail_stale_trials): id -> (last heartbeat, when seen).
     suspects: dict[int, tuple[Any, float]] = field(default_factory=dict)
+    arrays: ArrayUse | None = None  # how this worker trained the study's trials, once it has
 
     @property
     def mlflow_url(self) -> str:

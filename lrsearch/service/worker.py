@@ -21,7 +21,7 @@ from lrsearch.service.objective import Objective
 from lrsearch.results.ranking import FINISHED_STATES
 from lrsearch.store.retry import MAX_RETRY_DELAY_S
 from lrsearch.service.queue import config_digest, queue
-from lrsearch.service.session import Session, close_parent, join, mark_unrunnable, start_parent
+from lrsearch.service.session import ArrayUse, Session, close_parent, join, mark_unrunnable, start_parent
 from lrsearch.fit.member import Member
 from lrsearch.core.stopping import Interrupted, StopFlag, TrialStop, stopped_by
 from lrsearch.store.heartbeat import Heartbeats, grace_period
@@ -138,6 +138,9 @@ class Worker:
             # several studies take turns, an array each.
             array = _Array(session, objective, self.stop, self.callbacks, refill=len(names) == 1, beats=self.beats,
                            target=target)
+            if session.arrays is None:
+                session.arrays = ArrayUse(self._wanted(session), size, len(claimed), len(claimed))
+            session.arrays.saw(len(claimed))
             array.train(claimed)
             if _cancelled(session) is not None:
                 self._end(session, "cancelled")
@@ -394,9 +397,15 @@ class _Array:
                 self.trial_stop = TrialStop(self.stop, cancelled)
                 members = self._join(joining)
                 joining = []
+                faults.point("joined")
                 with self.stop.interruptible():  # a second signal stops training at once
                     if members:  # none if another worker ended every one before it began
                         fit_array(self.session.cfg, self.session.data, members, self, self.trial_stop)
+                faults.point("trained")
+                if self.open:  # the fit ended before they left it: Lightning's own SIGTERM handler ends it mid-epoch
+                    with self.stop.shielded():
+                        self._end(list(self.open), None if self.stop.requested else
+                                  LrsearchError("the fit ended before its trials did"))
         except BaseException as e:
             for trial_id in joining:  # claimed, never begun
                 _fail_untold(self.session, trial_id, e)
@@ -410,9 +419,15 @@ class _Array:
         a second signal: it is raised once they are told), and claim new ones up to the
         array's size (if ``refill``)."""
         with self.stop.shielded():
+            faults.point("boundary")
             self._link(members)
             self._end(leaving)
-            return self._refill(max(0, self.target() - (len(members) - len(leaving))) if refill else 0)
+            joined = self._refill(max(0, self.target() - (len(members) - len(leaving))) if refill else 0)
+            if joined:
+                faults.point("refilled")
+                if self.session.arrays is not None:
+                    self.session.arrays.saw(len(members) - len(leaving) + len(joined))
+            return joined
 
     def _link(self, members: Sequence[Member]) -> None:
         """The trials whose MLflow run was made since the last boundary link to it (one transaction)."""
@@ -490,24 +505,34 @@ class _Array:
                 self.open.discard(ending.member)
                 self.objective.record(ending)
             raise
-        for ending in endings:
+        for ending in endings:  # all stored: none is ended again, whatever fails below
             self.open.discard(ending.member)
+        first: BaseException | None = None  # raised once every trial's end is handed on
+        for ending in endings:
             session.finished += ending.state in ("COMPLETE", "PRUNED") and ending.trial._trial_id not in taken
             if ending.trial._trial_id in taken:  # ended by another worker that found no heartbeat of it
                 ending = self.objective.taken(ending)
                 session.warnings.append(f"trial {ending.trial.number} was marked FAIL by another worker while it "
                                         f"ran here ({ending.taken.reason if ending.taken else 'no heartbeat'})")
-            self.objective.record(ending)
+            try:
+                self.objective.record(ending)
+            except BaseException as e:  # the tracking process gone, say: the others' records still go
+                first = first or e
         faults.point("told")
         for ending in endings:
             frozen = _frozen(ending)
-            if ending.taken is None and ending.requeue:
-                _queue_again(session, frozen)
-            if isinstance(ending.raises, Interrupted):  # stopped at the epoch boundary: the others stop too
-                self.raised = self.raised or ending.raises
-            if error is None and ending.taken is None:
-                for callback in self.callbacks:
-                    callback(session.study, frozen)
+            try:
+                if ending.taken is None and ending.requeue:
+                    _queue_again(session, frozen)
+                if isinstance(ending.raises, Interrupted):  # stopped at the epoch boundary: the others stop too
+                    self.raised = self.raised or ending.raises
+                if error is None and ending.taken is None:
+                    for callback in self.callbacks:
+                        callback(session.study, frozen)
+            except BaseException as e:
+                first = first or e
+        if first is not None:
+            raise first
 
 
 def _frozen(ending: Any) -> FrozenTrial:

@@ -27,14 +27,14 @@ from optuna.trial import TrialState
 Write = tuple[Any, ...]
 
 
-def utc_now() -> datetime.datetime:
-    """Now, as Optuna stores a trial's times: naive UTC."""
-    return datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+def local_now() -> datetime.datetime:
+    """Now, as Optuna stores a trial's start and end: this host's naive local time."""
+    return datetime.datetime.now()
 
 
 def create_trials(rdb: Any, study_id: int, count: int, start: datetime.datetime) -> list[int]:
     """``count`` new RUNNING trials of the study, each numbered as Optuna numbers them (the
-    study's trials before it), started at ``start`` (naive UTC), with a first heartbeat if
+    study's trials before it), started at ``start`` (naive local time, as Optuna's), with a first heartbeat if
     the store keeps them; their ids. ``start`` also tells a repeat whether the first try
     committed (see :func:`created_at`)."""
     trials = models.TrialModel.__table__
@@ -119,7 +119,7 @@ def end(rdb: Any, endings: dict[int, tuple[TrialState, Sequence[float] | None, d
     ended already (another worker failed them) are left as they were, and returned."""
     trials = models.TrialModel.__table__
     stored = models.TrialValueModel.value_to_stored_repr
-    now = utc_now()
+    now = local_now()
     taken = set()
     with _create_scoped_session(rdb.scoped_session) as session:
         for trial_id, (state, _, _) in endings.items():
@@ -155,6 +155,7 @@ def values_at(rdb: Any, study_id: int, step: int) -> list[tuple[int, float]]:
     trials = models.TrialModel.__table__
     values = models.TrialIntermediateValueModel.__table__
     last = (sa.select(values.c.trial_id, sa.func.max(values.c.step).label("step"))
+            .join(trials, trials.c.trial_id == values.c.trial_id).where(trials.c.study_id == study_id)
             .group_by(values.c.trial_id).subquery())
     stored = models.TrialIntermediateValueModel.stored_repr_to_intermediate_value
     with _create_scoped_session(rdb.scoped_session) as session:
@@ -175,8 +176,10 @@ def _running_or_raise(session: Any, trial_ids: list[int]) -> None:
     if not trial_ids:
         return
     trials = models.TrialModel.__table__
+    # Their rows locked, as Optuna locks a trial's before it writes (PostgreSQL; SQLite
+    # serializes writers): a trial failed elsewhere meanwhile is not written to.
     states = dict(session.execute(sa.select(trials.c.trial_id, trials.c.state).where(
-        trials.c.trial_id.in_(set(trial_ids)))).all())
+        trials.c.trial_id.in_(set(trial_ids))).with_for_update()).all())
     for trial_id in trial_ids:
         if trial_id not in states:
             raise KeyError(f"no trial with trial_id {trial_id} exists")

@@ -366,7 +366,7 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
         if taken and self.get_heartbeat_interval() is not None:
             self.record_heartbeats(taken)
         if len(taken) < count:
-            start = array_writes.utc_now()
+            start = array_writes.local_now()
             rdb = self._rdb
             taken += self._call(array_writes.create_trials, rdb, study_id, count - len(taken), start,
                                 recover=lambda: array_writes.created_at(rdb, study_id, start))
