@@ -135,10 +135,10 @@ def choose_array_size(cfg: Config, data: Dataset, trials: int | None = None) -> 
     and network, a few epochs per size: going up ``PROBE_SIZES`` (to the largest size that
     memory allows, and the study's total of ``trials``) while each size is at least
     ``MIN_GAIN`` faster per trial than the last one kept. The knee, not the fastest: beyond
-    it an array buys little speed and costs the search its feedback (TPE learns from
-    finished trials, and an array's trials finish together: it is capped at a quarter of a
-    TPE study, four rounds at least). 1 where arrays do not pay (wide networks, big batches)."""
-    import statistics
+    it an array buys little speed (a learning sampler's arrays grow to it as the study goes:
+    ``sampling.array_target``). 1 where arrays do not pay (wide networks, big batches). Each
+    size's time is its fastest timed epoch: what else runs meanwhile (the tracking process
+    starting, on this machine's other core) only ever slows one down."""
     import time
 
     cap = largest_array(cfg, data)
@@ -153,7 +153,7 @@ def choose_array_size(cfg: Config, data: Dataset, trials: int | None = None) -> 
         module = fit_array(cfg, data, members)
         assert module is not None
         ends = module.epoch_ends
-        per_trial = statistics.median(b - a for a, b in zip(ends, ends[1:])) / k
+        per_trial = min(b - a for a, b in zip(ends, ends[1:])) / k
         if per_trial > (1 - MIN_GAIN) * best:
             break
         chosen, best = k, per_trial
