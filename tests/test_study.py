@@ -258,6 +258,10 @@ def test_a_run_whose_last_records_were_lost_is_closed_as_its_trial_ended(write_s
     lost = first.study.trials[0].user_attrs["mlflow_run_id"]
     client.update_run(lost, status="RUNNING")  # as if its closing calls never arrived
     monkeypatch.setenv("LRSEARCH_OUTAGE_S", "0")
+    # Its trial's last heartbeat is a moment old: a short grace period (not the default's
+    # seconds) tells the next session its worker is gone.
+    monkeypatch.setenv("LRSEARCH_HEARTBEAT_INTERVAL", "1")
+    monkeypatch.setenv("LRSEARCH_HEARTBEAT_GRACE", "2")
     run_study(cfg.with_overrides(trials=2), storage=storage, tracking=tracking)
     run = client.get_run(lost)
     assert run.info.status == "FINISHED" and run.data.tags["state"] == "COMPLETE"

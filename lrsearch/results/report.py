@@ -176,26 +176,37 @@ def build_report(study: Any, tracker: Tracker, out: Path, grid: bool) -> list[Pa
         figures.append(plot_grid_lr(trials, name, out / "grid_lr.png"))
     user_attrs = study.user_attrs  # read once: each access is a query
     objective = f"objective ({user_attrs.get(attrs.METRIC, 'value')})"
-    # Optuna's figures, drawn meanwhile by the tracker's process (here, for a tracker in this one).
-    elsewhere = tracker.start(draw_optuna_figures, name, way, study.get_trials(deepcopy=False), str(out))
+    # Optuna's figures: the two slowest drawn meanwhile by the tracker's process (here, for a
+    # tracker in this one), the others here after lrsearch's own (two processes, about even).
+    frozen = study.get_trials(deepcopy=False)
+    elsewhere = tracker.start(draw_optuna_figures, name, way, frozen, str(out), _FIGURES_ELSEWHERE)
     figures.append(plot_history(trials, name, way, objective, out / "optimization_history.png"))
     figures.append(plot_objective_vs_lr(trials, name, objective, out / "objective_vs_lr.png"))
     if not grid:
         top = [t for t in ranked if t.state == "COMPLETE"][:TOP_CURVES]
         if any(t.curves.get("lr") for t in top):
             figures.append(plot_lr_curves(top, name, out / "lr_curves.png"))
-    figures += [Path(path) for path in elsewhere.result()]
     _previews([p for p in figures if p.name in NOTE_FIGURES], out / PREVIEW_DIR)
+    here = [Path(p) for p in draw_optuna_figures(None, name, way, frozen, str(out), _FIGURES_HERE)]
+    drawn = {p.name: p for p in [*here, *(Path(p) for p in elsewhere.result())]}
+    figures += [drawn[f] for f in _OPTUNA_FIGURES if f in drawn]
     figures.append(write_html(name, ranked + unranked, figures, out / "report.html", tracker, way,
                               user_attrs.get(attrs.EXPERIMENT)))
     return figures
 
 
-def draw_optuna_figures(tracker: Any, name: str, way: str, trials: Sequence[Any], out: str) -> list[str]:
-    """Optuna's figures of a study (its ``trials``) into ``out``: importances, parallel
-    coordinates, slices and the lr-momentum contour, those it has something to show in. A
-    function of plain data, so that the tracking process draws them while the worker draws
-    the others (``tracker`` is not used)."""
+# Optuna's figures, in the page's order (file names), and who draws which.
+_OPTUNA_FIGURES = ("param_importances.png", "parallel_coordinate.png", "slices.png", "contour_lr_momentum.png")
+_FIGURES_ELSEWHERE = ("parallel_coordinate", "slices")
+_FIGURES_HERE = ("importances", "contour")
+
+
+def draw_optuna_figures(tracker: Any, name: str, way: str, trials: Sequence[Any], out: str,
+                        which: Sequence[str] = (*_FIGURES_HERE, *_FIGURES_ELSEWHERE)) -> list[str]:
+    """Optuna's figures of a study (its ``trials``) into ``out``, of ``which`` (importances,
+    parallel_coordinate, slices, contour: the lr-momentum contour), those it has something to
+    show in. A function of plain data, so that the tracking process draws some while the
+    worker draws the others (``tracker`` is not used)."""
     import logging
     import warnings
 
@@ -211,8 +222,9 @@ def draw_optuna_figures(tracker: Any, name: str, way: str, trials: Sequence[Any]
             study.add_trials([t for t in trials if t.state.name in ("COMPLETE", "PRUNED")])
     finally:
         logger.setLevel(level)
-    return [str(path) for plot in (plot_importances, plot_parallel_coordinate, plot_slices, plot_contour)
-            if (path := plot(study, name, Path(out))) is not None]
+    plots = {"importances": plot_importances, "parallel_coordinate": plot_parallel_coordinate,
+             "slices": plot_slices, "contour": plot_contour}
+    return [str(path) for key in which if (path := plots[key](study, name, Path(out))) is not None]
 
 
 def _previews(figures: Sequence[Path], folder: Path) -> None:
@@ -223,7 +235,7 @@ def _previews(figures: Sequence[Path], folder: Path) -> None:
     for path in figures:
         with Image.open(path) as image:
             height = round(image.height * PREVIEW_WIDTH / image.width)
-            image.resize((PREVIEW_WIDTH, height), Image.LANCZOS).save(folder / path.name, optimize=True)
+            image.resize((PREVIEW_WIDTH, height), Image.LANCZOS).save(folder / path.name)
 
 
 def _label(t: TrialCurves, axes: Sequence[str]) -> str:
