@@ -112,8 +112,8 @@ def test_auto_never_picks_an_array_larger_than_memory_or_the_study_allows():
 
 
 def test_a_learning_sampler_starts_small_and_grows_with_what_it_has_learnt():
-    # TPE proposes each member knowing none of its array's running trials: 8 first, then
-    # one member more for each 4 trials finished, up to the fastest size.
+    # TPE proposes each member knowing none of its array's running trials: 8 first, then a
+    # quarter of the trials finished once that is more, up to the fastest size.
     assert [array_target("tpe", 32, finished) for finished in (0, 31, 40, 80, 200)] == [8, 8, 10, 20, 32]
     assert array_target("tpe", 4, 0) == 4
     assert array_target("random", 32, 0) == array_target("qmc", 32, 0) == 32  # they learn nothing
@@ -128,11 +128,11 @@ def test_runs_summary_says_how_many_trials_trained_together_and_why():
     grown.saw(5)  # the study's last trials
     assert array_line(grown, "tpe") == (
         "trials trained together: 8, growing to 12, at a time (auto: arrays of 16 train fastest a trial on this "
-        "machine; tpe learns from finished trials, so arrays start smaller and grow by one trial per 4 finished)")
+        "machine; tpe learns from finished trials, so its arrays start at 8 and grow to 1/4 of the finished trials)")
     assert array_line(ArrayUse("auto", 16, 16, 16), "random") == (
         "trials trained together: 16 at a time (auto: arrays of 16 train fastest a trial on this machine)")
     assert array_line(ArrayUse(64, 5, 5, 5), "tpe") == (
-        "trials trained together: 5 at a time (array = 64; memory allows 5)")
+        "trials trained together: 5 at a time (array 64 asked for; memory allows 5)")
 
 
 ARRAY_STUDY = """\

@@ -269,6 +269,32 @@ def test_a_run_whose_last_records_were_lost_is_closed_as_its_trial_ended(write_s
     assert {r.info.status for r in client.search_runs([first.experiment_id])} == {"FINISHED"}
 
 
+def test_trials_claimed_but_never_begun_are_ended_on_an_error_and_queued_ones_queued_again(write_study, stores):
+    """Between an array's claim and its fit (the parent run made, say), an error ends the
+    claimed trials FAIL at once instead of leaving them RUNNING until their heartbeats go
+    stale; a queued trial it had taken (with its parameters) is queued again."""
+    import optuna
+    import pytest
+
+    from conftest import TINY_STUDY
+    from lrsearch.service.session import open_session
+    from lrsearch.service.worker import _released_on_error
+
+    cfg = load_config(write_study(TINY_STUDY.replace("trials = 3", "trials = 4")))
+    session = open_session(cfg, storage=stores[0], tracking=stores[1])
+    session.study.enqueue_trial({"optimizer": "adam", "lr": 0.01})
+    claimed = session.store.claim_trials(session.study_id, 2)  # the queued one first, then a new one
+    with pytest.raises(RuntimeError, match="the store went away"):
+        with _released_on_error(session, claimed):
+            raise RuntimeError("the store went away")
+    trials = session.study.get_trials(deepcopy=False)
+    ended = [t for t in trials if t._trial_id in claimed]
+    assert [t.state.name for t in ended] == ["FAIL", "FAIL"]
+    assert all(t.user_attrs["reason"] == "not told: RuntimeError: the store went away" for t in ended)
+    again = [t for t in trials if t.state == optuna.trial.TrialState.WAITING]
+    assert len(again) == 1 and again[0].system_attrs["fixed_params"] == {"optimizer": "adam", "lr": 0.01}
+
+
 def test_a_claim_made_without_the_lock_never_passes_the_total(write_study, stores):
     """What the worker loop does with a trial claimed while the store lock's connection was
     down (another worker may have claimed the same slot): kept if the trials before it leave

@@ -132,8 +132,8 @@ PRUNERS: Registry[Pruner] = Registry("pruner", [
 
 
 # Measured on studies/search.toml (20 seeds, time from the first trial to 0.840): arrays
-# of 8 that grow by one member per 4 finished trials reached it soonest with fixed 12 and
-# "16, grow by 4" within the spread, and arrays of 4 a third later (docs/arrays.md).
+# of 8 that grow to a quarter of the finished trials reached it soonest with fixed 12 and
+# "16, then a quarter" within the spread, and arrays of 4 a third later (docs/arrays.md).
 FIRST_ARRAY = 8
 TRIALS_PER_MEMBER = 4
 

@@ -138,19 +138,19 @@ def print_result(study: Any, target: int, experiment_id: str, parent_run_id: str
 
 def array_line(use: Any, sampler: str) -> str:
     """How many trials trained at once, and why (``service.session.ArrayUse``)."""
-    from lrsearch.choices.sampling import SAMPLERS, TRIALS_PER_MEMBER
+    from lrsearch.choices.sampling import FIRST_ARRAY, SAMPLERS, TRIALS_PER_MEMBER
 
     together = f"{use.most}" if use.first == use.most else f"{use.first}, growing to {use.most},"
     if use.wanted != "auto":
         capped = f"; memory allows {use.size}" if use.size < int(use.wanted) else ""
-        why = f"array = {use.wanted}{capped}"
+        why = f"array {use.wanted} asked for{capped}"
     elif use.size == 1:
         why = "auto: larger arrays train no faster a trial here"
     else:
         why = f"auto: arrays of {use.size} train fastest a trial on this machine"
         if SAMPLERS[sampler].learns and use.first < use.size:
-            why += (f"; {sampler} learns from finished trials, so arrays start smaller and grow by one "
-                    f"trial per {TRIALS_PER_MEMBER} finished")
+            why += (f"; {sampler} learns from finished trials, so its arrays start at {FIRST_ARRAY} and grow "
+                    f"to 1/{TRIALS_PER_MEMBER} of the finished trials")
     return f"trials trained together: {together} at a time ({why})"
 
 

@@ -697,7 +697,7 @@ def _overlap(labels: Sequence[tuple[float, Any]]) -> bool:
 
 
 def _seconds(s: float | None) -> str:
-    return "" if s is None else f"{s:.2f}"
+    return "" if s is None else f"{s:.3f}"  # whole milliseconds, as run, best and the views show them
 
 
 def write_html(name: str, rows: Sequence[TrialCurves], figures: Sequence[Path], path: Path,

@@ -128,9 +128,10 @@ class Worker:
                 continue
             self._last = name
             if not session.started:
-                start_parent(session, objective.outbox)
-                objective.outbox.submit("the study's array size", Tracker.set_tags, session.parent_run_id,
-                                        {"array": self._wanted(session), "array.size": size})
+                with _released_on_error(session, claimed):
+                    start_parent(session, objective.outbox)
+                    objective.outbox.submit("the study's array size", Tracker.set_tags, session.parent_run_id,
+                                            {"array": self._wanted(session), "array.size": size})
             # An array's trials end (and start) together: their MLflow records, two jobs each,
             # wait for the tracking thread instead of holding up the array.
             objective.outbox.limit = max(objective.outbox.limit, 2 * size)
@@ -340,13 +341,36 @@ def _claim(session: Session, count: int = 1) -> list[int] | Any:
                                             min(count, session.target - finished - states.get("RUNNING", 0)))
         if not trials:
             return trials
-        faults.point("claimed")
-        if user_attrs.get(attrs.INTERRUPTED) is not None:  # its last worker closed the parent run: reopen it
-            session.store.set_study_user_attr(session.study_id, attrs.INTERRUPTED, None)
-            session.started = False
-        if lock.held():
-            return trials
-    return [t for t in trials if _confirm_claim(session, t) is not None]
+        with _released_on_error(session, trials):
+            faults.point("claimed")
+            if user_attrs.get(attrs.INTERRUPTED) is not None:  # its last worker closed the parent run: reopen it
+                session.store.set_study_user_attr(session.study_id, attrs.INTERRUPTED, None)
+                session.started = False
+            if lock.held():
+                return trials
+    with _released_on_error(session, trials):
+        return [t for t in trials if _confirm_claim(session, t) is not None]
+
+
+@contextlib.contextmanager
+def _released_on_error(session: Session, trial_ids: Sequence[int]) -> Iterator[None]:
+    """Trials claimed, not yet in an array: on any error (an outage past its window, a
+    second signal), each ended FAIL now, and queued again if it had parameters (a queued
+    trial taken), rather than left RUNNING until its heartbeat goes stale."""
+    try:
+        yield
+    except BaseException as e:
+        for trial_id in trial_ids:
+            _fail_untold(session, trial_id, e)
+            with contextlib.suppress(Exception):
+                trial = session.store.get_trial(trial_id)
+                if trial.state != TrialState.FAIL:
+                    continue
+                if trial.params:  # a retry lrsearch queued (worker lost, interrupted)
+                    _queue_again(session, trial)
+                elif "fixed_params" in trial.system_attrs:  # one queued with Study.enqueue_trial
+                    session.study.enqueue_trial(trial.system_attrs["fixed_params"])
+        raise
 
 
 def _confirm_claim(session: Session, trial_id: int) -> int | None:
