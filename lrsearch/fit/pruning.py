@@ -3,6 +3,7 @@ gives up on, all the members of an array checked at one epoch boundary together.
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, Container, Mapping, Sequence
 
@@ -112,8 +113,6 @@ class _Snapshot:
         return self._at[step]
 
     def get_trials(self, deepcopy: bool = True, states: Container[Any] | None = None) -> list[Any]:
-        import copy
-
         if self._trials is None:
             self._trials = self._study.get_trials(deepcopy=False)
         trials = [t for t in self._trials if states is None or t.state in states]

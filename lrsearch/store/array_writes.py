@@ -67,9 +67,8 @@ def write_claimed(rdb: Any, writes: dict[int, list[Write]]) -> None:
     """What sampling wrote to just-claimed trials (``RetryingStorage.sampling``): their
     parameters and attributes. Raises Optuna's ``UpdateFinishedTrialError`` if one of them
     has ended meanwhile (nothing is written)."""
-    kinds = {"user": models.TrialUserAttributeModel.__table__, "system": models.TrialSystemAttributeModel.__table__}
     params: list[dict[str, Any]] = []
-    attrs: dict[str, list[dict[str, Any]]] = {"user": [], "system": []}
+    attrs: dict[str, dict[int, dict[str, Any]]] = {"user": {}, "system": {}}
     for trial_id, held in writes.items():
         for kind, *args in held:
             if kind == "param":
@@ -78,13 +77,13 @@ def write_claimed(rdb: Any, writes: dict[int, list[Write]]) -> None:
                                "distribution_json": distribution_to_json(distribution)})
             else:
                 key, value = args
-                attrs[kind].append({"trial_id": trial_id, "key": key, "value_json": json.dumps(value)})
+                attrs[kind].setdefault(trial_id, {})[key] = value
     with _create_scoped_session(rdb.scoped_session) as session:
         _running_or_raise(session, list(writes))
         _upsert(session, models.TrialParamModel.__table__, params, ("trial_id", "param_name"),
                 ("param_value", "distribution_json"))
-        for kind, rows in attrs.items():
-            _upsert(session, kinds[kind], rows, ("trial_id", "key"), ("value_json",))
+        _set_attrs(session, models.TrialUserAttributeModel, attrs["user"])
+        _set_attrs(session, models.TrialSystemAttributeModel, attrs["system"])
 
 
 def report(rdb: Any, values: dict[int, tuple[int, float]], system_attrs: dict[int, dict[str, Any]]) -> None:
@@ -100,18 +99,14 @@ def report(rdb: Any, values: dict[int, tuple[int, float]], system_attrs: dict[in
         _running_or_raise(session, list(values) + list(system_attrs))
         _upsert(session, models.TrialIntermediateValueModel.__table__, rows, ("trial_id", "step"),
                 ("intermediate_value", "intermediate_value_type"))
-        _upsert(session, models.TrialSystemAttributeModel.__table__,
-                [{"trial_id": t, "key": k, "value_json": json.dumps(v)} for t, a in system_attrs.items()
-                 for k, v in a.items()], ("trial_id", "key"), ("value_json",))
+        _set_attrs(session, models.TrialSystemAttributeModel, system_attrs)
 
 
 def set_user_attrs(rdb: Any, values: dict[int, dict[str, Any]]) -> None:
     """User attributes of several running trials; ``UpdateFinishedTrialError`` if one has ended."""
     with _create_scoped_session(rdb.scoped_session) as session:
         _running_or_raise(session, list(values))
-        _upsert(session, models.TrialUserAttributeModel.__table__,
-                [{"trial_id": t, "key": k, "value_json": json.dumps(v)} for t, a in values.items()
-                 for k, v in a.items()], ("trial_id", "key"), ("value_json",))
+        _set_attrs(session, models.TrialUserAttributeModel, values)
 
 
 def end(rdb: Any, endings: dict[int, tuple[TrialState, Sequence[float] | None, dict[str, Any]]]) -> set[int]:
@@ -129,9 +124,7 @@ def end(rdb: Any, endings: dict[int, tuple[TrialState, Sequence[float] | None, d
             if changed.rowcount == 0:
                 taken.add(trial_id)
         ended = {t: e for t, e in endings.items() if t not in taken}
-        _upsert(session, models.TrialUserAttributeModel.__table__,
-                [{"trial_id": t, "key": k, "value_json": json.dumps(v)} for t, (_, _, a) in ended.items()
-                 for k, v in a.items()], ("trial_id", "key"), ("value_json",))
+        _set_attrs(session, models.TrialUserAttributeModel, {t: a for t, (_, _, a) in ended.items()})
         values = []
         for trial_id, (_, numbers, _) in ended.items():
             for objective, value in enumerate(numbers or ()):
@@ -185,6 +178,14 @@ def _running_or_raise(session: Any, trial_ids: list[int]) -> None:
             raise KeyError(f"no trial with trial_id {trial_id} exists")
         if states[trial_id].is_finished():
             raise UpdateFinishedTrialError(f"trial#{trial_id} has already finished and can not be updated")
+
+
+def _set_attrs(session: Any, model: Any, values: dict[int, dict[str, Any]]) -> None:
+    """Trials' user or system attributes (``model``: Optuna's model of either), trial id ->
+    key -> value, stored as Optuna stores them (JSON)."""
+    _upsert(session, model.__table__, [{"trial_id": t, "key": k, "value_json": json.dumps(v)}
+                                       for t, items in values.items() for k, v in items.items()],
+            ("trial_id", "key"), ("value_json",))
 
 
 def _upsert(session: Any, table: sa.Table, rows: list[dict[str, Any]], keys: tuple[str, ...],

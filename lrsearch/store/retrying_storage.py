@@ -52,8 +52,6 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
         now). Only the thread that opened the window reads and writes through it. It yields
         the set of new trials found ended at the end (another worker failed them meanwhile,
         finding no heartbeat): nothing is written to those."""
-        from optuna.exceptions import UpdateFinishedTrialError
-
         self._window, self._window_thread = {}, threading.get_ident()
         self._behind = {trial_id: [] for trial_id in new}
         ended: set[int] = set()
@@ -324,8 +322,6 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
         """Tried once: a heartbeat repeats on its own, every interval, so a live worker's
         beats resume within an interval of the database's return (a retry's backoff would
         hold them back for up to ``MAX_RETRY_DELAY_S``)."""
-        if trial_id in self._behind and self._window_thread == threading.get_ident():
-            return  # written with the window's other writes
         self.retry.once(self._inner.record_heartbeat, trial_id)
 
     def record_heartbeats(self, trial_ids: Sequence[int]) -> None:
