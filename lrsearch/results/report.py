@@ -44,7 +44,8 @@ def write_report(name: str, *, storage: str | None = None, tracking: str | None 
 
 def results_table(name: str, *, storage: str | None = None, tracking: str | None = None) -> str:
     """The Markdown results table of a (grid) study, from the stores."""
-    return experiment_table(collect(load_study(name, storage), Tracker(tracking_uri(tracking))))
+    trials = load_study(name, storage).get_trials(deepcopy=False)
+    return experiment_table(collect(trials, Tracker(tracking_uri(tracking))))
 
 
 def plot_learning_curves(history: History, title: str, path: Path) -> Path:
@@ -120,11 +121,13 @@ class TrialCurves:
         return points[-1][1] if points else None
 
 
-def collect(study: Any, tracker: Tracker | None, states: Sequence[str] = ("COMPLETE", "PRUNED")) -> list[TrialCurves]:
-    """The study's trials in ``states``, with their MLflow metric histories if ``tracker``
-    is given (else :func:`with_curves` reads those of the trials that need them)."""
+def collect(frozen: Sequence[Any], tracker: Tracker | None,
+            states: Sequence[str] = ("COMPLETE", "PRUNED")) -> list[TrialCurves]:
+    """A study's trials (``frozen``, as Optuna gives them) in ``states``, with their MLflow
+    metric histories if ``tracker`` is given (else :func:`with_curves` reads those of the
+    trials that need them)."""
     trials = []
-    for t in study.get_trials(deepcopy=False):
+    for t in frozen:
         if t.state.name not in states:
             continue
         run_id = t.user_attrs.get(attrs.MLFLOW_RUN)
@@ -161,7 +164,8 @@ def varied_params(trials: Sequence[TrialCurves]) -> list[str]:
 def build_report(study: Any, tracker: Tracker, out: Path, grid: bool) -> list[Path]:
     """Write the study's figures (PNG) and one self-contained HTML page into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    every = collect(study, None, ("COMPLETE", "PRUNED", "FAIL"))
+    frozen = study.get_trials(deepcopy=False)  # read once: the table's and Optuna's figures' trials
+    every = collect(frozen, None, ("COMPLETE", "PRUNED", "FAIL"))
     trials = [t for t in every if t.state != "FAIL"]
     name = study.study_name
     way = direction(study)
@@ -178,7 +182,6 @@ def build_report(study: Any, tracker: Tracker, out: Path, grid: bool) -> list[Pa
     objective = f"objective ({user_attrs.get(attrs.METRIC, 'value')})"
     # Optuna's figures: the two slowest drawn meanwhile by the tracker's process (here, for a
     # tracker in this one), the others here after lrsearch's own (two processes, about even).
-    frozen = study.get_trials(deepcopy=False)
     elsewhere = tracker.start(draw_optuna_figures, name, way, frozen, str(out), _FIGURES_ELSEWHERE)
     figures.append(plot_history(trials, name, way, objective, out / "optimization_history.png"))
     figures.append(plot_objective_vs_lr(trials, name, objective, out / "objective_vs_lr.png"))
