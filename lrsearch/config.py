@@ -20,6 +20,7 @@ from lrsearch.choices.data import MAX_SAMPLES, MAX_VALUES, SOURCES, DataConfig, 
 from lrsearch.core.errors import ConfigError, UsageError, shown
 from lrsearch.choices.network import ModelConfig
 from lrsearch.core.registry import did_you_mean
+from lrsearch.choices.population import PopulationConfig, refusal
 from lrsearch.choices.sampling import PRUNERS, SAMPLERS
 from lrsearch.choices.space import (
     FIND_FACTOR, HYPERPARAMETERS, Choices, Find, Fixed, Hyperparameter, ParamSpec, Range, resolve_find,
@@ -28,7 +29,7 @@ from lrsearch.choices.space import (
 DIRECTIONS = ("maximize", "minimize")
 METRICS = ("val/acc", "val/loss", "train/acc", "train/loss")
 DEFAULT_TRIALS = 20
-TABLES = ("study", "data", "model", "train", "params", "tracking")
+TABLES = ("study", "data", "model", "train", "params", "tracking", "pbt")
 # A study's name becomes an MLflow experiment name, a folder name and a URL part: letters,
 # digits, '.', '_' and '-', starting with a letter or digit (no '..', no '/').
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
@@ -92,6 +93,12 @@ class Config:
     train: TrainConfig = TrainConfig()
     params: Mapping[str, ParamSpec] = field(default_factory=dict)
     tracking: TrackingConfig = TrackingConfig()
+    pbt: PopulationConfig = PopulationConfig()  # read and stored with sampler "pbt" only
+
+    @property
+    def population(self) -> bool:
+        """Whether the study searches by population-based training (``choices/population.py``)."""
+        return self.study.sampler == "pbt"
 
     def with_overrides(
         self, *, trials: int | None = None, epochs: int | None = None, name: str | None = None
@@ -127,7 +134,7 @@ class Config:
             return value
 
         out: dict[str, Any] = {}
-        for part in ("study", "data", "model", "train", "tracking"):
+        for part in ("study", "data", "model", "train", "tracking", *(("pbt",) if self.population else ())):
             out[part] = {k: plain(v) for k, v in dataclasses.asdict(getattr(self, part)).items()}
         out["params"] = {name: _spec_to_toml(spec) for name, spec in self.params.items()}
         return out
@@ -207,16 +214,31 @@ def load_config(path: str | Path) -> Config:
 def parse_config(raw: Mapping[str, Any], source: str, base_dir: Path = Path(".")) -> Config:
     """Validate a parsed study file (a dict as ``tomllib`` returns it)."""
     top = _Table(raw, source, "")
-    study = _study(top.table("study", required=True))
+    study_table = top.table("study", required=True)
+    study = _study(study_table)
     data = _data(top.table("data"), base_dir)
     model = _model(top.table("model"))
     train = _train(top.table("train"))
     params = _params(top.table("params"), study.sampler)
     tracking = _tracking(top.table("tracking"))
+    pbt_table = top.table("pbt")
+    pbt = _read(pbt_table, PopulationConfig)
     top.finish()
     if study.sampler == "grid" and not params:
         raise ConfigError(source, "[params]", "expected at least one entry with choices for sampler 'grid'")
-    return Config(source, study, data, model, train, params, tracking)
+    if study.sampler != "pbt" and pbt_table.raw:
+        raise ConfigError(source, "[pbt]", f"expected only with [study].sampler = \"pbt\", got sampler {study.sampler!r}")
+    if study.sampler == "pbt":
+        if study.pruner != "none" and "pruner" in study_table.raw:
+            raise study_table.error("pruner", "expected 'none' with sampler 'pbt' (its worst members copy its best: "
+                                              "the population prunes itself)", study.pruner)
+        study = dataclasses.replace(study, pruner="none")
+        from lrsearch.choices.population import mutable
+
+        if not any(isinstance(params.get(name), (Range, Find)) for name in mutable()):
+            raise ConfigError(source, "[params]", f"expected at least one of {', '.join(mutable())} as a range "
+                                                  "{ low, high } for sampler 'pbt' (what it changes as the members train)")
+    return Config(source, study, data, model, train, params, tracking, pbt)
 
 
 # -- sections -----------------------------------------------------------------------------
@@ -283,6 +305,8 @@ def _params(t: _Table, sampler: str) -> dict[str, ParamSpec]:
             raise t.error(name, "unknown hyperparameter; expected one of " + ", ".join(HYPERPARAMETERS)
                           + did_you_mean(name, HYPERPARAMETERS), show_got=False)
         specs[name] = _param(t, hp, value)
+        if sampler == "pbt" and (problem := refusal(name, specs[name])) is not None:
+            raise t.error(name, problem, show_got=False)
         if sampler == "grid" and isinstance(specs[name], (Range, Find)):
             raise t.error(name, "expected a fixed value or { choices = [...] } for sampler 'grid' "
                                 "(a grid cannot enumerate a range)", show_got=False)

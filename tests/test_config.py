@@ -59,7 +59,7 @@ def test_integers_are_accepted_where_numbers_are_expected():
          "f.toml: [study].trails: unknown key; expected one of name, direction, metric, trials, sampler, seed, "
          "pruner, prune_every, priority (did you mean 'trials'?)"),
         ({"study": {"name": "s"}, "prams": {}}, "f.toml: [prams]: unknown table; expected one of study, data, model, "
-         "train, params, tracking (did you mean 'params'?)"),
+         "train, params, tracking, pbt (did you mean 'params'?)"),
         ({"study": {"name": "s"}, "optimizer": {}}, "f.toml: [optimizer]: unknown table"),
         ({"study": {}}, "f.toml: [study].name: expected 1 to 100 letters, digits, '.', '_' or '-', starting with a "
          "letter or digit (it is required)"),
@@ -71,7 +71,7 @@ def test_integers_are_accepted_where_numbers_are_expected():
         ({"study": {"name": "s", "trials": "ten"}}, "f.toml: [study].trials: expected an integer in [1, 100000], got 'ten'"),
         ({"study": {"name": "s", "trials": 0}}, "f.toml: [study].trials: expected an integer in [1, 100000], got 0"),
         ({"study": {"name": "s", "sampler": "bayes"}},
-         "f.toml: [study].sampler: expected one of 'tpe', 'random', 'grid', 'qmc', got 'bayes'"),
+         "f.toml: [study].sampler: expected one of 'tpe', 'random', 'grid', 'qmc', 'pbt', got 'bayes'"),
         ({"study": {"name": "s", "direction": "up"}}, "f.toml: [study].direction: expected one of 'maximize'"),
         ({"study": {"name": "s", "pruner": "early"}}, "f.toml: [study].pruner: expected one of 'none'"),
         ({"study": {"name": "s", "metric": "acc"}}, "f.toml: [study].metric: expected one of 'val/acc'"),

@@ -86,11 +86,20 @@ def _qmc(params: Mapping[str, ParamSpec], seed: int | None) -> optuna.samplers.B
     return optuna.samplers.QMCSampler(seed=seed, warn_independent_sampling=False)
 
 
+def _pbt(params: Mapping[str, ParamSpec], seed: int | None) -> optuna.samplers.BaseSampler:
+    import optuna
+
+    return optuna.samplers.RandomSampler(seed=seed)  # the first draw; the population does the rest
+
+
 SAMPLERS: Registry[Sampler] = Registry("sampler", [
     Sampler("tpe", "Optuna's TPE: multivariate, grouped, with constant liar for parallel workers", _tpe, learns=True),
     Sampler("random", "independent uniform (or log-uniform) draws", _random),
     Sampler("grid", "every combination of the [params] choices (fixed values and choices lists only)", _grid),
     Sampler("qmc", "quasi-Monte Carlo (Sobol) points, spread more evenly than random ones", _qmc),
+    Sampler("pbt", "population-based training: a population (drawn at random) trains together; every "
+                   "[pbt].interval epochs its worst members copy its best and perturb their lr, momentum and "
+                   "weight decay", _pbt),
 ])
 
 

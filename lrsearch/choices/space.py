@@ -85,6 +85,9 @@ class Hyperparameter:
     requires: tuple[str, Callable[[Any], bool], str] | None = None  # (name, test, as text)
     choices: tuple[Any, ...] = ()
     optional: bool = False  # undeclared: left out of a trial's hyperparameters (its default changes nothing)
+    # Population-based training may change it while a member trains (choices/population.py):
+    # a per-member value of the batched optimizer, changed in place.
+    changes: bool = False
 
     @property
     def expected(self) -> str:
@@ -124,14 +127,15 @@ HYPERPARAMETERS: dict[str, Hyperparameter] = {
     for h in (
         _category("optimizer", OPTIMIZERS, "sgd", "the optimizer (table below)"),
         Hyperparameter("lr", "float", POSITIVE, "the (initial) learning rate",
-                       lambda sampled: OPTIMIZERS[sampled["optimizer"]].default_lr),
+                       lambda sampled: OPTIMIZERS[sampled["optimizer"]].default_lr, changes=True),
         Hyperparameter("momentum", "float", Interval(float, 0, 1, closed="left"), "momentum",
-                       owner="optimizer"),
+                       owner="optimizer", changes=True),
         Hyperparameter("nesterov", "bool", Satisfies("true or false", lambda v: isinstance(v, bool)),
                        "Nesterov's momentum", owner="optimizer",
                        requires=("momentum", lambda v: v > 0, "momentum > 0"), choices=(True, False)),
         Hyperparameter("weight_decay", "float", Interval(float, 0, None),
-                       "decoupled weight decay (per update: w -= lr · weight_decay · w)", owner="optimizer"),
+                       "decoupled weight decay (per update: w -= lr · weight_decay · w)", owner="optimizer",
+                       changes=True),
         Hyperparameter("warmup_epochs", "int", Interval(int, 0, None, unit="epochs"),
                        "epochs of linear warm-up (update by update, up to the rate the schedule starts "
                        "at) before any schedule", 0, optional=True),

@@ -277,8 +277,9 @@ def cmd_best(args: argparse.Namespace) -> int:
               file=sys.stdout if args.format == "table" else sys.stderr)
     rows = [{"number": r.pop("trial_number"), **r} for r in
             best_trials_sql(args.storage, args.tracking_uri, args.name, args.top)]
-    columns = ["rank", *TRIAL_COLUMNS] if args.format == "table" else [
-        "rank", "number", "value", "state", "params", "optimizer", "lr", "momentum", "schedule",
+    pbt = ["drawn", "copies"] if any(row.get("drawn") is not None for row in rows) else []
+    columns = ["rank", *TRIAL_COLUMNS, *pbt[1:]] if args.format == "table" else [
+        "rank", "number", "value", "state", "params", *pbt, "optimizer", "lr", "momentum", "schedule",
         "duration_s", "wall_s", "mlflow_run_id", "mlflow", "mlflow_status", "val_acc", "val_loss", "train_loss", "model"]
     print(format_rows(rows, args.format, columns) if rows or args.format != "table" else "(no completed trials)")
     made = next((r for r in rows if r["model"]), None)  # the row of the trial the model was made from

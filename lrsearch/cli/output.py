@@ -128,7 +128,8 @@ def print_result(study: Any, target: int, experiment_id: str, parent_run_id: str
     if arrays is not None:
         print(array_line(arrays, sampler))
     if rows:
-        print(format_rows(rows, "table", TRIAL_COLUMNS))
+        copies = ["copies"] if any("copies" in r for r in rows) else []  # population-based training
+        print(format_rows(rows, "table", [*TRIAL_COLUMNS, *copies]))
     print("\n".join(links(uri, experiment_id, parent_run_id)))
     model = study.user_attrs.get(attrs.MODEL)
     if model:
@@ -141,7 +142,10 @@ def array_line(use: Any, sampler: str) -> str:
     from lrsearch.choices.sampling import FIRST_ARRAY, SAMPLERS, TRIALS_PER_MEMBER
 
     together = f"{use.most}" if use.first == use.most else f"{use.first}, growing to {use.most},"
-    if use.wanted != "auto":
+    if sampler == "pbt":
+        capped = f"; memory allows {use.size}" if use.size < int(use.wanted) else ""
+        why = f"a population of {use.wanted}, [pbt].population{capped}"
+    elif use.wanted != "auto":
         capped = f"; memory allows {use.size}" if use.size < int(use.wanted) else ""
         why = f"array {use.wanted} asked for{capped}"
     elif use.size == 1:

@@ -26,6 +26,9 @@ REASON = "reason"  # why a trial ended PRUNED or FAIL
 TRACKING_ERROR = "tracking_error"  # why its MLflow record is incomplete
 EPOCHS_TRAINED = "epochs_trained"
 TRAIN_SECONDS = "train_seconds"
+# Population-based training: {"final": the hyperparameters it ended with, "exploits": [{"epoch",
+# "source", "reason", "before", "after"}, …]} (its params are its first draw: Optuna's).
+PBT = "pbt"
 
 # Trial system attributes.
 CLAIM = "lrsearch_claim"  # a new trial's token: see RetryingStorage.create_new_trial
@@ -36,4 +39,5 @@ GRID_ID = "grid_id"  # set by Optuna's GridSampler
 # For the SQL views.
 SQL_NAMES = {"parent_run": PARENT_RUN, "experiment": EXPERIMENT, "hyperparameters": HYPERPARAMETERS,
              "mlflow_run": MLFLOW_RUN, "target": TARGET, "submitted_at": SUBMITTED_AT, "cancelled": CANCELLED,
-             "unrunnable": UNRUNNABLE, "interrupted": INTERRUPTED, "model": MODEL, "train_seconds": TRAIN_SECONDS}
+             "unrunnable": UNRUNNABLE, "interrupted": INTERRUPTED, "model": MODEL, "train_seconds": TRAIN_SECONDS,
+             "pbt": PBT}

@@ -3,7 +3,7 @@ the runs' descriptions and the params MLflow shows."""
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 
 def fmt(value: Any) -> str:
@@ -15,3 +15,29 @@ def fmt(value: Any) -> str:
 
 def params_text(params: Mapping[str, Any], sep: str = ", ") -> str:
     return sep.join(f"{k}={fmt(v)}" for k, v in params.items())
+
+
+def exploits_text(exploits: Sequence[Mapping[str, Any]], limit: int = 6) -> str:
+    """How a member of population-based training got its hyperparameters, as people read
+    it: ``copied trial 5 at epoch 4 (lr 0.1→0.08); …`` (the last ``limit`` copies), or
+    ``never copied another member``."""
+    if not exploits:
+        return "never copied another member"
+    parts = []
+    for e in exploits[-limit:]:
+        changed = [f"{k} {fmt(e['before'].get(k, 'none'))}→{fmt(v)}" for k, v in e["after"].items()
+                   if e["before"].get(k) != v]
+        parts.append(f"copied trial {e['source']} at epoch {e['epoch']}" + (f" ({', '.join(changed)})" if changed else ""))
+    earlier = len(exploits) - limit
+    return ("; ".join(parts) + (f"; and {earlier} earlier" if earlier > 0 else "")) if parts else ""
+
+
+def shown_params(params: Mapping[str, Any], pbt: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A trial's hyperparameters as every view of trials shows them (``run``, ``best``): its
+    ``params``; for a member of population-based training (its ``pbt`` attribute), those it
+    ended with, beside ``drawn`` (its params: its first draw) and ``copies`` (the trials it
+    copied, at which epochs: ``trials 6 at 7, 0 at 23``)."""
+    if not pbt:
+        return {"params": dict(params)}
+    copies = ", ".join(f"{e['source']} at {e['epoch']}" for e in pbt["exploits"]) or "none"
+    return {"params": dict(pbt["final"]), "drawn": dict(params), "copies": f"trials {copies}" if pbt["exploits"] else copies}

@@ -17,6 +17,7 @@ updates, for every optimizer and option (tests/test_array_optimizer.py allows 1e
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Union
@@ -26,6 +27,7 @@ import torch
 from lrsearch.choices.optimizers import OPTIMIZERS
 
 
+@functools.cache  # inspect.signature takes ~0.1 ms: population-based training retunes often
 def _torch_default(optimizer: str, argument: str) -> Any:
     """Torch's default for an argument of the optimizer's class, read from its signature so the
     two cannot drift apart."""
@@ -110,6 +112,16 @@ class ArrayOptimizer:
     def assign(self, slot: int, hp: Mapping[str, Any]) -> None:
         """Give ``slot`` a member: its optimizer, learning rate and options from ``hp`` (torch's
         defaults for options ``hp`` lacks), and fresh state."""
+        self.retune(slot, hp)
+        self._numpy["step"][slot] = 0.0
+        with torch.no_grad():
+            for state in (*self._first, *self._second):
+                state[slot].zero_()
+
+    def retune(self, slot: int, hp: Mapping[str, Any]) -> None:
+        """``slot``'s optimizer, learning rate and options from ``hp``, its state kept (as
+        torch keeps an optimizer's state when a param group's values change: a momentum
+        buffer that was never used starts from zero, as torch's starts from the gradient)."""
         name = hp["optimizer"]
         options = {option: hp.get(option, _torch_default(name, option)) for option in OPTIMIZERS[name].options}
         momentum = float(options.get("momentum", 0.0))
@@ -129,11 +141,23 @@ class ArrayOptimizer:
         self._variant[slot] = variant
         self._numpy["momentum"][slot] = momentum
         self._numpy["weight_decay"][slot] = float(options.get("weight_decay", 0.0))
-        self._numpy["step"][slot] = 0.0
         self.set_lr(slot, hp["lr"])
+        self._groups = None
+
+    def copy_slots(self, sources: list[int], slots: list[int]) -> None:
+        """Each of ``slots`` takes its ``sources``' optimizer, hyperparameters, step count and
+        state, all as they were before any of the copies (population-based training's
+        exploits: a copier continues as its source would)."""
+        src = torch.tensor(sources, dtype=torch.long)
+        dst = torch.tensor(slots, dtype=torch.long)
         with torch.no_grad():
             for state in (*self._first, *self._second):
-                state[slot].zero_()
+                state.index_copy_(0, dst, state.index_select(0, src))
+        for array in self._numpy.values():  # NumPy's fancy indexing: a copy of the rows, then the write
+            array[slots] = array[sources]
+        variants = [self._variant[s] for s in sources]
+        for slot, variant in zip(slots, variants):
+            self._variant[slot] = variant
         self._groups = None
 
     def set_lr(self, slot: int, lr: float) -> None:
@@ -154,6 +178,16 @@ class ArrayOptimizer:
         if params[0].shape[0] != len(old_slots):
             raise ValueError(f"{len(old_slots)} old_slots for {params[0].shape[0]} slots")
         old_first, old_second, old_slots_arrays = self._first, self._second, self._slots
+        if None not in old_slots and sorted(old_slots) == list(range(self._size)):  # type: ignore[type-var]  # reordered
+            self._bind(params)
+            with torch.no_grad():
+                self._first = [s[old_slots] for s in old_first]
+                self._second = [s[old_slots] for s in old_second]
+            for array in self._numpy.values():
+                array[:] = array[old_slots]
+            self._variant = [self._variant[old] for old in old_slots]  # type: ignore[index]
+            self._groups = None
+            return
         self._bind(params)
         kept = [(new, old) for new, old in enumerate(old_slots) if old is not None]
         dst = torch.tensor([new for new, _ in kept], dtype=torch.long)

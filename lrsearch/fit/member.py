@@ -27,6 +27,9 @@ class TrainResult:
     seconds: float = 0.0  # its share of the array's training time: each epoch's, divided among its members
     # Its network as training left it: W0, b0, W1, b1, … (W as [in, out], b as [1, out]).
     weights: list[torch.Tensor] | None = None
+    # Population-based training: each time it copied another member ({"epoch", "source",
+    # "reason", "before", "after"}; fit/population.py), in order.
+    exploits: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def history(self) -> dict[str, list[tuple[int, float, int]]]:

@@ -4,9 +4,10 @@ all of them, one batched optimizer update. A trial trained alone is an array of 
 
 from __future__ import annotations
 
+import functools
 import math
 import time
-from typing import Any, Protocol, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -49,7 +50,7 @@ class ArrayClassifier(pl.LightningModule):
 
     def __init__(self, cfg: Any, n_features: int, n_classes: int, val: tuple[torch.Tensor, torch.Tensor],
                  steps_per_epoch: int, members: Sequence[Member], host: ArrayHost | None = None,
-                 stop: Any = None, pruning: Any = None) -> None:
+                 stop: Any = None, pruning: Any = None, population: Any = None) -> None:
         super().__init__()
         self.automatic_optimization = False
         self.cfg = cfg
@@ -60,6 +61,7 @@ class ArrayClassifier(pl.LightningModule):
         self.host = host
         self.stop = stop
         self.pruning = pruning
+        self.population = population  # population-based training's exploits (fit/population.py), or None
         self.activation = getattr(torch.nn, _activation_class(cfg))()
         self.members: list[Member] = []
         # Every member's parameters in one row of one leaf tensor ([K, 1, P]); the layers are
@@ -118,15 +120,45 @@ class ArrayClassifier(pl.LightningModule):
         """Its optimizer settings in the batched update, and its schedule on a shadow
         optimizer, listed where Lightning's LearningRateMonitor finds it."""
         assert self.optimizer is not None
+        self._shadow(member)
+        self.optimizer.assign(slot, member.hp)
+        self.optimizer.set_lr(slot, member.lr)
+
+    def _shadow(self, member: Member) -> None:
         member.shadow = make_optimizer([torch.zeros(1, requires_grad=True)], member.hp)
         member.shadow._opt_called = True  # type: ignore[attr-defined]  # its scheduler never sees a step
         member.schedule = make_schedule(member.shadow, member.hp, member.epochs, self.steps_per_epoch)
-        self.optimizer.assign(slot, member.hp)
-        self.optimizer.set_lr(slot, member.lr)
         from pytorch_lightning.utilities.types import LRSchedulerConfig
 
         self.trainer.strategy.lr_scheduler_configs.append(LRSchedulerConfig(
             member.schedule.scheduler, name=f"{LR_NAME}@{member.key}", interval="epoch"))
+
+    def copy_members(self, copies: Sequence[tuple[Member, Member, Mapping[str, Any]]]) -> None:
+        """Population-based training's exploits, all at once: each copier takes its source's
+        weights and optimizer state as they are now (a source copied by another member in
+        the same step still gives its own), then trains with ``hp`` (its source's, explored):
+        a new learning rate, momentum or weight decay in the batched update, and on its
+        shadow optimizer, where LearningRateMonitor reads them."""
+        assert self.flat is not None and self.optimizer is not None
+        slots = [(self.members.index(copier), self.members.index(source)) for copier, source, _ in copies]
+        dst = torch.tensor([d for d, _ in slots], dtype=torch.long)
+        src = torch.tensor([s for _, s in slots], dtype=torch.long)
+        with torch.no_grad():
+            self.flat.index_copy_(0, dst, self.flat.index_select(0, src))
+        self.optimizer.copy_slots(src.tolist(), dst.tolist())
+        kinds = [_kind(m.hp) for m in self.members]
+        for (copier, _, hp), (slot, _) in zip(copies, slots):
+            copier.hp = dict(hp)
+            _retune_shadow(copier, hp)
+            self.optimizer.retune(slot, copier.hp)
+            self.optimizer.set_lr(slot, copier.lr)
+        if [_kind(m.hp) for m in self.members] != kinds:
+            # Each optimizer's slots one contiguous run again (a copier took another optimizer).
+            order = sorted(range(len(self.members)), key=lambda i: _kind(self.members[i].hp))
+            self.flat = self.flat.detach()[order].requires_grad_(True)
+            self.weights = self._views()
+            self.members = [self.members[i] for i in order]
+            self.optimizer.rebind([self.flat], list(order))
 
     def _forget(self, member: Member) -> None:
         """Its schedule off LearningRateMonitor's list."""
@@ -246,6 +278,10 @@ class ArrayClassifier(pl.LightningModule):
                     due.append((m, value))
         if self.pruning is not None:
             self.pruning.check(due)  # the members checked now, judged together
+        if self.population is not None:
+            self.population.step(self, [{"train/loss": train_loss[slot], "train/acc": train_acc[slot],
+                                         "val/loss": val_loss[slot], "val/acc": val_acc[slot]}
+                                        for slot in range(len(self.members))])
         for m in self.members:
             m.result.epochs += 1
         leaving = [m for m in self.members if stopping or m.ended_early or m.epoch >= m.epochs]
@@ -267,6 +303,30 @@ class ArrayClassifier(pl.LightningModule):
     def on_train_epoch_end(self) -> None:
         if not self.members:
             self.trainer.should_stop = True
+
+
+def _retune_shadow(member: Member, hp: Mapping[str, Any]) -> None:
+    """A copier's shadow optimizer made to read as ``hp``'s (population-based training's
+    constant schedule): its param group and defaults replaced in place, as a new shadow of
+    ``hp``'s optimizer would have them (a new torch optimizer and scheduler cost ~0.15 ms
+    a copy, more than the copy). LearningRateMonitor reads only these: the group's ``lr``,
+    ``momentum`` (or the defaults' ``betas``) and ``weight_decay``."""
+    template = _shadow_template(hp["optimizer"], bool(hp.get("momentum")), bool(hp.get("nesterov")))
+    shadow, group = member.shadow, member.shadow.param_groups[0]
+    fresh = {**template.param_groups[0], "params": group["params"], "lr": hp["lr"], "initial_lr": hp["lr"]}
+    fresh.update({k: hp[k] for k in ("momentum", "weight_decay", "nesterov") if k in hp and k in fresh})
+    group.clear()
+    group.update(fresh)
+    shadow.defaults = template.defaults
+    member.schedule.scheduler.base_lrs = [hp["lr"]]  # the constant schedule: lr = base × 1
+
+
+@functools.cache
+def _shadow_template(optimizer: str, momentum: bool, nesterov: bool) -> torch.optim.Optimizer:
+    """One weightless optimizer of each kind: its defaults and param group's keys."""
+    hp = {"optimizer": optimizer, "lr": 1.0, **({"momentum": 0.5} if momentum else {}),
+          **({"nesterov": True} if nesterov else {})}
+    return make_optimizer([torch.zeros(1, requires_grad=True)], hp)
 
 
 def _kind(hp: Any) -> tuple[str, bool, bool]:

@@ -20,6 +20,7 @@ from lrsearch.choices.data import Dataset
 from lrsearch.fit.logger import ArrayLogger
 from lrsearch.fit.member import Member, TrainResult
 from lrsearch.fit.model import ArrayClassifier, ArrayHost
+from lrsearch.fit.population import Population
 from lrsearch.fit.pruning import Pruning
 from lrsearch.choices.sampling import check_interval
 from lrsearch.core.stopping import StopFlag, TrialStop
@@ -51,14 +52,20 @@ def quiet_lightning() -> None:
 
 
 def fit_array(cfg: Config, data: Dataset, members: Sequence[Member], host: ArrayHost | None = None,
-              stop: StopFlag | TrialStop | None = None) -> ArrayClassifier | None:
+              stop: StopFlag | TrialStop | None = None, population: Population | None = None) -> ArrayClassifier | None:
     """Train ``members`` (trials of the study ``cfg``, each with its own hyperparameters,
     seed and epochs) at once, in one Lightning fit, until every member has left: finished,
     pruned, diverged, or stopped at an epoch boundary once ``stop`` is requested. The
-    ``host`` hears of each member as it leaves and may send new members in its place."""
+    ``host`` hears of each member as it leaves and may send new members in its place.
+    ``population``: population-based training's exploits (default: the study's, if it
+    searches by PBT)."""
     pruning = Pruning(cfg.study.metric, check_interval(cfg.train.epochs, cfg.study.prune_every)) if cfg.study.pruner != "none" else None
+    if population is None and cfg.population:
+        population = Population(cfg.pbt, cfg.params, cfg.study.metric, cfg.study.direction, cfg.train.epochs,
+                                cfg.study.seed)
     module = ArrayClassifier(cfg, data.n_features, data.n_classes, (data.x_val, data.y_val),
-                             -(-len(data.x_train) // cfg.train.batch_size), members, host, stop, pruning)
+                             -(-len(data.x_train) // cfg.train.batch_size), members, host, stop, pruning,
+                             population)
     trainer = pl.Trainer(
         max_epochs=-1,  # each member counts its own epochs; the fit ends when none is left
         accelerator="cpu",

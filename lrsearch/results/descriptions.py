@@ -23,7 +23,7 @@ from urllib.parse import quote
 from lrsearch.core import attrs
 from lrsearch.core.names import NOTE_FIGURES, OBJECTIVE_METRIC, PREVIEW_DIR, run_path, trials_path
 from lrsearch.core.phase import explain
-from lrsearch.core.text import fmt, params_text
+from lrsearch.core.text import exploits_text, fmt, params_text
 
 TOP_TRIALS = 10
 # MLflow 3.17's run page draws a description's tables with neither cell padding nor borders
@@ -35,12 +35,16 @@ _MAX_NOTE = 8000  # MLflow's limit on a tag value
 
 
 def trial_note(state: str, reason: str | None, metric: str, value: float | None, epochs: int,
-               params: Mapping[str, Any]) -> str:
-    """One line for a trial's run: how it ended, then its sampled hyperparameters."""
+               params: Mapping[str, Any], lineage: Mapping[str, Any] | None = None) -> str:
+    """One line for a trial's run: how it ended, then its sampled hyperparameters (a member
+    of population-based training: those it ended with, from which draw, and its copies)."""
     if state == "COMPLETE" and value is not None:
         ended = f"COMPLETE: {metric} {fmt(value)} after {epochs} epochs"
     else:
         ended = f"{state}: {reason or 'no reason recorded'}"
+    if lineage is not None:
+        return (f"{ended} · ended with {params_text(lineage['final'])} · drawn with {params_text(params)} · "
+                f"{exploits_text(lineage['exploits'], limit=20)}")
     return f"{ended} · {params_text(params)}" if params else ended
 
 
@@ -66,6 +70,7 @@ def study_note(study: Any, *, phase: str, experiment_id: str, figures: Sequence[
     study's, if already read (each ``study.user_attrs`` is a query)."""
     from optuna.trial import TrialState
 
+    from lrsearch.results.lineage import final_params, line, schedule_text
     from lrsearch.results.ranking import by_state, direction, duration_s, ranking, state_text
     from lrsearch.choices.space import in_sampling_order
 
@@ -86,7 +91,12 @@ def study_note(study: Any, *, phase: str, experiment_id: str, figures: Sequence[
     if best:
         b = best[0]
         lines += [f"Best {metric}: **{fmt(b.value)}**, [trial {b.number}]({_trial_link(experiment_id, b)}): "
-                  f"{params_text(in_sampling_order(b.params))}", ""]
+                  f"{params_text(in_sampling_order(final_params(b)))}", ""]
+        if attrs.PBT in b.user_attrs:  # population-based training: what it found, and how
+            lines += [f"Its discovered schedule (population-based training; the trials that trained its network, "
+                      f"in turn): {schedule_text(line(trials, b))}. Drawn with "
+                      f"{params_text(in_sampling_order(b.params))}; "
+                      f"{exploits_text(b.user_attrs[attrs.PBT]['exploits'])}.", ""]
         model = user_attrs.get(attrs.MODEL)
         if model:  # registered when the study finished (or by `lrsearch best --register`)
             lines += [f"Model: `{model['uri']}` (version {model['version']}, trial {model['trial']}): "
@@ -99,7 +109,7 @@ def study_note(study: Any, *, phase: str, experiment_id: str, figures: Sequence[
             lines.append(_table_row([str(rank), f"[{t.number}]({_trial_link(experiment_id, t)})", fmt(t.value),
                                      str(t.user_attrs.get(attrs.EPOCHS_TRAINED, "")),
                                      "" if seconds is None else f"{seconds:.1f}",
-                                     params_text(in_sampling_order(t.params))]))
+                                     params_text(in_sampling_order(final_params(t)))]))
         lines.append("")
     pruned = counts.get("PRUNED", 0)
     if pruned:

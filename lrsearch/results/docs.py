@@ -61,10 +61,12 @@ def _default(hp: Hyperparameter) -> str:
 
 def hyperparameters() -> str:
     """The ``[params]`` table: every hyperparameter, when it applies, its values and default."""
-    lines = ["| name | applies when | values | default | meaning |", "|---|---|---|---|---|"]
+    from lrsearch.choices.population import role
+
+    lines = ["| name | applies when | values | default | meaning | with sampler `pbt` |", "|---|---|---|---|---|---|"]
     for hp in HYPERPARAMETERS.values():
         values = ", ".join(_value(c) for c in hp.choices) if hp.choices else hp.expected
-        lines.append(f"| `{hp.name}` | {_applies(hp)} | {values} | {_default(hp)} | {hp.doc} |")
+        lines.append(f"| `{hp.name}` | {_applies(hp)} | {values} | {_default(hp)} | {hp.doc} | {role(hp.name)} |")
     return "\n".join(lines)
 
 

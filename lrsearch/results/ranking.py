@@ -17,6 +17,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from lrsearch.core import attrs
 from lrsearch.core.errors import unknown_study
+from lrsearch.core.text import shown_params
 from lrsearch.choices.space import in_sampling_order
 from lrsearch.store.storage import open_storage
 from lrsearch.store.urls import redact, storage_url
@@ -64,8 +65,10 @@ def trial_record(t: FrozenTrial) -> dict[str, Any]:
     """One trial as ``run`` and ``best`` show it. ``params`` are the values Optuna sampled
     (fixed values included: they are suggested too), in sampling order, as in the SQL
     views' ``params``; the defaults a trial also trained with are in its
-    ``hyperparameters`` attribute and its MLflow run's params."""
-    return {"number": t.number, "value": t.value, "state": t.state.name, "params": in_sampling_order(t.params),
+    ``hyperparameters`` attribute and its MLflow run's params. A member of population-based
+    training shows what it ended with, and how (``core.text.shown_params``)."""
+    return {"number": t.number, "value": t.value, "state": t.state.name,
+            **shown_params(in_sampling_order(t.params), t.user_attrs.get(attrs.PBT)),
             "duration_s": duration_s(t), "wall_s": wall_s(t), "mlflow_run_id": t.user_attrs.get(attrs.MLFLOW_RUN)}
 
 

@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator, Sequence
 from lrsearch.core import attrs
 from lrsearch.results.descriptions import write_study_note
 from lrsearch.core.names import DEFAULT_UI_PORT, NOTE_FIGURES, PREVIEW_DIR
+from lrsearch.results.lineage import is_population, plot_schedule
 from lrsearch.choices.optimizers import OPTIMIZERS
 from lrsearch.results.ranking import best_so_far, direction, duration_s, load_study, ranking, wall_s
 from lrsearch.choices.space import in_sampling_order
@@ -189,6 +190,9 @@ def build_report(study: Any, tracker: Tracker, out: Path, grid: bool) -> list[Pa
         top = [t for t in ranked if t.state == "COMPLETE"][:TOP_CURVES]
         if any(t.curves.get("lr") for t in top):
             figures.append(plot_lr_curves(top, name, out / "lr_curves.png"))
+    if not grid and ranked and is_population(frozen):  # population-based training: what it discovered
+        best = next(t for t in frozen if t.number == ranked[0].number)
+        figures.append(plot_schedule(frozen, best, name, out / "pbt_schedule.png"))
     _previews([p for p in figures if p.name in NOTE_FIGURES], out / PREVIEW_DIR)
     here = [Path(p) for p in draw_optuna_figures(None, name, way, frozen, str(out), _FIGURES_HERE)]
     drawn = {p.name: p for p in [*here, *(Path(p) for p in elsewhere.result())]}

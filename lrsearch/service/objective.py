@@ -144,7 +144,8 @@ class Objective:
             return Ending(member, "FAIL", None, reason, {attrs.REASON: reason, **run_attrs},
                           status="KILLED" if interrupted else None, requeue=interrupted)
         measured = {attrs.EPOCHS_TRAINED: result.epochs,
-                    attrs.TRAIN_SECONDS: round(result.seconds, 3), **run_attrs}  # ms: as results.duration_s shows it
+                    attrs.TRAIN_SECONDS: round(result.seconds, 3), **run_attrs,  # ms: as results.duration_s shows it
+                    **({attrs.PBT: self.lineage(member)} if self.cfg.population else {})}
         cut_short = result.epochs < member.epochs and not member.ended_early
         if self.stop.requested and cut_short:  # one that trained all its epochs keeps its result
             reason = (f"interrupted at epoch {result.epochs - 1}" if result.epochs else
@@ -157,6 +158,12 @@ class Objective:
         state, value, reason = outcome(result, self.cfg.study.metric, PRUNERS[self.cfg.study.pruner].verdict)
         return Ending(member, state, value if state == "COMPLETE" else None, reason,
                       {**measured, **({attrs.REASON: reason} if reason else {})})
+
+    def lineage(self, member: Member) -> dict[str, Any]:
+        """A population member's ``pbt`` attribute: the declared hyperparameters it ended with
+        (its params are its first draw) and each copy that got it there."""
+        final = in_sampling_order({k: v for k, v in member.hp.items() if k in self.cfg.params})
+        return {"final": final, "exploits": member.result.exploits}
 
     def taken(self, ending: Ending) -> Ending:
         """``ending`` for a trial another worker ended meanwhile (finding no heartbeat of it:
@@ -183,25 +190,29 @@ class Objective:
             record.recorded()
             return
         objective = ending.value if ending.state == "COMPLETE" else None
+        lineage = self.lineage(ending.member) if self.cfg.population else None
         note = trial_note(ending.state, ending.reason, self.cfg.study.metric, objective, result.epochs,
-                          in_sampling_order(trial.params))
+                          in_sampling_order(trial.params), lineage)
         assert self.outbox is not None
         try:
-            run.finish(self.outbox, *self._artifacts(trial, dict(ending.member.hp), ending.member.seed, result),
+            run.finish(self.outbox, *self._artifacts(trial, dict(ending.member.hp), ending.member.seed, result,
+                                                     ending.member),
                        result.history, ending.state, ending.reason, ending.status, note=note, objective=objective,
                        then=record.recorded)
         except BaseException:
             record.recorded()
             raise
 
-    def _artifacts(self, trial: optuna.trial.Trial, hp: dict[str, Any], seed: int,
-                   result: TrainResult) -> tuple[dict[str, bytes], list[Drawing]]:
+    def _artifacts(self, trial: optuna.trial.Trial, hp: dict[str, Any], seed: int, result: TrainResult,
+                   member: Member) -> tuple[dict[str, bytes], list[Drawing]]:
         """The trial run's artifacts: files made here (its configuration, its network), and
         drawings made where the record is sent (its learning curves, opt-in)."""
         config = self.cfg.to_dict()
         files = {"trial_config.json": json_bytes({"study": self.cfg.study.name, "trial": trial.number, "seed": seed,
                                                   attrs.HYPERPARAMETERS: hp,
                                                   **{k: config[k] for k in ("data", "model", "train")}})}
+        if self.cfg.population:  # where each change of its lr came from
+            files["pbt.json"] = json_bytes(self.lineage(member))
         if result.weights is not None and self.cfg.tracking.register_model:  # the study's model, if best
             files[NETWORK_FILE] = network_bytes(self.data, ACTIVATIONS[self.cfg.model.activation].torch_class,
                                                 result.weights)

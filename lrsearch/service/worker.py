@@ -149,6 +149,8 @@ class Worker:
         return False
 
     def _wanted(self, session: Session) -> int | str:
+        if session.cfg.population:  # a population trains as one array, whatever --array says
+            return session.cfg.pbt.population
         return self.array if self.array is not None else session.cfg.train.array
 
     def _target(self, session: Session, size: int) -> int:

@@ -29,6 +29,7 @@ from typing import Any, Sequence
 
 from lrsearch.core import attrs
 from lrsearch.core.errors import LrsearchError, UsageError, first_line, unknown_study
+from lrsearch.core.text import shown_params
 from lrsearch.store.retry import reason
 from lrsearch.choices.space import in_sampling_order
 from lrsearch.store.lock import store_lock
@@ -61,7 +62,7 @@ SELECT r.rolsuper OR r.rolcreaterole OR r.rolreplication OR r.rolbypassrls
                   AND has_table_privilege(c.oid, 'INSERT, UPDATE, DELETE, TRUNCATE, TRIGGER'))
 FROM pg_roles r WHERE r.rolname = current_user
 """
-JSON_COLUMNS = {"params", "best_params"}
+JSON_COLUMNS = {"params", "best_params", "pbt"}
 # Indexes the views' plans need on Optuna's tables (named lrsearch_*, created idempotently).
 INDEXES = (
     "CREATE INDEX IF NOT EXISTS lrsearch_trials_study_state ON {optuna}trials (study_id, state, number, trial_id)",
@@ -76,6 +77,9 @@ _MACROS: dict[str, dict[str, str]] = {
         "view": "lrsearch.{0}",
         "text": "(({0})::jsonb ->> '{1}')",
         "number": "CAST(({0})::jsonb ->> '{1}' AS " + _NUM + ")",
+        "final_text": "(({0})::jsonb -> 'final' ->> '{1}')",
+        "final_number": "CAST(({0})::jsonb -> 'final' ->> '{1}' AS " + _NUM + ")",
+        "json": "(({0})::jsonb)",
         "scalar": "(({0})::jsonb #>> ARRAY[]::text[])",
         "choice_json": "(({0})::jsonb -> 'attributes' -> 'choices' -> CAST({1} AS INTEGER))",
         "choice_text": "(({0})::jsonb -> 'attributes' -> 'choices' ->> CAST({1} AS INTEGER))",
@@ -97,6 +101,9 @@ _MACROS: dict[str, dict[str, str]] = {
         "view": "{0}",
         "text": "json_extract({0}, '$.{1}')",
         "number": "CAST(json_extract({0}, '$.{1}') AS " + _NUM + ")",
+        "final_text": "json_extract({0}, '$.final.{1}')",
+        "final_number": "CAST(json_extract({0}, '$.final.{1}') AS " + _NUM + ")",
+        "json": "json({0})",
         "scalar": "json_extract({0}, '$')",
         # As JSON: json_extract alone turns a boolean choice into 1 or 0 (SQLite has no booleans).
         "choice_json": "json(CASE json_type({0}, '$.attributes.choices[' || CAST({1} AS INTEGER) || ']') "
@@ -294,7 +301,8 @@ def best_trials_sql(storage: str | None, tracking: str | None, name: str, top: i
     uri = tracking_uri(tracking)
     for row in rows:  # JSON objects keep no order: shown in sampling order, as everywhere
         params = json.loads(row["params"]) if isinstance(row["params"], str) else row["params"]
-        row["params"] = in_sampling_order(params or {})
+        pbt = json.loads(row["pbt"]) if isinstance(row["pbt"], str) else row["pbt"]
+        row.update(shown_params(in_sampling_order(params or {}), pbt))
         row["mlflow"] = trial_link(uri, experiment_id, row["mlflow_run_id"]) if experiment_id else row["mlflow_run_id"]
         # The registered model, on the row of the trial it was made from.
         row["model"] = model["uri"] if model and model.get("run_id") == row["mlflow_run_id"] else None

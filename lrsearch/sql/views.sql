@@ -14,9 +14,12 @@ SELECT
     CAST(t.state AS TEXT) AS state,
     CASE WHEN tv.value_type = 'FINITE' THEN tv.value END AS value,
     lower(CAST(sd.direction AS TEXT)) AS direction,
-    COALESCE({text: hp.value_json ;; optimizer}, {param_text: optimizer}) AS optimizer,
-    COALESCE({number: hp.value_json ;; lr}, {param_number: lr}) AS lr,
-    COALESCE({number: hp.value_json ;; momentum}, {param_number: momentum}) AS momentum,
+    -- A member of population-based training: what it ended with (its params: its first draw).
+    COALESCE({final_text: pb.value_json ;; optimizer}, {text: hp.value_json ;; optimizer},
+             {param_text: optimizer}) AS optimizer,
+    COALESCE({final_number: pb.value_json ;; lr}, {number: hp.value_json ;; lr}, {param_number: lr}) AS lr,
+    COALESCE({final_number: pb.value_json ;; momentum}, {number: hp.value_json ;; momentum},
+             {param_number: momentum}) AS momentum,
     COALESCE({text: hp.value_json ;; schedule}, {param_text: schedule}) AS schedule,
     (SELECT {object_agg: p.param_name ;; CASE
                  WHEN {text: p.distribution_json ;; name} = 'CategoricalDistribution'
@@ -36,6 +39,8 @@ SELECT
     {final_metric: val/acc} AS val_acc,
     {final_metric: val/loss} AS val_loss,
     {final_metric: train/loss} AS train_loss,
+    -- Population-based training: {"final": its hyperparameters at the end, "exploits": each copy}.
+    {json: pb.value_json} AS pbt,
     t.trial_id
 FROM optuna.trials t
 JOIN optuna.studies s ON s.study_id = t.study_id
@@ -44,6 +49,7 @@ LEFT JOIN optuna.trial_values tv ON tv.trial_id = t.trial_id AND tv.objective = 
 LEFT JOIN optuna.trial_user_attributes hp ON hp.trial_id = t.trial_id AND hp.key = {attr: hyperparameters}
 LEFT JOIN optuna.trial_user_attributes ra ON ra.trial_id = t.trial_id AND ra.key = {attr: mlflow_run}
 LEFT JOIN optuna.trial_user_attributes ts ON ts.trial_id = t.trial_id AND ts.key = {attr: train_seconds}
+LEFT JOIN optuna.trial_user_attributes pb ON pb.trial_id = t.trial_id AND pb.key = {attr: pbt}
 LEFT JOIN mlflow.runs r ON r.run_uuid = {scalar: ra.value_json};
 
 {trial_lookup}
@@ -55,7 +61,7 @@ SELECT
     ranked.rank, ranked.study_name, tr.trial_number, tr.state, tr.value, tr.direction,
     tr.optimizer, tr.lr, tr.momentum, tr.schedule, tr.params, tr.datetime_start,
     tr.datetime_complete, tr.duration_s, tr.wall_s, tr.mlflow_run_id, tr.mlflow_status, tr.val_acc,
-    tr.val_loss, tr.train_loss, tr.trial_id
+    tr.val_loss, tr.train_loss, tr.pbt, tr.trial_id
 FROM (
     SELECT
         t.trial_id,
@@ -119,6 +125,7 @@ FROM optuna.studies s
 LEFT JOIN optuna.study_directions sd ON sd.study_id = s.study_id AND sd.objective = 0
 LEFT JOIN optuna.trials t ON t.study_id = s.study_id
 LEFT JOIN optuna.trial_user_attributes ts ON ts.trial_id = t.trial_id AND ts.key = {attr: train_seconds}
+LEFT JOIN optuna.trial_user_attributes pb ON pb.trial_id = t.trial_id AND pb.key = {attr: pbt}
 LEFT JOIN {view: best_trials} b ON b.study_name = s.study_name AND b.rank = 1
 LEFT JOIN optuna.study_user_attributes pa ON pa.study_id = s.study_id AND pa.key = {attr: parent_run}
 LEFT JOIN optuna.study_user_attributes ea ON ea.study_id = s.study_id AND ea.key = {attr: experiment}

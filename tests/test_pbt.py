@@ -1,0 +1,157 @@
+"""Population-based training in one fit: exploits copy a member exactly, a study records
+where each change came from, and a study file that asks for what PBT cannot do is refused."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import optuna
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from lrsearch.choices.data import load_data
+from lrsearch.choices.population import explore, pairs
+from lrsearch.choices.space import Range
+from lrsearch.config import parse_config
+from lrsearch.fit.member import Member
+from lrsearch.fit.population import COPIED_FROM, Population
+from lrsearch.fit.training import fit_array
+
+PBT_STUDY = """\
+[study]
+name = "pbt"
+trials = {trials}
+sampler = "pbt"
+seed = 3
+
+[train]
+epochs = {epochs}
+batch_size = 64
+
+[params]
+optimizer = {{ choices = ["sgd", "adam"] }}
+lr = {{ low = 1e-5, high = 0.3, log = true }}
+momentum = {{ low = 0.0, high = 0.95 }}
+
+[pbt]
+population = {population}
+interval = {interval}
+"""
+
+
+class _Aligned(Population):
+    """A population whose copiers also take their source's data order: from the exploit on,
+    a copier then trains exactly as its source does, if it took all of its state."""
+
+    def step(self, array, values):
+        before = {m: len(m.result.exploits) for m in array.members}
+        super().step(array, values)
+        by_key = {m.key: m for m in array.members}
+        for m in array.members:
+            if len(m.result.exploits) > before[m]:
+                m.generator.set_state(by_key[str(m.result.exploits[-1]["source"])].generator.get_state())
+
+
+def test_an_exploited_member_continues_exactly_from_its_sources_weights_and_optimizer_state():
+    """Four members of two optimizers; at epoch 1 the worst (SGD at a tiny rate) copies the
+    best (Adam: its moments and step count matter) with no perturbation. With the source's
+    data order too, the two train bit for bit alike from then on: nothing of the source's
+    state was left behind, and the copier took the source's optimizer."""
+    cfg = parse_config({"study": {"name": "exact", "sampler": "pbt", "seed": 1}, "train": {"epochs": 4},
+                        "params": {"lr": {"low": 1e-5, "high": 0.1, "log": True}},
+                        "pbt": {"interval": 2, "quantile": 0.25, "perturb": [1.0], "resample": 0.0}}, "exact.toml")
+    data = load_data(cfg.data)
+    hps = [{"optimizer": "adam", "lr": 0.01, "schedule": "constant"},
+           {"optimizer": "sgd", "lr": 1e-5, "momentum": 0.5, "nesterov": False, "schedule": "constant"},
+           {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": False, "schedule": "constant"},
+           {"optimizer": "adam", "lr": 0.003, "schedule": "constant"}]
+    members = [Member(str(i), hp, 10 + i, 4) for i, hp in enumerate(hps)]
+    fit_array(cfg, data, members, population=_Aligned(cfg.pbt, cfg.params, "val/acc", "maximize", 4, cfg.study.seed))
+    worst = members[1]
+    assert [(e["epoch"], e["source"]) for e in worst.result.exploits] == [(1, 0)]
+    assert worst.hp["optimizer"] == "adam" and worst.hp["lr"] == 0.01
+    source = members[0]
+    for mine, theirs in zip(worst.result.weights, source.result.weights):
+        assert torch.equal(mine, theirs)
+    for key in ("val/acc", "val/loss", "train/loss", "lr"):
+        mine = [v for step, v, _ in worst.result.history[key] if step >= 2]
+        theirs = [v for step, v, _ in source.result.history[key] if step >= 2]
+        assert mine == theirs and len(mine) == 2, key
+    assert [v for step, v, _ in worst.result.history[COPIED_FROM]] == [0.0]
+    assert [v for _, v, _ in worst.result.history["lr"]] == [1e-5, 1e-5, 0.01, 0.01]
+
+
+def test_the_bottom_quantile_copies_the_top_and_explores_within_the_range():
+    rng = random.Random(0)
+    values = [0.5, 0.9, 0.1, 0.7, float("nan"), 0.8, 0.6, 0.3]
+    chosen = pairs(values, "maximize", 0.25, rng)
+    assert sorted(i for i, _ in chosen) == [2, 4]  # the two worst (NaN last)
+    assert all(source in (1, 5) for _, source in chosen)  # from the two best
+    assert pairs(values, "minimize", 0.25, rng)[0][1] in (2, 7)
+    space = {"lr": Range(1e-4, 0.1, log=True), "momentum": Range(0.0, 0.9)}
+    cfg = parse_config({"study": {"name": "x", "sampler": "pbt"}, "params": {"lr": {"low": 1e-4, "high": 0.1}},
+                        "pbt": {"resample": 0.0, "perturb": [0.8, 1.2]}}, "x.toml").pbt
+    for _ in range(50):
+        new = explore({"optimizer": "sgd", "lr": 0.1, "momentum": 0.5}, space, cfg, rng)
+        assert round(new["lr"], 12) in (0.08, 0.1) and round(new["momentum"], 12) in (0.4, 0.6)  # 0.12: kept in range
+        assert new["optimizer"] == "sgd"
+
+
+@pytest.mark.parametrize("table, key", [
+    ("[params]\nschedule = { choices = [\"cosine\", \"constant\"] }\nlr = { low = 0.001, high = 0.1 }", "[params].schedule"),
+    ("[params]\nlr = { choices = [0.01, 0.1] }", "[params].lr"),
+    ("[params]\noptimizer = \"adam\"", "[params]"),
+    ("[params]\nlr = { low = 0.001, high = 0.1 }\nwarmup_epochs = 3", "[params].warmup_epochs"),
+    ("[params]\nlr = { low = 0.001, high = 0.1 }\n[pbt]\nquantile = 0.75", "[pbt].quantile"),
+])
+def test_a_study_file_asking_pbt_for_what_it_cannot_change_is_refused_at_the_door(write_study, cli, tmp_path,
+                                                                                 table, key):
+    path = write_study(f"[study]\nname = \"p\"\nsampler = \"pbt\"\n{table}\n")
+    done = cli("run", str(path))
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and f"{path}: {key}:" in done.stderr
+    assert not (tmp_path / "lrsearch-data").exists()  # checked before anything was made
+
+
+def test_a_pbt_study_records_each_exploit_and_registers_the_best_member(write_study, cli, tmp_path):
+    """8 members, 8 epochs, exploits every 2: in Optuna each trial keeps its first draw as
+    params and what it ended with and how in its `pbt` attribute; in MLflow its lr curve
+    changes at the epoch after each copy to the copy's value, its run logs the source at the
+    copy's epoch and holds pbt.json; `best`, the SQL views, the parent's description and the
+    report show the members as they ended; the registered model is the best member's."""
+    done = cli("run", str(write_study(PBT_STUDY.format(trials=8, epochs=8, population=8, interval=2))))
+    assert done.returncode == 0, done.stderr
+    assert "a population of 8, [pbt].population" in done.stdout
+    data = tmp_path / "lrsearch-data"
+    study = optuna.load_study(study_name="pbt", storage=f"sqlite:///{data / 'optuna.db'}")
+    trials = study.trials
+    assert len(trials) == 8 and all(t.state.name == "COMPLETE" for t in trials)
+    copied = [t for t in trials if t.user_attrs["pbt"]["exploits"]]
+    assert len(copied) >= 2  # at epochs 1, 3 and 5, the bottom 2 of 8
+    client = MlflowClient(f"sqlite:///{data / 'mlflow.db'}")
+    for t in copied:
+        run_id = t.user_attrs["mlflow_run_id"]
+        exploits = t.user_attrs["pbt"]["exploits"]
+        lrs = {m.step: m.value for m in client.get_metric_history(run_id, "lr")}
+        for e in exploits:
+            assert e["before"]["lr"] == pytest.approx(lrs[e["epoch"]]) and e["after"]["lr"] == pytest.approx(lrs[e["epoch"] + 1])
+        sources = {m.step: int(m.value) for m in client.get_metric_history(run_id, COPIED_FROM)}
+        assert sources == {e["epoch"]: e["source"] for e in exploits}
+        assert json.loads(client.download_artifacts(run_id, "pbt.json", str(tmp_path)) and
+                          (tmp_path / "pbt.json").read_text()) == t.user_attrs["pbt"]
+        run = client.get_run(run_id)
+        assert "ended with" in run.data.tags["mlflow.note.content"] and "copied trial" in run.data.tags["mlflow.note.content"]
+        assert float(run.data.params["lr"]) == pytest.approx(t.params["lr"], rel=1e-3)  # the first draw
+        assert t.user_attrs["pbt"]["final"]["lr"] == pytest.approx(lrs[7])
+    best = json.loads(cli("best", "pbt", "--format", "json").stdout)
+    top = study.best_trial
+    assert best[0]["number"] == top.number and best[0]["params"] == top.user_attrs["pbt"]["final"]
+    # (the SQL view's params keep 15 digits: issue 33's "one number everywhere")
+    assert best[0]["drawn"] == pytest.approx(top.params) and best[0]["lr"] == pytest.approx(top.user_attrs["pbt"]["final"]["lr"])
+    model = study.user_attrs["lrsearch_model"]
+    assert model["trial"] == top.number and model["uri"] == "models:/pbt@best"
+    parent = client.get_run(study.user_attrs["mlflow_parent_run_id"])
+    assert "discovered schedule" in parent.data.tags["mlflow.note.content"]
+    assert (data / "reports" / "pbt" / "pbt_schedule.png").is_file()
