@@ -49,19 +49,26 @@ def run_pbt(folder: Path, seed: int, epochs: int | None) -> dict[str, Any]:
     name = f"pbt-{seed}"
     cfg = dataclasses.replace(base, study=dataclasses.replace(base.study, name=name, seed=seed))
     stores = (f"sqlite:///{folder / name}-optuna.db", f"sqlite:///{folder / name}-mlflow.db")
-    spent = [0.0]
-    step = population.Population.step
+    from lrsearch.fit.model import ArrayClassifier
 
-    def timed(self: Any, array: Any, values: Any) -> None:
+    spent = [0.0, 0.0]  # the whole step (rank, choose, explore, record, copy); the copies alone
+    step, copy = population.Population.step, ArrayClassifier.copy_members
+
+    def timed_step(self: Any, array: Any, values: Any) -> None:
         started = time.perf_counter()
         step(self, array, values)
         spent[0] += time.perf_counter() - started
 
-    population.Population.step = timed  # type: ignore[method-assign]
+    def timed_copy(self: Any, copies: Any) -> None:
+        started = time.perf_counter()
+        copy(self, copies)
+        spent[1] += time.perf_counter() - started
+
+    population.Population.step, ArrayClassifier.copy_members = timed_step, timed_copy  # type: ignore[method-assign]
     try:
         run_study(cfg, storage=stores[0], tracking=stores[1])
     finally:
-        population.Population.step = step  # type: ignore[method-assign]
+        population.Population.step, ArrayClassifier.copy_members = step, copy  # type: ignore[method-assign]
     trials = optuna.load_study(study_name=name, storage=stores[0]).get_trials(deepcopy=False)
     started = min(t.datetime_start for t in trials).timestamp()
     reach = first_reaching(MlflowClient(stores[1]), trials, GOOD)
@@ -74,7 +81,8 @@ def run_pbt(folder: Path, seed: int, epochs: int | None) -> dict[str, Any]:
             # By the members' values (their metric at the end): the whole study's epochs and time.
             "ended_epochs": sum(t.user_attrs.get("epochs_trained", 0) for t in trials) if best >= GOOD else None,
             "ended_seconds": ended - started if best >= GOOD else None,
-            "exploit_share": spent[0] / training if training else None}
+            "exploit_share": spent[0] / training if training else None,
+            "copy_share": spent[1] / training if training else None}
 
 
 def run_tpe(folder: Path, seed: int, max_trials: int) -> dict[str, Any]:
@@ -168,9 +176,11 @@ def main() -> None:
         "ended_seconds", "<= 800 epochs")
     row("studies/pbt.toml | a member's val/acc at any epoch", pbt, "epochs", "seconds", "")
     row("studies/search.toml (TPE, median pruning, arrays auto) | a trial's value", tpe, "epochs", "seconds", "")
-    share = median([r["exploit_share"] for r in pbt])
-    print(f"\nexploits' share of PBT's training time: {share:.4%} (target <= 1%); per seed: "
-          + ", ".join(f"{r['exploit_share']:.4%}" for r in pbt))
+    for key, what in (("copy_share", "the copies alone (weights, optimizer state, hyperparameters)"),
+                      ("exploit_share", "the whole exploit-and-explore step (rank, choose, perturb, record, copy)")):
+        share = median([r[key] for r in pbt])
+        print(f"\n{what}: {share:.2%} of PBT's training time (target <= 1%); per seed: "
+              + ", ".join(f"{r[key]:.2%}" for r in pbt))
     print("per seed, PBT (epochs, s, best): " + "; ".join(f"{r['epochs']}, {r['seconds'] and round(r['seconds'], 2)}, "
                                                         f"{r['best']:.3f}" for r in pbt))
     print("per seed, TPE (epochs, s): " + "; ".join(f"{r['epochs']}, {r['seconds'] and round(r['seconds'], 2)}"

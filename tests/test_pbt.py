@@ -155,3 +155,84 @@ def test_a_pbt_study_records_each_exploit_and_registers_the_best_member(write_st
     parent = client.get_run(study.user_attrs["mlflow_parent_run_id"])
     assert "discovered schedule" in parent.data.tags["mlflow.note.content"]
     assert (data / "reports" / "pbt" / "pbt_schedule.png").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("store", ["sqlite", "postgresql"])
+def test_a_service_worker_trains_populations_of_a_submitted_pbt_study(store, tmp_path, request):
+    """`submit` + the file-less `worker` on a 6-member study with populations of 4: a
+    population of 4, then one of the 2 left; every member done with its own complete run
+    and its `pbt` record; the worker's --array does not change a population's size."""
+    import subprocess
+    import sys
+    import tomllib
+
+    from test_service import _parent, _trials, _wait
+
+    from lrsearch.service.queue import submit
+    from lrsearch.store.urls import schema_url
+
+    if store == "sqlite":
+        stores = (f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    else:
+        pg = request.getfixturevalue("pg_url")
+        stores = (pg, schema_url(pg, "mlflow"))
+    cfg = parse_config(tomllib.loads(PBT_STUDY.format(trials=6, epochs=6, population=4, interval=2)), "pbt.toml")
+    submit(cfg, storage=stores[0], tracking=stores[1])
+    MlflowClient(stores[1]).search_experiments()  # MLflow's tables, as its server makes them first
+    worker = subprocess.Popen([sys.executable, "-m", "lrsearch.cli", "worker", "--array", "1", "--max-idle", "3",
+                               "--storage", stores[0], "--tracking-uri", stores[1]],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    row = _wait(stores, "pbt", lambda r: r["state"] == "done", [worker])
+    out, err = worker.communicate(timeout=120)
+    assert worker.returncode == 0, err
+    assert (row["complete"] + row["pruned"], row["fail"], row["running"]) == (6, 0, 0)
+    client, parent, runs = _parent(stores[1], "pbt")
+    assert parent.data.tags["array"] == "4" and parent.data.tags["array.size"] == "4"
+    trials = {str(t.number): t for t in _trials(stores[0], "pbt")}
+    assert all("pbt" in t.user_attrs for t in trials.values())
+    for run in (r for r in runs if r.data.tags["lrsearch.role"] == "trial"):
+        trial = trials[run.data.tags["trial_number"]]
+        assert run.data.tags["state"] == trial.state.name == "COMPLETE"
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "lr")] == list(range(6))
+        copies = sorted(m.step for m in client.get_metric_history(run.info.run_id, COPIED_FROM))
+        assert copies == [e["epoch"] for e in trial.user_attrs["pbt"]["exploits"]]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moment", ["epoch", "boundary"])
+def test_a_sigterm_mid_population_ends_it_and_the_rest_start_a_new_one(write_study, tmp_path, moment):
+    """SIGTERM while a population of 4 trains (at an epoch's end, or at the host's boundary
+    after an exploit): `run` exits 143 in one line, nothing RUNNING in Optuna or MLflow, the
+    members FAIL and queued again with their first draws; the same command then trains them
+    as a new population, from epoch 0, and completes the study."""
+    import os
+    import subprocess
+    import sys
+
+    def _trials(tmp_path):
+        return optuna.load_study(study_name="pbt", storage=f"sqlite:///{tmp_path / 'data' / 'optuna.db'}").trials
+
+    def _runs(tmp_path):
+        client = MlflowClient(f"sqlite:///{tmp_path / 'data' / 'mlflow.db'}")
+        return client.search_runs([client.get_experiment_by_name("pbt").experiment_id])
+
+    study = write_study(PBT_STUDY.format(trials=4, epochs=6, population=4, interval=1))
+    env = {**os.environ, "LRSEARCH_DATA": str(tmp_path / "data")}
+    command = [sys.executable, "-m", "lrsearch.cli", "run", str(study), "--no-report"]
+    stopped = subprocess.run(command, cwd=tmp_path, env={**env, "LRSEARCH_SIGNAL_AT": moment},
+                             capture_output=True, text=True, timeout=300)
+    trials = _trials(tmp_path)
+    seen = [(t.number, t.state.name, t.user_attrs.get("reason")) for t in trials]
+    assert stopped.returncode == 143 and "Traceback" not in stopped.stderr, (stopped.stderr, seen)
+    assert all(t.state.name != "RUNNING" for t in trials) and all(r.info.status != "RUNNING" for r in _runs(tmp_path))
+    interrupted = {t.number: t.params for t in trials if t.state.name == "FAIL"}
+    assert len(interrupted) == 4, seen
+    queued = {t.system_attrs["failed_trial"]: t.params for t in trials if t.state.name == "WAITING"}
+    assert queued == interrupted  # their first draws, not what they had become
+    again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    done = [t for t in _trials(tmp_path) if t.state.name == "COMPLETE"]
+    assert len(done) == 4 and all(t.user_attrs["epochs_trained"] == 6 for t in done)
+    assert sorted(t.system_attrs["failed_trial"] for t in done) == sorted(interrupted)
+    assert all(e["source"] in {t.number for t in done} for t in done for e in t.user_attrs["pbt"]["exploits"])

@@ -278,7 +278,7 @@ class ArrayClassifier(pl.LightningModule):
                     due.append((m, value))
         if self.pruning is not None:
             self.pruning.check(due)  # the members checked now, judged together
-        if self.population is not None:
+        if self.population is not None and not stopping:  # (every member leaves now)
             self.population.step(self, [{"train/loss": train_loss[slot], "train/acc": train_acc[slot],
                                          "val/loss": val_loss[slot], "val/acc": val_acc[slot]}
                                         for slot in range(len(self.members))])
