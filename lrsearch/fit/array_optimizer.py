@@ -144,22 +144,6 @@ class ArrayOptimizer:
         self.set_lr(slot, hp["lr"])
         self._groups = None
 
-    def copy_slots(self, sources: list[int], slots: list[int]) -> None:
-        """Each of ``slots`` takes its ``sources``' optimizer, hyperparameters, step count and
-        state, all as they were before any of the copies (population-based training's
-        exploits: a copier continues as its source would)."""
-        src = torch.tensor(sources, dtype=torch.long)
-        dst = torch.tensor(slots, dtype=torch.long)
-        with torch.no_grad():
-            for state in (*self._first, *self._second):
-                state.index_copy_(0, dst, state.index_select(0, src))
-        for array in self._numpy.values():  # NumPy's fancy indexing: a copy of the rows, then the write
-            array[slots] = array[sources]
-        variants = [self._variant[s] for s in sources]
-        for slot, variant in zip(slots, variants):
-            self._variant[slot] = variant
-        self._groups = None
-
     def set_lr(self, slot: int, lr: float) -> None:
         """A schedule moved this slot's rate: two scalar writes, no tensor op."""
         self._numpy["lr"][slot] = lr
@@ -171,20 +155,22 @@ class ArrayOptimizer:
 
     def rebind(self, params: list[torch.Tensor], old_slots: list[int | None]) -> None:
         """The stacked tensors were rebuilt: new slot i takes over old slot ``old_slots[i]``'s
-        state, hyperparameters and step count, or is empty (None) until assigned."""
+        state, hyperparameters and step count, or is empty (None) until assigned. An old
+        slot may be taken by several new ones (population-based training's copies)."""
         if len(params) != len(self._params) or any(
                 new.shape[1:] != old.shape[1:] for new, old in zip(params, self._params)):
             raise ValueError("rebind needs the same parameters, restacked: only dim 0 may change")
         if params[0].shape[0] != len(old_slots):
             raise ValueError(f"{len(old_slots)} old_slots for {params[0].shape[0]} slots")
         old_first, old_second, old_slots_arrays = self._first, self._second, self._slots
-        if None not in old_slots and sorted(old_slots) == list(range(self._size)):  # type: ignore[type-var]  # reordered
+        if None not in old_slots:  # every slot an old one's: one gather (a slot may be copied twice)
             self._bind(params)
+            index = torch.tensor(old_slots, dtype=torch.long)
             with torch.no_grad():
-                self._first = [s[old_slots] for s in old_first]
-                self._second = [s[old_slots] for s in old_second]
-            for array in self._numpy.values():
-                array[:] = array[old_slots]
+                self._first = [s.index_select(0, index) for s in old_first]
+                self._second = [s.index_select(0, index) for s in old_second]
+            self._slots = {name: array.index_select(0, index) for name, array in old_slots_arrays.items()}
+            self._numpy = {name: array.numpy() for name, array in self._slots.items()}
             self._variant = [self._variant[old] for old in old_slots]  # type: ignore[index]
             self._groups = None
             return

@@ -140,25 +140,24 @@ class ArrayClassifier(pl.LightningModule):
         a new learning rate, momentum or weight decay in the batched update, and on its
         shadow optimizer, where LearningRateMonitor reads them."""
         assert self.flat is not None and self.optimizer is not None
-        slots = [(self.members.index(copier), self.members.index(source)) for copier, source, _ in copies]
-        dst = torch.tensor([d for d, _ in slots], dtype=torch.long)
-        src = torch.tensor([s for _, s in slots], dtype=torch.long)
-        with torch.no_grad():
-            self.flat.index_copy_(0, dst, self.flat.index_select(0, src))
-        self.optimizer.copy_slots(src.tolist(), dst.tolist())
-        kinds = [_kind(m.hp) for m in self.members]
-        for (copier, _, hp), (slot, _) in zip(copies, slots):
+        members = self.members
+        take = list(range(len(members)))  # the row each slot takes its weights and state from
+        for copier, source, hp in copies:
+            take[members.index(copier)] = members.index(source)
             copier.hp = dict(hp)
             _retune_shadow(copier, hp)
+        # One gather of every stacked tensor does the copies and puts each optimizer's slots
+        # in one contiguous run again (a copier may have taken another optimizer).
+        order = sorted(range(len(members)), key=lambda i: _kind(members[i].hp))
+        rows = [take[i] for i in order]
+        self.flat = self.flat.detach()[rows].requires_grad_(True)
+        self.weights = self._views()
+        self.members = [members[i] for i in order]
+        self.optimizer.rebind([self.flat], rows)
+        for copier, _, _ in copies:
+            slot = self.members.index(copier)
             self.optimizer.retune(slot, copier.hp)
             self.optimizer.set_lr(slot, copier.lr)
-        if [_kind(m.hp) for m in self.members] != kinds:
-            # Each optimizer's slots one contiguous run again (a copier took another optimizer).
-            order = sorted(range(len(self.members)), key=lambda i: _kind(self.members[i].hp))
-            self.flat = self.flat.detach()[order].requires_grad_(True)
-            self.weights = self._views()
-            self.members = [self.members[i] for i in order]
-            self.optimizer.rebind([self.flat], list(order))
 
     def _forget(self, member: Member) -> None:
         """Its schedule off LearningRateMonitor's list."""
