@@ -20,7 +20,7 @@ from lrsearch.choices.data import MAX_SAMPLES, MAX_VALUES, SOURCES, DataConfig, 
 from lrsearch.core.errors import ConfigError, UsageError, shown
 from lrsearch.choices.network import ModelConfig
 from lrsearch.core.registry import did_you_mean
-from lrsearch.choices.population import PopulationConfig, refusal
+from lrsearch.choices.population import PopulationConfig, changeable, interval_for, refusal
 from lrsearch.choices.sampling import PRUNERS, SAMPLERS
 from lrsearch.choices.space import (
     FIND_FACTOR, HYPERPARAMETERS, Choices, Find, Fixed, Hyperparameter, ParamSpec, Range, resolve_find,
@@ -109,6 +109,10 @@ class Config:
         if trials is not None and trials > MAX_TRIALS or epochs is not None and epochs > MAX_EPOCHS:
             flag = "--trials" if trials is not None and trials > MAX_TRIALS else "--epochs"
             raise UsageError(f"{flag}: expected at most {MAX_TRIALS if flag == '--trials' else MAX_EPOCHS:,}")
+        if self.population and epochs is not None:
+            if interval_for(epochs, self.pbt.interval) >= epochs:
+                raise UsageError(f"--epochs: expected more than [pbt].interval ({interval_for(epochs, self.pbt.interval)})"
+                                 " epochs for sampler 'pbt': no member would ever copy another")
         study = dataclasses.replace(
             self.study, trials=trials or self.study.trials, name=name or self.study.name
         )
@@ -232,12 +236,20 @@ def parse_config(raw: Mapping[str, Any], source: str, base_dir: Path = Path(".")
         if study.pruner != "none" and "pruner" in study_table.raw:
             raise study_table.error("pruner", "expected 'none' with sampler 'pbt' (its worst members copy its best: "
                                               "the population prunes itself)", study.pruner)
+        if study.prune_every is not None:
+            raise study_table.error("prune_every", "expected no prune_every with sampler 'pbt' (it does not prune: "
+                                                   "[pbt].interval says when its members are compared)", show_got=False)
         study = dataclasses.replace(study, pruner="none")
-        from lrsearch.choices.population import mutable
-
-        if not any(isinstance(params.get(name), (Range, Find)) for name in mutable()):
-            raise ConfigError(source, "[params]", f"expected at least one of {', '.join(mutable())} as a range "
-                                                  "{ low, high } for sampler 'pbt' (what it changes as the members train)")
+        if not changeable(params):
+            raise ConfigError(source, "[params]", "expected lr, or momentum or weight_decay for an optimizer that "
+                                                  "takes it, as a range { low, high } for sampler 'pbt' (what it "
+                                                  "changes as the members train)")
+        if pbt.interval is None and train.epochs < 2:
+            raise ConfigError(source, "[train].epochs", f"expected at least 2 for sampler 'pbt' (no member would "
+                                                        f"ever copy another), got {train.epochs}")
+        if interval_for(train.epochs, pbt.interval) >= train.epochs:
+            raise pbt_table.error("interval", f"expected fewer epochs than [train].epochs ({train.epochs}): no member "
+                                              "would ever copy another", pbt.interval)
     return Config(source, study, data, model, train, params, tracking, pbt)
 
 

@@ -99,6 +99,74 @@ def test_the_bottom_quantile_copies_the_top_and_explores_within_the_range():
         assert new["optimizer"] == "sgd"
 
 
+def test_a_diverged_member_copies_a_good_one_at_once_and_trains_on():
+    """lr 1e8 diverges in its first epoch: at that epoch's end it copies one of the others
+    (not at an exploit epoch: interval 3), clears its divergence and trains all its epochs;
+    when every member diverges, none copies, and all leave as diverged."""
+    cfg = parse_config({"study": {"name": "wild", "sampler": "pbt", "seed": 2}, "train": {"epochs": 5},
+                        "params": {"lr": {"low": 1e-4, "high": 0.1, "log": True}},
+                        "pbt": {"interval": 3}}, "wild.toml")
+    data = load_data(cfg.data)
+    calm = {"optimizer": "sgd", "lr": 0.05, "momentum": 0.5, "nesterov": False, "schedule": "constant"}
+    wild = {**calm, "lr": 1e8, "momentum": 0.0}
+    members = [Member("0", calm, 1, 5), Member("1", wild, 2, 5), Member("2", {**calm, "lr": 0.01}, 3, 5)]
+    fit_array(cfg, data, members)
+    first = members[1].result.exploits[0]
+    assert first["epoch"] == 0 and first["source"] in (0, 2) and first["reason"].startswith("diverged")
+    assert members[1].result.epochs == 5 and members[1].result.diverged_at is None
+    assert all(v == v for _, v, _ in members[1].result.history["val/loss"][1:])  # finite from then on
+    assert 1e-4 <= members[1].hp["lr"] <= 0.1  # its source's, explored inside the range
+    broken = [Member(str(i), {**wild, "lr": 1e8 * (i + 1)}, i, 5) for i in range(3)]
+    fit_array(cfg, data, broken)
+    assert all(not m.result.exploits and m.result.diverged_at == 0 and m.result.epochs == 1 for m in broken)
+
+
+def test_explore_resamples_keeps_steps_and_never_leaves_nesterov_without_momentum():
+    rng = random.Random(5)
+    space = {"momentum": Range(0.0, 0.9, step=0.1), "lr": Range(0.001, 0.1)}
+    cfg = parse_config({"study": {"name": "x", "sampler": "pbt"}, "params": {"lr": {"low": 0.001, "high": 0.1}},
+                        "pbt": {"resample": 1.0}}, "x.toml").pbt
+    seen = set()
+    for _ in range(300):
+        new = explore({"optimizer": "sgd", "lr": 0.01, "momentum": 0.5, "nesterov": True}, space, cfg, rng)
+        assert 0.001 <= new["lr"] <= 0.1 and new["lr"] != 0.01  # drawn afresh
+        assert round(new["momentum"] * 10, 9) == round(new["momentum"] * 10)  # on the step
+        assert new["nesterov"] == (new["momentum"] > 0)
+        seen.add(round(new["momentum"], 9))
+    assert 0.0 in seen and len(seen) == 10
+
+
+class _Trial:
+    def __init__(self, number, lr, epochs, exploits=()):
+        self.number = number
+        self.params = {"optimizer": "sgd", "lr": lr}
+        self.user_attrs = {"hyperparameters": dict(self.params), "epochs_trained": epochs,
+                           "pbt": {"final": {}, "exploits": list(exploits)}}
+
+
+def _copy(epoch, source, before, after):
+    return {"epoch": epoch, "source": source, "reason": "", "before": {"optimizer": "sgd", "lr": before},
+            "after": {"optimizer": "sgd", "lr": after}}
+
+
+def test_a_members_line_follows_its_network_back_through_each_copy():
+    """Trial 1 copied trial 0 after epoch 2: its network was trained by 0 (epochs 0-2), then by
+    1. Trial 2's last copy was of trial 0 after epoch 7: 0 trained epochs 0-7 of its network
+    (2's earlier copy of 1 was overwritten). Trial 3 copied 1 after epoch 5: 0, 1, then 3."""
+    from lrsearch.results.lineage import line, schedule_text
+
+    t0 = _Trial(0, 0.1, 10)
+    t1 = _Trial(1, 0.01, 10, [_copy(2, 0, 0.01, 0.08)])
+    t2 = _Trial(2, 0.001, 10, [_copy(5, 1, 0.001, 0.064), _copy(7, 0, 0.064, 0.12)])
+    stretches = line([t0, t1, t2], t2)
+    assert [(s.trial, s.first, s.last, s.lr) for s in stretches] == [(0, 0, 7, 0.1), (2, 8, 9, 0.12)]
+    stretches = line([t0, t1, t2], t1)
+    assert [(s.trial, s.first, s.last, s.lr) for s in stretches] == [(0, 0, 2, 0.1), (1, 3, 9, 0.08)]
+    t3 = _Trial(3, 0.5, 10, [_copy(5, 1, 0.5, 0.064)])
+    assert [(s.trial, s.first, s.last) for s in line([t0, t1, t3], t3)] == [(0, 0, 2), (1, 3, 5), (3, 6, 9)]
+    assert schedule_text(line([t0, t1, t3], t3)).startswith("lr 0.1 (sgd, epochs 0–2, trial 0) → 0.08 (sgd")
+
+
 @pytest.mark.parametrize("table, key", [
     ("[params]\nschedule = { choices = [\"cosine\", \"constant\"] }\nlr = { low = 0.001, high = 0.1 }", "[params].schedule"),
     ("[params]\nlr = { choices = [0.01, 0.1] }", "[params].lr"),
@@ -197,6 +265,15 @@ def test_a_service_worker_trains_populations_of_a_submitted_pbt_study(store, tmp
         assert [m.step for m in client.get_metric_history(run.info.run_id, "lr")] == list(range(6))
         copies = sorted(m.step for m in client.get_metric_history(run.info.run_id, COPIED_FROM))
         assert copies == [e["epoch"] for e in trial.user_attrs["pbt"]["exploits"]]
+    from lrsearch.sql.queries import ResultsDatabase
+
+    with ResultsDatabase(*stores) as db:  # the views' typed columns: what each member ended with
+        rows = db.query("SELECT trial_number, optimizer, lr, momentum, pbt FROM trials WHERE study_name = 'pbt'").records()
+    for row in rows:
+        final = trials[str(row["trial_number"])].user_attrs["pbt"]["final"]
+        assert (row["optimizer"], row["lr"], row["momentum"]) == (final["optimizer"], pytest.approx(final["lr"]),
+                                                                 final.get("momentum"))
+        assert (json.loads(row["pbt"]) if isinstance(row["pbt"], str) else row["pbt"])["final"] == pytest.approx(final)
 
 
 @pytest.mark.slow

@@ -85,6 +85,25 @@ def refusal(name: str, spec: ParamSpec) -> str | None:
     return None
 
 
+def changeable(space: Mapping[str, ParamSpec]) -> list[str]:
+    """The hyperparameters of ``space`` PBT can change: ranges of those that change, for an
+    optimizer the study may use that takes them (a momentum range with Adam alone never
+    applies)."""
+    from lrsearch.choices.optimizers import OPTIMIZERS
+
+    spec = space.get("optimizer")
+    optimizers = (spec.values if isinstance(spec, Choices) else (spec.value,) if isinstance(spec, Fixed)
+                  else (HYPERPARAMETERS["optimizer"].default,))
+    out = []
+    for name in mutable():
+        if not isinstance(space.get(name), (Range, Find)):
+            continue
+        if HYPERPARAMETERS[name].owner == "optimizer" and not any(name in OPTIMIZERS[o].options for o in optimizers):
+            continue
+        out.append(name)
+    return out
+
+
 def role(name: str) -> str:
     """What population-based training does with ``[params].name`` (the docs' table of
     hyperparameters says it; ``refusal`` enforces it)."""
@@ -113,17 +132,24 @@ def explore(hp: Mapping[str, Any], space: Mapping[str, ParamSpec], config: Popul
             value = _draw(spec, rng)
         else:
             value = hp[name] * rng.choice(config.perturb)
-        new[name] = min(max(value, spec.low), spec.high)
+        new[name] = _on_grid(min(max(value, spec.low), spec.high), spec)
+    if new.get("nesterov") and not new.get("momentum"):  # Nesterov needs a momentum (space.py's rule)
+        new["nesterov"] = False
     return new
+
+
+def _on_grid(value: float, spec: Range) -> float:
+    """``value`` on the range's step, if it has one (inside the range)."""
+    if not spec.step:
+        return value
+    steps = round((value - spec.low) / spec.step)
+    return min(spec.low + steps * spec.step, spec.high)
 
 
 def _draw(spec: Range, rng: random.Random) -> float:
     if spec.log:
         return math.exp(rng.uniform(math.log(spec.low), math.log(spec.high)))
-    value = rng.uniform(spec.low, spec.high)
-    if spec.step:
-        value = spec.low + round((value - spec.low) / spec.step) * spec.step
-    return value
+    return rng.uniform(spec.low, spec.high)
 
 
 def pairs(values: Sequence[float], direction: str, quantile: float, rng: random.Random) -> list[tuple[int, int]]:

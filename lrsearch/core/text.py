@@ -19,7 +19,7 @@ def params_text(params: Mapping[str, Any], sep: str = ", ") -> str:
 
 def exploits_text(exploits: Sequence[Mapping[str, Any]], limit: int = 6) -> str:
     """How a member of population-based training got its hyperparameters, as people read
-    it: ``copied trial 5 at epoch 4 (lr 0.1→0.08); …`` (the last ``limit`` copies), or
+    it: ``copied trial 5 after epoch 4 (lr 0.1→0.08); …`` (the last ``limit`` copies), or
     ``never copied another member``."""
     if not exploits:
         return "never copied another member"
@@ -27,7 +27,7 @@ def exploits_text(exploits: Sequence[Mapping[str, Any]], limit: int = 6) -> str:
     for e in exploits[-limit:]:
         changed = [f"{k} {fmt(e['before'].get(k, 'none'))}→{fmt(v)}" for k, v in e["after"].items()
                    if e["before"].get(k) != v]
-        parts.append(f"copied trial {e['source']} at epoch {e['epoch']}" + (f" ({', '.join(changed)})" if changed else ""))
+        parts.append(f"copied trial {e['source']} after epoch {e['epoch']}" + (f" ({', '.join(changed)})" if changed else ""))
     earlier = len(exploits) - limit
     return ("; ".join(parts) + (f"; and {earlier} earlier" if earlier > 0 else "")) if parts else ""
 
@@ -36,8 +36,8 @@ def shown_params(params: Mapping[str, Any], pbt: Mapping[str, Any] | None) -> di
     """A trial's hyperparameters as every view of trials shows them (``run``, ``best``): its
     ``params``; for a member of population-based training (its ``pbt`` attribute), those it
     ended with, beside ``drawn`` (its params: its first draw) and ``copies`` (the trials it
-    copied, at which epochs: ``trials 6 at 7, 0 at 23``)."""
+    copied, after which epochs: ``trials 6 after epoch 7, 0 after epoch 23``)."""
     if not pbt:
         return {"params": dict(params)}
-    copies = ", ".join(f"{e['source']} at {e['epoch']}" for e in pbt["exploits"]) or "none"
+    copies = ", ".join(f"{e['source']} after epoch {e['epoch']}" for e in pbt["exploits"]) or "none"
     return {"params": dict(pbt["final"]), "drawn": dict(params), "copies": f"trials {copies}" if pbt["exploits"] else copies}

@@ -60,12 +60,11 @@ class Population:
             broken = [i for i, s in enumerate(peers) if members[s].result.diverged_at is not None]
             chosen = sources(scores, broken, self.direction, self.config.quantile, rng) if broken else []
             why = {i: f"diverged (non-finite {members[peers[i]].result.diverged_on})" for i, _ in chosen}
-            if (epoch + 1) % self.every == 0:
-                taken = {i for i, _ in chosen}
-                for i, source in pairs(scores, self.direction, self.config.quantile, rng):
-                    if i not in taken and source not in taken and i != source:
-                        chosen.append((i, source))
-                        why[i] = f"{self.metric} {scores[i]:.4g} in the bottom {self.config.quantile:g}"
+            if (epoch + 1) % self.every == 0:  # ranked among the members that did not diverge
+                fine = [i for i in range(len(peers)) if i not in broken]
+                for i, source in pairs([scores[i] for i in fine], self.direction, self.config.quantile, rng):
+                    chosen.append((fine[i], fine[source]))
+                    why[fine[i]] = f"{self.metric} {scores[fine[i]]:.4g} in the bottom {self.config.quantile:g}"
             for i, source in chosen:
                 copier, original = members[peers[i]], members[peers[source]]
                 copies.append((copier, original, explore(original.hp, self.space, self.config, rng), why[i]))

@@ -74,7 +74,8 @@ def schedule_text(stretches: Sequence[Stretch], limit: int = 12) -> str:
     parts = []
     for s in stretches[:limit]:
         momentum = f", momentum {fmt(s.momentum)}" if s.momentum is not None else ""
-        parts.append(f"{fmt(s.lr)}{momentum} ({s.optimizer}, epochs {s.first}–{s.last}, trial {s.trial})")
+        epochs = f"epoch {s.first}" if s.first == s.last else f"epochs {s.first}–{s.last}"
+        parts.append(f"{fmt(s.lr)}{momentum} ({s.optimizer}, {epochs}, trial {s.trial})")
     more = f" → … {len(stretches) - limit} more" if len(stretches) > limit else ""
     return "lr " + " → ".join(parts) + more
 

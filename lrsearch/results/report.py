@@ -19,6 +19,7 @@ from lrsearch.results.lineage import is_population, plot_schedule
 from lrsearch.choices.optimizers import OPTIMIZERS
 from lrsearch.results.ranking import best_so_far, direction, duration_s, load_study, ranking, wall_s
 from lrsearch.choices.space import in_sampling_order
+from lrsearch.core.text import exploits_text, params_text
 from lrsearch.store.folders import report_dir
 from lrsearch.store.urls import storage_url, tracking_uri
 from lrsearch.track.tracking import History, Tracker
@@ -113,6 +114,9 @@ class TrialCurves:
     wall_s: float | None = None
     reason: str | None = None
     run_id: str | None = None
+    # A member of population-based training: its params are what it ended with; this says
+    # what it was drawn with and whom it copied.
+    lineage: str | None = None
 
     def first_epoch_reaching(self, key: str, threshold: float) -> int | None:
         return next((step for step, v in self.curves.get(key, []) if v >= threshold), None)
@@ -136,12 +140,16 @@ def collect(frozen: Sequence[Any], tracker: Tracker | None,
         value = t.value
         if value is None and t.intermediate_values:  # pruned: its last report is what was judged
             value = t.intermediate_values[max(t.intermediate_values)]
+        pbt = t.user_attrs.get(attrs.PBT)
+        params = in_sampling_order(pbt["final"] if pbt else t.params)
+        lineage = f"drawn with {params_text(in_sampling_order(t.params))}; {exploits_text(pbt['exploits'])}" \
+            if pbt else None
         trials.append(TrialCurves(
-            t.number, t.state.name, value, in_sampling_order(t.params),
-            dict(t.user_attrs.get(attrs.HYPERPARAMETERS, t.params)), curves,
+            t.number, t.state.name, value, params,
+            {**t.user_attrs.get(attrs.HYPERPARAMETERS, t.params), **params}, curves,
             epochs=t.user_attrs.get(attrs.EPOCHS_TRAINED),
             duration_s=duration_s(t), wall_s=wall_s(t),
-            reason=t.user_attrs.get(attrs.REASON), run_id=run_id))
+            reason=t.user_attrs.get(attrs.REASON), run_id=run_id, lineage=lineage))
     return trials if tracker is None else with_curves(trials, tracker)
 
 
@@ -183,18 +191,23 @@ def build_report(study: Any, tracker: Tracker, out: Path, grid: bool) -> list[Pa
     objective = f"objective ({user_attrs.get(attrs.METRIC, 'value')})"
     # Optuna's figures: the two slowest drawn meanwhile by the tracker's process (here, for a
     # tracker in this one), the others here after lrsearch's own (two processes, about even).
-    elsewhere = tracker.start(draw_optuna_figures, name, way, frozen, str(out), _FIGURES_ELSEWHERE)
+    # (Not for population-based training: Optuna's figures read a trial's params, its first
+    # draw, which its copies replaced; its own figure, pbt_schedule.png, shows what it found.)
+    population = is_population(frozen)
+    optuna_figures = () if population else _FIGURES_ELSEWHERE
+    elsewhere = tracker.start(draw_optuna_figures, name, way, frozen, str(out), optuna_figures)
     figures.append(plot_history(trials, name, way, objective, out / "optimization_history.png"))
     figures.append(plot_objective_vs_lr(trials, name, objective, out / "objective_vs_lr.png"))
     if not grid:
         top = [t for t in ranked if t.state == "COMPLETE"][:TOP_CURVES]
         if any(t.curves.get("lr") for t in top):
             figures.append(plot_lr_curves(top, name, out / "lr_curves.png"))
-    if not grid and ranked and is_population(frozen):  # population-based training: what it discovered
+    if not grid and ranked and population:  # population-based training: what it discovered
         best = next(t for t in frozen if t.number == ranked[0].number)
         figures.append(plot_schedule(frozen, best, name, out / "pbt_schedule.png"))
     _previews([p for p in figures if p.name in NOTE_FIGURES], out / PREVIEW_DIR)
-    here = [Path(p) for p in draw_optuna_figures(None, name, way, frozen, str(out), _FIGURES_HERE)]
+    here = [Path(p) for p in draw_optuna_figures(None, name, way, frozen, str(out),
+                                                 () if population else _FIGURES_HERE)]
     drawn = {p.name: p for p in [*here, *(Path(p) for p in elsewhere.result())]}
     figures += [drawn[f] for f in _OPTUNA_FIGURES if f in drawn]
     figures.append(write_html(name, ranked + unranked, figures, out / "report.html", tracker, way,
@@ -214,6 +227,8 @@ def draw_optuna_figures(tracker: Any, name: str, way: str, trials: Sequence[Any]
     parallel_coordinate, slices, contour: the lr-momentum contour), those it has something to
     show in. A function of plain data, so that the tracking process draws some while the
     worker draws the others (``tracker`` is not used)."""
+    if not which:
+        return []
     import logging
     import warnings
 
@@ -728,7 +743,8 @@ def write_html(name: str, rows: Sequence[TrialCurves], figures: Sequence[Path], 
         f"<tr><td>{rank if ranked(t) else ''}</td><td>{t.number}</td><td>{t.state}</td>"
         f"<td>{'' if t.value is None else f'{t.value:.4f}'}</td><td>{'' if t.epochs is None else t.epochs}</td>"
         f"<td>{_seconds(t.duration_s)}</td><td>{_seconds(t.wall_s)}</td>"
-        f"<td>{html.escape(_label(t, []))}</td><td>{html.escape(t.reason or '')}</td><td>{link(t)}</td></tr>"
+        f"<td>{html.escape(_label(t, []))}{'' if t.lineage is None else f' ({html.escape(t.lineage)})'}</td>"
+        f"<td>{html.escape(t.reason or '')}</td><td>{link(t)}</td></tr>"
         for rank, t in enumerate(rows, 1))
     images = "".join(
         f'<figure><img alt="{html.escape(p.stem)}" src="data:image/png;base64,'

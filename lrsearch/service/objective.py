@@ -162,7 +162,10 @@ class Objective:
     def lineage(self, member: Member) -> dict[str, Any]:
         """A population member's ``pbt`` attribute: the declared hyperparameters it ended with
         (its params are its first draw) and each copy that got it there."""
-        final = in_sampling_order({k: v for k, v in member.hp.items() if k in self.cfg.params})
+        # Its declared hyperparameters, and those the views show (an undeclared lr is the
+        # optimizer's default: another if it copied a member of another optimizer).
+        shown = {*self.cfg.params, "optimizer", "lr", "momentum"}
+        final = in_sampling_order({k: v for k, v in member.hp.items() if k in shown})
         return {"final": final, "exploits": member.result.exploits}
 
     def taken(self, ending: Ending) -> Ending:

@@ -14,12 +14,14 @@ SELECT
     CAST(t.state AS TEXT) AS state,
     CASE WHEN tv.value_type = 'FINITE' THEN tv.value END AS value,
     lower(CAST(sd.direction AS TEXT)) AS direction,
-    -- A member of population-based training: what it ended with (its params: its first draw).
-    COALESCE({final_text: pb.value_json ;; optimizer}, {text: hp.value_json ;; optimizer},
-             {param_text: optimizer}) AS optimizer,
-    COALESCE({final_number: pb.value_json ;; lr}, {number: hp.value_json ;; lr}, {param_number: lr}) AS lr,
-    COALESCE({final_number: pb.value_json ;; momentum}, {number: hp.value_json ;; momentum},
-             {param_number: momentum}) AS momentum,
+    -- A member of population-based training: what it ended with (its params: its first draw;
+    -- no momentum if it ended with an optimizer that has none).
+    CASE WHEN pb.value_json IS NOT NULL THEN {final_text: pb.value_json ;; optimizer}
+         ELSE COALESCE({text: hp.value_json ;; optimizer}, {param_text: optimizer}) END AS optimizer,
+    CASE WHEN pb.value_json IS NOT NULL THEN {final_number: pb.value_json ;; lr}
+         ELSE COALESCE({number: hp.value_json ;; lr}, {param_number: lr}) END AS lr,
+    CASE WHEN pb.value_json IS NOT NULL THEN {final_number: pb.value_json ;; momentum}
+         ELSE COALESCE({number: hp.value_json ;; momentum}, {param_number: momentum}) END AS momentum,
     COALESCE({text: hp.value_json ;; schedule}, {param_text: schedule}) AS schedule,
     (SELECT {object_agg: p.param_name ;; CASE
                  WHEN {text: p.distribution_json ;; name} = 'CategoricalDistribution'
@@ -125,7 +127,6 @@ FROM optuna.studies s
 LEFT JOIN optuna.study_directions sd ON sd.study_id = s.study_id AND sd.objective = 0
 LEFT JOIN optuna.trials t ON t.study_id = s.study_id
 LEFT JOIN optuna.trial_user_attributes ts ON ts.trial_id = t.trial_id AND ts.key = {attr: train_seconds}
-LEFT JOIN optuna.trial_user_attributes pb ON pb.trial_id = t.trial_id AND pb.key = {attr: pbt}
 LEFT JOIN {view: best_trials} b ON b.study_name = s.study_name AND b.rank = 1
 LEFT JOIN optuna.study_user_attributes pa ON pa.study_id = s.study_id AND pa.key = {attr: parent_run}
 LEFT JOIN optuna.study_user_attributes ea ON ea.study_id = s.study_id AND ea.key = {attr: experiment}
