@@ -372,24 +372,48 @@ def test_heartbeat_defaults(monkeypatch, stores):
     assert open_storage(stores[0]).get_heartbeat_interval() == 5
 
 
-def test_a_trial_that_never_beat_goes_stale_too(monkeypatch, stores):
-    # A worker that dies between creating a trial and its first heartbeat (an outage at that
-    # moment) leaves a RUNNING trial with no heartbeat row, which Optuna never calls stale: a
-    # rerun would wait for its slot for good. It is stale once older than the grace period.
+def test_a_trial_that_never_beat_is_left_alone_and_lrsearchs_own_beat_from_their_claim(monkeypatch, stores):
+    """Optuna's rule: a RUNNING trial with no heartbeat is another client's (``study.ask()``
+    on the same store), never stale. lrsearch's trials, new or taken from the queue, beat
+    from their claim, in its transaction, so none of them is ever without one."""
     import time
 
     monkeypatch.setenv("LRSEARCH_HEARTBEAT_GRACE", "1")
     store = open_storage(stores[0])
     study = optuna.create_study(storage=store, study_name="beats")
-    never = store.create_new_trial(study._study_id)
-    beating = store.create_new_trial(study._study_id)
-    store.record_heartbeat(beating)
-    assert store._get_stale_trial_ids(study._study_id) == []  # both younger than the grace period
-    time.sleep(1.5)
-    store.record_heartbeat(beating)
-    assert store._get_stale_trial_ids(study._study_id) == [never]
-    time.sleep(2.5)  # now the beating one has stopped too (SQLite's clock counts whole seconds): both, once
-    assert sorted(store._get_stale_trial_ids(study._study_id)) == [never, beating]
+    asked = store.create_new_trial(study._study_id)  # as study.ask() makes one: no heartbeat
+    study.enqueue_trial({"x": 1.0})
+    claimed = store.claim_trials(study._study_id, 2)  # the queued one, then a new one
+    assert len(claimed) == 2 and asked not in claimed
+    assert set(store.heartbeat_ages(study._study_id, claimed)) == set(claimed)  # both beat from the claim
+    time.sleep(2.5)  # (SQLite's clock counts whole seconds)
+    assert sorted(store._get_stale_trial_ids(study._study_id)) == sorted(claimed)  # not `asked`
+
+
+def test_the_storage_pickles_and_leaves_no_attribute_of_its_own_on_a_trial(stores):
+    """As Optuna's RDB storage: a study on it can go to a process pool (engine and locks made
+    anew), and its trials hold what Optuna's own storage would hold (the token that makes a
+    repeated create safe is gone once the trial is found)."""
+    import pickle
+
+    store = open_storage(stores[0])
+    study = optuna.create_study(storage=store, study_name="plain")
+    study.enqueue_trial({"x": 0.5})
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    again = optuna.load_study(study_name="plain", storage=pickle.loads(pickle.dumps(store)))
+    again.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
+    assert len(again.trials) == 3
+    assert [t.system_attrs for t in again.trials] == [{"fixed_params": {"x": 0.5}}, {}, {}]
+    assert "system_attrs_lrsearch_claim" not in again.trials_dataframe().columns
+
+
+@pytest.mark.parametrize("variable", ["LRSEARCH_HEARTBEAT_INTERVAL", "LRSEARCH_HEARTBEAT_GRACE"])
+def test_a_wrong_heartbeat_setting_is_named(write_study, cli, monkeypatch, tmp_path, variable):
+    monkeypatch.setenv(variable, "5s")
+    done = cli("run", str(write_study()))
+    assert done.returncode == 2
+    assert done.stderr == f"lrsearch: error: {variable}: expected a whole number of seconds >= 1, got '5s'\n"
+    assert not (tmp_path / "lrsearch-data").exists()
 
 
 def test_a_lost_trial_is_queued_again_twice_at_most(write_study, stores, monkeypatch):

@@ -26,6 +26,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "debug", False):
         os.environ["LRSEARCH_DEBUG"] = "1"  # the tracking process's stderr too (track/process.py)
     try:
+        from lrsearch.store.heartbeat import check_settings
+
+        check_settings()  # read deep inside opening a store: checked before anything is made
         return args.command(args) or EXIT_OK
     except BrokenPipeError:  # `lrsearch sql … | head`: the reader has all it wanted
         _silence_stdout()

@@ -31,7 +31,6 @@ TRAIN_SECONDS = "train_seconds"
 PBT = "pbt"
 
 # Trial system attributes.
-CLAIM = "lrsearch_claim"  # a new trial's token: see RetryingStorage.create_new_trial
 RETRY_HISTORY = "retry_history"  # Optuna's names, as its RetryFailedTrialCallback records retries
 FAILED_TRIAL = "failed_trial"
 GRID_ID = "grid_id"  # set by Optuna's GridSampler

@@ -54,6 +54,41 @@ def create_trials(rdb: Any, study_id: int, count: int, start: datetime.datetime)
     return ids
 
 
+def take_waiting(rdb: Any, trial_id: int) -> bool:
+    """A queued trial (WAITING) taken: RUNNING, started now, with its first heartbeat if the
+    store keeps them, in one transaction (as Optuna's ``ask`` takes a queued trial, and as
+    :func:`create_trials` makes new ones, so that every trial of lrsearch's beats from its
+    claim). False if it is no longer WAITING."""
+    trials = models.TrialModel.__table__
+    with _create_scoped_session(rdb.scoped_session) as session:
+        taken = session.execute(trials.update().where(trials.c.trial_id == trial_id,
+                                                      trials.c.state == TrialState.WAITING)
+                                .values(state=TrialState.RUNNING, datetime_start=local_now())).rowcount
+        if taken and rdb.heartbeat_interval is not None:
+            session.execute(models.TrialHeartbeatModel.__table__.insert(), [{"trial_id": trial_id}])
+    return bool(taken)
+
+
+def taken(rdb: Any, trial_id: int) -> bool | None:
+    """Whether a :func:`take_waiting` whose answer was lost committed (its heartbeat is there:
+    True; still WAITING: None, try again; anything else: another took it, False)."""
+    trials = models.TrialModel.__table__
+    with _create_scoped_session(rdb.scoped_session) as session:
+        state = session.execute(sa.select(trials.c.state).where(trials.c.trial_id == trial_id)).scalar()
+        if state == TrialState.WAITING:
+            return None
+        beat = session.execute(sa.select(models.TrialHeartbeatModel.trial_id)
+                               .where(models.TrialHeartbeatModel.trial_id == trial_id)).first()
+        return state == TrialState.RUNNING and (beat is not None or rdb.heartbeat_interval is None)
+
+
+def drop_system_attr(rdb: Any, trial_id: int, key: str) -> None:
+    """A trial's system attribute ``key`` deleted (Optuna's storage API has no call for it)."""
+    attrs = models.TrialSystemAttributeModel.__table__
+    with _create_scoped_session(rdb.scoped_session) as session:
+        session.execute(attrs.delete().where(attrs.c.trial_id == trial_id, attrs.c.key == key))
+
+
 def created_at(rdb: Any, study_id: int, start: datetime.datetime) -> list[int] | None:
     """The trials a :func:`create_trials` at ``start`` made, if it committed (None if not)."""
     trials = models.TrialModel.__table__

@@ -10,13 +10,36 @@ from typing import Any
 
 def heartbeat_interval() -> int:
     """Seconds between a running trial's heartbeats (``$LRSEARCH_HEARTBEAT_INTERVAL``)."""
-    return int(os.environ.get("LRSEARCH_HEARTBEAT_INTERVAL", "5"))
+    return _seconds("LRSEARCH_HEARTBEAT_INTERVAL", 5)
 
 
 def grace_period() -> int:
     """Seconds without a heartbeat after which a running trial counts as dead
     (``$LRSEARCH_HEARTBEAT_GRACE``)."""
-    return int(os.environ.get("LRSEARCH_HEARTBEAT_GRACE", "20"))
+    return _seconds("LRSEARCH_HEARTBEAT_GRACE", 20)
+
+
+def check_settings() -> None:
+    """Raise :class:`UsageError` naming a heartbeat setting that is not a whole number of seconds."""
+    heartbeat_interval()
+    grace_period()
+
+
+def _seconds(variable: str, default: int) -> int:
+    """A whole number of seconds >= 1 from the environment; a wrong one is an error naming the
+    setting (it was read inside the storage's opening, and reported as a bad storage URL)."""
+    from lrsearch.core.errors import UsageError
+
+    text = os.environ.get(variable)
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise UsageError(f"{variable}: expected a whole number of seconds >= 1, got {text!r}")
+    return value
 
 
 class Heartbeats:

@@ -101,6 +101,10 @@ _ERRNO = re.compile(r"\[Errno -?\d+\] ([^'\"()\]]+)")
 _READ_TIMEOUT = re.compile(r"Read timed out\. \(read timeout=([\d.]+)\)")
 
 
+def _no_stop() -> None:
+    pass
+
+
 class Retry:
     """Repeats a call while it fails for want of a connection, with exponential backoff
     (0.1 s doubling to 5 s, jittered), for up to ``window`` seconds; then raises
@@ -112,14 +116,26 @@ class Retry:
     """
 
     def __init__(self, what: str, *, window: float | None = None, hint: str = "",
-                 check_stop: Callable[[], None] = lambda: None) -> None:
+                 check_stop: Callable[[], None] | None = None) -> None:
         self.what = what
         self.window = outage_window() if window is None else window
         self.hint = hint
-        self.check_stop = check_stop  # raises when the process was asked to stop: no more waiting
+        self.check_stop = check_stop or _no_stop  # raises when the process was asked to stop: no more waiting
         self.last_failure: float | None = None
         self._given_up = False
         self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Picklable (a study on this storage may go to a process pool, as Optuna's own RDB
+        storage may): the lock and a caller's stop check are this process's."""
+        state = self.__dict__.copy()
+        del state["_lock"], state["check_stop"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+        self.check_stop = _no_stop
 
     def call(self, fn: Callable[..., T], *args: Any, recover: Callable[[], T | None] | None = None,
              **kwargs: Any) -> T:

@@ -79,6 +79,17 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
         self._behind[trial_id].append(write)
         return True
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Picklable, as Optuna's RDB storage is: the inner storage drops its engine (and
+        makes a new one when unpickled); this one's engine is the inner storage's, found again."""
+        state = self.__dict__.copy()
+        state.update(_engine=None, _window=None, _window_thread=None, _behind={})
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._engine = getattr(self._rdb, "engine", None)
+
     @property
     def _rdb(self) -> Any:
         """The RDB storage under Optuna's cache, for the statements written here."""
@@ -104,7 +115,9 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
 
     def create_new_trial(self, study_id: int, template_trial: Any = None) -> int:
         """Create the trial with a token among its system attributes; before trying again,
-        look for that token, so a trial is never created twice."""
+        look for that token, so a trial is never created twice. The token goes once the trial
+        is found: no lrsearch attribute stays on it (``study.trials``, ``trials_dataframe``
+        and optuna-dashboard show what Optuna's own storage would)."""
         import optuna
         from optuna.trial import TrialState
 
@@ -121,7 +134,15 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
                     return t._trial_id
             return None
 
-        return self._call(self._inner.create_new_trial, study_id, template, recover=created)
+        trial_id = self._call(self._inner.create_new_trial, study_id, template, recover=created)
+        if hasattr(self._rdb, "engine"):  # an RDB storage (the token's row, deleted: safe to repeat)
+            self._call(array_writes.drop_system_attr, self._rdb, trial_id, CLAIM_ATTR)
+            cached = getattr(self._inner, "_studies", {}).get(study_id)  # Optuna's cache keeps the trial made
+            with getattr(self._inner, "_lock", contextlib.nullcontext()):
+                for frozen in (cached.trials.values() if cached is not None else ()):
+                    if frozen._trial_id == trial_id:
+                        frozen.system_attrs.pop(CLAIM_ATTR, None)
+        return trial_id
 
     def set_trial_state_values(self, trial_id: int, state: Any, values: Sequence[float] | None = None) -> bool:
         """Before trying again, read the trial: if it has the state (and values) asked for,
@@ -352,18 +373,13 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
         made in one transaction. Their ids, in order."""
         from optuna.trial import TrialState
 
+        rdb = self._rdb
         taken = []
         for trial_id in self._waiting(study_id)[:count]:
-            try:
-                if self.set_trial_state_values(trial_id, TrialState.RUNNING):
-                    taken.append(trial_id)
-            except UpdateFinishedTrialError:
-                continue
-        if taken and self.get_heartbeat_interval() is not None:
-            self.record_heartbeats(taken)
+            if self._call(array_writes.take_waiting, rdb, trial_id, recover=lambda: array_writes.taken(rdb, trial_id)):
+                taken.append(trial_id)
         if len(taken) < count:
             start = array_writes.local_now()
-            rdb = self._rdb
             taken += self._call(array_writes.create_trials, rdb, study_id, count - len(taken), start,
                                 recover=lambda: array_writes.created_at(rdb, study_id, start))
         return taken
@@ -409,12 +425,11 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
         return list(self.stale_heartbeats(study_id))
 
     def stale_heartbeats(self, study_id: int) -> dict[int, Any]:
-        """RUNNING trials whose last heartbeat is older than the grace period (Optuna's rule,
-        on the database's clock), and those that never beat and started longer ago than that:
-        their worker died between creating the trial and its first heartbeat (an outage at
-        that moment, say). Optuna's own query skips a trial with no heartbeat, which would then
-        stay RUNNING for good, and a study waiting for its slot would never end. Each with its
-        last heartbeat (None: it never beat)."""
+        """RUNNING trials whose last heartbeat is older than the grace period, each with that
+        heartbeat: Optuna's rule, on the database's clock. A trial that never beat is left
+        alone, as Optuna leaves it: another client's (``study.ask()`` on the same store), not
+        a worker's. lrsearch's own trials all beat from their claim, in its transaction
+        (``array_writes.create_trials``, ``take_waiting``)."""
         rdb = self._rdb
         return self._call(self._stale_heartbeats, rdb, study_id, rdb.grace_period or 2 * rdb.heartbeat_interval)
 
@@ -426,21 +441,16 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
         from optuna.storages._rdb import models
         from optuna.storages._rdb.storage import _create_scoped_session
         from optuna.trial import TrialState
-        from sqlalchemy import orm
 
-        limit = datetime.timedelta(seconds=grace)
-        # datetime_start is the creating worker's clock, as Optuna writes it (naive local time).
-        started_before = datetime.datetime.now() - limit
+        trials, beats = models.TrialModel.__table__, models.TrialHeartbeatModel.__table__
         with _create_scoped_session(rdb.scoped_session) as session:
             # Naive, like the stored heartbeats (Optuna does the same for PostgreSQL).
             now = session.execute(sa.func.now()).scalar().replace(tzinfo=None)
-            running = (session.query(models.TrialModel)
-                       .options(orm.selectinload(models.TrialModel.heartbeats))
-                       .filter(models.TrialModel.state == TrialState.RUNNING)
-                       .filter(models.TrialModel.study_id == study_id).all())
-            return {t.trial_id: t.heartbeats[0].heartbeat if t.heartbeats else None for t in running
-                    if (now - t.heartbeats[0].heartbeat > limit if t.heartbeats
-                        else t.datetime_start is not None and t.datetime_start < started_before)}
+            rows = session.execute(sa.select(trials.c.trial_id, beats.c.heartbeat)
+                                   .join(beats, beats.c.trial_id == trials.c.trial_id)
+                                   .where(trials.c.study_id == study_id, trials.c.state == TrialState.RUNNING))
+            limit = datetime.timedelta(seconds=grace)
+            return {trial_id: beat for trial_id, beat in rows if now - beat > limit}
 
     def get_heartbeat_interval(self) -> int | None:  # None: no heartbeats (an in-memory storage)
         return getattr(self._inner, "get_heartbeat_interval", lambda: None)()

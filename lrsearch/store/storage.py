@@ -42,6 +42,7 @@ def open_storage(url: str, *, create: bool = True, hint: str = "") -> Any:
     from lrsearch.store.retrying_storage import RetryingStorage
 
     given = url
+    beats = {"heartbeat_interval": heartbeat_interval(), "grace_period": grace_period()}  # checked before any file
     engine_kwargs: dict[str, Any] = {}
     path = sqlite_path(url)
     if path is not None:
@@ -64,8 +65,7 @@ def open_storage(url: str, *, create: bool = True, hint: str = "") -> Any:
                 new_sqlite_file(path)
             warm = _schema_is_current(url, engine_kwargs, optuna.__version__)
             storage = optuna.storages.RDBStorage(
-                url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval(),
-                grace_period=grace_period(), skip_table_creation=warm, skip_compatibility_check=warm)
+                url, engine_kwargs=engine_kwargs, **beats, skip_table_creation=warm, skip_compatibility_check=warm)
             if path is not None:
                 _relax_sync(storage.engine)
             else:
