@@ -8,7 +8,7 @@ import json
 import sys
 from typing import Any
 
-from lrsearch.core import attrs
+from lrsearch.core.study_record import StudyRecord
 from lrsearch.core.errors import WARNING_PREFIX
 
 # `run`'s summary and `best`: the same columns (mlflow: the run's page on a tracking server,
@@ -131,9 +131,9 @@ def print_result(study: Any, target: int, experiment_id: str, parent_run_id: str
         copies = ["copies"] if any("copies" in r for r in rows) else []  # population-based training
         print(format_rows(rows, "table", [*TRIAL_COLUMNS, *copies]))
     print("\n".join(links(uri, experiment_id, parent_run_id)))
-    model = study.user_attrs.get(attrs.MODEL)
+    model = StudyRecord.from_attrs(study.user_attrs).model
     if model:
-        print(model_line(model["uri"], model["trial"], model["version"]))
+        print(model_line(model.uri, model.trial, model.version))
     warn(warnings)
 
 

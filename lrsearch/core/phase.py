@@ -4,6 +4,7 @@ writes it in SQL; ``tests/test_phase.py`` holds the two together on every state)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
@@ -45,6 +46,8 @@ def explain(state: str, unrunnable: Any = None, interrupted: Any = None) -> str 
     if record is None:
         return None
     record = json.loads(record) if isinstance(record, str) else record
+    if dataclasses.is_dataclass(record):  # a StudyRecord's (core/study_record.py)
+        record = dataclasses.asdict(record)
     if state == "unrunnable":
         return (f"lrsearch {record.get('version', '?')} on {record.get('host', '?')} cannot run it: "
                 f"{record.get('reason', 'no reason recorded')}")

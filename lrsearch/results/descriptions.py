@@ -21,6 +21,7 @@ from typing import Any, Mapping, Sequence
 from urllib.parse import quote
 
 from lrsearch.core import attrs
+from lrsearch.core.study_record import StudyRecord
 from lrsearch.core.names import NOTE_FIGURES, OBJECTIVE_METRIC, PREVIEW_DIR, run_path, trials_path
 from lrsearch.core.phase import explain
 from lrsearch.core.text import exploits_text, fmt, params_text
@@ -75,16 +76,16 @@ def study_note(study: Any, *, phase: str, experiment_id: str, figures: Sequence[
     from lrsearch.choices.space import in_sampling_order
 
     trials = study.get_trials(deepcopy=False)
-    user_attrs = study.user_attrs if user_attrs is None else user_attrs
-    metric = user_attrs.get(attrs.METRIC, "value")
-    target = user_attrs.get(attrs.TARGET)
+    record = StudyRecord.from_attrs(study.user_attrs if user_attrs is None else user_attrs)
+    metric = record.metric or "value"
+    target = record.target
     counts = by_state(trials)
     finished = counts.get("COMPLETE", 0) + counts.get("PRUNED", 0)
     counted = state_text(counts) or "no trials yet"
     way = direction(study)
     lines = [f"**{study.study_name}** · {phase} · {finished} of {target if target is not None else '?'} "
              f"trials ({counted}) · {way} {metric}", ""]
-    why = explain(phase, user_attrs.get(attrs.UNRUNNABLE), user_attrs.get(attrs.INTERRUPTED))
+    why = explain(phase, record.unrunnable, record.interrupted)
     if why:
         lines += [f"{phase.capitalize()}: {why}.", ""]
     best = ranking(trials, way)
@@ -97,10 +98,10 @@ def study_note(study: Any, *, phase: str, experiment_id: str, figures: Sequence[
                       f"in turn): {schedule_text(line(trials, b))}. Drawn with "
                       f"{params_text(in_sampling_order(b.params))}; "
                       f"{exploits_text(b.user_attrs[attrs.PBT]['exploits'])}.", ""]
-        model = user_attrs.get(attrs.MODEL)
+        model = record.model
         if model:  # registered when the study finished (or by `lrsearch best --register`)
-            lines += [f"Model: `{model['uri']}` (version {model['version']}, trial {model['trial']}): "
-                      f"`mlflow.pyfunc.load_model(\"{model['uri']}\")` takes the data's feature columns and "
+            lines += [f"Model: `{model.uri}` (version {model.version}, trial {model.trial}): "
+                      f"`mlflow.pyfunc.load_model(\"{model.uri}\")` takes the data's feature columns and "
                       f"returns each row's label and class probabilities.", ""]
         lines += [_table_row(["rank", "trial", metric, "epochs", "s", "params"]), "|---|---|---|---|---|---|"]
         for rank, t in enumerate(best[:TOP_TRIALS], 1):
@@ -152,15 +153,9 @@ def searched(params: Mapping[str, Any]) -> list[str]:
 def phase_of(study: Any, user_attrs: Mapping[str, Any] | None = None) -> str:
     """What a study is doing, as its description says it (the rule of ``phase.py``, which
     ``status`` and the ``studies`` view follow). ``user_attrs``: as for :func:`study_note`."""
-    from lrsearch.core.phase import phase
     from lrsearch.results.ranking import counts
 
-    user_attrs = study.user_attrs if user_attrs is None else user_attrs
-    finished, running = counts(study)
-    target = user_attrs.get(attrs.TARGET)
-    return phase(target=finished + 1 if target is None else target, finished=finished, running=running,
-                 cancelled=user_attrs.get(attrs.CANCELLED), unrunnable=user_attrs.get(attrs.UNRUNNABLE),
-                 interrupted=user_attrs.get(attrs.INTERRUPTED))
+    return StudyRecord.from_attrs(study.user_attrs if user_attrs is None else user_attrs).phase(*counts(study))
 
 
 def write_study_note(study: Any, tracker: Any, phase: str | None = None,
@@ -172,12 +167,11 @@ def write_study_note(study: Any, tracker: Any, phase: str | None = None,
     from lrsearch.config import stored_config
 
     user_attrs = study.user_attrs if user_attrs is None else user_attrs  # read once: each access is a query
-    parent = user_attrs.get(attrs.PARENT_RUN)
-    experiment_id = user_attrs.get(attrs.EXPERIMENT)
+    record = StudyRecord.from_attrs(user_attrs)
+    parent, experiment_id = record.parent_run_id, record.experiment_id
     if not parent or not experiment_id:
         return
-    raw = user_attrs.get(attrs.CONFIG)
-    pruner = stored_config(raw, study.study_name).study.pruner if raw is not None else None
+    pruner = stored_config(record.config, study.study_name).study.pruner if record.config is not None else None
     text = study_note(study, phase=phase or phase_of(study, user_attrs), experiment_id=experiment_id,
                       parent_run_id=parent, pruner=pruner if pruner != "none" else None, user_attrs=user_attrs)
     if outbox is not None:

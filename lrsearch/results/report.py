@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from lrsearch.core import attrs
+from lrsearch.core.study_record import StudyRecord
 from lrsearch.results.descriptions import write_study_note
 from lrsearch.core.names import DEFAULT_UI_PORT, NOTE_FIGURES, PREVIEW_DIR
 from lrsearch.results.lineage import is_population, plot_schedule
@@ -37,7 +38,7 @@ def write_report(name: str, *, storage: str | None = None, tracking: str | None 
     out = out or report_dir(storage_url(storage), name)
     grid = any(attrs.GRID_ID in t.system_attrs for t in study.get_trials(deepcopy=False))
     paths = build_report(study, tracker, out, grid=grid)
-    parent = study.user_attrs.get(attrs.PARENT_RUN)
+    parent = StudyRecord.from_attrs(study.user_attrs).parent_run_id
     if parent:
         tracker.log_dir(parent, out, "report")
         write_study_note(study, tracker)  # the description shows the figures just logged
@@ -187,8 +188,8 @@ def build_report(study: Any, tracker: Tracker, out: Path, grid: bool) -> list[Pa
     if grid and trials:
         figures.append(plot_grid(trials, name, out / "grid_accuracy.png"))
         figures.append(plot_grid_lr(trials, name, out / "grid_lr.png"))
-    user_attrs = study.user_attrs  # read once: each access is a query
-    objective = f"objective ({user_attrs.get(attrs.METRIC, 'value')})"
+    record = StudyRecord.from_attrs(study.user_attrs)  # read once: each access is a query
+    objective = f"objective ({record.metric or 'value'})"
     # Optuna's figures: the two slowest drawn meanwhile by the tracker's process (here, for a
     # tracker in this one), the others here after lrsearch's own (two processes, about even).
     # (Not for population-based training: Optuna's figures read a trial's params, its first
@@ -211,7 +212,7 @@ def build_report(study: Any, tracker: Tracker, out: Path, grid: bool) -> list[Pa
     drawn = {p.name: p for p in [*here, *(Path(p) for p in elsewhere.result())]}
     figures += [drawn[f] for f in _OPTUNA_FIGURES if f in drawn]
     figures.append(write_html(name, ranked + unranked, figures, out / "report.html", tracker, way,
-                              user_attrs.get(attrs.EXPERIMENT)))
+                              record.experiment_id))
     return figures
 
 

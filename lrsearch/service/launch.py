@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from lrsearch.core.errors import LrsearchError
+from lrsearch.core.study_record import StudyRecord
 from lrsearch.core.stopping import PARENT_FD_ENV, PARENT_PID_ENV, StopFlag
 from lrsearch.store.urls import STORAGE_ENV, TRACKING_ENV, storage_url, tracking_uri
 
@@ -91,7 +92,6 @@ def run_study(cfg: Config, *, storage: str | None = None, tracking: str | None =
 
         submitted = submit(cfg, storage=storage, tracking=tracking)  # the input checked, the study made
         tracker.open()  # MLflow's store opened (or made) there while this process imports torch and Lightning
-        from lrsearch.core import attrs
         from lrsearch.results.ranking import count_finished, tracking_warnings
         from lrsearch.service.session import close_parent, open_session
         from lrsearch.service.worker import setup_process, work
@@ -118,7 +118,7 @@ def run_study(cfg: Config, *, storage: str | None = None, tracking: str | None =
         if own:
             tracker.close()
     failed = [w.error for w in others if w.proc.returncode != 0]
-    cancelled = session.store.get_study_user_attrs(session.study_id).get(attrs.CANCELLED) is not None
+    cancelled = StudyRecord.from_attrs(session.store.get_study_user_attrs(session.study_id)).cancelled is not None
     return StudyRun(session.study, session.target, session.experiment_id, session.parent_run_id,
                     session.mlflow_url,
                     session.warnings + tracking_warnings(session.study) + [x for w in others for x in w.warnings],

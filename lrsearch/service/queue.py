@@ -7,11 +7,10 @@ host, PostgreSQL across hosts. Imports no torch, so ``submit`` and ``status`` an
 from __future__ import annotations
 
 import contextlib
-import datetime
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from lrsearch.core import attrs
+from lrsearch.core.study_record import Cancellation, StudyRecord, utc_now
 from lrsearch.config import DEFAULT_TRIALS, Config, stored_config
 from lrsearch.choices.data import check_data
 from lrsearch.core.errors import UsageError, shown
@@ -80,25 +79,25 @@ def submit(cfg: Config, *, storage: str | None = None, tracking: str | None = No
             elif store.directions(study_id) != [cfg.study.direction]:
                 raise UsageError(f"study {name!r} in {redact(url)} was created with direction "
                                  f"{', '.join(store.directions(study_id))}; the study file says {cfg.study.direction}")
-            user_attrs = store.user_attrs(study_id)
-            if not (user_attrs.get(attrs.UNRUNNABLE) and not store.count_trials(study_id, FINISHED)):
-                _check_drift(user_attrs, cfg, url)
-            values: dict[str, Any] = {
-                attrs.METRIC: cfg.study.metric, attrs.CONFIG: cfg.to_toml(), attrs.TARGET: target_trials(cfg),
-                attrs.PRIORITY: cfg.study.priority, attrs.CANCELLED: None, attrs.DONE: False,
-                attrs.INTERRUPTED: None, attrs.UNRUNNABLE: None}
-            if attrs.SUBMITTED_AT not in user_attrs:
-                values[attrs.SUBMITTED_AT] = datetime.datetime.now(datetime.timezone.utc).isoformat()
-            if cfg.finds_lr and attrs.LR_RANGE not in user_attrs:
+            record = StudyRecord.from_attrs(store.user_attrs(study_id))
+            if not (record.unrunnable and not store.count_trials(study_id, FINISHED)):
+                _check_drift(record, cfg, url)
+            values = StudyRecord.to_attrs(metric=cfg.study.metric, config=cfg.to_toml(), target=target_trials(cfg),
+                                          priority=cfg.study.priority, cancelled=None, done=False, interrupted=None,
+                                          unrunnable=None)
+            if record.submitted_at is None:
+                values.update(StudyRecord.to_attrs(submitted_at=utc_now()))
+            new_range = cfg.finds_lr and record.lr_range is None
+            if new_range:
                 found = found or range_test(cfg)  # stored when we looked, gone since: another submit's race lost
-                values[attrs.LR_RANGE] = found.record()
+                values.update(StudyRecord.to_attrs(lr_range=found.record()))
             store.set_user_attrs(study_id, values)
-    if found is not None and attrs.LR_RANGE in values:
+    if found is not None and new_range:
         _record_range_test(found, cfg, url, tracking)
     if not is_postgres(url):
         ensure_indexes(url)  # (PostgreSQL's come with its views: lrsearch server, status, sql)
-    experiment_id, parent_run_id = user_attrs.get(attrs.EXPERIMENT), user_attrs.get(attrs.PARENT_RUN)
-    return Submission(name, url, values[attrs.TARGET], resumed, experiment_id, parent_run_id,
+    experiment_id, parent_run_id = record.experiment_id, record.parent_run_id
+    return Submission(name, url, target_trials(cfg), resumed, experiment_id, parent_run_id,
                       run_url(tracking, experiment_id, parent_run_id) if parent_run_id else None)
 
 
@@ -162,13 +161,13 @@ def stored_range(url: str, name: str) -> dict[str, Any] | None:
         return None
     with _queue(url, create=False) as store:
         study_id = store.study_id(name)
-        return None if study_id is None else store.user_attrs(study_id).get(attrs.LR_RANGE)
+        return None if study_id is None else StudyRecord.from_attrs(store.user_attrs(study_id)).lr_range
 
 
-def _check_drift(user_attrs: dict[str, Any], cfg: Config, url: str) -> None:
+def _check_drift(record: StudyRecord, cfg: Config, url: str) -> None:
     """Refuse a configuration that differs from the stored one, except a higher ``trials``
     and the array size (how a worker trains, not what the study is)."""
-    raw = user_attrs.get(attrs.CONFIG)
+    raw = record.config
     if raw is None:  # a study made before configurations were stored, or by another tool
         return
     stored = stored_config(raw, cfg.study.name)
@@ -187,14 +186,12 @@ def queue(store: Any, *, with_config: bool = False) -> Any:
     number of trials: cheap enough to poll. ``with_config``: a dict of each name to a digest
     of its stored configuration (a worker that cannot run a study tries again once it
     changes)."""
-    studies = [s for s in store.get_all_studies()
-               if attrs.CONFIG in s.user_attrs and not s.user_attrs.get(attrs.DONE)
-               and not s.user_attrs.get(attrs.CANCELLED)]
-    studies.sort(key=lambda s: (-s.user_attrs.get(attrs.PRIORITY, 0), s.user_attrs.get(attrs.SUBMITTED_AT, ""),
-                                s.study_name))
+    records = {s.study_name: StudyRecord.from_attrs(s.user_attrs) for s in store.get_all_studies()}
+    names = sorted((name for name, r in records.items() if r.open),
+                   key=lambda name: (-records[name].priority, records[name].submitted_at or "", name))
     if with_config:
-        return {s.study_name: config_digest(s.user_attrs[attrs.CONFIG]) for s in studies}
-    return [s.study_name for s in studies]
+        return {name: config_digest(records[name].config) for name in names}
+    return names
 
 
 def config_digest(raw: Any) -> str:
@@ -248,16 +245,15 @@ def cancel(name: str, *, now: bool = False, storage: str | None = None, tracking
     url = storage_url(storage)
     with _queue(url, create=False) as store:
         study_id = store.study_id(name)
-        user_attrs = {} if study_id is None else store.user_attrs(study_id)
-        if attrs.CONFIG not in user_attrs:
+        record = StudyRecord() if study_id is None else StudyRecord.from_attrs(store.user_attrs(study_id))
+        if not record.submitted or record.target is None:
             raise UsageError(f"no submitted study named {shown(name)} in {redact(url)}")
-        target = user_attrs[attrs.TARGET]
+        target = record.target
         with store.locked():
             finished = store.count_trials(study_id, FINISHED)
             running = store.count_trials(study_id, ("RUNNING",))
             if finished >= target:
                 return f"study {name!r} is done ({finished} of {target} trials): nothing to cancel"
-            store.set_user_attrs(study_id, {attrs.CANCELLED: {
-                "at": datetime.datetime.now(datetime.timezone.utc).isoformat(), "now": now}})
+            store.set_user_attrs(study_id, StudyRecord.to_attrs(cancelled=Cancellation(utc_now(), now)))
     what = ("stopping at their next epoch" if now else "finishing") if running else "none running"
     return f"study {name!r} cancelled: {finished} of {target} trials done, {running} running ({what})"

@@ -12,7 +12,7 @@ from typing import Any
 
 import optuna
 
-from lrsearch.core import attrs
+from lrsearch.core.study_record import Interruption, StudyRecord, Unrunnable, utc_now
 from lrsearch.config import Config, stored_config
 from lrsearch.choices.data import Dataset, load_data
 from lrsearch.results.descriptions import write_study_note
@@ -76,15 +76,14 @@ def join(name: str, store: Any, url: str, tracker: Tracker, *, worker: int = 0,
     this worker claims its first trial (``worker.py``), not before: a worker that joins a
     study whose total is reached, or dies first, leaves its parent as it was."""
     study_id = store.get_study_id_from_name(name)
-    user_attrs = store.get_study_user_attrs(study_id)
-    raw = user_attrs.get(attrs.CONFIG)
-    if raw is None:
+    record = StudyRecord.from_attrs(store.get_study_user_attrs(study_id))
+    if record.config is None or record.target is None:
         raise UsageError(f"study {name!r} in {redact(url)} was not submitted with lrsearch (no stored "
                          "configuration): run lrsearch submit FILE first")
-    submitted = stored_config(raw, name)
+    submitted = stored_config(record.config, name)
     cfg = submitted
     if cfg.finds_lr:  # the range the test found when the study was created
-        found = user_attrs.get(attrs.LR_RANGE)
+        found = record.lr_range
         if found is None:
             raise UsageError(f"study {name!r} has lr = {{ find = true }} but no range stored: submit it again")
         cfg = cfg.with_lr_range(found["low"], found["high"])
@@ -92,22 +91,20 @@ def join(name: str, store: Any, url: str, tracker: Tracker, *, worker: int = 0,
     # Its store opened before the lock: a new MLflow store is made under the same lock.
     tracker.ready()
     with store_lock(url, store.retry):  # one experiment and parent run, however many workers join
-        user_attrs = store.get_study_user_attrs(study_id)
-        user_attrs = {**user_attrs, **open_records(store, study_id, submitted, url, tracker, study_file, data)}
-        if user_attrs.get(attrs.UNRUNNABLE) is not None:  # another worker's verdict: this one can run it
-            store.set_study_user_attr(study_id, attrs.UNRUNNABLE, None)
+        experiment_id, parent_run_id = open_records(store, study_id, submitted, url, tracker, study_file, data)
+        if StudyRecord.from_attrs(store.get_study_user_attrs(study_id)).unrunnable is not None:
+            store.set_study_user_attrs(study_id, StudyRecord.to_attrs(unrunnable=None))  # another worker's verdict
     if cfg.tracking.register_model:
         tracker.prepare_models()
     n_existing = len(store.get_all_trials(study_id, deepcopy=False))
     sampler = make_sampler(cfg.study.sampler, cfg.params, cfg.study.seed, n_existing, worker)
     pruner = make_pruner(cfg.study.pruner, cfg.train.epochs, cfg.study.prune_every)
     study = optuna.load_study(study_name=name, storage=store, sampler=sampler, pruner=pruner)
-    return Session(cfg, study, store, study_id, url, tracker, user_attrs[attrs.EXPERIMENT],
-                   user_attrs[attrs.PARENT_RUN], data, user_attrs[attrs.TARGET])
+    return Session(cfg, study, store, study_id, url, tracker, experiment_id, parent_run_id, data, record.target)
 
 
 def open_records(store: Any, study_id: int, cfg: Config, url: str, tracker: Tracker,
-                 study_file: Path | None = None, data: Dataset | None = None) -> dict[str, str]:
+                 study_file: Path | None = None, data: Dataset | None = None) -> tuple[str, str]:
     """The study's MLflow experiment, its trials view and its parent run (new: SCHEDULED
     until a worker claims a trial; one that exists keeps its status), their ids stored with
     the study; called under the store lock. The parent's params are the study file's keys
@@ -117,9 +114,9 @@ def open_records(store: Any, study_id: int, cfg: Config, url: str, tracker: Trac
     from lrsearch.results.descriptions import searched, trials_view
 
     name = cfg.study.name
-    user_attrs = store.get_study_user_attrs(study_id)
+    record = StudyRecord.from_attrs(store.get_study_user_attrs(study_id))
     experiment_id = tracker.experiment(name)
-    lr_range = user_attrs.get(attrs.LR_RANGE)
+    lr_range = record.lr_range
     found = {f"lr_find.{k}": lr_range[k] for k in ("low", "high", "suggestion", "optimizer")} \
         if cfg.finds_lr and lr_range else {}
     with tempfile.TemporaryDirectory(prefix="lrsearch-") as tmp:
@@ -130,18 +127,18 @@ def open_records(store: Any, study_id: int, cfg: Config, url: str, tracker: Trac
             experiment_id, name, params={**_study_params(cfg), **found},
             tags={"sampler": cfg.study.sampler, "pruner": cfg.study.pruner, "storage": redact(url),
                   "direction": cfg.study.direction, "metric": cfg.study.metric},
-            study_file=study_file, run_id=user_attrs.get(attrs.PARENT_RUN), status="SCHEDULED")
+            study_file=study_file, run_id=record.parent_run_id, status="SCHEDULED")
     tracker.share_trials_view(experiment_id, trials_view(name, cfg.study.direction, cfg.study.metric,
                                                          searched(cfg.params)))
-    records = {attrs.EXPERIMENT: experiment_id, attrs.PARENT_RUN: parent_run_id}
-    if any(user_attrs.get(k) != v for k, v in records.items()):
-        store.set_study_user_attrs(study_id, records)
-    if data is not None and user_attrs.get(attrs.PARENT_RUN) != parent_run_id:  # a new parent: its datasets
+    if (record.experiment_id, record.parent_run_id) != (experiment_id, parent_run_id):
+        store.set_study_user_attrs(study_id, StudyRecord.to_attrs(experiment_id=experiment_id,
+                                                                  parent_run_id=parent_run_id))
+    if data is not None and record.parent_run_id != parent_run_id:  # a new parent: its datasets
         try:
             tracker.log_data(parent_run_id, data.inputs)
         except Exception:  # a description of the study: the study runs without it
             pass
-    return records
+    return experiment_id, parent_run_id
 
 
 def mark_unrunnable(store: Any, name: str, url: str, tracker: Tracker, reason: str) -> None:
@@ -154,20 +151,20 @@ def mark_unrunnable(store: Any, name: str, url: str, tracker: Tracker, reason: s
     from lrsearch import __version__
 
     study_id = store.get_study_id_from_name(name)
-    record = {"reason": reason, "version": __version__, "host": socket.gethostname(),
-              "at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    store.set_study_user_attr(study_id, attrs.UNRUNNABLE, record)
+    record = Unrunnable(reason, __version__, socket.gethostname(), utc_now("seconds"))
+    store.set_study_user_attrs(study_id, StudyRecord.to_attrs(unrunnable=record))
     tracker.ready()  # (its store opened outside the lock, which opening it may take)
     with store_lock(url, store.retry):
-        parent = store.get_study_user_attrs(study_id).get(attrs.PARENT_RUN)
+        parent = StudyRecord.from_attrs(store.get_study_user_attrs(study_id)).parent_run_id
         if parent is None:  # a run to carry the description; its params wait for a worker that can run it
             experiment_id = tracker.experiment(name)
             parent = tracker.start_study(experiment_id, name, params={}, tags={"storage": redact(url)},
                                          study_file=None, status="FAILED")
-            store.set_study_user_attrs(study_id, {attrs.EXPERIMENT: experiment_id, attrs.PARENT_RUN: parent})
+            store.set_study_user_attrs(study_id, StudyRecord.to_attrs(experiment_id=experiment_id,
+                                                                      parent_run_id=parent))
     if tracker.status(parent) != "RUNNING":  # else another worker runs it, and describes it
-        tracker.set_note(parent, f"**{name}** · unrunnable · lrsearch {record['version']} on {record['host']} "
-                                 f"cannot run it ({record['at']}): {reason}\n\nSubmit the corrected study to "
+        tracker.set_note(parent, f"**{name}** · unrunnable · lrsearch {record.version} on {record.host} "
+                                 f"cannot run it ({record.at}): {reason}\n\nSubmit the corrected study to "
                                  "queue it again.\n")
 
 
@@ -228,11 +225,10 @@ def close_parent(session: Session, status: str, why: str | None = None) -> None:
             status = "FINISHED"
         elif running > 0 or status == "FINISHED":
             return
-        user_attrs = session.store.get_study_user_attrs(session.study_id)
-        if status != "FINISHED" and user_attrs.get(attrs.CANCELLED) is None:
-            session.store.set_study_user_attr(session.study_id, attrs.INTERRUPTED, {
-                "at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "signal": why or status.lower()})
+        record = StudyRecord.from_attrs(session.store.get_study_user_attrs(session.study_id))
+        if status != "FINISHED" and record.cancelled is None:
+            session.store.set_study_user_attrs(session.study_id, StudyRecord.to_attrs(
+                interrupted=Interruption(utc_now("seconds"), why or status.lower())))
         if session.tracker.status(session.parent_run_id) == status:  # closed so by another worker
             return
         close_lost_runs(session)
@@ -258,7 +254,7 @@ def register_model(study: optuna.Study, url: str, tracker: Tracker, experiment_i
                    retry: Any = None) -> Registered | None:
     """The study's best COMPLETE trial's network as the newest version of the registered
     model named after the study (alias ``best``), unless it already is; kept in the study's
-    attributes (``attrs.MODEL``) for ``best``, the ``studies`` view and the description. None
+    attributes (``StudyRecord.model``) for ``best``, the ``studies`` view and the description. None
     when no trial completed with a run. The model is logged outside the store lock (it takes
     seconds); its version is made under it, if the trial is still the best: one version per
     best trial, however many processes register at once (``retry``: how the lock waits out a
@@ -266,8 +262,8 @@ def register_model(study: optuna.Study, url: str, tracker: Tracker, experiment_i
     from lrsearch.results.ranking import best_trials
     from lrsearch.track.models import Candidate, log_model, register_version, registered
 
-    user_attrs = study.user_attrs  # one read: each access is a query
-    metric = user_attrs.get(attrs.METRIC) or "objective"
+    record = StudyRecord.from_attrs(study.user_attrs)  # one read: each access is a query
+    metric = record.metric or "objective"
 
     def best() -> Candidate | None:
         rows = best_trials(study, 1)
@@ -285,8 +281,9 @@ def register_model(study: optuna.Study, url: str, tracker: Tracker, experiment_i
             if best() != candidate:  # a better trial since: its own registration makes its version
                 return tracker.run(registered, study.study_name)
             result = tracker.run(register_version, study.study_name, model_id, candidate)
-    if user_attrs.get(attrs.MODEL) != result.record():
-        study.set_user_attr(attrs.MODEL, result.record())
+    if record.model != result.record():
+        for key, value in StudyRecord.to_attrs(model=result.record()).items():
+            study.set_user_attr(key, value)
     return result
 
 
@@ -296,7 +293,7 @@ def register(name: str, *, storage: str | None = None, tracking: str | None = No
     from lrsearch.store.urls import storage_url
 
     study = load_study(name, storage)  # UsageError naming the studies there are
-    experiment_id = study.user_attrs.get(attrs.EXPERIMENT)
+    experiment_id = StudyRecord.from_attrs(study.user_attrs).experiment_id
     if experiment_id is None:
         raise UsageError(f"study {name!r} has no MLflow records yet: no worker has started it")
     tracker = Tracker(tracking_uri(tracking))

@@ -16,6 +16,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 from lrsearch.core import attrs, faults
+from lrsearch.core.study_record import Cancellation, StudyRecord
 from lrsearch.core.errors import LrsearchError, first_line
 from lrsearch.service.objective import Objective
 from lrsearch.results.ranking import FINISHED_STATES
@@ -223,8 +224,8 @@ class Worker:
         self.ended[name] = how
         session.warnings.extend(self.sessions.pop(name)[1].drain())  # a worker that serves for days holds
         close_parent(session, "KILLED" if how == "cancelled" else "FINISHED")  # only its open studies
-        if how == "done" and not session.study.user_attrs.get(attrs.DONE):
-            session.store.set_study_user_attr(session.study_id, attrs.DONE, True)
+        if how == "done" and not StudyRecord.from_attrs(session.study.user_attrs).done:
+            session.store.set_study_user_attrs(session.study_id, StudyRecord.to_attrs(done=True))
         self.warnings += session.warnings
 
 
@@ -304,7 +305,8 @@ def work(session: Session, *, stop: StopFlag | None = None, callbacks: Sequence[
 
 def _config_of(store: Any, name: str) -> str:
     try:
-        return config_digest(store.get_study_user_attrs(store.get_study_id_from_name(name)).get(attrs.CONFIG))
+        user_attrs = store.get_study_user_attrs(store.get_study_id_from_name(name))
+        return config_digest(StudyRecord.from_attrs(user_attrs).config)
     except Exception:  # gone, or unreadable: tried again when the queue next shows it
         return ""
 
@@ -313,9 +315,9 @@ _DONE: Any = object()
 _CANCELLED: Any = object()
 
 
-def _cancelled(session: Session) -> dict[str, Any] | None:
-    """The study's cancellation ({"at": …, "now": …}), read afresh, or None."""
-    return session.store.get_study_user_attrs(session.study_id).get(attrs.CANCELLED)
+def _cancelled(session: Session) -> Cancellation | None:
+    """The study's cancellation, read afresh, or None."""
+    return StudyRecord.from_attrs(session.store.get_study_user_attrs(session.study_id)).cancelled
 
 
 def _claim(session: Session, count: int = 1) -> list[int] | Any:
@@ -326,8 +328,8 @@ def _claim(session: Session, count: int = 1) -> list[int] | Any:
     again), then the slots are counted and the trials made, queued ones first, in one
     transaction. ``_CANCELLED`` for a cancelled study."""
     with store_lock(session.url, session.store.retry) as lock:
-        user_attrs = session.store.get_study_user_attrs(session.study_id)
-        if user_attrs.get(attrs.CANCELLED) is not None:
+        record = StudyRecord.from_attrs(session.store.get_study_user_attrs(session.study_id))
+        if record.cancelled is not None:
             return _CANCELLED
         # Not while this worker meets an outage: its own calls wait it out, and the others'
         # heartbeats, held back by it, resume within an interval of the database's return
@@ -345,8 +347,8 @@ def _claim(session: Session, count: int = 1) -> list[int] | Any:
             return trials
         with _released_on_error(session, trials):
             faults.point("claimed")
-            if user_attrs.get(attrs.INTERRUPTED) is not None:  # its last worker closed the parent run: reopen it
-                session.store.set_study_user_attr(session.study_id, attrs.INTERRUPTED, None)
+            if record.interrupted is not None:  # its last worker closed the parent run: reopen it
+                session.store.set_study_user_attrs(session.study_id, StudyRecord.to_attrs(interrupted=None))
                 session.started = False
             if lock.held():
                 return trials
@@ -598,7 +600,7 @@ def _watch_cancel(session: Session) -> Iterator[threading.Event]:
                 cancel = _cancelled(session)
             except Exception:  # an outage: the trial meets it too
                 continue
-            if cancel is not None and cancel.get("now"):
+            if cancel is not None and cancel.now:
                 cancelled.set()
                 return
 

@@ -371,7 +371,6 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
         """Up to ``count`` trials of the study to run, RUNNING from now: its queued ones first
         (WAITING: retries of lost trials), as Optuna's ``ask`` takes them, then new ones, all
         made in one transaction. Their ids, in order."""
-        from optuna.trial import TrialState
 
         rdb = self._rdb
         taken = []

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from lrsearch.core.names import MODEL_ALIAS, NETWORK_FILE, model_uri
+from lrsearch.core.study_record import ModelRecord
 
 if TYPE_CHECKING:
     import torch
@@ -58,10 +59,9 @@ class Registered:
     def uri(self) -> str:
         return model_uri(self.name)
 
-    def record(self) -> dict[str, Any]:
-        """What the study's attributes keep of it (``attrs.MODEL``)."""
-        return {"name": self.name, "version": self.version, "trial": self.trial, "run_id": self.run_id,
-                "uri": self.uri}
+    def record(self) -> ModelRecord:
+        """What the study's attributes keep of it (``StudyRecord.model``)."""
+        return ModelRecord(self.name, self.version, self.trial, self.run_id, self.uri)
 
 
 @dataclass(frozen=True)
