@@ -67,8 +67,9 @@ import sys
 import tempfile
 import time
 import tomllib
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 STUDIES = ROOT / "studies"
@@ -88,21 +89,31 @@ class Sizes:
     max_trials: int = 160
 
 
-QUICK = Sizes(train_epochs=5, study_trials=16, study_epochs=5, csv_rows=4_000, csv_trials=8, csv_epochs=3,
-              seeds=1, max_trials=64)
+QUICK = Sizes(
+    train_epochs=5, study_trials=16, study_epochs=5, csv_rows=4_000, csv_trials=8, csv_epochs=3, seeds=1, max_trials=64
+)
 
 
 # -- output -------------------------------------------------------------------------------
 
+
 def machine() -> str:
     import torch
 
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), "unknown CPU")
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        "unknown CPU",
+    )
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    return (f"machine: {model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread in this process "
-            f"(and in every lrsearch process: LRSEARCH_TORCH_THREADS unset), torch {torch.__version__}; "
-            f"load average at start {load}")
+    return (
+        f"machine: {model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread in this process "
+        f"(and in every lrsearch process: LRSEARCH_TORCH_THREADS unset), torch {torch.__version__}; "
+        f"load average at start {load}"
+    )
 
 
 def table(title: str, headers: list[str], rows: list[list[Any]]) -> None:
@@ -127,6 +138,7 @@ def median(values: list[float]) -> float:
 
 # -- study files, stores and processes ----------------------------------------------------
 
+
 def search_params() -> dict[str, Any]:
     """studies/search.toml's [params]: the search space of every TPE study here."""
     with (STUDIES / "search.toml").open("rb") as f:
@@ -138,8 +150,12 @@ def study_file(path: Path, name: str, trials: int, epochs: int, **tables: dict[s
     written as lrsearch writes a submitted study's."""
     from lrsearch.config import parse_config, to_toml_text
 
-    raw = {"study": {"name": name, "sampler": "tpe", "seed": 1, "pruner": "median", "trials": trials},
-           "train": {"epochs": epochs, **tables.pop("train", {})}, "params": search_params(), **tables}
+    raw = {
+        "study": {"name": name, "sampler": "tpe", "seed": 1, "pruner": "median", "trials": trials},
+        "train": {"epochs": epochs, **tables.pop("train", {})},
+        "params": search_params(),
+        **tables,
+    }
     path.write_text(to_toml_text(parse_config(raw, str(path))))
     return path
 
@@ -147,8 +163,11 @@ def study_file(path: Path, name: str, trials: int, epochs: int, **tables: dict[s
 def clean_env(**stores: str) -> dict[str, str]:
     """This environment for an lrsearch process: this worktree first on its path, no store
     settings but ``stores`` (LRSEARCH_STORAGE, MLFLOW_TRACKING_URI)."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("LRSEARCH_STORAGE", "MLFLOW_TRACKING_URI", "LRSEARCH_DATA", "LRSEARCH_TORCH_THREADS")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("LRSEARCH_STORAGE", "MLFLOW_TRACKING_URI", "LRSEARCH_DATA", "LRSEARCH_TORCH_THREADS")
+    }
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
     return {**env, **stores}
 
@@ -157,8 +176,14 @@ def lrsearch(args: list[str], cwd: Path, env: dict[str, str]) -> None:
     """An lrsearch command, to its exit; its stderr's tail in the error if it fails."""
     log = cwd / "stderr.log"
     with log.open("a") as err:
-        code = subprocess.run([sys.executable, "-m", "lrsearch.cli", *args], cwd=cwd, env=env,
-                              stdout=subprocess.DEVNULL, stderr=err, check=False).returncode
+        code = subprocess.run(
+            [sys.executable, "-m", "lrsearch.cli", *args],
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            check=False,
+        ).returncode
     if code:
         raise RuntimeError(f"lrsearch {' '.join(args)}: exit {code}: {log.read_text()[-2000:]}")
 
@@ -212,20 +237,24 @@ class Server:
 
 # -- 1. training only ---------------------------------------------------------------------
 
+
 def part_training(sizes: Sizes, repeats: int) -> None:
-    from lrsearch.config import parse_config
-    from lrsearch.choices.data import load_data
-    from lrsearch.fit.member import Member
-    from lrsearch.fit.training import fit_array
     from trial_overhead import HP, bare_loop
 
-    cfg = parse_config({"study": {"name": "arrays", "pruner": "none"}, "train": {"epochs": sizes.train_epochs}},
-                       "bench")
+    from lrsearch.choices.data import load_data
+    from lrsearch.config import parse_config
+    from lrsearch.fit.member import Member
+    from lrsearch.fit.training import fit_array
+
+    cfg = parse_config(
+        {"study": {"name": "arrays", "pruner": "none"}, "train": {"epochs": sizes.train_epochs}}, "bench"
+    )
     data = load_data(cfg.data)
 
     def array(k: int) -> float:
-        members = [Member(str(i), {**HP, "lr": 0.003 * 10 ** (i / max(1, k - 1))}, i, cfg.train.epochs)
-                   for i in range(k)]
+        members = [
+            Member(str(i), {**HP, "lr": 0.003 * 10 ** (i / max(1, k - 1))}, i, cfg.train.epochs) for i in range(k)
+        ]
         start = time.perf_counter()
         fit_array(cfg, data, members)
         seconds = time.perf_counter() - start
@@ -247,13 +276,19 @@ def part_training(sizes: Sizes, repeats: int) -> None:
     rows = [["bare PyTorch loop (1 trial)", median(times["bare"]), "1.00", ""]]
     for k in KS:
         ratio = median(times[k]) / base
-        rows.append([f"K = {k}", median(times[k]), f"{ratio:.2f}", f"<= 0.20: {verdict(ratio <= 0.2)}" if k == 16 else ""])
-    table(f"1. Training only: default problem, {cfg.train.epochs} epochs, batch {cfg.train.batch_size}, width "
-          f"{cfg.model.hidden[0]}, pruner none; median of {repeats}",
-          ["K", "s per trial", "x bare loop", "target"], rows)
+        rows.append(
+            [f"K = {k}", median(times[k]), f"{ratio:.2f}", f"<= 0.20: {verdict(ratio <= 0.2)}" if k == 16 else ""]
+        )
+    table(
+        f"1. Training only: default problem, {cfg.train.epochs} epochs, batch {cfg.train.batch_size}, width "
+        f"{cfg.model.hidden[0]}, pruner none; median of {repeats}",
+        ["K", "s per trial", "x bare loop", "target"],
+        rows,
+    )
 
 
 # -- 2. and 3.: whole studies as processes ------------------------------------------------
+
 
 def timed_run(file: Path, folder: Path, array: str, report: bool = False) -> tuple[float, str, int]:
     """`lrsearch run FILE --array A` (``--no-report`` unless ``report``) in a fresh folder
@@ -283,8 +318,16 @@ def warm_workers(folder: Path, array: str, stores: tuple[str, str], count: int =
     warm = study_file(folder / f"warm-{array}.toml", f"warm-{array}-{os.getpid()}-{time.monotonic_ns()}", 2, 2)
     lrsearch(["submit", str(warm)], folder, env)
     log = (folder / f"workers-{array}.log").open("a")
-    procs = [subprocess.Popen([sys.executable, "-m", "lrsearch.cli", "worker", "--array", array, "--max-idle", "600"],
-                              cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=log) for _ in range(count)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "lrsearch.cli", "worker", "--array", array, "--max-idle", "600"],
+            cwd=folder,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
+        for _ in range(count)
+    ]
     try:
         wait_done([_name_in(warm)], *stores, timeout=600)
         yield env
@@ -346,9 +389,12 @@ def part_studies(sizes: Sizes, repeats: int, folder: Path, server: Server) -> No
 
     served("SQLite", sqlite_stores, 3.5)
     served("server mode", lambda where: server.get(), 3.0)
-    table(f"2. Whole studies: {trials} trials x {epochs} epochs, default problem, TPE + median pruning; "
-          f"seconds start to exit (`run`, its report included) or submit to done (workers); median of {repeats}",
-          SPEEDUP_HEADERS, rows)
+    table(
+        f"2. Whole studies: {trials} trials x {epochs} epochs, default problem, TPE + median pruning; "
+        f"seconds start to exit (`run`, its report included) or submit to done (workers); median of {repeats}",
+        SPEEDUP_HEADERS,
+        rows,
+    )
 
 
 def part_medium(sizes: Sizes, repeats: int, folder: Path) -> None:
@@ -357,31 +403,53 @@ def part_medium(sizes: Sizes, repeats: int, folder: Path) -> None:
 
     x, y = make_blobs(n_samples=sizes.csv_rows, n_features=20, centers=3, cluster_std=5.0, random_state=0)
     csv = folder / "medium.csv"
-    np.savetxt(csv, np.column_stack([x, y]), delimiter=",", fmt=["%.5f"] * 20 + ["%d"], comments="",
-               header=",".join([*(f"f{j}" for j in range(20)), "label"]))
+    np.savetxt(
+        csv,
+        np.column_stack([x, y]),
+        delimiter=",",
+        fmt=["%.5f"] * 20 + ["%d"],
+        comments="",
+        header=",".join([*(f"f{j}" for j in range(20)), "label"]),
+    )
     got: Measured = {"1": [], "auto": []}
     for i in range(repeats):
         for array in got:
-            file = study_file(folder / f"medium-{array}-{i}.toml", f"arrays-medium-{i}", sizes.csv_trials,
-                              sizes.csv_epochs, data={"source": "csv", "path": str(csv), "label": "label"},
-                              model={"hidden": [128]}, train={"batch_size": 128})
+            file = study_file(
+                folder / f"medium-{array}-{i}.toml",
+                f"arrays-medium-{i}",
+                sizes.csv_trials,
+                sizes.csv_epochs,
+                data={"source": "csv", "path": str(csv), "label": "label"},
+                model={"hidden": [128]},
+                train={"batch_size": 128},
+            )
             got[array].append(timed_run(file, folder / f"medium-{array}-{i}", array))
     one, auto = (median([s for s, _, _ in got[a]]) for a in ("1", "auto"))
-    table(f"3. Medium data: CSV {sizes.csv_rows:,} rows x 20 features, 3 classes, width 128, batch 128, "
-          f"{sizes.csv_trials} trials x {sizes.csv_epochs} epochs, TPE + median pruning; `run --no-report`, SQLite; "
-          f"median of {repeats}", SPEEDUP_HEADERS,
-          [speedup_row("`run`, SQLite", got, 2.0, f"; auto <= 1.05x K=1's time: {verdict(auto <= 1.05 * one)}")])
+    table(
+        f"3. Medium data: CSV {sizes.csv_rows:,} rows x 20 features, 3 classes, width 128, batch 128, "
+        f"{sizes.csv_trials} trials x {sizes.csv_epochs} epochs, TPE + median pruning; `run --no-report`, SQLite; "
+        f"median of {repeats}",
+        SPEEDUP_HEADERS,
+        [speedup_row("`run`, SQLite", got, 2.0, f"; auto <= 1.05x K=1's time: {verdict(auto <= 1.05 * one)}")],
+    )
 
 
 # -- 4. search quality per second ---------------------------------------------------------
 
+
 def part_search(sizes: Sizes, folder: Path) -> None:
     from lrsearch.config import load_config
 
-    time_to_answer(sizes, folder, load_config(STUDIES / "search.toml"), GRIDS_BEST,
-                   f"4. Time to a good answer: studies/search.toml (TPE, median pruning, <= {sizes.max_trials} "
-                   f"trials) until a trial reaches val/acc {GRIDS_BEST}, from the study's first trial; in this "
-                   f"process, SQLite; median over seeds 1..{sizes.seeds}", target=3.0)
+    time_to_answer(
+        sizes,
+        folder,
+        load_config(STUDIES / "search.toml"),
+        GRIDS_BEST,
+        f"4. Time to a good answer: studies/search.toml (TPE, median pruning, <= {sizes.max_trials} "
+        f"trials) until a trial reaches val/acc {GRIDS_BEST}, from the study's first trial; in this "
+        f"process, SQLite; median over seeds 1..{sizes.seeds}",
+        target=3.0,
+    )
 
 
 DIGITS_GOOD = 0.98  # of the 899 validation digits: the best of a 40-trial TPE study here was 0.983
@@ -397,17 +465,29 @@ def part_real_data(sizes: Sizes, folder: Path) -> None:
 
     x, y = load_digits(return_X_y=True)
     csv = folder / "digits.csv"
-    np.savetxt(csv, np.column_stack([x, y]), delimiter=",", fmt=["%g"] * x.shape[1] + ["%d"], comments="",
-               header=",".join([*(f"p{j}" for j in range(x.shape[1])), "label"]))
+    np.savetxt(
+        csv,
+        np.column_stack([x, y]),
+        delimiter=",",
+        fmt=["%g"] * x.shape[1] + ["%d"],
+        comments="",
+        header=",".join([*(f"p{j}" for j in range(x.shape[1])), "label"]),
+    )
     raw = tomllib.loads((STUDIES / "search.toml").read_text())
     raw["study"]["name"] = "digits"
     raw["data"] = {"source": "csv", "path": str(csv), "label": "label", "val_fraction": 0.5, "scale": "standard"}
     raw["model"]["hidden"] = [128]
-    time_to_answer(sizes, folder, parse_config(raw, "digits.toml"), DIGITS_GOOD,
-                   f"6. Time to a good answer on real data: scikit-learn's digits (1,797 images of 8 x 8 "
-                   f"pixels: 64 features, 10 classes) as a CSV, studies/search.toml's search with width 128, "
-                   f"until a trial reaches val/acc {DIGITS_GOOD}, from the study's first trial; in this process, "
-                   f"SQLite; median over seeds 1..{sizes.seeds}", target=2.0)
+    time_to_answer(
+        sizes,
+        folder,
+        parse_config(raw, "digits.toml"),
+        DIGITS_GOOD,
+        f"6. Time to a good answer on real data: scikit-learn's digits (1,797 images of 8 x 8 "
+        f"pixels: 64 features, 10 classes) as a CSV, studies/search.toml's search with width 128, "
+        f"until a trial reaches val/acc {DIGITS_GOOD}, from the study's first trial; in this process, "
+        f"SQLite; median over seeds 1..{sizes.seeds}",
+        target=2.0,
+    )
 
 
 def time_to_answer(sizes: Sizes, folder: Path, cfg: Any, good: float, title: str, target: float) -> None:
@@ -415,8 +495,8 @@ def time_to_answer(sizes: Sizes, folder: Path, cfg: Any, good: float, title: str
     from optuna.trial import TrialState
 
     from lrsearch.core import attrs
-    from lrsearch.service.launch import run_study
     from lrsearch.core.stopping import Interrupted, StopFlag
+    from lrsearch.service.launch import run_study
 
     warm_up(folder)
     base = cfg.with_overrides(trials=sizes.max_trials)
@@ -434,20 +514,34 @@ def time_to_answer(sizes: Sizes, folder: Path, cfg: Any, good: float, title: str
                     stop.signum = signal.SIGINT  # as a Ctrl-C: trials in flight stop at their epoch's end
 
             with contextlib.suppress(Interrupted):
-                run_study(cfg, storage=stores[0], tracking=stores[1], callbacks=[reached], stop=stop,
-                          array=1 if array == "1" else "auto")
+                run_study(
+                    cfg,
+                    storage=stores[0],
+                    tracking=stores[1],
+                    callbacks=[reached],
+                    stop=stop,
+                    array=1 if array == "1" else "auto",
+                )
             trials = optuna.load_study(study_name=name, storage=stores[0]).get_trials(deepcopy=False)
-            hits = sorted((t for t in trials if t.state == TrialState.COMPLETE and t.value >= good),
-                          key=lambda t: t.datetime_complete)
+            hits = sorted(
+                (t for t in trials if t.state == TrialState.COMPLETE and t.value >= good),
+                key=lambda t: t.datetime_complete,
+            )
             if not hits:
                 results[array].append(None)
                 continue
             at = hits[0].datetime_complete
             started = min(t.datetime_start for t in trials if t.datetime_start is not None)
-            done = sum(t.user_attrs.get(attrs.EPOCHS_TRAINED, 0) for t in trials
-                       if t.datetime_complete is not None and t.datetime_complete <= at)
-            begun = sum(t.user_attrs.get(attrs.EPOCHS_TRAINED, 0) for t in trials
-                        if t.datetime_start is not None and t.datetime_start <= at)
+            done = sum(
+                t.user_attrs.get(attrs.EPOCHS_TRAINED, 0)
+                for t in trials
+                if t.datetime_complete is not None and t.datetime_complete <= at
+            )
+            begun = sum(
+                t.user_attrs.get(attrs.EPOCHS_TRAINED, 0)
+                for t in trials
+                if t.datetime_start is not None and t.datetime_start <= at
+            )
             results[array].append(((at - started).total_seconds(), done, begun, study_facts(*stores, name)[0]))
     rows = []
     for array, runs in results.items():
@@ -455,17 +549,38 @@ def time_to_answer(sizes: Sizes, folder: Path, cfg: Any, good: float, title: str
         if not ok:
             rows.append([array, "", f"0/{len(runs)}", "", "", "", ""])
             continue
-        rows.append([array, "/".join(sorted({r[3] for r in ok})), f"{len(ok)}/{len(runs)}", median([r[0] for r in ok]),
-                     f"{median([r[1] for r in ok]):.0f}", f"{median([r[2] for r in ok]):.0f}", ""])
+        rows.append(
+            [
+                array,
+                "/".join(sorted({r[3] for r in ok})),
+                f"{len(ok)}/{len(runs)}",
+                median([r[0] for r in ok]),
+                f"{median([r[1] for r in ok]):.0f}",
+                f"{median([r[2] for r in ok]):.0f}",
+                "",
+            ]
+        )
     one, auto = ([r[0] for r in results[a] if r is not None] for a in ("1", "auto"))
     if one and auto:
         ratio = median(one) / median(auto)
         rows.append(["K=1 s / auto s", "", "", f"{ratio:.2f}x", "", "", f">= {target:g}x: {verdict(ratio >= target)}"])
-    table(title, ["--array", "K", "seeds reaching", "s to reach", "epochs (finished by then)",
-                  "epochs (incl. in flight, at most)", "target"], rows)
+    table(
+        title,
+        [
+            "--array",
+            "K",
+            "seeds reaching",
+            "s to reach",
+            "epochs (finished by then)",
+            "epochs (incl. in flight, at most)",
+            "target",
+        ],
+        rows,
+    )
 
 
 # -- 5. per-trial cost outside training ---------------------------------------------------
+
 
 class TrainingClock:
     """Time inside the worker's ``fit_array`` calls (those with a host: the auto probe's are
@@ -497,6 +612,7 @@ class TrainingClock:
                         return method(*args, **kwargs)
                     finally:
                         inside[0] += time.perf_counter() - start
+
                 return call
 
             host.boundary = counted(host.boundary)
@@ -531,8 +647,12 @@ def warm_up(folder: Path) -> None:
 
     (folder / "warm-up").mkdir()
     stores = sqlite_stores(folder / "warm-up")
-    run_study(load_config(study_file(folder / "warm-up.toml", "warm-up", 2, 2)), storage=stores[0],
-              tracking=stores[1], array="auto")
+    run_study(
+        load_config(study_file(folder / "warm-up.toml", "warm-up", 2, 2)),
+        storage=stores[0],
+        tracking=stores[1],
+        array="auto",
+    )
 
 
 def part_outside(sizes: Sizes, repeats: int, folder: Path, server: Server) -> None:
@@ -557,15 +677,27 @@ def part_outside(sizes: Sizes, repeats: int, folder: Path, server: Server) -> No
                     run_study(cfg, storage=stores[0], tracking=stores[1], array=int(array))
                     wall = time.perf_counter() - start
                 assert clock.first is not None
-                runs.append((wall, clock.training, clock.probe, clock.last - clock.first,
-                             study_facts(*stores, name)[0]))
+                runs.append(
+                    (wall, clock.training, clock.probe, clock.last - clock.first, study_facts(*stores, name)[0])
+                )
             wall, training, probe = (median([r[j] for r in runs]) for j in range(3))
             ms = 1000 * median([(w - t) / trials for w, t, *_ in runs])
             between = 1000 * median([(span - t) / trials for _, t, _, span, _ in runs])
             limit = 25 if label == "SQLite" else 50
             goal = f"<= {limit} ms: {verdict(ms <= limit)}" if array == "16" else ""
-            rows.append([label, array, "/".join(sorted({r[4] for r in runs})), wall, training, probe, f"{ms:.1f}",
-                         f"{between:.1f}", goal])
+            rows.append(
+                [
+                    label,
+                    array,
+                    "/".join(sorted({r[4] for r in runs})),
+                    wall,
+                    training,
+                    probe,
+                    f"{ms:.1f}",
+                    f"{between:.1f}",
+                    goal,
+                ]
+            )
 
     def sqlite(name: str) -> tuple[str, str]:
         (folder / name).mkdir()
@@ -573,11 +705,22 @@ def part_outside(sizes: Sizes, repeats: int, folder: Path, server: Server) -> No
 
     measure("SQLite", sqlite)
     measure("server mode", lambda name: server.get())
-    table(f"5. Per-trial cost outside training: {trials} trials x {sizes.study_epochs} epochs, default problem, "
-          f"TPE + median pruning, run_study in this process; median of {repeats}",
-          ["stores", "--array", "K", "wall s", "training s", "auto probe s", "ms/trial outside training",
-           "same, first fit to last", "target"],
-          rows)
+    table(
+        f"5. Per-trial cost outside training: {trials} trials x {sizes.study_epochs} epochs, default problem, "
+        f"TPE + median pruning, run_study in this process; median of {repeats}",
+        [
+            "stores",
+            "--array",
+            "K",
+            "wall s",
+            "training s",
+            "auto probe s",
+            "ms/trial outside training",
+            "same, first fit to last",
+            "target",
+        ],
+        rows,
+    )
 
 
 def main() -> None:
@@ -585,9 +728,11 @@ def main() -> None:
     parser.add_argument("--parts", default="1,2,3,4,5,6", help="comma-separated, of 1 to 6 (default: all)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, 1 repeat, 1 seed: proves the script runs")
-    parser.add_argument("--pg", default=os.environ.get("LRSEARCH_TEST_PG",
-                                                       "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"),
-                        help="admin URL of a PostgreSQL for server mode (skipped if unreachable)")
+    parser.add_argument(
+        "--pg",
+        default=os.environ.get("LRSEARCH_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"),
+        help="admin URL of a PostgreSQL for server mode (skipped if unreachable)",
+    )
     args = parser.parse_args()
     parts = {int(p) for p in args.parts.split(",")}
     if not parts <= {1, 2, 3, 4, 5, 6}:
@@ -597,8 +742,8 @@ def main() -> None:
     import optuna
     import torch
 
-    from lrsearch.track.tracking import quiet_mlflow
     from lrsearch.fit.training import quiet_lightning
+    from lrsearch.track.tracking import quiet_mlflow
 
     torch.set_num_threads(1)
     quiet_lightning()
@@ -611,12 +756,14 @@ def main() -> None:
         folder = Path(tmp)
         os.environ["LRSEARCH_DATA"] = str(folder / "lrsearch-data")  # in-process runs' default stores (unused)
         server = Server(args.pg, folder / "server", stack)
-        steps = {1: lambda: part_training(sizes, repeats),
-                 2: lambda: part_studies(sizes, repeats, folder / "studies", server),
-                 3: lambda: part_medium(sizes, repeats, folder / "medium"),
-                 4: lambda: part_search(sizes, folder / "search"),
-                 5: lambda: part_outside(sizes, repeats, folder / "outside", server),
-                 6: lambda: part_real_data(sizes, folder / "digits")}
+        steps = {
+            1: lambda: part_training(sizes, repeats),
+            2: lambda: part_studies(sizes, repeats, folder / "studies", server),
+            3: lambda: part_medium(sizes, repeats, folder / "medium"),
+            4: lambda: part_search(sizes, folder / "search"),
+            5: lambda: part_outside(sizes, repeats, folder / "outside", server),
+            6: lambda: part_real_data(sizes, folder / "digits"),
+        }
         for part in sorted(parts):
             if part in (2, 3, 4, 5, 6):
                 (folder / {2: "studies", 3: "medium", 4: "search", 5: "outside", 6: "digits"}[part]).mkdir()

@@ -22,8 +22,9 @@ CLASSIC = {
     "adaptive": "Optimizer at its default learning rate",
 }
 # Beyond the classic experiments: each printed as a table too, outside the grids' comparison.
-MORE = {"schedules": "Schedules, with and without 10 epochs of warm-up (SGD with momentum 0.9 at lr 0.01, "
-                     "Adam at lr 0.001)"}
+MORE = {
+    "schedules": "Schedules, with and without 10 epochs of warm-up (SGD with momentum 0.9 at lr 0.01, Adam at lr 0.001)"
+}
 STUDIES = Path(__file__).resolve().parent.parent / "studies"
 
 
@@ -37,11 +38,11 @@ def main() -> None:
     import torch
 
     from lrsearch.config import load_config
-    from lrsearch.service.launch import run_study
-    from lrsearch.results.report import results_table
     from lrsearch.core.attrs import EPOCHS_TRAINED
-    from lrsearch.results.ranking import direction, load_study, ranking
     from lrsearch.fit.training import quiet_lightning
+    from lrsearch.results.ranking import direction, load_study, ranking
+    from lrsearch.results.report import results_table
+    from lrsearch.service.launch import run_study
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     torch.set_num_threads(1)
@@ -64,9 +65,14 @@ def main() -> None:
     epochs = sum(t.user_attrs.get(EPOCHS_TRAINED, 0) for t in search.trials)
     params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.params.items())
     print("| | best val acc | epochs trained |\n|---|---|---|")
-    print(f"| the five grids ({sum(len(load_study(n).trials) for n in CLASSIC)} trials) | {grid_best:.3f} | {grid_epochs} |")
-    print(f"| TPE search ({len(search.trials)} trials, {len(search.trials) - len(done)} pruned) "
-          f"| {best.value:.3f} | {epochs} |")
+    print(
+        f"| the five grids ({sum(len(load_study(n).trials) for n in CLASSIC)} trials) | {grid_best:.3f} "
+        f"| {grid_epochs} |"
+    )
+    print(
+        f"| TPE search ({len(search.trials)} trials, {len(search.trials) - len(done)} pruned) "
+        f"| {best.value:.3f} | {epochs} |"
+    )
     print(f"\nBest search trial: #{best.number}, {params}.")
 
 

@@ -33,7 +33,9 @@ def first_reaching(client: Any, trials: list[Any], good: float) -> tuple[int, fl
     for t in trials:
         run_id = t.user_attrs.get("mlflow_run_id")
         if run_id:
-            hits += [(m.step, m.timestamp / 1000) for m in client.get_metric_history(run_id, "val/acc") if m.value >= good]
+            hits += [
+                (m.step, m.timestamp / 1000) for m in client.get_metric_history(run_id, "val/acc") if m.value >= good
+            ]
     return min(hits) if hits else None
 
 
@@ -75,14 +77,16 @@ def run_pbt(folder: Path, seed: int, epochs: int | None) -> dict[str, Any]:
     training = sum(t.user_attrs.get("train_seconds", 0) for t in trials)
     best = max(t.value for t in trials if t.value is not None)
     ended = max(t.datetime_complete for t in trials).timestamp()
-    return {"best": best,
-            "epochs": None if reach is None else (reach[0] + 1) * len(trials),
-            "seconds": None if reach is None else reach[1] - started,
-            # By the members' values (their metric at the end): the whole study's epochs and time.
-            "ended_epochs": sum(t.user_attrs.get("epochs_trained", 0) for t in trials) if best >= GOOD else None,
-            "ended_seconds": ended - started if best >= GOOD else None,
-            "exploit_share": spent[0] / training if training else None,
-            "copy_share": spent[1] / training if training else None}
+    return {
+        "best": best,
+        "epochs": None if reach is None else (reach[0] + 1) * len(trials),
+        "seconds": None if reach is None else reach[1] - started,
+        # By the members' values (their metric at the end): the whole study's epochs and time.
+        "ended_epochs": sum(t.user_attrs.get("epochs_trained", 0) for t in trials) if best >= GOOD else None,
+        "ended_seconds": ended - started if best >= GOOD else None,
+        "exploit_share": spent[0] / training if training else None,
+        "copy_share": spent[1] / training if training else None,
+    }
 
 
 def run_tpe(folder: Path, seed: int, max_trials: int) -> dict[str, Any]:
@@ -106,14 +110,18 @@ def run_tpe(folder: Path, seed: int, max_trials: int) -> dict[str, Any]:
     with contextlib.suppress(Interrupted):
         run_study(cfg, storage=stores[0], tracking=stores[1], callbacks=[reached], stop=stop)
     trials = optuna.load_study(study_name=name, storage=stores[0]).get_trials(deepcopy=False)
-    hits = sorted((t for t in trials if t.state == TrialState.COMPLETE and t.value >= GOOD),
-                  key=lambda t: t.datetime_complete)
+    hits = sorted(
+        (t for t in trials if t.state == TrialState.COMPLETE and t.value >= GOOD), key=lambda t: t.datetime_complete
+    )
     if not hits:
         return {"epochs": None, "seconds": None}
     at = hits[0].datetime_complete
     started = min(t.datetime_start for t in trials if t.datetime_start is not None)
-    done = sum(t.user_attrs.get("epochs_trained", 0) for t in trials
-               if t.datetime_complete is not None and t.datetime_complete <= at)
+    done = sum(
+        t.user_attrs.get("epochs_trained", 0)
+        for t in trials
+        if t.datetime_complete is not None and t.datetime_complete <= at
+    )
     return {"epochs": done, "seconds": (at - started).total_seconds()}
 
 
@@ -131,8 +139,12 @@ def run_schedules(folder: Path) -> dict[str, Any]:
     study = optuna.load_study(study_name="schedules", storage=stores[0])
     best = ranking(study.trials, direction(study))[0]
     reach = first_reaching(MlflowClient(stores[1]), [best], GOOD)
-    return {"trial": best.number, "params": best.params, "best": best.value,
-            "epoch": None if reach is None else reach[0] + 1}
+    return {
+        "trial": best.number,
+        "params": best.params,
+        "best": best.value,
+        "epoch": None if reach is None else reach[0] + 1,
+    }
 
 
 def median(values: list[float | None]) -> float | None:
@@ -159,9 +171,14 @@ def main() -> None:
         pbt = [run_pbt(folder, seed, 4 if args.quick else None) for seed in seeds]
         tpe = [run_tpe(folder, seed, 4 if args.quick else 160) for seed in seeds]
         classic = None if args.quick else run_schedules(folder)
-    print(f"Population-based training vs search, the default problem, until val/acc {GOOD}; "
-          f"seeds {seeds.start}..{seeds.stop - 1}; medians over the seeds that reach it")
-    print("| study | reaches it when | seeds | epochs, all together | s from the first trial | best value (median) | target |")
+    print(
+        f"Population-based training vs search, the default problem, until val/acc {GOOD}; "
+        f"seeds {seeds.start}..{seeds.stop - 1}; medians over the seeds that reach it"
+    )
+    print(
+        "| study | reaches it when | seeds | epochs, all together | s from the first trial | best value (median) "
+        "| target |"
+    )
     print("|---|---|---|---|---|---|---|")
 
     def row(label: str, rows: list[dict[str, Any]], epochs_key: str, seconds_key: str, target: str) -> None:
@@ -169,25 +186,42 @@ def main() -> None:
         epochs, seconds = median([r[epochs_key] for r in rows]), median([r[seconds_key] for r in rows])
         best = median([r.get("best") for r in rows])
         ok = "" if not target else f"{target}: {'met' if epochs is not None and epochs <= 800 else 'missed'}"
-        print(f"| {label} | {len(reached)}/{len(rows)} | {'' if epochs is None else f'{epochs:.0f}'} | "
-              f"{'' if seconds is None else f'{seconds:.2f}'} | {'' if best is None else f'{best:.3f}'} | {ok} |")
+        print(
+            f"| {label} | {len(reached)}/{len(rows)} | {'' if epochs is None else f'{epochs:.0f}'} | "
+            f"{'' if seconds is None else f'{seconds:.2f}'} | {'' if best is None else f'{best:.3f}'} | {ok} |"
+        )
 
-    row("studies/pbt.toml (16 members x 48 epochs) | a member's value (at its end)", pbt, "ended_epochs",
-        "ended_seconds", "<= 800 epochs")
+    row(
+        "studies/pbt.toml (16 members x 48 epochs) | a member's value (at its end)",
+        pbt,
+        "ended_epochs",
+        "ended_seconds",
+        "<= 800 epochs",
+    )
     row("studies/pbt.toml | a member's val/acc at any epoch", pbt, "epochs", "seconds", "")
     row("studies/search.toml (TPE, median pruning, arrays auto) | a trial's value", tpe, "epochs", "seconds", "")
-    for key, what in (("copy_share", "the copies alone (weights, optimizer state, hyperparameters)"),
-                      ("exploit_share", "the whole exploit-and-explore step (rank, choose, perturb, record, copy)")):
+    for key, what in (
+        ("copy_share", "the copies alone (weights, optimizer state, hyperparameters)"),
+        ("exploit_share", "the whole exploit-and-explore step (rank, choose, perturb, record, copy)"),
+    ):
         share = median([r[key] for r in pbt])
-        print(f"\n{what}: {share:.2%} of PBT's training time (target <= 1%); per seed: "
-              + ", ".join(f"{r[key]:.2%}" for r in pbt))
-    print("per seed, PBT (epochs, s, best): " + "; ".join(f"{r['epochs']}, {r['seconds'] and round(r['seconds'], 2)}, "
-                                                        f"{r['best']:.3f}" for r in pbt))
-    print("per seed, TPE (epochs, s): " + "; ".join(f"{r['epochs']}, {r['seconds'] and round(r['seconds'], 2)}"
-                                                   for r in tpe))
+        print(
+            f"\n{what}: {share:.2%} of PBT's training time (target <= 1%); per seed: "
+            + ", ".join(f"{r[key]:.2%}" for r in pbt)
+        )
+    print(
+        "per seed, PBT (epochs, s, best): "
+        + "; ".join(f"{r['epochs']}, {r['seconds'] and round(r['seconds'], 2)}, {r['best']:.3f}" for r in pbt)
+    )
+    print(
+        "per seed, TPE (epochs, s): "
+        + "; ".join(f"{r['epochs']}, {r['seconds'] and round(r['seconds'], 2)}" for r in tpe)
+    )
     if classic is not None:
-        print(f"best classic schedule (studies/schedules.toml): trial {classic['trial']} {classic['params']}: "
-              f"{classic['best']:.3f}, first at {GOOD} after {classic['epoch']} epochs")
+        print(
+            f"best classic schedule (studies/schedules.toml): trial {classic['trial']} {classic['params']}: "
+            f"{classic['best']:.3f}, first at {GOOD} after {classic['epoch']} epochs"
+        )
 
 
 if __name__ == "__main__":

@@ -11,8 +11,8 @@ import sys
 import time
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import sqlalchemy as sa
 
@@ -45,10 +45,23 @@ def lrsearch_server(db_url: str, folder: Path, *, auth: bool = False, env: dict 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    command = [sys.executable, "-m", "lrsearch.cli", "server", "--port", str(port), "--artifacts", str(folder / "artifacts")]
-    server = subprocess.Popen(command + (["--auth"] if auth else []),
-                              env={**os.environ, **(env or {}), "LRSEARCH_DB": db_url, "LRSEARCH_DATA": str(folder)},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    command = [
+        sys.executable,
+        "-m",
+        "lrsearch.cli",
+        "server",
+        "--port",
+        str(port),
+        "--artifacts",
+        str(folder / "artifacts"),
+    ]
+    server = subprocess.Popen(
+        command + (["--auth"] if auth else []),
+        env={**os.environ, **(env or {}), "LRSEARCH_DB": db_url, "LRSEARCH_DATA": str(folder)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         for _ in range(240):
             try:

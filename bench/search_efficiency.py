@@ -39,11 +39,11 @@ def main() -> None:
         import optuna
         import torch
 
-        from lrsearch.core.attrs import LR_RANGE
-        from lrsearch.config import load_config
         from lrsearch.choices.space import Find
-        from lrsearch.service.launch import run_study
+        from lrsearch.config import load_config
+        from lrsearch.core.attrs import LR_RANGE
         from lrsearch.fit.training import quiet_lightning
+        from lrsearch.service.launch import run_study
 
         optuna.logging.set_verbosity(optuna.logging.ERROR)
         torch.set_num_threads(1)
@@ -54,8 +54,11 @@ def main() -> None:
             grid_best, grid_epochs = max(grid_best, best), grid_epochs + epochs
         base = load_config(STUDIES / "search.toml")
         found = {**base.params, "lr": Find(10.0)}  # search.toml's hand-written lr range: 1e-4 to 1
-        rows = {"tpe": ("tpe", base.params, "tpe"), "random": ("random", base.params, "random"),
-                "tpe, lr found": ("tpe", found, "found")}
+        rows = {
+            "tpe": ("tpe", base.params, "tpe"),
+            "random": ("random", base.params, "random"),
+            "tpe, lr found": ("tpe", found, "found"),
+        }
         results: dict[str, list[tuple[float, int]]] = {row: [] for row in rows}
         ranges: list[str] = []
         for row, (sampler, params, key) in rows.items():
@@ -66,14 +69,18 @@ def main() -> None:
                 found_range = run.study.user_attrs.get(LR_RANGE)
                 if found_range:
                     ranges.append(f"{found_range['low']:.2g}-{found_range['high']:.2g}")
-    print(f"search.toml ({base.study.trials} trials, <= {base.train.epochs} epochs, {base.study.pruner} pruning), "
-          f"{args.seeds} seeds; medians")
+    print(
+        f"search.toml ({base.study.trials} trials, <= {base.train.epochs} epochs, {base.study.pruner} pruning), "
+        f"{args.seeds} seeds; medians"
+    )
     print(f"{'':<24} {'best val acc':>12} {'epochs trained':>15}")
     print(f"{'five classic grids':<24} {grid_best:>12.3f} {grid_epochs:>15}")
     for sampler, rows in results.items():
         bests, epochs = [b for b, _ in rows], [e for _, e in rows]
-        print(f"{sampler + ' (median)':<24} {statistics.median(bests):>12.3f} {statistics.median(epochs):>15.0f}"
-              f"   per seed: {', '.join(f'{b:.3f}/{e}' for b, e in rows)}")
+        print(
+            f"{sampler + ' (median)':<24} {statistics.median(bests):>12.3f} {statistics.median(epochs):>15.0f}"
+            f"   per seed: {', '.join(f'{b:.3f}/{e}' for b, e in rows)}"
+        )
     print(f"target: best >= {grid_best:.3f} with <= {grid_epochs // 4} epochs")
     print(f"lr ranges found (sgd, the first optimizer choice), per seed: {', '.join(ranges)}")
 

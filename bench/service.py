@@ -32,16 +32,29 @@ import time
 from pathlib import Path
 
 import sqlalchemy as sa
-
 from scratch import lrsearch_server, scratch_database
 
 STUDY = Path(__file__).resolve().parent.parent / "studies" / "quickstart.toml"
 
 
 def worker(storage: str, tracking: str, max_idle: float) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "lrsearch.cli", "worker", "--storage", storage,
-                             "--tracking-uri", tracking, "--max-idle", str(max_idle)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lrsearch.cli",
+            "worker",
+            "--storage",
+            storage,
+            "--tracking-uri",
+            tracking,
+            "--max-idle",
+            str(max_idle),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_done(names: list[str], storage: str, tracking: str, timeout: float = 1800) -> None:
@@ -91,8 +104,10 @@ def pickup(folder: Path, repeats: int) -> None:
     for p in procs:
         p.terminate()
         p.wait()
-    print(f"pickup, submit returned -> first trial started, warm idle workers ({repeats} studies): "
-          f"median {statistics.median(delays):.2f} s, max {max(delays):.2f} s")
+    print(
+        f"pickup, submit returned -> first trial started, warm idle workers ({repeats} studies): "
+        f"median {statistics.median(delays):.2f} s, max {max(delays):.2f} s"
+    )
 
 
 def throughput(folder: Path, trials: int, epochs: int) -> None:
@@ -105,9 +120,26 @@ def throughput(folder: Path, trials: int, epochs: int) -> None:
     seq.mkdir()
     started = time.perf_counter()
     for name in names:
-        subprocess.run([sys.executable, "-m", "lrsearch.cli", "run", str(STUDY), "--name", name, "--trials",
-                        str(trials), "--epochs", str(epochs)], cwd=seq, env={**os.environ, "LRSEARCH_DATA": str(seq)},
-                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "lrsearch.cli",
+                "run",
+                str(STUDY),
+                "--name",
+                name,
+                "--trials",
+                str(trials),
+                "--epochs",
+                str(epochs),
+            ],
+            cwd=seq,
+            env={**os.environ, "LRSEARCH_DATA": str(seq)},
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
     sequential = time.perf_counter() - started
 
     svc = folder / "svc"
@@ -121,9 +153,11 @@ def throughput(folder: Path, trials: int, epochs: int) -> None:
     for p in procs:
         p.wait()
     served = time.perf_counter() - started
-    print(f"five studies of {trials} trials x {epochs} epochs: five `lrsearch run` one after another "
-          f"{sequential:.1f} s; submitted to two workers started with them {served:.1f} s "
-          f"({sequential / served:.2f}x)")
+    print(
+        f"five studies of {trials} trials x {epochs} epochs: five `lrsearch run` one after another "
+        f"{sequential:.1f} s; submitted to two workers started with them {served:.1f} s "
+        f"({sequential / served:.2f}x)"
+    )
 
 
 def postgres(folder: Path, admin: str) -> None:
@@ -146,12 +180,18 @@ def idle_worker(url: str, tracking: str) -> None:
     time.sleep(3)
 
     def commits(conn) -> int:
-        return conn.execute(sa.text("SELECT xact_commit + xact_rollback FROM pg_stat_database "
-                                    "WHERE datname = current_database()")).scalar()
+        return conn.execute(
+            sa.text("SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = current_database()")
+        ).scalar()
 
     with engine.connect() as conn:
-        held = conn.execute(sa.text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                                    "AND application_name LIKE :worker"), {"worker": f"lrsearch %:{proc.pid}"}).scalar()
+        held = conn.execute(
+            sa.text(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND application_name LIKE :worker"
+            ),
+            {"worker": f"lrsearch %:{proc.pid}"},
+        ).scalar()
         conn.execute(sa.text("SELECT pg_stat_clear_snapshot()"))
         before = commits(conn)
         conn.rollback()
@@ -162,10 +202,9 @@ def idle_worker(url: str, tracking: str) -> None:
     proc.wait()
     engine.dispose()
     # this sampling connection's own two transactions are included: negligible
-    print(f"PostgreSQL, one idle worker: {held} connections held, {(after - before) / 10:.1f} transactions/s "
-          "of polling")
-
-
+    print(
+        f"PostgreSQL, one idle worker: {held} connections held, {(after - before) / 10:.1f} transactions/s of polling"
+    )
 
 
 def commands(folder: Path, repeats: int, admin: str) -> None:
@@ -175,23 +214,34 @@ def commands(folder: Path, repeats: int, admin: str) -> None:
 
     def timed(*args: str, env: dict) -> float:
         started = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "lrsearch.cli", *args], env=env, check=True, cwd=folder,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(
+            [sys.executable, "-m", "lrsearch.cli", *args],
+            env=env,
+            check=True,
+            cwd=folder,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         return time.perf_counter() - started
 
     def row(label: str, seconds: list[float], reference: list[float]) -> None:
-        print(f"  {label:<28} median {statistics.median(seconds):.2f} s, max {max(seconds):.2f} s "
-              f"({statistics.median(seconds) / statistics.median(reference):.1f}x --help)")
+        print(
+            f"  {label:<28} median {statistics.median(seconds):.2f} s, max {max(seconds):.2f} s "
+            f"({statistics.median(seconds) / statistics.median(reference):.1f}x --help)"
+        )
 
     def measure(store: str, env: dict) -> None:
-        times: dict[str, list[float]] = {k: [] for k in ("--help", "submit (new study)", "submit (again)",
-                                                         "status", "cancel")}
+        times: dict[str, list[float]] = {
+            k: [] for k in ("--help", "submit (new study)", "submit (again)", "status", "cancel")
+        }
         for i in range(repeats + 1):  # the first round warms caches and the store; not counted
-            got = {"--help": timed("--help", env=env),
-                   "submit (new study)": timed("submit", str(STUDY), "--name", f"cmd-{i}", env=env),
-                   "submit (again)": timed("submit", str(STUDY), "--name", f"cmd-{i}", env=env),
-                   "status": timed("status", env=env),
-                   "cancel": timed("cancel", f"cmd-{i}", env=env)}
+            got = {
+                "--help": timed("--help", env=env),
+                "submit (new study)": timed("submit", str(STUDY), "--name", f"cmd-{i}", env=env),
+                "submit (again)": timed("submit", str(STUDY), "--name", f"cmd-{i}", env=env),
+                "status": timed("status", env=env),
+                "cancel": timed("cancel", f"cmd-{i}", env=env),
+            }
             if i:
                 for key, value in got.items():
                     times[key].append(value)
@@ -204,8 +254,10 @@ def commands(folder: Path, repeats: int, admin: str) -> None:
         if url is None:
             return
         with lrsearch_server(url, folder / "server") as tracking:
-            measure("server mode (PostgreSQL + lrsearch server)",
-                    {**env, "LRSEARCH_STORAGE": url, "MLFLOW_TRACKING_URI": tracking})
+            measure(
+                "server mode (PostgreSQL + lrsearch server)",
+                {**env, "LRSEARCH_STORAGE": url, "MLFLOW_TRACKING_URI": tracking},
+            )
 
 
 def main() -> None:
@@ -213,10 +265,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--epochs", type=int, default=100)
-    parser.add_argument("--parts", nargs="+", default=["commands", "pickup", "throughput", "postgres"],
-                        choices=["commands", "pickup", "throughput", "postgres"])
-    parser.add_argument("--pg", default=os.environ.get("LRSEARCH_TEST_PG",
-                                                       "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"))
+    parser.add_argument(
+        "--parts",
+        nargs="+",
+        default=["commands", "pickup", "throughput", "postgres"],
+        choices=["commands", "pickup", "throughput", "postgres"],
+    )
+    parser.add_argument(
+        "--pg", default=os.environ.get("LRSEARCH_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+    )
     args = parser.parse_args()
     import optuna
 

@@ -25,10 +25,10 @@ from pathlib import Path
 import optuna
 import sqlalchemy as sa
 from mlflow import MlflowClient
+from scratch import scratch_database
 
 from lrsearch.core.attrs import HYPERPARAMETERS, MLFLOW_RUN
 from lrsearch.sql.queries import ResultsDatabase, ensure_indexes, ensure_views
-from scratch import scratch_database
 from lrsearch.store.postgres import prepare_database
 from lrsearch.store.storage import open_storage
 from lrsearch.store.urls import schema_url
@@ -46,8 +46,10 @@ def fill(storage: str, optuna_engine: sa.Engine, mlflow_engine: sa.Engine, track
     experiment_id = int(MlflowClient(tracking_uri=tracking).create_experiment(f"bench-{uuid.uuid4().hex[:6]}"))
     rng = random.Random(0)
     o, m = sa.MetaData(), sa.MetaData()
-    tables = {name: sa.Table(name, o, autoload_with=optuna_engine)
-              for name in ("trials", "trial_values", "trial_params", "trial_user_attributes")}
+    tables = {
+        name: sa.Table(name, o, autoload_with=optuna_engine)
+        for name in ("trials", "trial_values", "trial_params", "trial_user_attributes")
+    }
     runs, latest = (sa.Table(name, m, autoload_with=mlflow_engine) for name in ("runs", "latest_metrics"))
     with optuna_engine.begin() as conn:
         first = conn.execute(sa.text("SELECT COALESCE(MAX(trial_id), 0) + 1 FROM trials")).scalar()
@@ -60,20 +62,49 @@ def fill(storage: str, optuna_engine: sa.Engine, mlflow_engine: sa.Engine, track
         trials.append({"trial_id": trial_id, "number": number, "study_id": study_id, "state": state})
         if state == "COMPLETE":
             values.append({"trial_id": trial_id, "objective": 0, "value": acc, "value_type": "FINITE"})
-        params += [{"trial_id": trial_id, "param_name": "optimizer", "param_value": float(number % 3),
-                    "distribution_json": OPTIMIZER},
-                   {"trial_id": trial_id, "param_name": "lr", "param_value": 10 ** rng.uniform(-5, 0),
-                    "distribution_json": LR}]
-        attrs += [{"trial_id": trial_id, "key": MLFLOW_RUN, "value_json": json.dumps(run_id)},
-                  {"trial_id": trial_id, "key": HYPERPARAMETERS,
-                   "value_json": json.dumps({"optimizer": ["sgd", "adam", "rmsprop"][number % 3]})}]
-        run_rows.append({"run_uuid": run_id, "name": f"trial-{number}", "status": "FINISHED",
-                         "lifecycle_stage": "active", "experiment_id": experiment_id, "source_type": "LOCAL"})
-        metric_rows += [{"run_uuid": run_id, "key": key, "value": v, "step": 199, "is_nan": False,
-                         "timestamp": 0} for key, v in (("val/acc", acc), ("val/loss", 1 - acc), ("train/loss", 1 - acc))]
+        params += [
+            {
+                "trial_id": trial_id,
+                "param_name": "optimizer",
+                "param_value": float(number % 3),
+                "distribution_json": OPTIMIZER,
+            },
+            {
+                "trial_id": trial_id,
+                "param_name": "lr",
+                "param_value": 10 ** rng.uniform(-5, 0),
+                "distribution_json": LR,
+            },
+        ]
+        attrs += [
+            {"trial_id": trial_id, "key": MLFLOW_RUN, "value_json": json.dumps(run_id)},
+            {
+                "trial_id": trial_id,
+                "key": HYPERPARAMETERS,
+                "value_json": json.dumps({"optimizer": ["sgd", "adam", "rmsprop"][number % 3]}),
+            },
+        ]
+        run_rows.append(
+            {
+                "run_uuid": run_id,
+                "name": f"trial-{number}",
+                "status": "FINISHED",
+                "lifecycle_stage": "active",
+                "experiment_id": experiment_id,
+                "source_type": "LOCAL",
+            }
+        )
+        metric_rows += [
+            {"run_uuid": run_id, "key": key, "value": v, "step": 199, "is_nan": False, "timestamp": 0}
+            for key, v in (("val/acc", acc), ("val/loss", 1 - acc), ("train/loss", 1 - acc))
+        ]
     with optuna_engine.begin() as conn:
-        for name, rows in (("trials", trials), ("trial_values", values), ("trial_params", params),
-                           ("trial_user_attributes", attrs)):
+        for name, rows in (
+            ("trials", trials),
+            ("trial_values", values),
+            ("trial_params", params),
+            ("trial_user_attributes", attrs),
+        ):
             conn.execute(tables[name].insert(), rows)
     with mlflow_engine.begin() as conn:
         conn.execute(runs.insert(), run_rows)

@@ -51,9 +51,25 @@ def run(workers: int, trials: int, epochs: int) -> Run:
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "LRSEARCH_DATA": tmp}
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "lrsearch.cli", "run", str(STUDY), "--trials", str(trials),
-                        "--epochs", str(epochs), "--workers", str(workers)],
-                       env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "lrsearch.cli",
+                "run",
+                str(STUDY),
+                "--trials",
+                str(trials),
+                "--epochs",
+                str(epochs),
+                "--workers",
+                str(workers),
+            ],
+            env=env,
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         command = time.perf_counter() - start
         study = optuna.load_study(study_name="quickstart", storage=f"sqlite:///{tmp}/optuna.db")
         done = [t for t in study.trials if t.datetime_complete is not None]
@@ -64,19 +80,21 @@ def run(workers: int, trials: int, epochs: int) -> Run:
 
 def median_run(workers: int, trials: int, epochs: int, repeats: int) -> Run:
     runs = [run(workers, trials, epochs) for _ in range(repeats)]
-    return Run(workers, *(statistics.median(getattr(r, f) for r in runs) for f in ("command_s", "study_s", "training_s")))
+    return Run(
+        workers, *(statistics.median(getattr(r, f) for r in runs) for f in ("command_s", "study_s", "training_s"))
+    )
 
 
 def in_process(trials: int, epochs: int, in_memory: bool) -> tuple[float, float]:
     """(seconds, seconds of training) for the study's trials run by ``work`` in this process."""
     import optuna
 
-    from lrsearch.config import load_config
-    from lrsearch.store.retrying_storage import RetryingStorage
     from lrsearch.choices.sampling import make_pruner, make_sampler
+    from lrsearch.config import load_config
+    from lrsearch.fit.training import quiet_lightning
     from lrsearch.service.session import open_session
     from lrsearch.service.worker import work
-    from lrsearch.fit.training import quiet_lightning
+    from lrsearch.store.retrying_storage import RetryingStorage
 
     quiet_lightning()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -85,9 +103,13 @@ def in_process(trials: int, epochs: int, in_memory: bool) -> tuple[float, float]
         session = open_session(cfg, storage=f"sqlite:///{tmp}/optuna.db", tracking=f"sqlite:///{tmp}/mlflow.db")
         if in_memory:
             session.store = RetryingStorage(optuna.storages.InMemoryStorage(), session.store.retry)
-            session.study = optuna.create_study(storage=session.store, study_name=cfg.study.name,
-                                                direction=cfg.study.direction, sampler=make_sampler(cfg.study.sampler, cfg.params, cfg.study.seed),
-                                                pruner=make_pruner(cfg.study.pruner, cfg.train.epochs, cfg.study.prune_every))
+            session.study = optuna.create_study(
+                storage=session.store,
+                study_name=cfg.study.name,
+                direction=cfg.study.direction,
+                sampler=make_sampler(cfg.study.sampler, cfg.params, cfg.study.seed),
+                pruner=make_pruner(cfg.study.pruner, cfg.train.epochs, cfg.study.prune_every),
+            )
             session.study_id = session.store.get_study_id_from_name(cfg.study.name)
         start = time.perf_counter()
         work(session)
@@ -107,8 +129,10 @@ def storage_share(trials: int, epochs: int, repeats: int) -> None:
         wall = statistics.median(w for w, _ in runs)
         training = statistics.median(t for _, t in runs)
         label = "in memory" if in_memory else "RDB storage on SQLite"
-        print(f"{label:<26} {wall:>7.2f} {training:>10.2f} {1 - training / wall:>16.0%} "
-              f"{1000 * (wall - training) / trials:>16.1f}")
+        print(
+            f"{label:<26} {wall:>7.2f} {training:>10.2f} {1 - training / wall:>16.0%} "
+            f"{1000 * (wall - training) / trials:>16.1f}"
+        )
 
 
 def main() -> None:
@@ -118,15 +142,21 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     runs = [median_run(n, args.trials, args.epochs, args.repeats) for n in (1, 2)]
-    print(f"{args.trials} trials x {args.epochs} epochs (studies/quickstart.toml, median pruning), embedded SQLite, "
-          f"median of {args.repeats}")
-    print(f"{'workers':>7} | {'study s':>7} {'trials/min':>10} {'outside training':>16} {'speed-up':>8} | "
-          f"{'command s':>9} {'outside training':>16} {'speed-up':>8}")
+    print(
+        f"{args.trials} trials x {args.epochs} epochs (studies/quickstart.toml, median pruning), embedded SQLite, "
+        f"median of {args.repeats}"
+    )
+    print(
+        f"{'workers':>7} | {'study s':>7} {'trials/min':>10} {'outside training':>16} {'speed-up':>8} | "
+        f"{'command s':>9} {'outside training':>16} {'speed-up':>8}"
+    )
     one = runs[0]
     for r in runs:
-        print(f"{r.workers:>7} | {r.study_s:>7.1f} {60 * args.trials / r.study_s:>10.1f} {r.outside(r.study_s):>16.0%} "
-              f"{one.study_s / r.study_s:>7.2f}x | {r.command_s:>9.1f} {r.outside(r.command_s):>16.0%} "
-              f"{one.command_s / r.command_s:>7.2f}x")
+        print(
+            f"{r.workers:>7} | {r.study_s:>7.1f} {60 * args.trials / r.study_s:>10.1f} {r.outside(r.study_s):>16.0%} "
+            f"{one.study_s / r.study_s:>7.2f}x | {r.command_s:>9.1f} {r.outside(r.command_s):>16.0%} "
+            f"{one.command_s / r.command_s:>7.2f}x"
+        )
     storage_share(args.trials, args.epochs, args.repeats)
 
 

@@ -17,24 +17,24 @@ import contextlib
 import statistics
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import optuna
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from scratch import lrsearch_server, scratch_database
 
-from lrsearch.config import parse_config
 from lrsearch.choices.data import load_data
 from lrsearch.choices.network import build_mlp
-from lrsearch.service.objective import Objective
 from lrsearch.choices.optimizers import make_optimizer
-from lrsearch.store.storage import open_storage
 from lrsearch.choices.sampling import make_pruner
-from lrsearch.track.tracking import Tracker
+from lrsearch.config import parse_config
 from lrsearch.fit.training import quiet_lightning, train
-from scratch import lrsearch_server, scratch_database
+from lrsearch.service.objective import Objective
+from lrsearch.store.storage import open_storage
+from lrsearch.track.tracking import Tracker
 
 HP = {"optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "schedule": "constant"}
 
@@ -49,7 +49,7 @@ def bare_loop(cfg, data) -> None:
         order = torch.randperm(n, generator=generator)
         loss_sum = correct = 0.0
         for start in range(0, n, bs):
-            idx = order[start:start + bs]
+            idx = order[start : start + bs]
             xb, yb = data.x_train[idx], data.y_train[idx]
             logits = net(xb)
             loss = F.cross_entropy(logits, yb)
@@ -104,14 +104,26 @@ def make_naive(tracking: str | None) -> Callable[[object, object], None]:
     def run(cfg, data) -> None:
         generator = torch.Generator().manual_seed(0)
         module = _NaiveModule(build_mlp(data.n_features, data.n_classes, cfg.model, generator))
-        train = DataLoader(TensorDataset(data.x_train, data.y_train), batch_size=cfg.train.batch_size,
-                           shuffle=True, generator=generator)
+        train = DataLoader(
+            TensorDataset(data.x_train, data.y_train),
+            batch_size=cfg.train.batch_size,
+            shuffle=True,
+            generator=generator,
+        )
         val = DataLoader(TensorDataset(data.x_val, data.y_val), batch_size=len(data.x_val))
         logger = MLFlowLogger(experiment_name="naive", tracking_uri=tracking) if tracking else False
         callbacks = [LearningRateMonitor(logging_interval="epoch")] if tracking else []
-        trainer = pl.Trainer(max_epochs=cfg.train.epochs, accelerator="cpu", devices=1, logger=logger,
-                             callbacks=callbacks, enable_checkpointing=False, enable_progress_bar=False,
-                             enable_model_summary=False, num_sanity_val_steps=0)
+        trainer = pl.Trainer(
+            max_epochs=cfg.train.epochs,
+            accelerator="cpu",
+            devices=1,
+            logger=logger,
+            callbacks=callbacks,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+        )
         trainer.fit(module, train, val)
 
     return run
@@ -121,6 +133,7 @@ def back_to_back(one_trial: Callable[[object, object], None]) -> Callable[[objec
     def run(cfg, data, n: int) -> None:
         for _ in range(n):
             one_trial(cfg, data)
+
     return run
 
 
@@ -141,8 +154,12 @@ def make_tracked(cfg, data, storage: str, tracking: str) -> Callable[[object, ob
     tracker = Tracker(tracking)
     experiment_id = tracker.experiment(cfg.study.name)
     parent = tracker.start_study(experiment_id, cfg.study.name, {}, {}, None)
-    study = optuna.create_study(storage=open_storage(storage), study_name=cfg.study.name, direction="maximize",
-                                pruner=_ChecksButKeeps(make_pruner(cfg.study.pruner, cfg.train.epochs, cfg.study.prune_every)))
+    study = optuna.create_study(
+        storage=open_storage(storage),
+        study_name=cfg.study.name,
+        direction="maximize",
+        pruner=_ChecksButKeeps(make_pruner(cfg.study.pruner, cfg.train.epochs, cfg.study.prune_every)),
+    )
     objective = Objective(cfg, data, tracker, experiment_id, parent)
 
     def run(cfg, data, n: int) -> None:
@@ -182,15 +199,23 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch", type=int, default=5, help="trials per repetition, back to back")
-    parser.add_argument("--pg", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres",
-                        help="admin URL of a PostgreSQL for the server row (skipped if unreachable)")
+    parser.add_argument(
+        "--pg",
+        default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres",
+        help="admin URL of a PostgreSQL for the server row (skipped if unreachable)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     quiet_lightning()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    cfg = parse_config({"study": {"name": "bench", "pruner": "median"},
-                        "train": {"epochs": args.epochs, "batch_size": 32},
-                        "params": {k: v for k, v in HP.items()}}, "bench")
+    cfg = parse_config(
+        {
+            "study": {"name": "bench", "pruner": "median"},
+            "train": {"epochs": args.epochs, "batch_size": 32},
+            "params": {k: v for k, v in HP.items()},
+        },
+        "bench",
+    )
     data = load_data(cfg.data)
     with tempfile.TemporaryDirectory() as tmp:
         rows = [
@@ -198,22 +223,38 @@ def main() -> None:
             ("naive Lightning, DataLoader(TensorDataset), no logger", back_to_back(make_naive(None))),
             ("naive Lightning + MLFlowLogger on SQLite", back_to_back(make_naive(f"sqlite:///{tmp}/naive.db"))),
             ("lrsearch Lightning module, no tracking", back_to_back(lightning_untracked)),
-            ("lrsearch trial, tracked (Optuna + MLflow on SQLite)",
-             make_tracked(cfg, data, f"sqlite:///{tmp}/optuna.db", f"sqlite:///{tmp}/mlflow.db")),
+            (
+                "lrsearch trial, tracked (Optuna + MLflow on SQLite)",
+                make_tracked(cfg, data, f"sqlite:///{tmp}/optuna.db", f"sqlite:///{tmp}/mlflow.db"),
+            ),
         ]
         results = [(name, measure(fn, cfg, data, args.repeats, args.batch)) for name, fn in rows]
         # The server, even idle, takes CPU on this 2-core machine: its rows are measured while
         # it runs, the bare loop again included, and compared with that.
         with _postgres_and_server(args.pg, Path(tmp)) as server:
             if server is not None:
-                results.append(("bare PyTorch loop, with the server running",
-                                measure(back_to_back(bare_loop), cfg, data, args.repeats, args.batch)))
-                results.append(("lrsearch trial, tracked (PostgreSQL + lrsearch server)",
-                                measure(make_tracked(cfg, data, *server), cfg, data, args.repeats, args.batch)))
-                results.append(("naive Lightning + MLFlowLogger to the server",
-                                measure(back_to_back(make_naive(server[1])), cfg, data, args.repeats, args.batch)))
-    print(f"{args.epochs} epochs, batch 32, blobs MLP, 1 torch thread; per trial: median of {args.repeats} "
-          f"runs of {args.batch} trials back to back")
+                results.append(
+                    (
+                        "bare PyTorch loop, with the server running",
+                        measure(back_to_back(bare_loop), cfg, data, args.repeats, args.batch),
+                    )
+                )
+                results.append(
+                    (
+                        "lrsearch trial, tracked (PostgreSQL + lrsearch server)",
+                        measure(make_tracked(cfg, data, *server), cfg, data, args.repeats, args.batch),
+                    )
+                )
+                results.append(
+                    (
+                        "naive Lightning + MLFlowLogger to the server",
+                        measure(back_to_back(make_naive(server[1])), cfg, data, args.repeats, args.batch),
+                    )
+                )
+    print(
+        f"{args.epochs} epochs, batch 32, blobs MLP, 1 torch thread; per trial: median of {args.repeats} "
+        f"runs of {args.batch} trials back to back"
+    )
     print(f"{'setup':<58} {'s/trial':>8} {'x bare':>7}")
     base = results[0][1]
     for name, seconds in results:

@@ -11,20 +11,29 @@ import dataclasses
 import math
 import re
 import tomllib
+from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
-from lrsearch.core.constraints import MAX_SEED, POSITIVE, Interval, Satisfies, declared, int_in
 from lrsearch.choices.data import MAX_SAMPLES, MAX_VALUES, SOURCES, DataConfig, scale_of
-from lrsearch.core.errors import ConfigError, UsageError, shown
 from lrsearch.choices.network import ModelConfig
-from lrsearch.core.registry import did_you_mean
 from lrsearch.choices.population import PopulationConfig, changeable, interval_for, refusal
 from lrsearch.choices.sampling import PRUNERS, SAMPLERS
 from lrsearch.choices.space import (
-    FIND_FACTOR, HYPERPARAMETERS, Choices, Find, Fixed, Hyperparameter, ParamSpec, Range, resolve_find,
+    FIND_FACTOR,
+    HYPERPARAMETERS,
+    Choices,
+    Find,
+    Fixed,
+    Hyperparameter,
+    ParamSpec,
+    Range,
+    resolve_find,
 )
+from lrsearch.core.constraints import MAX_SEED, POSITIVE, Interval, Satisfies, declared, int_in
+from lrsearch.core.errors import ConfigError, UsageError, shown
+from lrsearch.core.registry import did_you_mean
 
 DIRECTIONS = ("maximize", "minimize")
 METRICS = ("val/acc", "val/loss", "train/acc", "train/loss")
@@ -111,11 +120,11 @@ class Config:
             raise UsageError(f"{flag}: expected at most {MAX_TRIALS if flag == '--trials' else MAX_EPOCHS:,}")
         if self.population and epochs is not None:
             if interval_for(epochs, self.pbt.interval) >= epochs:
-                raise UsageError(f"--epochs: expected more than [pbt].interval ({interval_for(epochs, self.pbt.interval)})"
-                                 " epochs for sampler 'pbt': no member would ever copy another")
-        study = dataclasses.replace(
-            self.study, trials=trials or self.study.trials, name=name or self.study.name
-        )
+                raise UsageError(
+                    f"--epochs: expected more than [pbt].interval ({interval_for(epochs, self.pbt.interval)})"
+                    " epochs for sampler 'pbt': no member would ever copy another"
+                )
+        study = dataclasses.replace(self.study, trials=trials or self.study.trials, name=name or self.study.name)
         train = dataclasses.replace(self.train, epochs=epochs or self.train.epochs)
         return dataclasses.replace(self, study=study, train=train)
 
@@ -130,6 +139,7 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready view of the config (paths as strings, specs as tables)."""
+
         def plain(value: Any) -> Any:
             if isinstance(value, Path):
                 return str(value)
@@ -148,9 +158,18 @@ class Config:
         with a submitted study, so a worker runs it without the file."""
         other_sources = {k for source in SOURCES if source.name != self.data.source for k in source.keys}
         mine = SOURCES[self.data.source].keys
-        return {part: ({k: v for k, v in table.items() if v is not None
-                        and (part != "data" or k in mine or k not in other_sources)} if part != "params" else table)
-                for part, table in self.to_dict().items()}
+        return {
+            part: (
+                {
+                    k: v
+                    for k, v in table.items()
+                    if v is not None and (part != "data" or k in mine or k not in other_sources)
+                }
+                if part != "params"
+                else table
+            )
+            for part, table in self.to_dict().items()
+        }
 
     def differences(self, other: Config) -> list[str]:
         """The study-file keys whose values differ between this config and ``other``, as
@@ -208,8 +227,9 @@ def load_config(path: str | Path) -> Config:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(source, "", f"invalid TOML: {e}") from None
     except UnicodeDecodeError as e:
-        raise ConfigError(source, "", f"expected UTF-8 text, got byte 0x{e.object[e.start]:02x} "
-                                      f"at offset {e.start}") from None
+        raise ConfigError(
+            source, "", f"expected UTF-8 text, got byte 0x{e.object[e.start]:02x} at offset {e.start}"
+        ) from None
     except OSError as e:
         raise ConfigError(source, "", f"cannot read it: {e.strerror}") from None
     return parse_config(raw, source, base_dir=path.parent)
@@ -231,37 +251,61 @@ def parse_config(raw: Mapping[str, Any], source: str, base_dir: Path = Path(".")
     if study.sampler == "grid" and not params:
         raise ConfigError(source, "[params]", "expected at least one entry with choices for sampler 'grid'")
     if study.sampler != "pbt" and pbt_table.raw:
-        raise ConfigError(source, "[pbt]", f"expected only with [study].sampler = \"pbt\", got sampler {study.sampler!r}")
+        raise ConfigError(source, "[pbt]", f'expected only with [study].sampler = "pbt", got sampler {study.sampler!r}')
     if study.sampler == "pbt":
         if study.pruner != "none" and "pruner" in study_table.raw:
-            raise study_table.error("pruner", "expected 'none' with sampler 'pbt' (its worst members copy its best: "
-                                              "the population prunes itself)", study.pruner)
+            raise study_table.error(
+                "pruner",
+                "expected 'none' with sampler 'pbt' (its worst members copy its best: the population prunes itself)",
+                study.pruner,
+            )
         if study.prune_every is not None:
-            raise study_table.error("prune_every", "expected no prune_every with sampler 'pbt' (it does not prune: "
-                                                   "[pbt].interval says when its members are compared)", show_got=False)
+            raise study_table.error(
+                "prune_every",
+                "expected no prune_every with sampler 'pbt' (it does not prune: "
+                "[pbt].interval says when its members are compared)",
+                show_got=False,
+            )
         study = dataclasses.replace(study, pruner="none")
         if not changeable(params):
-            raise ConfigError(source, "[params]", "expected lr, or momentum or weight_decay for an optimizer that "
-                                                  "takes it, as a range { low, high } for sampler 'pbt' (what it "
-                                                  "changes as the members train)")
+            raise ConfigError(
+                source,
+                "[params]",
+                "expected lr, or momentum or weight_decay for an optimizer that "
+                "takes it, as a range { low, high } for sampler 'pbt' (what it "
+                "changes as the members train)",
+            )
         if pbt.interval is None and train.epochs < 2:
-            raise ConfigError(source, "[train].epochs", f"expected at least 2 for sampler 'pbt' (no member would "
-                                                        f"ever copy another), got {train.epochs}")
+            raise ConfigError(
+                source,
+                "[train].epochs",
+                f"expected at least 2 for sampler 'pbt' (no member would ever copy another), got {train.epochs}",
+            )
         if interval_for(train.epochs, pbt.interval) >= train.epochs:
-            raise pbt_table.error("interval", f"expected fewer epochs than [train].epochs ({train.epochs}): no member "
-                                              "would ever copy another", pbt.interval)
+            raise pbt_table.error(
+                "interval",
+                f"expected fewer epochs than [train].epochs ({train.epochs}): no member would ever copy another",
+                pbt.interval,
+            )
     return Config(source, study, data, model, train, params, tracking, pbt)
 
 
 # -- sections -----------------------------------------------------------------------------
+
 
 def _read(t: _Table, cls: type) -> Any:
     """The section's dataclass, every declared key read, then the table's unknown keys refused."""
     values = {}
     for f in dataclasses.fields(cls):
         default = None if f.default is MISSING else f.default
-        value = t.get(f.name, f.metadata["kind"], default, required=f.default is MISSING,
-                      check=f.metadata["constraint"], expected=getattr(f.metadata["constraint"], "expected", ""))
+        value = t.get(
+            f.name,
+            f.metadata["kind"],
+            default,
+            required=f.default is MISSING,
+            check=f.metadata["constraint"],
+            expected=getattr(f.metadata["constraint"], "expected", ""),
+        )
         values[f.name] = tuple(value) if isinstance(value, list) else value
     t.finish()
     return cls(**values)
@@ -285,14 +329,19 @@ def _data(t: _Table, base_dir: Path) -> DataConfig:
     if d.scale is None:  # its source's default, resolved now: the stored configuration says which
         d = dataclasses.replace(d, scale=scale_of(d))
     if d.n_samples * d.n_features > MAX_VALUES:
-        raise t.error("n_samples", f"expected n_samples x n_features <= {MAX_VALUES:,} (about 160 MB)",
-                      f"{d.n_samples:,} x {d.n_features:,}", raw=True)
+        raise t.error(
+            "n_samples",
+            f"expected n_samples x n_features <= {MAX_VALUES:,} (about 160 MB)",
+            f"{d.n_samples:,} x {d.n_features:,}",
+            raw=True,
+        )
     if d.path is not None:
         path = (base_dir / d.path).resolve()
         if not path.is_file():
             found = "a directory" if path.is_dir() else "no such file"
-            raise t.error("path", f"expected an existing CSV file, got {str(d.path)!r} ({found}: {path})",
-                          show_got=False)
+            raise t.error(
+                "path", f"expected an existing CSV file, got {str(d.path)!r} ({found}: {path})", show_got=False
+            )
         d = dataclasses.replace(d, path=path)
     return d
 
@@ -314,14 +363,22 @@ def _params(t: _Table, sampler: str) -> dict[str, ParamSpec]:
     for name, value in t.items():
         hp = HYPERPARAMETERS.get(name)
         if hp is None:
-            raise t.error(name, "unknown hyperparameter; expected one of " + ", ".join(HYPERPARAMETERS)
-                          + did_you_mean(name, HYPERPARAMETERS), show_got=False)
+            raise t.error(
+                name,
+                "unknown hyperparameter; expected one of "
+                + ", ".join(HYPERPARAMETERS)
+                + did_you_mean(name, HYPERPARAMETERS),
+                show_got=False,
+            )
         specs[name] = _param(t, hp, value)
         if sampler == "pbt" and (problem := refusal(name, specs[name])) is not None:
             raise t.error(name, problem, show_got=False)
         if sampler == "grid" and isinstance(specs[name], (Range, Find)):
-            raise t.error(name, "expected a fixed value or { choices = [...] } for sampler 'grid' "
-                                "(a grid cannot enumerate a range)", show_got=False)
+            raise t.error(
+                name,
+                "expected a fixed value or { choices = [...] } for sampler 'grid' (a grid cannot enumerate a range)",
+                show_got=False,
+            )
     t.consumed.update(dict.fromkeys(specs))
     return specs
 
@@ -333,8 +390,9 @@ def _param(t: _Table, hp: Hyperparameter, value: Any) -> ParamSpec:
     if "choices" in value:
         extra = set(value) - {"choices"}
         if extra:
-            raise t.error(f"{key}.{sorted(extra)[0]}", "unknown key; a choices table has only 'choices'",
-                          show_got=False)
+            raise t.error(
+                f"{key}.{sorted(extra)[0]}", "unknown key; a choices table has only 'choices'", show_got=False
+            )
         choices = value["choices"]
         if not isinstance(choices, list) or not choices:
             raise t.error(f"{key}.choices", f"expected a non-empty list of {hp.expected}", choices)
@@ -348,8 +406,9 @@ def _param(t: _Table, hp: Hyperparameter, value: Any) -> ParamSpec:
         return _find(t, key, value)
     unknown = set(value) - {"low", "high", "log", "step"}
     if unknown:
-        raise t.error(f"{key}.{sorted(unknown)[0]}",
-                      "unknown key; expected low, high, log, step (or choices)", show_got=False)
+        raise t.error(
+            f"{key}.{sorted(unknown)[0]}", "unknown key; expected low, high, log, step (or choices)", show_got=False
+        )
     for bound in ("low", "high"):
         if bound not in value:
             raise t.error(f"{key}.{bound}", f"expected a {bound} bound ({hp.expected})", show_got=False)
@@ -374,18 +433,19 @@ def _param(t: _Table, hp: Hyperparameter, value: Any) -> ParamSpec:
 def _find(t: _Table, key: str, value: Mapping[str, Any]) -> Find:
     """``{ find = true, factor = 10 }``: only for lr."""
     if key != "lr":
-        raise t.error(f"{key}.find", "expected no find: only lr's range can come from the range test",
-                      show_got=False)
+        raise t.error(f"{key}.find", "expected no find: only lr's range can come from the range test", show_got=False)
     unknown = set(value) - {"find", "factor"}
     if unknown:
-        raise t.error(f"{key}.{sorted(unknown)[0]}", "unknown key; a find table has find and factor",
-                      show_got=False)
+        raise t.error(f"{key}.{sorted(unknown)[0]}", "unknown key; a find table has find and factor", show_got=False)
     if value["find"] is not True:
         raise t.error(f"{key}.find", "expected true", value["find"])
     factor = value.get("factor", Find.factor)
     if _number(factor, "float") is None or not FIND_FACTOR(factor):
-        raise t.error(f"{key}.factor", f"expected {FIND_FACTOR.expected} (the range is the suggestion / factor "
-                                       "to the suggestion × factor)", factor)
+        raise t.error(
+            f"{key}.factor",
+            f"expected {FIND_FACTOR.expected} (the range is the suggestion / factor to the suggestion × factor)",
+            factor,
+        )
     return Find(float(factor))
 
 
@@ -401,6 +461,7 @@ def _param_value(t: _Table, key: str, hp: Hyperparameter, value: Any) -> Any:
 
 # -- helpers ------------------------------------------------------------------------------
 
+
 def _number(value: Any, kind: str) -> float | int | None:
     """``value`` as the hyperparameter's numeric kind, or None if it is not one (TOML's
     ``inf`` and ``nan`` are not: no hyperparameter or size is infinite)."""
@@ -413,7 +474,14 @@ def _number(value: Any, kind: str) -> float | int | None:
     return value if isinstance(value, float) and math.isfinite(value) else None
 
 
-_TYPE_NAMES = {bool: "true or false", str: "a string", int: "an integer", float: "a number", list: "a list", dict: "a table"}
+_TYPE_NAMES = {
+    bool: "true or false",
+    str: "a string",
+    int: "an integer",
+    float: "a number",
+    list: "a list",
+    dict: "a table",
+}
 
 
 def _spec_to_toml(spec: ParamSpec) -> Any:
@@ -441,8 +509,9 @@ class _Table:
     def _key(self, key: str) -> str:
         return f"[{self.section}].{key}" if self.section else f"[{key}]"
 
-    def error(self, key: str, expected: str, got: Any = None, *, show_got: bool = True,
-              raw: bool = False) -> ConfigError:
+    def error(
+        self, key: str, expected: str, got: Any = None, *, show_got: bool = True, raw: bool = False
+    ) -> ConfigError:
         message = expected
         if show_got:
             message += f", got {got if raw else _show(got)}"
@@ -462,8 +531,16 @@ class _Table:
             raise ConfigError(self.source, f"[{key}]", f"expected a table, got {_show(value)}")
         return _Table(value, self.source, key)
 
-    def get(self, key: str, kind: type, default: Any = None, *, required: bool = False,
-            check: Callable[[Any], bool] | None = None, expected: str = "") -> Any:
+    def get(
+        self,
+        key: str,
+        kind: type,
+        default: Any = None,
+        *,
+        required: bool = False,
+        check: Callable[[Any], bool] | None = None,
+        expected: str = "",
+    ) -> Any:
         self.consumed[key] = None
         if key not in self.raw:
             if required:
@@ -484,10 +561,16 @@ class _Table:
         for key in self.raw:
             if key not in self.consumed:
                 if self.section:
-                    raise self.error(key, f"unknown key; expected one of {', '.join(self.consumed)}"
-                                     + did_you_mean(key, self.consumed), show_got=False)
-                raise ConfigError(self.source, f"[{key}]", f"unknown table; expected one of {', '.join(TABLES)}"
-                                  + did_you_mean(key, TABLES))
+                    raise self.error(
+                        key,
+                        f"unknown key; expected one of {', '.join(self.consumed)}" + did_you_mean(key, self.consumed),
+                        show_got=False,
+                    )
+                raise ConfigError(
+                    self.source,
+                    f"[{key}]",
+                    f"unknown table; expected one of {', '.join(TABLES)}" + did_you_mean(key, TABLES),
+                )
 
 
 def _show(value: Any) -> str:

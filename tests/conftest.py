@@ -21,6 +21,7 @@ def missing(part: str, why: str) -> None:
         pytest.fail(f"CI: {part} is missing: {why}", pytrace=False)
     pytest.skip(f"{part} is missing: {why}")
 
+
 TINY_STUDY = """\
 [study]
 name = "tiny"
@@ -113,8 +114,8 @@ def cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     import io
     import signal
 
-    from lrsearch.core import stopping
     from lrsearch.cli import main
+    from lrsearch.core import stopping
 
     def run(*args: str) -> subprocess.CompletedProcess:
         out, err = io.StringIO(), io.StringIO()
@@ -146,8 +147,14 @@ def cli_process(tmp_path: Path):
 
     def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
         env = {k: v for k, v in os.environ.items() if k not in _STORE_VARIABLES}
-        return subprocess.run([sys.executable, "-m", "lrsearch.cli", *args], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            [sys.executable, "-m", "lrsearch.cli", *args],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     return run
 
@@ -170,8 +177,11 @@ def pg_url():
         with admin.connect() as conn:
             conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
     except sa.exc.OperationalError as e:
-        missing("PostgreSQL", f"nothing answers at {PG_ADMIN_URL} ({str(e).splitlines()[0]}); start it with: "
-                              "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start")
+        missing(
+            "PostgreSQL",
+            f"nothing answers at {PG_ADMIN_URL} ({str(e).splitlines()[0]}); start it with: "
+            "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start",
+        )
     url = sa.engine.make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
     yield url
     with admin.connect() as conn:
@@ -201,9 +211,9 @@ def wait_for_http(url: str, proc: subprocess.Popen, timeout: float = 120) -> Non
                 if proc.stderr is not None and proc.stderr.seekable():  # a log file
                     proc.stderr.seek(0)
                 log = proc.stderr.read() if proc.stderr else b""
-                raise RuntimeError(f"server exited with {proc.returncode}: {log.decode()[-2000:]}")
+                raise RuntimeError(f"server exited with {proc.returncode}: {log.decode()[-2000:]}") from None
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{url} did not answer in {timeout} s")
+                raise TimeoutError(f"{url} did not answer in {timeout} s") from None
             time.sleep(0.5)
 
 
@@ -270,8 +280,12 @@ def compose_variables(pg: str) -> dict[str, str]:
     import sqlalchemy as sa
 
     url = sa.engine.make_url(pg)
-    return {"POSTGRES_USER": url.username, "POSTGRES_PASSWORD": url.password or "unused-with-trust",
-            "POSTGRES_DB": url.database, **COMPOSE_ADMIN}
+    return {
+        "POSTGRES_USER": url.username,
+        "POSTGRES_PASSWORD": url.password or "unused-with-trust",
+        "POSTGRES_DB": url.database,
+        **COMPOSE_ADMIN,
+    }
 
 
 def start_server(pg: str, artifacts: Path) -> tuple[subprocess.Popen, str]:
@@ -281,16 +295,27 @@ def start_server(pg: str, artifacts: Path) -> tuple[subprocess.Popen, str]:
 
     port = free_port()
     url = sa.engine.make_url(pg)
-    command, environment = compose_service("mlflow", compose_variables(pg), {
-        "postgres:5432": f"{url.host}:{url.port or 5432}", "/artifacts": str(artifacts), "0.0.0.0": "127.0.0.1",
-        "5000": str(port)})
+    command, environment = compose_service(
+        "mlflow",
+        compose_variables(pg),
+        {
+            "postgres:5432": f"{url.host}:{url.port or 5432}",
+            "/artifacts": str(artifacts),
+            "0.0.0.0": "127.0.0.1",
+            "5000": str(port),
+        },
+    )
     assert command[:2] == ["lrsearch", "server"]
     # Its log goes to a file: an unread pipe fills up (64 KB) and every thread that logs blocks.
     log = open(artifacts.parent / f"server-{port}.log", "w+b")
     data = os.environ.get("LRSEARCH_DATA") or str(artifacts.parent / "data")  # its login config goes there
-    proc = subprocess.Popen([sys.executable, "-m", "lrsearch.cli", *command[1:]], stdout=subprocess.DEVNULL,
-                            stderr=log, start_new_session=True,
-                            env={**os.environ, "LRSEARCH_DATA": data, **environment})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lrsearch.cli", *command[1:]],
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+        start_new_session=True,
+        env={**os.environ, "LRSEARCH_DATA": data, **environment},
+    )
     proc.stderr = log
     uri = f"http://127.0.0.1:{port}"
     try:
@@ -311,16 +336,27 @@ def tracking_server(pg_url, tmp_path_factory):
 
 # -- a results scenario for the SQL views: every state, infinities, NaN metrics, two directions
 
+
 def _trial(state, value=None, params=None, user_attrs=None, values=None):
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
     from optuna.trial import TrialState, create_trial
 
-    dists = {"optimizer": CategoricalDistribution(["sgd", "adam"]), "lr": FloatDistribution(1e-4, 1.0, log=True),
-             "momentum": FloatDistribution(0.0, 0.99), "patience": IntDistribution(2, 15)}
+    dists = {
+        "optimizer": CategoricalDistribution(["sgd", "adam"]),
+        "lr": FloatDistribution(1e-4, 1.0, log=True),
+        "momentum": FloatDistribution(0.0, 0.99),
+        "patience": IntDistribution(2, 15),
+    }
     params = params or {}
-    return create_trial(state=state, value=value, values=values, params=params,
-                        distributions={k: dists[k] for k in params}, user_attrs=user_attrs or {},
-                        intermediate_values={0: 0.5} if state == TrialState.PRUNED else None)
+    return create_trial(
+        state=state,
+        value=value,
+        values=values,
+        params=params,
+        distributions={k: dists[k] for k in params},
+        user_attrs=user_attrs or {},
+        intermediate_values={0: 0.5} if state == TrialState.PRUNED else None,
+    )
 
 
 def fill_results(storage_url: str, client) -> None:
@@ -347,16 +383,23 @@ def fill_results(storage_url: str, client) -> None:
         client.log_metric(run.info.run_id, "lr", lr, step=step)
     client.set_terminated(run.info.run_id, "FINISHED")
     hp = {"optimizer": "adam", "lr": 0.01, "schedule": "constant"}
-    acc.add_trial(_trial(TrialState.COMPLETE, 0.9, {"optimizer": "adam", "lr": 0.01},
-                         {attrs.MLFLOW_RUN: run.info.run_id, attrs.HYPERPARAMETERS: hp}))
+    acc.add_trial(
+        _trial(
+            TrialState.COMPLETE,
+            0.9,
+            {"optimizer": "adam", "lr": 0.01},
+            {attrs.MLFLOW_RUN: run.info.run_id, attrs.HYPERPARAMETERS: hp},
+        )
+    )
     acc.add_trial(_trial(TrialState.COMPLETE, math.inf, {"optimizer": "sgd", "lr": 0.1, "momentum": 0.5}))
     acc.add_trial(_trial(TrialState.PRUNED, None, {"optimizer": "sgd", "lr": 0.5, "momentum": 0.9}))
     acc.add_trial(_trial(TrialState.FAIL, None, {"optimizer": "adam", "lr": 0.2}))
     with warnings.catch_warnings():  # "heartbeats are meant for optimize": this trial is left RUNNING
         warnings.simplefilter("ignore", UserWarning)
         acc.ask({"optimizer": CategoricalDistribution(["sgd", "adam"])})
-    acc.add_trial(_trial(TrialState.COMPLETE, 0.7, {"optimizer": "sgd", "lr": 0.001, "momentum": 0.0,
-                                                     "patience": 5}))  # no MLflow run
+    acc.add_trial(
+        _trial(TrialState.COMPLETE, 0.7, {"optimizer": "sgd", "lr": 0.001, "momentum": 0.0, "patience": 5})
+    )  # no MLflow run
     acc.add_trial(_trial(TrialState.COMPLETE, -math.inf, {"optimizer": "adam", "lr": 0.3}))
     acc.set_user_attr(attrs.PARENT_RUN, "parent123")
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lrsearch.fit.array_optimizer import ArrayOptimizer
 from lrsearch.choices.optimizers import OPTIMIZERS, make_optimizer
+from lrsearch.fit.array_optimizer import ArrayOptimizer
 
 SHAPES = ((5, 3), (1, 3))  # a layer's weight [in, out] and bias [1, out], stacked as [K, ...]
 LRS = (0.003, 0.01, 0.03, 0.1)
@@ -40,8 +40,7 @@ class Twin:
     def __init__(self, hps: list[dict], seed: int = 0) -> None:
         self.generator = torch.Generator().manual_seed(seed)
         self.hps = list(hps)
-        self.stacked = [torch.randn(len(hps), *shape, generator=self.generator).requires_grad_()
-                        for shape in SHAPES]
+        self.stacked = [torch.randn(len(hps), *shape, generator=self.generator).requires_grad_() for shape in SHAPES]
         self.array = ArrayOptimizer(self.stacked)
         self.members: list[list[torch.Tensor]] = []
         self.torch_optimizers: list[torch.optim.Optimizer] = []
@@ -71,8 +70,13 @@ class Twin:
     def assert_match(self) -> None:
         for slot, member in enumerate(self.members):
             for stacked, alone in zip(self.stacked, member):
-                torch.testing.assert_close(stacked[slot].detach(), alone.detach(), rtol=1e-5, atol=1e-7,
-                                           msg=lambda m, slot=slot: f"slot {slot} ({self.hps[slot]}): {m}")
+                torch.testing.assert_close(
+                    stacked[slot].detach(),
+                    alone.detach(),
+                    rtol=1e-5,
+                    atol=1e-7,
+                    msg=lambda m, slot=slot: f"slot {slot} ({self.hps[slot]}): {m}",
+                )
 
 
 @pytest.mark.parametrize("name", COMBINATIONS)
@@ -83,12 +87,16 @@ def test_each_optimizer_matches_torch_with_a_different_lr_per_slot(name):
     twin.assert_match()
 
 
-@pytest.mark.parametrize("order", [
-    pytest.param([0, 0, 1, 1], id="contiguous-kinds"),  # each kind a run of slots: updated through views
-    pytest.param([0, 1, 0, 1], id="scattered-kinds"),  # interleaved: rows gathered and written back
-])
-@pytest.mark.parametrize(("a", "b"), [("adam", "sgd-nesterov"), ("rmsprop-momentum", "adagrad"),
-                                      ("sgd", "adamw-decay")])
+@pytest.mark.parametrize(
+    "order",
+    [
+        pytest.param([0, 0, 1, 1], id="contiguous-kinds"),  # each kind a run of slots: updated through views
+        pytest.param([0, 1, 0, 1], id="scattered-kinds"),  # interleaved: rows gathered and written back
+    ],
+)
+@pytest.mark.parametrize(
+    ("a", "b"), [("adam", "sgd-nesterov"), ("rmsprop-momentum", "adagrad"), ("sgd", "adamw-decay")]
+)
 def test_two_optimizers_in_one_array(order, a, b):
     kinds = (COMBINATIONS[a], COMBINATIONS[b])
     twin = Twin([{**kinds[kind], "lr": lr} for kind, lr in zip(order, LRS)])
@@ -138,8 +146,12 @@ def test_random_masks_keep_each_slots_own_state_and_step_count():
 
 
 def test_rebind_drops_a_slot_and_starts_a_fresh_member():
-    hps = [{**COMBINATIONS["adam"], "lr": 0.01}, {**COMBINATIONS["sgd-nesterov"], "lr": 0.05},
-           {**COMBINATIONS["rmsprop-momentum"], "lr": 0.001}, {**COMBINATIONS["adamw-decay"], "lr": 0.003}]
+    hps = [
+        {**COMBINATIONS["adam"], "lr": 0.01},
+        {**COMBINATIONS["sgd-nesterov"], "lr": 0.05},
+        {**COMBINATIONS["rmsprop-momentum"], "lr": 0.001},
+        {**COMBINATIONS["adamw-decay"], "lr": 0.003},
+    ]
     twin = Twin(hps)
     for _ in range(30):
         twin.step()
@@ -148,14 +160,20 @@ def test_rebind_drops_a_slot_and_starts_a_fresh_member():
     old_slots = [3, 0, None, 2]
     joining = {**COMBINATIONS["adamw-default"], "lr": 0.02}
     fresh = [torch.randn(*shape, generator=twin.generator) for shape in SHAPES]
-    twin.stacked = [torch.stack([t[old].detach() if old is not None else f for old in old_slots]).requires_grad_()
-                    for t, f in zip(twin.stacked, fresh)]
+    twin.stacked = [
+        torch.stack([t[old].detach() if old is not None else f for old in old_slots]).requires_grad_()
+        for t, f in zip(twin.stacked, fresh)
+    ]
     twin.array.rebind(twin.stacked, old_slots)
     twin.array.assign(2, joining)
     joined = [f.clone().requires_grad_() for f in fresh]
     twin.members = [twin.members[3], twin.members[0], joined, twin.members[2]]
-    twin.torch_optimizers = [twin.torch_optimizers[3], twin.torch_optimizers[0], make_optimizer(joined, joining),
-                             twin.torch_optimizers[2]]
+    twin.torch_optimizers = [
+        twin.torch_optimizers[3],
+        twin.torch_optimizers[0],
+        make_optimizer(joined, joining),
+        twin.torch_optimizers[2],
+    ]
     twin.hps = [hps[3], hps[0], joining, hps[2]]
     for _ in range(50):
         twin.step()

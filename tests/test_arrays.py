@@ -10,28 +10,41 @@ import optuna
 import pytest
 from mlflow import MlflowClient
 
-from lrsearch.config import parse_config
 from lrsearch.choices.data import load_data
-from lrsearch.fit.member import Member
 from lrsearch.choices.optimizers import OPTIMIZERS
-from lrsearch.choices.schedules import SCHEDULES
 from lrsearch.choices.sampling import array_target
+from lrsearch.choices.schedules import SCHEDULES
+from lrsearch.config import parse_config
+from lrsearch.fit.member import Member
 from lrsearch.fit.training import choose_array_size, fit_array, largest_array, member_bytes, train
 
 CFG = parse_config({"study": {"name": "arrays", "pruner": "none"}, "train": {"epochs": 20}}, "arrays.toml")
 DATA = load_data(CFG.data)
-SCHEDULE_HP = {"time_decay": {"decay": 0.01}, "step": {"step_size": 3, "gamma": 0.5}, "exponential": {"gamma": 0.9},
-               "cosine": {"t_max": 20}, "plateau": {"patience": 2, "factor": 0.5},
-               "one_cycle": {"pct_start": 0.3, "anneal": "cos"},
-               "cyclic": {"mode": "triangular2", "base_fraction": 0.1, "half_cycle": 2}}
-OPTIMIZER_HP = {"sgd": {"momentum": 0.9, "nesterov": True}, "rmsprop": {"momentum": 0.5},
-                "adamw": {"weight_decay": 0.05}}
+SCHEDULE_HP = {
+    "time_decay": {"decay": 0.01},
+    "step": {"step_size": 3, "gamma": 0.5},
+    "exponential": {"gamma": 0.9},
+    "cosine": {"t_max": 20},
+    "plateau": {"patience": 2, "factor": 0.5},
+    "one_cycle": {"pct_start": 0.3, "anneal": "cos"},
+    "cyclic": {"mode": "triangular2", "base_fraction": 0.1, "half_cycle": 2},
+}
+OPTIMIZER_HP = {
+    "sgd": {"momentum": 0.9, "nesterov": True},
+    "rmsprop": {"momentum": 0.5},
+    "adamw": {"weight_decay": 0.05},
+}
 LRS = (0.1, 0.03, 0.01, 0.003, 0.1, 0.05, 0.001, 0.02)
 
 
 def _hp(optimizer: str, schedule: str, lr: float, warmup: int = 0) -> dict:
-    hp = {"optimizer": optimizer, "lr": lr, "schedule": schedule,
-          **OPTIMIZER_HP.get(optimizer, {}), **SCHEDULE_HP.get(schedule, {})}
+    hp = {
+        "optimizer": optimizer,
+        "lr": lr,
+        "schedule": schedule,
+        **OPTIMIZER_HP.get(optimizer, {}),
+        **SCHEDULE_HP.get(schedule, {}),
+    }
     return {**hp, "warmup_epochs": warmup} if warmup else hp
 
 
@@ -44,8 +57,10 @@ def test_a_trial_in_an_array_of_8_trains_as_it_trains_alone(shift):
     """Every optimizer of the registry and every schedule, at rates up to 0.1, three pairings
     of them: per-epoch val/loss within 1e-4 over 20 epochs, the LR curve equal."""
     optimizers, schedules = list(OPTIMIZERS.names), list(SCHEDULES.names)
-    hps = [_hp(optimizers[(i + shift) % len(optimizers)], schedules[i], LRS[i], warmup=2 if i % 3 == shift else 0)
-           for i in range(8)]
+    hps = [
+        _hp(optimizers[(i + shift) % len(optimizers)], schedules[i], LRS[i], warmup=2 if i % 3 == shift else 0)
+        for i in range(8)
+    ]
     members = [Member(str(i), hp, 100 + i, CFG.train.epochs) for i, hp in enumerate(hps)]
     fit_array(CFG, DATA, members)
     for member in members:
@@ -101,8 +116,10 @@ def test_members_leave_when_they_end_and_new_ones_take_their_slots():
 
 
 def test_auto_never_picks_an_array_larger_than_memory_or_the_study_allows():
-    wide = parse_config({"study": {"name": "wide"}, "model": {"hidden": [4096, 4096]},
-                         "data": {"n_samples": 20000, "n_features": 200}}, "wide.toml")
+    wide = parse_config(
+        {"study": {"name": "wide"}, "model": {"hidden": [4096, 4096]}, "data": {"n_samples": 20000, "n_features": 200}},
+        "wide.toml",
+    )
     data = load_data(wide.data)
     assert member_bytes(wide, data) > 100 * 2**20  # two 4096-wide layers and 10,000 validation rows
     assert largest_array(wide, data) <= 5
@@ -128,11 +145,14 @@ def test_runs_summary_says_how_many_trials_trained_together_and_why():
     grown.saw(5)  # the study's last trials
     assert array_line(grown, "tpe") == (
         "trials trained together: 8, growing to 12, at a time (auto: arrays of 16 train fastest a trial on this "
-        "machine; tpe learns from finished trials, so its arrays start at 8 and grow to 1/4 of the finished trials)")
+        "machine; tpe learns from finished trials, so its arrays start at 8 and grow to 1/4 of the finished trials)"
+    )
     assert array_line(ArrayUse("auto", 16, 16, 16), "random") == (
-        "trials trained together: 16 at a time (auto: arrays of 16 train fastest a trial on this machine)")
+        "trials trained together: 16 at a time (auto: arrays of 16 train fastest a trial on this machine)"
+    )
     assert array_line(ArrayUse(64, 5, 5, 5), "tpe") == (
-        "trials trained together: 5 at a time (array 64 asked for; memory allows 5)")
+        "trials trained together: 5 at a time (array 64 asked for; memory allows 5)"
+    )
 
 
 ARRAY_STUDY = """\
@@ -167,10 +187,15 @@ def test_a_study_run_in_arrays_records_every_trial_as_alone(write_study, cli, tm
     client = MlflowClient(f"sqlite:///{data / 'mlflow.db'}")
     assert len(trials) == 8 and {t.state.name for t in trials} <= {"COMPLETE", "PRUNED"}
     diverged = [t for t in trials if t.params["lr"] == 1e6 and t.params["optimizer"] == "sgd"]  # Adam's steps stay ~lr
-    assert len(diverged) == 1 and all(t.state.name == "PRUNED" and t.user_attrs["reason"].startswith("non-finite")
-                                      for t in diverged)
-    runs = {r.data.tags["trial_number"]: r for r in client.search_runs(
-        [client.get_experiment_by_name("tiny").experiment_id], "tags.`lrsearch.role` = 'trial'")}
+    assert len(diverged) == 1 and all(
+        t.state.name == "PRUNED" and t.user_attrs["reason"].startswith("non-finite") for t in diverged
+    )
+    runs = {
+        r.data.tags["trial_number"]: r
+        for r in client.search_runs(
+            [client.get_experiment_by_name("tiny").experiment_id], "tags.`lrsearch.role` = 'trial'"
+        )
+    }
     assert sorted(runs) == sorted(str(t.number) for t in trials)
     for t in trials:
         run = runs[str(t.number)]
@@ -182,13 +207,18 @@ def test_a_study_run_in_arrays_records_every_trial_as_alone(write_study, cli, tm
             assert sorted(m.step for m in history) == list(range(epochs)), (t.number, key)
         assert [m.value for m in client.get_metric_history(run.info.run_id, "lr")] == [t.params["lr"]] * epochs
         assert run.data.tags["mlflow.note.content"].startswith(t.state.name)
-    parent = client.search_runs([client.get_experiment_by_name("tiny").experiment_id],
-                                "tags.`lrsearch.role` = 'study'")[0]
+    parent = client.search_runs(
+        [client.get_experiment_by_name("tiny").experiment_id], "tags.`lrsearch.role` = 'study'"
+    )[0]
     assert parent.data.tags["array"] == "3" and parent.data.tags["array.size"] == "3"
-    rows = json.loads(cli("sql", "SELECT trial_number, state, mlflow_status FROM trials WHERE study_name = 'tiny'",
-                          "--format", "json").stdout)
+    rows = json.loads(
+        cli(
+            "sql", "SELECT trial_number, state, mlflow_status FROM trials WHERE study_name = 'tiny'", "--format", "json"
+        ).stdout
+    )
     assert sorted((r["trial_number"], r["state"], r["mlflow_status"]) for r in rows) == sorted(
-        (t.number, t.state.name, runs[str(t.number)].info.status) for t in trials)
+        (t.number, t.state.name, runs[str(t.number)].info.status) for t in trials
+    )
 
 
 @pytest.mark.slow
@@ -227,10 +257,12 @@ def test_an_array_stopped_or_killed_leaves_nothing_running(write_study, tmp_path
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("moment", ["claimed", "joined", "fit", "batch", "epoch", "boundary", "told", "refilled",
-                                    "trained"])
+@pytest.mark.parametrize(
+    "moment", ["claimed", "joined", "fit", "batch", "epoch", "boundary", "told", "refilled", "trained"]
+)
 def test_a_sigterm_at_any_step_of_an_arrays_start_and_end_is_recorded_as_at_an_epoch_boundary(
-        write_study, tmp_path, moment):
+    write_study, tmp_path, moment
+):
     """Four trials, arrays of two (refilled once at the epoch boundary where the first two end),
     SIGTERM at one step of the array's life (core/faults.py): `run` exits 143 in one line;
     nothing is left RUNNING in Optuna or MLflow; each trial it stopped is FAIL and queued
@@ -245,13 +277,15 @@ def test_a_sigterm_at_any_step_of_an_arrays_start_and_end_is_recorded_as_at_an_e
     study = write_study(TINY_STUDY.replace("trials = 3", "trials = 4").replace("epochs = 3", "epochs = 4"))
     env = {**os.environ, "LRSEARCH_DATA": str(tmp_path / "data")}
     command = [sys.executable, "-m", "lrsearch.cli", "run", str(study), "--no-report", "--array", "2"]
-    stopped = subprocess.run(command, cwd=tmp_path, env={**env, "LRSEARCH_SIGNAL_AT": moment},
-                             capture_output=True, text=True, timeout=300)
+    stopped = subprocess.run(
+        command, cwd=tmp_path, env={**env, "LRSEARCH_SIGNAL_AT": moment}, capture_output=True, text=True, timeout=300
+    )
     trials = _trials(tmp_path)
     seen = [(t.number, t.state.name, t.user_attrs.get("reason")) for t in trials]
     assert stopped.returncode == 143, (stopped.stderr, seen)
-    assert stopped.stderr.splitlines()[-1] == ("lrsearch: error: interrupted by SIGTERM; run the same command "
-                                               "again to resume the study"), stopped.stderr
+    assert stopped.stderr.splitlines()[-1] == (
+        "lrsearch: error: interrupted by SIGTERM; run the same command again to resume the study"
+    ), stopped.stderr
     assert "Traceback" not in stopped.stderr
     assert all(t.state.name != "RUNNING" for t in trials), seen
     assert all(r.info.status != "RUNNING" for r in _runs(tmp_path)), seen
@@ -291,9 +325,25 @@ def test_a_service_worker_trains_a_submitted_study_in_arrays(store, tmp_path, re
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, array=1))
     submit(cfg, storage=stores[0], tracking=stores[1])  # (on PostgreSQL: the schemas)
     MlflowClient(stores[1]).search_experiments()  # MLflow's tables, as its server makes them first
-    worker = subprocess.Popen([sys.executable, "-m", "lrsearch.cli", "worker", "--array", "3", "--max-idle", "3",
-                               "--storage", stores[0], "--tracking-uri", stores[1]],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lrsearch.cli",
+            "worker",
+            "--array",
+            "3",
+            "--max-idle",
+            "3",
+            "--storage",
+            stores[0],
+            "--tracking-uri",
+            stores[1],
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     row = _wait(stores, "arr", lambda r: r["state"] == "done", [worker])
     out, err = worker.communicate(timeout=120)
     assert worker.returncode == 0, err
@@ -316,8 +366,11 @@ def test_the_sampling_window_reads_what_the_database_holds(stores):
     from lrsearch.store.storage import open_storage
 
     store = open_storage(stores[0])
-    study = optuna.create_study(storage=store, study_name="window",
-                                sampler=optuna.samplers.TPESampler(seed=1, constant_liar=True, multivariate=True))
+    study = optuna.create_study(
+        storage=store,
+        study_name="window",
+        sampler=optuna.samplers.TPESampler(seed=1, constant_liar=True, multivariate=True),
+    )
     for _ in range(3):
         study.tell(study.ask({"x": optuna.distributions.FloatDistribution(0, 1)}), 0.5)
     trials = [study.ask() for _ in range(3)]  # RUNNING, as an array's claim leaves them
@@ -331,8 +384,9 @@ def test_the_sampling_window_reads_what_the_database_holds(stores):
             store._window_thread = None  # read the database itself, for comparison
             fresh = store.get_all_trials(study._study_id)
             store._window_thread = __import__("threading").get_ident()
-            assert [(t.number, t.state, t.params, t.distributions, t.system_attrs) for t in seen] == \
-                   [(t.number, t.state, t.params, t.distributions, t.system_attrs) for t in fresh]
+            assert [(t.number, t.state, t.params, t.distributions, t.system_attrs) for t in seen] == [
+                (t.number, t.state, t.params, t.distributions, t.system_attrs) for t in fresh
+            ]
     assert [t.params for t in before[3:]] == [{}, {}, {}]  # the copy is the window's own
     assert all(t.params.keys() == {"x", "opt"} for t in store.get_all_trials(study._study_id)[3:])
 
@@ -342,10 +396,14 @@ def test_a_seeded_study_in_arrays_gives_the_same_trials_twice(stores, tmp_path):
     the study as it stands at their epoch boundary, whatever the helper thread's timing)."""
     from lrsearch.service.launch import run_study
 
-    cfg = parse_config({"study": {"name": "same", "trials": 12, "seed": 3, "prune_every": 1},
-                        "train": {"epochs": 6, "array": 4},
-                        "params": {"optimizer": {"choices": ["sgd", "adam"]},
-                                   "lr": {"low": 1e-3, "high": 0.3, "log": True}}}, "same.toml")
+    cfg = parse_config(
+        {
+            "study": {"name": "same", "trials": 12, "seed": 3, "prune_every": 1},
+            "train": {"epochs": 6, "array": 4},
+            "params": {"optimizer": {"choices": ["sgd", "adam"]}, "lr": {"low": 1e-3, "high": 0.3, "log": True}},
+        },
+        "same.toml",
+    )
     results = []
     for i in range(2):
         storage, tracking = (f"sqlite:///{tmp_path / f'optuna{i}.db'}", f"sqlite:///{tmp_path / f'mlflow{i}.db'}")

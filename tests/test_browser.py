@@ -17,20 +17,27 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import free_port, missing, stop_process_group, wait_for_http
+
 from lrsearch.config import load_config
 from lrsearch.core.names import run_path, trials_path
-from lrsearch.service.launch import run_study
 from lrsearch.results.report import DPI, NOTE_FIGURE_WIDTH, PREVIEW_WIDTH, write_report
+from lrsearch.service.launch import run_study
 
 # Worker processes, servers or a browser: seconds each (python -m pytest -m "not slow" leaves them out).
 pytestmark = pytest.mark.slow
 
 CHROMIUM = "/usr/bin/chromium"
 # As the machine notes advise: no background connections, which this closed network refuses.
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 # A grid of two: lr 0.05 learns (COMPLETE); lr 1e8 diverges at once (PRUNED, with its reason).
 STUDY = """\
@@ -97,9 +104,14 @@ def test_mlflow_ui_explains_the_study(write_study, tmp_path):
     assert reason.startswith("non-finite train/loss at epoch ")
 
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "lrsearch.cli", "server", "--db", tracking, "--port", str(port)],
-                              cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              start_new_session=True, env={**os.environ, "LRSEARCH_DATA": str(data)})
+    server = subprocess.Popen(
+        [sys.executable, "-m", "lrsearch.cli", "server", "--db", tracking, "--port", str(port)],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        env={**os.environ, "LRSEARCH_DATA": str(data)},
+    )
     root = f"http://127.0.0.1:{port}/"
     exp = result.experiment_id
     shots = tmp_path / "shots"
@@ -132,8 +144,11 @@ def test_mlflow_ui_explains_the_study(write_study, tmp_path):
             images = note.locator("img")
             assert images.count() == 3  # a grid: accuracy per value, optimization history, objective against lr
             images.last.scroll_into_view_if_needed()
-            page.wait_for_function(f"imgs => imgs.every(i => i.complete && i.naturalWidth == {PREVIEW_WIDTH})",
-                                   arg=images.element_handles(), timeout=15000)
+            page.wait_for_function(
+                f"imgs => imgs.every(i => i.complete && i.naturalWidth == {PREVIEW_WIDTH})",
+                arg=images.element_handles(),
+                timeout=15000,
+            )
             # The whole description within its box: nothing pushed past its right edge.
             assert note.evaluate(FITS_ITS_BOX), "the description is wider than the box that shows it"
             note.screenshot(path=str(shots / "parent_description.png"))
@@ -163,8 +178,7 @@ def test_mlflow_ui_explains_the_study(write_study, tmp_path):
             page.wait_for_timeout(500)
             page.screenshot(path=str(shots / "models.png"))
             page.goto(root + "#/models/tiny")
-            playwright.expect(page.locator("body")).to_contain_text(f"lrsearch.trial: {complete.number}",
-                                                                    timeout=30000)
+            playwright.expect(page.locator("body")).to_contain_text(f"lrsearch.trial: {complete.number}", timeout=30000)
             page.goto(root + run_path(exp, complete.user_attrs["mlflow_run_id"]))
             about = page.locator("body")
             playwright.expect(about).to_contain_text("Registered models", timeout=30000)
@@ -199,8 +213,7 @@ def test_mlflow_ui_explains_the_study(write_study, tmp_path):
             page.screenshot(path=str(shots / "trials_view.png"))
 
             # A trial's learning-rate curve, as LearningRateMonitor logged it.
-            page.goto(root + run_path(exp, complete.user_attrs["mlflow_run_id"]).replace(
-                "?", "/model-metrics?"))
+            page.goto(root + run_path(exp, complete.user_attrs["mlflow_run_id"]).replace("?", "/model-metrics?"))
             page.get_by_placeholder("Search metric charts").fill("lr")
             page.get_by_text(f"trial-{complete.number} (lr)").wait_for(timeout=30000)  # the chart's legend
             page.screenshot(path=str(shots / "lr_chart.png"))
@@ -212,8 +225,9 @@ def test_mlflow_ui_explains_the_study(write_study, tmp_path):
             page.get_by_text("optimization_history.png", exact=True).click()
             # (the viewer shows the file through a blob: URL; the page has no other large image)
             full = round(NOTE_FIGURE_WIDTH * DPI)  # the figure itself, not its preview
-            page.wait_for_function(f"() => [...document.images].some(i => i.complete && i.naturalWidth == {full})",
-                                   timeout=30000)
+            page.wait_for_function(
+                f"() => [...document.images].some(i => i.complete && i.naturalWidth == {full})", timeout=30000
+            )
             page.screenshot(path=str(shots / "report_artifact.png"))
             browser.close()
     finally:

@@ -4,8 +4,8 @@ process; the program itself where a process matters)."""
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 
 import pytest
 
@@ -32,7 +32,9 @@ def test_validate(cli, write_study, tmp_path):
     bad = cli("validate", str(write_study(BAD_STUDY, "bad.toml")))
     assert bad.returncode == 2
     message = _one_line_error(bad.stderr)
-    assert message == f"lrsearch: error: {tmp_path / 'bad.toml'}: [params].lr: expected low <= high, got low=1.0, high=0.1"
+    assert (
+        message == f"lrsearch: error: {tmp_path / 'bad.toml'}: [params].lr: expected low <= high, got low=1.0, high=0.1"
+    )
 
 
 def test_bad_input_creates_nothing(cli, write_study, tmp_path):
@@ -64,11 +66,17 @@ def test_run_then_best_on_the_embedded_default(cli, write_study, tmp_path):
     assert "study 'tiny': 2 trials (2 COMPLETE), target 2" in run.stdout
     assert "2/2" in run.stderr
     lines = run.stdout.splitlines()
-    links = lines[lines.index(next(l for l in lines if l.startswith("MLflow: "))):]
-    assert re.fullmatch(r"MLflow: http://127\.0\.0\.1:5000/#/experiments/\d+/runs/[0-9a-f]{32}\?workflowType="
-                        r"machine_learning  \(the study: outcome, top trials, figures\)", links[0])
-    assert re.fullmatch(r" {8}http://127\.0\.0\.1:5000/#/experiments/\d+/runs\?viewStateShareKey=lrsearch-trials"
-                        r"&workflowType=machine_learning  \(its trials, best first\)", links[1])
+    links = lines[lines.index(next(line for line in lines if line.startswith("MLflow: "))) :]
+    assert re.fullmatch(
+        r"MLflow: http://127\.0\.0\.1:5000/#/experiments/\d+/runs/[0-9a-f]{32}\?workflowType="
+        r"machine_learning  \(the study: outcome, top trials, figures\)",
+        links[0],
+    )
+    assert re.fullmatch(
+        r" {8}http://127\.0\.0\.1:5000/#/experiments/\d+/runs\?viewStateShareKey=lrsearch-trials"
+        r"&workflowType=machine_learning  \(its trials, best first\)",
+        links[1],
+    )
     assert links[2] == "        (served by `lrsearch ui`, on its default port 5000; with --port P, use port P)"
     assert (tmp_path / "lrsearch-data" / "optuna.db").is_file()
     assert (tmp_path / "lrsearch-data" / "mlflow.db").is_file()
@@ -84,13 +92,18 @@ def test_run_then_best_on_the_embedded_default(cli, write_study, tmp_path):
     assert table.returncode == 0 and table.stdout.splitlines()[0].split()[:4] == ["rank", "number", "value", "state"]
     assert len(table.stdout.strip().splitlines()) == 3
     assert table.stdout.splitlines()[2].startswith(f"model: models:/tiny@best (trial {rows[0]['number']};")
+
     # run's summary and best show the same trials alike: params in sampling order, the run's id
     # (an embedded store: no UI known) where a tracking server would give its page.
-    split = lambda line: re.split(r"\s{2,}", line.strip())
+    def split(line: str) -> list[str]:
+        return re.split(r"\s{2,}", line.strip())
+
     # (the probe's timing decides: 2 trials at once, or 1 where arrays would not pay)
-    assert lines[1] in ("trials trained together: 2 at a time (auto: arrays of 2 train fastest a trial on this machine)",
-                        "trials trained together: 1 at a time (auto: larger arrays train no faster a trial here)")
-    summary = lines[2:lines.index(links[0])]
+    assert lines[1] in (
+        "trials trained together: 2 at a time (auto: arrays of 2 train fastest a trial on this machine)",
+        "trials trained together: 1 at a time (auto: larger arrays train no faster a trial here)",
+    )
+    summary = lines[2 : lines.index(links[0])]
     assert split(summary[0]) == ["number", "value", "state", "params", "duration_s", "wall_s", "mlflow"]
     by_run = [split(line) for line in summary[1:]]
     by_best = [split(line)[1:] for line in cli("best", "tiny").stdout.splitlines()[1:-1]]  # without rank, model
@@ -98,11 +111,14 @@ def test_run_then_best_on_the_embedded_default(cli, write_study, tmp_path):
     assert by_best[0][6] == rows[0]["mlflow_run_id"]
     # Its share of the array's training time beside its wall time (claim to end).
     assert all(float(r[4]) <= float(r[5]) for r in by_run)
-    assert by_best[0][3] == " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                     for k, v in rows[0]["params"].items())
+    assert by_best[0][3] == " ".join(
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rows[0]["params"].items()
+    )
     csv_out = cli("best", "tiny", "--format", "csv")
-    assert csv_out.stdout.splitlines()[0] == ("rank,number,value,state,params,optimizer,lr,momentum,schedule,"
-                                              "duration_s,wall_s,mlflow_run_id,mlflow,mlflow_status,val_acc,val_loss,train_loss,model")
+    assert csv_out.stdout.splitlines()[0] == (
+        "rank,number,value,state,params,optimizer,lr,momentum,schedule,"
+        "duration_s,wall_s,mlflow_run_id,mlflow,mlflow_status,val_acc,val_loss,train_loss,model"
+    )
 
     sql = cli("sql", "select optimizer, max(value) as best from best_trials group by optimizer", "--format", "json")
     assert sql.returncode == 0, sql.stderr
@@ -117,8 +133,9 @@ def test_run_then_best_on_the_embedded_default(cli, write_study, tmp_path):
 
     unknown = cli("best", "nope")
     assert unknown.returncode == 2
-    assert _one_line_error(unknown.stderr).endswith("no study named 'nope' in "
-                                                    f"sqlite:///{tmp_path / 'lrsearch-data' / 'optuna.db'} (studies: tiny)")
+    assert _one_line_error(unknown.stderr).endswith(
+        f"no study named 'nope' in sqlite:///{tmp_path / 'lrsearch-data' / 'optuna.db'} (studies: tiny)"
+    )
 
 
 def test_best_without_any_store_exits_2(cli, tmp_path):
@@ -128,6 +145,7 @@ def test_best_without_any_store_exits_2(cli, tmp_path):
 
 
 # -- study files and stores someone else wrote ----------------------------------------------
+
 
 def test_names_that_would_leave_the_data_folder_are_refused_before_anything_is_created(cli, write_study, tmp_path):
     from conftest import TINY_STUDY
@@ -152,14 +170,17 @@ def test_a_study_file_in_another_encoding_exits_2_naming_it(cli, tmp_path):
 
 
 def test_values_that_would_crash_or_exhaust_memory_are_refused(cli, write_study):
-    cases = {'lr = { low = 1e-5, high = inf }': "[params].lr.high: expected a finite number > 0, got inf",
-             "lr = inf": "[params].lr: expected a finite number > 0, got inf",
-             "[data]\ncluster_std = inf": "[data].cluster_std: expected a finite number > 0, got inf",
-             "[data]\nn_samples = 1000000000000": "[data].n_samples: expected an integer in [4, 1000000]",
-             "[model]\nhidden = [1000000000]": "[model].hidden: expected a list of 1 to 8 integers in [1, 4096]"}
+    cases = {
+        "lr = { low = 1e-5, high = inf }": "[params].lr.high: expected a finite number > 0, got inf",
+        "lr = inf": "[params].lr: expected a finite number > 0, got inf",
+        "[data]\ncluster_std = inf": "[data].cluster_std: expected a finite number > 0, got inf",
+        "[data]\nn_samples = 1000000000000": "[data].n_samples: expected an integer in [4, 1000000]",
+        "[model]\nhidden = [1000000000]": "[model].hidden: expected a list of 1 to 8 integers in [1, 4096]",
+    }
     for text, message in cases.items():
-        body = f'[study]\nname = "x"\n[params]\n{text}\n' if not text.startswith("[") else \
-            f'[study]\nname = "x"\n{text}\n'
+        body = (
+            f'[study]\nname = "x"\n[params]\n{text}\n' if not text.startswith("[") else f'[study]\nname = "x"\n{text}\n'
+        )
         result = cli("run", str(write_study(body, "big.toml")))
         assert result.returncode == 2, text
         assert message in _one_line_error(result.stderr), result.stderr
@@ -179,7 +200,8 @@ def test_another_applications_sqlite_file_is_refused_and_left_unchanged(cli, wri
         assert result.returncode == 2
         assert _one_line_error(result.stderr) == (
             f"lrsearch: error: {foreign} holds another application's tables (customers) and no {kind}; "
-            f"it was left unchanged: pass another {flag}")
+            f"it was left unchanged: pass another {flag}"
+        )
         assert hashlib.sha256(foreign.read_bytes()).hexdigest() == digest
     assert sorted(p.name for p in tmp_path.iterdir()) == ["app.db", "study.toml"]  # no lock file, no store
 
@@ -195,8 +217,9 @@ def test_other_files_given_as_stores(cli, write_study, tmp_path):
 
     empty = tmp_path / "empty.db"  # an empty file is an empty database: it becomes the store
     empty.touch()
-    result = cli("run", str(write_study()), "--trials", "1", "--epochs", "1", "--storage", f"sqlite:///{empty}",
-                 "--no-report")
+    result = cli(
+        "run", str(write_study()), "--trials", "1", "--epochs", "1", "--storage", f"sqlite:///{empty}", "--no-report"
+    )
     assert result.returncode == 0, result.stderr
     assert "report:" not in result.stdout and not (tmp_path / "reports").exists()  # reports go beside the store
 
@@ -218,10 +241,20 @@ def test_sql_into_a_closed_pipe_ends_quietly(cli, tmp_path):
     import sys
 
     env = {**os.environ, "LRSEARCH_DATA": str(tmp_path / "data")}
-    pipe = subprocess.run(f"{sys.executable} -m lrsearch.cli sql --schema | head -1", shell=True, cwd=tmp_path,
-                          env={**env, "LRSEARCH_STORAGE": f"sqlite:///{tmp_path}/o.db",
-                               "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"},
-                          capture_output=True, text=True, timeout=60, executable="/bin/bash")
+    pipe = subprocess.run(
+        f"{sys.executable} -m lrsearch.cli sql --schema | head -1",
+        shell=True,
+        cwd=tmp_path,
+        env={
+            **env,
+            "LRSEARCH_STORAGE": f"sqlite:///{tmp_path}/o.db",
+            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db",
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+        executable="/bin/bash",
+    )
     assert pipe.stdout.startswith("ATTACH DATABASE")
     assert pipe.stderr == ""  # no BrokenPipeError, no "Exception ignored"
 
@@ -229,8 +262,9 @@ def test_sql_into_a_closed_pipe_ends_quietly(cli, tmp_path):
 def test_an_unreachable_database_is_one_line_without_the_password(cli, write_study):
     result = cli("run", str(write_study()), "--storage", "postgresql+psycopg://me:s3cret@127.0.0.1:5999/db")
     assert result.returncode == 1
-    assert _one_line_error(result.stderr) == ("lrsearch: error: cannot connect to "
-                                              "postgresql+psycopg://me:***@127.0.0.1:5999/db: connection refused")
+    assert _one_line_error(result.stderr) == (
+        "lrsearch: error: cannot connect to postgresql+psycopg://me:***@127.0.0.1:5999/db: connection refused"
+    )
 
 
 def test_credentials_in_a_tracking_uri_are_hidden(cli, write_study):
@@ -245,8 +279,13 @@ def test_a_long_name_is_echoed_cut_short(cli, write_study):
     """A value the user gave comes back in a message at a readable length, not whole."""
     assert cli("run", str(write_study()), "--trials", "1", "--epochs", "1", "--no-report").returncode == 0
     name = "n" * 1500
-    for args in (("status", name), ("cancel", name), ("best", name), ("report", name),
-                 ("run", str(write_study()), "--name", name)):
+    for args in (
+        ("status", name),
+        ("cancel", name),
+        ("best", name),
+        ("report", name),
+        ("run", str(write_study()), "--name", name),
+    ):
         result = cli(*args)
         line = _one_line_error(result.stderr)
         assert result.returncode == 2 and len(line) < 250, (args, len(line))

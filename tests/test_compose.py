@@ -7,16 +7,21 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import compose_interpolate, compose_service
+
 from lrsearch.cli.parser import build_parser
 
 ROOT = Path(__file__).parent.parent
 TEXT = (ROOT / "docker-compose.yml").read_text()
 COMPOSE = yaml.safe_load(TEXT)
 SERVICES = COMPOSE["services"]
-ENV = {"POSTGRES_USER": "u", "POSTGRES_PASSWORD": "p4ss", "POSTGRES_DB": "lr", "MLFLOW_TRACKING_USERNAME": "admin",
-       "MLFLOW_TRACKING_PASSWORD": "a-long-admin-pw"}
+ENV = {
+    "POSTGRES_USER": "u",
+    "POSTGRES_PASSWORD": "p4ss",
+    "POSTGRES_DB": "lr",
+    "MLFLOW_TRACKING_USERNAME": "admin",
+    "MLFLOW_TRACKING_PASSWORD": "a-long-admin-pw",
+}
 
 
 def _example() -> dict[str, str]:
@@ -86,7 +91,9 @@ def test_commands_agree_with_the_cli():
 
     dashboard, environment = compose_service("dashboard", ENV, {})
     assert dashboard[0] == "python"
-    assert environment["OPTUNA_STORAGE"] == "postgresql+psycopg://u:p4ss@postgres:5432/lr?options=-csearch_path%3Doptuna"
+    assert (
+        environment["OPTUNA_STORAGE"] == "postgresql+psycopg://u:p4ss@postgres:5432/lr?options=-csearch_path%3Doptuna"
+    )
 
 
 def test_workers_scale():

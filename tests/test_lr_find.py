@@ -10,11 +10,11 @@ import math
 import pytest
 from mlflow import MlflowClient
 
-from lrsearch.core import attrs
 from lrsearch.config import load_config, parse_config
-from lrsearch.service.launch import run_study
+from lrsearch.core import attrs
 from lrsearch.fit.lr_find import MAX_LR, MIN_LR, STEPS, NoMinimum, range_test, suggest
 from lrsearch.results.ranking import load_study
+from lrsearch.service.launch import run_study
 
 
 def test_the_suggestion_is_the_lowest_loss_before_it_climbs_back():
@@ -68,8 +68,9 @@ def test_lr_find_prints_records_and_draws(cli, tmp_path, write_study):
     table = cli("lr-find", str(path), "--optimizer", "adam")
     assert table.returncode == 0, table.stderr
     lines = table.stdout.splitlines()
-    assert lines[0] == ("lr-find sweep: adam, batch size 32, 3 sweeps of 1000 rates from 1e-07 to 10 "
-                        "(Lightning's Tuner.lr_find)")
+    assert lines[0] == (
+        "lr-find sweep: adam, batch size 32, 3 sweeps of 1000 rates from 1e-07 to 10 (Lightning's Tuner.lr_find)"
+    )
     assert lines[1].startswith("suggested learning rate: ") and lines[2].startswith("search range: ")
     assert lines[4].startswith("MLflow: http://127.0.0.1:5000/#/experiments/")
 
@@ -77,22 +78,27 @@ def test_lr_find_prints_records_and_draws(cli, tmp_path, write_study):
 def test_a_flat_curve_has_no_clear_minimum_and_writes_nothing(cli, tmp_path):
     # Constant features with balanced labels: the loss starts at ln 3 and cannot fall.
     (tmp_path / "flat.csv").write_text("a,b,label\n" + "".join(f"0,0,{i % 3}\n" for i in range(300)))
-    (tmp_path / "flat.toml").write_text('[study]\nname = "flat"\n[data]\nsource = "csv"\npath = "flat.csv"\n'
-                                        'label = "label"\n[params]\nlr = { find = true }\n')
+    (tmp_path / "flat.toml").write_text(
+        '[study]\nname = "flat"\n[data]\nsource = "csv"\npath = "flat.csv"\n'
+        'label = "label"\n[params]\nlr = { find = true }\n'
+    )
     for command in (("lr-find", "flat.toml"), ("run", "flat.toml")):  # (run is submit, then workers)
         out = cli(*command)
         assert out.returncode == 1, command
-        assert out.stderr == ("lrsearch: error: no clear minimum: the loss did not fall between 1e-07 and 10 "
-                              "(sgd, batch size 32)\n"), command
+        assert out.stderr == (
+            "lrsearch: error: no clear minimum: the loss did not fall between 1e-07 and 10 (sgd, batch size 32)\n"
+        ), command
         assert not (tmp_path / "lrsearch-data").exists(), command
     with pytest.raises(NoMinimum):
         range_test(load_config(tmp_path / "flat.toml"))
 
 
 def test_a_study_with_a_found_range_stores_it_and_keeps_it_on_resume(cli, stores, write_study):
-    text = ('[study]\nname = "found"\ntrials = 3\nseed = 1\npruner = "none"\n[train]\nepochs = 4\n'
-            '[params]\noptimizer = "sgd"\nmomentum = 0.9\nlr = { find = true, factor = 4 }\n'
-            'schedule = { choices = ["one_cycle", "cyclic", "cosine"] }\nwarmup_epochs = 1\n')
+    text = (
+        '[study]\nname = "found"\ntrials = 3\nseed = 1\npruner = "none"\n[train]\nepochs = 4\n'
+        '[params]\noptimizer = "sgd"\nmomentum = 0.9\nlr = { find = true, factor = 4 }\n'
+        'schedule = { choices = ["one_cycle", "cyclic", "cosine"] }\nwarmup_epochs = 1\n'
+    )
     path = write_study(text)
     cfg = load_config(path)
     result = run_study(cfg, storage=stores[0], tracking=stores[1], study_file=path)
@@ -119,23 +125,26 @@ def test_a_study_with_a_found_range_stores_it_and_keeps_it_on_resume(cli, stores
     assert shown.returncode == 0, shown.stderr
     assert shown.stdout.splitlines()[1] == (
         f"lr: {found['low']:.3g} to {found['high']:.3g}, log scale (stored with the study in {stores[0]}: "
-        f"the range test suggested {found['suggestion']:.3g} for sgd)")
+        f"the range test suggested {found['suggestion']:.3g} for sgd)"
+    )
 
 
 def test_find_is_for_lr_ranges_only():
     base = {"study": {"name": "x"}}
     for params, message in (
-        ({"momentum": {"find": True}}, "x.toml: [params].momentum.find: expected no find: only lr's range can "
-                                       "come from the range test"),
+        (
+            {"momentum": {"find": True}},
+            "x.toml: [params].momentum.find: expected no find: only lr's range can come from the range test",
+        ),
         ({"lr": {"find": False}}, "x.toml: [params].lr.find: expected true, got false"),
         ({"lr": {"find": True, "factor": 1}}, "x.toml: [params].lr.factor: expected a number > 1"),
-        ({"lr": {"find": True, "low": 0.1}}, "x.toml: [params].lr.low: unknown key; a find table has find and "
-                                             "factor"),
+        ({"lr": {"find": True, "low": 0.1}}, "x.toml: [params].lr.low: unknown key; a find table has find and factor"),
     ):
         with pytest.raises(Exception) as raised:
             parse_config({**base, "params": params}, "x.toml")
         assert str(raised.value).startswith(message), str(raised.value)
     with pytest.raises(Exception) as raised:
         parse_config({"study": {"name": "x", "sampler": "grid"}, "params": {"lr": {"find": True}}}, "x.toml")
-    assert str(raised.value).startswith("x.toml: [params].lr: expected a fixed value or { choices = [...] } for "
-                                        "sampler 'grid'")
+    assert str(raised.value).startswith(
+        "x.toml: [params].lr: expected a fixed value or { choices = [...] } for sampler 'grid'"
+    )

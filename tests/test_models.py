@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import free_port, stop_process_group, wait_for_http
 from mlflow import MlflowClient
 
-from conftest import free_port, stop_process_group, wait_for_http
 from lrsearch.choices import data as data_module
 from lrsearch.config import load_config
 
@@ -64,8 +64,9 @@ def _flowers(folder: Path, name: str = "flowers") -> Path:
 
     x, y = make_blobs(n_samples=400, centers=3, n_features=4, cluster_std=1.5, random_state=3)
     x = x * [1, 10, 100, 1000] + [0, 5, 50, 500]
-    rows = ["sepal,petal,stem,root,species"] + [",".join([*(f"{v:.6g}" for v in row), LABELS[int(c)]])
-                                                 for row, c in zip(x, y)]
+    rows = ["sepal,petal,stem,root,species"] + [
+        ",".join([*(f"{v:.6g}" for v in row), LABELS[int(c)]]) for row, c in zip(x, y)
+    ]
     (folder / "flowers.csv").write_text("\n".join(rows) + "\n")
     path = folder / f"{name}.toml"
     path.write_text(STUDY.format(name=name))
@@ -81,8 +82,13 @@ def _validation_rows(study_file: Path) -> tuple[list[str], np.ndarray]:
 
 
 def _predict_elsewhere(tracking: str, model: str, csv: Path) -> dict:
-    proc = subprocess.run([sys.executable, "-c", LOAD, tracking, model, str(csv)], capture_output=True, text=True,
-                          timeout=300, env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"})
+    proc = subprocess.run(
+        [sys.executable, "-c", LOAD, tracking, model, str(csv)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"},
+    )
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.splitlines()[-1])
 
@@ -91,12 +97,32 @@ def _serve(tracking: str, model: str, csv: Path, folder: Path) -> list:
     """POST the CSV's rows to `mlflow models serve -m MODEL` (as MLflow's docs run it, with
     the environment it runs in) and return its predictions."""
     port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking,
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # its uvicorn
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": tracking,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }  # its uvicorn
     log = open(folder / "serve.log", "w+b")
-    server = subprocess.Popen([Path(sys.executable).with_name("mlflow"), "models", "serve", "-m", model,
-                               "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
-                              stdout=log, stderr=subprocess.STDOUT, env=env, cwd=folder, start_new_session=True)
+    server = subprocess.Popen(
+        [
+            Path(sys.executable).with_name("mlflow"),
+            "models",
+            "serve",
+            "-m",
+            model,
+            "--env-manager",
+            "local",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=folder,
+        start_new_session=True,
+    )
     server.stderr = log
     try:
         wait_for_http(f"http://127.0.0.1:{port}/ping", server)
@@ -104,8 +130,9 @@ def _serve(tracking: str, model: str, csv: Path, folder: Path) -> list:
 
         frame = pd.read_csv(csv)
         body = json.dumps({"dataframe_split": json.loads(frame.to_json(orient="split", index=False))}).encode()
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", body,
-                                         {"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", body, {"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(request, timeout=60) as response:
             return json.loads(response.read())["predictions"]
     finally:
@@ -127,12 +154,20 @@ def _check_records(client: MlflowClient, name: str, study) -> tuple[str, dict]:
     assert str(version.version) == str(versions[0].version) == "1"
     assert version.run_id == run_id
     assert {k: version.tags[k] for k in ("lrsearch.study", "lrsearch.trial", "lrsearch.run_id")} == {
-        "lrsearch.study": name, "lrsearch.trial": str(best.number), "lrsearch.run_id": run_id}
+        "lrsearch.study": name,
+        "lrsearch.trial": str(best.number),
+        "lrsearch.run_id": run_id,
+    }
     assert float(version.tags["lrsearch.value"]) == best.value
     parent = client.get_run(study.user_attrs["mlflow_parent_run_id"])
     assert f"Model: `models:/{name}@best` (version 1, trial {best.number})" in parent.data.tags["mlflow.note.content"]
-    assert study.user_attrs["lrsearch_model"] == {"name": name, "version": "1", "trial": best.number,
-                                                  "run_id": run_id, "uri": f"models:/{name}@best"}
+    assert study.user_attrs["lrsearch_model"] == {
+        "name": name,
+        "version": "1",
+        "trial": best.number,
+        "run_id": run_id,
+        "uri": f"models:/{name}@best",
+    }
     for run_id_ in [parent.info.run_id, *(t.user_attrs["mlflow_run_id"] for t in study.trials)]:
         inputs = client.get_run(run_id_).inputs.dataset_inputs
         seen = {(i.tags[0].value, i.dataset.name, json.loads(i.dataset.profile)["num_rows"]) for i in inputs}
@@ -163,14 +198,17 @@ def test_a_study_ends_with_its_best_network_registered_which_predicts_the_csv_la
 
     shown = cli("best", "flowers", "--format", "json")
     rows = json.loads(shown.stdout)
-    assert [r["model"] for r in rows] == ["models:/flowers@best" if r["mlflow_run_id"] == run_id else None
-                                          for r in rows]
+    assert [r["model"] for r in rows] == [
+        "models:/flowers@best" if r["mlflow_run_id"] == run_id else None for r in rows
+    ]
     table = cli("best", "flowers").stdout.splitlines()
     assert table[-1].startswith(f"model: models:/flowers@best (trial {best.number};")
     again = cli("best", "flowers", "--register", "--top", "1")
     assert again.returncode == 0, again.stderr
-    assert again.stdout.splitlines()[0] == f"model: models:/flowers@best (version 1: trial {best.number}; " \
-                                           "already registered)"
+    assert (
+        again.stdout.splitlines()[0] == f"model: models:/flowers@best (version 1: trial {best.number}; "
+        "already registered)"
+    )
     assert len(client.search_model_versions("name = 'flowers'")) == 1
 
     # Raw rows in, the CSV's own labels out: on the validation rows, exactly the trial's val/acc.
@@ -236,7 +274,9 @@ def test_every_trial_of_an_array_keeps_its_own_network(cli, tmp_path):
 
     study_file = _flowers(tmp_path, "slices")
     text = study_file.read_text().replace("trials = 3", "trials = 5").replace('pruner = "none"', 'pruner = "median"')
-    text = text.replace("array = 3", "array = 2").replace('optimizer = "adam"', 'optimizer = { choices = ["adam", "sgd"] }')
+    text = text.replace("array = 3", "array = 2").replace(
+        'optimizer = "adam"', 'optimizer = { choices = ["adam", "sgd"] }'
+    )
     study_file.write_text(text + "momentum = { low = 0.5, high = 0.9 }\n")
     assert cli("run", str(study_file), "--no-report").returncode == 0
     tracking = f"sqlite:///{tmp_path / 'lrsearch-data' / 'mlflow.db'}"
@@ -281,8 +321,10 @@ def test_scale_is_fitted_on_the_training_rows_and_kept_in_the_data(tmp_path):
 
 
 # Class indices follow the labels' order as text (as they always have: seeded studies keep them).
-@pytest.mark.parametrize("labels, values", [(["3", "10", "3"], (10, 3)), (["0.5", "2", "0.5"], (0.5, 2.0)),
-                                            (["b", "a", "10"], ("10", "a", "b"))])
+@pytest.mark.parametrize(
+    "labels, values",
+    [(["3", "10", "3"], (10, 3)), (["0.5", "2", "0.5"], (0.5, 2.0)), (["b", "a", "10"], ("10", "a", "b"))],
+)
 def test_labels_keep_the_type_a_reader_of_the_file_gives_them(tmp_path, labels, values):
     (tmp_path / "flowers.csv").write_text("x,species\n" + "".join(f"{i},{label}\n" for i, label in enumerate(labels)))
     (tmp_path / "s.toml").write_text(STUDY.format(name="s").replace("0.25", "0.34"))
@@ -303,17 +345,33 @@ def test_the_registered_model_is_served_by_mlflow_models_serve(cli, tmp_path):
 
 
 @pytest.mark.slow
-def test_on_postgres_the_model_is_registered_through_the_tracking_server(pg_url, tracking_server, tmp_path,
-                                                                         monkeypatch):
+def test_on_postgres_the_model_is_registered_through_the_tracking_server(
+    pg_url, tracking_server, tmp_path, monkeypatch
+):
     import optuna
 
     from lrsearch.store.urls import schema_url
 
     monkeypatch.setenv("LRSEARCH_DATA", str(tmp_path / "data"))
     study_file = _flowers(tmp_path, "pgflowers")
-    proc = subprocess.run([sys.executable, "-m", "lrsearch.cli", "run", str(study_file), "--no-report",
-                           "--storage", pg_url, "--tracking-uri", tracking_server],
-                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lrsearch.cli",
+            "run",
+            str(study_file),
+            "--no-report",
+            "--storage",
+            pg_url,
+            "--tracking-uri",
+            tracking_server,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "warning" not in proc.stderr, proc.stderr
     study = optuna.load_study(study_name="pgflowers", storage=schema_url(pg_url, "optuna"))

@@ -13,9 +13,16 @@ def _params() -> list[torch.nn.Parameter]:
     return [torch.nn.Parameter(torch.zeros(3))]
 
 
-@pytest.mark.parametrize(("name", "cls"), [("sgd", torch.optim.SGD), ("adam", torch.optim.Adam),
-                                           ("rmsprop", torch.optim.RMSprop), ("adagrad", torch.optim.Adagrad),
-                                           ("adamw", torch.optim.AdamW)])
+@pytest.mark.parametrize(
+    ("name", "cls"),
+    [
+        ("sgd", torch.optim.SGD),
+        ("adam", torch.optim.Adam),
+        ("rmsprop", torch.optim.RMSprop),
+        ("adagrad", torch.optim.Adagrad),
+        ("adamw", torch.optim.AdamW),
+    ],
+)
 def test_optimizers(name, cls):
     opt = make_optimizer(_params(), {"optimizer": name, "lr": 0.05, "momentum": 0.5})
     assert isinstance(opt, cls)
@@ -46,7 +53,7 @@ def test_adamw_decays_weights_apart_from_the_gradient():
     # Zero gradient: Adam's step is 0, so only the decoupled decay moves the weight:
     # w <- w * (1 - lr * weight_decay), twice.
     hp = {"optimizer": "adamw", "lr": 0.1, "weight_decay": 0.5}
-    assert _one_step(hp, 0.0, start=1.0) == pytest.approx(0.95 ** 2)
+    assert _one_step(hp, 0.0, start=1.0) == pytest.approx(0.95**2)
     assert _one_step({**hp, "optimizer": "adam"}, 0.0, start=1.0) == 1.0
 
 
@@ -74,9 +81,11 @@ def test_plateau_lowers_the_rate_after_patience_flat_epochs():
 
 
 def test_epoch_schedules():
-    for hp, expected in (({"schedule": "step", "step_size": 2, "gamma": 0.5}, [0.1, 0.05, 0.05, 0.025]),
-                         ({"schedule": "exponential", "gamma": 0.5}, [0.05, 0.025, 0.0125, 0.00625]),
-                         ({"schedule": "constant"}, [0.1] * 4)):
+    for hp, expected in (
+        ({"schedule": "step", "step_size": 2, "gamma": 0.5}, [0.1, 0.05, 0.05, 0.025]),
+        ({"schedule": "exponential", "gamma": 0.5}, [0.05, 0.025, 0.0125, 0.00625]),
+        ({"schedule": "constant"}, [0.1] * 4),
+    ):
         opt = make_optimizer(_params(), {"optimizer": "sgd", "lr": 0.1})
         schedule = make_schedule(opt, hp)
         got = []
@@ -118,8 +127,8 @@ def test_one_cycle_rises_to_lr_then_anneals_far_below():
     peak = flat.index(max(flat))
     assert flat[0] == pytest.approx(0.1 / 25) and max(flat) == pytest.approx(0.1)
     assert peak == round(0.3 * 40) - 1  # PyTorch's phase end: pct_start · total - 1
-    assert all(a < b for a, b in zip(flat[:peak], flat[1:peak + 1]))  # up, then down
-    assert all(a > b for a, b in zip(flat[peak:], flat[peak + 1:]))
+    assert all(a < b for a, b in zip(flat[:peak], flat[1 : peak + 1]))  # up, then down
+    assert all(a > b for a, b in zip(flat[peak:], flat[peak + 1 :]))
     assert flat[-1] == pytest.approx(0.1 / 25 / 1e4, rel=0.05) or flat[-1] < 0.1 / 25 / 10
 
 

@@ -21,18 +21,23 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-
 from conftest import missing
 
 pytestmark = pytest.mark.slow
 
-SUITE = ["tests/storages_tests/test_storages.py", "tests/storages_tests/test_heartbeat.py",
-         "tests/study_tests/test_dataframe.py", "tests/trial_tests"]
+SUITE = [
+    "tests/storages_tests/test_storages.py",
+    "tests/storages_tests/test_heartbeat.py",
+    "tests/study_tests/test_dataframe.py",
+    "tests/trial_tests",
+]
 PLUGIN = Path(__file__).parent / "optuna_storage"
 # The tests that check the storage's class, not its behaviour: why, and what their failure
 # shows (where the class decides, not anywhere else).
-_IS_RDB = ("asserts isinstance(storage, RDBStorage) first, then reaches into RDBStorage's private methods or "
-           "engine", "isinstance")
+_IS_RDB = (
+    "asserts isinstance(storage, RDBStorage) first, then reaches into RDBStorage's private methods or engine",
+    "isinstance",
+)
 # SQLite reuses a deleted study's id, and the test expects that of RDBStorage and _CachedStorage
 # only (by isinstance): through the wrapper, an RDB storage underneath, the id is reused too, and
 # the test asserts 3 distinct ids. (PostgreSQL never reuses one: there it passes.)
@@ -60,12 +65,31 @@ def optuna_tests() -> Path:
     if (home / "tests" / "storages_tests").is_dir():
         return home
     with tempfile.TemporaryDirectory() as tmp:
-        got = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                              f"optuna=={version}", "-d", tmp, "-q"], capture_output=True, text=True, timeout=300)
+        got = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                f"optuna=={version}",
+                "-d",
+                tmp,
+                "-q",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         archives = list(Path(tmp).glob("optuna-*.tar.gz"))
         if got.returncode != 0 or not archives:
-            missing("Optuna's test suite", f"pip download of optuna=={version}'s source failed: "
-                                           f"{(got.stderr.strip().splitlines() or ['no archive'])[-1]}")
+            missing(
+                "Optuna's test suite",
+                f"pip download of optuna=={version}'s source failed: "
+                f"{(got.stderr.strip().splitlines() or ['no archive'])[-1]}",
+            )
         with tarfile.open(archives[0]) as tar:
             tar.extractall(tmp, filter="data")
         home.mkdir(parents=True, exist_ok=True)
@@ -78,19 +102,46 @@ def optuna_tests() -> Path:
     return home
 
 
-def _run(suite: Path, tmp_path: Path, store: str, wrap: bool, pg: str | None, only: list[str] | None = None
-         ) -> dict[str, str | None]:
+def _run(
+    suite: Path, tmp_path: Path, store: str, wrap: bool, pg: str | None, only: list[str] | None = None
+) -> dict[str, str | None]:
     """Optuna's tests (``only``: these node ids), each test id -> its failure's message (None
     if it passed)."""
     report = tmp_path / f"{store}-{int(wrap)}.xml"
-    env = {**os.environ, "LRSEARCH_OPTUNA_STORE": store, "LRSEARCH_OPTUNA_WRAP": "1" if wrap else "0",
-           "PYTHONPATH": os.pathsep.join([str(PLUGIN), os.environ.get("PYTHONPATH", "")]),
-           **({"LRSEARCH_OPTUNA_PG": pg} if pg else {})}
+    env = {
+        **os.environ,
+        "LRSEARCH_OPTUNA_STORE": store,
+        "LRSEARCH_OPTUNA_WRAP": "1" if wrap else "0",
+        "PYTHONPATH": os.pathsep.join([str(PLUGIN), os.environ.get("PYTHONPATH", "")]),
+        **({"LRSEARCH_OPTUNA_PG": pg} if pg else {}),
+    }
     args = only or SUITE
-    done = subprocess.run([sys.executable, "-m", "pytest", *args, "-p", "lrsearch_wrap", "-q", "-n", "0",
-                           "-o", "addopts=", "-p", "no:cacheprovider", "--tb=line", f"--junitxml={report}",
-                           "-W", "ignore::DeprecationWarning"],
-                          cwd=suite, env=env, capture_output=True, text=True, timeout=1800)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            *args,
+            "-p",
+            "lrsearch_wrap",
+            "-q",
+            "-n",
+            "0",
+            "-o",
+            "addopts=",
+            "-p",
+            "no:cacheprovider",
+            "--tb=line",
+            f"--junitxml={report}",
+            "-W",
+            "ignore::DeprecationWarning",
+        ],
+        cwd=suite,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     if not report.exists():
         pytest.fail(f"Optuna's tests did not run: {done.stdout[-2000:]}{done.stderr[-2000:]}")
     results: dict[str, str | None] = {}

@@ -13,9 +13,9 @@ from pathlib import Path
 import optuna
 import pytest
 import sqlalchemy as sa
+from conftest import FAST_HEARTBEAT, TcpProxy, missing, server_study, start_server, stop_process_group
 from mlflow import MlflowClient
 
-from conftest import FAST_HEARTBEAT, TcpProxy, missing, server_study, start_server, stop_process_group
 from lrsearch.store.urls import schema_url
 
 # Worker processes, servers or a browser: seconds each (python -m pytest -m "not slow" leaves them out).
@@ -46,11 +46,21 @@ def server(proxied, tmp_path_factory):
 
 
 def _run(path: Path, storage: str, tracking: str, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "lrsearch.cli", "run", str(path), "--workers", "2", "--no-report"],
-                            env={**os.environ, **FAST_HEARTBEAT, "LRSEARCH_DATA": str(path.parent / "data"),
-                                 "LRSEARCH_STORAGE": storage,
-                                 "MLFLOW_TRACKING_URI": tracking, **(env or {})},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "lrsearch.cli", "run", str(path), "--workers", "2", "--no-report"],
+        env={
+            **os.environ,
+            **FAST_HEARTBEAT,
+            "LRSEARCH_DATA": str(path.parent / "data"),
+            "LRSEARCH_STORAGE": storage,
+            "MLFLOW_TRACKING_URI": tracking,
+            **(env or {}),
+        },
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def _study(pg_url: str, name: str) -> optuna.Study:
@@ -98,9 +108,16 @@ def _assert_study_whole(pg_url: str, tracking: str, name: str, total: int) -> No
 def _terminate_backends(pg_url: str) -> int:
     engine = sa.create_engine(pg_url, poolclass=sa.pool.NullPool)
     with engine.connect() as conn:
-        killed = conn.execute(sa.text(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            "WHERE datname = current_database() AND pid <> pg_backend_pid()")).scalars().all()
+        killed = (
+            conn.execute(
+                sa.text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+            )
+            .scalars()
+            .all()
+        )
     engine.dispose()
     return sum(killed)
 
@@ -137,8 +154,7 @@ def test_an_outage_within_the_window_costs_nothing(pg_url, proxied, proxy, serve
     _assert_study_whole(pg_url, server, "outage", 10)
 
 
-def test_an_outage_past_the_window_exits_1_in_one_line_and_a_rerun_completes(pg_url, proxied, proxy, server,
-                                                                            tmp_path):
+def test_an_outage_past_the_window_exits_1_in_one_line_and_a_rerun_completes(pg_url, proxied, proxy, server, tmp_path):
     path = tmp_path / "long.toml"
     path.write_text(server_study("long", 8, 150, seed=3))
     proc = _run(path, proxied, server, env={"LRSEARCH_OUTAGE_S": "3"})
@@ -167,8 +183,9 @@ def tiny_disk(tmp_path):
     """A 2 MB filesystem of its own (tmpfs), for a store that runs out of space."""
     mount = tmp_path / "disk"
     mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True,
-                            text=True)
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True, text=True
+    )
     if result.returncode != 0:
         missing("a tmpfs mount", f"{result.stderr.strip()} (it needs root)")
     yield mount
@@ -179,9 +196,23 @@ def test_a_full_disk_is_one_line(tiny_disk, tmp_path):
     path = tmp_path / "full.toml"
     path.write_text(server_study("full", 200, 30, seed=3))
     storage = f"sqlite:///{tiny_disk / 'optuna.db'}"
-    proc = subprocess.Popen([sys.executable, "-m", "lrsearch.cli", "run", str(path), "--no-report", "--storage", storage,
-                             "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lrsearch.cli",
+            "run",
+            str(path),
+            "--no-report",
+            "--storage",
+            storage,
+            "--tracking-uri",
+            f"sqlite:///{tmp_path / 'mlflow.db'}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 120
     while True:
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
@@ -240,8 +271,10 @@ def test_a_tracking_server_that_never_answers_costs_one_bounded_call(monkeypatch
     silent.listen(8)  # connections queue in the backlog; nothing ever reads or replies
     port = silent.getsockname()[1]
     tracker = Tracker(f"http://127.0.0.1:{port}")
-    assert {k: os.environ[k] for k in HTTP_LIMITS} == {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
-                                                       "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+    assert {k: os.environ[k] for k in HTTP_LIMITS} == {
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    }
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "1")  # the operator's own bound wins (and the test is quick)
     outcome: list[BaseException | None] = []
 

@@ -59,14 +59,22 @@ def test_an_exploited_member_continues_exactly_from_its_sources_weights_and_opti
     best (Adam: its moments and step count matter) with no perturbation. With the source's
     data order too, the two train bit for bit alike from then on: nothing of the source's
     state was left behind, and the copier took the source's optimizer."""
-    cfg = parse_config({"study": {"name": "exact", "sampler": "pbt", "seed": 1}, "train": {"epochs": 4},
-                        "params": {"lr": {"low": 1e-5, "high": 0.1, "log": True}},
-                        "pbt": {"interval": 2, "quantile": 0.25, "perturb": [1.0], "resample": 0.0}}, "exact.toml")
+    cfg = parse_config(
+        {
+            "study": {"name": "exact", "sampler": "pbt", "seed": 1},
+            "train": {"epochs": 4},
+            "params": {"lr": {"low": 1e-5, "high": 0.1, "log": True}},
+            "pbt": {"interval": 2, "quantile": 0.25, "perturb": [1.0], "resample": 0.0},
+        },
+        "exact.toml",
+    )
     data = load_data(cfg.data)
-    hps = [{"optimizer": "adam", "lr": 0.01, "schedule": "constant"},
-           {"optimizer": "sgd", "lr": 1e-5, "momentum": 0.5, "nesterov": False, "schedule": "constant"},
-           {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": False, "schedule": "constant"},
-           {"optimizer": "adam", "lr": 0.003, "schedule": "constant"}]
+    hps = [
+        {"optimizer": "adam", "lr": 0.01, "schedule": "constant"},
+        {"optimizer": "sgd", "lr": 1e-5, "momentum": 0.5, "nesterov": False, "schedule": "constant"},
+        {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": False, "schedule": "constant"},
+        {"optimizer": "adam", "lr": 0.003, "schedule": "constant"},
+    ]
     members = [Member(str(i), hp, 10 + i, 4) for i, hp in enumerate(hps)]
     fit_array(cfg, data, members, population=_Aligned(cfg.pbt, cfg.params, "val/acc", "maximize", 4, cfg.study.seed))
     worst = members[1]
@@ -91,8 +99,14 @@ def test_the_bottom_quantile_copies_the_top_and_explores_within_the_range():
     assert all(source in (1, 5) for _, source in chosen)  # from the two best
     assert pairs(values, "minimize", 0.25, rng)[0][1] in (2, 7)
     space = {"lr": Range(1e-4, 0.1, log=True), "momentum": Range(0.0, 0.9)}
-    cfg = parse_config({"study": {"name": "x", "sampler": "pbt"}, "params": {"lr": {"low": 1e-4, "high": 0.1}},
-                        "pbt": {"resample": 0.0, "perturb": [0.8, 1.2]}}, "x.toml").pbt
+    cfg = parse_config(
+        {
+            "study": {"name": "x", "sampler": "pbt"},
+            "params": {"lr": {"low": 1e-4, "high": 0.1}},
+            "pbt": {"resample": 0.0, "perturb": [0.8, 1.2]},
+        },
+        "x.toml",
+    ).pbt
     for _ in range(50):
         new = explore({"optimizer": "sgd", "lr": 0.1, "momentum": 0.5}, space, cfg, rng)
         assert round(new["lr"], 12) in (0.08, 0.1) and round(new["momentum"], 12) in (0.4, 0.6)  # 0.12: kept in range
@@ -103,9 +117,15 @@ def test_a_diverged_member_copies_a_good_one_at_once_and_trains_on():
     """lr 1e8 diverges in its first epoch: at that epoch's end it copies one of the others
     (not at an exploit epoch: interval 3), clears its divergence and trains all its epochs;
     when every member diverges, none copies, and all leave as diverged."""
-    cfg = parse_config({"study": {"name": "wild", "sampler": "pbt", "seed": 2}, "train": {"epochs": 5},
-                        "params": {"lr": {"low": 1e-4, "high": 0.1, "log": True}},
-                        "pbt": {"interval": 3}}, "wild.toml")
+    cfg = parse_config(
+        {
+            "study": {"name": "wild", "sampler": "pbt", "seed": 2},
+            "train": {"epochs": 5},
+            "params": {"lr": {"low": 1e-4, "high": 0.1, "log": True}},
+            "pbt": {"interval": 3},
+        },
+        "wild.toml",
+    )
     data = load_data(cfg.data)
     calm = {"optimizer": "sgd", "lr": 0.05, "momentum": 0.5, "nesterov": False, "schedule": "constant"}
     wild = {**calm, "lr": 1e8, "momentum": 0.0}
@@ -124,8 +144,14 @@ def test_a_diverged_member_copies_a_good_one_at_once_and_trains_on():
 def test_explore_resamples_keeps_steps_and_never_leaves_nesterov_without_momentum():
     rng = random.Random(5)
     space = {"momentum": Range(0.0, 0.9, step=0.1), "lr": Range(0.001, 0.1)}
-    cfg = parse_config({"study": {"name": "x", "sampler": "pbt"}, "params": {"lr": {"low": 0.001, "high": 0.1}},
-                        "pbt": {"resample": 1.0}}, "x.toml").pbt
+    cfg = parse_config(
+        {
+            "study": {"name": "x", "sampler": "pbt"},
+            "params": {"lr": {"low": 0.001, "high": 0.1}},
+            "pbt": {"resample": 1.0},
+        },
+        "x.toml",
+    ).pbt
     seen = set()
     for _ in range(300):
         new = explore({"optimizer": "sgd", "lr": 0.01, "momentum": 0.5, "nesterov": True}, space, cfg, rng)
@@ -140,13 +166,21 @@ class _Trial:
     def __init__(self, number, lr, epochs, exploits=()):
         self.number = number
         self.params = {"optimizer": "sgd", "lr": lr}
-        self.user_attrs = {"hyperparameters": dict(self.params), "epochs_trained": epochs,
-                           "pbt": {"final": {}, "exploits": list(exploits)}}
+        self.user_attrs = {
+            "hyperparameters": dict(self.params),
+            "epochs_trained": epochs,
+            "pbt": {"final": {}, "exploits": list(exploits)},
+        }
 
 
 def _copy(epoch, source, before, after):
-    return {"epoch": epoch, "source": source, "reason": "", "before": {"optimizer": "sgd", "lr": before},
-            "after": {"optimizer": "sgd", "lr": after}}
+    return {
+        "epoch": epoch,
+        "source": source,
+        "reason": "",
+        "before": {"optimizer": "sgd", "lr": before},
+        "after": {"optimizer": "sgd", "lr": after},
+    }
 
 
 def test_a_members_line_follows_its_network_back_through_each_copy():
@@ -167,16 +201,23 @@ def test_a_members_line_follows_its_network_back_through_each_copy():
     assert schedule_text(line([t0, t1, t3], t3)).startswith("lr 0.1 (sgd, epochs 0–2, trial 0) → 0.08 (sgd")
 
 
-@pytest.mark.parametrize("table, key", [
-    ("[params]\nschedule = { choices = [\"cosine\", \"constant\"] }\nlr = { low = 0.001, high = 0.1 }", "[params].schedule"),
-    ("[params]\nlr = { choices = [0.01, 0.1] }", "[params].lr"),
-    ("[params]\noptimizer = \"adam\"", "[params]"),
-    ("[params]\nlr = { low = 0.001, high = 0.1 }\nwarmup_epochs = 3", "[params].warmup_epochs"),
-    ("[params]\nlr = { low = 0.001, high = 0.1 }\n[pbt]\nquantile = 0.75", "[pbt].quantile"),
-])
-def test_a_study_file_asking_pbt_for_what_it_cannot_change_is_refused_at_the_door(write_study, cli, tmp_path,
-                                                                                 table, key):
-    path = write_study(f"[study]\nname = \"p\"\nsampler = \"pbt\"\n{table}\n")
+@pytest.mark.parametrize(
+    "table, key",
+    [
+        (
+            '[params]\nschedule = { choices = ["cosine", "constant"] }\nlr = { low = 0.001, high = 0.1 }',
+            "[params].schedule",
+        ),
+        ("[params]\nlr = { choices = [0.01, 0.1] }", "[params].lr"),
+        ('[params]\noptimizer = "adam"', "[params]"),
+        ("[params]\nlr = { low = 0.001, high = 0.1 }\nwarmup_epochs = 3", "[params].warmup_epochs"),
+        ("[params]\nlr = { low = 0.001, high = 0.1 }\n[pbt]\nquantile = 0.75", "[pbt].quantile"),
+    ],
+)
+def test_a_study_file_asking_pbt_for_what_it_cannot_change_is_refused_at_the_door(
+    write_study, cli, tmp_path, table, key
+):
+    path = write_study(f'[study]\nname = "p"\nsampler = "pbt"\n{table}\n')
     done = cli("run", str(path))
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and f"{path}: {key}:" in done.stderr
@@ -204,20 +245,31 @@ def test_a_pbt_study_records_each_exploit_and_registers_the_best_member(write_st
         exploits = t.user_attrs["pbt"]["exploits"]
         lrs = {m.step: m.value for m in client.get_metric_history(run_id, "lr")}
         for e in exploits:
-            assert e["before"]["lr"] == pytest.approx(lrs[e["epoch"]]) and e["after"]["lr"] == pytest.approx(lrs[e["epoch"] + 1])
+            assert e["before"]["lr"] == pytest.approx(lrs[e["epoch"]]) and e["after"]["lr"] == pytest.approx(
+                lrs[e["epoch"] + 1]
+            )
         sources = {m.step: int(m.value) for m in client.get_metric_history(run_id, COPIED_FROM)}
         assert sources == {e["epoch"]: e["source"] for e in exploits}
-        assert json.loads(client.download_artifacts(run_id, "pbt.json", str(tmp_path)) and
-                          (tmp_path / "pbt.json").read_text()) == t.user_attrs["pbt"]
+        assert (
+            json.loads(
+                client.download_artifacts(run_id, "pbt.json", str(tmp_path)) and (tmp_path / "pbt.json").read_text()
+            )
+            == t.user_attrs["pbt"]
+        )
         run = client.get_run(run_id)
-        assert "ended with" in run.data.tags["mlflow.note.content"] and "copied trial" in run.data.tags["mlflow.note.content"]
+        assert (
+            "ended with" in run.data.tags["mlflow.note.content"]
+            and "copied trial" in run.data.tags["mlflow.note.content"]
+        )
         assert float(run.data.params["lr"]) == pytest.approx(t.params["lr"], rel=1e-3)  # the first draw
         assert t.user_attrs["pbt"]["final"]["lr"] == pytest.approx(lrs[7])
     best = json.loads(cli("best", "pbt", "--format", "json").stdout)
     top = study.best_trial
     assert best[0]["number"] == top.number and best[0]["params"] == top.user_attrs["pbt"]["final"]
     # (the SQL view's params keep 15 digits: issue 33's "one number everywhere")
-    assert best[0]["drawn"] == pytest.approx(top.params) and best[0]["lr"] == pytest.approx(top.user_attrs["pbt"]["final"]["lr"])
+    assert best[0]["drawn"] == pytest.approx(top.params) and best[0]["lr"] == pytest.approx(
+        top.user_attrs["pbt"]["final"]["lr"]
+    )
     model = study.user_attrs["lrsearch_model"]
     assert model["trial"] == top.number and model["uri"] == "models:/pbt@best"
     parent = client.get_run(study.user_attrs["mlflow_parent_run_id"])
@@ -248,9 +300,25 @@ def test_a_service_worker_trains_populations_of_a_submitted_pbt_study(store, tmp
     cfg = parse_config(tomllib.loads(PBT_STUDY.format(trials=6, epochs=6, population=4, interval=2)), "pbt.toml")
     submit(cfg, storage=stores[0], tracking=stores[1])
     MlflowClient(stores[1]).search_experiments()  # MLflow's tables, as its server makes them first
-    worker = subprocess.Popen([sys.executable, "-m", "lrsearch.cli", "worker", "--array", "1", "--max-idle", "3",
-                               "--storage", stores[0], "--tracking-uri", stores[1]],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lrsearch.cli",
+            "worker",
+            "--array",
+            "1",
+            "--max-idle",
+            "3",
+            "--storage",
+            stores[0],
+            "--tracking-uri",
+            stores[1],
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     row = _wait(stores, "pbt", lambda r: r["state"] == "done", [worker])
     out, err = worker.communicate(timeout=120)
     assert worker.returncode == 0, err
@@ -268,11 +336,16 @@ def test_a_service_worker_trains_populations_of_a_submitted_pbt_study(store, tmp
     from lrsearch.sql.queries import ResultsDatabase
 
     with ResultsDatabase(*stores) as db:  # the views' typed columns: what each member ended with
-        rows = db.query("SELECT trial_number, optimizer, lr, momentum, pbt FROM trials WHERE study_name = 'pbt'").records()
+        rows = db.query(
+            "SELECT trial_number, optimizer, lr, momentum, pbt FROM trials WHERE study_name = 'pbt'"
+        ).records()
     for row in rows:
         final = trials[str(row["trial_number"])].user_attrs["pbt"]["final"]
-        assert (row["optimizer"], row["lr"], row["momentum"]) == (final["optimizer"], pytest.approx(final["lr"]),
-                                                                 final.get("momentum"))
+        assert (row["optimizer"], row["lr"], row["momentum"]) == (
+            final["optimizer"],
+            pytest.approx(final["lr"]),
+            final.get("momentum"),
+        )
         assert (json.loads(row["pbt"]) if isinstance(row["pbt"], str) else row["pbt"])["final"] == pytest.approx(final)
 
 
@@ -297,8 +370,9 @@ def test_a_sigterm_mid_population_ends_it_and_the_rest_start_a_new_one(write_stu
     study = write_study(PBT_STUDY.format(trials=4, epochs=6, population=4, interval=1))
     env = {**os.environ, "LRSEARCH_DATA": str(tmp_path / "data")}
     command = [sys.executable, "-m", "lrsearch.cli", "run", str(study), "--no-report"]
-    stopped = subprocess.run(command, cwd=tmp_path, env={**env, "LRSEARCH_SIGNAL_AT": moment},
-                             capture_output=True, text=True, timeout=300)
+    stopped = subprocess.run(
+        command, cwd=tmp_path, env={**env, "LRSEARCH_SIGNAL_AT": moment}, capture_output=True, text=True, timeout=300
+    )
     trials = _trials(tmp_path)
     seen = [(t.number, t.state.name, t.user_attrs.get("reason")) for t in trials]
     assert stopped.returncode == 143 and "Traceback" not in stopped.stderr, (stopped.stderr, seen)

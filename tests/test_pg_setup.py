@@ -6,8 +6,8 @@ from __future__ import annotations
 import uuid
 
 import pytest
-
 from conftest import PG_ADMIN_URL, missing
+
 from lrsearch.core.errors import LrsearchError
 from lrsearch.store.postgres import SCHEMAS, prepare_database
 
@@ -40,8 +40,9 @@ def role_and_url(admin):
     def make(createdb: bool) -> tuple[str, str, str]:
         suffix = uuid.uuid4().hex[:10]
         role, database = f"lrsearch_role_{suffix}", f"lrsearch_new_{suffix}"
-        admin.execute(sa.text(f"CREATE ROLE {role} LOGIN {'CREATEDB' if createdb else 'NOCREATEDB'} "
-                              f"PASSWORD '{PASSWORD}'"))
+        admin.execute(
+            sa.text(f"CREATE ROLE {role} LOGIN {'CREATEDB' if createdb else 'NOCREATEDB'} PASSWORD '{PASSWORD}'")
+        )
         made.append((role, database))
         url = sa.engine.make_url(PG_ADMIN_URL).set(username=role, password=PASSWORD, database=database)
         return role, database, url.render_as_string(hide_password=False)
@@ -55,8 +56,9 @@ def role_and_url(admin):
 def _owner_and_schemas(admin, database: str) -> tuple[str | None, set[str]]:
     import sqlalchemy as sa
 
-    owner = admin.execute(sa.text("SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = :d"),
-                          {"d": database}).scalar()
+    owner = admin.execute(
+        sa.text("SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = :d"), {"d": database}
+    ).scalar()
     if owner is None:
         return None, set()
     engine = sa.create_engine(sa.engine.make_url(PG_ADMIN_URL).set(database=database), poolclass=sa.pool.NullPool)

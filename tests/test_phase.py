@@ -33,20 +33,35 @@ def _fill(storage: str) -> dict[str, str]:
         name = f"case-{i}"
         study = optuna.create_study(storage=store, study_name=name)
         for n in range(finished):
-            study.add_trial(create_trial(state=TrialState.PRUNED if n else TrialState.COMPLETE, value=0.5,
-                                         params={"lr": 0.1}, distributions={"lr": FloatDistribution(0, 1)}))
+            study.add_trial(
+                create_trial(
+                    state=TrialState.PRUNED if n else TrialState.COMPLETE,
+                    value=0.5,
+                    params={"lr": 0.1},
+                    distributions={"lr": FloatDistribution(0, 1)},
+                )
+            )
         study.add_trial(create_trial(state=TrialState.FAIL))  # never counts
         for _ in range(running):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
                 study.ask()
-        records = {attrs.CANCELLED: RECORD if cancelled else None,
-                   attrs.UNRUNNABLE: {**RECORD, "reason": "no", "version": "0", "host": "h"} if unrunnable else None,
-                   attrs.INTERRUPTED: {**RECORD, "signal": "SIGINT"} if interrupted else None}
-        store.set_study_user_attrs(study._study_id, {attrs.CONFIG: {}, attrs.TARGET: TARGET,
-                                                     attrs.SUBMITTED_AT: f"{i:03d}", **records})
-        expected[name] = phase(target=TARGET, finished=finished, running=running, cancelled=records[attrs.CANCELLED],
-                               unrunnable=records[attrs.UNRUNNABLE], interrupted=records[attrs.INTERRUPTED])
+        records = {
+            attrs.CANCELLED: RECORD if cancelled else None,
+            attrs.UNRUNNABLE: {**RECORD, "reason": "no", "version": "0", "host": "h"} if unrunnable else None,
+            attrs.INTERRUPTED: {**RECORD, "signal": "SIGINT"} if interrupted else None,
+        }
+        store.set_study_user_attrs(
+            study._study_id, {attrs.CONFIG: {}, attrs.TARGET: TARGET, attrs.SUBMITTED_AT: f"{i:03d}", **records}
+        )
+        expected[name] = phase(
+            target=TARGET,
+            finished=finished,
+            running=running,
+            cancelled=records[attrs.CANCELLED],
+            unrunnable=records[attrs.UNRUNNABLE],
+            interrupted=records[attrs.INTERRUPTED],
+        )
     store.close()
     return expected
 

@@ -22,8 +22,9 @@ def _running(study: optuna.Study, curves: list[list[float]]) -> list[optuna.tria
 def test_the_median_counts_running_and_pruned_peers_at_the_same_step():
     # Six members of a first array, none COMPLETE: Optuna's MedianPruner would prune none.
     study = optuna.create_study(direction="maximize", pruner=PeerPercentilePruner(50.0, n_startup_trials=5))
-    trials = _running(study, [[0.1, 0.2, 0.3], [0.1, 0.5, 0.6], [0.1, 0.6, 0.7], [0.1, 0.7, 0.8],
-                              [0.1, 0.8, 0.9], [0.1, 0.9, 0.95]])
+    trials = _running(
+        study, [[0.1, 0.2, 0.3], [0.1, 0.5, 0.6], [0.1, 0.6, 0.7], [0.1, 0.7, 0.8], [0.1, 0.8, 0.9], [0.1, 0.9, 0.95]]
+    )
     frozen = [study._storage.get_trial(t._trial_id) for t in trials]
     assert [study.pruner.prune(study, t) for t in frozen] == [True, True, True, False, False, False]
     assert not optuna.pruners.MedianPruner(n_startup_trials=5).prune(study, frozen[0])  # Optuna's: no COMPLETE peer
@@ -73,10 +74,18 @@ def test_a_studys_first_array_prunes(stores):
     from lrsearch.config import parse_config
     from lrsearch.service.launch import run_study
 
-    cfg = parse_config({"study": {"name": "first", "sampler": "grid", "pruner": "median", "seed": 3, "prune_every": 2},
-                        "train": {"epochs": 10, "batch_size": 64, "array": 8},
-                        "params": {"optimizer": "sgd", "lr": {"choices": [1e-6, 2e-6, 3e-6, 4e-6, 0.05, 0.08, 0.1, 0.2]},
-                                   "momentum": 0.9}}, "first.toml")
+    cfg = parse_config(
+        {
+            "study": {"name": "first", "sampler": "grid", "pruner": "median", "seed": 3, "prune_every": 2},
+            "train": {"epochs": 10, "batch_size": 64, "array": 8},
+            "params": {
+                "optimizer": "sgd",
+                "lr": {"choices": [1e-6, 2e-6, 3e-6, 4e-6, 0.05, 0.08, 0.1, 0.2]},
+                "momentum": 0.9,
+            },
+        },
+        "first.toml",
+    )
     result = run_study(cfg, storage=stores[0], tracking=stores[1])
     trials = result.study.trials
     assert len(trials) == 8 and result.arrays.most == 8
@@ -84,6 +93,9 @@ def test_a_studys_first_array_prunes(stores):
     assert len(pruned) >= 2, [(t.params["lr"], t.state.name) for t in trials]
     first_end = min(t.datetime_complete for t in trials if t.state == TrialState.COMPLETE)
     assert any(t.datetime_complete < first_end for t in pruned)
-    assert all(t.user_attrs["reason"].startswith("pruned at epoch ") and t.user_attrs["reason"].endswith(
-        ", worse than the median of the other trials at that epoch") for t in pruned), [t.user_attrs for t in pruned]
+    assert all(
+        t.user_attrs["reason"].startswith("pruned at epoch ")
+        and t.user_attrs["reason"].endswith(", worse than the median of the other trials at that epoch")
+        for t in pruned
+    ), [t.user_attrs for t in pruned]
     assert all(t.user_attrs["epochs_trained"] < 10 for t in pruned)

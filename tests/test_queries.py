@@ -6,14 +6,15 @@ import json
 import sqlite3
 
 import pytest
+from conftest import fill_results as _fill
 from mlflow import MlflowClient
 
-from conftest import fill_results as _fill
 from lrsearch.core.errors import UsageError
 from lrsearch.sql.queries import ResultsDatabase, best_trials_sql, schema_script
 from lrsearch.store.postgres import prepare_database
 from lrsearch.store.storage import open_storage
 from lrsearch.store.urls import schema_url
+
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def stores(request, tmp_path_factory):
@@ -56,16 +57,21 @@ def test_trials_view_decodes_both_stores(stores):
 
 
 def test_best_trials_rank_in_each_study_direction(stores):
-    rows = _query(stores, "SELECT study_name, trial_number, rank, value FROM best_trials "
-                          "ORDER BY study_name, rank")
+    rows = _query(stores, "SELECT study_name, trial_number, rank, value FROM best_trials ORDER BY study_name, rank")
     assert [(r["study_name"], r["trial_number"], r["rank"]) for r in rows] == [
-        ("acc", 0, 1), ("acc", 5, 2),  # only COMPLETE trials with a finite value
-        ("loss", 1, 1), ("loss", 2, 2), ("loss", 0, 3),  # minimize: smallest first
+        ("acc", 0, 1),
+        ("acc", 5, 2),  # only COMPLETE trials with a finite value
+        ("loss", 1, 1),
+        ("loss", 2, 2),
+        ("loss", 0, 3),  # minimize: smallest first
     ]  # the multi-objective study has no single ranking
-    multi = _query(stores, "SELECT trial_number, value, direction FROM trials WHERE study_name = 'multi' "
-                           "ORDER BY trial_number")
-    assert [(r["trial_number"], r["value"], r["direction"]) for r in multi] == [(0, 0.9, "maximize"),
-                                                                               (1, 0.8, "maximize")]  # objective 0
+    multi = _query(
+        stores, "SELECT trial_number, value, direction FROM trials WHERE study_name = 'multi' ORDER BY trial_number"
+    )
+    assert [(r["trial_number"], r["value"], r["direction"]) for r in multi] == [
+        (0, 0.9, "maximize"),
+        (1, 0.8, "maximize"),
+    ]  # objective 0
 
 
 def test_studies_view(stores):
@@ -92,8 +98,15 @@ def test_best_command_reads_best_trials(stores):
         best_trials_sql(storage, tracking, "nope", 2)
 
 
-@pytest.mark.parametrize("statement", ["DELETE FROM optuna.trials", "UPDATE optuna.studies SET study_name = 'x'",
-                                       "CREATE TABLE evil (a INTEGER)", "DROP VIEW best_trials"])
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "DELETE FROM optuna.trials",
+        "UPDATE optuna.studies SET study_name = 'x'",
+        "CREATE TABLE evil (a INTEGER)",
+        "DROP VIEW best_trials",
+    ],
+)
 def test_writes_are_refused(stores, statement):
     with pytest.raises(UsageError, match="^lrsearch sql runs read-only queries: "):
         _query(stores, statement)
@@ -110,10 +123,13 @@ def test_sqlite_schema_script_runs_in_a_plain_sqlite_connection(tmp_path):
     _fill(storage, MlflowClient(tracking_uri=tracking))
     conn = sqlite3.connect(":memory:")  # as the sqlite3 shell would
     conn.executescript(schema_script(storage, tracking))
-    rows = conn.execute("SELECT study_name, trial_number, params FROM best_trials WHERE rank = 1 "
-                        "ORDER BY study_name").fetchall()
+    rows = conn.execute(
+        "SELECT study_name, trial_number, params FROM best_trials WHERE rank = 1 ORDER BY study_name"
+    ).fetchall()
     assert [(s, n, json.loads(p)) for s, n, p in rows] == [
-        ("acc", 0, {"optimizer": "adam", "lr": 0.01}), ("loss", 1, {"optimizer": "adam", "lr": 0.02})]
+        ("acc", 0, {"optimizer": "adam", "lr": 0.01}),
+        ("loss", 1, {"optimizer": "adam", "lr": 0.02}),
+    ]
 
 
 def test_postgres_views_are_idempotent_and_in_their_schema(pg_url):
@@ -127,10 +143,16 @@ def test_postgres_views_are_idempotent_and_in_their_schema(pg_url):
     assert ensure_views(pg_url) and ensure_views(pg_url)
     engine = sa.create_engine(pg_url, poolclass=sa.pool.NullPool)
     with engine.connect() as conn:
-        views = set(conn.execute(sa.text("SELECT table_name FROM information_schema.views "
-                                          "WHERE table_schema = 'lrsearch'")).scalars())
-        indexes = set(conn.execute(sa.text("SELECT indexname FROM pg_indexes WHERE schemaname = 'optuna' "
-                                            "AND indexname LIKE 'lrsearch_%'")).scalars())
+        views = set(
+            conn.execute(
+                sa.text("SELECT table_name FROM information_schema.views WHERE table_schema = 'lrsearch'")
+            ).scalars()
+        )
+        indexes = set(
+            conn.execute(
+                sa.text("SELECT indexname FROM pg_indexes WHERE schemaname = 'optuna' AND indexname LIKE 'lrsearch_%'")
+            ).scalars()
+        )
     engine.dispose()
     assert views == {"trials", "best_trials", "studies"}
     assert indexes == {"lrsearch_trials_study_state", "lrsearch_trial_values_value"}
@@ -164,10 +186,10 @@ def test_postgres_views_come_from_server_and_sql_and_are_replaced_when_they_chan
     import uuid
 
     import sqlalchemy as sa
-
     from conftest import PG_ADMIN_URL, missing
-    from lrsearch.sql.queries import ensure_views
+
     from lrsearch.service.server import backend_uri
+    from lrsearch.sql.queries import ensure_views
 
     name = f"lrsearch_views_{uuid.uuid4().hex[:10]}"
     admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
@@ -181,8 +203,11 @@ def test_postgres_views_come_from_server_and_sql_and_are_replaced_when_they_chan
 
     def views() -> set[str]:
         with engine.connect() as conn:
-            return set(conn.execute(sa.text("SELECT table_name FROM information_schema.views "
-                                            "WHERE table_schema = 'lrsearch'")).scalars())
+            return set(
+                conn.execute(
+                    sa.text("SELECT table_name FROM information_schema.views WHERE table_schema = 'lrsearch'")
+                ).scalars()
+            )
 
     def version() -> str | None:
         with engine.connect() as conn:
@@ -215,13 +240,19 @@ def test_postgres_views_come_from_server_and_sql_and_are_replaced_when_they_chan
 
 def test_a_run_on_sqlite_indexes_what_the_views_read(write_study, tmp_path):
     from conftest import TINY_STUDY
+
     from lrsearch.config import load_config
     from lrsearch.service.launch import run_study
 
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    run_study(load_config(write_study(TINY_STUDY)).with_overrides(trials=1, epochs=1), storage=storage,
-              tracking=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_study(
+        load_config(write_study(TINY_STUDY)).with_overrides(trials=1, epochs=1),
+        storage=storage,
+        tracking=f"sqlite:///{tmp_path / 'mlflow.db'}",
+    )
     with sqlite3.connect(tmp_path / "optuna.db") as conn:
-        indexes = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index' "
-                                                  "AND name LIKE 'lrsearch_%'")}
+        indexes = {
+            row[0]
+            for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index' AND name LIKE 'lrsearch_%'")
+        }
     assert indexes == {"lrsearch_trials_study_state", "lrsearch_trial_values_value"}

@@ -8,8 +8,8 @@ import pytest
 from mlflow import MlflowClient
 
 from lrsearch.config import load_config, parse_config
-from lrsearch.service.launch import run_study
 from lrsearch.results.report import results_table, write_report
+from lrsearch.service.launch import run_study
 
 STUDIES = sorted((Path(__file__).parent.parent / "studies").glob("*.toml"))
 
@@ -25,15 +25,26 @@ def test_the_classic_studies_follow_the_protocol():
     for name in ("lr_sweep", "momentum", "time_decay", "plateau", "adaptive", "schedules"):
         cfg = load_config(Path("studies") / f"{name}.toml")
         assert cfg.study.sampler == "grid" and cfg.train.epochs == 200 and cfg.train.batch_size == 32
-        assert (cfg.data.source, cfg.data.n_samples, cfg.data.centers, cfg.data.cluster_std,
-                cfg.data.random_state, cfg.data.val_fraction) == ("blobs", 1000, 3, 2.0, 2, 0.5)
+        assert (
+            cfg.data.source,
+            cfg.data.n_samples,
+            cfg.data.centers,
+            cfg.data.cluster_std,
+            cfg.data.random_state,
+            cfg.data.val_fraction,
+        ) == ("blobs", 1000, 3, 2.0, 2, 0.5)
         assert (cfg.model.hidden, cfg.model.activation, cfg.model.init) == ((50,), "relu", "he_uniform")
 
 
 def _grid(stores, tmp_path):
-    cfg = parse_config({"study": {"name": "grid", "sampler": "grid", "pruner": "none", "seed": 1},
-                        "train": {"epochs": 4, "batch_size": 64},
-                        "params": {"optimizer": "sgd", "lr": {"choices": [0.5, 0.05, 1e-6]}}}, "grid.toml")
+    cfg = parse_config(
+        {
+            "study": {"name": "grid", "sampler": "grid", "pruner": "none", "seed": 1},
+            "train": {"epochs": 4, "batch_size": 64},
+            "params": {"optimizer": "sgd", "lr": {"choices": [0.5, 0.05, 1e-6]}},
+        },
+        "grid.toml",
+    )
     return run_study(cfg, storage=stores[0], tracking=stores[1])
 
 
@@ -41,8 +52,16 @@ def test_grid_report_has_the_figure_grid_and_is_logged(stores, tmp_path):
     result = _grid(stores, tmp_path)
     paths = write_report("grid", storage=stores[0], tracking=stores[1], out=tmp_path / "report")
     names = sorted(p.name for p in paths)
-    assert names == ["grid_accuracy.png", "grid_lr.png", "objective_vs_lr.png", "optimization_history.png",
-                     "parallel_coordinate.png", "param_importances.png", "report.html", "slices.png"]
+    assert names == [
+        "grid_accuracy.png",
+        "grid_lr.png",
+        "objective_vs_lr.png",
+        "optimization_history.png",
+        "parallel_coordinate.png",
+        "param_importances.png",
+        "report.html",
+        "slices.png",
+    ]
     for p in paths:
         assert p.stat().st_size > 1000
         if p.suffix == ".png":
@@ -56,20 +75,31 @@ def test_grid_report_has_the_figure_grid_and_is_logged(stores, tmp_path):
     assert logged == {f"report/{n}" for n in names} | {"report/preview"}
     # The description's copies, small enough for MLflow's description box.
     previews = {a.path: a for a in client.list_artifacts(result.parent_run_id, "report/preview")}
-    assert set(previews) == {f"report/preview/{n}" for n in ("grid_accuracy.png", "optimization_history.png",
-                                                             "objective_vs_lr.png")}
+    assert set(previews) == {
+        f"report/preview/{n}" for n in ("grid_accuracy.png", "optimization_history.png", "objective_vs_lr.png")
+    }
 
 
 def test_tpe_report_has_no_grid_figures(stores, tmp_path):
-    cfg = parse_config({"study": {"name": "tpe", "trials": 4, "seed": 3, "pruner": "none"},
-                        "train": {"epochs": 3, "batch_size": 64},
-                        "params": {"optimizer": {"choices": ["sgd", "adam"]},
-                                   "lr": {"low": 1e-3, "high": 0.3, "log": True}}}, "tpe.toml")
+    cfg = parse_config(
+        {
+            "study": {"name": "tpe", "trials": 4, "seed": 3, "pruner": "none"},
+            "train": {"epochs": 3, "batch_size": 64},
+            "params": {"optimizer": {"choices": ["sgd", "adam"]}, "lr": {"low": 1e-3, "high": 0.3, "log": True}},
+        },
+        "tpe.toml",
+    )
     run_study(cfg, storage=stores[0], tracking=stores[1])
     paths = write_report("tpe", storage=stores[0], tracking=stores[1], out=tmp_path / "tpe")
-    assert {p.name for p in paths} == {"objective_vs_lr.png", "optimization_history.png", "lr_curves.png",
-                                       "param_importances.png", "parallel_coordinate.png", "slices.png",
-                                       "report.html"}
+    assert {p.name for p in paths} == {
+        "objective_vs_lr.png",
+        "optimization_history.png",
+        "lr_curves.png",
+        "param_importances.png",
+        "parallel_coordinate.png",
+        "slices.png",
+        "report.html",
+    }
 
 
 def _png_size(path: Path) -> tuple[int, int]:
@@ -79,11 +109,21 @@ def _png_size(path: Path) -> tuple[int, int]:
 
 def test_a_minimize_study_report_ranks_complete_before_pruned_with_why_and_where(stores, tmp_path):
     # lr 1e8 diverges at once: PRUNED, with its reason. The others rank by val/loss, lowest first.
-    cfg = parse_config({"study": {"name": "mini", "sampler": "grid", "pruner": "none", "seed": 1,
-                                  "direction": "minimize", "metric": "val/loss"},
-                        "train": {"epochs": 3, "batch_size": 64},
-                        "params": {"optimizer": "sgd", "lr": {"choices": [0.002, 0.05, 1e8]},
-                                   "momentum": {"choices": [0.0, 0.9]}}}, "mini.toml")
+    cfg = parse_config(
+        {
+            "study": {
+                "name": "mini",
+                "sampler": "grid",
+                "pruner": "none",
+                "seed": 1,
+                "direction": "minimize",
+                "metric": "val/loss",
+            },
+            "train": {"epochs": 3, "batch_size": 64},
+            "params": {"optimizer": "sgd", "lr": {"choices": [0.002, 0.05, 1e8]}, "momentum": {"choices": [0.0, 0.9]}},
+        },
+        "mini.toml",
+    )
     result = run_study(cfg, storage=stores[0], tracking=stores[1])
     write_report("mini", storage=stores[0], tracking=stores[1], out=tmp_path / "mini")
     page = (tmp_path / "mini" / "report.html").read_text()
@@ -104,8 +144,10 @@ def test_a_minimize_study_report_ranks_complete_before_pruned_with_why_and_where
         assert float(row[5]) < float(row[6])
         assert row[8] == (t.user_attrs.get("reason") or "")
         run_id = t.user_attrs["mlflow_run_id"]
-        assert row[9] == (f'<a href="http://127.0.0.1:5000/#/experiments/{result.experiment_id}/runs/{run_id}'
-                          f'?workflowType=machine_learning">{run_id[:8]}</a>')
+        assert row[9] == (
+            f'<a href="http://127.0.0.1:5000/#/experiments/{result.experiment_id}/runs/{run_id}'
+            f'?workflowType=machine_learning">{run_id[:8]}</a>'
+        )
     assert rows[-1][8].startswith("non-finite train/loss at epoch ")
     # With momentum searched beside lr: Optuna's contour of the two.
     assert (tmp_path / "mini" / "contour_lr_momentum.png").is_file()
@@ -122,8 +164,9 @@ def test_results_table_from_the_stores(stores, tmp_path):
         cells = [c.strip() for c in row.strip("|").split("|")]
         trial = by_lr[float(cells[0])]
         assert float(cells[1]) == pytest.approx(trial.value, abs=5e-4)  # the stored final val acc
-        history = sorted((m.step, m.value) for m in client.get_metric_history(trial.user_attrs["mlflow_run_id"],
-                                                                              "val/acc"))
+        history = sorted(
+            (m.step, m.value) for m in client.get_metric_history(trial.user_attrs["mlflow_run_id"], "val/acc")
+        )
         first = next((step + 1 for step, value in history if value >= 0.80), None)  # epochs counted from 1
         assert cells[2] == ("never" if first is None else str(first))
 
@@ -138,20 +181,32 @@ def test_the_experiments_script_prints_tables_from_a_tiny_run(tmp_path, monkeypa
     monkeypatch.setattr(sys, "argv", [str(script), "--data", str(tmp_path / "data"), "--epochs", "1"])
     runpy.run_path(str(script), run_name="__main__")  # in this process: no second start-up
     out = capsys.readouterr().out
-    for header in ("| lr | final val acc |", "| momentum | final val acc |", "| decay | final val acc |",
-                   "| patience | final val acc |", "| optimizer | final val acc |",
-                   "| optimizer | warmup_epochs | schedule | final val acc |"):
+    for header in (
+        "| lr | final val acc |",
+        "| momentum | final val acc |",
+        "| decay | final val acc |",
+        "| patience | final val acc |",
+        "| optimizer | final val acc |",
+        "| optimizer | warmup_epochs | schedule | final val acc |",
+    ):
         assert header in out
     trials = load_config(Path(__file__).parent.parent / "studies" / "search.toml").study.trials
     assert "| the five grids (24 trials) |" in out and f"| TPE search ({trials} trials" in out
-    last_cells = [line.strip("|").split("|")[-1].strip() for line in out.splitlines()
-                  if line.startswith("| ") and "final val acc" not in line and "epochs trained" not in line
-                  and not line.startswith("| the five") and not line.startswith("| TPE")]
+    last_cells = [
+        line.strip("|").split("|")[-1].strip()
+        for line in out.splitlines()
+        if line.startswith("| ")
+        and "final val acc" not in line
+        and "epochs trained" not in line
+        and not line.startswith("| the five")
+        and not line.startswith("| TPE")
+    ]
     # 24 grid trials and 16 schedule trials; one epoch: 0.80 at epoch 1, or never
     assert len(last_cells) == 40 and set(last_cells) <= {"never", "1"}
 
 
 # -- the figures as drawn: properties a reader sees ------------------------------------------
+
 
 def _search_like_study(trials: int = 24):
     """A real (in-memory) Optuna study over search.toml's space, with made-up objective values:
@@ -173,17 +228,17 @@ def _search_like_study(trials: int = 24):
     import math
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(study_name="search", direction="maximize",
-                                sampler=optuna.samplers.RandomSampler(seed=3))
+    study = optuna.create_study(
+        study_name="search", direction="maximize", sampler=optuna.samplers.RandomSampler(seed=3)
+    )
     study.optimize(objective, n_trials=trials)
     return study
 
 
 def _drawn_texts(fig):
     """Every piece of text the figure draws, with its extent on the canvas."""
-    from matplotlib.text import Text
-
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.text import Text
 
     if not isinstance(fig.canvas, FigureCanvasAgg):  # a Figure without pyplot
         FigureCanvasAgg(fig)
@@ -199,14 +254,17 @@ def _drawn_texts(fig):
                 where = axis.get_transform().transform(tick.get_loc())
                 if ax.get_visible() and low - 1e-9 <= where <= high + 1e-9:  # drawn
                     drawn += [t for t in labels if t.get_visible() and t.get_text()]
-    drawn += [t for t in fig.findobj(Text) if id(t) not in ticks and t.get_visible() and t.get_text().strip()
-              and (t.axes is None or t.axes.get_visible())]
+    drawn += [
+        t
+        for t in fig.findobj(Text)
+        if id(t) not in ticks and t.get_visible() and t.get_text().strip() and (t.axes is None or t.axes.get_visible())
+    ]
     return [(t.get_text(), t.get_window_extent(renderer)) for t in drawn]
 
 
 def _overlapping(fig):
     texts = _drawn_texts(fig)
-    return [(a, b) for i, (a, box_a) in enumerate(texts) for b, box_b in texts[i + 1:] if box_a.overlaps(box_b)]
+    return [(a, b) for i, (a, box_a) in enumerate(texts) for b, box_b in texts[i + 1 :] if box_a.overlaps(box_b)]
 
 
 def test_slices_labels_keep_clear_of_each_other():
@@ -214,14 +272,19 @@ def test_slices_labels_keep_clear_of_each_other():
 
     with slices_figure(_search_like_study(), "search") as fig:
         assert _overlapping(fig) == []
-        panels = [ax for ax in fig.axes if ax.get_xlabel() in ("optimizer", "schedule", "lr", "momentum", "decay",
-                                                                  "patience")]
+        panels = [
+            ax for ax in fig.axes if ax.get_xlabel() in ("optimizer", "schedule", "lr", "momentum", "decay", "patience")
+        ]
         assert len(panels) == 6
         texts = [text for text, _ in _drawn_texts(fig)]
         assert {"adagrad", "time_decay", "plateau"} <= set(texts)  # categories unquoted, every one shown
         # One colour scale for every panel: a trial has one colour everywhere.
-        norms = {(c.norm.vmin, c.norm.vmax) for ax in panels for c in ax.collections if c.get_array() is not None
-                 and len(c.get_array())}
+        norms = {
+            (c.norm.vmin, c.norm.vmax)
+            for ax in panels
+            for c in ax.collections
+            if c.get_array() is not None and len(c.get_array())
+        }
         assert norms == {(0, 23)}
     import matplotlib
 
@@ -248,10 +311,18 @@ def test_parallel_coordinates_labels_read_over_the_lines():
 def test_lr_curves_legend_reads_in_the_description():
     from lrsearch.results.report import PREVIEW_WIDTH, TrialCurves, lr_figure
 
-    params = {"optimizer": "rmsprop", "lr": 0.019012345, "momentum": 0.403312, "schedule": "plateau",
-              "patience": 10, "decay": 0.000123456}
-    trials = [TrialCurves(n, "COMPLETE", 0.83 - n / 100, params, params,
-                          {"lr": [(e, 0.019 / (1 + e)) for e in range(20)]}) for n in range(5)]
+    params = {
+        "optimizer": "rmsprop",
+        "lr": 0.019012345,
+        "momentum": 0.403312,
+        "schedule": "plateau",
+        "patience": 10,
+        "decay": 0.000123456,
+    }
+    trials = [
+        TrialCurves(n, "COMPLETE", 0.83 - n / 100, params, params, {"lr": [(e, 0.019 / (1 + e)) for e in range(20)]})
+        for n in range(5)
+    ]
     fig = lr_figure(trials, [], "search: learning rate per epoch of the top 5 trials", rank=True)
     legend = fig.axes[0].get_legend()
     pixels_per_point = PREVIEW_WIDTH / (fig.get_figwidth() * 72)  # in the description's copy

@@ -7,13 +7,13 @@ import json
 import re
 
 import optuna
-from mlflow import MlflowClient
-from optuna.trial import TrialState, create_trial
-from optuna.distributions import CategoricalDistribution, FloatDistribution
-
 from conftest import TINY_STUDY
-from lrsearch.sql.queries import ResultsDatabase
+from mlflow import MlflowClient
+from optuna.distributions import CategoricalDistribution, FloatDistribution
+from optuna.trial import TrialState, create_trial
+
 from lrsearch.results.ranking import ranking
+from lrsearch.sql.queries import ResultsDatabase
 from lrsearch.store.postgres import prepare_database
 from lrsearch.store.storage import open_storage
 from lrsearch.store.urls import schema_url
@@ -27,14 +27,28 @@ def _fill(storage: str) -> None:
     for direction in ("minimize", "maximize"):
         study = optuna.create_study(storage=store, study_name=direction, direction=direction)
         for value in VALUES:
-            study.add_trial(create_trial(value=value, params={"lr": value},
-                                         distributions={"lr": FloatDistribution(0.0, 1.0)}))
-        study.add_trial(create_trial(state=TrialState.PRUNED, value=0.0 if direction == "minimize" else 1.0,
-                                     params={"lr": 0.3}, distributions={"lr": FloatDistribution(0.0, 1.0)}))
+            study.add_trial(
+                create_trial(value=value, params={"lr": value}, distributions={"lr": FloatDistribution(0.0, 1.0)})
+            )
+        study.add_trial(
+            create_trial(
+                state=TrialState.PRUNED,
+                value=0.0 if direction == "minimize" else 1.0,
+                params={"lr": 0.3},
+                distributions={"lr": FloatDistribution(0.0, 1.0)},
+            )
+        )
     flags = optuna.create_study(storage=store, study_name="flags")
-    flags.add_trial(create_trial(value=1.0, params={"nesterov": True, "optimizer": "sgd"},
-                                 distributions={"nesterov": CategoricalDistribution([False, True]),
-                                                "optimizer": CategoricalDistribution(["sgd", "adamw"])}))
+    flags.add_trial(
+        create_trial(
+            value=1.0,
+            params={"nesterov": True, "optimizer": "sgd"},
+            distributions={
+                "nesterov": CategoricalDistribution([False, True]),
+                "optimizer": CategoricalDistribution(["sgd", "adamw"]),
+            },
+        )
+    )
 
 
 def _same_ranking(storage: str, tracking: str | None = None) -> None:
@@ -44,8 +58,9 @@ def _same_ranking(storage: str, tracking: str | None = None) -> None:
         for direction, order in expected.items():
             study = optuna.load_study(study_name=direction, storage=store)
             assert [t.number for t in ranking(study.trials, direction)] == order  # a PRUNED value never ranks
-            rows = db.query("SELECT trial_number FROM best_trials WHERE study_name = ? ORDER BY rank",
-                            (direction,)).rows
+            rows = db.query(
+                "SELECT trial_number FROM best_trials WHERE study_name = ? ORDER BY rank", (direction,)
+            ).rows
             assert [r[0] for r in rows] == order
         params = db.query("SELECT params FROM trials WHERE study_name = 'flags'").rows[0][0]
         params = json.loads(params) if isinstance(params, str) else params
@@ -89,8 +104,9 @@ def _fill_durations(storage: str) -> optuna.Study:
         begun, ended = (datetime.combine(day, datetime.strptime(x, "%H:%M:%S.%f").time()) for x in (start, complete))
         # The first trial trained in an array: its duration is its share of the array's training.
         attrs = {"train_seconds": TRAIN_SHARE} if i == 0 else {}
-        trial = create_trial(value=1.0, params={"lr": 0.1}, distributions={"lr": FloatDistribution(0.0, 1.0)},
-                             user_attrs=attrs)
+        trial = create_trial(
+            value=1.0, params={"lr": 0.1}, distributions={"lr": FloatDistribution(0.0, 1.0)}, user_attrs=attrs
+        )
         trial.datetime_start, trial.datetime_complete = begun, ended if ended >= begun else ended + timedelta(days=1)
         study.add_trial(trial)
     return study
@@ -108,8 +124,9 @@ def _durations_agree(storage: str, tracking: str | None = None) -> None:
     assert [duration_s(t) for t in study.trials] == expected  # read back from the store
     assert [wall_s(t) for t in study.trials] == walls
     with ResultsDatabase(storage, tracking) as db:
-        rows = db.query("SELECT trial_number, duration_s, wall_s FROM trials WHERE study_name = 'durations' "
-                        "ORDER BY trial_number").rows
+        rows = db.query(
+            "SELECT trial_number, duration_s, wall_s FROM trials WHERE study_name = 'durations' ORDER BY trial_number"
+        ).rows
         assert [r[1] for r in rows] == expected and [r[2] for r in rows] == walls
         mean = db.query("SELECT mean_trial_s FROM studies WHERE study_name = 'durations'").rows[0][0]
         assert abs(mean - sum(expected) / len(expected)) < 1e-12
@@ -131,9 +148,9 @@ def test_run_and_best_show_the_same_durations_on_postgres(pg_url):
     import tomllib
 
     from lrsearch.config import parse_config
+    from lrsearch.results.ranking import best_trials
     from lrsearch.service.launch import run_study
     from lrsearch.sql.queries import best_trials_sql
-    from lrsearch.results.ranking import best_trials
 
     prepare_database(pg_url)
     text = TINY_STUDY.replace('name = "tiny"', 'name = "timed"').replace("trials = 3", "trials = 2")
@@ -152,13 +169,15 @@ def _table(text: str) -> list[dict[str, str]]:
     header = lines[0]
     starts = [m.start() for m in re.finditer(r"\S+", header)]
     names = header.split()
-    return [{name: line[a:b].strip() for name, a, b in zip(names, starts, [*starts[1:], None])}
-            for line in lines[1:]]
+    return [{name: line[a:b].strip() for name, a, b in zip(names, starts, [*starts[1:], None])} for line in lines[1:]]
 
 
 def test_a_minimize_study_reads_the_same_in_run_best_and_the_report(cli, write_study, tmp_path):
-    study = (TINY_STUDY.replace('direction = "maximize"', 'direction = "minimize"')
-             .replace('metric = "val/acc"', 'metric = "val/loss"').replace("trials = 3", "trials = 4"))
+    study = (
+        TINY_STUDY.replace('direction = "maximize"', 'direction = "minimize"')
+        .replace('metric = "val/acc"', 'metric = "val/loss"')
+        .replace("trials = 3", "trials = 4")
+    )
     run = cli("run", str(write_study(study)), "--epochs", "2")
     assert run.returncode == 0, run.stderr
     # the table between the array line and the links

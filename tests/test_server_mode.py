@@ -13,15 +13,21 @@ from pathlib import Path
 import optuna
 import pytest
 import sqlalchemy as sa
+from conftest import (
+    FAST_HEARTBEAT,
+    compose_service,
+    compose_variables,
+    server_study,
+    start_server,
+    stop_process_group,
+)
 from mlflow import MlflowClient
 
-from conftest import (
-    FAST_HEARTBEAT, compose_service, compose_variables, server_study, start_server, stop_process_group,
-)
 from lrsearch.store.urls import schema_url
 
 # Worker processes, servers or a browser: seconds each (python -m pytest -m "not slow" leaves them out).
 pytestmark = pytest.mark.slow
+
 
 def _study_file(tmp_path: Path, name: str, trials: int, epochs: int) -> Path:
     path = tmp_path / f"{name}.toml"
@@ -36,9 +42,15 @@ def _data_folder(tmp_path, monkeypatch):
 
 
 def _lrsearch(*args: str, env: dict | None = None, **popen) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "lrsearch.cli", *args], env={**os.environ, **(env or {})},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, **popen)
+    return subprocess.Popen(
+        [sys.executable, "-m", "lrsearch.cli", *args],
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        **popen,
+    )
 
 
 _STORAGES: dict[str, optuna.storages.RDBStorage] = {}
@@ -48,8 +60,9 @@ def _study(pg_url: str, name: str) -> optuna.Study:
     # One storage (one connection pool) per database: the tests poll, and PostgreSQL's
     # connection slots are few.
     if pg_url not in _STORAGES:
-        _STORAGES[pg_url] = optuna.storages.RDBStorage(schema_url(pg_url, "optuna"),
-                                                       engine_kwargs={"poolclass": sa.pool.NullPool})
+        _STORAGES[pg_url] = optuna.storages.RDBStorage(
+            schema_url(pg_url, "optuna"), engine_kwargs={"poolclass": sa.pool.NullPool}
+        )
     return optuna.load_study(study_name=name, storage=_STORAGES[pg_url])
 
 
@@ -120,9 +133,14 @@ def test_two_workers_share_one_study(pg_url, tracking_server, tmp_path):
 
     engine = sa.create_engine(pg_url, poolclass=sa.pool.NullPool)
     with engine.connect() as conn:
-        tables = set(conn.execute(sa.text(
-            "SELECT table_schema || '.' || table_name FROM information_schema.tables "
-            "WHERE table_schema IN ('optuna', 'mlflow', 'public')")).scalars())
+        tables = set(
+            conn.execute(
+                sa.text(
+                    "SELECT table_schema || '.' || table_name FROM information_schema.tables "
+                    "WHERE table_schema IN ('optuna', 'mlflow', 'public')"
+                )
+            ).scalars()
+        )
     engine.dispose()
     assert {"optuna.trials", "optuna.studies", "optuna.alembic_version"} <= tables
     assert {"mlflow.runs", "mlflow.metrics", "mlflow.alembic_version"} <= tables
@@ -176,7 +194,8 @@ def test_a_worker_paused_past_the_grace_period_loses_its_trials_and_carries_on(p
     taken = False
     try:
         while {t.state.name for t in _study(pg_url, "paused").trials if t.number in {r.number for r in running}} != {
-                "FAIL"}:
+            "FAIL"
+        }:
             assert other.poll() is None and time.monotonic() < deadline + 60, "its trials were never taken"
             time.sleep(0.2)
         taken = True
@@ -190,15 +209,18 @@ def test_a_worker_paused_past_the_grace_period_loses_its_trials_and_carries_on(p
     _, err = frozen.communicate(timeout=300)
     assert frozen.returncode == 0, err
     for t in running:
-        assert (f"lrsearch: warning: trial {t.number} was marked FAIL by another worker while it ran here "
-                "(worker lost: no heartbeat for 4 s)") in err.splitlines()
+        assert (
+            f"lrsearch: warning: trial {t.number} was marked FAIL by another worker while it ran here "
+            "(worker lost: no heartbeat for 4 s)"
+        ) in err.splitlines()
 
     study = _study(pg_url, "paused")
     states = _states(study)
     assert states.get("COMPLETE", 0) + states.get("PRUNED", 0) == 4 and states["FAIL"] == 2, states
     client, runs = _runs(tracking_server, "paused")
     assert sorted(r.info.run_name for r in runs if r.data.tags.get("lrsearch.role") == "trial") == sorted(
-        f"trial-{t.number}" for t in study.trials)  # one run each, none made twice
+        f"trial-{t.number}" for t in study.trials
+    )  # one run each, none made twice
     for t in running:
         dead = study.trials[t.number]
         assert dead.user_attrs["reason"] == "worker lost: no heartbeat for 4 s"
@@ -229,12 +251,23 @@ def test_a_worker_killed_at_any_moment_of_a_trial_leaves_nothing_running(pg_url,
     env = {**FAST_HEARTBEAT, "LRSEARCH_KILL_AT": f"{moment}:1"}
     if moment == "told":
         env["LRSEARCH_SLOW_AT"] = "record:1"  # its records still on their way when it dies
-    proc = _lrsearch("run", str(_study_file(tmp_path, name, trials=4, epochs=300)), "--workers", "2",
-                     "--no-report", "--storage", pg_url, "--tracking-uri", tracking_server, env=env)
+    proc = _lrsearch(
+        "run",
+        str(_study_file(tmp_path, name, trials=4, epochs=300)),
+        "--workers",
+        "2",
+        "--no-report",
+        "--storage",
+        pg_url,
+        "--tracking-uri",
+        tracking_server,
+        env=env,
+    )
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 1, err
-    assert err.strip().splitlines()[-1] == ("lrsearch: error: 1 of 1 other workers failed (worker 1: exit code -9); "
-                                            "run the same command again to resume")
+    assert err.strip().splitlines()[-1] == (
+        "lrsearch: error: 1 of 1 other workers failed (worker 1: exit code -9); run the same command again to resume"
+    )
     study = _study(pg_url, name)
     states = _states(study)
     assert states.get("COMPLETE", 0) + states.get("PRUNED", 0) == 4 and set(states) <= {"COMPLETE", "PRUNED", "FAIL"}
@@ -262,8 +295,9 @@ def test_sigterm_stops_cleanly_and_the_same_command_resumes(pg_url, tracking_ser
     os.killpg(proc.pid, signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM
-    assert err.strip().splitlines()[-1] == ("lrsearch: error: interrupted by SIGTERM; "
-                                            "run the same command again to resume the study")
+    assert err.strip().splitlines()[-1] == (
+        "lrsearch: error: interrupted by SIGTERM; run the same command again to resume the study"
+    )
     assert "Traceback" not in err
     stopped = _study(pg_url, "sigterm").trials[trial.number]
     assert stopped.state.name == "FAIL" and stopped.user_attrs["reason"].startswith("interrupted at epoch")
@@ -287,8 +321,9 @@ def test_study_completes_when_the_tracking_server_goes_away(pg_url, tmp_path):
     try:
         path = _study_file(tmp_path, "lost-tracking", trials=6, epochs=150)
         # Gone for good: longer than the outage window (2 s here), so trials go on without it.
-        proc = _lrsearch("run", str(path), "--no-report", "--storage", pg_url, "--tracking-uri", uri,
-                         env={"LRSEARCH_OUTAGE_S": "2"})
+        proc = _lrsearch(
+            "run", str(path), "--no-report", "--storage", pg_url, "--tracking-uri", uri, env={"LRSEARCH_OUTAGE_S": "2"}
+        )
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             try:
@@ -324,15 +359,23 @@ def test_the_dashboard_command_reads_the_optuna_schema(pg_url, tracking_server, 
 
     port = free_port()
     url = sa.engine.make_url(pg_url)
-    command, environment = compose_service("dashboard", compose_variables(pg_url), {
-        "postgres:5432": f"{url.host}:{url.port or 5432}", "0.0.0.0": "127.0.0.1", "8080": str(port)})
+    command, environment = compose_service(
+        "dashboard",
+        compose_variables(pg_url),
+        {"postgres:5432": f"{url.host}:{url.port or 5432}", "0.0.0.0": "127.0.0.1", "8080": str(port)},
+    )
     assert command[0] == "python"
     from lrsearch.config import load_config
     from lrsearch.service.queue import submit
 
     submit(load_config(_study_file(tmp_path, "dash", trials=1, epochs=1)), storage=pg_url, tracking=tracking_server)
-    dashboard = subprocess.Popen([sys.executable, *command[1:]], env={**os.environ, **environment},
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    dashboard = subprocess.Popen(
+        [sys.executable, *command[1:]],
+        env={**os.environ, **environment},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     try:
         wait_for_http(f"http://127.0.0.1:{port}/api/studies", dashboard, timeout=60)
         import json
@@ -353,15 +396,25 @@ def test_the_compose_worker_runs_from_its_environment(pg_url, tracking_server, t
 
     url = sa.engine.make_url(pg_url)
     port = tracking_server.rsplit(":", 1)[1]
-    command, environment = compose_service("worker", compose_variables(pg_url),
-                                           {"postgres:5432": f"{url.host}:{url.port or 5432}",
-                                            "mlflow:5000": f"127.0.0.1:{port}"})
+    command, environment = compose_service(
+        "worker",
+        compose_variables(pg_url),
+        {"postgres:5432": f"{url.host}:{url.port or 5432}", "mlflow:5000": f"127.0.0.1:{port}"},
+    )
     assert command == ["lrsearch", "worker"] and environment["MLFLOW_TRACKING_USERNAME"] == "admin"
-    submit(load_config(_study_file(tmp_path, "compose-worker", trials=1, epochs=2)), storage=pg_url,
-           tracking=tracking_server)
-    proc = subprocess.run([sys.executable, "-m", "lrsearch.cli", *command[1:], "--max-idle", "2"],
-                          cwd=Path(__file__).parent.parent, env={**os.environ, **environment},
-                          capture_output=True, text=True, timeout=180)
+    submit(
+        load_config(_study_file(tmp_path, "compose-worker", trials=1, epochs=2)),
+        storage=pg_url,
+        tracking=tracking_server,
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "lrsearch.cli", *command[1:], "--max-idle", "2"],
+        cwd=Path(__file__).parent.parent,
+        env={**os.environ, **environment},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert proc.returncode == 0, proc.stderr
     assert _states(_study(pg_url, "compose-worker")) == {"COMPLETE": 1}
 
@@ -374,8 +427,9 @@ def test_no_password_on_any_command_line(pg_url, tmp_path):
     server, uri = start_server(url, tmp_path / "artifacts")
     try:
         path = _study_file(tmp_path, "no-secrets", trials=2, epochs=20000)
-        proc = _lrsearch("run", str(path), "--workers", "2", "--no-report", "--tracking-uri", uri,
-                         env={"LRSEARCH_STORAGE": url})
+        proc = _lrsearch(
+            "run", str(path), "--workers", "2", "--no-report", "--tracking-uri", uri, env={"LRSEARCH_STORAGE": url}
+        )
         deadline = time.monotonic() + 120
         while sum(t.state.name == "RUNNING" for t in _trials_or_none(pg_url, "no-secrets")) < 2:
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
@@ -404,8 +458,10 @@ def test_the_server_asks_for_a_login(tracking_server, write_study, tmp_path, cli
         monkeypatch.delenv(name)
     result = cli("run", str(write_study()), "--tracking-uri", tracking_server)
     assert result.returncode == 1
-    assert result.stderr.strip() == (f"lrsearch: error: MLflow tracking at {tracking_server} refused the login: "
-                                     "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
+    assert result.stderr.strip() == (
+        f"lrsearch: error: MLflow tracking at {tracking_server} refused the login: "
+        "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+    )
     assert not (tmp_path / "lrsearch-data" / "optuna.db").exists()
 
 
@@ -416,14 +472,20 @@ def test_serving_beyond_loopback_without_logins_warns(tmp_path):
     MlflowClient(tracking_uri=f"sqlite:///{store}").search_experiments()
     port = free_port()
     log = open(tmp_path / "server.log", "w+b")
-    server = subprocess.Popen([sys.executable, "-m", "lrsearch.cli", "server", "--host", "0.0.0.0", "--port",
-                               str(port)], env={**os.environ, "LRSEARCH_DB": f"sqlite:///{store}"},
-                              stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "lrsearch.cli", "server", "--host", "0.0.0.0", "--port", str(port)],
+        env={**os.environ, "LRSEARCH_DB": f"sqlite:///{store}"},
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+        start_new_session=True,
+    )
     server.stderr = log
     try:
         wait_for_http(f"http://127.0.0.1:{port}/health", server)
     finally:
         stop_process_group(server)
     first = (tmp_path / "server.log").read_text().splitlines()[0]
-    assert first == ("lrsearch: warning: serving on 0.0.0.0 without authentication: anyone who reaches this port "
-                     "can read and change every study (add --auth)")
+    assert first == (
+        "lrsearch: warning: serving on 0.0.0.0 without authentication: anyone who reaches this port "
+        "can read and change every study (add --auth)"
+    )

@@ -12,9 +12,9 @@ import time
 
 import optuna
 import pytest
+from conftest import FAST_HEARTBEAT, server_study
 from mlflow import MlflowClient
 
-from conftest import FAST_HEARTBEAT, server_study
 from lrsearch.config import parse_config
 from lrsearch.core.errors import UsageError
 from lrsearch.service.queue import STATUS_COLUMNS, cancel, status, submit
@@ -34,10 +34,25 @@ def _cfg(name: str, trials: int, epochs: int, **study):
 
 
 def _worker(storage: str, tracking: str, max_idle: float, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "lrsearch.cli", "worker", "--storage", storage,
-                             "--tracking-uri", tracking, "--max-idle", str(max_idle)],
-                            env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lrsearch.cli",
+            "worker",
+            "--storage",
+            storage,
+            "--tracking-uri",
+            tracking,
+            "--max-idle",
+            str(max_idle),
+        ],
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def _row(stores: tuple[str, str], name: str) -> dict:
@@ -167,8 +182,9 @@ def test_a_worker_killed_while_two_studies_run(tmp_path):
     doomed = _worker(*stores, max_idle=30, env=FAST_HEARTBEAT)
     row = _wait(stores, "x", lambda r: r["running"] >= 1, [doomed])
     deadline = time.monotonic() + 60  # killed while it trains: its params sampled, its run made
-    while not [t for t in _trials(stores[0], "x") if t.state.name == "RUNNING" and t.params
-               and "mlflow_run_id" in t.user_attrs]:
+    while not [
+        t for t in _trials(stores[0], "x") if t.state.name == "RUNNING" and t.params and "mlflow_run_id" in t.user_attrs
+    ]:
         assert time.monotonic() < deadline and doomed.poll() is None
         time.sleep(0.1)
     os.killpg(doomed.pid, signal.SIGKILL)
@@ -196,15 +212,19 @@ def test_submit_prints_the_study_and_how_to_watch_it(cli, tmp_path):
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0].startswith("study 'printed' submitted: 2 trials")
-    assert lines[1] == ("MLflow: the study's run and trials appear once a worker starts it (`lrsearch status` "
-                        "then shows the link)")
+    assert lines[1] == (
+        "MLflow: the study's run and trials appear once a worker starts it (`lrsearch status` then shows the link)"
+    )
     assert lines[2] == "watch it: lrsearch status printed --watch"
-    probe = ("import sys\nfrom lrsearch.cli import main\ncode = main(['submit', sys.argv[1]])\n"
-             "assert 'torch' not in sys.modules, 'submit imported torch'\n"
-             "assert 'mlflow' not in sys.modules, 'submit imported MLflow'\nsys.exit(code)")
+    probe = (
+        "import sys\nfrom lrsearch.cli import main\ncode = main(['submit', sys.argv[1]])\n"
+        "assert 'torch' not in sys.modules, 'submit imported torch'\n"
+        "assert 'mlflow' not in sys.modules, 'submit imported MLflow'\nsys.exit(code)"
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("LRSEARCH_STORAGE", "MLFLOW_TRACKING_URI", "LRSEARCH_DATA")}
-    again = subprocess.run([sys.executable, "-c", probe, str(study)], cwd=tmp_path, env=env, capture_output=True,
-                           text=True)
+    again = subprocess.run(
+        [sys.executable, "-c", probe, str(study)], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
     assert again.returncode == 0, again.stderr
     assert again.stdout.startswith("study 'printed' resubmitted")
     shown = cli("status", "--format", "json")
@@ -229,8 +249,9 @@ def test_a_study_no_worker_can_run_says_why_and_a_corrected_submit_queues_it(sto
     store = open_storage(storage)
     study_id = store.get_study_id_from_name("newer")
     stored = store.get_study_user_attrs(study_id)[attrs.CONFIG]
-    store.set_study_user_attr(study_id, attrs.CONFIG,
-                              {**stored, "params": {**stored["params"], "optimizer": {"choices": ["lion"]}}})
+    store.set_study_user_attr(
+        study_id, attrs.CONFIG, {**stored, "params": {**stored["params"], "optimizer": {"choices": ["lion"]}}}
+    )
     worker = _worker(storage, tracking, max_idle=2)
     out, err = worker.communicate(timeout=300)
     assert worker.returncode == 0, err
@@ -238,8 +259,11 @@ def test_a_study_no_worker_can_run_says_why_and_a_corrected_submit_queues_it(sto
     assert _row(stores, "fine")["state"] == "done"
     row = _row(stores, "newer")
     assert row["state"] == "unrunnable" and row["complete"] == 0
-    assert re.fullmatch(r"lrsearch \S+ on \S+ cannot run it: study 'newer' \(stored configuration\): "
-                        r"\[params\]\.optimizer\.choices: expected one of .*, got 'lion'", row["reason"]), row
+    assert re.fullmatch(
+        r"lrsearch \S+ on \S+ cannot run it: study 'newer' \(stored configuration\): "
+        r"\[params\]\.optimizer\.choices: expected one of .*, got 'lion'",
+        row["reason"],
+    ), row
     client, parent, _ = _parent(tracking, "newer")
     assert parent.data.tags["mlflow.note.content"].startswith("**newer** · unrunnable · lrsearch ")
     assert parent.info.status == "FAILED"
@@ -262,8 +286,9 @@ def test_run_hears_its_worker_processes_through_their_results_pipes(tmp_path):
     from lrsearch.service.launch import _start_workers
 
     gone = tmp_path / "gone.toml"
-    workers, alive = _start_workers(_cfg("piped", 2, 1), gone, 2, f"sqlite:///{tmp_path}/optuna.db",
-                                    f"sqlite:///{tmp_path}/mlflow.db", None)
+    workers, alive = _start_workers(
+        _cfg("piped", 2, 1), gone, 2, f"sqlite:///{tmp_path}/optuna.db", f"sqlite:///{tmp_path}/mlflow.db", None
+    )
     for w in workers:
         w.wait()
     os.close(alive)

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import optuna
 import pytest
-from mlflow import MlflowClient
-
 from conftest import TINY_STUDY
+from mlflow import MlflowClient
 
 from lrsearch.core.stopping import Interrupted, StopFlag
 
@@ -25,10 +24,20 @@ pytestmark = pytest.mark.slow
 
 
 def _start(tmp_path: Path, study: Path, *args: str) -> subprocess.Popen:
-    env = {**os.environ, "LRSEARCH_DATA": str(tmp_path / "data"), "LRSEARCH_HEARTBEAT_INTERVAL": "1",
-           "LRSEARCH_HEARTBEAT_GRACE": "3"}
-    return subprocess.Popen([sys.executable, "-m", "lrsearch.cli", "run", str(study), "--no-report", *args], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = {
+        **os.environ,
+        "LRSEARCH_DATA": str(tmp_path / "data"),
+        "LRSEARCH_HEARTBEAT_INTERVAL": "1",
+        "LRSEARCH_HEARTBEAT_GRACE": "3",
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "lrsearch.cli", "run", str(study), "--no-report", *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _trials(tmp_path: Path) -> list[optuna.trial.FrozenTrial]:
@@ -48,8 +57,11 @@ def _wait_until(tmp_path: Path, proc: subprocess.Popen, done) -> None:
 
 def _wait_running(tmp_path: Path, proc: subprocess.Popen, n: int) -> None:
     """Until ``n`` trials are training (RUNNING, their hyperparameters sampled)."""
-    _wait_until(tmp_path, proc, lambda trials: sum(t.state.name == "RUNNING" and "hyperparameters" in t.user_attrs
-                                                   for t in trials) >= n)
+    _wait_until(
+        tmp_path,
+        proc,
+        lambda trials: sum(t.state.name == "RUNNING" and "hyperparameters" in t.user_attrs for t in trials) >= n,
+    )
 
 
 def _runs(tmp_path: Path) -> list:
@@ -85,8 +97,9 @@ def test_a_killed_run_command_takes_its_workers_with_it_and_its_retry_runs(write
     # The two trials running when it was killed (one may have finished before, on a loaded
     # machine): the parent's, RUNNING; its child's, interrupted (FAIL) and queued again.
     states = sorted(t.state.name for t in _trials(tmp_path) if t.state.name != "COMPLETE")
-    assert states in (["FAIL", "RUNNING", "WAITING"], ["RUNNING"]), [(t.state.name, t.user_attrs)
-                                                                   for t in _trials(tmp_path)]
+    assert states in (["FAIL", "RUNNING", "WAITING"], ["RUNNING"]), [
+        (t.state.name, t.user_attrs) for t in _trials(tmp_path)
+    ]
     assert all(t.user_attrs["reason"].startswith("interrupted") for t in _trials(tmp_path) if t.state.name == "FAIL")
 
     again = _start(tmp_path, study, "--workers", "2", "--array", "1")
@@ -98,7 +111,8 @@ def test_a_killed_run_command_takes_its_workers_with_it_and_its_retry_runs(write
     assert {t.state.name for t in trials} == {"COMPLETE", "FAIL"}, summary  # nothing RUNNING, no retry WAITING
     failed = [t for t in trials if t.state.name == "FAIL"]
     assert sorted(t.user_attrs["reason"].split(":")[0].split(" at ")[0] for t in failed) == (
-        ["interrupted", "worker lost"] if len(states) == 3 else ["worker lost"]), summary
+        ["interrupted", "worker lost"] if len(states) == 3 else ["worker lost"]
+    ), summary
     for dead in failed:  # every FAIL trial accounted for: queued again, and run to the end
         retry = [t for t in trials if t.system_attrs.get("failed_trial") == dead.number]
         assert len(retry) == 1 and retry[0].state.name == "COMPLETE" and retry[0].params == dead.params, summary
@@ -113,8 +127,11 @@ def test_a_killed_run_command_takes_its_workers_with_it_and_its_retry_runs(write
 LONG_EPOCHS = ('pruner = "median"\nprune_every = 1', "batch_size = 1", "\n[data]\nn_samples = 15000\n")
 
 
-@pytest.mark.parametrize("gap, long_epochs", [(None, False), (0.1, True), (0.5, False)],
-                         ids=["one", "two-inside-an-epoch", "two-half-a-second-apart"])
+@pytest.mark.parametrize(
+    "gap, long_epochs",
+    [(None, False), (0.1, True), (0.5, False)],
+    ids=["one", "two-inside-an-epoch", "two-half-a-second-apart"],
+)
 def test_ctrl_c_stops_every_worker_and_leaves_nothing_running(write_study, tmp_path, gap, long_epochs):
     """`run --workers 2` is worker 0 plus one child in its own session: a SIGINT to the
     command reaches the child too. The first ends each trial at its epoch's end; a second
@@ -133,8 +150,9 @@ def test_ctrl_c_stops_every_worker_and_leaves_nothing_running(write_study, tmp_p
         proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
-    assert err.strip().splitlines()[-1] == ("lrsearch: error: interrupted by SIGINT; "
-                                            "run the same command again to resume the study")
+    assert err.strip().splitlines()[-1] == (
+        "lrsearch: error: interrupted by SIGINT; run the same command again to resume the study"
+    )
     assert "Traceback" not in err and "UnboundLocalError" not in err
     trials = _trials(tmp_path)
     # both interrupted, and queued again (WAITING) for the run that resumes the study
@@ -150,12 +168,16 @@ def test_ctrl_c_stops_every_worker_and_leaves_nothing_running(write_study, tmp_p
     else:  # the second lands where it may: in an epoch, or while the trial's end is recorded
         assert all(r.startswith("interrupted") for r in reasons), reasons
     assert sorted((r.data.tags["lrsearch.role"], r.info.status) for r in _runs(tmp_path)) == [
-        ("study", "KILLED"), ("trial", "KILLED"), ("trial", "KILLED")]
+        ("study", "KILLED"),
+        ("trial", "KILLED"),
+        ("trial", "KILLED"),
+    ]
     # status says interrupted (resumable), and why, until a worker takes the study up again
     from lrsearch.service.queue import status
 
-    row = status(storage=f"sqlite:///{tmp_path / 'data' / 'optuna.db'}",
-                 tracking=f"sqlite:///{tmp_path / 'data' / 'mlflow.db'}")[0]
+    row = status(
+        storage=f"sqlite:///{tmp_path / 'data' / 'optuna.db'}", tracking=f"sqlite:///{tmp_path / 'data' / 'mlflow.db'}"
+    )[0]
     assert (row["state"], row["running"], row["workers"]) == ("interrupted", 0, 0)
     assert re.fullmatch(r"stopped by SIGINT at 20\d\d-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", row["reason"]), row
 
@@ -199,8 +221,14 @@ def test_ctrl_c_ends_a_status_watch_quietly(write_study, tmp_path, cli):
 
     assert cli("submit", str(write_study(server_study("watched", 2, 2)))).returncode == 0  # queued: never done
     env = {k: v for k, v in os.environ.items() if k not in ("LRSEARCH_STORAGE", "MLFLOW_TRACKING_URI", "LRSEARCH_DATA")}
-    watch = subprocess.Popen([sys.executable, "-m", "lrsearch.cli", "status", "--watch", "--interval", "0.2"],
-                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    watch = subprocess.Popen(
+        [sys.executable, "-m", "lrsearch.cli", "status", "--watch", "--interval", "0.2"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         first = watch.stdout.readline()  # the table's header: the watch is in its loop
         assert first.startswith("name "), (first, watch.poll())

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from conftest import fill_results
 from mlflow import MlflowClient
 
-from conftest import fill_results
 from lrsearch.core.errors import UsageError
 from lrsearch.sql.queries import ResultsDatabase, ensure_views, grant_reader
 from lrsearch.store.postgres import prepare_database
@@ -47,8 +47,7 @@ ATTACKS = [
     "SELECT nextval('optuna.studies_study_id_seq')",
     "GRANT pg_execute_server_program TO CURRENT_USER",
 ]
-SLOW = ["SELECT pg_sleep(30)",
-        "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r) SELECT count(*) FROM r"]
+SLOW = ["SELECT pg_sleep(30)", "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r) SELECT count(*) FROM r"]
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +76,9 @@ def _snapshot(url: str) -> tuple:
     with engine.connect() as conn:
         values = conn.execute(sa.text("SELECT count(*), sum(value) FROM optuna.trial_values")).one()
         names = conn.execute(sa.text("SELECT array_agg(study_name ORDER BY study_name) FROM optuna.studies")).scalar()
-        roles = conn.execute(sa.text("SELECT array_agg(rolname::text ORDER BY rolname) FROM pg_roles "
-                                     "WHERE rolsuper")).scalar()
+        roles = conn.execute(
+            sa.text("SELECT array_agg(rolname::text ORDER BY rolname) FROM pg_roles WHERE rolsuper")
+        ).scalar()
     engine.dispose()
     return tuple(values), tuple(names), tuple(roles)
 
@@ -149,8 +149,14 @@ def test_grant_reader_refuses_a_privileged_role_and_a_bad_name(results_pg):
 
 def test_the_cli_refuses_in_one_line_with_exit_2(results_pg, reader_url, tmp_path):
     def sql(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "lrsearch.cli", "sql", *args], capture_output=True, text=True,
-                              timeout=60, cwd=tmp_path, env={**os.environ, "LRSEARCH_STORAGE": ""})
+        return subprocess.run(
+            [sys.executable, "-m", "lrsearch.cli", "sql", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=tmp_path,
+            env={**os.environ, "LRSEARCH_STORAGE": ""},
+        )
 
     for url in (results_pg, reader_url):
         result = sql(ATTACKS[0], "--storage", url)
@@ -158,8 +164,9 @@ def test_the_cli_refuses_in_one_line_with_exit_2(results_pg, reader_url, tmp_pat
         assert "Traceback" not in result.stderr
     result = sql("SELECT pg_sleep(30)", "--timeout", "1", "--storage", reader_url)
     assert result.returncode == 2
-    assert result.stderr.strip() == ("lrsearch: error: query stopped after 1 s "
-                                     "(statement timeout; --timeout S to allow longer)")
+    assert result.stderr.strip() == (
+        "lrsearch: error: query stopped after 1 s (statement timeout; --timeout S to allow longer)"
+    )
     ok = sql("SELECT study_name FROM studies ORDER BY 1", "--format", "csv", "--storage", reader_url)
     assert ok.returncode == 0 and ok.stdout.split() == ["study_name", "acc", "loss", "multi"]
 
@@ -194,8 +201,11 @@ def results_sqlite(tmp_path_factory):
 
 def _digests(folder: Path) -> dict[str, str]:
     """Every file's digest but the WAL index (-shm), shared memory that readers write to."""
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())
-            if not p.name.endswith("-shm")}
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.iterdir())
+        if not p.name.endswith("-shm")
+    }
 
 
 @pytest.mark.parametrize("attack", SQLITE_ATTACKS, ids=_id)

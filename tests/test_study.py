@@ -9,13 +9,13 @@ import optuna
 import pytest
 from mlflow import MlflowClient
 
-from lrsearch.config import load_config, parse_config
 from lrsearch.choices.data import load_data
+from lrsearch.config import load_config, parse_config
+from lrsearch.results.ranking import best_trials, load_study
+from lrsearch.service.launch import run_study
 from lrsearch.service.objective import Objective
 from lrsearch.store.storage import open_storage
 from lrsearch.store.urls import redact
-from lrsearch.service.launch import run_study
-from lrsearch.results.ranking import best_trials, load_study
 from lrsearch.track.tracking import Tracker
 
 
@@ -46,8 +46,9 @@ def test_three_trial_study_records_everything(write_study, stores, tmp_path):
     assert json.loads(parent.data.params["params.lr"]) == {"low": 0.001, "high": 0.1, "log": True}
     assert parent.data.metrics["n_complete"] == 3
     assert [a.path for a in client.list_artifacts(parent.info.run_id)] == ["study.toml"]
-    assert result.url.endswith(f"/#/experiments/{experiment.experiment_id}/runs/{parent.info.run_id}"
-                               "?workflowType=machine_learning")
+    assert result.url.endswith(
+        f"/#/experiments/{experiment.experiment_id}/runs/{parent.info.run_id}?workflowType=machine_learning"
+    )
 
     children = _children(client, experiment.experiment_id, parent.info.run_id)
     assert [c.info.run_name for c in children] == ["trial-0", "trial-1", "trial-2"]
@@ -75,8 +76,9 @@ def test_three_trial_study_records_everything(write_study, stores, tmp_path):
             assert len(client.get_metric_history(child.info.run_id, key)) == 3, key
         names = sorted(a.path for a in client.list_artifacts(child.info.run_id))
         assert names == ["network.pt", "trial_config.json"]  # its network; learning-curve PNGs are opt-in
-        config = json.loads(open(client.download_artifacts(child.info.run_id, "trial_config.json",
-                                                           str(tmp_path))).read())
+        config = json.loads(
+            open(client.download_artifacts(child.info.run_id, "trial_config.json", str(tmp_path))).read()
+        )
         assert config["hyperparameters"]["lr"] == trial.params["lr"] and config["trial"] == trial.number
 
 
@@ -111,7 +113,11 @@ def test_trial_plots_are_opt_in(write_study, stores):
     result = run_study(load_config(path), storage=stores[0], tracking=stores[1])
     client = MlflowClient(tracking_uri=stores[1])
     run_id = result.study.trials[0].user_attrs["mlflow_run_id"]
-    assert sorted(a.path for a in client.list_artifacts(run_id)) == ["learning_curves.png", "network.pt", "trial_config.json"]
+    assert sorted(a.path for a in client.list_artifacts(run_id)) == [
+        "learning_curves.png",
+        "network.pt",
+        "trial_config.json",
+    ]
     with open(client.download_artifacts(run_id, "learning_curves.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
@@ -120,9 +126,12 @@ def _objective(cfg, storage, tracking):
     tracker = Tracker(tracking)
     experiment_id = tracker.experiment(cfg.study.name)
     parent = tracker.start_study(experiment_id, cfg.study.name, {}, {}, None)
-    study = optuna.create_study(storage=open_storage(storage), study_name=cfg.study.name,
-                                direction=cfg.study.direction,
-                                pruner=optuna.pruners.ThresholdPruner(lower=0.99))
+    study = optuna.create_study(
+        storage=open_storage(storage),
+        study_name=cfg.study.name,
+        direction=cfg.study.direction,
+        pruner=optuna.pruners.ThresholdPruner(lower=0.99),
+    )
     return study, Objective(cfg, load_data(cfg.data), tracker, experiment_id, parent), tracker.client
 
 
@@ -142,7 +151,9 @@ def test_pruned_trial_is_killed_in_mlflow_with_its_history(write_study, stores):
     assert [m.step for m in history] == [0, 1]
     assert trial.intermediate_values == {1: history[1].value}
     # The reason gives the value the pruner judged, and the study's pruner's rule.
-    reason = f"pruned at epoch 1: val/acc={history[1].value:.4g}, worse than the median of the other trials at that epoch"
+    reason = (
+        f"pruned at epoch 1: val/acc={history[1].value:.4g}, worse than the median of the other trials at that epoch"
+    )
     assert trial.user_attrs["reason"] == reason
     assert run.data.tags["state"] == "PRUNED" and run.data.tags["reason"] == reason
     # The run's description (MLflow's note) says it on the run page, with the trial's params.
@@ -152,8 +163,14 @@ def test_pruned_trial_is_killed_in_mlflow_with_its_history(write_study, stores):
 
 
 def test_diverging_trial_is_pruned_never_complete(write_study, stores):
-    cfg = parse_config({"study": {"name": "div", "pruner": "none"}, "train": {"epochs": 5},
-                        "params": {"optimizer": "sgd", "lr": 1e8, "momentum": 0.9}}, "div.toml")
+    cfg = parse_config(
+        {
+            "study": {"name": "div", "pruner": "none"},
+            "train": {"epochs": 5},
+            "params": {"optimizer": "sgd", "lr": 1e8, "momentum": 0.9},
+        },
+        "div.toml",
+    )
     study, objective, client = _objective(cfg, *stores)
     study.pruner = optuna.pruners.NopPruner()
     study.optimize(objective, n_trials=1)
@@ -168,14 +185,21 @@ def test_diverging_trial_is_pruned_never_complete(write_study, stores):
 
 
 def test_a_non_finite_validation_loss_prunes_the_trial_whatever_the_metric(stores):
-    cfg = parse_config({"study": {"name": "nanval", "pruner": "none", "metric": "val/acc"}, "train": {"epochs": 3},
-                        "params": {"optimizer": "sgd", "lr": 0.01, "momentum": 0.0}}, "nanval.toml")
+    cfg = parse_config(
+        {
+            "study": {"name": "nanval", "pruner": "none", "metric": "val/acc"},
+            "train": {"epochs": 3},
+            "params": {"optimizer": "sgd", "lr": 0.01, "momentum": 0.0},
+        },
+        "nanval.toml",
+    )
     study, objective, client = _objective(cfg, *stores)
     study.pruner = optuna.pruners.NopPruner()
     x_val = objective.data.x_val.clone()
     x_val[0, 0] = math.nan
-    objective.data = type(objective.data)(objective.data.x_train, objective.data.y_train, x_val,
-                                          objective.data.y_val, objective.data.n_classes)
+    objective.data = type(objective.data)(
+        objective.data.x_train, objective.data.y_train, x_val, objective.data.y_val, objective.data.n_classes
+    )
     study.optimize(objective, n_trials=1)
     assert objective.drain() == []
     trial = study.trials[0]
@@ -188,8 +212,13 @@ def test_a_crashing_trial_fails_in_both_stores(write_study, stores):
     cfg = load_config(write_study())
     study, objective, client = _objective(cfg, *stores)
     # Labels beyond the output layer: cross_entropy raises inside Lightning's fit.
-    objective.data = type(objective.data)(objective.data.x_train, objective.data.y_train + 5,
-                                          objective.data.x_val, objective.data.y_val, objective.data.n_classes)
+    objective.data = type(objective.data)(
+        objective.data.x_train,
+        objective.data.y_train + 5,
+        objective.data.x_val,
+        objective.data.y_val,
+        objective.data.n_classes,
+    )
     with pytest.raises(IndexError):
         study.optimize(objective, n_trials=1)
     assert objective.drain() == []
@@ -202,10 +231,21 @@ def test_a_crashing_trial_fails_in_both_stores(write_study, stores):
 def test_best_trials_follow_the_direction(write_study, stores):
     storage, tracking = stores
     cfg = load_config(write_study()).with_overrides(trials=4)
-    loss = parse_config({"study": {"name": "loss", "direction": "minimize", "metric": "val/loss",
-                                   "trials": 4, "seed": 1, "pruner": "none"},
-                         "train": {"epochs": 2}, "params": {"lr": {"low": 1e-3, "high": 0.5, "log": True}}},
-                        "loss.toml")
+    loss = parse_config(
+        {
+            "study": {
+                "name": "loss",
+                "direction": "minimize",
+                "metric": "val/loss",
+                "trials": 4,
+                "seed": 1,
+                "pruner": "none",
+            },
+            "train": {"epochs": 2},
+            "params": {"lr": {"low": 1e-3, "high": 0.5, "log": True}},
+        },
+        "loss.toml",
+    )
     run_study(cfg, storage=storage, tracking=tracking)
     run_study(loss, storage=storage, tracking=tracking)
     acc_best = best_trials(load_study("tiny", storage), 10)
@@ -226,8 +266,9 @@ def test_embedded_stores_are_wal_and_checkpointed_when_the_loop_ends(write_study
 
     from conftest import TINY_STUDY
 
-    run_study(load_config(write_study(TINY_STUDY.replace("trials = 3", "trials = 1"))),
-              storage=stores[0], tracking=stores[1])
+    run_study(
+        load_config(write_study(TINY_STUDY.replace("trials = 3", "trials = 1"))), storage=stores[0], tracking=stores[1]
+    )
     for name in ("optuna.db", "mlflow.db"):
         with sqlite3.connect(tmp_path / name) as conn:
             assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -240,7 +281,10 @@ def test_log_batch_calls_stay_within_mlflows_limits():
 
     batches = list(_batches(list(range(150)), list(range(5)), list(range(2500))))
     assert [(len(b["params"]), len(b["tags"]), len(b["metrics"])) for b in batches] == [
-        (100, 5, 895), (50, 0, 950), (0, 0, 655)]  # <= 100 params, 100 tags, 1000 entities a call
+        (100, 5, 895),
+        (50, 0, 950),
+        (0, 0, 655),
+    ]  # <= 100 params, 100 tags, 1000 entities a call
     assert sum((b["metrics"] for b in batches), []) == list(range(2500))  # every point, in order
     assert list(_batches([], [], [])) == []
 
@@ -275,8 +319,8 @@ def test_trials_claimed_but_never_begun_are_ended_on_an_error_and_queued_ones_qu
     stale; a queued trial it had taken (with its parameters) is queued again."""
     import optuna
     import pytest
-
     from conftest import TINY_STUDY
+
     from lrsearch.service.session import open_session
     from lrsearch.service.worker import _released_on_error
 
@@ -300,6 +344,7 @@ def test_a_claim_made_without_the_lock_never_passes_the_total(write_study, store
     down (another worker may have claimed the same slot): kept if the trials before it leave
     it a slot, else ended FAIL at once, untrained, with the reason."""
     from conftest import TINY_STUDY
+
     from lrsearch.service.session import open_session
     from lrsearch.service.worker import _confirm_claim
 
@@ -320,15 +365,21 @@ def test_adamw_and_nesterov_end_to_end(write_study, stores, tmp_path):
     """A study that searches the two newest registry entries: sampled only where they apply,
     decoded by the SQL views (a boolean stays a boolean), in the MLflow runs and the report."""
     from conftest import TINY_STUDY
-    from lrsearch.sql.queries import ResultsDatabase
-    from lrsearch.results.report import write_report
 
-    text = (TINY_STUDY.replace('sampler = "tpe"', 'sampler = "random"').replace("trials = 3", "trials = 6")
-            .replace("seed = 7", "seed = 1")
-            .replace('optimizer = { choices = ["sgd", "adam"] }', 'optimizer = { choices = ["sgd", "adamw"] }')
-            .replace("momentum = { low = 0.0, high = 0.9 }",
-                     "momentum = { choices = [0.0, 0.9] }\nnesterov = { choices = [true, false] }\n"
-                     "weight_decay = { low = 1e-4, high = 1e-1, log = true }"))
+    from lrsearch.results.report import write_report
+    from lrsearch.sql.queries import ResultsDatabase
+
+    text = (
+        TINY_STUDY.replace('sampler = "tpe"', 'sampler = "random"')
+        .replace("trials = 3", "trials = 6")
+        .replace("seed = 7", "seed = 1")
+        .replace('optimizer = { choices = ["sgd", "adam"] }', 'optimizer = { choices = ["sgd", "adamw"] }')
+        .replace(
+            "momentum = { low = 0.0, high = 0.9 }",
+            "momentum = { choices = [0.0, 0.9] }\nnesterov = { choices = [true, false] }\n"
+            "weight_decay = { low = 1e-4, high = 1e-1, log = true }",
+        )
+    )
     path = write_study(text)
     result = run_study(load_config(path).with_overrides(epochs=2), storage=stores[0], tracking=stores[1])
     trials = result.study.trials
@@ -455,8 +506,9 @@ def test_a_trial_that_beats_again_between_two_looks_is_not_failed(write_study, s
     monkeypatch.setenv("LRSEARCH_HEARTBEAT_GRACE", "1")
     monkeypatch.setenv("LRSEARCH_HEARTBEAT_INTERVAL", "1")
     session = open_session(load_config(write_study()), storage=stores[0], tracking=stores[1])
-    held, lost = (session.study.ask({"lr": optuna.distributions.FloatDistribution(1e-3, 0.1, log=True)})
-                  for _ in range(2))
+    held, lost = (
+        session.study.ask({"lr": optuna.distributions.FloatDistribution(1e-3, 0.1, log=True)}) for _ in range(2)
+    )
     for trial in (held, lost):
         session.store.record_heartbeat(trial._trial_id)
     time.sleep(2.2)  # neither has beaten since: both stale (the database clock counts whole seconds)
@@ -487,8 +539,8 @@ def test_an_array_whose_trials_were_all_ended_elsewhere_before_they_began_trains
     """A worker that claimed trials, then paused past the grace period while another worker
     failed them, finds them ended as it begins them: it says so and goes on (no fit of an
     empty array, no error)."""
-    from lrsearch.service.session import open_session
     from lrsearch.core.stopping import StopFlag
+    from lrsearch.service.session import open_session
     from lrsearch.service.worker import Worker, _Array, _claim
 
     session = open_session(load_config(write_study()), storage=stores[0], tracking=stores[1])
@@ -498,8 +550,9 @@ def test_an_array_whose_trials_were_all_ended_elsewhere_before_they_began_trains
     assert len(trials) == 2
     for trial_id in trials:
         assert session.store.fail_trial(trial_id, {"reason": "worker lost: no heartbeat for 20 s"})
-    _Array(session, worker.sessions[session.study.study_name][1], StopFlag(), (), refill=False,
-           beats=worker.beats).train(trials)
+    _Array(
+        session, worker.sessions[session.study.study_name][1], StopFlag(), (), refill=False, beats=worker.beats
+    ).train(trials)
     assert session.warnings == [f"trial {n} was ended by another worker before it began here" for n in (0, 1)]
     assert [t.state.name for t in session.study.get_trials(deepcopy=False)] == ["FAIL", "FAIL"]
 
@@ -507,11 +560,21 @@ def test_an_array_whose_trials_were_all_ended_elsewhere_before_they_began_trains
 def test_schedule_shapes_reach_mlflow_through_learning_rate_monitor(stores):
     # Two warm-up epochs before each schedule; the lr curves MLflow holds (one point per
     # epoch, as LearningRateMonitor logs them at each epoch's start) have their shapes.
-    cfg = parse_config({"study": {"name": "shapes", "sampler": "grid", "pruner": "none", "seed": 3},
-                        "train": {"epochs": 12, "batch_size": 64},
-                        "params": {"optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "warmup_epochs": 2,
-                                   "schedule": {"choices": ["one_cycle", "cyclic", "cosine"]},
-                                   "half_cycle": 2}}, "shapes.toml")
+    cfg = parse_config(
+        {
+            "study": {"name": "shapes", "sampler": "grid", "pruner": "none", "seed": 3},
+            "train": {"epochs": 12, "batch_size": 64},
+            "params": {
+                "optimizer": "sgd",
+                "lr": 0.1,
+                "momentum": 0.9,
+                "warmup_epochs": 2,
+                "schedule": {"choices": ["one_cycle", "cyclic", "cosine"]},
+                "half_cycle": 2,
+            },
+        },
+        "shapes.toml",
+    )
     result = run_study(cfg, storage=stores[0], tracking=stores[1])
     client = MlflowClient(tracking_uri=stores[1])
     curves = {}
@@ -525,8 +588,11 @@ def test_schedule_shapes_reach_mlflow_through_learning_rate_monitor(stores):
     one_cycle, cyclic, cosine = curves["one_cycle"], curves["cyclic"], curves["cosine"]
     assert one_cycle[2] == pytest.approx(0.1 / 25) and max(one_cycle) == pytest.approx(0.1, rel=0.05)
     peak = one_cycle.index(max(one_cycle))
-    assert 2 < peak < 11 and one_cycle[-1] < one_cycle[2] and all(
-        a > b for a, b in zip(one_cycle[peak:], one_cycle[peak + 1:]))  # up, then down
+    assert (
+        2 < peak < 11
+        and one_cycle[-1] < one_cycle[2]
+        and all(a > b for a, b in zip(one_cycle[peak:], one_cycle[peak + 1 :]))
+    )  # up, then down
     assert cyclic[2::2] == pytest.approx([0.01, 0.1, 0.01, 0.1, 0.01])  # triangles: base, peak, base …
     assert cosine[2] == pytest.approx(0.1) and all(a > b for a, b in zip(cosine[2:], cosine[3:]))
     # t_max's default counts the schedule's epochs, after the warm-up: 10.

@@ -13,12 +13,21 @@ from lrsearch.core.study_record import _KEYS, Cancellation, Interruption, ModelR
 
 
 def test_a_record_written_as_attributes_reads_back_the_same():
-    record = StudyRecord(metric="val/acc", config={"study": {"name": "s"}}, target=20, priority=3,
-                         submitted_at="2026-12-07T10:00:00+00:00", cancelled=Cancellation("2026-12-07T11:00", True),
-                         done=True, unrunnable=Unrunnable("no data", "0.1.0", "host", "2026-12-07T12:00"),
-                         interrupted=Interruption("2026-12-07T13:00", "SIGTERM"),
-                         model=ModelRecord("s", "2", 7, "abc", "models:/s@best"),
-                         lr_range={"low": 1e-4, "high": 1.0}, experiment_id="1", parent_run_id="def")
+    record = StudyRecord(
+        metric="val/acc",
+        config={"study": {"name": "s"}},
+        target=20,
+        priority=3,
+        submitted_at="2026-12-07T10:00:00+00:00",
+        cancelled=Cancellation("2026-12-07T11:00", True),
+        done=True,
+        unrunnable=Unrunnable("no data", "0.1.0", "host", "2026-12-07T12:00"),
+        interrupted=Interruption("2026-12-07T13:00", "SIGTERM"),
+        model=ModelRecord("s", "2", 7, "abc", "models:/s@best"),
+        lr_range={"low": 1e-4, "high": 1.0},
+        experiment_id="1",
+        parent_run_id="def",
+    )
     stored = StudyRecord.to_attrs(**{name: getattr(record, name) for name in _KEYS})
     assert set(stored) == set(_KEYS.values()) and StudyRecord.from_attrs(stored) == record
     assert StudyRecord.from_attrs({}) == StudyRecord() and not StudyRecord().submitted
@@ -29,8 +38,15 @@ def test_the_views_read_the_study_attributes_the_record_writes():
     """Every study attribute ``sql/views.sql`` names is one of the record's keys."""
     sql = resources.files("lrsearch.sql").joinpath("views.sql").read_text()
     named = {attrs.SQL_NAMES[name] for name in re.findall(r"\{attr: (\w+)\}", sql)}
-    study_keys = {key for key in named if re.search(rf"study_user_attributes \w+ ON [^\n]*\{{attr: "
-                                                    rf"{next(n for n, k in attrs.SQL_NAMES.items() if k == key)}\}}", sql)}
+    study_keys = {
+        key
+        for key in named
+        if re.search(
+            rf"study_user_attributes \w+ ON [^\n]*\{{attr: "
+            rf"{next(n for n, k in attrs.SQL_NAMES.items() if k == key)}\}}",
+            sql,
+        )
+    }
     assert study_keys and study_keys <= set(_KEYS.values()), study_keys - set(_KEYS.values())
 
 

@@ -7,10 +7,10 @@ import math
 
 import pytest
 
-from lrsearch.config import parse_config
 from lrsearch.choices.data import load_data
-from lrsearch.service.objective import outcome
+from lrsearch.config import parse_config
 from lrsearch.fit.training import train
+from lrsearch.service.objective import outcome
 
 CFG = parse_config({"study": {"name": "t"}, "train": {"epochs": 4, "batch_size": 50}}, "t.toml")
 DATA = load_data(CFG.data)
@@ -43,7 +43,10 @@ def test_time_decay_is_applied_per_update_and_logged_per_epoch():
 def test_same_seed_same_metrics():
     hp = {"optimizer": "adam", "lr": 0.01, "schedule": "constant"}
     first, second = train(CFG, DATA, hp, 3), train(CFG, DATA, hp, 3)
-    values = lambda r: {k: [v for _, v, _ in p] for k, p in r.history.items()}
+
+    def values(r):
+        return {k: [v for _, v, _ in p] for k, p in r.history.items()}
+
     assert values(first) == values(second)
     assert values(first) != values(train(CFG, DATA, hp, 4))
 
@@ -59,8 +62,12 @@ def test_a_diverging_rate_stops_the_trial_at_once():
 def test_a_non_finite_validation_loss_ends_the_trial_pruned():
     x_val = DATA.x_val.clone()
     x_val[0, 0] = math.nan  # one validation row: its logits, so the mean loss, are NaN
-    result = train(CFG, dataclasses.replace(DATA, x_val=x_val),
-                   {"optimizer": "sgd", "lr": 0.01, "momentum": 0.0, "schedule": "constant"}, 0)
+    result = train(
+        CFG,
+        dataclasses.replace(DATA, x_val=x_val),
+        {"optimizer": "sgd", "lr": 0.01, "momentum": 0.0, "schedule": "constant"},
+        0,
+    )
     assert (result.diverged_at, result.diverged_on, result.epochs) == (0, "val/loss", 1)
     assert math.isfinite(result.final("train/loss")) and math.isfinite(result.final("val/acc"))
     state, value, reason = outcome(result, "val/acc")  # val/acc alone would have made it COMPLETE

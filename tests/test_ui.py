@@ -14,8 +14,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from conftest import free_port, wait_for_http
+
 from lrsearch.config import load_config
 from lrsearch.service.launch import run_study
 
@@ -55,8 +55,13 @@ def test_ui_serves_the_embedded_store(write_study, tmp_path):
     cfg = load_config(write_study(TINY_STUDY + "\n[tracking]\ntrial_plots = true\n")).with_overrides(trials=1, epochs=2)
     result = run_study(cfg, storage=f"sqlite:///{data / 'optuna.db'}", tracking=f"sqlite:///{data / 'mlflow.db'}")
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "lrsearch.cli", "ui", "--port", str(port)], cwd=tmp_path,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "lrsearch.cli", "ui", "--port", str(port)],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 90
@@ -73,17 +78,22 @@ def test_ui_serves_the_embedded_store(write_study, tmp_path):
         # Loopback only, one uvicorn worker, MLflow's job runner off, and a page asked for
         # under another host name (DNS rebinding) refused.
         assert _refused(_outward_address(), port)
-        server_cmd = (Path(f"/proc/{server.pid}/cmdline").read_bytes().split(b"\0"))
+        server_cmd = Path(f"/proc/{server.pid}/cmdline").read_bytes().split(b"\0")
         assert server_cmd[server_cmd.index(b"--host") + 1] == b"127.0.0.1"
         assert server_cmd[server_cmd.index(b"--workers") + 1] == b"1"
-        uvicorns = subprocess.run(["pgrep", "-P", str(server.pid), "-f", "uvicorn"], capture_output=True,
-                                  text=True).stdout.split()
+        uvicorns = subprocess.run(
+            ["pgrep", "-P", str(server.pid), "-f", "uvicorn"], capture_output=True, text=True
+        ).stdout.split()
         assert len(uvicorns) == 1
-        environ = dict(line.split(b"=", 1) for line in Path(f"/proc/{server.pid}/environ").read_bytes().split(b"\0")
-                       if b"=" in line)
+        environ = dict(
+            line.split(b"=", 1)
+            for line in Path(f"/proc/{server.pid}/environ").read_bytes().split(b"\0")
+            if b"=" in line
+        )
         assert environ[b"MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == b"false"
-        foreign = urllib.request.Request(f"{base}/api/2.0/mlflow/experiments/search?max_results=1",
-                                         headers={"Host": f"evil.example:{port}"})
+        foreign = urllib.request.Request(
+            f"{base}/api/2.0/mlflow/experiments/search?max_results=1", headers={"Host": f"evil.example:{port}"}
+        )
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(foreign, timeout=10)
         assert refused.value.code == 403
@@ -91,7 +101,8 @@ def test_ui_serves_the_embedded_store(write_study, tmp_path):
         # It names each study's trials view at its own port (run's links assume port 5000).
         assert server.stderr.readline().decode() == (
             f"study tiny: {base}/#/experiments/{result.experiment_id}/runs?viewStateShareKey=lrsearch-trials"
-            "&workflowType=machine_learning\n")
+            "&workflowType=machine_learning\n"
+        )
         child_id = result.study.trials[0].user_attrs["mlflow_run_id"]
         child = _get(f"{base}/api/2.0/mlflow/runs/get?run_id={child_id}")["run"]
         tags = {t["key"]: t["value"] for t in child["data"]["tags"]}
@@ -133,8 +144,13 @@ def test_ui_prints_its_links_not_the_servers_chatter_unless_verbose(write_study,
         port = free_port()
         out, err = tmp_path / f"out{len(flags)}.txt", tmp_path / f"err{len(flags)}.txt"
         with open(out, "w") as stdout, open(err, "w") as stderr:
-            server = subprocess.Popen([sys.executable, "-m", "lrsearch.cli", "ui", "--port", str(port), *flags],
-                                      cwd=tmp_path, stdout=stdout, stderr=stderr, start_new_session=True)
+            server = subprocess.Popen(
+                [sys.executable, "-m", "lrsearch.cli", "ui", "--port", str(port), *flags],
+                cwd=tmp_path,
+                stdout=stdout,
+                stderr=stderr,
+                start_new_session=True,
+            )
         base = f"http://127.0.0.1:{port}"
         try:
             wait_for_http(f"{base}/health", server)
@@ -143,9 +159,14 @@ def test_ui_prints_its_links_not_the_servers_chatter_unless_verbose(write_study,
         finally:
             _stop_like_ctrl_c(server)
         shown[flags] = out.read_text(), err.read_text()
-        link = (f"study tiny: {base}/#/experiments/{result.experiment_id}/runs?viewStateShareKey=lrsearch-trials"
-                "&workflowType=machine_learning")
-        assert shown[flags][1].splitlines()[:2] == [link, f"MLflow UI: {base}/#/experiments?workflowType=machine_learning"]
+        link = (
+            f"study tiny: {base}/#/experiments/{result.experiment_id}/runs?viewStateShareKey=lrsearch-trials"
+            "&workflowType=machine_learning"
+        )
+        assert shown[flags][1].splitlines()[:2] == [
+            link,
+            f"MLflow UI: {base}/#/experiments?workflowType=machine_learning",
+        ]
 
     quiet_out, quiet_err = shown[()]
     assert quiet_out == ""
@@ -168,8 +189,10 @@ def test_ui_on_a_port_in_use_fails_in_one_line(tmp_path, cli_process):
         # A process of its own: were the check missing, `ui` would exec MLflow's server.
         done = cli_process("ui", "--port", str(port), timeout=120)
     assert done.returncode == 1
-    assert done.stderr == (f"lrsearch: error: port {port} on 127.0.0.1 is in use (another lrsearch ui or MLflow "
-                           "server?); stop it or pass --port\n")
+    assert done.stderr == (
+        f"lrsearch: error: port {port} on 127.0.0.1 is in use (another lrsearch ui or MLflow "
+        "server?); stop it or pass --port\n"
+    )
 
 
 def test_ctrl_c_in_a_terminal_ends_the_ui_quietly(write_study, tmp_path):
@@ -233,18 +256,29 @@ def _answers(url: str) -> bool:
     return True
 
 
-@pytest.mark.parametrize("given, shown", [
-    # Ctrl-C: uvicorn's ERROR record of the cancelled lifespan task, chained on KeyboardInterrupt.
-    (b"2026/12/06 10:04:06 ERROR:    Traceback (most recent call last):\n  File \"x\"\nKeyboardInterrupt\n\n"
-     b"During handling of the above exception, another exception occurred:\n\nTraceback (most recent call last):\n"
-     b"  File \"y\"\nasyncio.exceptions.CancelledError\nlast words\n", b"last words\n"),
-    # A real error: shown whole, at once, and what follows it too.
-    (b"2026/12/06 10:04:06 ERROR:    Traceback (most recent call last):\n  File \"x\"\nValueError: boom\nnext\n",
-     b"2026/12/06 10:04:06 ERROR:    Traceback (most recent call last):\n  File \"x\"\nValueError: boom\nnext\n"),
-    (b"a\n[MLflow] Security middleware enabled\nb", b"a\nb\n"),
-])
+@pytest.mark.parametrize(
+    "given, shown",
+    [
+        # Ctrl-C: uvicorn's ERROR record of the cancelled lifespan task, chained on KeyboardInterrupt.
+        (
+            b'2026/12/06 10:04:06 ERROR:    Traceback (most recent call last):\n  File "x"\nKeyboardInterrupt\n\n'
+            b"During handling of the above exception, another exception occurred:\n\n"
+            b"Traceback (most recent call last):\n"
+            b'  File "y"\nasyncio.exceptions.CancelledError\nlast words\n',
+            b"last words\n",
+        ),
+        # A real error: shown whole, at once, and what follows it too.
+        (
+            b'2026/12/06 10:04:06 ERROR:    Traceback (most recent call last):\n  File "x"\nValueError: boom\nnext\n',
+            b'2026/12/06 10:04:06 ERROR:    Traceback (most recent call last):\n  File "x"\nValueError: boom\nnext\n',
+        ),
+        (b"a\n[MLflow] Security middleware enabled\nb", b"a\nb\n"),
+    ],
+)
 def test_the_quiet_uis_filter_drops_the_banner_and_ctrl_c_s_traceback_only(given, shown):
     from lrsearch.service.server import _STDERR_FILTER
 
-    assert subprocess.run([sys.executable, "-c", _STDERR_FILTER], input=given, capture_output=True,
-                          timeout=30).stdout == shown
+    assert (
+        subprocess.run([sys.executable, "-c", _STDERR_FILTER], input=given, capture_output=True, timeout=30).stdout
+        == shown
+    )

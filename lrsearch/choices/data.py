@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
+import functools
 import gc
 import hashlib
 import io
 import json
 import sys
 import time
-import dataclasses
-import functools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from lrsearch.core.constraints import MAX_SEED, Interval, Satisfies, declared, int_in
 from lrsearch.core.errors import UsageError
@@ -23,7 +24,6 @@ from lrsearch.core.registry import Registry
 if TYPE_CHECKING:
     import numpy as np
     import torch
-
 
 
 @dataclass(frozen=True)
@@ -57,15 +57,31 @@ class Dataset:
         if self.origin is None:
             return []
         label_type = column_type(self.classes[0] if self.classes else "")
-        schema = json.dumps({"mlflow_colspec": [*({"type": "double", "name": f, "required": True}
-                                                  for f in self.features),
-                                                {"type": label_type, "name": self.label, "required": True}]})
-        return [{"name": self.origin.name, "digest": digest, "source_type": self.origin.source_type,
-                 "source": self.origin.source, "schema": schema, "context": context,
-                 "profile": json.dumps({"num_rows": len(y), "num_features": self.n_features,
-                                        "num_classes": self.n_classes})}
-                for context, digest, y in (("training", self.digests[0], self.y_train),
-                                           ("validation", self.digests[1], self.y_val))]
+        schema = json.dumps(
+            {
+                "mlflow_colspec": [
+                    *({"type": "double", "name": f, "required": True} for f in self.features),
+                    {"type": label_type, "name": self.label, "required": True},
+                ]
+            }
+        )
+        return [
+            {
+                "name": self.origin.name,
+                "digest": digest,
+                "source_type": self.origin.source_type,
+                "source": self.origin.source,
+                "schema": schema,
+                "context": context,
+                "profile": json.dumps(
+                    {"num_rows": len(y), "num_features": self.n_features, "num_classes": self.n_classes}
+                ),
+            }
+            for context, digest, y in (
+                ("training", self.digests[0], self.y_train),
+                ("validation", self.digests[1], self.y_val),
+            )
+        ]
 
     @property
     def n_features(self) -> int:
@@ -100,12 +116,21 @@ def load_data(cfg: DataConfig) -> Dataset:
         std[std == 0] = 1.0  # a constant column stays constant (0), not NaN
         x = ((x - mean) / std).astype(np.float32)
     xt, yt = torch.as_tensor(x), torch.as_tensor(table.y)
-    return Dataset(xt[train], yt[train], xt[val], yt[val], len(table.classes), table.features, table.classes,
-                   table.label, None if mean is None else tuple(mean.tolist()),
-                   None if std is None else tuple(std.tolist()), table.origin,
-                   tuple(map(tuple, table.x[train[:5]].astype(np.float64).tolist())),
-                   tuple(_digest(f"{table.origin.digest} {scale_of(cfg)} ".encode() + rows.tobytes())
-                         for rows in (train, val)))
+    return Dataset(
+        xt[train],
+        yt[train],
+        xt[val],
+        yt[val],
+        len(table.classes),
+        table.features,
+        table.classes,
+        table.label,
+        None if mean is None else tuple(mean.tolist()),
+        None if std is None else tuple(std.tolist()),
+        table.origin,
+        tuple(map(tuple, table.x[train[:5]].astype(np.float64).tolist())),
+        tuple(_digest(f"{table.origin.digest} {scale_of(cfg)} ".encode() + rows.tobytes()) for rows in (train, val)),
+    )
 
 
 def column_type(label: Any) -> str:
@@ -134,10 +159,13 @@ def _check_split(cfg: DataConfig, rows: int) -> int:
     n_val = int(round(rows * cfg.val_fraction))
     if n_val < 1 or n_val >= rows:
         if cfg.path is not None:
-            raise UsageError(f"{_shown(cfg.path)}: {_count(rows, 'data row')}, too few for [data].val_fraction = "
-                             f"{cfg.val_fraction} (it leaves none for training or validation)")
-        raise UsageError(f"[data].val_fraction: {cfg.val_fraction} leaves no rows for training "
-                         f"or validation out of {rows}")
+            raise UsageError(
+                f"{_shown(cfg.path)}: {_count(rows, 'data row')}, too few for [data].val_fraction = "
+                f"{cfg.val_fraction} (it leaves none for training or validation)"
+            )
+        raise UsageError(
+            f"[data].val_fraction: {cfg.val_fraction} leaves no rows for training or validation out of {rows}"
+        )
     return n_val
 
 
@@ -163,7 +191,7 @@ def _split(cfg: DataConfig) -> _Table:
     table = SOURCES[cfg.source].load(cfg)
     n_val = _check_split(cfg, len(table.x))
     order = np.random.default_rng(cfg.seed).permutation(len(table.x))
-    return dataclasses.replace(table, train=order[: len(table.x) - n_val], val=order[len(table.x) - n_val:])
+    return dataclasses.replace(table, train=order[: len(table.x) - n_val], val=order[len(table.x) - n_val :])
 
 
 def _generated(cfg: DataConfig, x: np.ndarray, y: np.ndarray, generator: str) -> _Table:
@@ -174,9 +202,14 @@ def _generated(cfg: DataConfig, x: np.ndarray, y: np.ndarray, generator: str) ->
     classes, codes = np.unique(y, return_inverse=True)
     settings = {k: getattr(cfg, k) for k in SOURCES[cfg.source].keys}
     source = json.dumps({"generator": generator, "settings": settings}, sort_keys=True)
-    return _Table(np.asarray(x, dtype=np.float32), codes.astype(np.int64), tuple(classes.tolist()),
-                  tuple(f"x{i}" for i in range(x.shape[1])), "label",
-                  Origin(cfg.source, _digest(source.encode()), "code", source))
+    return _Table(
+        np.asarray(x, dtype=np.float32),
+        codes.astype(np.int64),
+        tuple(classes.tolist()),
+        tuple(f"x{i}" for i in range(x.shape[1])),
+        "label",
+        Origin(cfg.source, _digest(source.encode()), "code", source),
+    )
 
 
 def _digest(content: bytes) -> str:
@@ -186,8 +219,13 @@ def _digest(content: bytes) -> str:
 def _blobs(cfg: DataConfig) -> _Table:
     from sklearn.datasets import make_blobs
 
-    x, y = make_blobs(n_samples=cfg.n_samples, centers=cfg.centers, n_features=cfg.n_features,
-                      cluster_std=cfg.cluster_std, random_state=cfg.random_state)
+    x, y = make_blobs(
+        n_samples=cfg.n_samples,
+        centers=cfg.centers,
+        n_features=cfg.n_features,
+        cluster_std=cfg.cluster_std,
+        random_state=cfg.random_state,
+    )
     return _generated(cfg, x, y, "sklearn.datasets.make_blobs")
 
 
@@ -234,8 +272,7 @@ _last_csv: tuple[tuple[Any, ...], _Table] | None = None
 CHUNK_ROWS = 65_536  # rows converted at a time: the Python strings of one chunk only are alive
 PROGRESS_EVERY = 1.0  # seconds: a progress line on stderr this often while reading
 FLOAT32_MAX = 3.4028234663852886e38  # the largest float32 (features are float32)
-_QUOTING = ("a field with a comma, a quote or a line break must be wholly in double quotes, "
-            "its quotes doubled")
+_QUOTING = "a field with a comma, a quote or a line break must be wholly in double quotes, its quotes doubled"
 
 
 class _CsvFile:
@@ -303,15 +340,23 @@ class _CsvFile:
         if not rows:
             raise UsageError(f"{self.name}: no data rows, only the header")
         if len(classes) < 2:
-            raise UsageError(f"{self.name}: column {_echo(label)}: {_count(len(classes), 'class', 'classes')} "
-                             f"({', '.join(map(_echo, classes))}), expected at least 2")
+            raise UsageError(
+                f"{self.name}: column {_echo(label)}: {_count(len(classes), 'class', 'classes')} "
+                f"({', '.join(map(_echo, classes))}), expected at least 2"
+            )
         # Classes in sorted order, as np.unique numbered them before: seeded studies keep their indices.
         rank = np.empty(len(classes), dtype=np.int64)
         rank[[classes[c] for c in sorted(classes)]] = np.arange(len(classes))
         x = np.stack([np.concatenate(c) for c in columns], axis=1)
         origin = Origin(self.path.name, _digest(self.data), "local", json.dumps({"uri": self.path.as_uri()}))
-        return _Table(x, rank[np.concatenate(codes)], _label_values(sorted(classes)),
-                      tuple(names[j] for j in features), label, origin)
+        return _Table(
+            x,
+            rank[np.concatenate(codes)],
+            _label_values(sorted(classes)),
+            tuple(names[j] for j in features),
+            label,
+            origin,
+        )
 
     def _refused(self, e: csv.Error) -> UsageError:
         """The csv module's refusal, at the line its record starts on."""
@@ -337,8 +382,10 @@ class _CsvFile:
     def _check_widths(self, chunk: list[list[str]], width: int, before: int) -> None:
         if set(map(len, chunk)) != {width}:
             i = next(i for i, fields in enumerate(chunk) if len(fields) != width)
-            raise UsageError(f"{self.name}: row {self._line_of(before + i + 1)}: "
-                             f"{_count(len(chunk[i]), 'field')}, expected {width} (the header's)")
+            raise UsageError(
+                f"{self.name}: row {self._line_of(before + i + 1)}: "
+                f"{_count(len(chunk[i]), 'field')}, expected {width} (the header's)"
+            )
 
     def _numbers(self, cells: tuple[str, ...], name: str, before: int) -> np.ndarray:
         """A feature column's chunk as float32; a cell that is not a finite float32 refused."""
@@ -352,8 +399,11 @@ class _CsvFile:
         bad = ~(np.abs(values) <= FLOAT32_MAX)  # nan, inf, -inf, and what float32 would turn into inf
         if bad.any():
             i = int(bad.argmax())
-            expected = "a finite number" if not np.isfinite(values[i]) else \
-                f"a number within float32's range (±{FLOAT32_MAX:.3g}: features are float32)"
+            expected = (
+                "a finite number"
+                if not np.isfinite(values[i])
+                else f"a number within float32's range (±{FLOAT32_MAX:.3g}: features are float32)"
+            )
             raise self._cell_error(before + i, name, cells[i], expected)
         return values.astype(np.float32)
 
@@ -372,8 +422,9 @@ class _CsvFile:
     def _cell_error(self, index: int, name: str, cell: str, expected: str) -> UsageError:
         """``index``: the data row's, from 0."""
         got = "an empty cell" if not cell.strip() else _echo(cell)
-        return UsageError(f"{self.name}: row {self._line_of(index + 1)}, column {_echo(name)}: "
-                          f"expected {expected}, got {got}")
+        return UsageError(
+            f"{self.name}: row {self._line_of(index + 1)}, column {_echo(name)}: expected {expected}, got {got}"
+        )
 
     def _byte_error(self, offset: int, what: str, hint: str) -> UsageError:
         row = self.data.count(b"\n", 0, offset) + 1
@@ -462,18 +513,40 @@ class Source:
     scale: str = "none"  # [data].scale's default
 
 
-SOURCES: Registry[Source] = Registry("data source", [
-    Source("blobs", "scikit-learn's make_blobs: Gaussian clusters (the classic problem)", _blobs,
-           ("n_samples", "centers", "n_features", "cluster_std", "random_state"), lambda cfg: cfg.n_samples),
-    Source("moons", "scikit-learn's make_moons: two interleaving half circles", _moons,
-           ("n_samples", "noise", "random_state"), lambda cfg: cfg.n_samples),
-    Source("digits", "scikit-learn's 8x8 digits (shipped with it), pixels scaled to [0, 1]", _digits,
-           rows=lambda cfg: 1797),
-    Source("csv", "a UTF-8 CSV file with a header line: `path` (relative to the study file), `label` the "
-                  "class column, the other columns features (finite numbers, standardized unless `scale = "
-                  "\"none\"`)", _csv, ("path", "label"),
-           scale="standard"),
-])
+SOURCES: Registry[Source] = Registry(
+    "data source",
+    [
+        Source(
+            "blobs",
+            "scikit-learn's make_blobs: Gaussian clusters (the classic problem)",
+            _blobs,
+            ("n_samples", "centers", "n_features", "cluster_std", "random_state"),
+            lambda cfg: cfg.n_samples,
+        ),
+        Source(
+            "moons",
+            "scikit-learn's make_moons: two interleaving half circles",
+            _moons,
+            ("n_samples", "noise", "random_state"),
+            lambda cfg: cfg.n_samples,
+        ),
+        Source(
+            "digits",
+            "scikit-learn's 8x8 digits (shipped with it), pixels scaled to [0, 1]",
+            _digits,
+            rows=lambda cfg: 1797,
+        ),
+        Source(
+            "csv",
+            "a UTF-8 CSV file with a header line: `path` (relative to the study file), `label` the "
+            "class column, the other columns features (finite numbers, standardized unless `scale = "
+            '"none"`)',
+            _csv,
+            ("path", "label"),
+            scale="standard",
+        ),
+    ],
+)
 
 
 # The [data] section of a study file, beside the sources it names (config.py reads it).

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from lrsearch.core.constraints import Satisfies, declared
 from lrsearch.core.registry import Registry
@@ -11,7 +12,6 @@ from lrsearch.core.registry import Registry
 if TYPE_CHECKING:
     import torch
     from torch import nn
-
 
 
 @dataclass(frozen=True)
@@ -43,20 +43,26 @@ def _glorot_uniform(linear: nn.Linear, generator: torch.Generator) -> None:
     nn.init.zeros_(linear.bias)
 
 
-ACTIVATIONS: Registry[Activation] = Registry("activation", [
-    Activation("relu", "ReLU", "max(0, x)"),
-    Activation("tanh", "Tanh", "hyperbolic tangent"),
-    Activation("sigmoid", "Sigmoid", "logistic sigmoid"),
-    Activation("elu", "ELU", "exponential linear unit"),
-    Activation("leaky_relu", "LeakyReLU", "ReLU with slope 0.01 below 0"),
-    Activation("gelu", "GELU", "Gaussian error linear unit"),
-])
+ACTIVATIONS: Registry[Activation] = Registry(
+    "activation",
+    [
+        Activation("relu", "ReLU", "max(0, x)"),
+        Activation("tanh", "Tanh", "hyperbolic tangent"),
+        Activation("sigmoid", "Sigmoid", "logistic sigmoid"),
+        Activation("elu", "ELU", "exponential linear unit"),
+        Activation("leaky_relu", "LeakyReLU", "ReLU with slope 0.01 below 0"),
+        Activation("gelu", "GELU", "Gaussian error linear unit"),
+    ],
+)
 
-INITS: Registry[Init] = Registry("init", [
-    Init("he_uniform", "He-uniform weights, zero biases (the classic Keras experiments)", _he_uniform),
-    Init("glorot_uniform", "Glorot-uniform weights, zero biases", _glorot_uniform),
-    Init("torch_default", "PyTorch's own initialization for every layer", None),
-])
+INITS: Registry[Init] = Registry(
+    "init",
+    [
+        Init("he_uniform", "He-uniform weights, zero biases (the classic Keras experiments)", _he_uniform),
+        Init("glorot_uniform", "Glorot-uniform weights, zero biases", _glorot_uniform),
+        Init("torch_default", "PyTorch's own initialization for every layer", None),
+    ],
+)
 
 
 # The [model] section of a study file, beside the choices it names (config.py reads it).
@@ -65,12 +71,16 @@ MAX_LAYERS, MAX_UNITS = 8, 4096
 
 @dataclass(frozen=True)
 class ModelConfig:
-    hidden: tuple[int, ...] = declared(list, (50,), Satisfies(
-        f"a list of 1 to {MAX_LAYERS} integers in [1, {MAX_UNITS}]",
-        lambda v: 1 <= len(v) <= MAX_LAYERS and all(type(x) is int and 1 <= x <= MAX_UNITS for x in v)))
+    hidden: tuple[int, ...] = declared(
+        list,
+        (50,),
+        Satisfies(
+            f"a list of 1 to {MAX_LAYERS} integers in [1, {MAX_UNITS}]",
+            lambda v: 1 <= len(v) <= MAX_LAYERS and all(type(x) is int and 1 <= x <= MAX_UNITS for x in v),
+        ),
+    )
     activation: str = declared(str, "relu", choices=ACTIVATIONS)
     init: str = declared(str, "he_uniform", choices=INITS)
-
 
 
 def build_mlp(n_in: int, n_out: int, cfg: ModelConfig, generator: torch.Generator) -> nn.Sequential:

@@ -3,8 +3,9 @@ rate, the hyperparameters it takes, its colour in the report, its docs line)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from lrsearch.core.registry import Registry
 
@@ -34,17 +35,37 @@ class Optimizer:
 
 # PyTorch's defaults beyond these (RMSprop alpha 0.99 and eps 1e-8, Adagrad eps 1e-10, Adam
 # betas (0.9, 0.999)); the classic Keras experiments used RMSprop rho 0.9 and eps 1e-7.
-OPTIMIZERS: Registry[Optimizer] = Registry("optimizer", [
-    Optimizer("sgd", "SGD", 0.01, "stochastic gradient descent, with momentum and Nesterov's variant",
-              "tab:blue", {"momentum": 0.0, "nesterov": False}),
-    Optimizer("adam", "Adam", 0.001, "Adam: adaptive moments (betas 0.9, 0.999)", "tab:orange"),
-    Optimizer("rmsprop", "RMSprop", 0.001, "RMSprop: a running mean of squared gradients (alpha 0.99)",
-              "tab:green", {"momentum": 0.0}),
-    Optimizer("adagrad", "Adagrad", 0.01, "Adagrad: per-weight rates from the sum of squared gradients",
-              "tab:red"),
-    Optimizer("adamw", "AdamW", 0.001, "Adam with decoupled weight decay (Loshchilov & Hutter)",
-              "tab:purple", {"weight_decay": 0.01}),
-])
+OPTIMIZERS: Registry[Optimizer] = Registry(
+    "optimizer",
+    [
+        Optimizer(
+            "sgd",
+            "SGD",
+            0.01,
+            "stochastic gradient descent, with momentum and Nesterov's variant",
+            "tab:blue",
+            {"momentum": 0.0, "nesterov": False},
+        ),
+        Optimizer("adam", "Adam", 0.001, "Adam: adaptive moments (betas 0.9, 0.999)", "tab:orange"),
+        Optimizer(
+            "rmsprop",
+            "RMSprop",
+            0.001,
+            "RMSprop: a running mean of squared gradients (alpha 0.99)",
+            "tab:green",
+            {"momentum": 0.0},
+        ),
+        Optimizer("adagrad", "Adagrad", 0.01, "Adagrad: per-weight rates from the sum of squared gradients", "tab:red"),
+        Optimizer(
+            "adamw",
+            "AdamW",
+            0.001,
+            "Adam with decoupled weight decay (Loshchilov & Hutter)",
+            "tab:purple",
+            {"weight_decay": 0.01},
+        ),
+    ],
+)
 
 
 def make_optimizer(parameters: Iterable[torch.nn.Parameter], hp: Mapping[str, Any]) -> torch.optim.Optimizer:

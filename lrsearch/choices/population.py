@@ -19,11 +19,12 @@ from __future__ import annotations
 import functools
 import math
 import random
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
-from lrsearch.core.constraints import Interval, Satisfies, declared
 from lrsearch.choices.space import HYPERPARAMETERS, Choices, Find, Fixed, ParamSpec, Range
+from lrsearch.core.constraints import Interval, Satisfies, declared
 
 MAX_POPULATION = 256  # config.MAX_ARRAY: a population trains as one array
 
@@ -40,9 +41,14 @@ class PopulationConfig:
     # The bottom fraction that copies the top fraction (Ray Tune's quantile_fraction).
     quantile: float = declared(float, 0.25, Interval(float, 0, 0.5, closed="right"))
     # Factors a copied continuous hyperparameter is multiplied by, one drawn at random.
-    perturb: tuple[float, ...] = declared(list, (0.8, 1.2), Satisfies(
-        "a list of 1 to 8 positive numbers",
-        lambda v: 1 <= len(v) <= 8 and all(type(x) in (int, float) and 0 < x < math.inf for x in v)))
+    perturb: tuple[float, ...] = declared(
+        list,
+        (0.8, 1.2),
+        Satisfies(
+            "a list of 1 to 8 positive numbers",
+            lambda v: 1 <= len(v) <= 8 and all(type(x) in (int, float) and 0 < x < math.inf for x in v),
+        ),
+    )
     # The probability of drawing a copied hyperparameter afresh from its range instead.
     resample: float = declared(float, 0.25, Interval(float, 0, 1))
 
@@ -69,13 +75,17 @@ def refusal(name: str, spec: ParamSpec) -> str | None:
     hp = HYPERPARAMETERS[name]
     if hp.changes:
         if isinstance(spec, Choices):
-            return "expected a range { low, high } or one value for sampler 'pbt' (it perturbs a value within its range)"
+            return (
+                "expected a range { low, high } or one value for sampler 'pbt' (it perturbs a value within its range)"
+            )
         return None
     if name == "schedule":
         if isinstance(spec, Fixed) and spec.value == "constant":
             return None
-        return ("expected no schedule (or \"constant\") for sampler 'pbt': the schedule is what it discovers, "
-                "by changing lr as the members train")
+        return (
+            "expected no schedule (or \"constant\") for sampler 'pbt': the schedule is what it discovers, "
+            "by changing lr as the members train"
+        )
     if hp.owner == "schedule":
         return f"expected no {name} for sampler 'pbt': it trains with the constant schedule, which takes none"
     if name == "warmup_epochs":
@@ -92,8 +102,13 @@ def changeable(space: Mapping[str, ParamSpec]) -> list[str]:
     from lrsearch.choices.optimizers import OPTIMIZERS
 
     spec = space.get("optimizer")
-    optimizers = (spec.values if isinstance(spec, Choices) else (spec.value,) if isinstance(spec, Fixed)
-                  else (HYPERPARAMETERS["optimizer"].default,))
+    optimizers = (
+        spec.values
+        if isinstance(spec, Choices)
+        else (spec.value,)
+        if isinstance(spec, Fixed)
+        else (HYPERPARAMETERS["optimizer"].default,)
+    )
     out = []
     for name in mutable():
         if not isinstance(space.get(name), (Range, Find)):
@@ -117,8 +132,9 @@ def role(name: str) -> str:
     return "copied with its member's state"
 
 
-def explore(hp: Mapping[str, Any], space: Mapping[str, ParamSpec], config: PopulationConfig,
-            rng: random.Random) -> dict[str, Any]:
+def explore(
+    hp: Mapping[str, Any], space: Mapping[str, ParamSpec], config: PopulationConfig, rng: random.Random
+) -> dict[str, Any]:
     """A copied member's hyperparameters: its source's ``hp``, each one that may change and
     is searched over a range drawn afresh (probability ``resample``) or multiplied by a
     ``perturb`` factor, and kept inside its range."""
@@ -158,8 +174,10 @@ def pairs(values: Sequence[float], direction: str, quantile: float, rng: random.
     drawn at random; ties go to the earlier member, and a non-finite value ranks last. As
     Ray Tune's PBT: ceil(K × quantile) each side, at most half the population."""
     sign = -1.0 if direction == "maximize" else 1.0
-    order = sorted(range(len(values)),
-                   key=lambda i: (not math.isfinite(values[i]), sign * values[i] if math.isfinite(values[i]) else 0, i))
+    order = sorted(
+        range(len(values)),
+        key=lambda i: (not math.isfinite(values[i]), sign * values[i] if math.isfinite(values[i]) else 0, i),
+    )
     n = min(math.ceil(len(values) * quantile), len(values) // 2)
     if n == 0:
         return []
@@ -167,16 +185,19 @@ def pairs(values: Sequence[float], direction: str, quantile: float, rng: random.
     return [(i, rng.choice(top)) for i in bottom]
 
 
-def sources(values: Sequence[float], broken: Sequence[int], direction: str, quantile: float,
-            rng: random.Random) -> list[tuple[int, int]]:
+def sources(
+    values: Sequence[float], broken: Sequence[int], direction: str, quantile: float, rng: random.Random
+) -> list[tuple[int, int]]:
     """``(copier, source)`` for the members that diverged (``broken``), replaced at once by
     a copy of a member of the top ``quantile`` of the others (none if every member broke)."""
     sign = -1.0 if direction == "maximize" else 1.0
-    fine = sorted((i for i in range(len(values)) if i not in broken and math.isfinite(values[i])),
-                  key=lambda i: (sign * values[i], i))
+    fine = sorted(
+        (i for i in range(len(values)) if i not in broken and math.isfinite(values[i])),
+        key=lambda i: (sign * values[i], i),
+    )
     if not fine:
         return []
-    top = fine[:max(1, math.ceil(len(values) * quantile))]
+    top = fine[: max(1, math.ceil(len(values) * quantile))]
     return [(i, rng.choice(top)) for i in broken]
 
 

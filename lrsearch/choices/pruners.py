@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import binascii
 import math
-from typing import Any, Collection
+from collections.abc import Collection
+from typing import Any
 
 import numpy as np
 import optuna
@@ -73,8 +74,9 @@ def peer_values(study: Any, step: int) -> list[tuple[int, float]]:
     fast = getattr(study, "values_at", None)
     if fast is not None:
         return fast(step)
-    return [(t.number, v) for t in study.get_trials(deepcopy=False, states=PEER_STATES)
-            if (v := _at(t, step)) is not None]
+    return [
+        (t.number, v) for t in study.get_trials(deepcopy=False, states=PEER_STATES) if (v := _at(t, step)) is not None
+    ]
 
 
 def _at(trial: FrozenTrial, step: int) -> float | None:
@@ -100,8 +102,10 @@ class ArrayHalvingPruner(BasePruner):
 
     def __init__(self, min_resource: int, reduction_factor: int = 4, min_early_stopping_rate: int = 0) -> None:
         if min_resource < 1 or reduction_factor < 2 or min_early_stopping_rate < 0:
-            raise ValueError(f"bad successive halving: min_resource={min_resource}, reduction_factor="
-                             f"{reduction_factor}, min_early_stopping_rate={min_early_stopping_rate}")
+            raise ValueError(
+                f"bad successive halving: min_resource={min_resource}, reduction_factor="
+                f"{reduction_factor}, min_early_stopping_rate={min_early_stopping_rate}"
+            )
         self.min_resource = min_resource
         self.reduction_factor = reduction_factor
         self.min_early_stopping_rate = min_early_stopping_rate
@@ -193,8 +197,11 @@ class _Bracket:
 
     def get_trials(self, deepcopy: bool = True, states: Any = None) -> list[FrozenTrial]:
         name = self._study.study_name
-        return [t for t in self._study.get_trials(deepcopy=deepcopy, states=states)
-                if self._pruner.bracket(name, t.number) == self._bracket]
+        return [
+            t
+            for t in self._study.get_trials(deepcopy=deepcopy, states=states)
+            if self._pruner.bracket(name, t.number) == self._bracket
+        ]
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._study, name)

@@ -4,11 +4,12 @@ docs line). Optuna is imported when a factory is called, so reading a study file
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
-from lrsearch.core.registry import Registry
 from lrsearch.choices.space import grid_space
+from lrsearch.core.registry import Registry
 
 if TYPE_CHECKING:
     import optuna
@@ -73,8 +74,7 @@ def _grid(params: Mapping[str, ParamSpec], seed: int | None) -> optuna.samplers.
         once the grid is done, which ends ``study.optimize`` but fails outside it. The worker
         loop asks and tells trials itself and ends at the study's total, the grid's size."""
 
-        def after_trial(self, study: optuna.Study, trial: Any, state: Any,
-                        values: Sequence[float] | None) -> None:
+        def after_trial(self, study: optuna.Study, trial: Any, state: Any, values: Sequence[float] | None) -> None:
             pass
 
     return GridSampler(grid_space(params), seed=seed)
@@ -92,15 +92,24 @@ def _pbt(params: Mapping[str, ParamSpec], seed: int | None) -> optuna.samplers.B
     return optuna.samplers.RandomSampler(seed=seed)  # the first draw; the population does the rest
 
 
-SAMPLERS: Registry[Sampler] = Registry("sampler", [
-    Sampler("tpe", "Optuna's TPE: multivariate, grouped, with constant liar for parallel workers", _tpe, learns=True),
-    Sampler("random", "independent uniform (or log-uniform) draws", _random),
-    Sampler("grid", "every combination of the [params] choices (fixed values and choices lists only)", _grid),
-    Sampler("qmc", "quasi-Monte Carlo (Sobol) points, spread more evenly than random ones", _qmc),
-    Sampler("pbt", "population-based training: a population (drawn at random) trains together; every "
-                   "[pbt].interval epochs its worst members copy its best and perturb their lr, momentum and "
-                   "weight decay", _pbt),
-])
+SAMPLERS: Registry[Sampler] = Registry(
+    "sampler",
+    [
+        Sampler(
+            "tpe", "Optuna's TPE: multivariate, grouped, with constant liar for parallel workers", _tpe, learns=True
+        ),
+        Sampler("random", "independent uniform (or log-uniform) draws", _random),
+        Sampler("grid", "every combination of the [params] choices (fixed values and choices lists only)", _grid),
+        Sampler("qmc", "quasi-Monte Carlo (Sobol) points, spread more evenly than random ones", _qmc),
+        Sampler(
+            "pbt",
+            "population-based training: a population (drawn at random) trains together; every "
+            "[pbt].interval epochs its worst members copy its best and perturb their lr, momentum and "
+            "weight decay",
+            _pbt,
+        ),
+    ],
+)
 
 
 def _median(epochs: int, every: int) -> optuna.pruners.BasePruner:
@@ -127,17 +136,32 @@ def _none(epochs: int, every: int) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-PRUNERS: Registry[Pruner] = Registry("pruner", [
-    Pruner("none", "every trial trains all its epochs (nothing is reported to Optuna while it trains)", _none),
-    Pruner("median", "stop a trial below the median of the complete and running trials at the same epoch "
-                     "(once 5 have reached it, after epochs/10 epochs)", _median,
-           "worse than the median of the other trials at that epoch"),
-    Pruner("hyperband", "Hyperband over successive-halving brackets, from one check interval to all epochs",
-           _hyperband, "not in the top third of its Hyperband bracket at that epoch"),
-    Pruner("successive_halving", "asynchronous successive halving, rungs from one check interval up, each "
-                                 "4 times the last (Optuna's reduction factor)", _successive_halving,
-           "not in the top quarter of its rung at that epoch"),
-])
+PRUNERS: Registry[Pruner] = Registry(
+    "pruner",
+    [
+        Pruner("none", "every trial trains all its epochs (nothing is reported to Optuna while it trains)", _none),
+        Pruner(
+            "median",
+            "stop a trial below the median of the complete and running trials at the same epoch "
+            "(once 5 have reached it, after epochs/10 epochs)",
+            _median,
+            "worse than the median of the other trials at that epoch",
+        ),
+        Pruner(
+            "hyperband",
+            "Hyperband over successive-halving brackets, from one check interval to all epochs",
+            _hyperband,
+            "not in the top third of its Hyperband bracket at that epoch",
+        ),
+        Pruner(
+            "successive_halving",
+            "asynchronous successive halving, rungs from one check interval up, each "
+            "4 times the last (Optuna's reduction factor)",
+            _successive_halving,
+            "not in the top quarter of its rung at that epoch",
+        ),
+    ],
+)
 
 
 # Measured on studies/search.toml (20 seeds, time from the first trial to 0.840): arrays
@@ -158,8 +182,9 @@ def array_target(sampler: str, size: int, finished: int) -> int:
     return max(1, min(size, max(FIRST_ARRAY, finished // TRIALS_PER_MEMBER)))
 
 
-def make_sampler(name: str, params: Mapping[str, ParamSpec], study_seed: int | None, n_existing: int = 0,
-                 worker: int = 0) -> optuna.samplers.BaseSampler:
+def make_sampler(
+    name: str, params: Mapping[str, ParamSpec], study_seed: int | None, n_existing: int = 0, worker: int = 0
+) -> optuna.samplers.BaseSampler:
     """The sampler ``name`` over ``params`` (a study file's [study].sampler, [params] and
     seed). A seeded sampler's seed is derived from the study seed, the trials already run
     and the worker's index: a resumed study continues its sequence instead of proposing its

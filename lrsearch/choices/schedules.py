@@ -4,8 +4,9 @@ linear warm-up (``warmup_epochs``) that may precede any of them."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from lrsearch.core.registry import Epochs, Registry
 
@@ -125,8 +126,12 @@ def _plateau(optimizer: torch.optim.Optimizer, hp: Mapping[str, Any], span: Span
     from torch.optim import lr_scheduler
 
     plateau = lr_scheduler.ReduceLROnPlateau(
-        optimizer, mode="min", factor=hp["factor"], patience=hp["patience"],
-        threshold=PLATEAU_MIN_DELTA, threshold_mode="abs",
+        optimizer,
+        mode="min",
+        factor=hp["factor"],
+        patience=hp["patience"],
+        threshold=PLATEAU_MIN_DELTA,
+        threshold_mode="abs",
     )
     return Schedule(plateau, "epoch", monitor="val/loss")
 
@@ -136,40 +141,71 @@ def _one_cycle(optimizer: torch.optim.Optimizer, hp: Mapping[str, Any], span: Sp
 
     # max_lr is the trial's lr; PyTorch's defaults start at lr/25 and end at lr/25e4. Momentum
     # is not cycled: it is the trial's own (searched) hyperparameter.
-    cycle = lr_scheduler.OneCycleLR(optimizer, max_lr=hp["lr"], total_steps=span.steps,
-                                    pct_start=hp["pct_start"], anneal_strategy=hp["anneal"],
-                                    cycle_momentum=False)
+    cycle = lr_scheduler.OneCycleLR(
+        optimizer,
+        max_lr=hp["lr"],
+        total_steps=span.steps,
+        pct_start=hp["pct_start"],
+        anneal_strategy=hp["anneal"],
+        cycle_momentum=False,
+    )
     return Schedule(cycle, "step")
 
 
 def _cyclic(optimizer: torch.optim.Optimizer, hp: Mapping[str, Any], span: Span) -> Schedule:
     from torch.optim import lr_scheduler
 
-    cyclic = lr_scheduler.CyclicLR(optimizer, base_lr=hp["lr"] * hp["base_fraction"], max_lr=hp["lr"],
-                                   step_size_up=hp["half_cycle"] * span.steps_per_epoch, mode=hp["mode"],
-                                   cycle_momentum=False)
+    cyclic = lr_scheduler.CyclicLR(
+        optimizer,
+        base_lr=hp["lr"] * hp["base_fraction"],
+        max_lr=hp["lr"],
+        step_size_up=hp["half_cycle"] * span.steps_per_epoch,
+        mode=hp["mode"],
+        cycle_momentum=False,
+    )
     return Schedule(cyclic, "step")
 
 
-SCHEDULES: Registry[ScheduleKind] = Registry("schedule", [
-    ScheduleKind("constant", "the learning rate stays `lr`", _constant),
-    ScheduleKind("time_decay", "lr / (1 + decay · t), t = optimizer updates so far (Keras' decay)",
-                 _time_decay, {"decay": 1e-3}),
-    ScheduleKind("step", "lr × gamma every step_size epochs (StepLR)", _step,
-                 {"step_size": Epochs(4), "gamma": 0.5}),
-    ScheduleKind("exponential", "lr × gamma every epoch (ExponentialLR)", _exponential, {"gamma": 0.95}),
-    ScheduleKind("cosine", "cosine annealing to 0 over t_max epochs (CosineAnnealingLR)", _cosine,
-                 {"t_max": Epochs(1)}),
-    ScheduleKind("plateau", f"lr × factor after `patience` epochs without a val/loss improvement of "
-                            f"{PLATEAU_MIN_DELTA:g} (ReduceLROnPlateau)", _plateau,
-                 {"patience": 10, "factor": 0.1}),
-    ScheduleKind("one_cycle", "Smith's one-cycle policy: up to `lr` over the first pct_start of the updates, "
-                              "then down to lr/25e4 (OneCycleLR, momentum not cycled)", _one_cycle,
-                 {"pct_start": 0.3, "anneal": "cos"}),
-    ScheduleKind("cyclic", "triangles between lr · base_fraction and `lr`, half_cycle epochs up then down; "
-                           "triangular2 halves each cycle's height (CyclicLR)", _cyclic,
-                 {"mode": "triangular", "base_fraction": 0.1, "half_cycle": Epochs(10)}),
-])
+SCHEDULES: Registry[ScheduleKind] = Registry(
+    "schedule",
+    [
+        ScheduleKind("constant", "the learning rate stays `lr`", _constant),
+        ScheduleKind(
+            "time_decay",
+            "lr / (1 + decay · t), t = optimizer updates so far (Keras' decay)",
+            _time_decay,
+            {"decay": 1e-3},
+        ),
+        ScheduleKind(
+            "step", "lr × gamma every step_size epochs (StepLR)", _step, {"step_size": Epochs(4), "gamma": 0.5}
+        ),
+        ScheduleKind("exponential", "lr × gamma every epoch (ExponentialLR)", _exponential, {"gamma": 0.95}),
+        ScheduleKind(
+            "cosine", "cosine annealing to 0 over t_max epochs (CosineAnnealingLR)", _cosine, {"t_max": Epochs(1)}
+        ),
+        ScheduleKind(
+            "plateau",
+            f"lr × factor after `patience` epochs without a val/loss improvement of "
+            f"{PLATEAU_MIN_DELTA:g} (ReduceLROnPlateau)",
+            _plateau,
+            {"patience": 10, "factor": 0.1},
+        ),
+        ScheduleKind(
+            "one_cycle",
+            "Smith's one-cycle policy: up to `lr` over the first pct_start of the updates, "
+            "then down to lr/25e4 (OneCycleLR, momentum not cycled)",
+            _one_cycle,
+            {"pct_start": 0.3, "anneal": "cos"},
+        ),
+        ScheduleKind(
+            "cyclic",
+            "triangles between lr · base_fraction and `lr`, half_cycle epochs up then down; "
+            "triangular2 halves each cycle's height (CyclicLR)",
+            _cyclic,
+            {"mode": "triangular", "base_fraction": 0.1, "half_cycle": Epochs(10)},
+        ),
+    ],
+)
 
 
 def schedule_epochs(epochs: int, hp: Mapping[str, Any]) -> int:
@@ -178,8 +214,9 @@ def schedule_epochs(epochs: int, hp: Mapping[str, Any]) -> int:
     return max(1, epochs - hp.get("warmup_epochs", 0))
 
 
-def make_schedule(optimizer: torch.optim.Optimizer, hp: Mapping[str, Any], epochs: int = 1,
-                  steps_per_epoch: int = 1) -> Schedule:
+def make_schedule(
+    optimizer: torch.optim.Optimizer, hp: Mapping[str, Any], epochs: int = 1, steps_per_epoch: int = 1
+) -> Schedule:
     """The schedule named by ``hp["schedule"]``, after ``hp["warmup_epochs"]`` (if any) of
     linear warm-up, over a run of ``epochs`` epochs of ``steps_per_epoch`` updates."""
     warmup = hp.get("warmup_epochs", 0)

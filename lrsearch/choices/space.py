@@ -8,16 +8,18 @@ only with the ``time_decay`` schedule), so it never appears on a trial where it 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Union
+from typing import TYPE_CHECKING, Any
 
 from lrsearch.choices.optimizers import OPTIMIZERS
+from lrsearch.choices.schedules import SCHEDULES, schedule_epochs
 from lrsearch.core.constraints import POSITIVE, Constraint, Interval, Options, Satisfies
 from lrsearch.core.registry import Registry, resolve
-from lrsearch.choices.schedules import SCHEDULES, schedule_epochs
 
 if TYPE_CHECKING:
     import optuna
+
 
 @dataclass(frozen=True)
 class Fixed:
@@ -55,7 +57,7 @@ class Find:
 FIND_FACTOR = Satisfies("a number > 1", lambda v: 1 < v < math.inf)
 
 
-ParamSpec = Union[Fixed, Range, Choices, Find]
+ParamSpec = Fixed | Range | Choices | Find
 
 
 def resolve_find(space: Mapping[str, ParamSpec], low: float, high: float) -> dict[str, ParamSpec]:
@@ -113,8 +115,7 @@ class Hyperparameter:
 
 
 def _category(name: str, registry: Registry, default: str, doc: str) -> Hyperparameter:
-    return Hyperparameter(name, "category", Options(registry.names), doc,
-                          default, choices=registry.names)
+    return Hyperparameter(name, "category", Options(registry.names), doc, default, choices=registry.names)
 
 
 def _choice(name: str, values: tuple[str, ...], doc: str, owner: str) -> Hyperparameter:
@@ -126,41 +127,92 @@ HYPERPARAMETERS: dict[str, Hyperparameter] = {
     h.name: h
     for h in (
         _category("optimizer", OPTIMIZERS, "sgd", "the optimizer (table below)"),
-        Hyperparameter("lr", "float", POSITIVE, "the (initial) learning rate",
-                       lambda sampled: OPTIMIZERS[sampled["optimizer"]].default_lr, changes=True),
-        Hyperparameter("momentum", "float", Interval(float, 0, 1, closed="left"), "momentum",
-                       owner="optimizer", changes=True),
-        Hyperparameter("nesterov", "bool", Satisfies("true or false", lambda v: isinstance(v, bool)),
-                       "Nesterov's momentum", owner="optimizer",
-                       requires=("momentum", lambda v: v > 0, "momentum > 0"), choices=(True, False)),
-        Hyperparameter("weight_decay", "float", Interval(float, 0, None),
-                       "decoupled weight decay (per update: w -= lr · weight_decay · w)", owner="optimizer",
-                       changes=True),
-        Hyperparameter("warmup_epochs", "int", Interval(int, 0, None, unit="epochs"),
-                       "epochs of linear warm-up (update by update, up to the rate the schedule starts "
-                       "at) before any schedule", 0, optional=True),
+        Hyperparameter(
+            "lr",
+            "float",
+            POSITIVE,
+            "the (initial) learning rate",
+            lambda sampled: OPTIMIZERS[sampled["optimizer"]].default_lr,
+            changes=True,
+        ),
+        Hyperparameter(
+            "momentum", "float", Interval(float, 0, 1, closed="left"), "momentum", owner="optimizer", changes=True
+        ),
+        Hyperparameter(
+            "nesterov",
+            "bool",
+            Satisfies("true or false", lambda v: isinstance(v, bool)),
+            "Nesterov's momentum",
+            owner="optimizer",
+            requires=("momentum", lambda v: v > 0, "momentum > 0"),
+            choices=(True, False),
+        ),
+        Hyperparameter(
+            "weight_decay",
+            "float",
+            Interval(float, 0, None),
+            "decoupled weight decay (per update: w -= lr · weight_decay · w)",
+            owner="optimizer",
+            changes=True,
+        ),
+        Hyperparameter(
+            "warmup_epochs",
+            "int",
+            Interval(int, 0, None, unit="epochs"),
+            "epochs of linear warm-up (update by update, up to the rate the schedule starts at) before any schedule",
+            0,
+            optional=True,
+        ),
         _category("schedule", SCHEDULES, "constant", "the learning-rate schedule (table below)"),
-        Hyperparameter("decay", "float", Interval(float, 0, None), "time_decay's decay",
-                       owner="schedule"),
-        Hyperparameter("step_size", "int", Interval(int, 1, None, unit="epochs"),
-                       "epochs between steps", owner="schedule"),
-        Hyperparameter("gamma", "float", Interval(float, 0, 1, closed="right"),
-                       "the factor per step (step) or per epoch (exponential)", owner="schedule"),
-        Hyperparameter("t_max", "int", Interval(int, 1, None, unit="epochs"),
-                       "epochs to anneal over", owner="schedule"),
-        Hyperparameter("patience", "int", Interval(int, 0, None, unit="epochs"),
-                       "epochs without improvement before a cut", owner="schedule"),
-        Hyperparameter("factor", "float", Interval(float, 0, 1, closed="neither"),
-                       "the factor of each cut", owner="schedule"),
-        Hyperparameter("pct_start", "float", Interval(float, 0, 1, closed="neither"),
-                       "the fraction of the updates spent rising to `lr`", owner="schedule"),
+        Hyperparameter("decay", "float", Interval(float, 0, None), "time_decay's decay", owner="schedule"),
+        Hyperparameter(
+            "step_size", "int", Interval(int, 1, None, unit="epochs"), "epochs between steps", owner="schedule"
+        ),
+        Hyperparameter(
+            "gamma",
+            "float",
+            Interval(float, 0, 1, closed="right"),
+            "the factor per step (step) or per epoch (exponential)",
+            owner="schedule",
+        ),
+        Hyperparameter(
+            "t_max", "int", Interval(int, 1, None, unit="epochs"), "epochs to anneal over", owner="schedule"
+        ),
+        Hyperparameter(
+            "patience",
+            "int",
+            Interval(int, 0, None, unit="epochs"),
+            "epochs without improvement before a cut",
+            owner="schedule",
+        ),
+        Hyperparameter(
+            "factor", "float", Interval(float, 0, 1, closed="neither"), "the factor of each cut", owner="schedule"
+        ),
+        Hyperparameter(
+            "pct_start",
+            "float",
+            Interval(float, 0, 1, closed="neither"),
+            "the fraction of the updates spent rising to `lr`",
+            owner="schedule",
+        ),
         _choice("anneal", ("cos", "linear"), "how the rate rises and falls", owner="schedule"),
-        _choice("mode", ("triangular", "triangular2"), "triangles of equal height, or halved each cycle",
-                owner="schedule"),
-        Hyperparameter("base_fraction", "float", Interval(float, 0, 1, closed="neither"),
-                       "the cycle's lowest rate, as a fraction of `lr`", owner="schedule"),
-        Hyperparameter("half_cycle", "int", Interval(int, 1, None, unit="epochs"),
-                       "epochs from the lowest rate to `lr` (and as many back)", owner="schedule"),
+        _choice(
+            "mode", ("triangular", "triangular2"), "triangles of equal height, or halved each cycle", owner="schedule"
+        ),
+        Hyperparameter(
+            "base_fraction",
+            "float",
+            Interval(float, 0, 1, closed="neither"),
+            "the cycle's lowest rate, as a fraction of `lr`",
+            owner="schedule",
+        ),
+        Hyperparameter(
+            "half_cycle",
+            "int",
+            Interval(int, 1, None, unit="epochs"),
+            "epochs from the lowest rate to `lr` (and as many back)",
+            owner="schedule",
+        ),
     )
 }
 
@@ -172,8 +224,10 @@ def _check_registries() -> None:
             for option in entry.options:
                 hp = HYPERPARAMETERS.get(option)
                 if hp is None or hp.owner != owner:
-                    raise AssertionError(f"{registry.kind} {entry.name!r} takes {option!r}, "
-                                         f"which is not a hyperparameter owned by {owner!r}")
+                    raise AssertionError(
+                        f"{registry.kind} {entry.name!r} takes {option!r}, "
+                        f"which is not a hyperparameter owned by {owner!r}"
+                    )
 
 
 _check_registries()
@@ -186,9 +240,7 @@ def in_sampling_order(params: Mapping[str, Any]) -> dict[str, Any]:
     return {name: params[name] for name in [*known, *(k for k in params if k not in HYPERPARAMETERS)]}
 
 
-def sample_params(
-    trial: optuna.trial.BaseTrial, space: Mapping[str, ParamSpec], epochs: int
-) -> dict[str, Any]:
+def sample_params(trial: optuna.trial.BaseTrial, space: Mapping[str, ParamSpec], epochs: int) -> dict[str, Any]:
     """Sample every hyperparameter that applies, define-by-run.
 
     Declared entries (fixed, range or choices) are suggested to Optuna, so they are stored
@@ -202,8 +254,9 @@ def sample_params(
         spec = space.get(hp.name)
         if spec is None and hp.optional:
             continue
-        sampled[hp.name] = (hp.default_for(sampled, schedule_epochs(epochs, sampled)) if spec is None
-                            else _suggest(trial, hp, spec))
+        sampled[hp.name] = (
+            hp.default_for(sampled, schedule_epochs(epochs, sampled)) if spec is None else _suggest(trial, hp, spec)
+        )
     return sampled
 
 

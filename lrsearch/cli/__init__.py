@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from lrsearch.cli.commands import EXIT_OK
 from lrsearch.cli.parser import build_parser

@@ -17,14 +17,14 @@ from lrsearch.core.errors import LrsearchError, UsageError, first_line
 
 EXIT_OK = 0
 
+
 def cmd_validate(args: argparse.Namespace) -> int:
-    from lrsearch.config import load_config
     from lrsearch.choices.data import check_data
+    from lrsearch.config import load_config
 
     cfg = load_config(args.file)
     check_data(cfg.data)  # the data's mistakes too: submit would refuse them
-    print(f"{args.file}: ok (study {cfg.study.name!r}, {cfg.study.sampler} sampler, "
-          f"{len(cfg.params)} params)")
+    print(f"{args.file}: ok (study {cfg.study.name!r}, {cfg.study.sampler} sampler, {len(cfg.params)} params)")
     if cfg.finds_lr:  # the range it has, or would have if created now
         from lrsearch.service.queue import search_range
 
@@ -32,17 +32,21 @@ def cmd_validate(args: argparse.Namespace) -> int:
         found = search_range(cfg, storage=args.storage)
         line = f"lr: {found.low:.3g} to {found.high:.3g}, log scale "
         if found.stored_in is not None:
-            print(line + f"(stored with the study in {_redact(found.stored_in)}: the range test suggested "
-                  f"{found.suggestion:.3g} for {found.optimizer})")
+            print(
+                line + f"(stored with the study in {_redact(found.stored_in)}: the range test suggested "
+                f"{found.suggestion:.3g} for {found.optimizer})"
+            )
         else:
-            print(line + f"(the range test suggests {found.suggestion:.3g} for {found.optimizer}; stored with "
-                  "the study when it is created)")
+            print(
+                line + f"(the range test suggests {found.suggestion:.3g} for {found.optimizer}; stored with "
+                "the study when it is created)"
+            )
     return EXIT_OK
 
 
 def cmd_lr_find(args: argparse.Namespace) -> int:
-    from lrsearch.config import load_config
     from lrsearch.choices.data import check_data
+    from lrsearch.config import load_config
     from lrsearch.fit.lr_find import MAX_LR, MIN_LR, STEPS, SWEEPS, range_test, record_range_test
     from lrsearch.store.folders import report_dir
     from lrsearch.store.urls import storage_url, tracking_uri
@@ -55,18 +59,23 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
     tracker = Tracker(tracking_uri(args.tracking_uri))
     tracker.check()
     experiment_id = tracker.experiment(cfg.study.name)
-    path, run_id = record_range_test(result, cfg, tracker, experiment_id,
-                                     report_dir(storage_url(args.storage), cfg.study.name))
+    path, run_id = record_range_test(
+        result, cfg, tracker, experiment_id, report_dir(storage_url(args.storage), cfg.study.name)
+    )
     url = tracker.run_url(experiment_id, run_id)
     if args.format == "json":
         print(json.dumps({**result.record(), "plot": str(path), "mlflow_run_id": run_id, "mlflow": url}, indent=2))
         return EXIT_OK
     sweeps = ", ".join("none" if s.suggestion is None else f"{s.suggestion:.3g}" for s in result.sweeps)
-    print(f"lr-find {cfg.study.name}: {result.optimizer}, batch size {cfg.train.batch_size}, {SWEEPS} sweeps of "
-          f"{STEPS} rates from {MIN_LR:g} to {MAX_LR:g} (Lightning's Tuner.lr_find)")
+    print(
+        f"lr-find {cfg.study.name}: {result.optimizer}, batch size {cfg.train.batch_size}, {SWEEPS} sweeps of "
+        f"{STEPS} rates from {MIN_LR:g} to {MAX_LR:g} (Lightning's Tuner.lr_find)"
+    )
     print(f"suggested learning rate: {result.suggestion:.3g} (the median of the sweeps: {sweeps})")
-    print(f"search range: {result.low:.3g} to {result.high:.3g} (lr = {{ low = {result.low:.3g}, "
-          f"high = {result.high:.3g}, log = true }}, or lr = {{ find = true }})")
+    print(
+        f"search range: {result.low:.3g} to {result.high:.3g} (lr = {{ low = {result.low:.3g}, "
+        f"high = {result.high:.3g}, log = true }}, or lr = {{ find = true }})"
+    )
     print(f"plot: {path}")
     print(f"MLflow: {url}")
     return EXIT_OK
@@ -82,13 +91,23 @@ def cmd_run(args: argparse.Namespace) -> int:
         tracker.prepare_report()  # it draws some of the report's figures
     try:
         result = _run(args, cfg, workers=args.workers, tracker=tracker)
-        print_result(result.study, result.target, result.experiment_id, result.parent_run_id, args.tracking_uri,
-                     result.warnings, result.arrays, cfg.study.sampler)
+        print_result(
+            result.study,
+            result.target,
+            result.experiment_id,
+            result.parent_run_id,
+            args.tracking_uri,
+            result.warnings,
+            result.arrays,
+            cfg.study.sampler,
+        )
         if result.errors:
             raise LrsearchError(f"{result.errors[0]}; run the same command again to resume")
         if result.cancelled:
-            raise LrsearchError(f"study {cfg.study.name!r} was cancelled (lrsearch cancel); run or submit "
-                                "the same file again to resume it")
+            raise LrsearchError(
+                f"study {cfg.study.name!r} was cancelled (lrsearch cancel); run or submit "
+                "the same file again to resume it"
+            )
         if not args.no_report:
             _report(args, cfg, result.study, tracker)
     finally:
@@ -105,13 +124,16 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if cfg.finds_lr:  # the range test trains: quiet the libraries (nothing else imports them)
         _quiet()
     sub = submit(cfg, storage=args.storage, tracking=args.tracking_uri)
-    print(f"study {sub.name!r} {'resubmitted' if sub.resumed else 'submitted'}: {sub.target} trials, "
-          f"for any `lrsearch worker` on {_redact(sub.url)}")
+    print(
+        f"study {sub.name!r} {'resubmitted' if sub.resumed else 'submitted'}: {sub.target} trials, "
+        f"for any `lrsearch worker` on {_redact(sub.url)}"
+    )
     if sub.parent_run_id is not None:
         print("\n".join(links(tracking_uri(args.tracking_uri), sub.experiment_id, sub.parent_run_id)))
     else:
-        print("MLflow: the study's run and trials appear once a worker starts it (`lrsearch status` "
-              "then shows the link)")
+        print(
+            "MLflow: the study's run and trials appear once a worker starts it (`lrsearch status` then shows the link)"
+        )
     print(f"watch it: lrsearch status {sub.name} --watch{_store_flags(args)}")
     return EXIT_OK
 
@@ -124,8 +146,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     try:
         while True:
             rows = status(args.name, storage=args.storage, tracking=args.tracking_uri)
-            text = format_rows(rows, args.format, STATUS_COLUMNS) if rows or args.format != "table" else \
-                "(no submitted studies)"
+            text = (
+                format_rows(rows, args.format, STATUS_COLUMNS)
+                if rows or args.format != "table"
+                else "(no submitted studies)"
+            )
             if not args.watch:
                 print(text)
                 return EXIT_OK
@@ -149,8 +174,8 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from lrsearch.results.ranking import state_counts
     from lrsearch.core.stopping import watch_parent
+    from lrsearch.results.ranking import state_counts
 
     watch_parent()
     if args.worker_index is None:
@@ -162,8 +187,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if args.max_idle is not None:
         raise UsageError("--max-idle: only without a study file (a worker with a file ends with its study)")
     result = _run(args, _study_config(args), progress=False)
-    print(f"worker {args.worker_index}: study {result.study.study_name!r} done "
-          f"({state_counts(result.study)}), target {result.target}", file=sys.stderr)
+    print(
+        f"worker {args.worker_index}: study {result.study.study_name!r} done "
+        f"({state_counts(result.study)}), target {result.target}",
+        file=sys.stderr,
+    )
     warn(result.warnings)
     return EXIT_OK
 
@@ -171,9 +199,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def cmd_server(args: argparse.Namespace) -> int:
     from lrsearch.service.server import serve
 
-    return serve(args.db, host=args.host, port=args.port, allowed_hosts=args.allowed_hosts,
-                 artifacts=str(Path(args.artifacts).resolve()) if args.artifacts else None,
-                 workers=args.workers, auth=args.auth)
+    return serve(
+        args.db,
+        host=args.host,
+        port=args.port,
+        allowed_hosts=args.allowed_hosts,
+        artifacts=str(Path(args.artifacts).resolve()) if args.artifacts else None,
+        workers=args.workers,
+        auth=args.auth,
+    )
 
 
 def _study_config(args: argparse.Namespace) -> Any:
@@ -184,15 +218,25 @@ def _study_config(args: argparse.Namespace) -> Any:
 
 def _run(args: argparse.Namespace, cfg: Any, workers: int = 1, progress: bool = True, tracker: Any = None) -> Any:
     """Run the study here (and in ``workers - 1`` more processes) until its total is reached."""
-    from lrsearch.service.launch import run_study
     from lrsearch.core.stopping import StopFlag
+    from lrsearch.service.launch import run_study
 
     stop = StopFlag()
     stop.install()
     with Progress(cfg.study.name, enabled=progress) as bar:
-        return run_study(cfg, storage=args.storage, tracking=args.tracking_uri, study_file=Path(args.file),
-                         workers=workers, callbacks=[bar], on_start=bar.start, stop=stop,
-                         worker=args.worker_index, array=args.array, tracker=tracker)
+        return run_study(
+            cfg,
+            storage=args.storage,
+            tracking=args.tracking_uri,
+            study_file=Path(args.file),
+            workers=workers,
+            callbacks=[bar],
+            on_start=bar.start,
+            stop=stop,
+            worker=args.worker_index,
+            array=args.array,
+            tracker=tracker,
+        )
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -211,16 +255,30 @@ def _serve(args: argparse.Namespace) -> int:
     from lrsearch.service.worker import serve, setup_process
 
     setup_process()
-    print(f"worker {args.worker_index}: serving the studies submitted to {_redact(_storage(args))}"
-          + (f" (until idle for {args.max_idle:g} s)" if args.max_idle else ""), file=sys.stderr, flush=True)
+    print(
+        f"worker {args.worker_index}: serving the studies submitted to {_redact(_storage(args))}"
+        + (f" (until idle for {args.max_idle:g} s)" if args.max_idle else ""),
+        file=sys.stderr,
+        flush=True,
+    )
 
     def announce(line: str) -> None:
         warn([line])
         sys.stderr.flush()
 
     try:
-        warn(serve(args.storage, args.tracking_uri, index=args.worker_index, stop=stop, max_idle=args.max_idle,
-                   warn=announce, array=args.array, tracker=tracker))
+        warn(
+            serve(
+                args.storage,
+                args.tracking_uri,
+                index=args.worker_index,
+                stop=stop,
+                max_idle=args.max_idle,
+                warn=announce,
+                array=args.array,
+                tracker=tracker,
+            )
+        )
     finally:
         tracker.close()
     print(f"worker {args.worker_index}: idle for {args.max_idle:g} s, done", file=sys.stderr)
@@ -254,13 +312,13 @@ def _report(args: argparse.Namespace, cfg: Any, study: Any, tracker: Any) -> Non
     from lrsearch.results.report import write_report
 
     try:
-        paths = write_report(cfg.study.name, storage=args.storage, tracking=args.tracking_uri, study=study,
-                             tracker=tracker)
+        paths = write_report(
+            cfg.study.name, storage=args.storage, tracking=args.tracking_uri, study=study, tracker=tracker
+        )
     except Exception as e:
         warn([f"could not write the study's report: {first_line(e)}"])
         return
     print(f"report: {paths[-1]}")
-
 
 
 def cmd_best(args: argparse.Namespace) -> int:
@@ -272,15 +330,41 @@ def cmd_best(args: argparse.Namespace) -> int:
         _quiet()
         registered = register(args.name, storage=args.storage, tracking=args.tracking_uri)
         # On stdout before a table; on stderr before JSON or CSV, which stay whole.
-        print(f"model: {registered.uri} (version {registered.version}: trial {registered.trial}; "
-              f"{'registered now' if registered.new else 'already registered'})",
-              file=sys.stdout if args.format == "table" else sys.stderr)
-    rows = [{"number": r.pop("trial_number"), **r} for r in
-            best_trials_sql(args.storage, args.tracking_uri, args.name, args.top)]
+        print(
+            f"model: {registered.uri} (version {registered.version}: trial {registered.trial}; "
+            f"{'registered now' if registered.new else 'already registered'})",
+            file=sys.stdout if args.format == "table" else sys.stderr,
+        )
+    rows = [
+        {"number": r.pop("trial_number"), **r}
+        for r in best_trials_sql(args.storage, args.tracking_uri, args.name, args.top)
+    ]
     pbt = ["drawn", "copies"] if any(row.get("drawn") is not None for row in rows) else []
-    columns = ["rank", *TRIAL_COLUMNS, *pbt[1:]] if args.format == "table" else [
-        "rank", "number", "value", "state", "params", *pbt, "optimizer", "lr", "momentum", "schedule",
-        "duration_s", "wall_s", "mlflow_run_id", "mlflow", "mlflow_status", "val_acc", "val_loss", "train_loss", "model"]
+    columns = (
+        ["rank", *TRIAL_COLUMNS, *pbt[1:]]
+        if args.format == "table"
+        else [
+            "rank",
+            "number",
+            "value",
+            "state",
+            "params",
+            *pbt,
+            "optimizer",
+            "lr",
+            "momentum",
+            "schedule",
+            "duration_s",
+            "wall_s",
+            "mlflow_run_id",
+            "mlflow",
+            "mlflow_status",
+            "val_acc",
+            "val_loss",
+            "train_loss",
+            "model",
+        ]
+    )
     print(format_rows(rows, args.format, columns) if rows or args.format != "table" else "(no completed trials)")
     made = next((r for r in rows if r["model"]), None)  # the row of the trial the model was made from
     if args.format == "table" and made:
@@ -295,8 +379,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.table:
         print(results_table(args.name, storage=args.storage, tracking=args.tracking_uri))
         return EXIT_OK
-    paths = write_report(args.name, storage=args.storage, tracking=args.tracking_uri,
-                         out=Path(args.out) if args.out else None)
+    paths = write_report(
+        args.name, storage=args.storage, tracking=args.tracking_uri, out=Path(args.out) if args.out else None
+    )
     print(f"report: {paths[-1]} ({len(paths) - 1} figures)")
     return EXIT_OK
 
@@ -309,11 +394,13 @@ def cmd_sql(args: argparse.Namespace) -> int:
         return EXIT_OK
     if args.grant_reader:
         url = grant_reader(args.storage, args.grant_reader)
-        print(f"role {args.grant_reader!r} may read the results; query as it with --storage {url} "
-              f"(its password, if any, in PGPASSWORD)")
+        print(
+            f"role {args.grant_reader!r} may read the results; query as it with --storage {url} "
+            f"(its password, if any, in PGPASSWORD)"
+        )
         return EXIT_OK
     if not args.query:
-        raise UsageError("expected a query, e.g. lrsearch sql \"SELECT * FROM best_trials WHERE rank <= 3\"")
+        raise UsageError('expected a query, e.g. lrsearch sql "SELECT * FROM best_trials WHERE rank <= 3"')
     with ResultsDatabase(args.storage, args.tracking_uri, timeout=args.timeout, user_sql=True) as db:
         result = db.query(args.query)
     print(format_rows(result.records(), args.format, result.columns))

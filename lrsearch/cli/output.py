@@ -8,8 +8,8 @@ import json
 import sys
 from typing import Any
 
-from lrsearch.core.study_record import StudyRecord
 from lrsearch.core.errors import WARNING_PREFIX
+from lrsearch.core.study_record import StudyRecord
 
 # `run`'s summary and `best`: the same columns (mlflow: the run's page on a tracking server,
 # else its id).
@@ -37,7 +37,8 @@ def format_rows(rows: list[dict[str, Any]], fmt: str, columns: list[str] | None 
 
 def _cell(value: Any, fmt: str) -> str:
     """A table cell as the MLflow descriptions write numbers and params; a CSV cell exact."""
-    from lrsearch.core.text import fmt as readable, params_text
+    from lrsearch.core.text import fmt as readable
+    from lrsearch.core.text import params_text
 
     if value is None:
         return ""
@@ -67,8 +68,9 @@ class Progress:
             return
         from tqdm import tqdm
 
-        self.bar = tqdm(total=total, initial=min(done, total), desc=self.name, unit="trial",
-                        file=sys.stderr, dynamic_ncols=True)
+        self.bar = tqdm(
+            total=total, initial=min(done, total), desc=self.name, unit="trial", file=sys.stderr, dynamic_ncols=True
+        )
 
     def __call__(self, study: Any, trial: Any) -> None:
         import time
@@ -82,8 +84,11 @@ class Progress:
             # (an array's trials end together: the last read may have counted it already)
             self._counted.add(trial.number)
             self.bar.n = min(len(self._counted), self.bar.total)
-        if trial.state.name == "COMPLETE" and trial.value is not None and (
-                self._best is None or (trial.value > self._best[0]) == self._maximize and trial.value != self._best[0]):
+        if (
+            trial.state.name == "COMPLETE"
+            and trial.value is not None
+            and (self._best is None or (trial.value > self._best[0]) == self._maximize and trial.value != self._best[0])
+        ):
             self._show_best(trial.value, trial.number)
         self.bar.refresh()
 
@@ -115,8 +120,17 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
 
-def print_result(study: Any, target: int, experiment_id: str, parent_run_id: str, tracking: str | None,
-                  warnings: list[str], arrays: Any = None, sampler: str = "tpe") -> None:
+
+def print_result(
+    study: Any,
+    target: int,
+    experiment_id: str,
+    parent_run_id: str,
+    tracking: str | None,
+    warnings: list[str],
+    arrays: Any = None,
+    sampler: str = "tpe",
+) -> None:
     """The study's top trials as `lrsearch best` shows them, and where MLflow shows the rest."""
     from lrsearch.results.ranking import best_trials, state_counts
     from lrsearch.store.urls import tracking_uri
@@ -153,8 +167,10 @@ def array_line(use: Any, sampler: str) -> str:
     else:
         why = f"auto: arrays of {use.size} train fastest a trial on this machine"
         if SAMPLERS[sampler].learns and use.first < use.size:
-            why += (f"; {sampler} learns from finished trials, so its arrays start at {FIRST_ARRAY} and grow "
-                    f"to 1/{TRIALS_PER_MEMBER} of the finished trials")
+            why += (
+                f"; {sampler} learns from finished trials, so its arrays start at {FIRST_ARRAY} and grow "
+                f"to 1/{TRIALS_PER_MEMBER} of the finished trials"
+            )
     return f"trials trained together: {together} at a time ({why})"
 
 

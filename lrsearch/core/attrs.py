@@ -36,7 +36,17 @@ FAILED_TRIAL = "failed_trial"
 GRID_ID = "grid_id"  # set by Optuna's GridSampler
 
 # For the SQL views.
-SQL_NAMES = {"parent_run": PARENT_RUN, "experiment": EXPERIMENT, "hyperparameters": HYPERPARAMETERS,
-             "mlflow_run": MLFLOW_RUN, "target": TARGET, "submitted_at": SUBMITTED_AT, "cancelled": CANCELLED,
-             "unrunnable": UNRUNNABLE, "interrupted": INTERRUPTED, "model": MODEL, "train_seconds": TRAIN_SECONDS,
-             "pbt": PBT}
+SQL_NAMES = {
+    "parent_run": PARENT_RUN,
+    "experiment": EXPERIMENT,
+    "hyperparameters": HYPERPARAMETERS,
+    "mlflow_run": MLFLOW_RUN,
+    "target": TARGET,
+    "submitted_at": SUBMITTED_AT,
+    "cancelled": CANCELLED,
+    "unrunnable": UNRUNNABLE,
+    "interrupted": INTERRUPTED,
+    "model": MODEL,
+    "train_seconds": TRAIN_SECONDS,
+    "pbt": PBT,
+}

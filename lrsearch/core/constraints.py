@@ -10,8 +10,9 @@ once, never once as a check and again as its message.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from lrsearch.core.registry import Registry
 
@@ -37,8 +38,9 @@ class Interval:
 
     def __call__(self, value: Any) -> bool:
         left, right = self.closed in ("both", "left"), self.closed in ("both", "right")
-        return ((self.low is None or (value >= self.low if left else value > self.low))
-                and (self.high is None or (value <= self.high if right else value < self.high)))
+        return (self.low is None or (value >= self.low if left else value > self.low)) and (
+            self.high is None or (value <= self.high if right else value < self.high)
+        )
 
     @property
     def expected(self) -> str:
@@ -81,8 +83,14 @@ class Satisfies:
         return self.check(value)
 
 
-def declared(kind: type, default: Any = MISSING, constraint: Constraint | None = None, *,
-             choices: Registry | tuple[str, ...] | None = None, unset: str | None = None) -> Any:
+def declared(
+    kind: type,
+    default: Any = MISSING,
+    constraint: Constraint | None = None,
+    *,
+    choices: Registry | tuple[str, ...] | None = None,
+    unset: str | None = None,
+) -> Any:
     """A config field read from its study-file key: its type, default and constraint, declared
     once (the default is the dataclass's; the reader checks the constraint and its error
     message says the constraint's ``expected``). ``choices``: the names of a registry or tuple.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 # How lrsearch's own lines start on stderr (the CLI writes them).
 ERROR_PREFIX = "lrsearch: error: "
 WARNING_PREFIX = "lrsearch: warning: "
@@ -43,7 +42,7 @@ def shown(value: object, limit: int = 60) -> str:
     """A value the user gave, quoted for a message and cut to ``limit`` characters (a
     1,500-character name echoed whole buries the message)."""
     text = repr(value)
-    return text if len(text) <= limit else text[:limit - 1] + "…"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def unknown_study(name: str, where: str, known: list[str]) -> UsageError:

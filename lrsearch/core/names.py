@@ -21,10 +21,16 @@ def model_uri(name: str) -> str:
     """Where MLflow finds a study's registered model: its newest version, the best trial's."""
     return f"models:/{name}@{MODEL_ALIAS}"
 
+
 # The report's figures a study's description shows, as copies PREVIEW_WIDTH pixels wide in
 # PREVIEW_DIR (report.py draws them).
-NOTE_FIGURES = ("grid_accuracy.png", "pbt_schedule.png", "optimization_history.png", "objective_vs_lr.png",
-                "lr_curves.png")
+NOTE_FIGURES = (
+    "grid_accuracy.png",
+    "pbt_schedule.png",
+    "optimization_history.png",
+    "objective_vs_lr.png",
+    "lr_curves.png",
+)
 PREVIEW_DIR = "preview"
 
 

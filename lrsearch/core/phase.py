@@ -14,15 +14,16 @@ PHASES = {
     "cancelled": "`lrsearch cancel`: no new trials; submit it again to resume it",
     "running": "trials are running",
     "unrunnable": "a worker could not run it (its version and the reason are shown); submit the corrected "
-                  "study to queue it again",
+    "study to queue it again",
     "interrupted": "its last worker stopped (Ctrl-C, SIGTERM or an error) with trials left; running or "
-                   "submitting it again, or any `lrsearch worker`, resumes it",
+    "submitting it again, or any `lrsearch worker`, resumes it",
     "queued": "waiting for a worker",
 }
 
 
-def phase(*, target: int, finished: int, running: int, cancelled: Any = None, unrunnable: Any = None,
-          interrupted: Any = None) -> str:
+def phase(
+    *, target: int, finished: int, running: int, cancelled: Any = None, unrunnable: Any = None, interrupted: Any = None
+) -> str:
     """The phase of a study with ``finished`` (COMPLETE + PRUNED) of ``target`` trials and
     ``running`` trials RUNNING, given its cancellation, unrunnable and interruption records
     (None when absent)."""
@@ -49,6 +50,8 @@ def explain(state: str, unrunnable: Any = None, interrupted: Any = None) -> str 
     if dataclasses.is_dataclass(record):  # a StudyRecord's (core/study_record.py)
         record = dataclasses.asdict(record)
     if state == "unrunnable":
-        return (f"lrsearch {record.get('version', '?')} on {record.get('host', '?')} cannot run it: "
-                f"{record.get('reason', 'no reason recorded')}")
+        return (
+            f"lrsearch {record.get('version', '?')} on {record.get('host', '?')} cannot run it: "
+            f"{record.get('reason', 'no reason recorded')}"
+        )
     return f"stopped by {record.get('signal', 'a signal')} at {record.get('at', '?')}"

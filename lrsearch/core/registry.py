@@ -11,7 +11,8 @@ Registries import nothing heavy: factories import torch or Optuna when called.
 from __future__ import annotations
 
 import difflib
-from typing import Generic, Iterable, Iterator, Protocol, TypeVar
+from collections.abc import Iterable, Iterator
+from typing import Generic, Protocol, TypeVar
 
 
 class Entry(Protocol):
@@ -42,8 +43,9 @@ class Registry(Generic[E]):
         try:
             return self._entries[name]
         except KeyError:
-            raise KeyError(f"unknown {self.kind} {name!r}; expected {self.expected}"
-                           + did_you_mean(name, self._entries)) from None
+            raise KeyError(
+                f"unknown {self.kind} {name!r}; expected {self.expected}" + did_you_mean(name, self._entries)
+            ) from None
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries

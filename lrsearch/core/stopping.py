@@ -10,8 +10,9 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable, Iterator
 from types import FrameType
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from lrsearch.core.errors import LrsearchError
 
@@ -129,6 +130,7 @@ def _quiet_interrupts(hook: Callable[[Any], None]) -> Callable[[Any], None]:
     signal that lands inside a finalizer (a weakref callback during garbage collection) is
     dropped there, and would print a traceback. Its signal is sent again instead, so the
     second Ctrl-C still stops training at once."""
+
     def handle(unraisable: Any) -> None:
         error = unraisable.exc_value
         if not isinstance(error, Interrupted):

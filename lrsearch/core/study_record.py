@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from lrsearch.core import attrs
 
 
 def utc_now(timespec: str = "auto") -> str:
     """Now, as the records store a time: ISO 8601, UTC."""
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec=timespec)
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec=timespec)
 
 
 @dataclass(frozen=True)
@@ -95,13 +96,19 @@ class StudyRecord:
         """What the study is doing (``phase.py``'s rule)."""
         from lrsearch.core.phase import phase
 
-        return phase(target=finished + 1 if self.target is None else self.target, finished=finished,
-                     running=running, cancelled=self.cancelled, unrunnable=self.unrunnable,
-                     interrupted=self.interrupted)
+        return phase(
+            target=finished + 1 if self.target is None else self.target,
+            finished=finished,
+            running=running,
+            cancelled=self.cancelled,
+            unrunnable=self.unrunnable,
+            interrupted=self.interrupted,
+        )
 
     @classmethod
     def from_attrs(cls, user_attrs: Mapping[str, Any]) -> StudyRecord:
         """The record of a study's user attributes (keys it does not know are ignored)."""
+
         def typed(kind: type, key: str) -> Any:
             raw = user_attrs.get(key)
             if raw is None:
@@ -114,13 +121,21 @@ class StudyRecord:
             except TypeError:  # a part missing: unreadable, as if absent
                 return None
 
-        return cls(metric=user_attrs.get(attrs.METRIC), config=user_attrs.get(attrs.CONFIG),
-                   target=user_attrs.get(attrs.TARGET), priority=user_attrs.get(attrs.PRIORITY) or 0,
-                   submitted_at=user_attrs.get(attrs.SUBMITTED_AT), cancelled=typed(Cancellation, attrs.CANCELLED),
-                   done=bool(user_attrs.get(attrs.DONE)), unrunnable=typed(Unrunnable, attrs.UNRUNNABLE),
-                   interrupted=typed(Interruption, attrs.INTERRUPTED), model=typed(ModelRecord, attrs.MODEL),
-                   lr_range=user_attrs.get(attrs.LR_RANGE), experiment_id=user_attrs.get(attrs.EXPERIMENT),
-                   parent_run_id=user_attrs.get(attrs.PARENT_RUN))
+        return cls(
+            metric=user_attrs.get(attrs.METRIC),
+            config=user_attrs.get(attrs.CONFIG),
+            target=user_attrs.get(attrs.TARGET),
+            priority=user_attrs.get(attrs.PRIORITY) or 0,
+            submitted_at=user_attrs.get(attrs.SUBMITTED_AT),
+            cancelled=typed(Cancellation, attrs.CANCELLED),
+            done=bool(user_attrs.get(attrs.DONE)),
+            unrunnable=typed(Unrunnable, attrs.UNRUNNABLE),
+            interrupted=typed(Interruption, attrs.INTERRUPTED),
+            model=typed(ModelRecord, attrs.MODEL),
+            lr_range=user_attrs.get(attrs.LR_RANGE),
+            experiment_id=user_attrs.get(attrs.EXPERIMENT),
+            parent_run_id=user_attrs.get(attrs.PARENT_RUN),
+        )
 
     @staticmethod
     def to_attrs(**fields: Any) -> dict[str, Any]:
@@ -134,8 +149,19 @@ class StudyRecord:
         return out
 
 
-_KEYS = {"metric": attrs.METRIC, "config": attrs.CONFIG, "target": attrs.TARGET, "priority": attrs.PRIORITY,
-         "submitted_at": attrs.SUBMITTED_AT, "cancelled": attrs.CANCELLED, "done": attrs.DONE,
-         "unrunnable": attrs.UNRUNNABLE, "interrupted": attrs.INTERRUPTED, "model": attrs.MODEL,
-         "lr_range": attrs.LR_RANGE, "experiment_id": attrs.EXPERIMENT, "parent_run_id": attrs.PARENT_RUN}
+_KEYS = {
+    "metric": attrs.METRIC,
+    "config": attrs.CONFIG,
+    "target": attrs.TARGET,
+    "priority": attrs.PRIORITY,
+    "submitted_at": attrs.SUBMITTED_AT,
+    "cancelled": attrs.CANCELLED,
+    "done": attrs.DONE,
+    "unrunnable": attrs.UNRUNNABLE,
+    "interrupted": attrs.INTERRUPTED,
+    "model": attrs.MODEL,
+    "lr_range": attrs.LR_RANGE,
+    "experiment_id": attrs.EXPERIMENT,
+    "parent_run_id": attrs.PARENT_RUN,
+}
 assert set(_KEYS) == {f.name for f in dataclasses.fields(StudyRecord)}, "every field has its attribute"

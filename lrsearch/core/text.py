@@ -3,7 +3,8 @@ the runs' descriptions and the params MLflow shows."""
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 
 def fmt(value: Any) -> str:
@@ -25,9 +26,12 @@ def exploits_text(exploits: Sequence[Mapping[str, Any]], limit: int = 6) -> str:
         return "never copied another member"
     parts = []
     for e in exploits[-limit:]:
-        changed = [f"{k} {fmt(e['before'].get(k, 'none'))}→{fmt(v)}" for k, v in e["after"].items()
-                   if e["before"].get(k) != v]
-        parts.append(f"copied trial {e['source']} after epoch {e['epoch']}" + (f" ({', '.join(changed)})" if changed else ""))
+        changed = [
+            f"{k} {fmt(e['before'].get(k, 'none'))}→{fmt(v)}" for k, v in e["after"].items() if e["before"].get(k) != v
+        ]
+        parts.append(
+            f"copied trial {e['source']} after epoch {e['epoch']}" + (f" ({', '.join(changed)})" if changed else "")
+        )
     earlier = len(exploits) - limit
     return ("; ".join(parts) + (f"; and {earlier} earlier" if earlier > 0 else "")) if parts else ""
 
@@ -40,4 +44,8 @@ def shown_params(params: Mapping[str, Any], pbt: Mapping[str, Any] | None) -> di
     if not pbt:
         return {"params": dict(params)}
     copies = ", ".join(f"{e['source']} after epoch {e['epoch']}" for e in pbt["exploits"]) or "none"
-    return {"params": dict(pbt["final"]), "drawn": dict(params), "copies": f"trials {copies}" if pbt["exploits"] else copies}
+    return {
+        "params": dict(pbt["final"]),
+        "drawn": dict(params),
+        "copies": f"trials {copies}" if pbt["exploits"] else copies,
+    }

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Union
+from typing import Any
 
 import torch
 
@@ -46,7 +47,7 @@ assert _torch_default("adagrad", "lr_decay") == 0 and _torch_default("adagrad", 
 
 # Which slots a group updates: all of them (the tensors themselves), a contiguous range (views
 # updated in place) or scattered slots (rows gathered, updated, written back).
-_Rows = Union[None, slice, torch.Tensor]
+_Rows = None | slice | torch.Tensor
 
 
 def _take(tensor: torch.Tensor, rows: _Rows) -> torch.Tensor:
@@ -158,7 +159,8 @@ class ArrayOptimizer:
         state, hyperparameters and step count, or is empty (None) until assigned. An old
         slot may be taken by several new ones (population-based training's copies)."""
         if len(params) != len(self._params) or any(
-                new.shape[1:] != old.shape[1:] for new, old in zip(params, self._params)):
+            new.shape[1:] != old.shape[1:] for new, old in zip(params, self._params)
+        ):
             raise ValueError("rebind needs the same parameters, restacked: only dim 0 may change")
         if params[0].shape[0] != len(old_slots):
             raise ValueError(f"{len(old_slots)} old_slots for {params[0].shape[0]} slots")
@@ -178,10 +180,12 @@ class ArrayOptimizer:
         kept = [(new, old) for new, old in enumerate(old_slots) if old is not None]
         dst = torch.tensor([new for new, _ in kept], dtype=torch.long)
         src = torch.tensor([old for _, old in kept], dtype=torch.long)
-        self._first = [torch.zeros_like(p).index_copy_(0, dst, s.index_select(0, src))
-                       for p, s in zip(self._params, old_first)]
-        self._second = [torch.zeros_like(p).index_copy_(0, dst, s.index_select(0, src))
-                        for p, s in zip(self._params, old_second)]
+        self._first = [
+            torch.zeros_like(p).index_copy_(0, dst, s.index_select(0, src)) for p, s in zip(self._params, old_first)
+        ]
+        self._second = [
+            torch.zeros_like(p).index_copy_(0, dst, s.index_select(0, src)) for p, s in zip(self._params, old_second)
+        ]
         self._slots = self._slot_arrays(self._size)
         for name, array in self._slots.items():
             array.index_copy_(0, dst, old_slots_arrays[name].index_select(0, src))
@@ -218,8 +222,7 @@ class ArrayOptimizer:
             self._groups = self._regroup()
         empty = self._empty
         if empty.numel() and (mask is None or bool(mask[empty].any())):
-            raise RuntimeError(f"slots {empty.tolist()} have no member: assign() them before step(), "
-                               "or mask them out")
+            raise RuntimeError(f"slots {empty.tolist()} have no member: assign() them before step(), or mask them out")
         steps = self._slots["step"]
         if mask is None:
             steps.add_(1)
@@ -276,25 +279,30 @@ def _adam_scalars(hyper: dict[str, torch.Tensor], decays: bool) -> dict[str, tor
 # torch's p.add_(x, alpha=-lr) is p + (-lr) * x: here p.addcmul_(x, neg_lr); its
 # p.addcdiv_(a, b, value=-s) is p + ((-s) * a) / b: here p.addcdiv_(a * neg_s, b).
 
-def _sgd(p: torch.Tensor, g: torch.Tensor, first: torch.Tensor, second: torch.Tensor,
-         h: dict[str, torch.Tensor]) -> None:
+
+def _sgd(
+    p: torch.Tensor, g: torch.Tensor, first: torch.Tensor, second: torch.Tensor, h: dict[str, torch.Tensor]
+) -> None:
     p.addcmul_(g, h["neg_lr"])
 
 
-def _momentum(p: torch.Tensor, g: torch.Tensor, first: torch.Tensor, second: torch.Tensor,
-              h: dict[str, torch.Tensor]) -> None:
+def _momentum(
+    p: torch.Tensor, g: torch.Tensor, first: torch.Tensor, second: torch.Tensor, h: dict[str, torch.Tensor]
+) -> None:
     first.mul_(h["momentum"]).add_(g)  # dampening 0
     p.addcmul_(first, h["neg_lr"])
 
 
-def _nesterov(p: torch.Tensor, g: torch.Tensor, first: torch.Tensor, second: torch.Tensor,
-              h: dict[str, torch.Tensor]) -> None:
+def _nesterov(
+    p: torch.Tensor, g: torch.Tensor, first: torch.Tensor, second: torch.Tensor, h: dict[str, torch.Tensor]
+) -> None:
     first.mul_(h["momentum"]).add_(g)
     p.addcmul_(torch.addcmul(g, first, h["momentum"]), h["neg_lr"])
 
 
-def _adam(p: torch.Tensor, g: torch.Tensor, first: torch.Tensor, second: torch.Tensor,
-          h: dict[str, torch.Tensor]) -> None:
+def _adam(
+    p: torch.Tensor, g: torch.Tensor, first: torch.Tensor, second: torch.Tensor, h: dict[str, torch.Tensor]
+) -> None:
     if "decay" in h:
         p.mul_(h["decay"])  # AdamW's decoupled decay, before the moments as in torch
     first.lerp_(g, 1 - _BETA1)
@@ -303,23 +311,26 @@ def _adam(p: torch.Tensor, g: torch.Tensor, first: torch.Tensor, second: torch.T
     p.addcdiv_(first * h["neg_step_size"], denom)
 
 
-def _rmsprop(p: torch.Tensor, g: torch.Tensor, first: torch.Tensor, second: torch.Tensor,
-             h: dict[str, torch.Tensor]) -> None:
+def _rmsprop(
+    p: torch.Tensor, g: torch.Tensor, first: torch.Tensor, second: torch.Tensor, h: dict[str, torch.Tensor]
+) -> None:
     second.mul_(_ALPHA).addcmul_(g, g, value=1 - _ALPHA)
     avg = second.sqrt().add_(_RMSPROP_EPS)
     p.addcdiv_(g * h["neg_lr"], avg)
 
 
-def _rmsprop_momentum(p: torch.Tensor, g: torch.Tensor, first: torch.Tensor, second: torch.Tensor,
-                      h: dict[str, torch.Tensor]) -> None:
+def _rmsprop_momentum(
+    p: torch.Tensor, g: torch.Tensor, first: torch.Tensor, second: torch.Tensor, h: dict[str, torch.Tensor]
+) -> None:
     second.mul_(_ALPHA).addcmul_(g, g, value=1 - _ALPHA)
     avg = second.sqrt().add_(_RMSPROP_EPS)
     first.mul_(h["momentum"]).addcdiv_(g, avg)
     p.addcmul_(first, h["neg_lr"])
 
 
-def _adagrad(p: torch.Tensor, g: torch.Tensor, first: torch.Tensor, second: torch.Tensor,
-             h: dict[str, torch.Tensor]) -> None:
+def _adagrad(
+    p: torch.Tensor, g: torch.Tensor, first: torch.Tensor, second: torch.Tensor, h: dict[str, torch.Tensor]
+) -> None:
     second.addcmul_(g, g)
     std = second.sqrt().add_(_ADAGRAD_EPS)
     p.addcdiv_(g * h["neg_lr"], std)

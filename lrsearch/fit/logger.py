@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import time
 from argparse import Namespace
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 from pytorch_lightning.loggers import Logger
 

@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lrsearch.config import Config
-from lrsearch.core.errors import LrsearchError
 from lrsearch.choices.optimizers import OPTIMIZERS
 from lrsearch.choices.space import Choices, Find, Fixed
+from lrsearch.config import Config
+from lrsearch.core.errors import LrsearchError
 
 MIN_LR, MAX_LR = 1e-7, 10.0
 # Rates tried: many against the smoothing's memory, so the smoothed loss lags the rate by
@@ -84,8 +84,14 @@ class RangeTest:
         return next((s for s in self.sweeps if s.suggestion == self.suggestion), self.sweeps[0])
 
     def record(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer, "suggestion": self.suggestion, "low": self.low, "high": self.high,
-                "factor": self.factor, "sweeps": [s.suggestion for s in self.sweeps]}
+        return {
+            "optimizer": self.optimizer,
+            "suggestion": self.suggestion,
+            "low": self.low,
+            "high": self.high,
+            "factor": self.factor,
+            "sweeps": [s.suggestion for s in self.sweeps],
+        }
 
 
 def optimizer_for(cfg: Config, name: str | None = None) -> str:
@@ -115,8 +121,10 @@ def range_test(cfg: Config, optimizer: str | None = None, factor: float | None =
     result.sweeps = [_sweep(cfg, data, name, seed + i) for i in range(SWEEPS)]
     found = sorted(s.suggestion for s in result.sweeps if s.suggestion is not None)
     if not found:
-        raise NoMinimum(f"no clear minimum: the loss did not fall between {MIN_LR:g} and {MAX_LR:g} "
-                        f"({name}, batch size {cfg.train.batch_size})")
+        raise NoMinimum(
+            f"no clear minimum: the loss did not fall between {MIN_LR:g} and {MAX_LR:g} "
+            f"({name}, batch size {cfg.train.batch_size})"
+        )
     result.suggestion = found[len(found) // 2] if len(found) % 2 else math.sqrt(found[0] * found[-1])
     return result
 
@@ -137,8 +145,9 @@ def _sweep(cfg: Config, data: Any, name: str, seed: int) -> Sweep:
 
     # The optimizer's own settings as the study fixes them (e.g. momentum), else its defaults.
     hp: dict[str, Any] = {"optimizer": name, "lr": MIN_LR, **OPTIMIZERS[name].options}
-    hp.update({k: spec.value for k, spec in cfg.params.items()
-               if isinstance(spec, Fixed) and k in OPTIMIZERS[name].options})
+    hp.update(
+        {k: spec.value for k, spec in cfg.params.items() if isinstance(spec, Fixed) and k in OPTIMIZERS[name].options}
+    )
     net = build_mlp(data.n_features, data.n_classes, cfg.model, torch.Generator().manual_seed(seed))
 
     class RangeTestModule(pl.LightningModule):
@@ -153,18 +162,39 @@ def _sweep(cfg: Config, data: Any, name: str, seed: int) -> Sweep:
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return make_optimizer(self.net.parameters(), hp)
 
-    loader = DataLoader(TensorDataset(data.x_train, data.y_train), batch_size=cfg.train.batch_size, shuffle=True,
-                        generator=torch.Generator().manual_seed(seed))
+    loader = DataLoader(
+        TensorDataset(data.x_train, data.y_train),
+        batch_size=cfg.train.batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(seed),
+    )
     quiet_lightning()
     # lr_find saves the model's state in a checkpoint and restores it after the sweep: in a
     # scratch folder, not the working directory. Its progress bar (tqdm, always on) goes nowhere.
-    with tempfile.TemporaryDirectory(prefix="lrsearch-lr-find-") as scratch, warnings.catch_warnings(), \
-            contextlib.redirect_stderr(io.StringIO()):
+    with (
+        tempfile.TemporaryDirectory(prefix="lrsearch-lr-find-") as scratch,
+        warnings.catch_warnings(),
+        contextlib.redirect_stderr(io.StringIO()),
+    ):
         warnings.simplefilter("ignore")
-        trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=-1, logger=False, enable_checkpointing=False,
-                             enable_progress_bar=False, enable_model_summary=False, default_root_dir=scratch)
-        finder = Tuner(trainer).lr_find(RangeTestModule(), train_dataloaders=loader, min_lr=MIN_LR, max_lr=MAX_LR,
-                                        num_training=STEPS, update_attr=False)
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            devices=1,
+            max_epochs=-1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=scratch,
+        )
+        finder = Tuner(trainer).lr_find(
+            RangeTestModule(),
+            train_dataloaders=loader,
+            min_lr=MIN_LR,
+            max_lr=MAX_LR,
+            num_training=STEPS,
+            update_attr=False,
+        )
     lrs = [float(v) for v in finder.results["lr"]] if finder is not None else []
     losses = [float(v) for v in finder.results["loss"]] if finder is not None else []
     at = suggest(losses)
@@ -193,11 +223,15 @@ def record_range_test(result: RangeTest, cfg: Config, tracker: Any, experiment_i
     """Draw the test into ``out`` and record it as the ``lr-find`` run of the study's
     experiment; the plot's path and the run's id."""
     out.mkdir(parents=True, exist_ok=True)
-    path = plot(result, f"{cfg.study.name}: learning-rate range test ({result.optimizer}, batch size "
-                        f"{cfg.train.batch_size})", out / "lr_find.png")
+    path = plot(
+        result,
+        f"{cfg.study.name}: learning-rate range test ({result.optimizer}, batch size {cfg.train.batch_size})",
+        out / "lr_find.png",
+    )
     sweep = result.median_sweep
-    run_id = tracker.log_range_test(experiment_id, cfg.study.name, result.record(),
-                                    list(zip(sweep.lrs, sweep.losses)), path)
+    run_id = tracker.log_range_test(
+        experiment_id, cfg.study.name, result.record(), list(zip(sweep.lrs, sweep.losses)), path
+    )
     return path, run_id
 
 
@@ -210,8 +244,12 @@ def plot(result: RangeTest, title: str, path: Any) -> Any:
     ax = fig.subplots()
     tops = []
     for sweep in result.sweeps:
-        line, = ax.plot(sweep.lrs, sweep.losses, label=f"seed {sweep.seed}: "
-                        + (f"{sweep.suggestion:.3g}" if sweep.suggestion is not None else "no minimum"))
+        (line,) = ax.plot(
+            sweep.lrs,
+            sweep.losses,
+            label=f"seed {sweep.seed}: "
+            + (f"{sweep.suggestion:.3g}" if sweep.suggestion is not None else "no minimum"),
+        )
         finite = [v for v in sweep.losses if math.isfinite(v)]
         if finite:
             tops.append(finite[int(len(finite) * SKIP)])
@@ -220,8 +258,13 @@ def plot(result: RangeTest, title: str, path: Any) -> Any:
             ax.plot([sweep.suggestion], [sweep.losses[at]], "o", color=line.get_color())
     if math.isfinite(result.suggestion):
         ax.axvline(result.suggestion, color="tab:red", label=f"suggestion (median) {result.suggestion:.3g}")
-        ax.axvspan(result.low, result.high, color="tab:green", alpha=0.12,
-                   label=f"search range {result.low:.3g} – {result.high:.3g}")
+        ax.axvspan(
+            result.low,
+            result.high,
+            color="tab:green",
+            alpha=0.12,
+            label=f"search range {result.low:.3g} – {result.high:.3g}",
+        )
     if tops:  # the divergence at the end would squash the rest
         ax.set_ylim(0, 1.2 * max(tops))
     ax.set_xscale("log")

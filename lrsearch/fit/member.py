@@ -3,8 +3,9 @@ pruning checks and what its training produced (a trial trained alone is an array
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 from lrsearch.fit.logger import MemoryLogger
 

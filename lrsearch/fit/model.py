@@ -7,18 +7,19 @@ from __future__ import annotations
 import functools
 import math
 import time
-from typing import Any, Mapping, Protocol, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from lrsearch.core import faults
-from lrsearch.fit.array_optimizer import ArrayOptimizer
-from lrsearch.fit.member import Member
 from lrsearch.choices.network import build_mlp
 from lrsearch.choices.optimizers import make_optimizer
 from lrsearch.choices.schedules import make_schedule
+from lrsearch.core import faults
+from lrsearch.fit.array_optimizer import ArrayOptimizer
+from lrsearch.fit.member import Member
 
 # LearningRateMonitor logs member KEY's learning rate as "lr@KEY" (and its momentum as
 # "lr@KEY-momentum"); the array's logger files them under LR_NAME for that member.
@@ -48,9 +49,19 @@ class ArrayClassifier(pl.LightningModule):
     place; the fit ends when no member is left.
     """
 
-    def __init__(self, cfg: Any, n_features: int, n_classes: int, val: tuple[torch.Tensor, torch.Tensor],
-                 steps_per_epoch: int, members: Sequence[Member], host: ArrayHost | None = None,
-                 stop: Any = None, pruning: Any = None, population: Any = None) -> None:
+    def __init__(
+        self,
+        cfg: Any,
+        n_features: int,
+        n_classes: int,
+        val: tuple[torch.Tensor, torch.Tensor],
+        steps_per_epoch: int,
+        members: Sequence[Member],
+        host: ArrayHost | None = None,
+        stop: Any = None,
+        pruning: Any = None,
+        population: Any = None,
+    ) -> None:
         super().__init__()
         self.automatic_optimization = False
         self.cfg = cfg
@@ -91,8 +102,12 @@ class ArrayClassifier(pl.LightningModule):
                 self._layout.append((start, start + t.numel(), tuple(t.shape)))
                 start += t.numel()
         old = self.flat.detach() if keep and self.flat is not None else None
-        self.flat = torch.stack([old[i] if i is not None else torch.cat([t.reshape(1, -1) for t in f], dim=1)  # type: ignore[index]
-                                 for _, i, f in rows]).requires_grad_(True)
+        self.flat = torch.stack(
+            [
+                old[i] if i is not None else torch.cat([t.reshape(1, -1) for t in f], dim=1)  # type: ignore[index]
+                for _, i, f in rows
+            ]
+        ).requires_grad_(True)
         self.weights = self._views()
         self.members = [m for m, _, _ in rows]
         if self.optimizer is None:
@@ -113,8 +128,12 @@ class ArrayClassifier(pl.LightningModule):
         """The weights ``build_mlp`` gives this member's seed: the same as alone."""
         member.generator = torch.Generator().manual_seed(member.seed)
         net = build_mlp(*self.shape, self.cfg.model, member.generator)
-        return [t for layer in net if isinstance(layer, torch.nn.Linear)
-                for t in (layer.weight.detach().t(), layer.bias.detach().unsqueeze(0))]
+        return [
+            t
+            for layer in net
+            if isinstance(layer, torch.nn.Linear)
+            for t in (layer.weight.detach().t(), layer.bias.detach().unsqueeze(0))
+        ]
 
     def _start(self, member: Member, slot: int) -> None:
         """Its optimizer settings in the batched update, and its schedule on a shadow
@@ -130,8 +149,9 @@ class ArrayClassifier(pl.LightningModule):
         member.schedule = make_schedule(member.shadow, member.hp, member.epochs, self.steps_per_epoch)
         from pytorch_lightning.utilities.types import LRSchedulerConfig
 
-        self.trainer.strategy.lr_scheduler_configs.append(LRSchedulerConfig(
-            member.schedule.scheduler, name=f"{LR_NAME}@{member.key}", interval="epoch"))
+        self.trainer.strategy.lr_scheduler_configs.append(
+            LRSchedulerConfig(member.schedule.scheduler, name=f"{LR_NAME}@{member.key}", interval="epoch")
+        )
 
     def copy_members(self, copies: Sequence[tuple[Member, Member, Mapping[str, Any]]]) -> None:
         """Population-based training's exploits, all at once: each copier takes its source's
@@ -201,7 +221,7 @@ class ArrayClassifier(pl.LightningModule):
         for start in range(0, n, self.batch_size):
             if start == self.batch_size and self.host is not None:
                 faults.point("batch")  # (an epoch is one step of the fit: its minibatches are these)
-            idx = orders[:, start:start + self.batch_size]
+            idx = orders[:, start : start + self.batch_size]
             yb = y[idx]
             logits = self(x[idx])
             losses = F.cross_entropy(logits.transpose(1, 2), yb, reduction="none").mean(1)
@@ -224,8 +244,9 @@ class ArrayClassifier(pl.LightningModule):
             b = idx.shape[1]
             counted = values if active is None else torch.where(active, values, 0.0)
             loss_sum += counted.double() * b
-            correct += (logits.argmax(-1) == yb).sum(1) if active is None else \
-                ((logits.argmax(-1) == yb).sum(1) * active)
+            correct += (
+                (logits.argmax(-1) == yb).sum(1) if active is None else ((logits.argmax(-1) == yb).sum(1) * active)
+            )
         train_loss = (loss_sum / n).tolist()
         for slot, value in broken.items():
             train_loss[slot] = value
@@ -260,8 +281,12 @@ class ArrayClassifier(pl.LightningModule):
         assert self.optimizer is not None
         due = []  # (member, value) of the pruning checks at this boundary
         for slot, m in enumerate(self.members):
-            metrics = {"train/loss": train_loss[slot], "train/acc": train_acc[slot],
-                       "val/loss": val_loss[slot], "val/acc": val_acc[slot]}
+            metrics = {
+                "train/loss": train_loss[slot],
+                "train/acc": train_acc[slot],
+                "val/loss": val_loss[slot],
+                "val/acc": val_acc[slot],
+            }
             m.result.logger.log_metrics(metrics, step=m.epoch)
             m.result.seconds += share
             # Whatever the metric: a NaN validation loss still leaves a finite val/acc (argmax
@@ -278,9 +303,18 @@ class ArrayClassifier(pl.LightningModule):
         if self.pruning is not None:
             self.pruning.check(due)  # the members checked now, judged together
         if self.population is not None and not stopping:  # (every member leaves now)
-            self.population.step(self, [{"train/loss": train_loss[slot], "train/acc": train_acc[slot],
-                                         "val/loss": val_loss[slot], "val/acc": val_acc[slot]}
-                                        for slot in range(len(self.members))])
+            self.population.step(
+                self,
+                [
+                    {
+                        "train/loss": train_loss[slot],
+                        "train/acc": train_acc[slot],
+                        "val/loss": val_loss[slot],
+                        "val/acc": val_acc[slot],
+                    }
+                    for slot in range(len(self.members))
+                ],
+            )
         for m in self.members:
             m.result.epochs += 1
         leaving = [m for m in self.members if stopping or m.ended_early or m.epoch >= m.epochs]
@@ -323,8 +357,12 @@ def _retune_shadow(member: Member, hp: Mapping[str, Any]) -> None:
 @functools.cache
 def _shadow_template(optimizer: str, momentum: bool, nesterov: bool) -> torch.optim.Optimizer:
     """One weightless optimizer of each kind: its defaults and param group's keys."""
-    hp = {"optimizer": optimizer, "lr": 1.0, **({"momentum": 0.5} if momentum else {}),
-          **({"nesterov": True} if nesterov else {})}
+    hp = {
+        "optimizer": optimizer,
+        "lr": 1.0,
+        **({"momentum": 0.5} if momentum else {}),
+        **({"nesterov": True} if nesterov else {}),
+    }
     return make_optimizer([torch.zeros(1, requires_grad=True)], hp)
 
 

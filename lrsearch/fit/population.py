@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import math
 import time
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from lrsearch.choices.population import PopulationConfig, explore, interval_for, pairs, seeded, sources
 from lrsearch.choices.space import in_sampling_order
@@ -25,8 +26,15 @@ class Population:
     """The exploit-and-explore step of a population's members (an array's members at the
     same epoch: a study trains one population after another in the same fit)."""
 
-    def __init__(self, config: PopulationConfig, space: Mapping[str, ParamSpec], metric: str, direction: str,
-                 epochs: int, seed: int | None) -> None:
+    def __init__(
+        self,
+        config: PopulationConfig,
+        space: Mapping[str, ParamSpec],
+        metric: str,
+        direction: str,
+        epochs: int,
+        seed: int | None,
+    ) -> None:
         self.config = config
         self.space = space
         self.metric = metric
@@ -70,9 +78,15 @@ class Population:
                 copies.append((copier, original, explore(original.hp, self.space, self.config, rng), why[i]))
         for copier, original, hp, reason in copies:
             epoch = copier.epoch
-            copier.result.exploits.append({
-                "epoch": epoch, "source": _number(original.key), "reason": reason,
-                "before": in_sampling_order(dict(copier.hp)), "after": in_sampling_order(hp)})
+            copier.result.exploits.append(
+                {
+                    "epoch": epoch,
+                    "source": _number(original.key),
+                    "reason": reason,
+                    "before": in_sampling_order(dict(copier.hp)),
+                    "after": in_sampling_order(hp),
+                }
+            )
             copier.result.logger.log_metrics({COPIED_FROM: float(_number(original.key))}, step=epoch)
             copier.result.diverged_at = copier.result.diverged_on = None
         if copies:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Container, Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
+from typing import Any
 
 from optuna.exceptions import UpdateFinishedTrialError
 
@@ -68,8 +69,10 @@ def _check(due: list[tuple[Member, float, int]]) -> set[Member]:
     together = hasattr(storage, "report_trials")  # else a storage of Optuna's own (tests)
     if together:
         try:
-            storage.report_trials({t._trial_id: (epoch, value) for t, (_, value, epoch) in zip(trials, due)},
-                                  {m.trial._trial_id: recorded[m] for m, _, _ in due if recorded[m]})
+            storage.report_trials(
+                {t._trial_id: (epoch, value) for t, (_, value, epoch) in zip(trials, due)},
+                {m.trial._trial_id: recorded[m] for m, _, _ in due if recorded[m]},
+            )
         except UpdateFinishedTrialError:  # one of them was taken: which, one write each tells
             together = False
     if not together:

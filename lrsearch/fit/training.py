@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import optuna
 import pytorch_lightning as pl
@@ -15,15 +16,15 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
-from lrsearch.config import Config
 from lrsearch.choices.data import Dataset
+from lrsearch.choices.sampling import check_interval
+from lrsearch.config import Config
+from lrsearch.core.stopping import StopFlag, TrialStop
 from lrsearch.fit.logger import ArrayLogger
 from lrsearch.fit.member import Member, TrainResult
 from lrsearch.fit.model import ArrayClassifier, ArrayHost
 from lrsearch.fit.population import Population
 from lrsearch.fit.pruning import Pruning
-from lrsearch.choices.sampling import check_interval
-from lrsearch.core.stopping import StopFlag, TrialStop
 
 
 class _WholeSet(TorchDataset):
@@ -51,21 +52,41 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", module="lightning_fabric")
 
 
-def fit_array(cfg: Config, data: Dataset, members: Sequence[Member], host: ArrayHost | None = None,
-              stop: StopFlag | TrialStop | None = None, population: Population | None = None) -> ArrayClassifier | None:
+def fit_array(
+    cfg: Config,
+    data: Dataset,
+    members: Sequence[Member],
+    host: ArrayHost | None = None,
+    stop: StopFlag | TrialStop | None = None,
+    population: Population | None = None,
+) -> ArrayClassifier | None:
     """Train ``members`` (trials of the study ``cfg``, each with its own hyperparameters,
     seed and epochs) at once, in one Lightning fit, until every member has left: finished,
     pruned, diverged, or stopped at an epoch boundary once ``stop`` is requested. The
     ``host`` hears of each member as it leaves and may send new members in its place.
     ``population``: population-based training's exploits (default: the study's, if it
     searches by PBT)."""
-    pruning = Pruning(cfg.study.metric, check_interval(cfg.train.epochs, cfg.study.prune_every)) if cfg.study.pruner != "none" else None
+    pruning = (
+        Pruning(cfg.study.metric, check_interval(cfg.train.epochs, cfg.study.prune_every))
+        if cfg.study.pruner != "none"
+        else None
+    )
     if population is None and cfg.population:
-        population = Population(cfg.pbt, cfg.params, cfg.study.metric, cfg.study.direction, cfg.train.epochs,
-                                cfg.study.seed)
-    module = ArrayClassifier(cfg, data.n_features, data.n_classes, (data.x_val, data.y_val),
-                             -(-len(data.x_train) // cfg.train.batch_size), members, host, stop, pruning,
-                             population)
+        population = Population(
+            cfg.pbt, cfg.params, cfg.study.metric, cfg.study.direction, cfg.train.epochs, cfg.study.seed
+        )
+    module = ArrayClassifier(
+        cfg,
+        data.n_features,
+        data.n_classes,
+        (data.x_val, data.y_val),
+        -(-len(data.x_train) // cfg.train.batch_size),
+        members,
+        host,
+        stop,
+        pruning,
+        population,
+    )
     trainer = pl.Trainer(
         max_epochs=-1,  # each member counts its own epochs; the fit ends when none is left
         accelerator="cpu",
@@ -104,8 +125,9 @@ def train(
     ``result`` may be passed in so its history survives an exception inside ``fit``;
     ``stop`` ends training at the next epoch boundary once a signal sets it.
     """
-    member = Member("0", hp, seed, cfg.train.epochs, trial if cfg.study.pruner != "none" else None,
-                    result=result or TrainResult())
+    member = Member(
+        "0", hp, seed, cfg.train.epochs, trial if cfg.study.pruner != "none" else None, result=result or TrainResult()
+    )
     fit_array(cfg, data, [member], stop=stop)
     return member.result
 

@@ -17,13 +17,14 @@ so they work whatever host and port serve it.
 from __future__ import annotations
 
 import json
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 from urllib.parse import quote
 
 from lrsearch.core import attrs
-from lrsearch.core.study_record import StudyRecord
 from lrsearch.core.names import NOTE_FIGURES, OBJECTIVE_METRIC, PREVIEW_DIR, run_path, trials_path
 from lrsearch.core.phase import explain
+from lrsearch.core.study_record import StudyRecord
 from lrsearch.core.text import exploits_text, fmt, params_text
 
 TOP_TRIALS = 10
@@ -35,8 +36,15 @@ CELL_GAP = "&emsp;&ensp;"  # 1.5 em
 _MAX_NOTE = 8000  # MLflow's limit on a tag value
 
 
-def trial_note(state: str, reason: str | None, metric: str, value: float | None, epochs: int,
-               params: Mapping[str, Any], lineage: Mapping[str, Any] | None = None) -> str:
+def trial_note(
+    state: str,
+    reason: str | None,
+    metric: str,
+    value: float | None,
+    epochs: int,
+    params: Mapping[str, Any],
+    lineage: Mapping[str, Any] | None = None,
+) -> str:
     """One line for a trial's run: how it ended, then its sampled hyperparameters (a member
     of population-based training: those it ended with, from which draw, and its copies)."""
     if state == "COMPLETE" and value is not None:
@@ -44,36 +52,52 @@ def trial_note(state: str, reason: str | None, metric: str, value: float | None,
     else:
         ended = f"{state}: {reason or 'no reason recorded'}"
     if lineage is not None:
-        return (f"{ended} · ended with {params_text(lineage['final'])} · drawn with {params_text(params)} · "
-                f"{exploits_text(lineage['exploits'], limit=20)}")
+        return (
+            f"{ended} · ended with {params_text(lineage['final'])} · drawn with {params_text(params)} · "
+            f"{exploits_text(lineage['exploits'], limit=20)}"
+        )
     return f"{ended} · {params_text(params)}" if params else ended
 
 
 def trials_view(study_name: str, direction: str, metric: str, params: Sequence[str]) -> str:
     """The shared view's state (JSON): the study's trials, best first, with the columns that
     explain them. Column keys are the UI's own (``metrics.`val/acc```)."""
-    columns = [f"metrics.`{OBJECTIVE_METRIC}`", f"metrics.`{metric}`",
-               *(f"params.`{p}`" for p in params), "tags.`state`", "tags.`reason`"]
-    return json.dumps({
-        "searchFilter": f"tags.study = '{study_name}'",
-        "orderByKey": f"metrics.`{OBJECTIVE_METRIC}`",
-        "orderByAsc": direction == "minimize",
-        "selectedColumns": columns,
-    })
+    columns = [
+        f"metrics.`{OBJECTIVE_METRIC}`",
+        f"metrics.`{metric}`",
+        *(f"params.`{p}`" for p in params),
+        "tags.`state`",
+        "tags.`reason`",
+    ]
+    return json.dumps(
+        {
+            "searchFilter": f"tags.study = '{study_name}'",
+            "orderByKey": f"metrics.`{OBJECTIVE_METRIC}`",
+            "orderByAsc": direction == "minimize",
+            "selectedColumns": columns,
+        }
+    )
 
 
-def study_note(study: Any, *, phase: str, experiment_id: str, figures: Sequence[str] = (),
-               parent_run_id: str | None = None, pruner: str | None = None,
-               user_attrs: Mapping[str, Any] | None = None) -> str:
+def study_note(
+    study: Any,
+    *,
+    phase: str,
+    experiment_id: str,
+    figures: Sequence[str] = (),
+    parent_run_id: str | None = None,
+    pruner: str | None = None,
+    user_attrs: Mapping[str, Any] | None = None,
+) -> str:
     """The parent run's description: the study's outcome, its top trials linked to their runs,
     and ``figures`` (artifact paths of this run, e.g. ``report/optimization_history.png``).
     ``phase``: what the study is doing (a phase of ``phase.py``: "running", "done", …). ``user_attrs``: the
     study's, if already read (each ``study.user_attrs`` is a query)."""
     from optuna.trial import TrialState
 
+    from lrsearch.choices.space import in_sampling_order
     from lrsearch.results.lineage import final_params, line, schedule_text
     from lrsearch.results.ranking import by_state, direction, duration_s, ranking, state_text
-    from lrsearch.choices.space import in_sampling_order
 
     trials = study.get_trials(deepcopy=False)
     record = StudyRecord.from_attrs(study.user_attrs if user_attrs is None else user_attrs)
@@ -83,47 +107,73 @@ def study_note(study: Any, *, phase: str, experiment_id: str, figures: Sequence[
     finished = counts.get("COMPLETE", 0) + counts.get("PRUNED", 0)
     counted = state_text(counts) or "no trials yet"
     way = direction(study)
-    lines = [f"**{study.study_name}** · {phase} · {finished} of {target if target is not None else '?'} "
-             f"trials ({counted}) · {way} {metric}", ""]
+    lines = [
+        f"**{study.study_name}** · {phase} · {finished} of {target if target is not None else '?'} "
+        f"trials ({counted}) · {way} {metric}",
+        "",
+    ]
     why = explain(phase, record.unrunnable, record.interrupted)
     if why:
         lines += [f"{phase.capitalize()}: {why}.", ""]
     best = ranking(trials, way)
     if best:
         b = best[0]
-        lines += [f"Best {metric}: **{fmt(b.value)}**, [trial {b.number}]({_trial_link(experiment_id, b)}): "
-                  f"{params_text(in_sampling_order(final_params(b)))}", ""]
+        lines += [
+            f"Best {metric}: **{fmt(b.value)}**, [trial {b.number}]({_trial_link(experiment_id, b)}): "
+            f"{params_text(in_sampling_order(final_params(b)))}",
+            "",
+        ]
         if attrs.PBT in b.user_attrs:  # population-based training: what it found, and how
-            lines += [f"Its discovered schedule (population-based training; the trials that trained its network, "
-                      f"in turn): {schedule_text(line(trials, b))}. Drawn with "
-                      f"{params_text(in_sampling_order(b.params))}; "
-                      f"{exploits_text(b.user_attrs[attrs.PBT]['exploits'])}.", ""]
+            lines += [
+                f"Its discovered schedule (population-based training; the trials that trained its network, "
+                f"in turn): {schedule_text(line(trials, b))}. Drawn with "
+                f"{params_text(in_sampling_order(b.params))}; "
+                f"{exploits_text(b.user_attrs[attrs.PBT]['exploits'])}.",
+                "",
+            ]
         model = record.model
         if model:  # registered when the study finished (or by `lrsearch best --register`)
-            lines += [f"Model: `{model.uri}` (version {model.version}, trial {model.trial}): "
-                      f"`mlflow.pyfunc.load_model(\"{model.uri}\")` takes the data's feature columns and "
-                      f"returns each row's label and class probabilities.", ""]
+            lines += [
+                f"Model: `{model.uri}` (version {model.version}, trial {model.trial}): "
+                f'`mlflow.pyfunc.load_model("{model.uri}")` takes the data\'s feature columns and '
+                f"returns each row's label and class probabilities.",
+                "",
+            ]
         lines += [_table_row(["rank", "trial", metric, "epochs", "s", "params"]), "|---|---|---|---|---|---|"]
         for rank, t in enumerate(best[:TOP_TRIALS], 1):
             seconds = duration_s(t)
             # The trial's number alone: "trial-10" broke at its hyphen in a narrow box.
-            lines.append(_table_row([str(rank), f"[{t.number}]({_trial_link(experiment_id, t)})", fmt(t.value),
-                                     str(t.user_attrs.get(attrs.EPOCHS_TRAINED, "")),
-                                     "" if seconds is None else f"{seconds:.1f}",
-                                     params_text(in_sampling_order(final_params(t)))]))
+            lines.append(
+                _table_row(
+                    [
+                        str(rank),
+                        f"[{t.number}]({_trial_link(experiment_id, t)})",
+                        fmt(t.value),
+                        str(t.user_attrs.get(attrs.EPOCHS_TRAINED, "")),
+                        "" if seconds is None else f"{seconds:.1f}",
+                        params_text(in_sampling_order(final_params(t))),
+                    ]
+                )
+            )
         lines.append("")
     pruned = counts.get("PRUNED", 0)
     if pruned:
-        lines += [f"{pruned} trials were stopped early (PRUNED{f', by the {pruner} pruner' if pruner else ''}; "
-                  f"the reason is each trial run's description and `reason` tag). "
-                  f"[All trials, best first]({trials_path(experiment_id)})", ""]
+        lines += [
+            f"{pruned} trials were stopped early (PRUNED{f', by the {pruner} pruner' if pruner else ''}; "
+            f"the reason is each trial run's description and `reason` tag). "
+            f"[All trials, best first]({trials_path(experiment_id)})",
+            "",
+        ]
     elif trials:
         lines += [f"[All trials, best first]({trials_path(experiment_id)})", ""]
     failed = [t for t in trials if t.state == TrialState.FAIL]
     if failed:
         last = failed[-1]
-        lines += [f"{len(failed)} trials failed (retried: they do not count); the last, trial {last.number}: "
-                  f"{last.user_attrs.get(attrs.REASON, 'no reason recorded')}", ""]
+        lines += [
+            f"{len(failed)} trials failed (retried: they do not count); the last, trial {last.number}: "
+            f"{last.user_attrs.get(attrs.REASON, 'no reason recorded')}",
+            "",
+        ]
     return with_figures("\n".join(lines), figures, parent_run_id)
 
 
@@ -132,13 +182,16 @@ def with_figures(text: str, figures: Sequence[str], parent_run_id: str | None) -
     below it, within MLflow's limit on a tag."""
     lines = [text.rstrip(), ""]
     if figures and parent_run_id:
-        lines.append("Figures from the study's report (this run's artifacts, `report/`: full size there, "
-                     "and all of them in `report.html`):")
+        lines.append(
+            "Figures from the study's report (this run's artifacts, `report/`: full size there, "
+            "and all of them in `report.html`):"
+        )
         lines.append("")
-        lines += [f"![{_title(path)}](get-artifact?path={quote(path, safe='')}&run_uuid={parent_run_id})"
-                  for path in figures]
+        lines += [
+            f"![{_title(path)}](get-artifact?path={quote(path, safe='')}&run_uuid={parent_run_id})" for path in figures
+        ]
     note = "\n".join(lines).rstrip() + "\n"
-    return note if len(note) <= _MAX_NOTE else note[:_MAX_NOTE - 2] + "…\n"
+    return note if len(note) <= _MAX_NOTE else note[: _MAX_NOTE - 2] + "…\n"
 
 
 def searched(params: Mapping[str, Any]) -> list[str]:
@@ -158,8 +211,9 @@ def phase_of(study: Any, user_attrs: Mapping[str, Any] | None = None) -> str:
     return StudyRecord.from_attrs(study.user_attrs if user_attrs is None else user_attrs).phase(*counts(study))
 
 
-def write_study_note(study: Any, tracker: Any, phase: str | None = None,
-                     user_attrs: Mapping[str, Any] | None = None, outbox: Any = None) -> None:
+def write_study_note(
+    study: Any, tracker: Any, phase: str | None = None, user_attrs: Mapping[str, Any] | None = None, outbox: Any = None
+) -> None:
     """Set the study's parent run description (:func:`study_note`) as the study stands now
     (``phase``: as :func:`phase_of` tells, unless given), with the report's main figures if
     the run has them. ``user_attrs``: as for :func:`study_note`. Written where the tracker
@@ -172,8 +226,14 @@ def write_study_note(study: Any, tracker: Any, phase: str | None = None,
     if not parent or not experiment_id:
         return
     pruner = stored_config(record.config, study.study_name).study.pruner if record.config is not None else None
-    text = study_note(study, phase=phase or phase_of(study, user_attrs), experiment_id=experiment_id,
-                      parent_run_id=parent, pruner=pruner if pruner != "none" else None, user_attrs=user_attrs)
+    text = study_note(
+        study,
+        phase=phase or phase_of(study, user_attrs),
+        experiment_id=experiment_id,
+        parent_run_id=parent,
+        pruner=pruner if pruner != "none" else None,
+        user_attrs=user_attrs,
+    )
     if outbox is not None:
         outbox.submit("the study's description", set_study_note, parent, text)
     else:
@@ -201,4 +261,3 @@ def _trial_link(experiment_id: str, trial: Any) -> str:
 
 def _title(path: str) -> str:
     return path.rsplit("/", 1)[-1].rsplit(".", 1)[0].replace("_", " ")
-

@@ -15,14 +15,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lrsearch.config import DataConfig
 from lrsearch.choices.data import SOURCES, Source
 from lrsearch.choices.network import ACTIVATIONS, INITS
 from lrsearch.choices.optimizers import OPTIMIZERS
-from lrsearch.core.registry import Registry
 from lrsearch.choices.sampling import PRUNERS, SAMPLERS
 from lrsearch.choices.schedules import SCHEDULES
 from lrsearch.choices.space import _OWNERS, HYPERPARAMETERS, Hyperparameter
+from lrsearch.config import DataConfig
+from lrsearch.core.registry import Registry
 
 _BLOCK = re.compile(r"(<!-- lrsearch\.docs: (\w+) -->\n).*?(<!-- /lrsearch\.docs -->)", re.S)
 
@@ -55,8 +55,9 @@ def _default(hp: Hyperparameter) -> str:
     shown = {repr(v) if not isinstance(v, (bool, float, int, str)) else _value(v) for v in defaults.values()}
     if len(shown) == 1:
         return shown.pop()
-    return "; ".join(f"{name}: {_value(v) if isinstance(v, (bool, float, int, str)) else repr(v)}"
-                     for name, v in defaults.items())
+    return "; ".join(
+        f"{name}: {_value(v) if isinstance(v, (bool, float, int, str)) else repr(v)}" for name, v in defaults.items()
+    )
 
 
 def hyperparameters() -> str:
@@ -73,9 +74,14 @@ def hyperparameters() -> str:
 def choices() -> str:
     """Every name a study file can choose, by key, with its docs line."""
     keys: list[tuple[str, Registry]] = [
-        ("[params].optimizer", OPTIMIZERS), ("[params].schedule", SCHEDULES), ("[study].sampler", SAMPLERS),
-        ("[study].pruner", PRUNERS), ("[model].activation", ACTIVATIONS), ("[model].init", INITS),
-        ("[data].source", SOURCES)]
+        ("[params].optimizer", OPTIMIZERS),
+        ("[params].schedule", SCHEDULES),
+        ("[study].sampler", SAMPLERS),
+        ("[study].pruner", PRUNERS),
+        ("[model].activation", ACTIVATIONS),
+        ("[model].init", INITS),
+        ("[data].source", SOURCES),
+    ]
     lines = ["| key | choice | what it is |", "|---|---|---|"]
     for key, registry in keys:
         for entry in registry:
@@ -113,9 +119,13 @@ def keys() -> str:
             continue  # source (the file's path) and [params] (the hyperparameters table)
         for f in dataclasses.fields(schema):
             constraint = f.metadata["constraint"]
-            default = ("required" if f.default is dataclasses.MISSING
-                       else f.metadata["unset"] or "none" if f.default is None
-                       else _value(list(f.default) if isinstance(f.default, tuple) else f.default))
+            default = (
+                "required"
+                if f.default is dataclasses.MISSING
+                else f.metadata["unset"] or "none"
+                if f.default is None
+                else _value(list(f.default) if isinstance(f.default, tuple) else f.default)
+            )
             rule = constraint.expected if constraint is not None else "true or false"
             lines.append(f"| `[{section}].{f.name}` | {types[f.metadata['kind']]} | {default} | {rule} |")
     return "\n".join(lines)

@@ -10,8 +10,9 @@ shows only from its last copy on).
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from lrsearch.core import attrs
 
@@ -114,8 +115,12 @@ def plot_schedule(trials: Sequence[Any], member: Any, title: str, path: Any) -> 
         right.plot([s.first, s.last + 1], [s.trial, s.trial], color=colours[s.trial], linewidth=3)
     for before, after in zip(stretches, stretches[1:]):
         if before.trial != after.trial:
-            right.annotate("", xy=(after.first, after.trial), xytext=(after.first, before.trial),
-                           arrowprops={"arrowstyle": "->", "color": "0.3"})
+            right.annotate(
+                "",
+                xy=(after.first, after.trial),
+                xytext=(after.first, before.trial),
+                arrowprops={"arrowstyle": "->", "color": "0.3"},
+            )
     if any(s.lr and s.lr > 0 for s in stretches):
         left.set_yscale("log")
     left.set(title=f"{title}: the schedule trial {member.number} found", xlabel="epoch", ylabel="learning rate")

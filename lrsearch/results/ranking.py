@@ -9,16 +9,17 @@ earlier trial. ``sql/views.sql`` ranks ``best_trials`` by the same rule in SQL, 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import timedelta
-from typing import Any, Iterable, Mapping, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from lrsearch.choices.space import in_sampling_order
 from lrsearch.core import attrs
 from lrsearch.core.errors import unknown_study
 from lrsearch.core.text import shown_params
-from lrsearch.choices.space import in_sampling_order
 from lrsearch.store.storage import open_storage
 from lrsearch.store.urls import redact, storage_url
 
@@ -67,9 +68,15 @@ def trial_record(t: FrozenTrial) -> dict[str, Any]:
     views' ``params``; the defaults a trial also trained with are in its
     ``hyperparameters`` attribute and its MLflow run's params. A member of population-based
     training shows what it ended with, and how (``core.text.shown_params``)."""
-    return {"number": t.number, "value": t.value, "state": t.state.name,
-            **shown_params(in_sampling_order(t.params), t.user_attrs.get(attrs.PBT)),
-            "duration_s": duration_s(t), "wall_s": wall_s(t), "mlflow_run_id": t.user_attrs.get(attrs.MLFLOW_RUN)}
+    return {
+        "number": t.number,
+        "value": t.value,
+        "state": t.state.name,
+        **shown_params(in_sampling_order(t.params), t.user_attrs.get(attrs.PBT)),
+        "duration_s": duration_s(t),
+        "wall_s": wall_s(t),
+        "mlflow_run_id": t.user_attrs.get(attrs.MLFLOW_RUN),
+    }
 
 
 def duration_s(t: FrozenTrial) -> float | None:
@@ -128,8 +135,10 @@ def state_counts(study: optuna.Study) -> str:
 def summary(study: optuna.Study) -> dict[str, float]:
     """The parent run's closing metrics: trials by state, the best value and trial."""
     trials = study.get_trials(deepcopy=False)
-    out = {f"n_{s.name.lower()}": float(sum(t.state == s for t in trials))
-           for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+    out = {
+        f"n_{s.name.lower()}": float(sum(t.state == s for t in trials))
+        for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    }
     best = ranking(trials, direction(study))
     if best:
         out["best_value"] = best[0].value
@@ -143,8 +152,10 @@ def tracking_warnings(study: optuna.Study) -> list[str]:
     if not lost:
         return []
     shown = ", ".join(map(str, lost[:10])) + (", …" if len(lost) > 10 else "")
-    return [f"MLflow tracking was lost for {len(lost)} trials ({shown}); they are complete in Optuna, "
-            f"with the error in their {attrs.TRACKING_ERROR!r} user attribute"]
+    return [
+        f"MLflow tracking was lost for {len(lost)} trials ({shown}); they are complete in Optuna, "
+        f"with the error in their {attrs.TRACKING_ERROR!r} user attribute"
+    ]
 
 
 def load_study(name: str, storage: str | None = None) -> optuna.Study:

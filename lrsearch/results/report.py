@@ -8,27 +8,34 @@ import contextlib
 import functools
 import html
 import math
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
-from lrsearch.core import attrs
-from lrsearch.core.study_record import StudyRecord
-from lrsearch.results.descriptions import write_study_note
-from lrsearch.core.names import DEFAULT_UI_PORT, NOTE_FIGURES, PREVIEW_DIR
-from lrsearch.results.lineage import is_population, plot_schedule
 from lrsearch.choices.optimizers import OPTIMIZERS
-from lrsearch.results.ranking import best_so_far, direction, duration_s, load_study, ranking, wall_s
 from lrsearch.choices.space import in_sampling_order
+from lrsearch.core import attrs
+from lrsearch.core.names import DEFAULT_UI_PORT, NOTE_FIGURES, PREVIEW_DIR
+from lrsearch.core.study_record import StudyRecord
 from lrsearch.core.text import exploits_text, params_text
+from lrsearch.results.descriptions import write_study_note
+from lrsearch.results.lineage import is_population, plot_schedule
+from lrsearch.results.ranking import best_so_far, direction, duration_s, load_study, ranking, wall_s
 from lrsearch.store.folders import report_dir
-from lrsearch.store.urls import storage_url, tracking_uri
+from lrsearch.store.urls import is_server, storage_url, tracking_uri
 from lrsearch.track.tracking import History, Tracker
-from lrsearch.store.urls import is_server
 
 
-def write_report(name: str, *, storage: str | None = None, tracking: str | None = None,
-                 out: Path | None = None, study: Any = None, tracker: Any = None) -> list[Path]:
+def write_report(
+    name: str,
+    *,
+    storage: str | None = None,
+    tracking: str | None = None,
+    out: Path | None = None,
+    study: Any = None,
+    tracker: Any = None,
+) -> list[Path]:
     """Draw the study's report from the stores into ``out`` (default: see
     ``folders.report_dir``) and log it under ``report/`` on the parent MLflow run.
     ``study``: the study already open (as at the end of ``run``), read through its storage;
@@ -90,7 +97,8 @@ DPI = 200  # hi-dpi PNGs: sharp when the page shows them at full width
 TOP_CURVES = 5  # trials whose learning-rate curves the report draws
 FEW_TRIALS = 20  # below this many complete trials, parameter importances are noise
 # The report's figures that the parent run's description shows (names.NOTE_FIGURES; the others
-# are in report.html), as copies PREVIEW_WIDTH pixels wide in names.PREVIEW_DIR: MLflow shows a description's images at their
+# are in report.html), as copies PREVIEW_WIDTH pixels wide in names.PREVIEW_DIR: MLflow shows a description's images at
+# their
 # own size (its Markdown drops width attributes), and at the UI's default width (a 1280-pixel
 # window, its assistant panel open) the box is 714 pixels wide: a wider image (780 before)
 # pushed the whole description past the box's right edge, cutting off lines of text too.
@@ -127,8 +135,9 @@ class TrialCurves:
         return points[-1][1] if points else None
 
 
-def collect(frozen: Sequence[Any], tracker: Tracker | None,
-            states: Sequence[str] = ("COMPLETE", "PRUNED")) -> list[TrialCurves]:
+def collect(
+    frozen: Sequence[Any], tracker: Tracker | None, states: Sequence[str] = ("COMPLETE", "PRUNED")
+) -> list[TrialCurves]:
     """A study's trials (``frozen``, as Optuna gives them) in ``states``, with their MLflow
     metric histories if ``tracker`` is given (else :func:`with_curves` reads those of the
     trials that need them)."""
@@ -143,14 +152,25 @@ def collect(frozen: Sequence[Any], tracker: Tracker | None,
             value = t.intermediate_values[max(t.intermediate_values)]
         pbt = t.user_attrs.get(attrs.PBT)
         params = in_sampling_order(pbt["final"] if pbt else t.params)
-        lineage = f"drawn with {params_text(in_sampling_order(t.params))}; {exploits_text(pbt['exploits'])}" \
-            if pbt else None
-        trials.append(TrialCurves(
-            t.number, t.state.name, value, params,
-            {**t.user_attrs.get(attrs.HYPERPARAMETERS, t.params), **params}, curves,
-            epochs=t.user_attrs.get(attrs.EPOCHS_TRAINED),
-            duration_s=duration_s(t), wall_s=wall_s(t),
-            reason=t.user_attrs.get(attrs.REASON), run_id=run_id, lineage=lineage))
+        lineage = (
+            f"drawn with {params_text(in_sampling_order(t.params))}; {exploits_text(pbt['exploits'])}" if pbt else None
+        )
+        trials.append(
+            TrialCurves(
+                t.number,
+                t.state.name,
+                value,
+                params,
+                {**t.user_attrs.get(attrs.HYPERPARAMETERS, t.params), **params},
+                curves,
+                epochs=t.user_attrs.get(attrs.EPOCHS_TRAINED),
+                duration_s=duration_s(t),
+                wall_s=wall_s(t),
+                reason=t.user_attrs.get(attrs.REASON),
+                run_id=run_id,
+                lineage=lineage,
+            )
+        )
     return trials if tracker is None else with_curves(trials, tracker)
 
 
@@ -207,12 +227,14 @@ def build_report(study: Any, tracker: Tracker, out: Path, grid: bool) -> list[Pa
         best = next(t for t in frozen if t.number == ranked[0].number)
         figures.append(plot_schedule(frozen, best, name, out / "pbt_schedule.png"))
     _previews([p for p in figures if p.name in NOTE_FIGURES], out / PREVIEW_DIR)
-    here = [Path(p) for p in draw_optuna_figures(None, name, way, frozen, str(out),
-                                                 () if population else _FIGURES_HERE)]
+    here = [
+        Path(p) for p in draw_optuna_figures(None, name, way, frozen, str(out), () if population else _FIGURES_HERE)
+    ]
     drawn = {p.name: p for p in [*here, *(Path(p) for p in elsewhere.result())]}
     figures += [drawn[f] for f in _OPTUNA_FIGURES if f in drawn]
-    figures.append(write_html(name, ranked + unranked, figures, out / "report.html", tracker, way,
-                              record.experiment_id))
+    figures.append(
+        write_html(name, ranked + unranked, figures, out / "report.html", tracker, way, record.experiment_id)
+    )
     return figures
 
 
@@ -222,8 +244,14 @@ _FIGURES_ELSEWHERE = ("parallel_coordinate", "slices")
 _FIGURES_HERE = ("importances", "contour")
 
 
-def draw_optuna_figures(tracker: Any, name: str, way: str, trials: Sequence[Any], out: str,
-                        which: Sequence[str] = (*_FIGURES_HERE, *_FIGURES_ELSEWHERE)) -> list[str]:
+def draw_optuna_figures(
+    tracker: Any,
+    name: str,
+    way: str,
+    trials: Sequence[Any],
+    out: str,
+    which: Sequence[str] = (*_FIGURES_HERE, *_FIGURES_ELSEWHERE),
+) -> list[str]:
     """Optuna's figures of a study (its ``trials``) into ``out``, of ``which`` (importances,
     parallel_coordinate, slices, contour: the lr-momentum contour), those it has something to
     show in. A function of plain data, so that the tracking process draws some while the
@@ -245,8 +273,12 @@ def draw_optuna_figures(tracker: Any, name: str, way: str, trials: Sequence[Any]
             study.add_trials([t for t in trials if t.state.name in ("COMPLETE", "PRUNED")])
     finally:
         logger.setLevel(level)
-    plots = {"importances": plot_importances, "parallel_coordinate": plot_parallel_coordinate,
-             "slices": plot_slices, "contour": plot_contour}
+    plots = {
+        "importances": plot_importances,
+        "parallel_coordinate": plot_parallel_coordinate,
+        "slices": plot_slices,
+        "contour": plot_contour,
+    }
     return [str(path) for key in which if (path := plots[key](study, name, Path(out))) is not None]
 
 
@@ -278,8 +310,8 @@ def _save(fig: Any, path: Path, tight: bool = False) -> Path:
 
 def _grid_order(trials: Sequence[TrialCurves], axes: Sequence[str]) -> list[TrialCurves]:
     def key(t: TrialCurves) -> tuple:
-        return tuple((0, -v) if isinstance(v, (int, float)) else (1, str(v))
-                     for v in (t.params.get(a) for a in axes))
+        return tuple((0, -v) if isinstance(v, (int, float)) else (1, str(v)) for v in (t.params.get(a) for a in axes))
+
     return sorted(trials, key=key)
 
 
@@ -302,9 +334,9 @@ def plot_grid(trials: Sequence[TrialCurves], name: str, path: Path) -> Path:
         ax.set_title(_label(t, axes_names), fontsize=10)
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
-    for ax in panels[len(ordered):]:
+    for ax in panels[len(ordered) :]:
         ax.set_visible(False)
-    for ax in panels[(rows - 1) * cols:]:
+    for ax in panels[(rows - 1) * cols :]:
         ax.set_xlabel("epoch")
     for ax in panels[::cols]:
         ax.set_ylabel("accuracy")
@@ -316,14 +348,14 @@ def plot_grid(trials: Sequence[TrialCurves], name: str, path: Path) -> Path:
 
 def plot_grid_lr(trials: Sequence[TrialCurves], name: str, path: Path) -> Path:
     """The learning rate per epoch of every trial, overlaid, on a log axis."""
-    return _lr_figure(_grid_order(trials, varied_params(trials)), varied_params(trials),
-                      f"{name}: learning rate per epoch", path)
+    return _lr_figure(
+        _grid_order(trials, varied_params(trials)), varied_params(trials), f"{name}: learning rate per epoch", path
+    )
 
 
 def plot_lr_curves(trials: Sequence[TrialCurves], name: str, path: Path) -> Path:
     """The learning rate per epoch (``lr`` from MLflow) of the top trials, best first."""
-    return _lr_figure(trials, [], f"{name}: learning rate per epoch of the top {len(trials)} trials", path,
-                      rank=True)
+    return _lr_figure(trials, [], f"{name}: learning rate per epoch of the top {len(trials)} trials", path, rank=True)
 
 
 # The lr curves' legend: in the description's PREVIEW_WIDTH-pixel copy of a NOTE_FIGURE_WIDTH
@@ -333,8 +365,7 @@ LEGEND_PT = 12.0
 _LEGEND_CHARS = 74  # a legend line's characters at LEGEND_PT in NOTE_FIGURE_WIDTH inches; longer labels wrap
 
 
-def _lr_figure(trials: Sequence[TrialCurves], axes: Sequence[str], title: str, path: Path,
-               rank: bool = False) -> Path:
+def _lr_figure(trials: Sequence[TrialCurves], axes: Sequence[str], title: str, path: Path, rank: bool = False) -> Path:
     return _save(lr_figure(trials, axes, title, rank), path)
 
 
@@ -348,17 +379,23 @@ def lr_figure(trials: Sequence[TrialCurves], axes: Sequence[str], title: str, ra
 
     from lrsearch.core.text import params_text
 
-    labels = [textwrap.fill(f"#{i}, trial {t.number} ({t.value:.4g}): {params_text(t.params)}" if rank
-                            else _label(t, axes), _LEGEND_CHARS, subsequent_indent="    ")
-              for i, t in enumerate(trials, 1)]
+    labels = [
+        textwrap.fill(
+            f"#{i}, trial {t.number} ({t.value:.4g}): {params_text(t.params)}" if rank else _label(t, axes),
+            _LEGEND_CHARS,
+            subsequent_indent="    ",
+        )
+        for i, t in enumerate(trials, 1)
+    ]
     columns = 1 if rank or len(trials) <= 6 else 2  # a grid's short labels: two columns
     legend_lines = sum(label.count("\n") + 1 for label in labels) / columns
     fig = Figure(figsize=(NOTE_FIGURE_WIDTH, 3.9 + 0.26 * legend_lines))
     ax = fig.subplots()
     for i, (t, label) in enumerate(zip(trials, labels), 1):
         points = t.curves.get("lr", [])
-        ax.plot([s for s, _ in points], [v for _, v in points], label=label,
-                linestyle=("-", "--", ":")[(i - 1) // 10 % 3])  # colours repeat after ten
+        ax.plot(
+            [s for s, _ in points], [v for _, v in points], label=label, linestyle=("-", "--", ":")[(i - 1) // 10 % 3]
+        )  # colours repeat after ten
     if any(v > 0 for t in trials for _, v in t.curves.get("lr", [])):
         ax.set_yscale("log")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs
@@ -381,8 +418,14 @@ def plot_history(trials: Sequence[TrialCurves], name: str, direction: str, objec
     done = [t for t in ordered if t.state == "COMPLETE" and t.value is not None]
     pruned = [t for t in ordered if t.state == "PRUNED" and t.value is not None and math.isfinite(t.value)]
     ax.scatter([t.number for t in done], [t.value for t in done], label="complete", s=22, color="tab:blue")
-    ax.scatter([t.number for t in pruned], [t.value for t in pruned], label="pruned (the value the pruner judged)",
-               s=22, facecolors="none", edgecolors="grey")
+    ax.scatter(
+        [t.number for t in pruned],
+        [t.value for t in pruned],
+        label="pruned (the value the pruner judged)",
+        s=22,
+        facecolors="none",
+        edgecolors="grey",
+    )
     xs, ys = best_line(ordered, direction)
     if xs:
         ax.step(xs, ys, where="post", color="tab:red", label="best so far")
@@ -421,15 +464,29 @@ def plot_objective_vs_lr(trials: Sequence[TrialCurves], name: str, objective: st
         for state, face in (("COMPLETE", colour), ("PRUNED", "none")):
             points = [t for t in group if t.state == state]
             if points:
-                ax.scatter([t.hyperparameters["lr"] for t in points], [t.value for t in points], s=28,
-                           facecolors=face, edgecolors=colour, color=colour if face != "none" else None)
+                ax.scatter(
+                    [t.hyperparameters["lr"] for t in points],
+                    [t.value for t in points],
+                    s=28,
+                    facecolors=face,
+                    edgecolors=colour,
+                    color=colour if face != "none" else None,
+                )
         handles.append(Line2D([], [], marker="o", linestyle="", color=colour, label=optimizer))
     if any(t.state == "PRUNED" for group in by_optimizer.values() for t in group):
-        handles.append(Line2D([], [], marker="o", linestyle="", markerfacecolor="none", markeredgecolor="grey",
-                              label="hollow: pruned (the value the pruner judged)"))
+        handles.append(
+            Line2D(
+                [],
+                [],
+                marker="o",
+                linestyle="",
+                markerfacecolor="none",
+                markeredgecolor="grey",
+                label="hollow: pruned (the value the pruner judged)",
+            )
+        )
     ax.set_xscale("log")
-    ax.set(title=f"{name}: objective against learning rate", xlabel="learning rate (log scale)",
-           ylabel=objective)
+    ax.set(title=f"{name}: objective against learning rate", xlabel="learning rate (log scale)", ylabel=objective)
     ax.grid(alpha=0.3)
     if handles:
         ax.legend(handles=handles, title="optimizer", fontsize="small")
@@ -458,12 +515,17 @@ def plot_importances(study: Any, name: str, out: Path) -> Path | None:
     ax = fig.subplots()
     names = list(importances)[::-1]
     ax.barh(names, [importances[n_] for n_ in names])
-    ax.set(title=f"{name}: parameter importances (Optuna, PED-ANOVA) from {n} complete trials",
-           xlabel="importance")
+    ax.set(title=f"{name}: parameter importances (Optuna, PED-ANOVA) from {n} complete trials", xlabel="importance")
     ax.grid(alpha=0.3, axis="x")
     if n < FEW_TRIALS:
-        fig.text(0.01, 0.01, f"Only {n} complete trials (fewer than {FEW_TRIALS}): these importances can change "
-                 "completely from one study to the next.", color="tab:red", fontsize="small")
+        fig.text(
+            0.01,
+            0.01,
+            f"Only {n} complete trials (fewer than {FEW_TRIALS}): these importances can change "
+            "completely from one study to the next.",
+            color="tab:red",
+            fontsize="small",
+        )
         fig.tight_layout(rect=(0, 0.06, 1, 1))
     else:
         fig.tight_layout()
@@ -482,8 +544,9 @@ def parallel_figure(study: Any, name: str) -> Any:
     cross it: here on a white ground, above the lines, and the title clear of the top labels."""
     from optuna.visualization.matplotlib import plot_parallel_coordinate as plot
 
-    return optuna_figure(lambda: plot(study), f"{name}: parallel coordinates (complete trials)", (12, 5),
-                         _parallel_labels)
+    return optuna_figure(
+        lambda: plot(study), f"{name}: parallel coordinates (complete trials)", (12, 5), _parallel_labels
+    )
 
 
 def _parallel_labels(fig: Any, axes: list[Any], title: str) -> None:
@@ -517,8 +580,9 @@ def slices_figure(study: Any, name: str) -> Any:
     label that would still overlap another is turned or left out (:func:`_fit_tick_labels`)."""
     from optuna.visualization.matplotlib import plot_slice as plot
 
-    return optuna_figure(lambda: plot(study), f"{name}: objective against each parameter (complete trials)",
-                         SLICE_PANEL, _slices_in_rows)
+    return optuna_figure(
+        lambda: plot(study), f"{name}: objective against each parameter (complete trials)", SLICE_PANEL, _slices_in_rows
+    )
 
 
 def _slices_in_rows(fig: Any, axes: list[Any], title: str) -> None:
@@ -569,18 +633,25 @@ def plot_contour(study: Any, name: str, out: Path) -> Path | None:
     with more than one value of each)."""
     from optuna.visualization.matplotlib import plot_contour as plot
 
-    both = [t for t in study.get_trials(deepcopy=False)
-            if t.state.name == "COMPLETE" and {"lr", "momentum"} <= set(t.params)]
+    both = [
+        t
+        for t in study.get_trials(deepcopy=False)
+        if t.state.name == "COMPLETE" and {"lr", "momentum"} <= set(t.params)
+    ]
     if len({t.params["lr"] for t in both}) < 2 or len({t.params["momentum"] for t in both}) < 2:
         return None
-    with optuna_figure(lambda: plot(study, params=["lr", "momentum"]),
-                       f"{name}: objective over lr and momentum ({len(both)} trials with momentum)", (8, 6)) as fig:
+    with optuna_figure(
+        lambda: plot(study, params=["lr", "momentum"]),
+        f"{name}: objective over lr and momentum ({len(both)} trials with momentum)",
+        (8, 6),
+    ) as fig:
         return None if fig is None else _save(fig, out / "contour_lr_momentum.png", tight=True)
 
 
 @contextlib.contextmanager
-def optuna_figure(draw: Any, title: str, size: tuple[float, float],
-                  finish: Callable[[Any, list[Any], str], None] | None = None) -> Iterator[Any]:
+def optuna_figure(
+    draw: Any, title: str, size: tuple[float, float], finish: Callable[[Any, list[Any], str], None] | None = None
+) -> Iterator[Any]:
     """One of ``optuna.visualization.matplotlib``'s plots (drawn with pyplot, on its own
     figure, closed after) at the report's ``size`` with ``title`` (or as ``finish(figure,
     axes, title)`` arranges it); None if it has nothing to draw."""
@@ -702,7 +773,7 @@ def _tick_labels(fig: Any, axis: Any, minor: bool | None = None) -> list[tuple[f
     low, high = sorted(axis.get_transform().transform(axis.get_view_interval()))
     slack = (high - low) * 1e-9
     out = []
-    for is_minor in ((False, True) if minor is None else (minor,)):
+    for is_minor in (False, True) if minor is None else (minor,):
         ticks = axis.get_minor_ticks() if is_minor else axis.get_major_ticks()
         for tick in ticks:
             where = axis.get_transform().transform(tick.get_loc())
@@ -716,19 +787,28 @@ def _tick_labels(fig: Any, axis: Any, minor: bool | None = None) -> list[tuple[f
 
 def _overlap(labels: Sequence[tuple[float, Any]]) -> bool:
     boxes = [box for _, box in labels]
-    return any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    return any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
 
 
 def _seconds(s: float | None) -> str:
     return "" if s is None else f"{s:.3f}"  # whole milliseconds, as run, best and the views show them
 
 
-def write_html(name: str, rows: Sequence[TrialCurves], figures: Sequence[Path], path: Path,
-               tracker: Tracker | None = None, way: str = "maximize", experiment_id: str | None = None) -> Path:
+def write_html(
+    name: str,
+    rows: Sequence[TrialCurves],
+    figures: Sequence[Path],
+    path: Path,
+    tracker: Tracker | None = None,
+    way: str = "maximize",
+    experiment_id: str | None = None,
+) -> Path:
     """One self-contained page: the figures inline, full width, and a table of the trials in
     ``rows``' order (the study's ranking: its direction, COMPLETE before PRUNED, then trials
     without a value) with their
-    epochs, training seconds (its share of its array's), wall seconds, why they stopped and a link to their MLflow run."""
+    epochs, training seconds (its share of its array's), wall seconds, why they stopped and a link to their MLflow
+    run."""
+
     def link(t: TrialCurves) -> str:
         if not t.run_id:
             return ""
@@ -746,12 +826,18 @@ def write_html(name: str, rows: Sequence[TrialCurves], figures: Sequence[Path], 
         f"<td>{_seconds(t.duration_s)}</td><td>{_seconds(t.wall_s)}</td>"
         f"<td>{html.escape(_label(t, []))}{'' if t.lineage is None else f' ({html.escape(t.lineage)})'}</td>"
         f"<td>{html.escape(t.reason or '')}</td><td>{link(t)}</td></tr>"
-        for rank, t in enumerate(rows, 1))
+        for rank, t in enumerate(rows, 1)
+    )
     images = "".join(
         f'<figure><img alt="{html.escape(p.stem)}" src="data:image/png;base64,'
-        f'{base64.b64encode(p.read_bytes()).decode()}"></figure>' for p in figures)
-    where = ("" if tracker is None or is_server(tracker.uri)
-             else f" (MLflow links: start the UI with <code>lrsearch ui</code>, default port {DEFAULT_UI_PORT})")
+        f'{base64.b64encode(p.read_bytes()).decode()}"></figure>'
+        for p in figures
+    )
+    where = (
+        ""
+        if tracker is None or is_server(tracker.uri)
+        else f" (MLflow links: start the UI with <code>lrsearch ui</code>, default port {DEFAULT_UI_PORT})"
+    )
     path.write_text(
         f"<!doctype html><html><head><meta charset='utf-8'><title>lrsearch report: {html.escape(name)}</title>"
         "<style>body{font-family:sans-serif;margin:2em;max-width:1400px}figure{margin:1em 0}"
@@ -759,8 +845,10 @@ def write_html(name: str, rows: Sequence[TrialCurves], figures: Sequence[Path], 
         "tr:nth-child(even){background:#f4f4f4}</style></head>"
         f"<body><h1>lrsearch report: {html.escape(name)}</h1>{images}"
         f"<h2>Trials, best first ({way}; COMPLETE before PRUNED, then trials without a value){where}</h2>"
-        "<table><tr><th>rank</th><th>trial</th><th>state</th><th>objective</th><th>epochs</th><th>training s</th><th>wall s</th>"
-        f"<th>params</th><th>why it stopped</th><th>MLflow run</th></tr>{table}</table></body></html>")
+        "<table><tr><th>rank</th><th>trial</th><th>state</th><th>objective</th><th>epochs</th><th>training s</th>"
+        "<th>wall s</th>"
+        f"<th>params</th><th>why it stopped</th><th>MLflow run</th></tr>{table}</table></body></html>"
+    )
     return path
 
 
@@ -769,12 +857,16 @@ def experiment_table(trials: Sequence[TrialCurves], threshold: float = 0.80) -> 
     (counted from 1) at which it reaches ``threshold``."""
     axes = varied_params(trials)
     header = " | ".join(axes or ["trial"])
-    lines = [f"| {header} | final val acc | first epoch with val acc ≥ {threshold:.2f} |",
-             "|" + "---|" * (len(axes or ["trial"]) + 2)]
+    lines = [
+        f"| {header} | final val acc | first epoch with val acc ≥ {threshold:.2f} |",
+        "|" + "---|" * (len(axes or ["trial"]) + 2),
+    ]
     for t in _grid_order(trials, axes):
         cells = [_fmt(t.hyperparameters.get(a, t.params.get(a))) for a in axes] or [str(t.number)]
         epoch = t.first_epoch_reaching("val/acc", threshold)
         final = t.final("val/acc")
-        lines.append(f"| {' | '.join(cells)} | {'' if final is None else f'{final:.3f}'} | "
-                     f"{'never' if epoch is None else epoch + 1} |")
+        lines.append(
+            f"| {' | '.join(cells)} | {'' if final is None else f'{final:.3f}'} | "
+            f"{'never' if epoch is None else epoch + 1} |"
+        )
     return "\n".join(lines)

@@ -13,13 +13,14 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from lrsearch.core.errors import LrsearchError
-from lrsearch.core.study_record import StudyRecord
 from lrsearch.core.stopping import PARENT_FD_ENV, PARENT_PID_ENV, StopFlag
+from lrsearch.core.study_record import StudyRecord
 from lrsearch.store.urls import STORAGE_ENV, TRACKING_ENV, storage_url, tracking_uri
 
 if TYPE_CHECKING:
@@ -61,10 +62,20 @@ class StudyRun:
     arrays: ArrayUse | None = None  # how this process trained its trials together
 
 
-def run_study(cfg: Config, *, storage: str | None = None, tracking: str | None = None,
-              study_file: Path | None = None, workers: int = 1, callbacks: Sequence[Callable] = (),
-              on_start: Callable[[int, int], None] | None = None, stop: StopFlag | None = None,
-              worker: int = 0, array: int | str | None = None, tracker: Any = None) -> StudyRun:
+def run_study(
+    cfg: Config,
+    *,
+    storage: str | None = None,
+    tracking: str | None = None,
+    study_file: Path | None = None,
+    workers: int = 1,
+    callbacks: Sequence[Callable] = (),
+    on_start: Callable[[int, int], None] | None = None,
+    stop: StopFlag | None = None,
+    worker: int = 0,
+    array: int | str | None = None,
+    tracker: Any = None,
+) -> StudyRun:
     """Create or resume the study ``cfg`` describes and run trials until its total is reached,
     here and in ``workers - 1`` other processes (which need ``study_file``).
 
@@ -97,8 +108,15 @@ def run_study(cfg: Config, *, storage: str | None = None, tracking: str | None =
         from lrsearch.service.worker import setup_process, work
 
         setup_process()
-        session = open_session(cfg, storage=storage, tracking=tracking, study_file=study_file, worker=worker,
-                               tracker=tracker, submitted=submitted)
+        session = open_session(
+            cfg,
+            storage=storage,
+            tracking=tracking,
+            study_file=study_file,
+            worker=worker,
+            tracker=tracker,
+            submitted=submitted,
+        )
         if on_start is not None:
             on_start(session.target, count_finished(session.study))
         work(session, stop=stop, callbacks=callbacks, index=worker, array=array)
@@ -119,11 +137,18 @@ def run_study(cfg: Config, *, storage: str | None = None, tracking: str | None =
             tracker.close()
     failed = [w.error for w in others if w.proc.returncode != 0]
     cancelled = StudyRecord.from_attrs(session.store.get_study_user_attrs(session.study_id)).cancelled is not None
-    return StudyRun(session.study, session.target, session.experiment_id, session.parent_run_id,
-                    session.mlflow_url,
-                    session.warnings + tracking_warnings(session.study) + [x for w in others for x in w.warnings],
-                    [f"{len(failed)} of {len(others)} other workers failed ({failed[0]})"] if failed else [],
-                    cancelled, None if own else tracker, session.arrays)
+    return StudyRun(
+        session.study,
+        session.target,
+        session.experiment_id,
+        session.parent_run_id,
+        session.mlflow_url,
+        session.warnings + tracking_warnings(session.study) + [x for w in others for x in w.warnings],
+        [f"{len(failed)} of {len(others)} other workers failed ({failed[0]})"] if failed else [],
+        cancelled,
+        None if own else tracker,
+        session.arrays,
+    )
 
 
 class _WorkerProcess:
@@ -159,32 +184,52 @@ class _WorkerProcess:
         return f"worker {self.index}: " + (errors[-1] if errors else f"exit code {self.proc.returncode}")
 
 
-def _start_workers(cfg: Config, study_file: Path | None, count: int, storage: str | None,
-                   tracking: str | None, array: int | str | None) -> tuple[list[_WorkerProcess], int]:
+def _start_workers(
+    cfg: Config, study_file: Path | None, count: int, storage: str | None, tracking: str | None, array: int | str | None
+) -> tuple[list[_WorkerProcess], int]:
     """``count`` ``lrsearch worker`` processes on this study, and the write end of a pipe
     whose end of file tells them that this process died (kept here, not inherited, until
     closed). They get the store URLs through their environment, never their command lines
     (which every local user can read)."""
     if study_file is None:
         raise LrsearchError("other worker processes need the study file")
-    command = [sys.executable, "-m", "lrsearch.cli", "worker", str(study_file), "--name", cfg.study.name,
-               "--epochs", str(cfg.train.epochs)]
+    command = [
+        sys.executable,
+        "-m",
+        "lrsearch.cli",
+        "worker",
+        str(study_file),
+        "--name",
+        cfg.study.name,
+        "--epochs",
+        str(cfg.train.epochs),
+    ]
     if cfg.study.trials is not None:
         command += ["--trials", str(cfg.study.trials)]
     if array is not None:
         command += ["--array", str(array)]
     read_end, alive = os.pipe()
-    env = {**os.environ, STORAGE_ENV: storage_url(storage), TRACKING_ENV: tracking_uri(tracking),
-           PARENT_FD_ENV: str(read_end), PARENT_PID_ENV: str(os.getpid())}
+    env = {
+        **os.environ,
+        STORAGE_ENV: storage_url(storage),
+        TRACKING_ENV: tracking_uri(tracking),
+        PARENT_FD_ENV: str(read_end),
+        PARENT_PID_ENV: str(os.getpid()),
+    }
     started: list[_WorkerProcess] = []
     try:
         for i in range(1, count + 1):
             results, told = os.pipe()
             try:
                 # Own sessions: a Ctrl-C reaches this process only, which passes it on.
-                proc = subprocess.Popen([*command, "--worker-index", str(i)], start_new_session=True,
-                                        env={**env, RESULTS_FD_ENV: str(told)}, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL, pass_fds=(read_end, told))
+                proc = subprocess.Popen(
+                    [*command, "--worker-index", str(i)],
+                    start_new_session=True,
+                    env={**env, RESULTS_FD_ENV: str(told)},
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    pass_fds=(read_end, told),
+                )
             except BaseException:
                 os.close(results)
                 raise

@@ -7,28 +7,29 @@ import math
 import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 
-from lrsearch.core import attrs
-from lrsearch.config import Config
 from lrsearch.choices.data import Dataset
 from lrsearch.choices.network import ACTIVATIONS
-from lrsearch.results.descriptions import trial_note
-from lrsearch.core.errors import first_line
-from lrsearch.results.report import plot_learning_curves
 from lrsearch.choices.sampling import PRUNERS
 from lrsearch.choices.space import in_sampling_order, sample_params
-from lrsearch.core.stopping import Cancelled, Interrupted, StopFlag, TrialStop
+from lrsearch.config import Config
+from lrsearch.core import attrs
+from lrsearch.core.errors import first_line
 from lrsearch.core.names import NETWORK_FILE
+from lrsearch.core.stopping import Cancelled, Interrupted, StopFlag, TrialStop
+from lrsearch.fit.member import Member, TrainResult
+from lrsearch.fit.training import fit_array
+from lrsearch.results.descriptions import trial_note
+from lrsearch.results.report import plot_learning_curves
 from lrsearch.track.models import network_bytes
 from lrsearch.track.outbox import Drawing, Outbox, TrialRecord, json_bytes, outbox_for
 from lrsearch.track.tracking import Tracker
-from lrsearch.fit.member import Member, TrainResult
-from lrsearch.fit.training import fit_array
 
 
 @dataclass
@@ -56,8 +57,12 @@ class Objective:
         """Wait until every trial's MLflow record is written; one line per record that failed."""
         return [f"MLflow record lost for {error}" for error in self.outbox.drain()]
 
-    def __call__(self, trial: optuna.trial.Trial, cancelled: threading.Event | None = None,
-                 recorded: Callable[[], None] | None = None) -> float:
+    def __call__(
+        self,
+        trial: optuna.trial.Trial,
+        cancelled: threading.Event | None = None,
+        recorded: Callable[[], None] | None = None,
+    ) -> float:
         """Train ``trial`` alone (an array of one); ``cancelled``, once set, stops it at the
         next epoch boundary and raises :class:`Cancelled` (the trial ends FAIL, its run
         KILLED). ``recorded()`` is called once the trial's MLflow record is sent (or has
@@ -82,13 +87,20 @@ class Objective:
             seed = trial_seed(cfg.study.seed, trial.number)
             trial.set_user_attr(attrs.HYPERPARAMETERS, hp)
             record.run = TrialRecord(trial.number)
-            record.run.start(self.outbox, self.experiment_id, self.parent_run_id, cfg.study.name,
-                             {**hp, **_fixed_settings(cfg, seed)}, self.data.inputs)
+            record.run.start(
+                self.outbox,
+                self.experiment_id,
+                self.parent_run_id,
+                cfg.study.name,
+                {**hp, **_fixed_settings(cfg, seed)},
+                self.data.inputs,
+            )
         except BaseException:
             record.recorded()  # nothing for the tracking thread to send
             raise
-        return Member(str(trial.number), hp, seed, cfg.train.epochs,
-                      trial if cfg.study.pruner != "none" else None, context=record)
+        return Member(
+            str(trial.number), hp, seed, cfg.train.epochs, trial if cfg.study.pruner != "none" else None, context=record
+        )
 
     def run_attrs(self, member: Member) -> dict[str, Any]:
         """The attributes the member's MLflow run gives its trial (its id, or why there is
@@ -141,23 +153,55 @@ class Objective:
         if error is not None:
             interrupted = isinstance(error, (Interrupted, KeyboardInterrupt))
             reason = "interrupted" if interrupted else f"{type(error).__name__}: {first_line(error)}"
-            return Ending(member, "FAIL", None, reason, {attrs.REASON: reason, **run_attrs},
-                          status="KILLED" if interrupted else None, requeue=interrupted)
-        measured = {attrs.EPOCHS_TRAINED: result.epochs,
-                    attrs.TRAIN_SECONDS: round(result.seconds, 3), **run_attrs,  # ms: as results.duration_s shows it
-                    **({attrs.PBT: self.lineage(member)} if self.cfg.population else {})}
+            return Ending(
+                member,
+                "FAIL",
+                None,
+                reason,
+                {attrs.REASON: reason, **run_attrs},
+                status="KILLED" if interrupted else None,
+                requeue=interrupted,
+            )
+        measured = {
+            attrs.EPOCHS_TRAINED: result.epochs,
+            attrs.TRAIN_SECONDS: round(result.seconds, 3),
+            **run_attrs,  # ms: as results.duration_s shows it
+            **({attrs.PBT: self.lineage(member)} if self.cfg.population else {}),
+        }
         cut_short = result.epochs < member.epochs and not member.ended_early
         if self.stop.requested and cut_short:  # one that trained all its epochs keeps its result
-            reason = (f"interrupted at epoch {result.epochs - 1}" if result.epochs else
-                      "interrupted before its first epoch")
-            return Ending(member, "FAIL", None, reason, {**measured, attrs.REASON: reason}, status="KILLED",
-                          requeue=True, raises=Interrupted(self.stop.signum or 0))
+            reason = (
+                f"interrupted at epoch {result.epochs - 1}" if result.epochs else "interrupted before its first epoch"
+            )
+            return Ending(
+                member,
+                "FAIL",
+                None,
+                reason,
+                {**measured, attrs.REASON: reason},
+                status="KILLED",
+                requeue=True,
+                raises=Interrupted(self.stop.signum or 0),
+            )
         if stop.cancelled.is_set() and cut_short:  # a trial that ended on its own keeps its result
-            return Ending(member, "FAIL", None, "cancelled", {**measured, attrs.REASON: "cancelled"},
-                          status="KILLED", requeue=True, raises=Cancelled())
+            return Ending(
+                member,
+                "FAIL",
+                None,
+                "cancelled",
+                {**measured, attrs.REASON: "cancelled"},
+                status="KILLED",
+                requeue=True,
+                raises=Cancelled(),
+            )
         state, value, reason = outcome(result, self.cfg.study.metric, PRUNERS[self.cfg.study.pruner].verdict)
-        return Ending(member, state, value if state == "COMPLETE" else None, reason,
-                      {**measured, **({attrs.REASON: reason} if reason else {})})
+        return Ending(
+            member,
+            state,
+            value if state == "COMPLETE" else None,
+            reason,
+            {**measured, **({attrs.REASON: reason} if reason else {})},
+        )
 
     def lineage(self, member: Member) -> dict[str, Any]:
         """A population member's ``pbt`` attribute: the declared hyperparameters it ended with
@@ -178,8 +222,16 @@ class Objective:
         except Exception:  # its reason unread: the run still says how the trial ended
             why = None
         taken = TakenOver(why)
-        return dataclasses.replace(ending, state="FAIL", value=None, reason=f"ended by another worker: {taken.reason}",
-                                   status="KILLED", requeue=False, raises=None, taken=taken)
+        return dataclasses.replace(
+            ending,
+            state="FAIL",
+            value=None,
+            reason=f"ended by another worker: {taken.reason}",
+            status="KILLED",
+            requeue=False,
+            raises=None,
+            taken=taken,
+        )
 
     def record(self, ending: Ending) -> None:
         """Close the trial's MLflow run in the background (once), as ``ending`` says, with its
@@ -194,35 +246,64 @@ class Objective:
             return
         objective = ending.value if ending.state == "COMPLETE" else None
         lineage = self.lineage(ending.member) if self.cfg.population else None
-        note = trial_note(ending.state, ending.reason, self.cfg.study.metric, objective, result.epochs,
-                          in_sampling_order(trial.params), lineage)
+        note = trial_note(
+            ending.state,
+            ending.reason,
+            self.cfg.study.metric,
+            objective,
+            result.epochs,
+            in_sampling_order(trial.params),
+            lineage,
+        )
         assert self.outbox is not None
         try:
-            run.finish(self.outbox, *self._artifacts(trial, dict(ending.member.hp), ending.member.seed, result,
-                                                     ending.member),
-                       result.history, ending.state, ending.reason, ending.status, note=note, objective=objective,
-                       then=record.recorded)
+            run.finish(
+                self.outbox,
+                *self._artifacts(trial, dict(ending.member.hp), ending.member.seed, result, ending.member),
+                result.history,
+                ending.state,
+                ending.reason,
+                ending.status,
+                note=note,
+                objective=objective,
+                then=record.recorded,
+            )
         except BaseException:
             record.recorded()
             raise
 
-    def _artifacts(self, trial: optuna.trial.Trial, hp: dict[str, Any], seed: int, result: TrainResult,
-                   member: Member) -> tuple[dict[str, bytes], list[Drawing]]:
+    def _artifacts(
+        self, trial: optuna.trial.Trial, hp: dict[str, Any], seed: int, result: TrainResult, member: Member
+    ) -> tuple[dict[str, bytes], list[Drawing]]:
         """The trial run's artifacts: files made here (its configuration, its network), and
         drawings made where the record is sent (its learning curves, opt-in)."""
         config = self.cfg.to_dict()
-        files = {"trial_config.json": json_bytes({"study": self.cfg.study.name, "trial": trial.number, "seed": seed,
-                                                  attrs.HYPERPARAMETERS: hp,
-                                                  **{k: config[k] for k in ("data", "model", "train")}})}
+        files = {
+            "trial_config.json": json_bytes(
+                {
+                    "study": self.cfg.study.name,
+                    "trial": trial.number,
+                    "seed": seed,
+                    attrs.HYPERPARAMETERS: hp,
+                    **{k: config[k] for k in ("data", "model", "train")},
+                }
+            )
+        }
         if self.cfg.population:  # where each change of its lr came from
             files["pbt.json"] = json_bytes(self.lineage(member))
         if result.weights is not None and self.cfg.tracking.register_model:  # the study's model, if best
-            files[NETWORK_FILE] = network_bytes(self.data, ACTIVATIONS[self.cfg.model.activation].torch_class,
-                                                result.weights)
+            files[NETWORK_FILE] = network_bytes(
+                self.data, ACTIVATIONS[self.cfg.model.activation].torch_class, result.weights
+            )
         drawings: list[Drawing] = []
         if self.cfg.tracking.trial_plots and result.history:
-            drawings.append((plot_learning_curves, (result.history, f"{self.cfg.study.name} trial {trial.number}: "
-                                                                  f"{_describe(hp)}"), "learning_curves.png"))
+            drawings.append(
+                (
+                    plot_learning_curves,
+                    (result.history, f"{self.cfg.study.name} trial {trial.number}: {_describe(hp)}"),
+                    "learning_curves.png",
+                )
+            )
         return files, drawings
 
 
@@ -312,9 +393,15 @@ def trial_seed(study_seed: int | None, number: int) -> int:
 
 
 def _fixed_settings(cfg: Config, seed: int) -> dict[str, Any]:
-    return {"epochs": cfg.train.epochs, "batch_size": cfg.train.batch_size,
-            "hidden": list(cfg.model.hidden), "activation": cfg.model.activation,
-            "init": cfg.model.init, "data": cfg.data.source, "seed": seed}
+    return {
+        "epochs": cfg.train.epochs,
+        "batch_size": cfg.train.batch_size,
+        "hidden": list(cfg.model.hidden),
+        "activation": cfg.model.activation,
+        "init": cfg.model.init,
+        "data": cfg.data.source,
+        "seed": seed,
+    }
 
 
 def _describe(hp: dict[str, Any]) -> str:

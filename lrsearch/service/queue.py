@@ -7,20 +7,21 @@ host, PostgreSQL across hosts. Imports no torch, so ``submit`` and ``status`` an
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
-from lrsearch.core.study_record import Cancellation, StudyRecord, utc_now
-from lrsearch.config import DEFAULT_TRIALS, Config, stored_config
 from lrsearch.choices.data import check_data
-from lrsearch.core.errors import UsageError, shown
-from lrsearch.fit.lr_find import range_test, record_range_test
-from lrsearch.core.phase import explain
-from lrsearch.sql.queries import ensure_indexes
-from lrsearch.store.queue_store import QueueStore
 from lrsearch.choices.space import grid_size
+from lrsearch.config import DEFAULT_TRIALS, Config, stored_config
+from lrsearch.core.errors import UsageError, shown
+from lrsearch.core.phase import explain
+from lrsearch.core.study_record import Cancellation, StudyRecord, utc_now
+from lrsearch.fit.lr_find import range_test, record_range_test
+from lrsearch.sql.queries import ensure_indexes
 from lrsearch.store.folders import report_dir
 from lrsearch.store.heartbeat import grace_period
+from lrsearch.store.queue_store import QueueStore
 from lrsearch.store.storage import check_stores, open_storage
 from lrsearch.store.urls import is_postgres, redact, sqlite_path, storage_url, tracking_uri
 from lrsearch.track.tracking import check_tracking, run_url
@@ -77,14 +78,23 @@ def submit(cfg: Config, *, storage: str | None = None, tracking: str | None = No
             if study_id is None:
                 study_id = store.create_study(name, cfg.study.direction)
             elif store.directions(study_id) != [cfg.study.direction]:
-                raise UsageError(f"study {name!r} in {redact(url)} was created with direction "
-                                 f"{', '.join(store.directions(study_id))}; the study file says {cfg.study.direction}")
+                raise UsageError(
+                    f"study {name!r} in {redact(url)} was created with direction "
+                    f"{', '.join(store.directions(study_id))}; the study file says {cfg.study.direction}"
+                )
             record = StudyRecord.from_attrs(store.user_attrs(study_id))
             if not (record.unrunnable and not store.count_trials(study_id, FINISHED)):
                 _check_drift(record, cfg, url)
-            values = StudyRecord.to_attrs(metric=cfg.study.metric, config=cfg.to_toml(), target=target_trials(cfg),
-                                          priority=cfg.study.priority, cancelled=None, done=False, interrupted=None,
-                                          unrunnable=None)
+            values = StudyRecord.to_attrs(
+                metric=cfg.study.metric,
+                config=cfg.to_toml(),
+                target=target_trials(cfg),
+                priority=cfg.study.priority,
+                cancelled=None,
+                done=False,
+                interrupted=None,
+                unrunnable=None,
+            )
             if record.submitted_at is None:
                 values.update(StudyRecord.to_attrs(submitted_at=utc_now()))
             new_range = cfg.finds_lr and record.lr_range is None
@@ -97,8 +107,15 @@ def submit(cfg: Config, *, storage: str | None = None, tracking: str | None = No
     if not is_postgres(url):
         ensure_indexes(url)  # (PostgreSQL's come with its views: lrsearch server, status, sql)
     experiment_id, parent_run_id = record.experiment_id, record.parent_run_id
-    return Submission(name, url, target_trials(cfg), resumed, experiment_id, parent_run_id,
-                      run_url(tracking, experiment_id, parent_run_id) if parent_run_id else None)
+    return Submission(
+        name,
+        url,
+        target_trials(cfg),
+        resumed,
+        experiment_id,
+        parent_run_id,
+        run_url(tracking, experiment_id, parent_run_id) if parent_run_id else None,
+    )
 
 
 FINISHED = ("COMPLETE", "PRUNED")  # results.FINISHED_STATES by name, without importing Optuna
@@ -171,13 +188,18 @@ def _check_drift(record: StudyRecord, cfg: Config, url: str) -> None:
     if raw is None:  # a study made before configurations were stored, or by another tool
         return
     stored = stored_config(raw, cfg.study.name)
-    differ = [key for key in stored.differences(cfg) if key != "[train].array"
-              and (key != "[study].trials" or target_trials(cfg) < target_trials(stored))]
+    differ = [
+        key
+        for key in stored.differences(cfg)
+        if key != "[train].array" and (key != "[study].trials" or target_trials(cfg) < target_trials(stored))
+    ]
     if differ:
         shown = ", ".join(differ[:5]) + (", …" if len(differ) > 5 else "")
-        raise UsageError(f"study {cfg.study.name!r} in {redact(url)} was submitted with a different "
-                         f"configuration: {shown} {'differs' if len(differ) == 1 else 'differ'} (only trials "
-                         f"may rise); use another --name, or the file it was submitted with")
+        raise UsageError(
+            f"study {cfg.study.name!r} in {redact(url)} was submitted with a different "
+            f"configuration: {shown} {'differs' if len(differ) == 1 else 'differ'} (only trials "
+            f"may rise); use another --name, or the file it was submitted with"
+        )
 
 
 def queue(store: Any, *, with_config: bool = False) -> Any:
@@ -187,8 +209,10 @@ def queue(store: Any, *, with_config: bool = False) -> Any:
     of its stored configuration (a worker that cannot run a study tries again once it
     changes)."""
     records = {s.study_name: StudyRecord.from_attrs(s.user_attrs) for s in store.get_all_studies()}
-    names = sorted((name for name, r in records.items() if r.open),
-                   key=lambda name: (-records[name].priority, records[name].submitted_at or "", name))
+    names = sorted(
+        (name for name, r in records.items() if r.open),
+        key=lambda name: (-records[name].priority, records[name].submitted_at or "", name),
+    )
     if with_config:
         return {name: config_digest(records[name].config) for name in names}
     return names
@@ -201,8 +225,22 @@ def config_digest(raw: Any) -> str:
     return hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16]
 
 
-STATUS_COLUMNS = ["name", "state", "target", "complete", "pruned", "fail", "running", "best_value", "best_trial",
-                  "workers", "submitted", "eta_s", "mlflow_url", "reason"]
+STATUS_COLUMNS = [
+    "name",
+    "state",
+    "target",
+    "complete",
+    "pruned",
+    "fail",
+    "running",
+    "best_value",
+    "best_trial",
+    "workers",
+    "submitted",
+    "eta_s",
+    "mlflow_url",
+    "reason",
+]
 
 
 def status(name: str | None = None, *, storage: str | None = None, tracking: str | None = None) -> list[dict[str, Any]]:
@@ -225,14 +263,26 @@ def status(name: str | None = None, *, storage: str | None = None, tracking: str
         active = workers.get(r["study_name"], 0)
         left = max(0, r["target"] - r["n_complete"] - r["n_pruned"])
         eta = None if not active or r["mean_trial_s"] is None else round(left * r["mean_trial_s"] / active, 1)
-        out.append({"name": r["study_name"], "state": r["state"], "target": r["target"],
-                    "complete": r["n_complete"], "pruned": r["n_pruned"], "fail": r["n_fail"],
-                    "running": r["n_running"], "best_value": r["best_value"],
-                    "best_trial": r["best_trial_number"], "workers": active,
-                    "submitted": r["submitted_at"], "eta_s": 0.0 if r["state"] == "done" else eta,
-                    "mlflow_url": run_url(tracking, r["mlflow_experiment_id"], r["mlflow_parent_run_id"])
-                    if r["mlflow_parent_run_id"] else None,
-                    "reason": explain(r["state"], r["unrunnable"], r["interrupted"])})
+        out.append(
+            {
+                "name": r["study_name"],
+                "state": r["state"],
+                "target": r["target"],
+                "complete": r["n_complete"],
+                "pruned": r["n_pruned"],
+                "fail": r["n_fail"],
+                "running": r["n_running"],
+                "best_value": r["best_value"],
+                "best_trial": r["best_trial_number"],
+                "workers": active,
+                "submitted": r["submitted_at"],
+                "eta_s": 0.0 if r["state"] == "done" else eta,
+                "mlflow_url": run_url(tracking, r["mlflow_experiment_id"], r["mlflow_parent_run_id"])
+                if r["mlflow_parent_run_id"]
+                else None,
+                "reason": explain(r["state"], r["unrunnable"], r["interrupted"]),
+            }
+        )
     return out
 
 

@@ -124,9 +124,16 @@ def _create_tables(backend: str, db: str) -> None:
     close_connections()  # the server process execs MLflow's: it would inherit them, idle, for good
 
 
-def server_command(backend: str, *, host: str = "127.0.0.1", port: int = 5000,
-                   artifacts: str | None = None, allowed_hosts: str | None = None,
-                   workers: int = 1, auth: bool = False) -> list[str]:
+def server_command(
+    backend: str,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 5000,
+    artifacts: str | None = None,
+    allowed_hosts: str | None = None,
+    workers: int = 1,
+    auth: bool = False,
+) -> list[str]:
     """The ``mlflow server`` command line for ``backend`` (which itself goes in the
     environment), artifacts served by the server.
 
@@ -135,8 +142,21 @@ def server_command(backend: str, *, host: str = "127.0.0.1", port: int = 5000,
     (Kludex/uvicorn#3149); see docs/performance.md.
     """
     destination = artifacts or artifact_root(backend) or (data_dir() / "artifacts").as_uri()
-    cmd = [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port),
-           "--workers", str(workers), "--serve-artifacts", "--artifacts-destination", destination]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+        "--serve-artifacts",
+        "--artifacts-destination",
+        destination,
+    ]
     if allowed_hosts:
         cmd += ["--allowed-hosts", allowed_hosts]
     if auth:
@@ -150,12 +170,15 @@ def auth_environment(db: str) -> dict[str, str]:
     password from ``$MLFLOW_AUTH_ADMIN_PASSWORD`` (MLflow creates that admin on first start)."""
     password = os.environ.get(ADMIN_PASSWORD_ENV, "")
     if len(password) < 12:
-        raise UsageError(f"--auth needs the admin's password (12 characters or more) in ${ADMIN_PASSWORD_ENV}; "
-                         f"workers then log in with $MLFLOW_TRACKING_USERNAME and $MLFLOW_TRACKING_PASSWORD")
-    env = {"MLFLOW_FLASK_SERVER_SECRET_KEY": os.environ.get("MLFLOW_FLASK_SERVER_SECRET_KEY") or secrets.token_hex(32),
-           ADMIN_USER_ENV: os.environ.get(ADMIN_USER_ENV) or "admin"}
+        raise UsageError(
+            f"--auth needs the admin's password (12 characters or more) in ${ADMIN_PASSWORD_ENV}; "
+            f"workers then log in with $MLFLOW_TRACKING_USERNAME and $MLFLOW_TRACKING_PASSWORD"
+        )
+    env = {
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": os.environ.get("MLFLOW_FLASK_SERVER_SECRET_KEY") or secrets.token_hex(32),
+        ADMIN_USER_ENV: os.environ.get(ADMIN_USER_ENV) or "admin",
+    }
     if is_postgres(db):
-
         prepare_database(db, extra_schemas=(AUTH_SCHEMA,))
         password = pg_parts(db).password
         if password:
@@ -165,10 +188,12 @@ def auth_environment(db: str) -> dict[str, str]:
         path = sqlite_path(db)
         assert path is not None  # backend_uri checked it
         database = f"sqlite:///{path.resolve().parent / 'basic_auth.db'}"
-    config = (f"[mlflow]\ndefault_permission = READ\n"
-              f"database_uri = {database.replace('%', '%%')}\n"  # configparser: % is special
-              f"authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
-              f"auth_cache_ttl_seconds = {AUTH_CACHE_S}\n")
+    config = (
+        f"[mlflow]\ndefault_permission = READ\n"
+        f"database_uri = {database.replace('%', '%%')}\n"  # configparser: % is special
+        f"authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        f"auth_cache_ttl_seconds = {AUTH_CACHE_S}\n"
+    )
     path = data_dir() / "auth.ini"  # rewritten at each start (no secret in it: see above)
     make_folder(path.parent)
     with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
@@ -177,8 +202,17 @@ def auth_environment(db: str) -> dict[str, str]:
     return env
 
 
-def serve(db: str | None, *, host: str = "127.0.0.1", port: int = 5000, artifacts: str | None = None,
-          allowed_hosts: str | None = None, workers: int = 1, auth: bool = False, quiet: bool = False) -> int:
+def serve(
+    db: str | None,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 5000,
+    artifacts: str | None = None,
+    allowed_hosts: str | None = None,
+    workers: int = 1,
+    auth: bool = False,
+    quiet: bool = False,
+) -> int:
     """Become the tracking server on ``db`` (or ``$LRSEARCH_DB``): exec, so signals reach it.
 
     ``quiet``: none of MLflow's and uvicorn's INFO lines, access log, banner or Python
@@ -192,8 +226,11 @@ def serve(db: str | None, *, host: str = "127.0.0.1", port: int = 5000, artifact
     if auth:
         env.update(auth_environment(db))
     elif not _loopback(host):
-        print(f"{WARNING_PREFIX}serving on {host} without authentication: anyone who reaches this port can "
-              "read and change every study (add --auth)", file=sys.stderr)
+        print(
+            f"{WARNING_PREFIX}serving on {host} without authentication: anyone who reaches this port can "
+            "read and change every study (add --auth)",
+            file=sys.stderr,
+        )
     # MLflow 3 also starts a job runner and seven task consumers for its GenAI features; they
     # poll the database and take CPU even when idle, and lrsearch uses none of them.
     env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
@@ -201,12 +238,22 @@ def serve(db: str | None, *, host: str = "127.0.0.1", port: int = 5000, artifact
     # 15): every worker's connections come out of the same max_connections.
     for name, value in SERVER_POOL.items():
         env.setdefault(name, value)
-    cmd = server_command(env["MLFLOW_BACKEND_STORE_URI"], host=host, port=port, artifacts=artifacts,
-                         allowed_hosts=allowed_hosts, workers=workers, auth=auth)
+    cmd = server_command(
+        env["MLFLOW_BACKEND_STORE_URI"],
+        host=host,
+        port=port,
+        artifacts=artifacts,
+        allowed_hosts=allowed_hosts,
+        workers=workers,
+        auth=auth,
+    )
     check_port(host, port)
     shown = shown_host(host)
-    print(f"MLflow UI: http://{shown}:{port}/#/experiments?workflowType=machine_learning"
-          + (" (log in as the admin)" if auth else ""), file=sys.stderr)
+    print(
+        f"MLflow UI: http://{shown}:{port}/#/experiments?workflowType=machine_learning"
+        + (" (log in as the admin)" if auth else ""),
+        file=sys.stderr,
+    )
     sys.stderr.flush()
     if quiet:
         cmd = quiet_server(cmd, env)
@@ -223,8 +270,13 @@ def quiet_server(cmd: list[str], env: dict[str, str]) -> list[str]:
     env.setdefault("PYTHONWARNINGS", "ignore")
     env.setdefault("MLFLOW_REGISTRY_STORE_URI", env["MLFLOW_BACKEND_STORE_URI"])  # MLflow's own default
     read, write = os.pipe()
-    subprocess.Popen([sys.executable, "-c", _STDERR_FILTER], stdin=read, stdout=sys.stderr.fileno(),
-                     stderr=subprocess.DEVNULL, close_fds=True)
+    subprocess.Popen(
+        [sys.executable, "-c", _STDERR_FILTER],
+        stdin=read,
+        stdout=sys.stderr.fileno(),
+        stderr=subprocess.DEVNULL,
+        close_fds=True,
+    )
     os.close(read)
     os.dup2(write, sys.stderr.fileno())
     os.close(write)
@@ -242,8 +294,9 @@ def check_port(host: str, port: int) -> None:
             probe.bind((host, port))
         except OSError as e:
             if e.errno == errno.EADDRINUSE:
-                raise LrsearchError(f"port {port} on {host} is in use (another lrsearch ui or MLflow server?); "
-                                    "stop it or pass --port") from None
+                raise LrsearchError(
+                    f"port {port} on {host} is in use (another lrsearch ui or MLflow server?); stop it or pass --port"
+                ) from None
             # Anything else (an address not on this machine, a name): MLflow reports it.
 
 
@@ -254,4 +307,3 @@ def _loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:  # a host name: it may resolve anywhere
         return False
-

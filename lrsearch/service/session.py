@@ -12,13 +12,13 @@ from typing import Any
 
 import optuna
 
-from lrsearch.core.study_record import Interruption, StudyRecord, Unrunnable, utc_now
-from lrsearch.config import Config, stored_config
 from lrsearch.choices.data import Dataset, load_data
-from lrsearch.results.descriptions import write_study_note
-from lrsearch.core.errors import UsageError, first_line
-from lrsearch.results.ranking import counts, summary
 from lrsearch.choices.sampling import make_pruner, make_sampler
+from lrsearch.config import Config, stored_config
+from lrsearch.core.errors import UsageError, first_line
+from lrsearch.core.study_record import Interruption, StudyRecord, Unrunnable, utc_now
+from lrsearch.results.descriptions import write_study_note
+from lrsearch.results.ranking import counts, summary
 from lrsearch.store.lock import store_lock
 from lrsearch.store.storage import open_storage
 from lrsearch.store.urls import redact, tracking_uri
@@ -68,8 +68,9 @@ class Session:
         return self.tracker.run_url(self.experiment_id, self.parent_run_id)
 
 
-def join(name: str, store: Any, url: str, tracker: Tracker, *, worker: int = 0,
-         study_file: Path | None = None) -> Session:
+def join(
+    name: str, store: Any, url: str, tracker: Tracker, *, worker: int = 0, study_file: Path | None = None
+) -> Session:
     """This worker's session on a submitted study: its stored configuration, a sampler of
     this worker's own, its data, and its MLflow experiment and parent run (made by the first
     worker that joins: ``submit`` leaves MLflow alone). The parent run turns RUNNING when
@@ -78,8 +79,10 @@ def join(name: str, store: Any, url: str, tracker: Tracker, *, worker: int = 0,
     study_id = store.get_study_id_from_name(name)
     record = StudyRecord.from_attrs(store.get_study_user_attrs(study_id))
     if record.config is None or record.target is None:
-        raise UsageError(f"study {name!r} in {redact(url)} was not submitted with lrsearch (no stored "
-                         "configuration): run lrsearch submit FILE first")
+        raise UsageError(
+            f"study {name!r} in {redact(url)} was not submitted with lrsearch (no stored "
+            "configuration): run lrsearch submit FILE first"
+        )
     submitted = stored_config(record.config, name)
     cfg = submitted
     if cfg.finds_lr:  # the range the test found when the study was created
@@ -103,8 +106,15 @@ def join(name: str, store: Any, url: str, tracker: Tracker, *, worker: int = 0,
     return Session(cfg, study, store, study_id, url, tracker, experiment_id, parent_run_id, data, record.target)
 
 
-def open_records(store: Any, study_id: int, cfg: Config, url: str, tracker: Tracker,
-                 study_file: Path | None = None, data: Dataset | None = None) -> tuple[str, str]:
+def open_records(
+    store: Any,
+    study_id: int,
+    cfg: Config,
+    url: str,
+    tracker: Tracker,
+    study_file: Path | None = None,
+    data: Dataset | None = None,
+) -> tuple[str, str]:
     """The study's MLflow experiment, its trials view and its parent run (new: SCHEDULED
     until a worker claims a trial; one that exists keeps its status), their ids stored with
     the study; called under the store lock. The parent's params are the study file's keys
@@ -117,22 +127,37 @@ def open_records(store: Any, study_id: int, cfg: Config, url: str, tracker: Trac
     record = StudyRecord.from_attrs(store.get_study_user_attrs(study_id))
     experiment_id = tracker.experiment(name)
     lr_range = record.lr_range
-    found = {f"lr_find.{k}": lr_range[k] for k in ("low", "high", "suggestion", "optimizer")} \
-        if cfg.finds_lr and lr_range else {}
+    found = (
+        {f"lr_find.{k}": lr_range[k] for k in ("low", "high", "suggestion", "optimizer")}
+        if cfg.finds_lr and lr_range
+        else {}
+    )
     with tempfile.TemporaryDirectory(prefix="lrsearch-") as tmp:
         if study_file is None:
             study_file = Path(tmp) / "study.toml"
             study_file.write_text(to_toml_text(cfg))
         parent_run_id = tracker.start_study(
-            experiment_id, name, params={**_study_params(cfg), **found},
-            tags={"sampler": cfg.study.sampler, "pruner": cfg.study.pruner, "storage": redact(url),
-                  "direction": cfg.study.direction, "metric": cfg.study.metric},
-            study_file=study_file, run_id=record.parent_run_id, status="SCHEDULED")
-    tracker.share_trials_view(experiment_id, trials_view(name, cfg.study.direction, cfg.study.metric,
-                                                         searched(cfg.params)))
+            experiment_id,
+            name,
+            params={**_study_params(cfg), **found},
+            tags={
+                "sampler": cfg.study.sampler,
+                "pruner": cfg.study.pruner,
+                "storage": redact(url),
+                "direction": cfg.study.direction,
+                "metric": cfg.study.metric,
+            },
+            study_file=study_file,
+            run_id=record.parent_run_id,
+            status="SCHEDULED",
+        )
+    tracker.share_trials_view(
+        experiment_id, trials_view(name, cfg.study.direction, cfg.study.metric, searched(cfg.params))
+    )
     if (record.experiment_id, record.parent_run_id) != (experiment_id, parent_run_id):
-        store.set_study_user_attrs(study_id, StudyRecord.to_attrs(experiment_id=experiment_id,
-                                                                  parent_run_id=parent_run_id))
+        store.set_study_user_attrs(
+            study_id, StudyRecord.to_attrs(experiment_id=experiment_id, parent_run_id=parent_run_id)
+        )
     if data is not None and record.parent_run_id != parent_run_id:  # a new parent: its datasets
         try:
             tracker.log_data(parent_run_id, data.inputs)
@@ -158,14 +183,19 @@ def mark_unrunnable(store: Any, name: str, url: str, tracker: Tracker, reason: s
         parent = StudyRecord.from_attrs(store.get_study_user_attrs(study_id)).parent_run_id
         if parent is None:  # a run to carry the description; its params wait for a worker that can run it
             experiment_id = tracker.experiment(name)
-            parent = tracker.start_study(experiment_id, name, params={}, tags={"storage": redact(url)},
-                                         study_file=None, status="FAILED")
-            store.set_study_user_attrs(study_id, StudyRecord.to_attrs(experiment_id=experiment_id,
-                                                                      parent_run_id=parent))
+            parent = tracker.start_study(
+                experiment_id, name, params={}, tags={"storage": redact(url)}, study_file=None, status="FAILED"
+            )
+            store.set_study_user_attrs(
+                study_id, StudyRecord.to_attrs(experiment_id=experiment_id, parent_run_id=parent)
+            )
     if tracker.status(parent) != "RUNNING":  # else another worker runs it, and describes it
-        tracker.set_note(parent, f"**{name}** · unrunnable · lrsearch {record.version} on {record.host} "
-                                 f"cannot run it ({record.at}): {reason}\n\nSubmit the corrected study to "
-                                 "queue it again.\n")
+        tracker.set_note(
+            parent,
+            f"**{name}** · unrunnable · lrsearch {record.version} on {record.host} "
+            f"cannot run it ({record.at}): {reason}\n\nSubmit the corrected study to "
+            "queue it again.\n",
+        )
 
 
 def _study_params(cfg: Config) -> dict[str, Any]:
@@ -188,9 +218,16 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def open_session(cfg: Config, *, storage: str | None = None, tracking: str | None = None,
-                 study_file: Path | None = None, worker: int = 0, tracker: Any = None,
-                 submitted: Any = None) -> Session:
+def open_session(
+    cfg: Config,
+    *,
+    storage: str | None = None,
+    tracking: str | None = None,
+    study_file: Path | None = None,
+    worker: int = 0,
+    tracker: Any = None,
+    submitted: Any = None,
+) -> Session:
     """Submit the study ``cfg`` describes (or resume it; ``submitted``: already done, its
     ``queue.Submission``) and join it as a worker. ``tracker``: the worker's MLflow client
     (default: a tracking process of its own, ``track/process.py``)."""
@@ -227,8 +264,10 @@ def close_parent(session: Session, status: str, why: str | None = None) -> None:
             return
         record = StudyRecord.from_attrs(session.store.get_study_user_attrs(session.study_id))
         if status != "FINISHED" and record.cancelled is None:
-            session.store.set_study_user_attrs(session.study_id, StudyRecord.to_attrs(
-                interrupted=Interruption(utc_now("seconds"), why or status.lower())))
+            session.store.set_study_user_attrs(
+                session.study_id,
+                StudyRecord.to_attrs(interrupted=Interruption(utc_now("seconds"), why or status.lower())),
+            )
         if session.tracker.status(session.parent_run_id) == status:  # closed so by another worker
             return
         close_lost_runs(session)
@@ -243,15 +282,17 @@ def close_parent(session: Session, status: str, why: str | None = None) -> None:
 def _register(session: Session) -> None:
     """The finished study's model; a failure is a warning (``lrsearch best --register`` tries again)."""
     try:
-        register_model(session.study, session.url, session.tracker, session.experiment_id,
-                       retry=session.store.retry)
+        register_model(session.study, session.url, session.tracker, session.experiment_id, retry=session.store.retry)
     except Exception as e:
-        session.warnings.append(f"could not register the study's model: {first_line(e)} (lrsearch best "
-                                f"{session.study.study_name} --register tries again)")
+        session.warnings.append(
+            f"could not register the study's model: {first_line(e)} (lrsearch best "
+            f"{session.study.study_name} --register tries again)"
+        )
 
 
-def register_model(study: optuna.Study, url: str, tracker: Tracker, experiment_id: str, *,
-                   retry: Any = None) -> Registered | None:
+def register_model(
+    study: optuna.Study, url: str, tracker: Tracker, experiment_id: str, *, retry: Any = None
+) -> Registered | None:
     """The study's best COMPLETE trial's network as the newest version of the registered
     model named after the study (alias ``best``), unless it already is; kept in the study's
     attributes (``StudyRecord.model``) for ``best``, the ``studies`` view and the description. None
@@ -316,9 +357,11 @@ def close_lost_runs(session: Session) -> None:
     deadline = time.monotonic() + grace + 2 * heartbeat_interval()
     while True:
         trials = {t.number: t for t in session.study.get_trials(deepcopy=False)}
-        pending = [(run_id, trials[number]) for run_id, number in
-                   session.tracker.running_trial_runs(session.experiment_id, session.parent_run_id)
-                   if number in trials and trials[number].state.is_finished()]
+        pending = [
+            (run_id, trials[number])
+            for run_id, number in session.tracker.running_trial_runs(session.experiment_id, session.parent_run_id)
+            if number in trials and trials[number].state.is_finished()
+        ]
         if not pending:
             return
         ages = session.store.heartbeat_ages(session.study_id, [t._trial_id for _, t in pending])

@@ -9,24 +9,25 @@ import functools
 import os
 import threading
 import time
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 from lrsearch.core import attrs, faults
-from lrsearch.core.study_record import Cancellation, StudyRecord
 from lrsearch.core.errors import LrsearchError, first_line
-from lrsearch.service.objective import Objective
+from lrsearch.core.stopping import Interrupted, StopFlag, TrialStop, stopped_by
+from lrsearch.core.study_record import Cancellation, StudyRecord
+from lrsearch.fit.member import Member
 from lrsearch.results.ranking import FINISHED_STATES
-from lrsearch.store.retry import MAX_RETRY_DELAY_S
+from lrsearch.service.objective import Objective
 from lrsearch.service.queue import config_digest, queue
 from lrsearch.service.session import ArrayUse, Session, close_parent, join, mark_unrunnable, start_parent
-from lrsearch.fit.member import Member
-from lrsearch.core.stopping import Interrupted, StopFlag, TrialStop, stopped_by
 from lrsearch.store.heartbeat import Heartbeats, grace_period
 from lrsearch.store.lock import close_connections, store_lock
+from lrsearch.store.retry import MAX_RETRY_DELAY_S
 from lrsearch.store.storage import checkpoint, open_storage
 from lrsearch.store.urls import storage_url, tracking_uri
 from lrsearch.track.tracking import Tracker
@@ -69,9 +70,18 @@ class Worker:
     priority, then the oldest submission), one array of trials at a time (``_Array``).
     """
 
-    def __init__(self, store: Any, url: str, tracker: Tracker, *, index: int = 0, stop: StopFlag | None = None,
-                 callbacks: Sequence[TrialCallback] = (), warn: Callable[[str], None] | None = None,
-                 array: int | str | None = None) -> None:
+    def __init__(
+        self,
+        store: Any,
+        url: str,
+        tracker: Tracker,
+        *,
+        index: int = 0,
+        stop: StopFlag | None = None,
+        callbacks: Sequence[TrialCallback] = (),
+        warn: Callable[[str], None] | None = None,
+        array: int | str | None = None,
+    ) -> None:
         self.store = store
         self.url = url
         self.tracker = tracker
@@ -131,15 +141,20 @@ class Worker:
             if not session.started:
                 with _released_on_error(session, claimed):
                     start_parent(session, objective.outbox)
-                    objective.outbox.submit("the study's array size", Tracker.set_tags, session.parent_run_id,
-                                            {"array": self._wanted(session), "array.size": size})
+                    objective.outbox.submit(
+                        "the study's array size",
+                        Tracker.set_tags,
+                        session.parent_run_id,
+                        {"array": self._wanted(session), "array.size": size},
+                    )
             # An array's trials end (and start) together: their MLflow records, two jobs each,
             # wait for the tracking thread instead of holding up the array.
             objective.outbox.limit = max(objective.outbox.limit, 2 * size)
             # Its slots are refilled as its trials end only where it is the only study served:
             # several studies take turns, an array each.
-            array = _Array(session, objective, self.stop, self.callbacks, refill=len(names) == 1, beats=self.beats,
-                           target=target)
+            array = _Array(
+                session, objective, self.stop, self.callbacks, refill=len(names) == 1, beats=self.beats, target=target
+            )
             if session.arrays is None:
                 session.arrays = ArrayUse(self._wanted(session), size, len(claimed), len(claimed))
             session.arrays.saw(len(claimed))
@@ -171,8 +186,11 @@ class Worker:
         name = session.study.study_name
         if name not in self.sizes:
             wanted = self._wanted(session)
-            self.sizes[name] = (choose_array_size(session.cfg, session.data, session.target) if wanted == "auto"
-                                else min(int(wanted), largest_array(session.cfg, session.data)))
+            self.sizes[name] = (
+                choose_array_size(session.cfg, session.data, session.target)
+                if wanted == "auto"
+                else min(int(wanted), largest_array(session.cfg, session.data))
+            )
         return self.sizes[name]
 
     def finish(self, status: str, why: str | None = None) -> list[str]:
@@ -194,8 +212,9 @@ class Worker:
         return lines
 
     def _objective(self, session: Session) -> Objective:
-        return Objective(session.cfg, session.data, session.tracker, session.experiment_id,
-                         session.parent_run_id, self.stop)
+        return Objective(
+            session.cfg, session.data, session.tracker, session.experiment_id, session.parent_run_id, self.stop
+        )
 
     def _session(self, name: str) -> tuple[Session, Objective] | None:
         if name not in self.sessions:
@@ -229,10 +248,18 @@ class Worker:
         self.warnings += session.warnings
 
 
-def serve(storage: str | None = None, tracking: str | None = None, *, index: int = 0,
-          stop: StopFlag | None = None, callbacks: Sequence[TrialCallback] = (), max_idle: float | None = None,
-          warn: Callable[[str], None] | None = None, array: int | str | None = None,
-          tracker: Any = None) -> list[str]:
+def serve(
+    storage: str | None = None,
+    tracking: str | None = None,
+    *,
+    index: int = 0,
+    stop: StopFlag | None = None,
+    callbacks: Sequence[TrialCallback] = (),
+    max_idle: float | None = None,
+    warn: Callable[[str], None] | None = None,
+    array: int | str | None = None,
+    tracker: Any = None,
+) -> list[str]:
     """Serve every study submitted to ``storage`` until stopped, or ``max_idle`` seconds
     pass with nothing to do. Polls while idle, backing off to ``MAX_WAIT_S``. Returns the
     warnings of the studies it served. ``tracker``: its MLflow client (default: a tracking
@@ -272,8 +299,14 @@ def serve(storage: str | None = None, tracking: str | None = None, *, index: int
     return lines
 
 
-def work(session: Session, *, stop: StopFlag | None = None, callbacks: Sequence[TrialCallback] = (),
-         index: int = 0, array: int | str | None = None) -> None:
+def work(
+    session: Session,
+    *,
+    stop: StopFlag | None = None,
+    callbacks: Sequence[TrialCallback] = (),
+    index: int = 0,
+    array: int | str | None = None,
+) -> None:
     """Run trials of this one study until its total of COMPLETE + PRUNED trials is reached
     (or it is cancelled), then close the parent run if this worker is the last.
 
@@ -282,8 +315,9 @@ def work(session: Session, *, stop: StopFlag | None = None, callbacks: Sequence[
     trial whose worker died is freed when its heartbeat goes stale, and its parameters are
     queued again, under the same lock, to be taken by the next claim.
     """
-    worker = Worker(session.store, session.url, session.tracker, index=index, stop=stop, callbacks=callbacks,
-                    array=array)
+    worker = Worker(
+        session.store, session.url, session.tracker, index=index, stop=stop, callbacks=callbacks, array=array
+    )
     worker.add(session)
     name = session.study.study_name
     status, why = "FAILED", None
@@ -341,8 +375,9 @@ def _claim(session: Session, count: int = 1) -> list[int] | Any:
         finished = session.finished = sum(states.get(s.name, 0) for s in FINISHED_STATES)
         if finished >= session.target:
             return _DONE
-        trials = session.store.claim_trials(session.study_id,
-                                            min(count, session.target - finished - states.get("RUNNING", 0)))
+        trials = session.store.claim_trials(
+            session.study_id, min(count, session.target - finished - states.get("RUNNING", 0))
+        )
         if not trials:
             return trials
         with _released_on_error(session, trials):
@@ -382,12 +417,20 @@ def _confirm_claim(session: Session, trial_id: int) -> int | None:
     claimed at the same time): keep it if the trials numbered before it leave it a slot,
     else end it FAIL at once, untrained, so the study never passes its total."""
     number = session.store.get_trial(trial_id).number
-    ahead = [t for t in session.study.get_trials(deepcopy=False, states=(*FINISHED_STATES, TrialState.RUNNING))
-             if t.number < number]
+    ahead = [
+        t
+        for t in session.study.get_trials(deepcopy=False, states=(*FINISHED_STATES, TrialState.RUNNING))
+        if t.number < number
+    ]
     if len(ahead) < session.target:
         return trial_id
-    session.store.fail_trial(trial_id, {attrs.REASON: "over the study's total: claimed while the store lock's "
-                                                      "connection was lost, by more workers than slots"})
+    session.store.fail_trial(
+        trial_id,
+        {
+            attrs.REASON: "over the study's total: claimed while the store lock's "
+            "connection was lost, by more workers than slots"
+        },
+    )
     return None
 
 
@@ -401,9 +444,16 @@ class _Array:
     from its claim until its MLflow record is sent. A trial stopped by a signal, a lost parent
     or ``cancel --now`` is queued again, as a lost worker's is."""
 
-    def __init__(self, session: Session, objective: Objective, stop: StopFlag,
-                 callbacks: Sequence[TrialCallback], refill: bool, beats: Heartbeats,
-                 target: Callable[[], int] = lambda: 1) -> None:
+    def __init__(
+        self,
+        session: Session,
+        objective: Objective,
+        stop: StopFlag,
+        callbacks: Sequence[TrialCallback],
+        refill: bool,
+        beats: Heartbeats,
+        target: Callable[[], int] = lambda: 1,
+    ) -> None:
         self.session = session
         self.target = target  # how many trials to train at once from now on
         self.objective = objective
@@ -432,8 +482,10 @@ class _Array:
                 faults.point("trained")
                 if self.open:  # the fit ended before they left it: Lightning's own SIGTERM handler ends it mid-epoch
                     with self.stop.shielded():
-                        self._end(list(self.open), None if self.stop.requested else
-                                  LrsearchError("the fit ended before its trials did"))
+                        self._end(
+                            list(self.open),
+                            None if self.stop.requested else LrsearchError("the fit ended before its trials did"),
+                        )
         except BaseException as e:
             for trial_id in joining:  # claimed, never begun
                 _fail_untold(self.session, trial_id, e)
@@ -470,8 +522,13 @@ class _Array:
                     self.session.store.set_trials_user_attrs({trial_id: values})
 
     def _refill(self, free: int) -> list[Member]:
-        if (not free or not self.refilling or self.stop.requested or self.trial_stop is None
-                or self.trial_stop.requested):
+        if (
+            not free
+            or not self.refilling
+            or self.stop.requested
+            or self.trial_stop is None
+            or self.trial_stop.requested
+        ):
             return []
         claimed = _claim(self.session, free)
         if claimed is _DONE or claimed is _CANCELLED:
@@ -499,14 +556,15 @@ class _Array:
         except BaseException as e:
             self.open.update(members)  # sampled, never trained: ended FAIL with their runs
             self._end(members, e)
-            for trial_id in ids[len(members):]:
+            for trial_id in ids[len(members) :]:
                 _fail_untold(self.session, trial_id, e)
             raise
         for member in [m for m in members if m.context.trial._trial_id in ended]:
             # Ended by another worker before it began here (this process paused past the grace period, say).
             self.objective.record(self.objective.taken(self.objective.ending(member, self.trial_stop)))
-            self.session.warnings.append(f"trial {member.context.trial.number} was ended by another worker "
-                                         "before it began here")
+            self.session.warnings.append(
+                f"trial {member.context.trial.number} was ended by another worker before it began here"
+            )
             members.remove(member)
         self.open.update(members)
         return members
@@ -540,8 +598,10 @@ class _Array:
             session.finished += ending.state in ("COMPLETE", "PRUNED") and ending.trial._trial_id not in taken
             if ending.trial._trial_id in taken:  # ended by another worker that found no heartbeat of it
                 ending = self.objective.taken(ending)
-                session.warnings.append(f"trial {ending.trial.number} was marked FAIL by another worker while it "
-                                        f"ran here ({ending.taken.reason if ending.taken else 'no heartbeat'})")
+                session.warnings.append(
+                    f"trial {ending.trial.number} was marked FAIL by another worker while it "
+                    f"ran here ({ending.taken.reason if ending.taken else 'no heartbeat'})"
+                )
             try:
                 self.objective.record(ending)
             except BaseException as e:  # the tracking process gone, say: the others' records still go
@@ -582,9 +642,14 @@ def _queue_again(session: Session, trial: FrozenTrial) -> bool:
     history = [*trial.system_attrs.get(attrs.RETRY_HISTORY, []), trial.number]
     if len(history) > MAX_RETRIES:
         return False
-    session.study.add_trial(optuna.trial.create_trial(
-        state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
-        system_attrs={attrs.FAILED_TRIAL: history[0], attrs.RETRY_HISTORY: history}))
+    session.study.add_trial(
+        optuna.trial.create_trial(
+            state=TrialState.WAITING,
+            params=trial.params,
+            distributions=trial.distributions,
+            system_attrs={attrs.FAILED_TRIAL: history[0], attrs.RETRY_HISTORY: history},
+        )
+    )
     return True
 
 
@@ -617,8 +682,7 @@ def _fail_untold(session: Session, trial_id: int, error: BaseException) -> None:
     """Mark FAIL, with the reason, a trial that Optuna's tell could not end (unless the
     database itself is out of reach: then its heartbeat stops and a rerun fails it)."""
     try:
-        session.store.fail_trial(trial_id, {attrs.REASON: f"not told: {type(error).__name__}: "
-                                                         f"{first_line(error)}"})
+        session.store.fail_trial(trial_id, {attrs.REASON: f"not told: {type(error).__name__}: {first_line(error)}"})
     except Exception:
         pass
 
@@ -652,9 +716,17 @@ def _fail_stale_trials(session: Session) -> None:
         trial = store.get_trial(trial_id)
         run_id = trial.user_attrs.get(attrs.MLFLOW_RUN)
         try:
-            run_id = run_id or tracker.trial_run(session.experiment_id, study.study_name, trial.number) or \
-                tracker.start_trial(session.experiment_id, session.parent_run_id, study.study_name, trial.number,
-                                    trial.user_attrs.get(attrs.HYPERPARAMETERS, trial.params))
+            run_id = (
+                run_id
+                or tracker.trial_run(session.experiment_id, study.study_name, trial.number)
+                or tracker.start_trial(
+                    session.experiment_id,
+                    session.parent_run_id,
+                    study.study_name,
+                    trial.number,
+                    trial.user_attrs.get(attrs.HYPERPARAMETERS, trial.params),
+                )
+            )
         except Exception as e:  # the queued retry matters more than the dead run's record
             session.warnings.append(f"could not record trial {trial.number}'s MLflow run: {first_line(e)}")
         ended = {attrs.REASON: reason, **({attrs.MLFLOW_RUN: run_id} if run_id else {})}

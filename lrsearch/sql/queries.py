@@ -23,17 +23,18 @@ import os
 import re
 import sqlite3
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Sequence
+from typing import Any
 
+from lrsearch.choices.space import in_sampling_order
 from lrsearch.core import attrs
 from lrsearch.core.errors import LrsearchError, UsageError, first_line, unknown_study
 from lrsearch.core.text import shown_params
-from lrsearch.store.retry import reason
-from lrsearch.choices.space import in_sampling_order
 from lrsearch.store.lock import store_lock
 from lrsearch.store.postgres import prepare_database
+from lrsearch.store.retry import reason
 from lrsearch.store.urls import is_postgres, libpq_url, redact, sqlite_path, storage_url, tracking_uri, with_user
 
 VIEWS = ("trials", "best_trials", "studies")
@@ -41,9 +42,16 @@ DEFAULT_TIMEOUT_S = 30.0
 # What a reader role may read besides the views: the tables they read, and MLflow's metric
 # history (for whole curves, as in the last example of docs/sql.md). Nothing else.
 READER_TABLES = (
-    "optuna.studies", "optuna.study_directions", "optuna.study_user_attributes", "optuna.trials",
-    "optuna.trial_values", "optuna.trial_params", "optuna.trial_user_attributes",
-    "mlflow.runs", "mlflow.latest_metrics", "mlflow.metrics",
+    "optuna.studies",
+    "optuna.study_directions",
+    "optuna.study_user_attributes",
+    "optuna.trials",
+    "optuna.trial_values",
+    "optuna.trial_params",
+    "optuna.trial_user_attributes",
+    "mlflow.runs",
+    "mlflow.latest_metrics",
+    "mlflow.metrics",
 )
 READER_PASSWORD_ENV = "LRSEARCH_READER_PASSWORD"
 _ROLE_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
@@ -92,8 +100,8 @@ _MACROS: dict[str, dict[str, str]] = {
         # output from all of the study's trials, and would otherwise plan (and JIT-compile)
         # the details of every one of them.
         "trial_lookup": "CREATE FUNCTION lrsearch.trial_row(wanted INTEGER) RETURNS SETOF lrsearch.trials "
-                        "LANGUAGE sql STABLE ROWS 1 SET jit = off "
-                        "AS 'SELECT * FROM lrsearch.trials WHERE trial_id = wanted';",
+        "LANGUAGE sql STABLE ROWS 1 SET jit = off "
+        "AS 'SELECT * FROM lrsearch.trials WHERE trial_id = wanted';",
         "join_trial": "CROSS JOIN LATERAL lrsearch.trial_row({1}) {0}",
     },
     "sqlite": {
@@ -107,8 +115,8 @@ _MACROS: dict[str, dict[str, str]] = {
         "scalar": "json_extract({0}, '$')",
         # As JSON: json_extract alone turns a boolean choice into 1 or 0 (SQLite has no booleans).
         "choice_json": "json(CASE json_type({0}, '$.attributes.choices[' || CAST({1} AS INTEGER) || ']') "
-                       "WHEN 'true' THEN 'true' WHEN 'false' THEN 'false' ELSE json_quote(json_extract({0}, "
-                       "'$.attributes.choices[' || CAST({1} AS INTEGER) || ']')) END)",
+        "WHEN 'true' THEN 'true' WHEN 'false' THEN 'false' ELSE json_quote(json_extract({0}, "
+        "'$.attributes.choices[' || CAST({1} AS INTEGER) || ']')) END)",
         "choice_text": "json_extract({0}, '$.attributes.choices[' || CAST({1} AS INTEGER) || ']')",
         "to_json": "{0}",
         "object_agg": "json_group_object({0}, {1})",
@@ -116,9 +124,9 @@ _MACROS: dict[str, dict[str, str]] = {
         # HH:MM:SS.ffffff', as SQLAlchemy writes it): SQLite's date functions read a time to the
         # millisecond only, so julianday's difference could end a millisecond off.
         "seconds": "(round(((CAST(strftime('%s', substr({1}, 1, 19)) AS INTEGER) "
-                   "- CAST(strftime('%s', substr({0}, 1, 19)) AS INTEGER)) * 1000000 "
-                   "+ CAST(substr({1} || '000000', 21, 6) AS INTEGER) "
-                   "- CAST(substr({0} || '000000', 21, 6) AS INTEGER)) / 1000.0) / 1000.0)",
+        "- CAST(strftime('%s', substr({0}, 1, 19)) AS INTEGER)) * 1000000 "
+        "+ CAST(substr({1} || '000000', 21, 6) AS INTEGER) "
+        "- CAST(substr({0} || '000000', 21, 6) AS INTEGER)) / 1000.0) / 1000.0)",
         "trial_lookup": "",
         "join_trial": "JOIN trials {0} ON {0}.trial_id = {1}",
     },
@@ -127,21 +135,20 @@ _MACROS: dict[str, dict[str, str]] = {
 _SHARED = {
     # A param decoded to its label (categoricals) or value, as text / as a number.
     "param_text": "(SELECT CASE WHEN {{text: p.distribution_json ;; name}} = 'CategoricalDistribution' "
-                  "THEN {{choice_text: p.distribution_json ;; p.param_value}} ELSE CAST(p.param_value AS TEXT) END "
-                  "FROM optuna.trial_params p WHERE p.trial_id = t.trial_id AND p.param_name = '{0}')",
+    "THEN {{choice_text: p.distribution_json ;; p.param_value}} ELSE CAST(p.param_value AS TEXT) END "
+    "FROM optuna.trial_params p WHERE p.trial_id = t.trial_id AND p.param_name = '{0}')",
     "param_number": "(SELECT CASE WHEN {{text: p.distribution_json ;; name}} = 'CategoricalDistribution' "
-                    "THEN CAST({{choice_text: p.distribution_json ;; p.param_value}} AS " + _NUM + ") "
-                    "ELSE p.param_value END "
-                    "FROM optuna.trial_params p WHERE p.trial_id = t.trial_id AND p.param_name = '{0}')",
+    "THEN CAST({{choice_text: p.distribution_json ;; p.param_value}} AS " + _NUM + ") "
+    "ELSE p.param_value END "
+    "FROM optuna.trial_params p WHERE p.trial_id = t.trial_id AND p.param_name = '{0}')",
     # MLflow's last value of a metric: NULL for NaN (stored as 0 with is_nan) and for +-inf
     # (stored as +-1.797e308).
     "final_metric": "(SELECT CASE WHEN lm.is_nan OR abs(lm.value) >= 1.7976931348623157e308 THEN NULL "
-                    "ELSE lm.value END FROM mlflow.latest_metrics lm "
-                    "WHERE lm.run_uuid = r.run_uuid AND lm.key = '{0}')",
+    "ELSE lm.value END FROM mlflow.latest_metrics lm "
+    "WHERE lm.run_uuid = r.run_uuid AND lm.key = '{0}')",
 }
 _MACRO = re.compile(r"\{(\w+)(?::([^{}]*))?\}")
-_WRITE_ACTIONS = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION,
-                  sqlite3.SQLITE_RECURSIVE}
+_WRITE_ACTIONS = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION, sqlite3.SQLITE_RECURSIVE}
 
 
 def view_sql(dialect: str) -> str:
@@ -170,8 +177,10 @@ def schema_script(storage: str | None = None, tracking: str | None = None) -> st
     optuna_file, mlflow_file = sqlite_path(url), sqlite_path(tracking_uri(tracking))
     if optuna_file is None or mlflow_file is None:
         raise UsageError("--schema needs SQLite files or a PostgreSQL database for both stores")
-    return (f"ATTACH DATABASE '{optuna_file.resolve()}' AS optuna;\n"
-            f"ATTACH DATABASE '{mlflow_file.resolve()}' AS mlflow;\n" + view_sql("sqlite"))
+    return (
+        f"ATTACH DATABASE '{optuna_file.resolve()}' AS optuna;\n"
+        f"ATTACH DATABASE '{mlflow_file.resolve()}' AS mlflow;\n" + view_sql("sqlite")
+    )
 
 
 @dataclass
@@ -193,8 +202,14 @@ class ResultsDatabase:
     (``lrsearch best``) run as any role. Every statement stops after ``timeout`` seconds.
     """
 
-    def __init__(self, storage: str | None = None, tracking: str | None = None, *,
-                 timeout: float = DEFAULT_TIMEOUT_S, user_sql: bool = False) -> None:
+    def __init__(
+        self,
+        storage: str | None = None,
+        tracking: str | None = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        user_sql: bool = False,
+    ) -> None:
         self.url = storage_url(storage)
         self.timeout = timeout
         if is_postgres(self.url):
@@ -228,8 +243,10 @@ class ResultsDatabase:
             raise UsageError(_query_error(e, self.timeout)) from None
         if self.dialect == "sqlite":  # JSON columns come back as text: decode them like psycopg
             json_at = [i for i, c in enumerate(columns) if c in JSON_COLUMNS]
-            rows = [tuple(json.loads(v) if i in json_at and isinstance(v, str) else v
-                          for i, v in enumerate(row)) for row in rows]
+            rows = [
+                tuple(json.loads(v) if i in json_at and isinstance(v, str) else v for i, v in enumerate(row))
+                for row in rows
+            ]
         return Result(columns, [tuple(row) for row in rows])
 
     def _query_pg(self, sql: str, params: Sequence[Any]) -> tuple[list[str], list[Any]]:
@@ -237,10 +254,10 @@ class ResultsDatabase:
         # transaction's snapshot, after which nothing can make it read-write. prepare=True
         # sends the text through the extended protocol, which refuses a second statement.
         try:
-            self._conn.execute("SELECT set_config('statement_timeout', %s, true)",
-                               (str(max(1, int(self.timeout * 1000))),))
-            cursor = self._conn.execute(sql.replace("?", "%s") if params else sql, tuple(params) or None,
-                                        prepare=True)
+            self._conn.execute(
+                "SELECT set_config('statement_timeout', %s, true)", (str(max(1, int(self.timeout * 1000))),)
+            )
+            cursor = self._conn.execute(sql.replace("?", "%s") if params else sql, tuple(params) or None, prepare=True)
             columns = [d[0] for d in cursor.description or ()]
             return columns, cursor.fetchall() if cursor.description else []
         finally:
@@ -259,12 +276,18 @@ class ResultsDatabase:
         on the database's clock (one worker trains one trial at a time): Optuna's staleness
         rule, without opening Optuna. Heartbeats are stored as the database's ``now()``:
         UTC text on SQLite, the session's local time on PostgreSQL."""
-        fresh = ("h.heartbeat > LOCALTIMESTAMP - make_interval(secs => ?)" if self.dialect == "postgresql"
-                 else "h.heartbeat > datetime('now', '-' || CAST(? AS TEXT) || ' seconds')")
-        rows = self.query("SELECT s.study_name, COUNT(*) FROM optuna.trials t "
-                          "JOIN optuna.studies s ON s.study_id = t.study_id "
-                          "JOIN optuna.trial_heartbeats h ON h.trial_id = t.trial_id "
-                          f"WHERE t.state = 'RUNNING' AND {fresh} GROUP BY s.study_name", (float(grace),)).rows
+        fresh = (
+            "h.heartbeat > LOCALTIMESTAMP - make_interval(secs => ?)"
+            if self.dialect == "postgresql"
+            else "h.heartbeat > datetime('now', '-' || CAST(? AS TEXT) || ' seconds')"
+        )
+        rows = self.query(
+            "SELECT s.study_name, COUNT(*) FROM optuna.trials t "
+            "JOIN optuna.studies s ON s.study_id = t.study_id "
+            "JOIN optuna.trial_heartbeats h ON h.trial_id = t.trial_id "
+            f"WHERE t.state = 'RUNNING' AND {fresh} GROUP BY s.study_name",
+            (float(grace),),
+        ).rows
         return {name: int(n) for name, n in rows}
 
     def close(self) -> None:
@@ -293,10 +316,12 @@ def best_trials_sql(storage: str | None, tracking: str | None, name: str, top: i
         if not db.query("SELECT 1 FROM studies WHERE study_name = ?", (name,)).rows:
             names = [r[0] for r in db.query("SELECT study_name FROM studies ORDER BY study_name").rows]
             raise unknown_study(name, redact(db.url), names)
-        rows = db.query("SELECT * FROM best_trials WHERE study_name = ? AND rank <= ? ORDER BY rank",
-                        (name, top)).records()
-        experiment_id, model = db.query("SELECT mlflow_experiment_id, model FROM studies WHERE study_name = ?",
-                                        (name,)).rows[0]
+        rows = db.query(
+            "SELECT * FROM best_trials WHERE study_name = ? AND rank <= ? ORDER BY rank", (name, top)
+        ).records()
+        experiment_id, model = db.query(
+            "SELECT mlflow_experiment_id, model FROM studies WHERE study_name = ?", (name,)
+        ).rows[0]
     model = json.loads(model) if isinstance(model, str) else model
     uri = tracking_uri(tracking)
     for row in rows:  # JSON objects keep no order: shown in sampling order, as everywhere
@@ -324,8 +349,9 @@ def ensure_views(url: str) -> bool:
         try:
             if _pg_view_version(conn) == version:
                 return True
-            if conn.execute(sa.text("SELECT to_regclass('mlflow.latest_metrics') IS NULL "
-                                    "OR to_regclass('optuna.trials') IS NULL")).scalar():
+            if conn.execute(
+                sa.text("SELECT to_regclass('mlflow.latest_metrics') IS NULL OR to_regclass('optuna.trials') IS NULL")
+            ).scalar():
                 return False
             readers = _view_readers(conn)  # a new view has no grants: give the readers theirs back
             for view in reversed(VIEWS):
@@ -370,10 +396,15 @@ def _view_readers(conn: Any) -> list[str]:
     """The roles (quoted) granted SELECT on ``lrsearch.trials``, but for its owner."""
     import sqlalchemy as sa
 
-    return list(conn.execute(sa.text(
-        "SELECT DISTINCT quote_ident(a.grantee::regrole::text) FROM pg_class c, aclexplode(c.relacl) a "
-        "WHERE c.oid = to_regclass('lrsearch.trials') AND a.privilege_type = 'SELECT' "
-        "AND a.grantee <> c.relowner AND a.grantee <> 0")).scalars())
+    return list(
+        conn.execute(
+            sa.text(
+                "SELECT DISTINCT quote_ident(a.grantee::regrole::text) FROM pg_class c, aclexplode(c.relacl) a "
+                "WHERE c.oid = to_regclass('lrsearch.trials') AND a.privilege_type = 'SELECT' "
+                "AND a.grantee <> c.relowner AND a.grantee <> 0"
+            )
+        ).scalars()
+    )
 
 
 def _connect_pg(url: str, user_sql: bool) -> Any:
@@ -391,10 +422,13 @@ def _connect_pg(url: str, user_sql: bool) -> Any:
             raise UsageError(
                 f"lrsearch sql runs queries only as a read-only role, and {role!r} can write to this database "
                 f"or act as its server: create a reader once with `lrsearch sql --grant-reader lrsearch_reader "
-                f"--storage {redact(url)}`, then pass --storage {reader}")
+                f"--storage {redact(url)}`, then pass --storage {reader}"
+            )
         if conn.execute("SELECT to_regclass('lrsearch.trials') IS NULL").fetchone()[0]:
-            raise LrsearchError(f"no lrsearch views in {redact(url)}: MLflow's tables are not in its schema "
-                                "'mlflow' (start `lrsearch server` on this database first)")
+            raise LrsearchError(
+                f"no lrsearch views in {redact(url)}: MLflow's tables are not in its schema "
+                "'mlflow' (start `lrsearch server` on this database first)"
+            )
         conn.execute("SET search_path TO lrsearch, optuna, mlflow, public")
         conn.commit()
     except BaseException:
@@ -406,6 +440,7 @@ def _connect_pg(url: str, user_sql: bool) -> Any:
 
 def _conninfo(url: str) -> str:
     return libpq_url(url)
+
 
 def grant_reader(url: str, role: str) -> str:
     """Create (or update) the PostgreSQL role ``role`` that may only read results: LOGIN,
@@ -419,7 +454,9 @@ def grant_reader(url: str, role: str) -> str:
     if not _ROLE_NAME.fullmatch(role):
         raise UsageError(f"--grant-reader: expected a role name of lowercase letters, digits and '_', got {role!r}")
     if not is_postgres(storage_url(url)):
-        raise UsageError("--grant-reader needs a PostgreSQL --storage (the embedded files are read-only for lrsearch sql)")
+        raise UsageError(
+            "--grant-reader needs a PostgreSQL --storage (the embedded files are read-only for lrsearch sql)"
+        )
     url = storage_url(url)
     if not ensure_views(url):
         raise LrsearchError(f"no MLflow tables in {redact(url)} yet: start `lrsearch server` on it first")
@@ -429,10 +466,15 @@ def grant_reader(url: str, role: str) -> str:
         with psycopg.connect(_conninfo(url), connect_timeout=10, autocommit=False) as conn:
             found = conn.execute("SELECT oid FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
             if found is None:
-                conn.execute(sql.SQL("CREATE ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOINHERIT "
-                                     "NOREPLICATION NOBYPASSRLS").format(ident))
-            elif conn.execute("SELECT rolsuper OR rolcreaterole OR rolreplication OR rolbypassrls "
-                              "FROM pg_roles WHERE rolname = %s", (role,)).fetchone()[0]:
+                conn.execute(
+                    sql.SQL(
+                        "CREATE ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOINHERIT NOREPLICATION NOBYPASSRLS"
+                    ).format(ident)
+                )
+            elif conn.execute(
+                "SELECT rolsuper OR rolcreaterole OR rolreplication OR rolbypassrls FROM pg_roles WHERE rolname = %s",
+                (role,),
+            ).fetchone()[0]:
                 raise UsageError(f"--grant-reader: role {role!r} exists and can do more than read; choose another name")
             if password is not None:
                 conn.execute(sql.SQL("ALTER ROLE {} PASSWORD {}").format(ident, sql.Literal(_scram(password))))
@@ -440,17 +482,26 @@ def grant_reader(url: str, role: str) -> str:
             conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(database, ident))
             conn.execute(sql.SQL("GRANT USAGE ON SCHEMA lrsearch, optuna, mlflow TO {}").format(ident))
             tables = [f"lrsearch.{v}" for v in VIEWS] + list(READER_TABLES)
-            conn.execute(sql.SQL("GRANT SELECT ON {} TO {}").format(
-                sql.SQL(", ").join(sql.Identifier(*t.split(".")) for t in tables), ident))
-            for setting, value in (("search_path", sql.SQL("lrsearch, optuna, mlflow")),
-                                   ("default_transaction_read_only", sql.Literal("on")),
-                                   ("statement_timeout", sql.Literal(f"{int(DEFAULT_TIMEOUT_S)}s"))):
-                conn.execute(sql.SQL("ALTER ROLE {} IN DATABASE {} SET {} = {}").format(
-                    ident, database, sql.Identifier(setting), value))
+            conn.execute(
+                sql.SQL("GRANT SELECT ON {} TO {}").format(
+                    sql.SQL(", ").join(sql.Identifier(*t.split(".")) for t in tables), ident
+                )
+            )
+            for setting, value in (
+                ("search_path", sql.SQL("lrsearch, optuna, mlflow")),
+                ("default_transaction_read_only", sql.Literal("on")),
+                ("statement_timeout", sql.Literal(f"{int(DEFAULT_TIMEOUT_S)}s")),
+            ):
+                conn.execute(
+                    sql.SQL("ALTER ROLE {} IN DATABASE {} SET {} = {}").format(
+                        ident, database, sql.Identifier(setting), value
+                    )
+                )
             conn.commit()
     except psycopg.errors.InsufficientPrivilege as e:
-        raise UsageError(f"--grant-reader: {reason(e)} (use a superuser's URL, or a CREATEROLE role that owns "
-                         "the schemas)") from None
+        raise UsageError(
+            f"--grant-reader: {reason(e)} (use a superuser's URL, or a CREATEROLE role that owns the schemas)"
+        ) from None
     except psycopg.OperationalError as e:
         raise LrsearchError(f"cannot connect to {redact(url)}: {reason(e)}") from None
     return with_user(url, role)
@@ -477,15 +528,21 @@ def _connect_sqlite(storage: str, tracking: str) -> sqlite3.Connection:
     mlflow_file = sqlite_path(tracking)
     if mlflow_file is not None and mlflow_file.exists():
         conn.execute("ATTACH DATABASE ? AS mlflow", (f"{mlflow_file.resolve().as_uri()}?mode=ro",))
-        if conn.execute("SELECT COUNT(*) FROM mlflow.sqlite_master WHERE type = 'table' "
-                        "AND name IN ('runs', 'latest_metrics')").fetchone()[0] < 2:
+        if (
+            conn.execute(
+                "SELECT COUNT(*) FROM mlflow.sqlite_master WHERE type = 'table' AND name IN ('runs', 'latest_metrics')"
+            ).fetchone()[0]
+            < 2
+        ):
             conn.execute("DETACH DATABASE mlflow")  # a new file, MLflow's tables not (all) made yet
     if "mlflow" not in [row[1] for row in conn.execute("PRAGMA database_list")]:
         # No MLflow tables here (tracking on a server, or no worker has started a study yet):
         # empty tables keep the views' shape.
         conn.execute("ATTACH DATABASE ':memory:' AS mlflow")
-        conn.executescript("CREATE TABLE mlflow.runs (run_uuid TEXT PRIMARY KEY, status TEXT);"
-                           "CREATE TABLE mlflow.latest_metrics (run_uuid TEXT, key TEXT, value REAL, is_nan INTEGER);")
+        conn.executescript(
+            "CREATE TABLE mlflow.runs (run_uuid TEXT PRIMARY KEY, status TEXT);"
+            "CREATE TABLE mlflow.latest_metrics (run_uuid TEXT, key TEXT, value REAL, is_nan INTEGER);"
+        )
     conn.executescript(view_sql("sqlite"))
     conn.set_authorizer(_read_only)
     return conn
@@ -508,8 +565,16 @@ def _query_error(e: Exception, timeout: float) -> str:
         return f"query stopped after {timeout:g} s (statement timeout; --timeout S to allow longer)"
     if "multiple commands" in message or "one statement at a time" in message:
         return f"lrsearch sql runs one statement per call: {message}"
-    refused = ("not authorized", "authorization denied", "read-only", "read-write mode", "permission denied",
-               "must be superuser", "must be a superuser", "privilege")
+    refused = (
+        "not authorized",
+        "authorization denied",
+        "read-only",
+        "read-write mode",
+        "permission denied",
+        "must be superuser",
+        "must be a superuser",
+        "privilege",
+    )
     if any(word in message for word in refused):
         return f"lrsearch sql runs read-only queries: {message}"
     return f"query failed: {message}"

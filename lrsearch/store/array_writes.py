@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import datetime
 import json
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import sqlalchemy as sa
 from optuna.distributions import distribution_to_json
@@ -40,15 +41,27 @@ def create_trials(rdb: Any, study_id: int, count: int, start: datetime.datetime)
     trials = models.TrialModel.__table__
     with _create_scoped_session(rdb.scoped_session) as session:
         # As Optuna's create_new_trial: the study's row locked while its trials are numbered.
-        session.execute(sa.select(models.StudyModel.study_id).where(models.StudyModel.study_id == study_id)
-                        .with_for_update())
-        ids = [session.execute(trials.insert().values(study_id=study_id, number=None, state=TrialState.RUNNING,
-                                                      datetime_start=start).returning(trials.c.trial_id)).scalar_one()
-               for _ in range(count)]
-        past = sa.select(sa.func.count()).select_from(trials).where(
-            trials.c.study_id == study_id, trials.c.trial_id < sa.bindparam("tid")).scalar_subquery()
-        session.execute(trials.update().where(trials.c.trial_id == sa.bindparam("tid")).values(number=past),
-                        [{"tid": trial_id} for trial_id in ids])
+        session.execute(
+            sa.select(models.StudyModel.study_id).where(models.StudyModel.study_id == study_id).with_for_update()
+        )
+        ids = [
+            session.execute(
+                trials.insert()
+                .values(study_id=study_id, number=None, state=TrialState.RUNNING, datetime_start=start)
+                .returning(trials.c.trial_id)
+            ).scalar_one()
+            for _ in range(count)
+        ]
+        past = (
+            sa.select(sa.func.count())
+            .select_from(trials)
+            .where(trials.c.study_id == study_id, trials.c.trial_id < sa.bindparam("tid"))
+            .scalar_subquery()
+        )
+        session.execute(
+            trials.update().where(trials.c.trial_id == sa.bindparam("tid")).values(number=past),
+            [{"tid": trial_id} for trial_id in ids],
+        )
         if rdb.heartbeat_interval is not None:
             session.execute(models.TrialHeartbeatModel.__table__.insert(), [{"trial_id": t} for t in ids])
     return ids
@@ -61,9 +74,11 @@ def take_waiting(rdb: Any, trial_id: int) -> bool:
     claim). False if it is no longer WAITING."""
     trials = models.TrialModel.__table__
     with _create_scoped_session(rdb.scoped_session) as session:
-        taken = session.execute(trials.update().where(trials.c.trial_id == trial_id,
-                                                      trials.c.state == TrialState.WAITING)
-                                .values(state=TrialState.RUNNING, datetime_start=local_now())).rowcount
+        taken = session.execute(
+            trials.update()
+            .where(trials.c.trial_id == trial_id, trials.c.state == TrialState.WAITING)
+            .values(state=TrialState.RUNNING, datetime_start=local_now())
+        ).rowcount
         if taken and rdb.heartbeat_interval is not None:
             session.execute(models.TrialHeartbeatModel.__table__.insert(), [{"trial_id": trial_id}])
     return bool(taken)
@@ -77,8 +92,9 @@ def taken(rdb: Any, trial_id: int) -> bool | None:
         state = session.execute(sa.select(trials.c.state).where(trials.c.trial_id == trial_id)).scalar()
         if state == TrialState.WAITING:
             return None
-        beat = session.execute(sa.select(models.TrialHeartbeatModel.trial_id)
-                               .where(models.TrialHeartbeatModel.trial_id == trial_id)).first()
+        beat = session.execute(
+            sa.select(models.TrialHeartbeatModel.trial_id).where(models.TrialHeartbeatModel.trial_id == trial_id)
+        ).first()
         return state == TrialState.RUNNING and (beat is not None or rdb.heartbeat_interval is None)
 
 
@@ -93,8 +109,11 @@ def created_at(rdb: Any, study_id: int, start: datetime.datetime) -> list[int] |
     """The trials a :func:`create_trials` at ``start`` made, if it committed (None if not)."""
     trials = models.TrialModel.__table__
     with _create_scoped_session(rdb.scoped_session) as session:
-        found = session.execute(sa.select(trials.c.trial_id).where(
-            trials.c.study_id == study_id, trials.c.datetime_start == start).order_by(trials.c.trial_id)).scalars()
+        found = session.execute(
+            sa.select(trials.c.trial_id)
+            .where(trials.c.study_id == study_id, trials.c.datetime_start == start)
+            .order_by(trials.c.trial_id)
+        ).scalars()
         return list(found) or None
 
 
@@ -108,15 +127,26 @@ def write_claimed(rdb: Any, writes: dict[int, list[Write]]) -> None:
         for kind, *args in held:
             if kind == "param":
                 name, internal, distribution = args
-                params.append({"trial_id": trial_id, "param_name": name, "param_value": internal,
-                               "distribution_json": distribution_to_json(distribution)})
+                params.append(
+                    {
+                        "trial_id": trial_id,
+                        "param_name": name,
+                        "param_value": internal,
+                        "distribution_json": distribution_to_json(distribution),
+                    }
+                )
             else:
                 key, value = args
                 attrs[kind].setdefault(trial_id, {})[key] = value
     with _create_scoped_session(rdb.scoped_session) as session:
         _running_or_raise(session, list(writes))
-        _upsert(session, models.TrialParamModel.__table__, params, ("trial_id", "param_name"),
-                ("param_value", "distribution_json"))
+        _upsert(
+            session,
+            models.TrialParamModel.__table__,
+            params,
+            ("trial_id", "param_name"),
+            ("param_value", "distribution_json"),
+        )
         _set_attrs(session, models.TrialUserAttributeModel, attrs["user"])
         _set_attrs(session, models.TrialSystemAttributeModel, attrs["system"])
 
@@ -128,12 +158,16 @@ def report(rdb: Any, values: dict[int, tuple[int, float]], system_attrs: dict[in
     rows = []
     for trial_id, (step, value) in values.items():
         number, kind = stored(value)
-        rows.append({"trial_id": trial_id, "step": step, "intermediate_value": number,
-                     "intermediate_value_type": kind})
+        rows.append({"trial_id": trial_id, "step": step, "intermediate_value": number, "intermediate_value_type": kind})
     with _create_scoped_session(rdb.scoped_session) as session:
         _running_or_raise(session, list(values) + list(system_attrs))
-        _upsert(session, models.TrialIntermediateValueModel.__table__, rows, ("trial_id", "step"),
-                ("intermediate_value", "intermediate_value_type"))
+        _upsert(
+            session,
+            models.TrialIntermediateValueModel.__table__,
+            rows,
+            ("trial_id", "step"),
+            ("intermediate_value", "intermediate_value_type"),
+        )
         _set_attrs(session, models.TrialSystemAttributeModel, system_attrs)
 
 
@@ -153,9 +187,11 @@ def end(rdb: Any, endings: dict[int, tuple[TrialState, Sequence[float] | None, d
     taken = set()
     with _create_scoped_session(rdb.scoped_session) as session:
         for trial_id, (state, _, _) in endings.items():
-            changed = session.execute(trials.update().where(
-                trials.c.trial_id == trial_id, trials.c.state == TrialState.RUNNING).values(
-                    state=state, datetime_complete=now))
+            changed = session.execute(
+                trials.update()
+                .where(trials.c.trial_id == trial_id, trials.c.state == TrialState.RUNNING)
+                .values(state=state, datetime_complete=now)
+            )
             if changed.rowcount == 0:
                 taken.add(trial_id)
         ended = {t: e for t, e in endings.items() if t not in taken}
@@ -173,8 +209,13 @@ def beat(rdb: Any, trial_ids: Sequence[int]) -> None:
     """A heartbeat, now (the database's clock), for each of ``trial_ids``."""
     with _create_scoped_session(rdb.scoped_session) as session:
         now = session.execute(sa.func.now()).scalar_one()
-        _upsert(session, models.TrialHeartbeatModel.__table__, [{"trial_id": t, "heartbeat": now} for t in trial_ids],
-                ("trial_id",), ("heartbeat",))
+        _upsert(
+            session,
+            models.TrialHeartbeatModel.__table__,
+            [{"trial_id": t, "heartbeat": now} for t in trial_ids],
+            ("trial_id",),
+            ("heartbeat",),
+        )
 
 
 def values_at(rdb: Any, study_id: int, step: int) -> list[tuple[int, float]]:
@@ -182,20 +223,30 @@ def values_at(rdb: Any, study_id: int, step: int) -> list[tuple[int, float]]:
     reported there, or for a PRUNED trial that stopped before it, its last report."""
     trials = models.TrialModel.__table__
     values = models.TrialIntermediateValueModel.__table__
-    last = (sa.select(values.c.trial_id, sa.func.max(values.c.step).label("step"))
-            .join(trials, trials.c.trial_id == values.c.trial_id).where(trials.c.study_id == study_id)
-            .group_by(values.c.trial_id).subquery())
+    last = (
+        sa.select(values.c.trial_id, sa.func.max(values.c.step).label("step"))
+        .join(trials, trials.c.trial_id == values.c.trial_id)
+        .where(trials.c.study_id == study_id)
+        .group_by(values.c.trial_id)
+        .subquery()
+    )
     stored = models.TrialIntermediateValueModel.stored_repr_to_intermediate_value
     with _create_scoped_session(rdb.scoped_session) as session:
         rows = session.execute(
             sa.select(trials.c.number, values.c.intermediate_value, values.c.intermediate_value_type)
             .join(values, values.c.trial_id == trials.c.trial_id)
             .join(last, last.c.trial_id == trials.c.trial_id)
-            .where(trials.c.study_id == study_id,
-                   sa.or_(sa.and_(values.c.step == step,
-                                  trials.c.state.in_([TrialState.COMPLETE, TrialState.RUNNING, TrialState.PRUNED])),
-                          sa.and_(trials.c.state == TrialState.PRUNED, last.c.step < step,
-                                  values.c.step == last.c.step)))).all()
+            .where(
+                trials.c.study_id == study_id,
+                sa.or_(
+                    sa.and_(
+                        values.c.step == step,
+                        trials.c.state.in_([TrialState.COMPLETE, TrialState.RUNNING, TrialState.PRUNED]),
+                    ),
+                    sa.and_(trials.c.state == TrialState.PRUNED, last.c.step < step, values.c.step == last.c.step),
+                ),
+            )
+        ).all()
     return [(number, stored(value, kind)) for number, value, kind in rows]
 
 
@@ -206,8 +257,11 @@ def _running_or_raise(session: Any, trial_ids: list[int]) -> None:
     trials = models.TrialModel.__table__
     # Their rows locked, as Optuna locks a trial's before it writes (PostgreSQL; SQLite
     # serializes writers): a trial failed elsewhere meanwhile is not written to.
-    states = dict(session.execute(sa.select(trials.c.trial_id, trials.c.state).where(
-        trials.c.trial_id.in_(set(trial_ids))).with_for_update()).all())
+    states = dict(
+        session.execute(
+            sa.select(trials.c.trial_id, trials.c.state).where(trials.c.trial_id.in_(set(trial_ids))).with_for_update()
+        ).all()
+    )
     for trial_id in trial_ids:
         if trial_id not in states:
             raise KeyError(f"no trial with trial_id {trial_id} exists")
@@ -218,13 +272,22 @@ def _running_or_raise(session: Any, trial_ids: list[int]) -> None:
 def _set_attrs(session: Any, model: Any, values: dict[int, dict[str, Any]]) -> None:
     """Trials' user or system attributes (``model``: Optuna's model of either), trial id ->
     key -> value, stored as Optuna stores them (JSON)."""
-    _upsert(session, model.__table__, [{"trial_id": t, "key": k, "value_json": json.dumps(v)}
-                                       for t, items in values.items() for k, v in items.items()],
-            ("trial_id", "key"), ("value_json",))
+    _upsert(
+        session,
+        model.__table__,
+        [
+            {"trial_id": t, "key": k, "value_json": json.dumps(v)}
+            for t, items in values.items()
+            for k, v in items.items()
+        ],
+        ("trial_id", "key"),
+        ("value_json",),
+    )
 
 
-def _upsert(session: Any, table: sa.Table, rows: list[dict[str, Any]], keys: tuple[str, ...],
-            updated: tuple[str, ...]) -> None:
+def _upsert(
+    session: Any, table: sa.Table, rows: list[dict[str, Any]], keys: tuple[str, ...], updated: tuple[str, ...]
+) -> None:
     """Insert ``rows``, or update ``updated`` where a row with the same ``keys`` exists."""
     if not rows:
         return
@@ -237,12 +300,15 @@ def _upsert(session: Any, table: sa.Table, rows: list[dict[str, Any]], keys: tup
         _row_by_row(session, table, rows, keys, updated)
         return
     statement = insert(table)
-    session.execute(statement.on_conflict_do_update(index_elements=list(keys),
-                                                    set_={c: statement.excluded[c] for c in updated}), rows)
+    session.execute(
+        statement.on_conflict_do_update(index_elements=list(keys), set_={c: statement.excluded[c] for c in updated}),
+        rows,
+    )
 
 
-def _row_by_row(session: Any, table: sa.Table, rows: list[dict[str, Any]], keys: tuple[str, ...],
-                updated: tuple[str, ...]) -> None:
+def _row_by_row(
+    session: Any, table: sa.Table, rows: list[dict[str, Any]], keys: tuple[str, ...], updated: tuple[str, ...]
+) -> None:
     for row in rows:
         match = [table.c[k] == row[k] for k in keys]
         if session.execute(table.update().where(*match).values({c: row[c] for c in updated})).rowcount == 0:

@@ -5,7 +5,8 @@ connection kept for it, or a lock file beside an SQLite file."""
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from lrsearch.store.folders import make_folder
 from lrsearch.store.postgres import LOCK_KEY, pg_connect_args
@@ -27,9 +28,15 @@ class StoreLock:
         import sqlalchemy as sa
 
         try:
-            return bool(self.connection.execute(sa.text(
-                "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted "
-                "AND pid = pg_backend_pid() AND classid = 0 AND objid = :key)"), {"key": self._key}).scalar())
+            return bool(
+                self.connection.execute(
+                    sa.text(
+                        "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                        "AND pid = pg_backend_pid() AND classid = 0 AND objid = :key)"
+                    ),
+                    {"key": self._key},
+                ).scalar()
+            )
         except Exception:  # the connection is gone, and the lock with it
             return False
 
@@ -70,7 +77,8 @@ def _lock_url(url: str) -> str:
 
     parsed = pg_parts(url)
     return parsed.set(query={k: v for k, v in parsed.query.items() if k != "options"}).render_as_string(
-        hide_password=False)
+        hide_password=False
+    )
 
 
 def _lock_connection(url: str, key: int) -> Any:
@@ -112,6 +120,7 @@ def _lock_engine(url: str) -> Any:
     import sqlalchemy as sa
 
     if url not in _LOCK_ENGINES:
-        _LOCK_ENGINES[url] = sa.create_engine(url, pool_size=1, max_overflow=0, pool_pre_ping=True,
-                                              connect_args=pg_connect_args(url))
+        _LOCK_ENGINES[url] = sa.create_engine(
+            url, pool_size=1, max_overflow=0, pool_pre_ping=True, connect_args=pg_connect_args(url)
+        )
     return _LOCK_ENGINES[url]

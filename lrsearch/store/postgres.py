@@ -24,8 +24,9 @@ def prepare_database(url: str, extra_schemas: tuple[str, ...] = ()) -> None:
     if (url, extra_schemas) in _PREPARED:
         return
 
-    engine = sa.create_engine(pg_url(url), pool_pre_ping=True, poolclass=sa.pool.NullPool,
-                              connect_args=pg_connect_args(url))
+    engine = sa.create_engine(
+        pg_url(url), pool_pre_ping=True, poolclass=sa.pool.NullPool, connect_args=pg_connect_args(url)
+    )
     try:
         for attempt in (1, 2):
             try:
@@ -41,8 +42,9 @@ def prepare_database(url: str, extra_schemas: tuple[str, ...] = ()) -> None:
                     create_database(url)  # then connect again
                     continue
                 if missing:
-                    raise LrsearchError(_setup_hint(
-                        url, f'{missing} "{_names(url)[missing]}" does not exist on {_server(url)}')) from e
+                    raise LrsearchError(
+                        _setup_hint(url, f'{missing} "{_names(url)[missing]}" does not exist on {_server(url)}')
+                    ) from e
                 raise LrsearchError(f"cannot connect to {redact(url)}: {reason(e)}") from e
     finally:
         engine.dispose()
@@ -58,12 +60,14 @@ def create_database(url: str) -> None:
     parsed = pg_parts(url)
     names = _names(url)
     maintenance = parsed.set(database="postgres").render_as_string(hide_password=False)
-    engine = sa.create_engine(maintenance, poolclass=sa.pool.NullPool, isolation_level="AUTOCOMMIT",
-                              connect_args=pg_connect_args(maintenance))
+    engine = sa.create_engine(
+        maintenance, poolclass=sa.pool.NullPool, isolation_level="AUTOCOMMIT", connect_args=pg_connect_args(maintenance)
+    )
     try:
         with engine.connect() as conn:
-            exists = conn.execute(sa.text("SELECT 1 FROM pg_database WHERE datname = :name"),
-                                  {"name": names["database"]}).scalar()
+            exists = conn.execute(
+                sa.text("SELECT 1 FROM pg_database WHERE datname = :name"), {"name": names["database"]}
+            ).scalar()
             if not exists:
                 quoted = conn.dialect.identifier_preparer.quote_identifier(names["database"])
                 # The new database's owner is the role that creates it: the role of ``url``.
@@ -73,8 +77,11 @@ def create_database(url: str) -> None:
         if state in ("42P04", "23505"):  # another worker created it a moment ago: it is there
             return
         why = "may not create it" if state == "42501" else f"could not create it ({reason(e)})"
-        raise LrsearchError(_setup_hint(url, f'database "{names["database"]}" does not exist on {_server(url)} '
-                                             f'and role "{names["role"]}" {why}')) from e
+        raise LrsearchError(
+            _setup_hint(
+                url, f'database "{names["database"]}" does not exist on {_server(url)} and role "{names["role"]}" {why}'
+            )
+        ) from e
     finally:
         engine.dispose()
 
@@ -82,7 +89,6 @@ def create_database(url: str) -> None:
 def _names(url: str) -> dict[str, str]:
     """The database and role ``url`` names (libpq's defaults when it names none)."""
     import getpass
-
 
     parsed = pg_parts(url)
     role = parsed.username or os.environ.get("PGUSER") or getpass.getuser()
@@ -115,9 +121,11 @@ def _setup_hint(url: str, problem: str) -> str:
     import shlex
 
     names = {k: shlex.quote(v) for k, v in _names(url).items()}
-    return (f"{problem}; as PostgreSQL's superuser, create the role and its database: "
-            f"sudo -u postgres createuser --pwprompt {names['role']} (skip it if the role exists), then "
-            f"sudo -u postgres createdb --owner {names['role']} {names['database']}")
+    return (
+        f"{problem}; as PostgreSQL's superuser, create the role and its database: "
+        f"sudo -u postgres createuser --pwprompt {names['role']} (skip it if the role exists), then "
+        f"sudo -u postgres createdb --owner {names['role']} {names['database']}"
+    )
 
 
 _PREPARED: set[tuple[str, tuple[str, ...]]] = set()
@@ -130,9 +138,15 @@ def pg_connect_args(url: str) -> dict[str, Any]:
     from urllib.parse import parse_qsl, urlsplit  # not SQLAlchemy's parser: the queue's commands skip its import
 
     given = dict(parse_qsl(urlsplit(url).query))
-    options = {"application_name": f"lrsearch {socket.gethostname()}:{os.getpid()}", "connect_timeout": 10,
-               "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3,
-               "tcp_user_timeout": 30_000}
+    options = {
+        "application_name": f"lrsearch {socket.gethostname()}:{os.getpid()}",
+        "connect_timeout": 10,
+        "keepalives": 1,
+        "keepalives_idle": 10,
+        "keepalives_interval": 5,
+        "keepalives_count": 3,
+        "tcp_user_timeout": 30_000,
+    }
     return {k: v for k, v in options.items() if k not in given}
 
 

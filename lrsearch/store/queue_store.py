@@ -16,7 +16,8 @@ from __future__ import annotations
 import contextlib
 import json
 import sqlite3
-from typing import Any, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 from lrsearch.core.errors import UsageError
 from lrsearch.store.lock import store_lock
@@ -44,8 +45,9 @@ class QueueStore:
         if not self.postgres:
             path = sqlite_path(self.url)
             if path is None:  # lrsearch keeps studies in SQLite files or PostgreSQL
-                raise UsageError(f"bad storage URL {redact(self.url)}: expected sqlite:///FILE or "
-                                 "postgresql://USER@HOST/DATABASE")
+                raise UsageError(
+                    f"bad storage URL {redact(self.url)}: expected sqlite:///FILE or postgresql://USER@HOST/DATABASE"
+                )
             new_sqlite_file(path)  # a new store starts in WAL mode, as Optuna's storage makes it
             return sqlite3.connect(path, timeout=60, isolation_level=None)  # transactions: BEGIN below
         import psycopg
@@ -113,30 +115,45 @@ class QueueStore:
 
     def directions(self, study_id: int) -> list[str]:
         """``["maximize"]``: the study's directions, as a study file names them."""
-        return [r[0].lower() for r in self._all("SELECT direction FROM study_directions WHERE study_id = ? "
-                                                "ORDER BY objective", (study_id,))]
+        return [
+            r[0].lower()
+            for r in self._all(
+                "SELECT direction FROM study_directions WHERE study_id = ? ORDER BY objective", (study_id,)
+            )
+        ]
 
     def user_attrs(self, study_id: int) -> dict[str, Any]:
-        return {key: json.loads(value) for key, value in
-                self._all("SELECT key, value_json FROM study_user_attributes WHERE study_id = ?", (study_id,))}
+        return {
+            key: json.loads(value)
+            for key, value in self._all(
+                "SELECT key, value_json FROM study_user_attributes WHERE study_id = ?", (study_id,)
+            )
+        }
 
     def create_study(self, name: str, direction: str) -> int:
         """A new study of one objective, as Optuna's ``create_new_study`` writes it."""
         study_id = self._one("INSERT INTO studies (study_name) VALUES (?) RETURNING study_id", (name,))
-        self._all("INSERT INTO study_directions (direction, study_id, objective) VALUES (?, ?, 0) RETURNING study_id",
-                  (direction.upper(), study_id))
+        self._all(
+            "INSERT INTO study_directions (direction, study_id, objective) VALUES (?, ?, 0) RETURNING study_id",
+            (direction.upper(), study_id),
+        )
         return study_id
 
     def set_user_attrs(self, study_id: int, values: Mapping[str, Any]) -> None:
         """Set (insert or replace) study user attributes, values as Optuna stores them (JSON)."""
         for key, value in values.items():
-            updated = self._all("UPDATE study_user_attributes SET value_json = ? WHERE study_id = ? AND key = ? "
-                                "RETURNING study_id", (json.dumps(value), study_id, key))
+            updated = self._all(
+                "UPDATE study_user_attributes SET value_json = ? WHERE study_id = ? AND key = ? RETURNING study_id",
+                (json.dumps(value), study_id, key),
+            )
             if not updated:
-                self._all("INSERT INTO study_user_attributes (study_id, key, value_json) VALUES (?, ?, ?) "
-                          "RETURNING study_id", (study_id, key, json.dumps(value)))
+                self._all(
+                    "INSERT INTO study_user_attributes (study_id, key, value_json) VALUES (?, ?, ?) RETURNING study_id",
+                    (study_id, key, json.dumps(value)),
+                )
 
     def count_trials(self, study_id: int, states: Sequence[str]) -> int:
         marks = ", ".join("?" for _ in states)
-        return int(self._one(f"SELECT COUNT(*) FROM trials WHERE study_id = ? AND state IN ({marks})",
-                             (study_id, *states)))
+        return int(
+            self._one(f"SELECT COUNT(*) FROM trials WHERE study_id = ? AND state IN ({marks})", (study_id, *states))
+        )

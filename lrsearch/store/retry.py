@@ -37,8 +37,7 @@ _FIRST_DELAY_S, MAX_RETRY_DELAY_S = 0.1, 5.0
 # up, a transaction rolled back for a deadlock or a serialization conflict, and a session
 # ended for idling inside a transaction (a process paused mid-transaction: postgres.py).
 _TRANSIENT_SQLSTATES = {"57P01", "57P02", "57P03", "40001", "40P01", "25P03"}
-_TRANSIENT_MLFLOW_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED",
-                           "DEADLINE_EXCEEDED"}
+_TRANSIENT_MLFLOW_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED"}
 
 T = TypeVar("T")
 
@@ -48,8 +47,9 @@ class Unreachable(LrsearchError):
 
     def __init__(self, what: str, reason: str, window: float, hint: str = "") -> None:
         self.what = what
-        super().__init__(f"{what} is unreachable ({reason}; retried for {window:g} s, "
-                         f"{OUTAGE_ENV} to wait longer){hint}")
+        super().__init__(
+            f"{what} is unreachable ({reason}; retried for {window:g} s, {OUTAGE_ENV} to wait longer){hint}"
+        )
 
 
 def outage_window() -> float:
@@ -71,7 +71,8 @@ def transient(error: BaseException) -> bool:
         if module.startswith("sqlalchemy") and name in ("DisconnectionError",):
             return True
         if module.startswith(("requests", "urllib3")) and name.endswith(
-                ("ConnectionError", "Timeout", "ReadTimeout", "ConnectTimeout", "ProtocolError")):
+            ("ConnectionError", "Timeout", "ReadTimeout", "ConnectTimeout", "ProtocolError")
+        ):
             return True
         if name in ("MlflowException", "RestException"):
             code = getattr(e, "error_code", "")
@@ -92,7 +93,9 @@ def reason(error: BaseException) -> str:
             if timeout:
                 return f"no answer within {timeout.group(1)} s"
             errno = _ERRNO.search(text)  # requests: the OS's words, deep in a wrapped message
-            tail = errno.group(1) if errno else text.rsplit(": ", 1)[-1] if text.startswith("connection failed") else text
+            tail = (
+                errno.group(1) if errno else text.rsplit(": ", 1)[-1] if text.startswith("connection failed") else text
+            )
             return tail if tail[1:2].isupper() else tail[:1].lower() + tail[1:]  # not "hTTPConnection…"
     return first_line(error)
 
@@ -115,8 +118,9 @@ class Retry:
     call last failed (``time.monotonic()``), for callers that must let an outage settle.
     """
 
-    def __init__(self, what: str, *, window: float | None = None, hint: str = "",
-                 check_stop: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self, what: str, *, window: float | None = None, hint: str = "", check_stop: Callable[[], None] | None = None
+    ) -> None:
         self.what = what
         self.window = outage_window() if window is None else window
         self.hint = hint
@@ -137,8 +141,7 @@ class Retry:
         self._lock = threading.Lock()
         self.check_stop = _no_stop
 
-    def call(self, fn: Callable[..., T], *args: Any, recover: Callable[[], T | None] | None = None,
-             **kwargs: Any) -> T:
+    def call(self, fn: Callable[..., T], *args: Any, recover: Callable[[], T | None] | None = None, **kwargs: Any) -> T:
         """``fn(*args, **kwargs)``, repeated while it fails transiently. Before each repeat,
         ``recover()`` may return the result of an earlier try that committed after all."""
         deadline: float | None = None

@@ -139,7 +139,7 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
             self._call(array_writes.drop_system_attr, self._rdb, trial_id, CLAIM_ATTR)
             cached = getattr(self._inner, "_studies", {}).get(study_id)  # Optuna's cache keeps the trial made
             with getattr(self._inner, "_lock", contextlib.nullcontext()):
-                for frozen in (cached.trials.values() if cached is not None else ()):
+                for frozen in cached.trials.values() if cached is not None else ():
                     if frozen._trial_id == trial_id:
                         frozen.system_attrs.pop(CLAIM_ATTR, None)
         return trial_id
@@ -148,6 +148,7 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
         """Before trying again, read the trial: if it has the state (and values) asked for,
         the earlier try committed. (A queued trial taken by this worker, WAITING -> RUNNING,
         is taken under the store lock, so no other lrsearch worker took it meanwhile.)"""
+
         def done() -> bool | None:
             current = self._inner.get_trial(trial_id)
             if current.state == state and (values is None or current.values == list(values)):
@@ -186,8 +187,9 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
                 if key in stored:
                     stored[key].value_json = json.dumps(value)
                 else:
-                    session.add(models.StudyUserAttributeModel(study_id=study_id, key=key,
-                                                               value_json=json.dumps(value)))
+                    session.add(
+                        models.StudyUserAttributeModel(study_id=study_id, key=key, value_json=json.dumps(value))
+                    )
 
     def set_trial_user_attrs(self, trial_id: int, values: dict[str, Any]) -> None:
         """Several user attributes of a running trial in one transaction (a trial's end:
@@ -203,6 +205,7 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
         holds the trial's row: False, and nothing written, if it ended meanwhile (its own
         worker told it first). Optuna writes the attributes and the state one commit each,
         with the trial's own worker free to tell it between them."""
+
         def done() -> bool | None:
             current = self._inner.get_trial(trial_id)
             if not current.state.is_finished():
@@ -230,8 +233,9 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
             trial.datetime_complete = datetime.datetime.now()  # as Optuna writes it
         return True
 
-    def report_trials(self, values: dict[int, tuple[int, float]],
-                      system_attrs: dict[int, dict[str, Any]] | None = None) -> None:
+    def report_trials(
+        self, values: dict[int, tuple[int, float]], system_attrs: dict[int, dict[str, Any]] | None = None
+    ) -> None:
         """One intermediate value (step, value) for each of several running trials, and
         system attributes of some of them (what their pruner records), in one transaction:
         the pruning check of an array's members at one epoch."""
@@ -252,8 +256,11 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
 
         with _create_scoped_session(rdb.scoped_session) as session:
             now = session.execute(sa.func.now()).scalar().replace(tzinfo=None)
-            beats = session.query(models.TrialHeartbeatModel).filter(
-                models.TrialHeartbeatModel.trial_id.in_(trial_ids)).all()
+            beats = (
+                session.query(models.TrialHeartbeatModel)
+                .filter(models.TrialHeartbeatModel.trial_id.in_(trial_ids))
+                .all()
+            )
             return {b.trial_id: (now - b.heartbeat).total_seconds() for b in beats}
 
     def set_study_system_attr(self, study_id: int, key: str, value: Any) -> None:
@@ -277,8 +284,7 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
     def get_all_studies(self) -> list[Any]:
         return self._do("get_all_studies")
 
-    def set_trial_param(self, trial_id: int, param_name: str, param_value_internal: float,
-                        distribution: Any) -> None:
+    def set_trial_param(self, trial_id: int, param_name: str, param_value_internal: float, distribution: Any) -> None:
         if self._held_back(trial_id, "param", param_name, param_value_internal, distribution):
             self._check_distribution(trial_id, param_name, distribution)
         else:
@@ -292,8 +298,9 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
         distribution in every trial of the study (the window's copy holds them all)."""
         from optuna.distributions import check_distribution_compatibility
 
-        study_id = next(sid for sid, trials in (self._window or {}).items()
-                        if any(t._trial_id == trial_id for t in trials))
+        study_id = next(
+            sid for sid, trials in (self._window or {}).items() if any(t._trial_id == trial_id for t in trials)
+        )
         for trial in self.get_all_trials(study_id, deepcopy=False):
             if name in trial.distributions:
                 check_distribution_compatibility(trial.distributions[name], distribution)
@@ -355,6 +362,7 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
         user attributes) as ``study.tell`` stores it after its attributes: the trials of an
         array that end at one epoch boundary. Returns the trials that had ended already
         (another worker failed them, finding no heartbeat): left as they were."""
+
         def done() -> set[int] | None:
             taken = set()
             for trial_id, (state, values, _) in endings.items():
@@ -375,12 +383,23 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
         rdb = self._rdb
         taken = []
         for trial_id in self._waiting(study_id)[:count]:
-            if self._call(array_writes.take_waiting, rdb, trial_id, recover=lambda: array_writes.taken(rdb, trial_id)):
+            if self._call(
+                array_writes.take_waiting,
+                rdb,
+                trial_id,
+                recover=lambda trial_id=trial_id: array_writes.taken(rdb, trial_id),
+            ):
                 taken.append(trial_id)
         if len(taken) < count:
             start = array_writes.local_now()
-            taken += self._call(array_writes.create_trials, rdb, study_id, count - len(taken), start,
-                                recover=lambda: array_writes.created_at(rdb, study_id, start))
+            taken += self._call(
+                array_writes.create_trials,
+                rdb,
+                study_id,
+                count - len(taken),
+                start,
+                recover=lambda: array_writes.created_at(rdb, study_id, start),
+            )
         return taken
 
     def _waiting(self, study_id: int) -> list[int]:
@@ -392,9 +411,13 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
         def read(rdb: Any) -> list[int]:
             trials = models.TrialModel.__table__
             with _create_scoped_session(rdb.scoped_session) as session:
-                return list(session.execute(sa.select(trials.c.trial_id).where(
-                    trials.c.study_id == study_id, trials.c.state == TrialState.WAITING)
-                    .order_by(trials.c.trial_id)).scalars())
+                return list(
+                    session.execute(
+                        sa.select(trials.c.trial_id)
+                        .where(trials.c.study_id == study_id, trials.c.state == TrialState.WAITING)
+                        .order_by(trials.c.trial_id)
+                    ).scalars()
+                )
 
         return self._call(read, self._rdb)
 
@@ -414,9 +437,14 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
         def read(rdb: Any) -> dict[str, int]:
             trials = models.TrialModel.__table__
             with _create_scoped_session(rdb.scoped_session) as session:
-                return {state.name: n for state, n in session.execute(
-                    sa.select(trials.c.state, sa.func.count()).where(trials.c.study_id == study_id)
-                    .group_by(trials.c.state))}
+                return {
+                    state.name: n
+                    for state, n in session.execute(
+                        sa.select(trials.c.state, sa.func.count())
+                        .where(trials.c.study_id == study_id)
+                        .group_by(trials.c.state)
+                    )
+                }
 
         return self._call(read, self._rdb)
 
@@ -445,9 +473,11 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
         with _create_scoped_session(rdb.scoped_session) as session:
             # Naive, like the stored heartbeats (Optuna does the same for PostgreSQL).
             now = session.execute(sa.func.now()).scalar().replace(tzinfo=None)
-            rows = session.execute(sa.select(trials.c.trial_id, beats.c.heartbeat)
-                                   .join(beats, beats.c.trial_id == trials.c.trial_id)
-                                   .where(trials.c.study_id == study_id, trials.c.state == TrialState.RUNNING))
+            rows = session.execute(
+                sa.select(trials.c.trial_id, beats.c.heartbeat)
+                .join(beats, beats.c.trial_id == trials.c.trial_id)
+                .where(trials.c.study_id == study_id, trials.c.state == TrialState.RUNNING)
+            )
             limit = datetime.timedelta(seconds=grace)
             return {trial_id: beat for trial_id, beat in rows if now - beat > limit}
 

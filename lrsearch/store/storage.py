@@ -57,15 +57,15 @@ def open_storage(url: str, *, create: bool = True, hint: str = "") -> Any:
         if is_postgres(url):
             prepare_database(url)
             url = schema_url(url, "optuna")
-            engine_kwargs.update(pool_size=OPTUNA_POOL_SIZE, max_overflow=0,
-                                 connect_args=pg_connect_args(url))
+            engine_kwargs.update(pool_size=OPTUNA_POOL_SIZE, max_overflow=0, connect_args=pg_connect_args(url))
         with store_lock(url), warnings.catch_warnings():  # workers must not race to create tables
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats
             if path is not None:
                 new_sqlite_file(path)
             warm = _schema_is_current(url, engine_kwargs, optuna.__version__)
             storage = optuna.storages.RDBStorage(
-                url, engine_kwargs=engine_kwargs, **beats, skip_table_creation=warm, skip_compatibility_check=warm)
+                url, engine_kwargs=engine_kwargs, **beats, skip_table_creation=warm, skip_compatibility_check=warm
+            )
             if path is not None:
                 _relax_sync(storage.engine)
             else:
@@ -91,8 +91,9 @@ def _schema_is_current(url: str, engine_kwargs: dict[str, Any], version: str) ->
     release, an error) means the full check."""
     import sqlalchemy as sa
 
-    engine = sa.create_engine(url, poolclass=sa.pool.NullPool, **{k: v for k, v in engine_kwargs.items()
-                                                                  if k == "connect_args"})
+    engine = sa.create_engine(
+        url, poolclass=sa.pool.NullPool, **{k: v for k, v in engine_kwargs.items() if k == "connect_args"}
+    )
     try:
         with engine.connect() as conn:
             stamped = conn.execute(sa.text("SELECT library_version FROM version_info")).scalar()
@@ -106,8 +107,10 @@ def _schema_is_current(url: str, engine_kwargs: dict[str, Any], version: str) ->
 def check_stores(storage: str, tracking: str) -> None:
     """Refuse SQLite files that belong to another application, before anything is written
     beside them (see :func:`check_sqlite_owner`)."""
-    for url, markers, kind, option in ((storage, OPTUNA_MARKERS, "Optuna storage", "--storage"),
-                                       (tracking, MLFLOW_MARKERS, "MLflow tracking store", "--tracking-uri")):
+    for url, markers, kind, option in (
+        (storage, OPTUNA_MARKERS, "Optuna storage", "--storage"),
+        (tracking, MLFLOW_MARKERS, "MLflow tracking store", "--tracking-uri"),
+    ):
         path = sqlite_path(url)
         if path is not None:
             check_sqlite_owner(path, markers, kind, option)
@@ -122,14 +125,20 @@ def check_sqlite_owner(path: Path, markers: tuple[str, ...], kind: str, option: 
 
     try:
         with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as conn:
-            tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' "
-                                                 "AND name NOT LIKE 'sqlite_%' ORDER BY name")]
+            tables = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name"
+                )
+            ]
     except sqlite3.DatabaseError as e:
         raise UsageError(f"{path} is not an SQLite database ({e}); pass another {option}") from None
     if tables and not set(markers) & set(tables):
         shown = ", ".join(tables[:5]) + (", …" if len(tables) > 5 else "")
-        raise UsageError(f"{path} holds another application's tables ({shown}) and no {kind}; "
-                         f"it was left unchanged: pass another {option}")
+        raise UsageError(
+            f"{path} holds another application's tables ({shown}) and no {kind}; "
+            f"it was left unchanged: pass another {option}"
+        )
 
 
 def _relax_sync(engine: Any) -> None:
@@ -175,5 +184,3 @@ def new_sqlite_file(path: Path) -> None:
     make_folder(path.parent)
     with contextlib.closing(sqlite3.connect(path)) as conn:
         conn.execute("PRAGMA journal_mode=WAL")
-
-

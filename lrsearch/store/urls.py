@@ -34,7 +34,7 @@ def sqlite_path(url: str) -> Path | None:
     """The file behind a ``sqlite:///`` URL, or None for other URLs."""
     if not url.startswith("sqlite:///"):
         return None
-    return Path(url[len("sqlite:///"):].split("?", 1)[0])
+    return Path(url[len("sqlite:///") :].split("?", 1)[0])
 
 
 def with_user(url: str, user: str | None = None) -> str:
@@ -66,7 +66,7 @@ def pg_url(url: str) -> str:
     """``url`` with the psycopg 3 driver spelled out (``postgresql://`` maps to it anyway)."""
     for prefix in ("postgresql://", "postgres://"):
         if url.startswith(prefix):
-            return "postgresql+psycopg://" + url[len(prefix):]
+            return "postgresql+psycopg://" + url[len(prefix) :]
     return url
 
 
@@ -87,8 +87,7 @@ def schema_url(url: str, schema: str) -> str:
     parsed = pg_parts(url)
     if "options" in parsed.query:
         return parsed.render_as_string(hide_password=False)  # the user chose the search path
-    return parsed.update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(
-        hide_password=False)
+    return parsed.update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(hide_password=False)
 
 
 def credentials(uri: str) -> tuple[str | None, str | None]:

@@ -10,9 +10,10 @@ features' scaling and the classes' labels travel inside it.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from lrsearch.core.names import MODEL_ALIAS, NETWORK_FILE, model_uri
 from lrsearch.core.study_record import ModelRecord
@@ -36,11 +37,20 @@ def network_bytes(data: Dataset, activation: str, weights: Sequence[torch.Tensor
     import torch
 
     buffer = io.BytesIO()
-    torch.save({"format": 1, "layers": [w if i % 2 == 0 else w.reshape(-1) for i, w in enumerate(weights)],
-                "activation": activation, "features": list(data.features), "classes": list(data.classes),
-                "label": data.label, "mean": None if data.mean is None else list(data.mean),
-                "std": None if data.std is None else list(data.std),
-                "example": [list(row) for row in data.example]}, buffer)
+    torch.save(
+        {
+            "format": 1,
+            "layers": [w if i % 2 == 0 else w.reshape(-1) for i, w in enumerate(weights)],
+            "activation": activation,
+            "features": list(data.features),
+            "classes": list(data.classes),
+            "label": data.label,
+            "mean": None if data.mean is None else list(data.mean),
+            "std": None if data.std is None else list(data.std),
+            "example": [list(row) for row in data.example],
+        },
+        buffer,
+    )
     return buffer.getvalue()
 
 
@@ -80,8 +90,13 @@ def registered(tracker: Tracker, name: str, candidate: Candidate | None = None) 
     current = _aliased(tracker, name)
     if current is None or (candidate is not None and current.tags.get("lrsearch.run_id") != candidate.run_id):
         return None
-    return Registered(name, str(current.version), int(current.tags.get("lrsearch.trial", -1)),
-                      current.tags.get("lrsearch.run_id", ""), new=False)
+    return Registered(
+        name,
+        str(current.version),
+        int(current.tags.get("lrsearch.trial", -1)),
+        current.tags.get("lrsearch.run_id", ""),
+        new=False,
+    )
 
 
 def log_model(tracker: Tracker, experiment_id: str, name: str, candidate: Candidate) -> str:
@@ -95,7 +110,7 @@ def log_model(tracker: Tracker, experiment_id: str, name: str, candidate: Candid
 
     client = tracker.client
     run = tracker._call(client.get_run, candidate.run_id)
-    for output in (run.outputs.model_outputs if run.outputs else []):
+    for output in run.outputs.model_outputs if run.outputs else []:
         if tracker._call(client.get_logged_model, output.model_id).status == LoggedModelStatus.READY:
             return output.model_id
     with artifact_dir() as tmp:
@@ -103,8 +118,9 @@ def log_model(tracker: Tracker, experiment_id: str, name: str, candidate: Candid
         folder = Path(tmp) / "model"
         build_model(network, folder)
         # Once, not retried: a repeated create would make a second model.
-        model = client.create_logged_model(experiment_id, name="model", source_run_id=candidate.run_id,
-                                           tags=_tags(name, candidate))
+        model = client.create_logged_model(
+            experiment_id, name="model", source_run_id=candidate.run_id, tags=_tags(name, candidate)
+        )
         try:
             tracker._call(client.log_model_artifacts, model.model_id, str(folder))
             tracker._call(client.finalize_logged_model, model.model_id, LoggedModelStatus.READY)
@@ -129,9 +145,14 @@ def register_version(tracker: Tracker, name: str, model_id: str, candidate: Cand
         return found
     client = tracker.client
     try:
-        client.create_registered_model(name, tags={"lrsearch.study": name}, description=(
-            f"The best trial's network of lrsearch study {name}: raw feature columns in, the data's "
-            f"label and each class's probability out. Alias `{MODEL_ALIAS}`: the newest best trial."))
+        client.create_registered_model(
+            name,
+            tags={"lrsearch.study": name},
+            description=(
+                f"The best trial's network of lrsearch study {name}: raw feature columns in, the data's "
+                f"label and each class's probability out. Alias `{MODEL_ALIAS}`: the newest best trial."
+            ),
+        )
     except MlflowException as e:
         if e.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
@@ -143,16 +164,26 @@ def register_version(tracker: Tracker, name: str, model_id: str, candidate: Cand
         # Its source the model's artifacts, not models:/ID: for that, MLflow's SQL registry
         # looks the model up through the process's default tracking URI, not this client's.
         version = client.create_model_version(
-            name, model.artifact_location, run_id=candidate.run_id, tags=_tags(name, candidate), model_id=model_id,
-            description=f"Trial {candidate.trial} of study {name}: {candidate.metric} = {candidate.value:.4g}")
+            name,
+            model.artifact_location,
+            run_id=candidate.run_id,
+            tags=_tags(name, candidate),
+            model_id=model_id,
+            description=f"Trial {candidate.trial} of study {name}: {candidate.metric} = {candidate.value:.4g}",
+        )
     tracker._call(client.set_registered_model_alias, name, MODEL_ALIAS, version.version)
     return Registered(name, str(version.version), candidate.trial, candidate.run_id, new=not made)
 
 
 def _tags(name: str, candidate: Candidate) -> dict[str, str]:
     """The model's and its version's tags: which study, trial, metric and value, which run."""
-    return {"lrsearch.study": name, "lrsearch.trial": str(candidate.trial), "lrsearch.metric": candidate.metric,
-            "lrsearch.value": repr(candidate.value), "lrsearch.run_id": candidate.run_id}
+    return {
+        "lrsearch.study": name,
+        "lrsearch.trial": str(candidate.trial),
+        "lrsearch.metric": candidate.metric,
+        "lrsearch.value": repr(candidate.value),
+        "lrsearch.run_id": candidate.run_id,
+    }
 
 
 def _aliased(tracker: Tracker, name: str) -> Any:
@@ -185,11 +216,27 @@ def build_model(network: Path, folder: Path) -> None:
     saved = torch.load(network, weights_only=True)
     signature = ModelSignature(
         inputs=Schema([ColSpec("double", name) for name in saved["features"]]),
-        outputs=Schema([ColSpec(column_type(saved["classes"][0]), "label"), *(ColSpec("double", f"proba_{c}") for c in saved["classes"])]))
+        outputs=Schema(
+            [
+                ColSpec(column_type(saved["classes"][0]), "label"),
+                *(ColSpec("double", f"proba_{c}") for c in saved["classes"]),
+            ]
+        ),
+    )
     example = pd.DataFrame(saved["example"], columns=saved["features"])
-    requirements = [f"mlflow=={mlflow.__version__}", f"torch=={torch.__version__.split('+')[0]}",
-                    f"pandas=={pd.__version__}", f"numpy=={np.__version__}"]
+    requirements = [
+        f"mlflow=={mlflow.__version__}",
+        f"torch=={torch.__version__.split('+')[0]}",
+        f"pandas=={pd.__version__}",
+        f"numpy=={np.__version__}",
+    ]
     with warnings.catch_warnings():  # pandas' deprecations, from MLflow's input-example code: not the user's
         warnings.simplefilter("ignore")
-        mlflow.pyfunc.save_model(str(folder), python_model=str(SERVED_MODEL), artifacts={"network": str(network)},
-                                 signature=signature, input_example=example, pip_requirements=requirements)
+        mlflow.pyfunc.save_model(
+            str(folder),
+            python_model=str(SERVED_MODEL),
+            artifacts={"network": str(network)},
+            signature=signature,
+            input_example=example,
+            pip_requirements=requirements,
+        )

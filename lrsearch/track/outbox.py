@@ -10,10 +10,11 @@ thread's interpreter: every argument is plain data (numbers, text, bytes), never
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import Any, Protocol
 
 from lrsearch.core import attrs, faults
 from lrsearch.core.errors import first_line
@@ -97,11 +98,27 @@ class TrialRecord:
     number: int
     _opened: Future | None = field(default=None, repr=False)
 
-    def start(self, outbox: Outbox, experiment_id: str, parent_run_id: str, study: str,
-              params: dict[str, Any], inputs: Sequence[Mapping[str, Any]] = ()) -> None:
+    def start(
+        self,
+        outbox: Outbox,
+        experiment_id: str,
+        parent_run_id: str,
+        study: str,
+        params: dict[str, Any],
+        inputs: Sequence[Mapping[str, Any]] = (),
+    ) -> None:
         """Create the run and log its params and datasets while the trial trains."""
-        self._opened = outbox.submit(f"trial {self.number}", open_trial_run, experiment_id, parent_run_id,
-                                     study, self.number, params, list(inputs), first=True)
+        self._opened = outbox.submit(
+            f"trial {self.number}",
+            open_trial_run,
+            experiment_id,
+            parent_run_id,
+            study,
+            self.number,
+            params,
+            list(inputs),
+            first=True,
+        )
 
     def opened(self, wait: bool = True) -> tuple[str | None, str | None]:
         """(the run's id, what went wrong) once the run is made; (None, None) while it is not
@@ -118,9 +135,20 @@ class TrialRecord:
         run_id, error = self.opened()
         return {**({attrs.MLFLOW_RUN: run_id} if run_id else {}), **({attrs.TRACKING_ERROR: error} if error else {})}
 
-    def finish(self, outbox: Outbox, files: Mapping[str, bytes], drawings: Sequence[Drawing], history: History,
-               state: str, reason: str | None, status: str | None = None, *, note: str | None = None,
-               objective: float | None = None, then: Callable[[], None] = lambda: None) -> None:
+    def finish(
+        self,
+        outbox: Outbox,
+        files: Mapping[str, bytes],
+        drawings: Sequence[Drawing],
+        history: History,
+        state: str,
+        reason: str | None,
+        status: str | None = None,
+        *,
+        note: str | None = None,
+        objective: float | None = None,
+        then: Callable[[], None] = lambda: None,
+    ) -> None:
         """Close the run in the background (once it is open) with the trial's metric
         ``history``, its artifacts (``files``: name -> bytes, and ``drawings``), state and
         description; ``then()`` runs once the record is sent, or has failed (the trial's
@@ -129,13 +157,31 @@ class TrialRecord:
         if run_id is None:
             then()
             return
-        sent = outbox.submit(f"trial {self.number}", send_trial_record, run_id, dict(files), list(drawings),
-                             _plain(history), state, reason, status, note, objective)
+        sent = outbox.submit(
+            f"trial {self.number}",
+            send_trial_record,
+            run_id,
+            dict(files),
+            list(drawings),
+            _plain(history),
+            state,
+            reason,
+            status,
+            note,
+            objective,
+        )
         sent.add_done_callback(lambda _: then())
 
 
-def open_trial_run(tracker: Tracker, experiment_id: str, parent_run_id: str, study: str, number: int,
-                   params: dict[str, Any], inputs: list[Mapping[str, Any]]) -> tuple[str, str | None]:
+def open_trial_run(
+    tracker: Tracker,
+    experiment_id: str,
+    parent_run_id: str,
+    study: str,
+    number: int,
+    params: dict[str, Any],
+    inputs: list[Mapping[str, Any]],
+) -> tuple[str, str | None]:
     """The trial's run made, with its params and datasets: (its id, why its datasets are
     missing, if they are). A run that cannot be made raises: nothing more is sent for it."""
     run_id = tracker.start_trial(experiment_id, parent_run_id, study, number, params)
@@ -147,9 +193,18 @@ def open_trial_run(tracker: Tracker, experiment_id: str, parent_run_id: str, stu
     return run_id, None
 
 
-def send_trial_record(tracker: Tracker, run_id: str, files: dict[str, bytes], drawings: list[Drawing],
-                      history: History, state: str, reason: str | None, status: str | None, note: str | None,
-                      objective: float | None) -> None:
+def send_trial_record(
+    tracker: Tracker,
+    run_id: str,
+    files: dict[str, bytes],
+    drawings: list[Drawing],
+    history: History,
+    state: str,
+    reason: str | None,
+    status: str | None,
+    note: str | None,
+    objective: float | None,
+) -> None:
     faults.point("record")
     with artifact_dir() as tmp:
         folder = Path(tmp)
@@ -157,8 +212,9 @@ def send_trial_record(tracker: Tracker, run_id: str, files: dict[str, bytes], dr
             (folder / name).write_bytes(content)
         for draw, args, name in drawings:
             draw(*args, folder / name)
-        tracker.finish_trial(run_id, history, state, reason=reason, artifacts=folder, status=status, note=note,
-                             objective=objective)
+        tracker.finish_trial(
+            run_id, history, state, reason=reason, artifacts=folder, status=status, note=note, objective=objective
+        )
 
 
 def json_bytes(obj: Any) -> bytes:

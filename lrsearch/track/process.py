@@ -27,9 +27,10 @@ import pickle
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from lrsearch.core.errors import LrsearchError, first_line
 from lrsearch.track.outbox import Outbox
@@ -75,8 +76,9 @@ class TrackingProcess:
             if self._opened is None:
                 # This process's environment goes along (MLflow's HTTP limits, the outage
                 # window): the process may have been started before it changed.
-                self._opened = self._child.request("first", self._key, _OPEN,
-                                                   (self.uri, self.worker, dict(os.environ)), {})
+                self._opened = self._child.request(
+                    "first", self._key, _OPEN, (self.uri, self.worker, dict(os.environ)), {}
+                )
 
     def ready(self) -> None:
         """Open the store there and wait until it is; raise its error if it could not be."""
@@ -110,14 +112,20 @@ class TrackingProcess:
         """Have the process import what logging a model needs (torch, pandas, MLflow's pyfunc:
         seconds) on a thread of its own now, while it has little to do, rather than when
         the study ends and registers its model."""
-        self._child.request("first", _NO_STORE, _import, ("mlflow.models", "mlflow.pyfunc", "pandas", "torch",
-                                                          _PACKAGES_MAP), {})
+        self._child.request(
+            "first", _NO_STORE, _import, ("mlflow.models", "mlflow.pyfunc", "pandas", "torch", _PACKAGES_MAP), {}
+        )
 
     def prepare_report(self) -> None:
         """Have the process import what drawing a report needs (matplotlib, Optuna's plots),
         ahead, as :meth:`prepare_models` does: it draws some of the figures (``start``)."""
-        self._child.request("first", _NO_STORE, _import, ("matplotlib.pyplot", "optuna.visualization.matplotlib",
-                                                          "optuna.importance", "lrsearch.results.report"), {})
+        self._child.request(
+            "first",
+            _NO_STORE,
+            _import,
+            ("matplotlib.pyplot", "optuna.visualization.matplotlib", "optuna.importance", "lrsearch.results.report"),
+            {},
+        )
 
     def start(self, fn: Callable[..., Any], *args: Any) -> Future:
         """``fn(None, *args)`` in the tracking process, not waited for: work that needs no
@@ -176,11 +184,15 @@ class _Child:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
         kind = "server" if is_server(uri) else "file"  # what to import ahead (URIs go by the socket)
         try:
-            self.proc = subprocess.Popen([sys.executable, "-m", "lrsearch.track.process", str(theirs.fileno()), kind],
-                                         pass_fds=(theirs.fileno(),), env=env, stdin=subprocess.DEVNULL,
-                                         stdout=subprocess.DEVNULL,
-                                         # Its errors come back as answers; its own stderr only with --debug.
-                                         stderr=None if os.environ.get(DEBUG_ENV) else subprocess.DEVNULL)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "lrsearch.track.process", str(theirs.fileno()), kind],
+                pass_fds=(theirs.fileno(),),
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                # Its errors come back as answers; its own stderr only with --debug.
+                stderr=None if os.environ.get(DEBUG_ENV) else subprocess.DEVNULL,
+            )
         finally:
             theirs.close()
         self._socket = ours  # shut for writing at the end: the process reads its end of file
@@ -297,6 +309,7 @@ def _import(tracker: Any, *modules: str) -> None:
 
 # -- the tracking process itself ------------------------------------------------------------
 
+
 def _error(e: BaseException) -> tuple[str, int, str]:
     """An error as it travels back: its one-line message, exit code and class name."""
     if isinstance(e, LrsearchError):
@@ -397,8 +410,10 @@ def main(fd: int, kind: str) -> None:
         while (item := calls.get()) is not None:
             handle(*item)
 
-    threads = [threading.Thread(target=serve_jobs, name="lrsearch-jobs"),
-               threading.Thread(target=serve_calls, name="lrsearch-calls")]
+    threads = [
+        threading.Thread(target=serve_jobs, name="lrsearch-jobs"),
+        threading.Thread(target=serve_calls, name="lrsearch-calls"),
+    ]
     for thread in threads:
         thread.start()
     while True:

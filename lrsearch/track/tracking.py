@@ -14,19 +14,26 @@ import logging
 import os
 import tempfile
 import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 from lrsearch.core import attrs
-from lrsearch.core.names import (
-    DEFAULT_UI_PORT, NOTE_TAG, OBJECTIVE_METRIC, TRIALS_VIEW, VIEW_TAG_PREFIX, run_path, trials_path,
-)
 from lrsearch.core.errors import TrackingError
-from lrsearch.store.retry import Retry, reason
+from lrsearch.core.names import (
+    DEFAULT_UI_PORT,
+    NOTE_TAG,
+    OBJECTIVE_METRIC,
+    TRIALS_VIEW,
+    VIEW_TAG_PREFIX,
+    run_path,
+    trials_path,
+)
 from lrsearch.core.stopping import check_stop
 from lrsearch.core.text import fmt
 from lrsearch.store.folders import artifact_root, folder_name
 from lrsearch.store.lock import store_lock
+from lrsearch.store.retry import Retry, reason
 from lrsearch.store.storage import MLFLOW_MARKERS, check_sqlite_owner, new_sqlite_file
 from lrsearch.store.urls import credentials, is_server, redact, sqlite_path, without_credentials
 
@@ -118,28 +125,43 @@ class Tracker:
             self.client.search_experiments(max_results=1)
         except Exception as e:
             if getattr(e, "error_code", "") in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
-                raise TrackingError(f"MLflow tracking at {redact(self.uri)} refused the login: set "
-                                    "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD") from e
-            raise TrackingError(f"cannot reach MLflow tracking at {redact(self.uri)}: "
-                                f"{_without(reason(e), self.uri)}") from e
+                raise TrackingError(
+                    f"MLflow tracking at {redact(self.uri)} refused the login: set "
+                    "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+                ) from e
+            raise TrackingError(
+                f"cannot reach MLflow tracking at {redact(self.uri)}: {_without(reason(e), self.uri)}"
+            ) from e
 
     def experiment(self, name: str) -> str:
         """The id of the experiment named ``name``, created (or restored) if needed."""
         exp = self._call(self.client.get_experiment_by_name, name)
         if exp is None:
+
             def created() -> str | None:
                 found = self.client.get_experiment_by_name(name)
                 return None if found is None else found.experiment_id
 
-            return self._call(self.client.create_experiment, name,
-                              artifact_location=_experiment_artifacts(self.uri, name), recover=created)
+            return self._call(
+                self.client.create_experiment,
+                name,
+                artifact_location=_experiment_artifacts(self.uri, name),
+                recover=created,
+            )
         if exp.lifecycle_stage == "deleted":
             self._call(self.client.restore_experiment, exp.experiment_id)
         return exp.experiment_id
 
-    def start_study(self, experiment_id: str, name: str, params: Mapping[str, Any],
-                    tags: Mapping[str, str], study_file: Path | None, run_id: str | None = None,
-                    status: str = "SCHEDULED") -> str:
+    def start_study(
+        self,
+        experiment_id: str,
+        name: str,
+        params: Mapping[str, Any],
+        tags: Mapping[str, str],
+        study_file: Path | None,
+        run_id: str | None = None,
+        status: str = "SCHEDULED",
+    ) -> str:
         """The study's parent run: ``run_id`` if it still exists (its status kept: a worker
         sets RUNNING when it claims a trial), else a new run with ``status`` (SCHEDULED until a
         worker claims a trial). The study file's keys become its params and the file its
@@ -159,8 +181,14 @@ class Tracker:
             self._call(self.client.update_run, run_id, status=status)
         return run_id
 
-    def log_range_test(self, experiment_id: str, study: str, record: Mapping[str, Any],
-                       curve: Sequence[tuple[float, float]], plot: Path) -> str:
+    def log_range_test(
+        self,
+        experiment_id: str,
+        study: str,
+        record: Mapping[str, Any],
+        curve: Sequence[tuple[float, float]],
+        plot: Path,
+    ) -> str:
         """A finished run named ``lr-find`` in the study's experiment: the range test's
         ``record`` as params, its ``curve`` ((lr, loss) per step) as the metrics
         ``lr_find/lr`` and ``lr_find/loss`` (step = the test's step), and its ``plot``."""
@@ -168,8 +196,12 @@ class Tracker:
 
         run_id = self._create_run(experiment_id, "lr-find", {"lrsearch.role": "lr-find", "lr_find.study": study})
         now = _now_ms()
-        metrics = [Metric(key, value, now, step) for step, point in enumerate(curve)
-                   for key, value in zip(("lr_find/lr", "lr_find/loss"), point) if value == value]  # no NaN
+        metrics = [
+            Metric(key, value, now, step)
+            for step, point in enumerate(curve)
+            for key, value in zip(("lr_find/lr", "lr_find/loss"), point)
+            if value == value
+        ]  # no NaN
         self._log(run_id, params=dict(record), metrics=metrics)
         self._call(self.client.log_artifact, run_id, str(plot))
         self._call(self.client.set_terminated, run_id, status="FINISHED")
@@ -180,12 +212,18 @@ class Tracker:
         if self.status(run_id) != "RUNNING":
             self._call(self.client.update_run, run_id, status="RUNNING")
 
-    def start_trial(self, experiment_id: str, parent_run_id: str, study: str, number: int,
-                    params: Mapping[str, Any]) -> str:
+    def start_trial(
+        self, experiment_id: str, parent_run_id: str, study: str, number: int, params: Mapping[str, Any]
+    ) -> str:
         """A child run named ``trial-<number>``, RUNNING, with the trial's ``params`` (floats
         to 4 significant digits: :func:`_trial_param_value`)."""
-        tags = {PARENT_TAG: parent_run_id, "lrsearch.role": "trial", "study": study,
-                "trial_number": str(number), "state": "RUNNING"}
+        tags = {
+            PARENT_TAG: parent_run_id,
+            "lrsearch.role": "trial",
+            "study": study,
+            "trial_number": str(number),
+            "state": "RUNNING",
+        }
         run_id = self._create_run(experiment_id, f"trial-{number}", tags)
         # Once: MLflow params are immutable. A repeated call logs the same text (the
         # formatting is deterministic), which MLflow accepts.
@@ -201,13 +239,30 @@ class Tracker:
             return
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
-        self._call(self.client.log_inputs, run_id, [
-            DatasetInput(Dataset(i["name"], i["digest"], i["source_type"], i["source"], i["schema"], i["profile"]),
-                         [InputTag("mlflow.data.context", i["context"])]) for i in inputs])
+        self._call(
+            self.client.log_inputs,
+            run_id,
+            [
+                DatasetInput(
+                    Dataset(i["name"], i["digest"], i["source_type"], i["source"], i["schema"], i["profile"]),
+                    [InputTag("mlflow.data.context", i["context"])],
+                )
+                for i in inputs
+            ],
+        )
 
-    def finish_trial(self, run_id: str, history: History, state: str, *, reason: str | None = None,
-                     artifacts: Path | None = None, status: str | None = None, note: str | None = None,
-                     objective: float | None = None) -> None:
+    def finish_trial(
+        self,
+        run_id: str,
+        history: History,
+        state: str,
+        *,
+        reason: str | None = None,
+        artifacts: Path | None = None,
+        status: str | None = None,
+        note: str | None = None,
+        objective: float | None = None,
+    ) -> None:
         """Send the trial's metric history, its final state, description (``note``) and
         artifacts, and close the run with the status that ``state`` maps to (or ``status``,
         e.g. KILLED on an interrupt). ``objective``: a COMPLETE trial's value, logged as the
@@ -236,21 +291,34 @@ class Tracker:
     def trial_run(self, experiment_id: str, study: str, number: int) -> str | None:
         """The run of trial ``number`` of ``study``, found by its tags (for a trial whose worker
         died before storing the run's id in Optuna)."""
-        runs = self._call(self.client.search_runs, [experiment_id],
-                          f"tags.study = '{study}' AND tags.trial_number = '{number}'", max_results=1)
+        runs = self._call(
+            self.client.search_runs,
+            [experiment_id],
+            f"tags.study = '{study}' AND tags.trial_number = '{number}'",
+            max_results=1,
+        )
         return runs[0].info.run_id if runs else None
 
     def running_trial_runs(self, experiment_id: str, parent_run_id: str) -> list[tuple[str, int]]:
         """(run id, trial number) of the study's trial runs still RUNNING."""
-        runs = self._call(self.client.search_runs, [experiment_id],
-                          f"tags.`{PARENT_TAG}` = '{parent_run_id}' AND attributes.status = 'RUNNING'",
-                          max_results=1000)
+        runs = self._call(
+            self.client.search_runs,
+            [experiment_id],
+            f"tags.`{PARENT_TAG}` = '{parent_run_id}' AND attributes.status = 'RUNNING'",
+            max_results=1000,
+        )
         return [(r.info.run_id, int(r.data.tags.get("trial_number", -1))) for r in runs]
 
     def close_lost_run(self, run_id: str, state: str) -> None:
         """Close a trial's run whose last records never arrived, as its trial ended."""
-        self._log(run_id, tags={"state": state, attrs.TRACKING_ERROR: "the trial's last records were lost "
-                                "(its worker stopped, or the tracking store was unreachable)"})
+        self._log(
+            run_id,
+            tags={
+                "state": state,
+                attrs.TRACKING_ERROR: "the trial's last records were lost "
+                "(its worker stopped, or the tracking store was unreachable)",
+            },
+        )
         self._call(self.client.set_terminated, run_id, status=STATUS_FOR_STATE.get(state, "FAILED"))
 
     def end_run(self, run_id: str, status: str, metrics: Mapping[str, float] | None = None) -> None:
@@ -275,8 +343,11 @@ class Tracker:
 
     def study_experiments(self) -> list[tuple[str, str]]:
         """(name, id) of the experiments that hold an lrsearch study (they have its trials view)."""
-        return [(e.name, e.experiment_id) for e in self._call(self.client.search_experiments, max_results=1000)
-                if VIEW_TAG_PREFIX + TRIALS_VIEW in e.tags]
+        return [
+            (e.name, e.experiment_id)
+            for e in self._call(self.client.search_experiments, max_results=1000)
+            if VIEW_TAG_PREFIX + TRIALS_VIEW in e.tags
+        ]
 
     def artifact_files(self, run_id: str, folder: str) -> list[str]:
         """The paths of the files in a run's artifact ``folder`` (not recursive)."""
@@ -288,8 +359,10 @@ class Tracker:
 
     def curves(self, run_id: str, keys: Iterable[str]) -> dict[str, list[tuple[int, float]]]:
         """A run's metric histories: (step, value) per key, in step order."""
-        return {key: sorted((m.step, m.value) for m in self._call(self.client.get_metric_history, run_id, key))
-                for key in keys}
+        return {
+            key: sorted((m.step, m.value) for m in self._call(self.client.get_metric_history, run_id, key))
+            for key in keys
+        }
 
     def histories(self, run_ids: Iterable[str], keys: Iterable[str]) -> dict[str, dict[str, list[tuple[int, float]]]]:
         """:meth:`curves` of several runs (run id -> curves), in one call (a round trip to a
@@ -317,8 +390,7 @@ class Tracker:
             return None
         return run if run.info.lifecycle_stage == "active" else None
 
-    def _call(self, fn: Callable[..., Any], *args: Any, recover: Callable[[], Any] | None = None,
-              **kwargs: Any) -> Any:
+    def _call(self, fn: Callable[..., Any], *args: Any, recover: Callable[[], Any] | None = None, **kwargs: Any) -> Any:
         return self.retry.call(fn, *args, recover=recover, **kwargs)
 
     def _create_run(self, experiment_id: str, name: str, tags: Mapping[str, str]) -> str:
@@ -330,12 +402,19 @@ class Tracker:
             runs = self.client.search_runs([experiment_id], f"tags.`{TOKEN_TAG}` = '{token}'", max_results=1)
             return runs[0] if runs else None
 
-        run = self._call(self.client.create_run, experiment_id, run_name=name,
-                         tags={**tags, TOKEN_TAG: token}, recover=created)
+        run = self._call(
+            self.client.create_run, experiment_id, run_name=name, tags={**tags, TOKEN_TAG: token}, recover=created
+        )
         return run.info.run_id
 
-    def _log(self, run_id: str, *, metrics: Sequence[Any] = (), params: Mapping[str, Any] | None = None,
-             tags: Mapping[str, str] | None = None) -> None:
+    def _log(
+        self,
+        run_id: str,
+        *,
+        metrics: Sequence[Any] = (),
+        params: Mapping[str, Any] | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> None:
         """Params, tags and metrics in as few ``log_batch`` calls as MLflow's limits allow
         (one for a trial of up to ~900 metric points): each call is a round trip."""
         from mlflow.entities import Param, RunTag
@@ -359,8 +438,9 @@ def check_tracking(uri: str) -> None:
     import urllib.request
 
     timeout = float(os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT") or HTTP_LIMITS["MLFLOW_HTTP_REQUEST_TIMEOUT"])
-    request = urllib.request.Request(f"{without_credentials(uri).rstrip('/')}/api/2.0/mlflow/experiments/search"
-                                     "?max_results=1")
+    request = urllib.request.Request(
+        f"{without_credentials(uri).rstrip('/')}/api/2.0/mlflow/experiments/search?max_results=1"
+    )
     user, password = credentials(uri)
     if user is not None:
         token = base64.b64encode(f"{user}:{password or ''}".encode()).decode()
@@ -372,8 +452,10 @@ def check_tracking(uri: str) -> None:
             response.read()
     except urllib.error.HTTPError as e:
         if e.code in (401, 403):
-            raise TrackingError(f"MLflow tracking at {redact(uri)} refused the login: set "
-                                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD") from None
+            raise TrackingError(
+                f"MLflow tracking at {redact(uri)} refused the login: set "
+                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+            ) from None
         raise TrackingError(f"cannot reach MLflow tracking at {redact(uri)}: HTTP {e.code} {e.reason}") from None
     except (urllib.error.URLError, OSError) as e:
         cause = getattr(e, "reason", e)
@@ -405,11 +487,14 @@ def trials_url(uri: str, experiment_id: str) -> str:
 def links(uri: str, experiment_id: str, parent_run_id: str) -> list[str]:
     """What ``run`` and ``submit`` print: the study's run page and its trials table, and for
     an embedded store where its UI will be."""
-    lines = [f"MLflow: {run_url(uri, experiment_id, parent_run_id)}  (the study: outcome, top trials, figures)",
-             f"        {trials_url(uri, experiment_id)}  (its trials, best first)"]
+    lines = [
+        f"MLflow: {run_url(uri, experiment_id, parent_run_id)}  (the study: outcome, top trials, figures)",
+        f"        {trials_url(uri, experiment_id)}  (its trials, best first)",
+    ]
     if not is_server(uri):
-        lines.append(f"        (served by `lrsearch ui`, on its default port {DEFAULT_UI_PORT}; "
-                     "with --port P, use port P)")
+        lines.append(
+            f"        (served by `lrsearch ui`, on its default port {DEFAULT_UI_PORT}; with --port P, use port P)"
+        )
     return lines
 
 
@@ -464,8 +549,8 @@ def _batches(params: list[Any], tags: list[Any], metrics: list[Any]) -> Iterable
     while params or tags or metrics:
         batch = {"params": params[:_MAX_PARAMS], "tags": tags[:_MAX_TAGS]}
         room = _MAX_ENTITIES - len(batch["params"]) - len(batch["tags"])
-        batch["metrics"] = metrics[:min(room, _MAX_METRICS)]
-        params, tags, metrics = params[_MAX_PARAMS:], tags[_MAX_TAGS:], metrics[len(batch["metrics"]):]
+        batch["metrics"] = metrics[: min(room, _MAX_METRICS)]
+        params, tags, metrics = params[_MAX_PARAMS:], tags[_MAX_TAGS:], metrics[len(batch["metrics"]) :]
         yield batch
 
 

@@ -70,8 +70,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         items[:] = kept
 
 
-_ALL_MODES = ("inmemory", "sqlite", "cached_sqlite", "journal", "journal_redis", "grpc_rdb", "grpc_journal_file",
-              "grpc_proxy")
+_ALL_MODES = (
+    "inmemory",
+    "sqlite",
+    "cached_sqlite",
+    "journal",
+    "journal_redis",
+    "grpc_rdb",
+    "grpc_journal_file",
+    "grpc_proxy",
+)
 
 
 def _wrapped(storage: Any, rdb: Any) -> Any:
