@@ -450,6 +450,7 @@ def _find(t: _Table, key: str, value: Mapping[str, Any]) -> Find:
 
 
 def _param_value(t: _Table, key: str, hp: Hyperparameter, value: Any) -> Any:
+    parsed: Any
     if hp.kind in ("category", "bool"):
         parsed = value if isinstance(value, str if hp.kind == "category" else bool) else None
     else:

@@ -129,7 +129,10 @@ def load_data(cfg: DataConfig) -> Dataset:
         None if std is None else tuple(std.tolist()),
         table.origin,
         tuple(map(tuple, table.x[train[:5]].astype(np.float64).tolist())),
-        tuple(_digest(f"{table.origin.digest} {scale_of(cfg)} ".encode() + rows.tobytes()) for rows in (train, val)),
+        (
+            _digest(f"{table.origin.digest} {scale_of(cfg)} ".encode() + train.tobytes()),
+            _digest(f"{table.origin.digest} {scale_of(cfg)} ".encode() + val.tobytes()),
+        ),
     )
 
 
@@ -303,7 +306,7 @@ class _CsvFile:
 
         records = filter(None, self._reader())  # no blank lines
         try:
-            names = next(records, [])
+            names: list[str] = next(records, [])
         except csv.Error as e:
             raise self._refused(e) from None
         if not names:

@@ -23,7 +23,7 @@ class Optimizer:
     # Hyperparameters passed to the torch class by name, with their defaults here.
     options: Mapping[str, Any] = field(default_factory=dict)
 
-    def build(self, parameters: Iterable[torch.nn.Parameter], hp: Mapping[str, Any]) -> torch.optim.Optimizer:
+    def build(self, parameters: Iterable[torch.Tensor], hp: Mapping[str, Any]) -> torch.optim.Optimizer:
         """The torch optimizer with ``hp["lr"]`` and whichever of its options ``hp`` holds
         (an option that does not apply to the trial, e.g. ``nesterov`` without momentum,
         is absent from ``hp``: torch's default then)."""
@@ -68,6 +68,6 @@ OPTIMIZERS: Registry[Optimizer] = Registry(
 )
 
 
-def make_optimizer(parameters: Iterable[torch.nn.Parameter], hp: Mapping[str, Any]) -> torch.optim.Optimizer:
+def make_optimizer(parameters: Iterable[torch.Tensor], hp: Mapping[str, Any]) -> torch.optim.Optimizer:
     """The optimizer named by ``hp["optimizer"]``."""
     return OPTIMIZERS[hp["optimizer"]].build(parameters, hp)

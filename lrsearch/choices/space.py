@@ -281,6 +281,8 @@ def grid_space(space: Mapping[str, ParamSpec]) -> dict[str, list[Any]]:
     for name, spec in space.items():
         if isinstance(spec, Range):
             raise ValueError(f"{name} is a range; a grid needs choices")
+        if isinstance(spec, Find):
+            raise ValueError(f"{name} is found by the range test; a grid needs choices")
         grid[name] = list(spec.values) if isinstance(spec, Choices) else [spec.value]
     return grid
 

@@ -128,7 +128,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         f"study {sub.name!r} {'resubmitted' if sub.resumed else 'submitted'}: {sub.target} trials, "
         f"for any `lrsearch worker` on {_redact(sub.url)}"
     )
-    if sub.parent_run_id is not None:
+    if sub.parent_run_id is not None and sub.experiment_id is not None:
         print("\n".join(links(tracking_uri(args.tracking_uri), sub.experiment_id, sub.parent_run_id)))
     else:
         print(

@@ -20,7 +20,9 @@ MAX_SEED = 2**32 - 1  # NumPy's and PyTorch's seeds
 
 
 class Constraint(Protocol):
-    expected: str  # what a value must be, as an error message says it: "an integer in [1, 100]"
+    @property
+    def expected(self) -> str:  # what a value must be, as an error message says it: "an integer in [1, 100]"
+        ...
 
     def __call__(self, value: Any) -> bool: ...
 

@@ -47,7 +47,7 @@ def explain(state: str, unrunnable: Any = None, interrupted: Any = None) -> str 
     if record is None:
         return None
     record = json.loads(record) if isinstance(record, str) else record
-    if dataclasses.is_dataclass(record):  # a StudyRecord's (core/study_record.py)
+    if dataclasses.is_dataclass(record) and not isinstance(record, type):  # a StudyRecord's (core/study_record.py)
         record = dataclasses.asdict(record)
     if state == "unrunnable":
         return (

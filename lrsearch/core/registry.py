@@ -16,8 +16,12 @@ from typing import Generic, Protocol, TypeVar
 
 
 class Entry(Protocol):
-    name: str
-    doc: str  # one line for the docs' tables and `--help`
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def doc(self) -> str:  # one line for the docs' tables and `--help`
+        ...
 
 
 E = TypeVar("E", bound=Entry)

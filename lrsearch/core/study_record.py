@@ -145,7 +145,8 @@ class StudyRecord:
         for name, value in fields.items():
             if name not in _KEYS:
                 raise TypeError(f"StudyRecord has no field {name!r}")
-            out[_KEYS[name]] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+            typed = dataclasses.is_dataclass(value) and not isinstance(value, type)
+            out[_KEYS[name]] = dataclasses.asdict(value) if typed else value
         return out
 
 

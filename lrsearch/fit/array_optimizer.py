@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -154,7 +154,7 @@ class ArrayOptimizer:
         for p in self._params:
             p.grad = None
 
-    def rebind(self, params: list[torch.Tensor], old_slots: list[int | None]) -> None:
+    def rebind(self, params: list[torch.Tensor], old_slots: Sequence[int | None]) -> None:
         """The stacked tensors were rebuilt: new slot i takes over old slot ``old_slots[i]``'s
         state, hyperparameters and step count, or is empty (None) until assigned. An old
         slot may be taken by several new ones (population-based training's copies)."""
@@ -243,7 +243,6 @@ class ArrayOptimizer:
         rule, uses_first, uses_second = _RULES[group.variant]
         if group.variant == "adam":
             hyper = {**hyper, **_adam_scalars(hyper, group.decays)}
-        gathered = isinstance(rows, torch.Tensor)
         for p, first, second in zip(self._params, self._first, self._second):
             if p.grad is None:
                 continue
@@ -251,7 +250,7 @@ class ArrayOptimizer:
             rows_first = _take(first, rows) if uses_first else first  # gathered only if the rule uses it
             rows_second = _take(second, rows) if uses_second else second
             rule(rows_p, _take(p.grad, rows), rows_first, rows_second, hyper)
-            if gathered:
+            if isinstance(rows, torch.Tensor):  # gathered: written back
                 p.index_copy_(0, rows, rows_p)
                 if uses_first:
                     first.index_copy_(0, rows, rows_first)

@@ -136,7 +136,7 @@ def _sweep(cfg: Config, data: Any, name: str, seed: int) -> Sweep:
     import pytorch_lightning as pl
     import torch
     import torch.nn.functional as F
-    from pytorch_lightning.tuner import Tuner
+    from pytorch_lightning.tuner.tuning import Tuner
     from torch.utils.data import DataLoader, TensorDataset
 
     from lrsearch.choices.network import build_mlp

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from lrsearch.choices.network import build_mlp
 from lrsearch.choices.optimizers import make_optimizer
-from lrsearch.choices.schedules import make_schedule
+from lrsearch.choices.schedules import Schedule, make_schedule
 from lrsearch.core import faults
 from lrsearch.fit.array_optimizer import ArrayOptimizer
 from lrsearch.fit.member import Member
@@ -104,7 +104,7 @@ class ArrayClassifier(pl.LightningModule):
         old = self.flat.detach() if keep and self.flat is not None else None
         self.flat = torch.stack(
             [
-                old[i] if i is not None else torch.cat([t.reshape(1, -1) for t in f], dim=1)  # type: ignore[index]
+                old[i] if old is not None and i is not None else torch.cat([t.reshape(1, -1) for t in f or ()], dim=1)
                 for _, i, f in rows
             ]
         ).requires_grad_(True)
@@ -150,7 +150,7 @@ class ArrayClassifier(pl.LightningModule):
         from pytorch_lightning.utilities.types import LRSchedulerConfig
 
         self.trainer.strategy.lr_scheduler_configs.append(
-            LRSchedulerConfig(member.schedule.scheduler, name=f"{LR_NAME}@{member.key}", interval="epoch")
+            LRSchedulerConfig(_schedule(member).scheduler, name=f"{LR_NAME}@{member.key}", interval="epoch")
         )
 
     def copy_members(self, copies: Sequence[tuple[Member, Member, Mapping[str, Any]]]) -> None:
@@ -182,7 +182,7 @@ class ArrayClassifier(pl.LightningModule):
     def _forget(self, member: Member) -> None:
         """Its schedule off LearningRateMonitor's list."""
         configs = self.trainer.strategy.lr_scheduler_configs
-        configs[:] = [c for c in configs if c.scheduler is not member.schedule.scheduler]
+        configs[:] = [c for c in configs if c.scheduler is not _schedule(member).scheduler]
 
     def configure_optimizers(self) -> None:
         # The members' shadow optimizers and schedulers are listed as they join (``_start``).
@@ -213,7 +213,7 @@ class ArrayClassifier(pl.LightningModule):
         k, n = len(members), len(x)
         orders = torch.stack([torch.randperm(n, generator=m.generator) for m in members])
         # The schedules that move the learning rate after every update (or are warming up).
-        stepped = [(slot, m) for slot, m in enumerate(members) if m.schedule.per_update]
+        stepped = [(slot, m) for slot, m in enumerate(members) if _schedule(m).per_update]
         loss_sum = torch.zeros(k, dtype=torch.float64)
         correct = torch.zeros(k, dtype=torch.long)
         active: torch.Tensor | None = None  # None: every member still updates this epoch
@@ -236,10 +236,11 @@ class ArrayClassifier(pl.LightningModule):
                 if not bool(active.any()):
                     break
             optimizer.zero_grad()
-            (losses.sum() if active is None else torch.where(active, losses, 0.0).sum()).backward()
+            total = losses.sum() if active is None else torch.where(active, losses, 0.0).sum()
+            total.backward()  # type: ignore[no-untyped-call]  # (torch's stubs leave backward untyped)
             optimizer.step(active)
             for slot, m in stepped:
-                m.schedule.step_update()
+                _schedule(m).step_update()
                 optimizer.set_lr(slot, m.lr)
             b = idx.shape[1]
             counted = values if active is None else torch.where(active, values, 0.0)
@@ -294,7 +295,7 @@ class ArrayClassifier(pl.LightningModule):
             if not math.isfinite(val_loss[slot]):
                 self._diverge(m, "val/loss")
             if m.result.diverged_at is None:
-                m.schedule.step_epoch(metrics)
+                _schedule(m).step_epoch(metrics)
                 self.optimizer.set_lr(slot, m.lr)
             if self.pruning is not None:
                 value = self.pruning.due(m, metrics, last=m.epoch + 1 >= m.epochs, stopping=stopping)
@@ -338,6 +339,12 @@ class ArrayClassifier(pl.LightningModule):
             self.trainer.should_stop = True
 
 
+def _schedule(member: Member) -> Schedule:
+    """A member's schedule, once it trains (``ArrayClassifier._shadow`` made it)."""
+    assert member.schedule is not None
+    return member.schedule
+
+
 def _retune_shadow(member: Member, hp: Mapping[str, Any]) -> None:
     """A copier's shadow optimizer made to read as ``hp``'s (population-based training's
     constant schedule): its param group and defaults replaced in place, as a new shadow of
@@ -345,13 +352,15 @@ def _retune_shadow(member: Member, hp: Mapping[str, Any]) -> None:
     a copy, more than the copy). LearningRateMonitor reads only these: the group's ``lr``,
     ``momentum`` (or the defaults' ``betas``) and ``weight_decay``."""
     template = _shadow_template(hp["optimizer"], bool(hp.get("momentum")), bool(hp.get("nesterov")))
-    shadow, group = member.shadow, member.shadow.param_groups[0]
+    shadow = member.shadow
+    assert shadow is not None
+    group = shadow.param_groups[0]
     fresh = {**template.param_groups[0], "params": group["params"], "lr": hp["lr"], "initial_lr": hp["lr"]}
     fresh.update({k: hp[k] for k in ("momentum", "weight_decay", "nesterov") if k in hp and k in fresh})
     group.clear()
     group.update(fresh)
     shadow.defaults = template.defaults
-    member.schedule.scheduler.base_lrs = [hp["lr"]]  # the constant schedule: lr = base × 1
+    _schedule(member).scheduler.base_lrs = [hp["lr"]]  # the constant schedule: lr = base × 1
 
 
 @functools.cache

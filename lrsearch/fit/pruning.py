@@ -58,12 +58,12 @@ class Pruning:
 def _check(due: list[tuple[Member, float, int]]) -> set[Member]:
     """``Trial.report`` and ``Trial.should_prune`` for each member, with one transaction for
     all the writes and one read of the study's trials for all the verdicts."""
-    trials = [member.trial for member, _, _ in due]
+    trials = [_trial(member) for member, _, _ in due]
     study = trials[0].study
-    storage = trials[0].storage
+    storage: Any = trials[0].storage  # lrsearch's (report_trials), or Optuna's own in tests
     for trial, (_, value, epoch) in zip(trials, due):
         trial._cached_frozen_trial.intermediate_values[epoch] = value  # as Trial.report keeps it
-    latest = {member: member.trial._get_latest_trial() for member, _, _ in due}
+    latest = {member: _trial(member)._get_latest_trial() for member, _, _ in due}
     recorded = {member: records(study.pruner, latest[member], study.study_name) for member, _, _ in due}
     taken: set[Member] = set()  # ended by another worker (see worker._stale_trials): they leave too
     together = hasattr(storage, "report_trials")  # else a storage of Optuna's own (tests)
@@ -71,7 +71,7 @@ def _check(due: list[tuple[Member, float, int]]) -> set[Member]:
         try:
             storage.report_trials(
                 {t._trial_id: (epoch, value) for t, (_, value, epoch) in zip(trials, due)},
-                {m.trial._trial_id: recorded[m] for m, _, _ in due if recorded[m]},
+                {_trial(m)._trial_id: recorded[m] for m, _, _ in due if recorded[m]},
             )
         except UpdateFinishedTrialError:  # one of them was taken: which, one write each tells
             together = False
@@ -90,11 +90,17 @@ def _check(due: list[tuple[Member, float, int]]) -> set[Member]:
         if member in taken:
             continue
         try:
-            if judge(study.pruner, view, member.trial._get_latest_trial(), recorded[member].keys()):
+            if judge(study.pruner, view, _trial(member)._get_latest_trial(), recorded[member].keys()):
                 pruned.add(member)
         except UpdateFinishedTrialError:  # a pruner's own write to the trial (a rung more): taken since
             taken.add(member)
     return taken | pruned
+
+
+def _trial(member: Member) -> Any:
+    """The Optuna trial of a member that reports (``Pruning.due`` checks only those)."""
+    assert member.trial is not None
+    return member.trial
 
 
 class _Snapshot:

@@ -27,7 +27,7 @@ from lrsearch.fit.population import Population
 from lrsearch.fit.pruning import Pruning
 
 
-class _WholeSet(TorchDataset):
+class _WholeSet(TorchDataset[tuple[torch.Tensor, torch.Tensor]]):
     """A one-item dataset: the whole tensor pair is the epoch's only batch (see ArrayClassifier)."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -40,7 +40,7 @@ class _WholeSet(TorchDataset):
         return self.pair
 
 
-def _whole(x: torch.Tensor, y: torch.Tensor) -> DataLoader:
+def _whole(x: torch.Tensor, y: torch.Tensor) -> DataLoader[tuple[torch.Tensor, torch.Tensor]]:
     return DataLoader(_WholeSet(x, y), batch_size=None)
 
 

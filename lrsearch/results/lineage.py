@@ -30,7 +30,7 @@ class Stretch:
     optimizer: str | None = None
 
 
-def values_by_epoch(trial: Any, key: str, epochs: int) -> list[float | None]:
+def values_by_epoch(trial: Any, key: str, epochs: int) -> list[Any]:
     """``key``'s value (lr, momentum) at each epoch of ``trial``: its first draw, then what
     each copy gave it from the epoch after the copy."""
     hp = trial.user_attrs.get(attrs.HYPERPARAMETERS) or trial.params

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -26,7 +26,21 @@ from lrsearch.store.urls import redact, storage_url
 # Trials that count towards a study's total: a FAIL is retried, a PRUNED one is an answer.
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
 
-T = TypeVar("T")
+
+class Ranked(Protocol):
+    """What :func:`ranking` reads of a trial (an Optuna FrozenTrial, a report's row, a view's)."""
+
+    @property
+    def number(self) -> int: ...
+
+    @property
+    def state(self) -> Any: ...  # a TrialState, or its name
+
+    @property
+    def value(self) -> float | None: ...
+
+
+T = TypeVar("T", bound=Ranked)
 
 
 def ranking(trials: Iterable[T], direction: str, states: Sequence[str] = ("COMPLETE",)) -> list[T]:
@@ -41,7 +55,7 @@ def ranking(trials: Iterable[T], direction: str, states: Sequence[str] = ("COMPL
         return getattr(t.state, "name", t.state)
 
     kept = [t for t in trials if state(t) in order and t.value is not None and math.isfinite(t.value)]
-    return sorted(kept, key=lambda t: (order[state(t)], sign * t.value, t.number))
+    return sorted(kept, key=lambda t: (order[state(t)], sign * float(t.value or 0.0), t.number))
 
 
 def best_so_far(trials: Sequence[T], direction: str) -> list[T]:
@@ -49,7 +63,7 @@ def best_so_far(trials: Sequence[T], direction: str) -> list[T]:
     by :func:`ranking`'s rule."""
     out: list[T] = []
     for t in trials:
-        out.append(t if not out else ranking([out[-1], t], direction, (getattr(t.state, "name", t.state),))[0])
+        out.append(t if not out else ranking([out[-1], t], direction, (str(getattr(t.state, "name", t.state)),))[0])
     return out
 
 
@@ -141,7 +155,7 @@ def summary(study: optuna.Study) -> dict[str, float]:
     }
     best = ranking(trials, direction(study))
     if best:
-        out["best_value"] = best[0].value
+        out["best_value"] = float(best[0].value or 0.0)  # (ranked: finite)
         out["best_trial"] = float(best[0].number)
     return out
 

@@ -84,7 +84,7 @@ def plot_learning_curves(history: History, title: str, path: Path) -> Path:
     return path
 
 
-def _line(ax, history: History, key: str, label: str) -> None:
+def _line(ax: Any, history: History, key: str, label: str) -> None:
     points = history.get(key)
     if points:
         ax.plot([s for s, _, _ in points], [v for _, v, _ in points], label=label)
@@ -269,7 +269,8 @@ def draw_optuna_figures(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study = optuna.create_study(study_name=name, direction=way)  # in memory: a copy to draw from
+            way_ = optuna.study.StudyDirection[way.upper()]
+            study = optuna.create_study(study_name=name, direction=way_)  # in memory: a copy to draw from
             study.add_trials([t for t in trials if t.state.name in ("COMPLETE", "PRUNED")])
     finally:
         logger.setLevel(level)
@@ -290,7 +291,7 @@ def _previews(figures: Sequence[Path], folder: Path) -> None:
     for path in figures:
         with Image.open(path) as image:
             height = round(image.height * PREVIEW_WIDTH / image.width)
-            image.resize((PREVIEW_WIDTH, height), Image.LANCZOS).save(folder / path.name)
+            image.resize((PREVIEW_WIDTH, height), Image.Resampling.LANCZOS).save(folder / path.name)
 
 
 def _label(t: TrialCurves, axes: Sequence[str]) -> str:
@@ -417,10 +418,10 @@ def plot_history(trials: Sequence[TrialCurves], name: str, direction: str, objec
     ordered = sorted(trials, key=lambda t: t.number)
     done = [t for t in ordered if t.state == "COMPLETE" and t.value is not None]
     pruned = [t for t in ordered if t.state == "PRUNED" and t.value is not None and math.isfinite(t.value)]
-    ax.scatter([t.number for t in done], [t.value for t in done], label="complete", s=22, color="tab:blue")
+    ax.scatter([t.number for t in done], [_value(t) for t in done], label="complete", s=22, color="tab:blue")
     ax.scatter(
         [t.number for t in pruned],
-        [t.value for t in pruned],
+        [_value(t) for t in pruned],
         label="pruned (the value the pruner judged)",
         s=22,
         facecolors="none",
@@ -437,6 +438,12 @@ def plot_history(trials: Sequence[TrialCurves], name: str, direction: str, objec
     return _save(fig, path)
 
 
+def _value(t: TrialCurves) -> float:
+    """A trial's value, where only trials with one are drawn."""
+    assert t.value is not None
+    return t.value
+
+
 def best_line(trials: Sequence[TrialCurves], direction: str) -> tuple[list[int], list[float]]:
     """The "best so far" steps over ``trials`` (in trial order): the best COMPLETE value at each
     COMPLETE trial, carried on to the last trial, whatever its state."""
@@ -444,7 +451,7 @@ def best_line(trials: Sequence[TrialCurves], direction: str) -> tuple[list[int],
     if not done:
         return [], []
     best = best_so_far(done, direction)
-    return [t.number for t in done] + [trials[-1].number], [t.value for t in best] + [best[-1].value]
+    return [t.number for t in done] + [trials[-1].number], [_value(t) for t in best] + [_value(best[-1])]
 
 
 def plot_objective_vs_lr(trials: Sequence[TrialCurves], name: str, objective: str, path: Path) -> Path:
@@ -466,7 +473,7 @@ def plot_objective_vs_lr(trials: Sequence[TrialCurves], name: str, objective: st
             if points:
                 ax.scatter(
                     [t.hyperparameters["lr"] for t in points],
-                    [t.value for t in points],
+                    [_value(t) for t in points],
                     s=28,
                     facecolors=face,
                     edgecolors=colour,
@@ -699,7 +706,7 @@ def _labels(inner: Any, kept: Sequence[float] | None = None, text: Callable[[str
     None), each label passed through ``text``. Offsets, and what ``inner`` learns from all
     the ticks' positions (a log axis's minor labels), stay its own."""
     if isinstance(inner, _labels_class()):  # one wrapper: the new choice of ticks replaces the old
-        inner, text = inner.inner, text or inner.text
+        inner, text = getattr(inner, "inner"), text or getattr(inner, "text")  # noqa: B009 (typed as a plain type)
     return _labels_class()(inner, kept, text)
 
 
@@ -716,7 +723,7 @@ def _labels_class() -> type:
             self.inner.set_axis(axis)
 
         def set_locs(self, locs: Sequence[float]) -> None:
-            super().set_locs(locs)
+            super().set_locs(list(locs))
             self.inner.set_locs(locs)
 
         def format_ticks(self, values: Sequence[float]) -> list[str]:

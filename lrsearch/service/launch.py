@@ -69,7 +69,7 @@ def run_study(
     tracking: str | None = None,
     study_file: Path | None = None,
     workers: int = 1,
-    callbacks: Sequence[Callable] = (),
+    callbacks: Sequence[Callable[..., Any]] = (),
     on_start: Callable[[int, int], None] | None = None,
     stop: StopFlag | None = None,
     worker: int = 0,
@@ -155,7 +155,7 @@ class _WorkerProcess:
     """A worker process started by ``run_study``, its results pipe read on a thread: its
     warnings are shown by this process, and its error, if it fails, named in this process's."""
 
-    def __init__(self, proc: subprocess.Popen, index: int, results: int) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes], index: int, results: int) -> None:
         self.proc = proc
         self.index = index
         self.results: list[dict[str, str]] = []

@@ -53,9 +53,15 @@ class Objective:
         if self.outbox is None:
             self.outbox = outbox_for(self.tracker)
 
+    @property
+    def records(self) -> Outbox:
+        """Where the trials' MLflow records go (``outbox``, made when not given)."""
+        assert self.outbox is not None
+        return self.outbox
+
     def drain(self) -> list[str]:
         """Wait until every trial's MLflow record is written; one line per record that failed."""
-        return [f"MLflow record lost for {error}" for error in self.outbox.drain()]
+        return [f"MLflow record lost for {error}" for error in self.records.drain()]
 
     def __call__(
         self,
@@ -88,7 +94,7 @@ class Objective:
             trial.set_user_attr(attrs.HYPERPARAMETERS, hp)
             record.run = TrialRecord(trial.number)
             record.run.start(
-                self.outbox,
+                self.records,
                 self.experiment_id,
                 self.parent_run_id,
                 cfg.study.name,
@@ -194,13 +200,13 @@ class Objective:
                 requeue=True,
                 raises=Cancelled(),
             )
-        state, value, reason = outcome(result, self.cfg.study.metric, PRUNERS[self.cfg.study.pruner].verdict)
+        state, value, why = outcome(result, self.cfg.study.metric, PRUNERS[self.cfg.study.pruner].verdict)
         return Ending(
             member,
             state,
             value if state == "COMPLETE" else None,
-            reason,
-            {**measured, **({attrs.REASON: reason} if reason else {})},
+            why,
+            {**measured, **({attrs.REASON: why} if why else {})},
         )
 
     def lineage(self, member: Member) -> dict[str, Any]:
@@ -255,10 +261,9 @@ class Objective:
             in_sampling_order(trial.params),
             lineage,
         )
-        assert self.outbox is not None
         try:
             run.finish(
-                self.outbox,
+                self.records,
                 *self._artifacts(trial, dict(ending.member.hp), ending.member.seed, result, ending.member),
                 result.history,
                 ending.state,

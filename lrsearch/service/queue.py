@@ -7,7 +7,7 @@ host, PostgreSQL across hosts. Imports no torch, so ``submit`` and ``status`` an
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,7 +114,7 @@ def submit(cfg: Config, *, storage: str | None = None, tracking: str | None = No
         resumed,
         experiment_id,
         parent_run_id,
-        run_url(tracking, experiment_id, parent_run_id) if parent_run_id else None,
+        run_url(tracking, experiment_id, parent_run_id) if experiment_id and parent_run_id else None,
     )
 
 
@@ -170,7 +170,7 @@ def search_range(cfg: Config, *, storage: str | None = None) -> SearchRange:
     return SearchRange(result.low, result.high, result.suggestion, result.optimizer, None)
 
 
-def stored_range(url: str, name: str) -> dict[str, Any] | None:
+def stored_range(url: str, name: str) -> Mapping[str, Any] | None:
     """The lr range a study of ``name`` in ``url`` already has (``lr = { find = true }``),
     without creating anything; None when there is no such study or range."""
     path = sqlite_path(url)
@@ -296,7 +296,7 @@ def cancel(name: str, *, now: bool = False, storage: str | None = None, tracking
     with _queue(url, create=False) as store:
         study_id = store.study_id(name)
         record = StudyRecord() if study_id is None else StudyRecord.from_attrs(store.user_attrs(study_id))
-        if not record.submitted or record.target is None:
+        if study_id is None or not record.submitted or record.target is None:
             raise UsageError(f"no submitted study named {shown(name)} in {redact(url)}")
         target = record.target
         with store.locked():

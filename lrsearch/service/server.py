@@ -118,7 +118,8 @@ def _create_tables(backend: str, db: str) -> None:
     from lrsearch.track.tracking import quiet_mlflow
 
     quiet_mlflow()
-    SqlAlchemyStore(backend, (data_dir() / "artifacts").as_uri()).engine.dispose()
+    store = SqlAlchemyStore(backend, (data_dir() / "artifacts").as_uri())  # type: ignore[no-untyped-call]  # MLflow's
+    store.engine.dispose()
     open_storage(db).close()
     ensure_views(db)
     close_connections()  # the server process execs MLflow's: it would inherit them, idle, for good

@@ -140,8 +140,8 @@ class Worker:
             self._last = name
             if not session.started:
                 with _released_on_error(session, claimed):
-                    start_parent(session, objective.outbox)
-                    objective.outbox.submit(
+                    start_parent(session, objective.records)
+                    objective.records.submit(
                         "the study's array size",
                         Tracker.set_tags,
                         session.parent_run_id,
@@ -149,7 +149,7 @@ class Worker:
                     )
             # An array's trials end (and start) together: their MLflow records, two jobs each,
             # wait for the tracking thread instead of holding up the array.
-            objective.outbox.limit = max(objective.outbox.limit, 2 * size)
+            objective.records.limit = max(objective.records.limit, 2 * size)
             # Its slots are refilled as its trials end only where it is the only study served:
             # several studies take turns, an array each.
             array = _Array(

@@ -416,7 +416,7 @@ def _connect_pg(url: str, user_sql: bool) -> Any:
     except psycopg.OperationalError as e:
         raise LrsearchError(f"cannot connect to {redact(url)}: {reason(e)}") from None
     try:
-        if user_sql and conn.execute(_PRIVILEGED_SQL).fetchone()[0]:
+        if user_sql and _first(conn.execute(_PRIVILEGED_SQL)):
             role = conn.info.user
             reader = with_user(url, "lrsearch_reader")
             raise UsageError(
@@ -424,7 +424,7 @@ def _connect_pg(url: str, user_sql: bool) -> Any:
                 f"or act as its server: create a reader once with `lrsearch sql --grant-reader lrsearch_reader "
                 f"--storage {redact(url)}`, then pass --storage {reader}"
             )
-        if conn.execute("SELECT to_regclass('lrsearch.trials') IS NULL").fetchone()[0]:
+        if _first(conn.execute("SELECT to_regclass('lrsearch.trials') IS NULL")):
             raise LrsearchError(
                 f"no lrsearch views in {redact(url)}: MLflow's tables are not in its schema "
                 "'mlflow' (start `lrsearch server` on this database first)"
@@ -471,10 +471,13 @@ def grant_reader(url: str, role: str) -> str:
                         "CREATE ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOINHERIT NOREPLICATION NOBYPASSRLS"
                     ).format(ident)
                 )
-            elif conn.execute(
-                "SELECT rolsuper OR rolcreaterole OR rolreplication OR rolbypassrls FROM pg_roles WHERE rolname = %s",
-                (role,),
-            ).fetchone()[0]:
+            elif _first(
+                conn.execute(
+                    "SELECT rolsuper OR rolcreaterole OR rolreplication OR rolbypassrls "
+                    "FROM pg_roles WHERE rolname = %s",
+                    (role,),
+                )
+            ):
                 raise UsageError(f"--grant-reader: role {role!r} exists and can do more than read; choose another name")
             if password is not None:
                 conn.execute(sql.SQL("ALTER ROLE {} PASSWORD {}").format(ident, sql.Literal(_scram(password))))
@@ -505,6 +508,12 @@ def grant_reader(url: str, role: str) -> str:
     except psycopg.OperationalError as e:
         raise LrsearchError(f"cannot connect to {redact(url)}: {reason(e)}") from None
     return with_user(url, role)
+
+
+def _first(cursor: Any) -> Any:
+    """The first column of a query's one row (None if it returned none)."""
+    row = cursor.fetchone()
+    return None if row is None else row[0]
 
 
 def _scram(password: str, iterations: int = 4096) -> str:

@@ -67,6 +67,11 @@ def create_trials(rdb: Any, study_id: int, count: int, start: datetime.datetime)
     return ids
 
 
+def _rowcount(result: Any) -> int:
+    """The rows an UPDATE changed (SQLAlchemy types ``execute``'s result as a plain Result)."""
+    return int(result.rowcount)
+
+
 def take_waiting(rdb: Any, trial_id: int) -> bool:
     """A queued trial (WAITING) taken: RUNNING, started now, with its first heartbeat if the
     store keeps them, in one transaction (as Optuna's ``ask`` takes a queued trial, and as
@@ -74,11 +79,13 @@ def take_waiting(rdb: Any, trial_id: int) -> bool:
     claim). False if it is no longer WAITING."""
     trials = models.TrialModel.__table__
     with _create_scoped_session(rdb.scoped_session) as session:
-        taken = session.execute(
-            trials.update()
-            .where(trials.c.trial_id == trial_id, trials.c.state == TrialState.WAITING)
-            .values(state=TrialState.RUNNING, datetime_start=local_now())
-        ).rowcount
+        taken = _rowcount(
+            session.execute(
+                trials.update()
+                .where(trials.c.trial_id == trial_id, trials.c.state == TrialState.WAITING)
+                .values(state=TrialState.RUNNING, datetime_start=local_now())
+            )
+        )
         if taken and rdb.heartbeat_interval is not None:
             session.execute(models.TrialHeartbeatModel.__table__.insert(), [{"trial_id": trial_id}])
     return bool(taken)
@@ -192,7 +199,7 @@ def end(rdb: Any, endings: dict[int, tuple[TrialState, Sequence[float] | None, d
                 .where(trials.c.trial_id == trial_id, trials.c.state == TrialState.RUNNING)
                 .values(state=state, datetime_complete=now)
             )
-            if changed.rowcount == 0:
+            if _rowcount(changed) == 0:
                 taken.add(trial_id)
         ended = {t: e for t, e in endings.items() if t not in taken}
         _set_attrs(session, models.TrialUserAttributeModel, {t: a for t, (_, _, a) in ended.items()})
@@ -291,15 +298,13 @@ def _upsert(
     """Insert ``rows``, or update ``updated`` where a row with the same ``keys`` exists."""
     if not rows:
         return
+    from sqlalchemy.dialects import postgresql, sqlite
+
     dialect = session.get_bind().dialect.name
-    if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    elif dialect == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert
-    else:  # another database: Optuna's own writes, one row at a time
+    if dialect not in ("postgresql", "sqlite"):  # another database: Optuna's own writes, one row at a time
         _row_by_row(session, table, rows, keys, updated)
         return
-    statement = insert(table)
+    statement: Any = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
     session.execute(
         statement.on_conflict_do_update(index_elements=list(keys), set_={c: statement.excluded[c] for c in updated}),
         rows,

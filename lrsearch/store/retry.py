@@ -197,13 +197,13 @@ class Retry:
 
 def _chain(error: BaseException) -> list[BaseException]:
     seen: list[BaseException] = []
-    stack = [error]
+    stack: list[BaseException] = [error]
     while stack:
         e = stack.pop()
-        if e is None or any(e is s for s in seen):
+        if any(e is s for s in seen):
             continue
         seen.append(e)
-        stack.extend([getattr(e, "orig", None), e.__cause__, e.__context__])
+        stack.extend(x for x in (getattr(e, "orig", None), e.__cause__, e.__context__) if isinstance(x, BaseException))
     return seen
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import threading
 import uuid
 from collections.abc import Callable, Container, Iterator, Sequence
@@ -255,7 +256,7 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
         from optuna.storages._rdb.storage import _create_scoped_session
 
         with _create_scoped_session(rdb.scoped_session) as session:
-            now = session.execute(sa.func.now()).scalar().replace(tzinfo=None)
+            now = session.execute(sa.func.now()).scalar_one().replace(tzinfo=None)
             beats = (
                 session.query(models.TrialHeartbeatModel)
                 .filter(models.TrialHeartbeatModel.trial_id.in_(trial_ids))
@@ -387,7 +388,7 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
                 array_writes.take_waiting,
                 rdb,
                 trial_id,
-                recover=lambda trial_id=trial_id: array_writes.taken(rdb, trial_id),
+                recover=functools.partial(array_writes.taken, rdb, trial_id),
             ):
                 taken.append(trial_id)
         if len(taken) < count:
@@ -472,7 +473,7 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
         trials, beats = models.TrialModel.__table__, models.TrialHeartbeatModel.__table__
         with _create_scoped_session(rdb.scoped_session) as session:
             # Naive, like the stored heartbeats (Optuna does the same for PostgreSQL).
-            now = session.execute(sa.func.now()).scalar().replace(tzinfo=None)
+            now = session.execute(sa.func.now()).scalar_one().replace(tzinfo=None)
             rows = session.execute(
                 sa.select(trials.c.trial_id, beats.c.heartbeat)
                 .join(beats, beats.c.trial_id == trials.c.trial_id)

@@ -64,7 +64,12 @@ def open_storage(url: str, *, create: bool = True, hint: str = "") -> Any:
                 new_sqlite_file(path)
             warm = _schema_is_current(url, engine_kwargs, optuna.__version__)
             storage = optuna.storages.RDBStorage(
-                url, engine_kwargs=engine_kwargs, **beats, skip_table_creation=warm, skip_compatibility_check=warm
+                url,
+                engine_kwargs=engine_kwargs,
+                heartbeat_interval=beats["heartbeat_interval"],
+                grace_period=beats["grace_period"],
+                skip_table_creation=warm,
+                skip_compatibility_check=warm,
             )
             if path is not None:
                 _relax_sync(storage.engine)

@@ -29,7 +29,7 @@ class Runner(Protocol):
     """Where an outbox's jobs run: ``submit(fn, *args)`` runs ``fn(tracker, *args)`` after
     every job submitted before it (``first``: it may go ahead of those not yet begun)."""
 
-    def submit(self, fn: Callable[..., Any], *args: Any, first: bool = False) -> Future: ...
+    def submit(self, fn: Callable[..., Any], *args: Any, first: bool = False) -> Future[Any]: ...
 
 
 class ThreadRunner:
@@ -39,7 +39,7 @@ class ThreadRunner:
         self.tracker = tracker
         self._executor: ThreadPoolExecutor | None = None
 
-    def submit(self, fn: Callable[..., Any], *args: Any, first: bool = False) -> Future:
+    def submit(self, fn: Callable[..., Any], *args: Any, first: bool = False) -> Future[Any]:
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lrsearch-tracking")
         return self._executor.submit(fn, self.tracker, *args)
@@ -54,10 +54,10 @@ class Outbox:
     def __init__(self, runner: Runner, limit: int = 2) -> None:
         self.runner = runner
         self.limit = limit
-        self._pending: list[tuple[str, Future]] = []
+        self._pending: list[tuple[str, Future[Any]]] = []
         self._errors: list[str] = []
 
-    def submit(self, label: str, fn: Callable[..., Any], *args: Any, first: bool = False) -> Future:
+    def submit(self, label: str, fn: Callable[..., Any], *args: Any, first: bool = False) -> Future[Any]:
         """Run ``fn(tracker, *args)`` in the background; ``label`` names it in errors;
         ``first``: ahead of the jobs not yet begun, where the runner can (a trial's new run)."""
         while len(self._pending) >= self.limit:
@@ -73,7 +73,7 @@ class Outbox:
         errors, self._errors = self._errors, []
         return errors
 
-    def _settle(self, label: str, future: Future) -> None:
+    def _settle(self, label: str, future: Future[Any]) -> None:
         error = future.exception()  # waits
         if error is not None:
             self._errors.append(f"{label}: {first_line(error)}")
@@ -96,7 +96,7 @@ class TrialRecord:
     """
 
     number: int
-    _opened: Future | None = field(default=None, repr=False)
+    _opened: Future[Any] | None = field(default=None, repr=False)
 
     def start(
         self,

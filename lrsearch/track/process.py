@@ -65,7 +65,7 @@ class TrackingProcess:
         self.worker = worker
         self._child = _Child.get(uri)
         self._key = next(_keys)
-        self._opened: Future | None = None
+        self._opened: Future[Any] | None = None
         self._lock = threading.Lock()
 
     # -- what callers use ----------------------------------------------------------------
@@ -91,7 +91,7 @@ class TrackingProcess:
         self.ready()
         return self._child.request("call", self._key, fn, args, kwargs).result()
 
-    def submit(self, fn: Callable[..., Any], *args: Any, first: bool = False) -> Future:
+    def submit(self, fn: Callable[..., Any], *args: Any, first: bool = False) -> Future[Any]:
         """``fn(tracker, *args)`` in the tracking process, after every job submitted before it
         (``first``: before the others not yet begun, after those submitted ``first`` too)."""
         self.open()
@@ -127,7 +127,7 @@ class TrackingProcess:
             {},
         )
 
-    def start(self, fn: Callable[..., Any], *args: Any) -> Future:
+    def start(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
         """``fn(None, *args)`` in the tracking process, not waited for: work that needs no
         store (drawing some of a report's figures while this process draws the others)."""
         return self._child.request("call", _NO_STORE, fn, args, {})
@@ -199,7 +199,7 @@ class _Child:
         self._conn = Connection(os.dup(ours.fileno()))
         self._send_lock = threading.Lock()
         self._ids = itertools.count(1)
-        self._waiting: dict[int, Future] = {}
+        self._waiting: dict[int, Future[Any]] = {}
         self._lock = threading.Lock()
         self.dead: str | None = None
         self._reader = threading.Thread(target=self._read, name="lrsearch-tracking-replies", daemon=True)
@@ -207,8 +207,8 @@ class _Child:
         faults.companions.append(self.proc.pid)  # a fault that kills the worker kills this process too
         stopping.helpers.append(self.proc.pid)
 
-    def request(self, lane: str, key: int, fn: Any, args: tuple, kwargs: dict) -> Future:
-        future: Future = Future()
+    def request(self, lane: str, key: int, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Future[Any]:
+        future: Future[Any] = Future()
         try:  # pickled here, so that a request the process could not read never goes
             payload = pickle.dumps((fn, args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as e:
@@ -279,7 +279,7 @@ def close_all() -> None:
         child.end()
 
 
-def _method(tracker: Any, name: str, args: tuple, kwargs: dict) -> Any:
+def _method(tracker: Any, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     return getattr(tracker, name)(*args, **kwargs)
 
 
@@ -387,7 +387,8 @@ def main(fd: int, kind: str) -> None:
                     raise store.error
                 if fn == _CLOSE:
                     del stores[key]
-                    value = checkpoint(store.tracker.uri)
+                    checkpoint(store.tracker.uri)
+                    value = None
                 else:
                     value = fn(store.tracker, *args, **kwargs)
         except BaseException as e:
@@ -398,8 +399,8 @@ def main(fd: int, kind: str) -> None:
     # Two lanes, each a thread: jobs in order ("first" ones ahead of the others: a trial's run
     # is made as it starts, however many finished trials' records wait), and calls, which
     # the worker waits for.
-    jobs: queue.PriorityQueue = queue.PriorityQueue()
-    calls: queue.Queue = queue.Queue()
+    jobs: queue.PriorityQueue[Any] = queue.PriorityQueue()
+    calls: queue.Queue[Any] = queue.Queue()
     order = itertools.count()
 
     def serve_jobs() -> None:

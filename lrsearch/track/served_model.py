@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import mlflow
-from mlflow.pyfunc import PythonModel
+from mlflow.pyfunc.model import PythonModel
 
 # The torch.nn classes lrsearch's networks use (choices/network.py): no other name in a
 # network file is looked up.
@@ -43,7 +43,7 @@ class StudyNetwork(PythonModel):
 
         # As training saw them: the file's values as float32, then scaled in float64.
         x = torch.tensor(model_input[self.features].to_numpy(dtype="float64")).float().double()
-        if self.mean is not None:
+        if self.mean is not None and self.std is not None:
             x = (x - self.mean) / self.std
         h = x.float()
         with torch.no_grad():

@@ -9,6 +9,7 @@ at its end rather than a round trip per value. A worker uses it in its tracking 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -112,7 +113,7 @@ class Tracker:
         meanwhile); a finished future."""
         from concurrent.futures import Future
 
-        done: Future = Future()
+        done: Future[Any] = Future()
         try:
             done.set_result(fn(None, *args))
         except Exception as e:
@@ -168,7 +169,7 @@ class Tracker:
         artifact, once (MLflow params are immutable): a run made without them (a study no
         worker could run) gets them when one can."""
         run = self._run(run_id) if run_id is not None else None
-        if run is not None:
+        if run is not None and run_id is not None:
             self._log(run_id, params=None if run.data.params else params, tags=tags)
             if not run.data.params and study_file is not None:
                 self._call(self.client.log_artifact, run_id, str(study_file))
@@ -422,7 +423,7 @@ class Tracker:
         param_list = [Param(k, _param_value(v)) for k, v in (params or {}).items()]
         tag_list = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
         for batch in _batches(param_list, tag_list, list(metrics)):  # each safe to repeat: same rows
-            self._call(self.client.log_batch, run_id, **batch)
+            self._call(functools.partial(self.client.log_batch, run_id, **batch))
 
 
 def check_tracking(uri: str) -> None:
@@ -511,7 +512,7 @@ def write_json(obj: Any, path: Path) -> Path:
     return path
 
 
-def artifact_dir() -> tempfile.TemporaryDirectory:
+def artifact_dir() -> tempfile.TemporaryDirectory[str]:
     """A scratch folder for a run's artifacts before upload."""
     return tempfile.TemporaryDirectory(prefix="lrsearch-")
 
@@ -544,7 +545,7 @@ def _trial_param_value(value: Any) -> Any:
     return fmt(value) if isinstance(value, float) else value
 
 
-def _batches(params: list[Any], tags: list[Any], metrics: list[Any]) -> Iterable[dict[str, list[Any]]]:
+def _batches(params: list[Any], tags: list[Any], metrics: list[Any]) -> Iterable[dict[str, Any]]:
     """``log_batch`` arguments within MLflow's per-request limits (params, tags, total)."""
     while params or tags or metrics:
         batch = {"params": params[:_MAX_PARAMS], "tags": tags[:_MAX_TAGS]}
