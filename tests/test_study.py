@@ -321,8 +321,8 @@ def test_trials_claimed_but_never_begun_are_ended_on_an_error_and_queued_ones_qu
     import pytest
     from conftest import TINY_STUDY
 
+    from lrsearch.service.claims import _released_on_error
     from lrsearch.service.session import open_session
-    from lrsearch.service.worker import _released_on_error
 
     cfg = load_config(write_study(TINY_STUDY.replace("trials = 3", "trials = 4")))
     session = open_session(cfg, storage=stores[0], tracking=stores[1])
@@ -345,8 +345,8 @@ def test_a_claim_made_without_the_lock_never_passes_the_total(write_study, store
     it a slot, else ended FAIL at once, untrained, with the reason."""
     from conftest import TINY_STUDY
 
+    from lrsearch.service.claims import _confirm_claim
     from lrsearch.service.session import open_session
-    from lrsearch.service.worker import _confirm_claim
 
     cfg = load_config(write_study(TINY_STUDY.replace("trials = 3", "trials = 2")))
     session = open_session(cfg, storage=stores[0], tracking=stores[1])
@@ -423,6 +423,9 @@ def test_heartbeat_defaults(monkeypatch, stores):
     assert open_storage(stores[0]).get_heartbeat_interval() == 5
 
 
+# Slow: it waits for the database's clock, which stores a heartbeat to the second (SQLite's
+# now()); a clock of its own would not be the one the rule reads.
+@pytest.mark.slow
 def test_a_trial_that_never_beat_is_left_alone_and_lrsearchs_own_beat_from_their_claim(monkeypatch, stores):
     """Optuna's rule: a RUNNING trial with no heartbeat is another client's (``study.ask()``
     on the same store), never stale. lrsearch's trials, new or taken from the queue, beat
@@ -467,13 +470,16 @@ def test_a_wrong_heartbeat_setting_is_named(write_study, cli, monkeypatch, tmp_p
     assert not (tmp_path / "lrsearch-data").exists()
 
 
+# Slow: it waits for the database's clock, which stores a heartbeat to the second (SQLite's
+# now()); a clock of its own would not be the one the rule reads.
+@pytest.mark.slow
 def test_a_lost_trial_is_queued_again_twice_at_most(write_study, stores, monkeypatch):
     """Each time its worker is lost, a trial ends FAIL and its params are queued again, with
     the trials it retries in ``retry_history``; the third loss queues nothing."""
     import time
 
+    from lrsearch.service.claims import MAX_RETRIES, _fail_stale_trials
     from lrsearch.service.session import open_session
-    from lrsearch.service.worker import MAX_RETRIES, _fail_stale_trials
 
     monkeypatch.setenv("LRSEARCH_HEARTBEAT_GRACE", "1")
     monkeypatch.setenv("LRSEARCH_HEARTBEAT_INTERVAL", "1")
@@ -493,6 +499,9 @@ def test_a_lost_trial_is_queued_again_twice_at_most(write_study, stores, monkeyp
     assert all(t.user_attrs["reason"] == "worker lost: no heartbeat for 1 s" for t in trials)
 
 
+# Slow: it waits for the database's clock, which stores a heartbeat to the second (SQLite's
+# now()); a clock of its own would not be the one the rule reads.
+@pytest.mark.slow
 def test_a_trial_that_beats_again_between_two_looks_is_not_failed(write_study, stores, monkeypatch):
     """A worker that saw no outage finds another's trial stale: one look cannot tell a lost
     worker from one whose beats an outage held back. The live one beats again within an
@@ -500,8 +509,8 @@ def test_a_trial_that_beats_again_between_two_looks_is_not_failed(write_study, s
     trial alone; a trial that went on without a beat is failed then."""
     import time
 
+    from lrsearch.service.claims import _fail_stale_trials
     from lrsearch.service.session import open_session
-    from lrsearch.service.worker import _fail_stale_trials
 
     monkeypatch.setenv("LRSEARCH_HEARTBEAT_GRACE", "1")
     monkeypatch.setenv("LRSEARCH_HEARTBEAT_INTERVAL", "1")
@@ -540,8 +549,10 @@ def test_an_array_whose_trials_were_all_ended_elsewhere_before_they_began_trains
     failed them, finds them ended as it begins them: it says so and goes on (no fit of an
     empty array, no error)."""
     from lrsearch.core.stopping import StopFlag
+    from lrsearch.service.array_host import _Array
+    from lrsearch.service.claims import _claim
     from lrsearch.service.session import open_session
-    from lrsearch.service.worker import Worker, _Array, _claim
+    from lrsearch.service.worker import Worker
 
     session = open_session(load_config(write_study()), storage=stores[0], tracking=stores[1])
     worker = Worker(session.store, session.url, session.tracker)

@@ -65,7 +65,7 @@ def _check(due: list[tuple[Member, float, int]]) -> set[Member]:
         trial._cached_frozen_trial.intermediate_values[epoch] = value  # as Trial.report keeps it
     latest = {member: _trial(member)._get_latest_trial() for member, _, _ in due}
     recorded = {member: records(study.pruner, latest[member], study.study_name) for member, _, _ in due}
-    taken: set[Member] = set()  # ended by another worker (see worker._stale_trials): they leave too
+    taken: set[Member] = set()  # ended by another worker (see claims._stale_trials): they leave too
     together = hasattr(storage, "report_trials")  # else a storage of Optuna's own (tests)
     if together:
         try:

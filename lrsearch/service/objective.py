@@ -126,7 +126,7 @@ class Objective:
         background) and return its objective value; raise ``TrialPruned``,
         :class:`Interrupted` or :class:`Cancelled` as the trial ended. After ``error`` (out of
         the fit: the trial ends FAIL) the caller raises. (A trial alone: an array's trials end
-        together, ``worker._Array``, through :meth:`ending` and :meth:`record`.)"""
+        together, ``array_host._Array``, through :meth:`ending` and :meth:`record`.)"""
         ending = self.ending(member, stop, error)
         trial = ending.trial
         try:

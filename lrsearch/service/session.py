@@ -59,7 +59,7 @@ class Session:
     warnings: list[str] = field(default_factory=list)
     started: bool = False  # this worker set the parent run RUNNING (at its first claim)
     finished: int = 0  # COMPLETE + PRUNED trials, as last counted, and told here since
-    # Trials found stale at one look (worker._fail_stale_trials): id -> (last heartbeat, when seen).
+    # Trials found stale at one look (claims._fail_stale_trials): id -> (last heartbeat, when seen).
     suspects: dict[int, tuple[Any, float]] = field(default_factory=dict)
     arrays: ArrayUse | None = None  # how this worker trained the study's trials, once it has
 

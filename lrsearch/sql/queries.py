@@ -148,7 +148,8 @@ _SHARED = {
     "WHERE lm.run_uuid = r.run_uuid AND lm.key = '{0}')",
 }
 _MACRO = re.compile(r"\{(\w+)(?::([^{}]*))?\}")
-_WRITE_ACTIONS = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION, sqlite3.SQLITE_RECURSIVE}
+# What a reader's query may do on SQLite (the authorizer allows these and denies the rest).
+_READER_ACTIONS = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION, sqlite3.SQLITE_RECURSIVE}
 
 
 def view_sql(dialect: str) -> str:
@@ -558,7 +559,7 @@ def _connect_sqlite(storage: str, tracking: str) -> sqlite3.Connection:
 
 
 def _read_only(action: int, *args: Any) -> int:
-    return sqlite3.SQLITE_OK if action in _WRITE_ACTIONS else sqlite3.SQLITE_DENY
+    return sqlite3.SQLITE_OK if action in _READER_ACTIONS else sqlite3.SQLITE_DENY
 
 
 def _statements(sql: str) -> list[str]:
