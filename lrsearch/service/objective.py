@@ -350,7 +350,7 @@ class Ending:
 
 
 class TakenOver(Exception):
-    """A trial ended by another worker while it trained here (see ``worker._stale_trials``)."""
+    """A trial ended by another worker while it trained here (see ``claims._stale_trials``)."""
 
     def __init__(self, reason: str | None) -> None:
         self.reason = reason or "no heartbeat"

@@ -74,7 +74,7 @@ def join(
     """This worker's session on a submitted study: its stored configuration, a sampler of
     this worker's own, its data, and its MLflow experiment and parent run (made by the first
     worker that joins: ``submit`` leaves MLflow alone). The parent run turns RUNNING when
-    this worker claims its first trial (``worker.py``), not before: a worker that joins a
+    this worker claims its first trial (``worker.py``, ``claims.py``), not before: a worker that joins a
     study whose total is reached, or dies first, leaves its parent as it was."""
     study_id = store.get_study_id_from_name(name)
     record = StudyRecord.from_attrs(store.get_study_user_attrs(study_id))

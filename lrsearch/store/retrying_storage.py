@@ -245,7 +245,7 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
     def heartbeat_ages(self, study_id: int, trial_ids: Sequence[int]) -> dict[int, float]:
         """Seconds since each trial's last heartbeat, on the database's clock (trials that
         never beat are left out). A finished trial's worker keeps beating until its MLflow
-        record is sent (see ``worker.py``), so this tells a record on its way from a lost one."""
+        record is sent (see ``array_host.py``), so this tells a record on its way from a lost one."""
         rdb = self._rdb
         return self._call(self._heartbeat_ages, rdb, list(trial_ids)) if trial_ids else {}
 

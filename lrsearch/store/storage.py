@@ -33,7 +33,7 @@ def open_storage(url: str, *, create: bool = True, hint: str = "") -> Any:
     A PostgreSQL URL gets its ``optuna`` schema (created if missing), ``pool_pre_ping`` and
     a small pool. An SQLite file that holds another application's tables is refused, and
     with ``create=False`` a missing file is an error instead of a new empty store.
-    Trials whose worker stopped beating are the worker loop's to fail (``service/worker.py``).
+    Trials whose worker stopped beating are the worker loop's to fail (``service/claims.py``).
     """
     import optuna
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError
