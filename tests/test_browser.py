@@ -21,7 +21,8 @@ from conftest import free_port, missing, stop_process_group, wait_for_http
 
 from lrsearch.config import load_config
 from lrsearch.core.names import run_path, trials_path
-from lrsearch.results.report import DPI, NOTE_FIGURE_WIDTH, PREVIEW_WIDTH, write_report
+from lrsearch.results.figures import DPI, NOTE_FIGURE_WIDTH, PREVIEW_WIDTH
+from lrsearch.results.report import write_report
 from lrsearch.service.launch import run_study
 
 # Worker processes, servers or a browser: seconds each (python -m pytest -m "not slow" leaves them out).

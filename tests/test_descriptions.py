@@ -12,7 +12,8 @@ from optuna.trial import TrialState, create_trial
 
 from lrsearch.core import attrs
 from lrsearch.results.descriptions import CELL_GAP, phase_of, study_note, trial_note, trials_view
-from lrsearch.results.report import TrialCurves, best_line
+from lrsearch.results.figures import best_line
+from lrsearch.results.trial_curves import TrialCurves
 
 DISTS = {"optimizer": CategoricalDistribution(["sgd", "adam"]), "lr": FloatDistribution(1e-4, 1.0, log=True)}
 

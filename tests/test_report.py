@@ -268,7 +268,7 @@ def _overlapping(fig):
 
 
 def test_slices_labels_keep_clear_of_each_other():
-    from lrsearch.results.report import slices_figure
+    from lrsearch.results.optuna_figures import slices_figure
 
     with slices_figure(_search_like_study(), "search") as fig:
         assert _overlapping(fig) == []
@@ -292,7 +292,7 @@ def test_slices_labels_keep_clear_of_each_other():
 
 
 def test_parallel_coordinates_labels_read_over_the_lines():
-    from lrsearch.results.report import parallel_figure
+    from lrsearch.results.optuna_figures import parallel_figure
 
     with parallel_figure(_search_like_study(), "search") as fig:
         assert _overlapping(fig) == []
@@ -309,7 +309,8 @@ def test_parallel_coordinates_labels_read_over_the_lines():
 
 
 def test_lr_curves_legend_reads_in_the_description():
-    from lrsearch.results.report import PREVIEW_WIDTH, TrialCurves, lr_figure
+    from lrsearch.results.figures import PREVIEW_WIDTH, lr_figure
+    from lrsearch.results.trial_curves import TrialCurves
 
     params = {
         "optimizer": "rmsprop",

@@ -26,7 +26,7 @@ from lrsearch.core.stopping import Cancelled, Interrupted, StopFlag, TrialStop
 from lrsearch.fit.member import Member, TrainResult
 from lrsearch.fit.training import fit_array
 from lrsearch.results.descriptions import trial_note
-from lrsearch.results.report import plot_learning_curves
+from lrsearch.results.figures import plot_learning_curves
 from lrsearch.track.models import network_bytes
 from lrsearch.track.outbox import Drawing, Outbox, TrialRecord, json_bytes, outbox_for
 from lrsearch.track.tracking import Tracker
