@@ -308,42 +308,12 @@ def test_a_service_worker_trains_a_submitted_study_in_arrays(store, tmp_path, re
     """The file-less service worker, `--array 3`, on a submitted 7-trial study: every trial
     done, each with its own complete run, the parent run saying which size ran (and the
     study file's own `array`, 1, is the worker's to override)."""
-    import subprocess
-    import sys
+    from test_service import _cfg, _parent, _submitted, _trials, _wait, _worker
 
-    from test_service import _cfg, _parent, _trials, _wait
-
-    from lrsearch.service.queue import submit
-    from lrsearch.store.urls import schema_url
-
-    if store == "sqlite":
-        stores = (f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    else:
-        pg = request.getfixturevalue("pg_url")
-        stores = (pg, schema_url(pg, "mlflow"))
     cfg = _cfg("arr", 7, 4)
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, array=1))
-    submit(cfg, storage=stores[0], tracking=stores[1])  # (on PostgreSQL: the schemas)
-    MlflowClient(stores[1]).search_experiments()  # MLflow's tables, as its server makes them first
-    worker = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "lrsearch.cli",
-            "worker",
-            "--array",
-            "3",
-            "--max-idle",
-            "3",
-            "--storage",
-            stores[0],
-            "--tracking-uri",
-            stores[1],
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    stores = _submitted(cfg, store, tmp_path, request)
+    worker = _worker(*stores, 3, array=3)
     row = _wait(stores, "arr", lambda r: r["state"] == "done", [worker])
     out, err = worker.communicate(timeout=120)
     assert worker.returncode == 0, err

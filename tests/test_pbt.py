@@ -283,42 +283,13 @@ def test_a_service_worker_trains_populations_of_a_submitted_pbt_study(store, tmp
     """`submit` + the file-less `worker` on a 6-member study with populations of 4: a
     population of 4, then one of the 2 left; every member done with its own complete run
     and its `pbt` record; the worker's --array does not change a population's size."""
-    import subprocess
-    import sys
     import tomllib
 
-    from test_service import _parent, _trials, _wait
+    from test_service import _parent, _submitted, _trials, _wait, _worker
 
-    from lrsearch.service.queue import submit
-    from lrsearch.store.urls import schema_url
-
-    if store == "sqlite":
-        stores = (f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    else:
-        pg = request.getfixturevalue("pg_url")
-        stores = (pg, schema_url(pg, "mlflow"))
     cfg = parse_config(tomllib.loads(PBT_STUDY.format(trials=6, epochs=6, population=4, interval=2)), "pbt.toml")
-    submit(cfg, storage=stores[0], tracking=stores[1])
-    MlflowClient(stores[1]).search_experiments()  # MLflow's tables, as its server makes them first
-    worker = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "lrsearch.cli",
-            "worker",
-            "--array",
-            "1",
-            "--max-idle",
-            "3",
-            "--storage",
-            stores[0],
-            "--tracking-uri",
-            stores[1],
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    stores = _submitted(cfg, store, tmp_path, request)
+    worker = _worker(*stores, 3, array=1)
     row = _wait(stores, "pbt", lambda r: r["state"] == "done", [worker])
     out, err = worker.communicate(timeout=120)
     assert worker.returncode == 0, err

@@ -33,7 +33,10 @@ def _cfg(name: str, trials: int, epochs: int, **study):
     return parse_config(raw, f"{name}.toml")
 
 
-def _worker(storage: str, tracking: str, max_idle: float, env: dict | None = None) -> subprocess.Popen:
+def _worker(
+    storage: str, tracking: str, max_idle: float, env: dict | None = None, *, array: int | None = None
+) -> subprocess.Popen:
+    """A file-less ``lrsearch worker`` on the stores (``--array`` if given)."""
     return subprocess.Popen(
         [
             sys.executable,
@@ -46,6 +49,7 @@ def _worker(storage: str, tracking: str, max_idle: float, env: dict | None = Non
             tracking,
             "--max-idle",
             str(max_idle),
+            *(["--array", str(array)] if array is not None else []),
         ],
         env={**os.environ, **(env or {})},
         stdout=subprocess.PIPE,
@@ -53,6 +57,23 @@ def _worker(storage: str, tracking: str, max_idle: float, env: dict | None = Non
         text=True,
         start_new_session=True,
     )
+
+
+def _submitted(cfg, store: str, tmp_path, request) -> tuple[str, str]:
+    """``cfg`` submitted to new stores of ``store``'s kind ("sqlite": files in ``tmp_path``;
+    "postgresql": the module's database), MLflow's tables made as its server makes them
+    first: the storage URL and tracking URI."""
+    from lrsearch.service.queue import submit
+    from lrsearch.store.urls import schema_url
+
+    if store == "sqlite":
+        stores = (f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    else:
+        pg = request.getfixturevalue("pg_url")
+        stores = (pg, schema_url(pg, "mlflow"))
+    submit(cfg, storage=stores[0], tracking=stores[1])  # (on PostgreSQL: the schemas)
+    MlflowClient(stores[1]).search_experiments()
+    return stores
 
 
 def _row(stores: tuple[str, str], name: str) -> dict:
