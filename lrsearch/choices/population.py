@@ -173,11 +173,7 @@ def pairs(values: Sequence[float], direction: str, quantile: float, rng: random.
     their trials' order): each of the bottom ``quantile`` copies one of the top ``quantile``,
     drawn at random; ties go to the earlier member, and a non-finite value ranks last. As
     Ray Tune's PBT: ceil(K × quantile) each side, at most half the population."""
-    sign = -1.0 if direction == "maximize" else 1.0
-    order = sorted(
-        range(len(values)),
-        key=lambda i: (not math.isfinite(values[i]), sign * values[i] if math.isfinite(values[i]) else 0, i),
-    )
+    order = _ranked(values, direction)
     n = min(math.ceil(len(values) * quantile), len(values) // 2)
     if n == 0:
         return []
@@ -190,15 +186,21 @@ def sources(
 ) -> list[tuple[int, int]]:
     """``(copier, source)`` for the members that diverged (``broken``), replaced at once by
     a copy of a member of the top ``quantile`` of the others (none if every member broke)."""
-    sign = -1.0 if direction == "maximize" else 1.0
-    fine = sorted(
-        (i for i in range(len(values)) if i not in broken and math.isfinite(values[i])),
-        key=lambda i: (sign * values[i], i),
-    )
+    fine = [i for i in _ranked(values, direction) if i not in broken and math.isfinite(values[i])]
     if not fine:
         return []
     top = fine[: max(1, math.ceil(len(values) * quantile))]
     return [(i, rng.choice(top)) for i in broken]
+
+
+def _ranked(values: Sequence[float], direction: str) -> list[int]:
+    """Indices into ``values``, best first in ``direction``; ties to the earlier, a
+    non-finite value last."""
+    sign = -1.0 if direction == "maximize" else 1.0
+    return sorted(
+        range(len(values)),
+        key=lambda i: (not math.isfinite(values[i]), sign * values[i] if math.isfinite(values[i]) else 0, i),
+    )
 
 
 def seeded(study_seed: int | None, epoch: int, keys: Sequence[str]) -> random.Random:

@@ -49,16 +49,20 @@ class Population:
         last, the bottom of each population copies its top. Each copy is recorded on the
         copier's result (``exploits``) and history (``COPIED_FROM``)."""
         members = array.members
-        if not any((m.epoch + 1) % self.every == 0 or m.result.diverged_at is not None for m in members):
-            return  # the common case, every boundary: nothing due
+        # A member at its last epoch is about to end: no copy would train.
+        going_on = [m.epoch + 1 < m.epochs for m in members]
+        due = {
+            m.epoch
+            for m, on in zip(members, going_on)
+            if on and (self._exploits_after(m.epoch) or m.result.diverged_at is not None)
+        }
+        if not due:
+            return  # the common case, every boundary
         started = time.perf_counter()
         by_epoch: dict[int, list[int]] = {}
-        for slot, m in enumerate(members):
-            if m.epoch + 1 < m.epochs:  # a member at its last epoch is about to end: no copy would train
+        for slot, (m, on) in enumerate(zip(members, going_on)):
+            if on and m.epoch in due:
                 by_epoch.setdefault(m.epoch, []).append(slot)
-        due = {epoch for epoch in by_epoch if (epoch + 1) % self.every == 0}
-        due |= {m.epoch for m in members if m.result.diverged_at is not None and m.epoch in by_epoch}
-        by_epoch = {epoch: slots for epoch, slots in by_epoch.items() if epoch in due}
         copies: list[tuple[Member, Member, dict[str, Any], str]] = []
         for epoch, slots in by_epoch.items():
             numbers = {s: _number(members[s].key) for s in slots}
@@ -68,7 +72,7 @@ class Population:
             broken = [i for i, s in enumerate(peers) if members[s].result.diverged_at is not None]
             chosen = sources(scores, broken, self.direction, self.config.quantile, rng) if broken else []
             why = {i: f"diverged (non-finite {members[peers[i]].result.diverged_on})" for i, _ in chosen}
-            if (epoch + 1) % self.every == 0:  # ranked among the members that did not diverge
+            if self._exploits_after(epoch):  # ranked among the members that did not diverge
                 fine = [i for i in range(len(peers)) if i not in broken]
                 for i, source in pairs([scores[i] for i in fine], self.direction, self.config.quantile, rng):
                     chosen.append((fine[i], fine[source]))
@@ -92,6 +96,10 @@ class Population:
         if copies:
             array.copy_members([(copier, original, hp) for copier, original, hp, _ in copies])
         self.seconds += time.perf_counter() - started
+
+    def _exploits_after(self, epoch: int) -> bool:
+        """Whether the members that finish ``epoch`` are ranked and the bottom copy the top."""
+        return (epoch + 1) % self.every == 0
 
 
 def _number(key: str) -> int:
