@@ -293,15 +293,12 @@ def _register(session: Session) -> None:
 def register_model(
     study: optuna.Study, url: str, tracker: Tracker, experiment_id: str, *, retry: Any = None
 ) -> Registered | None:
-    """The study's best COMPLETE trial's network as the newest version of the registered
-    model named after the study (alias ``best``), unless it already is; kept in the study's
-    attributes (``StudyRecord.model``) for ``best``, the ``studies`` view and the description. None
-    when no trial completed with a run. The model is logged outside the store lock (it takes
-    seconds); its version is made under it, if the trial is still the best: one version per
-    best trial, however many processes register at once (``retry``: how the lock waits out a
-    lost connection)."""
+    """The study's best COMPLETE trial with a run as its registered model (see
+    :func:`~lrsearch.track.models.register_best`), kept in the study's attributes
+    (``StudyRecord.model``) for ``best``, the ``studies`` view and the description (``retry``:
+    how the store lock waits out a lost connection)."""
     from lrsearch.results.ranking import best_trials
-    from lrsearch.track.models import Candidate, log_model, register_version, registered
+    from lrsearch.track.models import Candidate, register_best
 
     record = StudyRecord.from_attrs(study.user_attrs)  # one read: each access is a query
     metric = record.metric or "objective"
@@ -315,14 +312,8 @@ def register_model(
     candidate = best()
     if candidate is None:
         return None
-    result = tracker.run(registered, study.study_name, candidate)
-    if result is None:
-        model_id = tracker.run(log_model, experiment_id, study.study_name, candidate)
-        with store_lock(url, retry):
-            if best() != candidate:  # a better trial since: its own registration makes its version
-                return tracker.run(registered, study.study_name)
-            result = tracker.run(register_version, study.study_name, model_id, candidate)
-    if record.model != result.record():
+    result = register_best(tracker, experiment_id, study.study_name, candidate, best, store_lock(url, retry))
+    if result is not None and result.run_id == candidate.run_id and record.model != result.record():
         for key, value in StudyRecord.to_attrs(model=result.record()).items():
             study.set_user_attr(key, value)
     return result

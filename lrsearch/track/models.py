@@ -10,7 +10,8 @@ features' scaling and the classes' labels travel inside it.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -82,6 +83,30 @@ class Candidate:
     run_id: str
     metric: str
     value: float
+
+
+def register_best(
+    tracker: Tracker,
+    experiment_id: str,
+    name: str,
+    candidate: Candidate,
+    best: Callable[[], Candidate | None],
+    lock: AbstractContextManager[Any],
+) -> Registered | None:
+    """The study's best trial, ``candidate``, as the newest version of registered model
+    ``name`` (alias ``best``), unless it already is. The model is logged outside ``lock`` (the
+    store lock: it takes seconds); its version is made under it if ``best()`` (the one ranking
+    of the study's trials, read again) still gives the candidate: one version per best trial,
+    however many processes register at once. Else the model as the registry has it (the
+    better trial's registration makes its version), or None."""
+    found = tracker.run(registered, name, candidate)
+    if found is not None:
+        return found
+    model_id = tracker.run(log_model, experiment_id, name, candidate)
+    with lock:
+        if best() != candidate:
+            return tracker.run(registered, name)
+        return tracker.run(register_version, name, model_id, candidate)
 
 
 def registered(tracker: Tracker, name: str, candidate: Candidate | None = None) -> Registered | None:
