@@ -28,7 +28,8 @@ from mlflow import MlflowClient
 from scratch import scratch_database
 
 from lrsearch.core.attrs import HYPERPARAMETERS, MLFLOW_RUN
-from lrsearch.sql.queries import ResultsDatabase, ensure_indexes, ensure_views
+from lrsearch.sql.queries import ResultsDatabase
+from lrsearch.sql.schema import ensure_indexes, ensure_views
 from lrsearch.store.postgres import prepare_database
 from lrsearch.store.storage import open_storage
 from lrsearch.store.urls import schema_url

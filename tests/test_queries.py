@@ -10,7 +10,8 @@ from conftest import fill_results as _fill
 from mlflow import MlflowClient
 
 from lrsearch.core.errors import UsageError
-from lrsearch.sql.queries import ResultsDatabase, best_trials_sql, schema_script
+from lrsearch.sql.queries import ResultsDatabase, best_trials_sql
+from lrsearch.sql.schema import schema_script
 from lrsearch.store.postgres import prepare_database
 from lrsearch.store.storage import open_storage
 from lrsearch.store.urls import schema_url
@@ -135,7 +136,7 @@ def test_sqlite_schema_script_runs_in_a_plain_sqlite_connection(tmp_path):
 def test_postgres_views_are_idempotent_and_in_their_schema(pg_url):
     import sqlalchemy as sa
 
-    from lrsearch.sql.queries import ensure_views
+    from lrsearch.sql.schema import ensure_views
 
     prepare_database(pg_url)
     MlflowClient(tracking_uri=schema_url(pg_url, "mlflow")).search_experiments()  # MLflow's tables
@@ -162,7 +163,7 @@ def test_the_docs_queries_give_the_same_answers_on_both_dialects(stores):
     from decimal import Decimal
     from pathlib import Path
 
-    from lrsearch.sql.queries import _statements
+    from lrsearch.sql.schema import _statements
 
     page = (Path(__file__).parent.parent / "docs" / "sql.md").read_text()
     block = page.split("```sql\n", 1)[1].split("```", 1)[0]
@@ -189,7 +190,7 @@ def test_postgres_views_come_from_server_and_sql_and_are_replaced_when_they_chan
     from conftest import PG_ADMIN_URL, missing
 
     from lrsearch.service.server import backend_uri
-    from lrsearch.sql.queries import ensure_views
+    from lrsearch.sql.schema import ensure_views
 
     name = f"lrsearch_views_{uuid.uuid4().hex[:10]}"
     admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)

@@ -17,7 +17,9 @@ from conftest import fill_results
 from mlflow import MlflowClient
 
 from lrsearch.core.errors import UsageError
-from lrsearch.sql.queries import ResultsDatabase, ensure_views, grant_reader
+from lrsearch.sql.queries import ResultsDatabase
+from lrsearch.sql.readers import grant_reader
+from lrsearch.sql.schema import ensure_views
 from lrsearch.store.postgres import prepare_database
 from lrsearch.store.urls import schema_url
 
@@ -116,7 +118,7 @@ def test_a_slow_query_stops_at_the_timeout(results_pg, reader_url, attack):
 
 
 def test_the_reader_reads_the_views_and_the_readme_queries(results_pg, reader_url):
-    from lrsearch.sql.queries import _statements
+    from lrsearch.sql.schema import _statements
 
     with ResultsDatabase(reader_url, user_sql=True) as db:
         assert db.query("SELECT count(*) FROM trials").rows == [(12,)]

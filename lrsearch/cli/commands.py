@@ -387,7 +387,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_sql(args: argparse.Namespace) -> int:
-    from lrsearch.sql.queries import ResultsDatabase, grant_reader, schema_script
+    from lrsearch.sql.queries import ResultsDatabase
+    from lrsearch.sql.readers import grant_reader
+    from lrsearch.sql.schema import schema_script
 
     if args.schema:
         print(schema_script(args.storage, args.tracking_uri))

@@ -109,7 +109,7 @@ def wall_s(t: FrozenTrial) -> float | None:
     """A trial's wall time: from its stored start (its claim) to its stored completion, in
     whole milliseconds (rounded half away from zero), in seconds; the arrays' trials all
     share their array's wall time. The views compute the same from the stored times (the
-    ``seconds`` macro in queries.py), so one trial shows one number."""
+    ``seconds`` macro in sql/schema.py), so one trial shows one number."""
     if t.datetime_start is None or t.datetime_complete is None:
         return None
     micro = (t.datetime_complete - t.datetime_start) // timedelta(microseconds=1)  # exact

@@ -18,7 +18,7 @@ from lrsearch.core.errors import UsageError, shown
 from lrsearch.core.phase import explain
 from lrsearch.core.study_record import Cancellation, StudyRecord, utc_now
 from lrsearch.fit.lr_find import range_test, record_range_test
-from lrsearch.sql.queries import ensure_indexes
+from lrsearch.sql.schema import ensure_indexes
 from lrsearch.store.folders import report_dir
 from lrsearch.store.heartbeat import grace_period
 from lrsearch.store.queue_store import QueueStore

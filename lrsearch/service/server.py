@@ -112,7 +112,7 @@ def _create_tables(backend: str, db: str) -> None:
     views over both can be created before the server runs."""
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
-    from lrsearch.sql.queries import ensure_views
+    from lrsearch.sql.schema import ensure_views
     from lrsearch.store.lock import close_connections
     from lrsearch.store.storage import open_storage
     from lrsearch.track.tracking import quiet_mlflow

@@ -1,2 +1,3 @@
-"""The SQL views over Optuna's and MLflow's tables (views.sql), and the read-only database that
-answers queries on them."""
+"""The SQL views over Optuna's and MLflow's tables (views.sql, installed by schema.py), the
+read-only database that answers queries on them (queries.py), and the PostgreSQL role that
+may only read them (readers.py)."""

@@ -8,53 +8,27 @@ names work unqualified, so one query text runs on both.
 A query a user wrote (``lrsearch sql``) runs as exactly one statement, in a transaction
 that stays read-only and is always rolled back, under a statement timeout; on PostgreSQL
 only as a role that can neither write lrsearch's tables nor reach the server's files and
-programs (``grant_reader`` creates one), because a superuser's session has ways around
-any read-only setting. On SQLite an authorizer allows reading only.
+programs (readers.py's ``grant_reader`` creates one), because a superuser's session has
+ways around any read-only setting. On SQLite an authorizer allows reading only.
 """
 
 from __future__ import annotations
 
-import base64
-import contextlib
-import hashlib
-import hmac
 import json
-import os
-import re
 import sqlite3
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from importlib import resources
 from typing import Any
 
 from lrsearch.choices.space import in_sampling_order
-from lrsearch.core import attrs
 from lrsearch.core.errors import LrsearchError, UsageError, first_line, unknown_study
 from lrsearch.core.text import shown_params
-from lrsearch.store.lock import store_lock
-from lrsearch.store.postgres import prepare_database
+from lrsearch.sql.schema import _pg_view_version, ensure_views, view_sql, views_version
 from lrsearch.store.retry import reason
 from lrsearch.store.urls import is_postgres, libpq_url, redact, sqlite_path, storage_url, tracking_uri, with_user
 
-VIEWS = ("trials", "best_trials", "studies")
 DEFAULT_TIMEOUT_S = 30.0
-# What a reader role may read besides the views: the tables they read, and MLflow's metric
-# history (for whole curves, as in the last example of docs/sql.md). Nothing else.
-READER_TABLES = (
-    "optuna.studies",
-    "optuna.study_directions",
-    "optuna.study_user_attributes",
-    "optuna.trials",
-    "optuna.trial_values",
-    "optuna.trial_params",
-    "optuna.trial_user_attributes",
-    "mlflow.runs",
-    "mlflow.latest_metrics",
-    "mlflow.metrics",
-)
-READER_PASSWORD_ENV = "LRSEARCH_READER_PASSWORD"
-_ROLE_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 # A role that can do more than read: write lrsearch's tables or views, create in their
 # schemas, or act as the server's OS user or on other sessions.
 _PRIVILEGED_SQL = """
@@ -71,117 +45,8 @@ SELECT r.rolsuper OR r.rolcreaterole OR r.rolreplication OR r.rolbypassrls
 FROM pg_roles r WHERE r.rolname = current_user
 """
 JSON_COLUMNS = {"params", "best_params", "pbt"}
-# Indexes the views' plans need on Optuna's tables (named lrsearch_*, created idempotently).
-INDEXES = (
-    "CREATE INDEX IF NOT EXISTS lrsearch_trials_study_state ON {optuna}trials (study_id, state, number, trial_id)",
-    "CREATE INDEX IF NOT EXISTS lrsearch_trial_values_value ON {optuna}trial_values "
-    "(trial_id, objective, value_type, value)",
-)
-
-_NUM = "DOUBLE PRECISION"
-_MACROS: dict[str, dict[str, str]] = {
-    "postgresql": {
-        "create_view": "CREATE VIEW lrsearch.{0} AS",
-        "view": "lrsearch.{0}",
-        "text": "(({0})::jsonb ->> '{1}')",
-        "number": "CAST(({0})::jsonb ->> '{1}' AS " + _NUM + ")",
-        "final_text": "(({0})::jsonb -> 'final' ->> '{1}')",
-        "final_number": "CAST(({0})::jsonb -> 'final' ->> '{1}' AS " + _NUM + ")",
-        "json": "(({0})::jsonb)",
-        "scalar": "(({0})::jsonb #>> ARRAY[]::text[])",
-        "choice_json": "(({0})::jsonb -> 'attributes' -> 'choices' -> CAST({1} AS INTEGER))",
-        "choice_text": "(({0})::jsonb -> 'attributes' -> 'choices' ->> CAST({1} AS INTEGER))",
-        "to_json": "to_jsonb({0})",
-        "object_agg": "COALESCE(jsonb_object_agg({0}, {1}), jsonb_build_object())",
-        # A trial's duration (results.duration_s's rule): whole milliseconds, half away from zero.
-        "seconds": "CAST(round(CAST(EXTRACT(EPOCH FROM ({1} - {0})) AS NUMERIC), 3) AS " + _NUM + ")",
-        # The ranked trials' details, looked up one by one by a function the planner cannot
-        # inline (it has a SET clause) and costs as one cheap row: it guesses the ranking's
-        # output from all of the study's trials, and would otherwise plan (and JIT-compile)
-        # the details of every one of them.
-        "trial_lookup": "CREATE FUNCTION lrsearch.trial_row(wanted INTEGER) RETURNS SETOF lrsearch.trials "
-        "LANGUAGE sql STABLE ROWS 1 SET jit = off "
-        "AS 'SELECT * FROM lrsearch.trials WHERE trial_id = wanted';",
-        "join_trial": "CROSS JOIN LATERAL lrsearch.trial_row({1}) {0}",
-    },
-    "sqlite": {
-        "create_view": "CREATE TEMP VIEW {0} AS",
-        "view": "{0}",
-        "text": "json_extract({0}, '$.{1}')",
-        "number": "CAST(json_extract({0}, '$.{1}') AS " + _NUM + ")",
-        "final_text": "json_extract({0}, '$.final.{1}')",
-        "final_number": "CAST(json_extract({0}, '$.final.{1}') AS " + _NUM + ")",
-        "json": "json({0})",
-        "scalar": "json_extract({0}, '$')",
-        # As JSON: json_extract alone turns a boolean choice into 1 or 0 (SQLite has no booleans).
-        "choice_json": "json(CASE json_type({0}, '$.attributes.choices[' || CAST({1} AS INTEGER) || ']') "
-        "WHEN 'true' THEN 'true' WHEN 'false' THEN 'false' ELSE json_quote(json_extract({0}, "
-        "'$.attributes.choices[' || CAST({1} AS INTEGER) || ']')) END)",
-        "choice_text": "json_extract({0}, '$.attributes.choices[' || CAST({1} AS INTEGER) || ']')",
-        "to_json": "{0}",
-        "object_agg": "json_group_object({0}, {1})",
-        # As on PostgreSQL, from the exact microseconds of the stored text ('YYYY-MM-DD
-        # HH:MM:SS.ffffff', as SQLAlchemy writes it): SQLite's date functions read a time to the
-        # millisecond only, so julianday's difference could end a millisecond off.
-        "seconds": "(round(((CAST(strftime('%s', substr({1}, 1, 19)) AS INTEGER) "
-        "- CAST(strftime('%s', substr({0}, 1, 19)) AS INTEGER)) * 1000000 "
-        "+ CAST(substr({1} || '000000', 21, 6) AS INTEGER) "
-        "- CAST(substr({0} || '000000', 21, 6) AS INTEGER)) / 1000.0) / 1000.0)",
-        "trial_lookup": "",
-        "join_trial": "JOIN trials {0} ON {0}.trial_id = {1}",
-    },
-}
-# Macros written the same way in both dialects, in terms of the ones above.
-_SHARED = {
-    # A param decoded to its label (categoricals) or value, as text / as a number.
-    "param_text": "(SELECT CASE WHEN {{text: p.distribution_json ;; name}} = 'CategoricalDistribution' "
-    "THEN {{choice_text: p.distribution_json ;; p.param_value}} ELSE CAST(p.param_value AS TEXT) END "
-    "FROM optuna.trial_params p WHERE p.trial_id = t.trial_id AND p.param_name = '{0}')",
-    "param_number": "(SELECT CASE WHEN {{text: p.distribution_json ;; name}} = 'CategoricalDistribution' "
-    "THEN CAST({{choice_text: p.distribution_json ;; p.param_value}} AS " + _NUM + ") "
-    "ELSE p.param_value END "
-    "FROM optuna.trial_params p WHERE p.trial_id = t.trial_id AND p.param_name = '{0}')",
-    # MLflow's last value of a metric: NULL for NaN (stored as 0 with is_nan) and for +-inf
-    # (stored as +-1.797e308).
-    "final_metric": "(SELECT CASE WHEN lm.is_nan OR abs(lm.value) >= 1.7976931348623157e308 THEN NULL "
-    "ELSE lm.value END FROM mlflow.latest_metrics lm "
-    "WHERE lm.run_uuid = r.run_uuid AND lm.key = '{0}')",
-}
-_MACRO = re.compile(r"\{(\w+)(?::([^{}]*))?\}")
 # What a reader's query may do on SQLite (the authorizer allows these and denies the rest).
 _READER_ACTIONS = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION, sqlite3.SQLITE_RECURSIVE}
-
-
-def view_sql(dialect: str) -> str:
-    """The views' definitions in ``dialect`` ("postgresql" or "sqlite")."""
-    text = resources.files("lrsearch").joinpath("sql/views.sql").read_text()
-    templates = {**_SHARED, **_MACROS[dialect]}
-
-    def expand(match: re.Match[str]) -> str:
-        args = [a.strip() for a in (match.group(2) or "").split(";;")]
-        if match.group(1) == "attr":  # an attribute key, as a string literal: see attrs.py
-            return f"'{attrs.SQL_NAMES[args[0]]}'"
-        return templates[match.group(1)].format(*args)
-
-    previous = None
-    while previous != text:  # innermost macros first, until none is left
-        previous, text = text, _MACRO.sub(expand, text)
-    return text
-
-
-def schema_script(storage: str | None = None, tracking: str | None = None) -> str:
-    """The SQL behind the views for this store: on SQLite, a script for the ``sqlite3`` shell
-    (ATTACH both files, then the TEMP views); on PostgreSQL, the ``lrsearch`` views."""
-    url = storage_url(storage)
-    if is_postgres(url):
-        return "SET search_path TO lrsearch, optuna, mlflow, public;\n" + view_sql("postgresql")
-    optuna_file, mlflow_file = sqlite_path(url), sqlite_path(tracking_uri(tracking))
-    if optuna_file is None or mlflow_file is None:
-        raise UsageError("--schema needs SQLite files or a PostgreSQL database for both stores")
-    return (
-        f"ATTACH DATABASE '{optuna_file.resolve()}' AS optuna;\n"
-        f"ATTACH DATABASE '{mlflow_file.resolve()}' AS mlflow;\n" + view_sql("sqlite")
-    )
 
 
 @dataclass
@@ -335,79 +200,6 @@ def best_trials_sql(storage: str | None, tracking: str | None, name: str, top: i
     return rows
 
 
-def ensure_views(url: str) -> bool:
-    """Create or replace the ``lrsearch`` views (and their indexes) on a PostgreSQL database,
-    unless they are already current. Safe while workers run: one transaction under the
-    store's lock, on the lock's own connection (a worker holds no more connections for it).
-    Returns False when MLflow's tables are not (yet) in the database."""
-    import sqlalchemy as sa
-
-    prepare_database(url)
-    sql = view_sql("postgresql")
-    version = views_version()
-    with store_lock(url) as lock:
-        conn = lock.connection
-        try:
-            if _pg_view_version(conn) == version:
-                return True
-            if conn.execute(
-                sa.text("SELECT to_regclass('mlflow.latest_metrics') IS NULL OR to_regclass('optuna.trials') IS NULL")
-            ).scalar():
-                return False
-            readers = _view_readers(conn)  # a new view has no grants: give the readers theirs back
-            for view in reversed(VIEWS):
-                conn.execute(sa.text(f"DROP VIEW IF EXISTS lrsearch.{view} CASCADE"))
-            for statement in _statements(sql):
-                conn.exec_driver_sql(statement)
-            for index in INDEXES:
-                conn.exec_driver_sql(index.format(optuna="optuna."))
-            for reader in readers:
-                conn.exec_driver_sql(f"GRANT SELECT ON {', '.join('lrsearch.' + v for v in VIEWS)} TO {reader}")
-            conn.exec_driver_sql(f"COMMENT ON VIEW lrsearch.trials IS '{version}'")
-            conn.commit()
-        finally:
-            conn.rollback()  # nothing left open on the lock's connection
-        return True
-
-
-def ensure_indexes(url: str) -> None:
-    """Create the views' indexes on an SQLite Optuna store (``lrsearch sql`` opens it read-only)."""
-    path = sqlite_path(url)
-    if path is None or not path.exists():
-        return
-    with contextlib.closing(sqlite3.connect(path, timeout=60)) as conn, conn:
-        for index in INDEXES:
-            conn.execute(index.format(optuna=""))
-
-
-def views_version() -> str:
-    """The views' version: a digest of their SQL, stored as a comment on ``lrsearch.trials``."""
-    return "lrsearch views " + hashlib.sha256(view_sql("postgresql").encode()).hexdigest()[:16]
-
-
-def _pg_view_version(conn: Any) -> str | None:
-    """The version of the views on a connection (SQLAlchemy's or psycopg's)."""
-    sql = "SELECT obj_description(to_regclass('lrsearch.trials'), 'pg_class')"
-    if hasattr(conn, "exec_driver_sql"):
-        return conn.exec_driver_sql(sql).scalar()
-    return conn.execute(sql).fetchone()[0]
-
-
-def _view_readers(conn: Any) -> list[str]:
-    """The roles (quoted) granted SELECT on ``lrsearch.trials``, but for its owner."""
-    import sqlalchemy as sa
-
-    return list(
-        conn.execute(
-            sa.text(
-                "SELECT DISTINCT quote_ident(a.grantee::regrole::text) FROM pg_class c, aclexplode(c.relacl) a "
-                "WHERE c.oid = to_regclass('lrsearch.trials') AND a.privilege_type = 'SELECT' "
-                "AND a.grantee <> c.relowner AND a.grantee <> 0"
-            )
-        ).scalars()
-    )
-
-
 def _connect_pg(url: str, user_sql: bool) -> Any:
     import psycopg
 
@@ -443,88 +235,10 @@ def _conninfo(url: str) -> str:
     return libpq_url(url)
 
 
-def grant_reader(url: str, role: str) -> str:
-    """Create (or update) the PostgreSQL role ``role`` that may only read results: LOGIN,
-    SELECT on the ``lrsearch`` views and the tables in :data:`READER_TABLES`, its sessions
-    read-only with the views first on their search path. Its password, if any, comes from
-    ``$LRSEARCH_READER_PASSWORD`` and is sent as a SCRAM verifier, never in clear. Run it
-    with a superuser's (or a CREATEROLE owner's) URL. Returns the URL to read with."""
-    import psycopg
-    from psycopg import sql
-
-    if not _ROLE_NAME.fullmatch(role):
-        raise UsageError(f"--grant-reader: expected a role name of lowercase letters, digits and '_', got {role!r}")
-    if not is_postgres(storage_url(url)):
-        raise UsageError(
-            "--grant-reader needs a PostgreSQL --storage (the embedded files are read-only for lrsearch sql)"
-        )
-    url = storage_url(url)
-    if not ensure_views(url):
-        raise LrsearchError(f"no MLflow tables in {redact(url)} yet: start `lrsearch server` on it first")
-    password = os.environ.get(READER_PASSWORD_ENV) or None
-    ident = sql.Identifier(role)
-    try:
-        with psycopg.connect(_conninfo(url), connect_timeout=10, autocommit=False) as conn:
-            found = conn.execute("SELECT oid FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
-            if found is None:
-                conn.execute(
-                    sql.SQL(
-                        "CREATE ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOINHERIT NOREPLICATION NOBYPASSRLS"
-                    ).format(ident)
-                )
-            elif _first(
-                conn.execute(
-                    "SELECT rolsuper OR rolcreaterole OR rolreplication OR rolbypassrls "
-                    "FROM pg_roles WHERE rolname = %s",
-                    (role,),
-                )
-            ):
-                raise UsageError(f"--grant-reader: role {role!r} exists and can do more than read; choose another name")
-            if password is not None:
-                conn.execute(sql.SQL("ALTER ROLE {} PASSWORD {}").format(ident, sql.Literal(_scram(password))))
-            database = sql.Identifier(conn.info.dbname)
-            conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(database, ident))
-            conn.execute(sql.SQL("GRANT USAGE ON SCHEMA lrsearch, optuna, mlflow TO {}").format(ident))
-            tables = [f"lrsearch.{v}" for v in VIEWS] + list(READER_TABLES)
-            conn.execute(
-                sql.SQL("GRANT SELECT ON {} TO {}").format(
-                    sql.SQL(", ").join(sql.Identifier(*t.split(".")) for t in tables), ident
-                )
-            )
-            for setting, value in (
-                ("search_path", sql.SQL("lrsearch, optuna, mlflow")),
-                ("default_transaction_read_only", sql.Literal("on")),
-                ("statement_timeout", sql.Literal(f"{int(DEFAULT_TIMEOUT_S)}s")),
-            ):
-                conn.execute(
-                    sql.SQL("ALTER ROLE {} IN DATABASE {} SET {} = {}").format(
-                        ident, database, sql.Identifier(setting), value
-                    )
-                )
-            conn.commit()
-    except psycopg.errors.InsufficientPrivilege as e:
-        raise UsageError(
-            f"--grant-reader: {reason(e)} (use a superuser's URL, or a CREATEROLE role that owns the schemas)"
-        ) from None
-    except psycopg.OperationalError as e:
-        raise LrsearchError(f"cannot connect to {redact(url)}: {reason(e)}") from None
-    return with_user(url, role)
-
-
 def _first(cursor: Any) -> Any:
     """The first column of a query's one row (None if it returned none)."""
     row = cursor.fetchone()
     return None if row is None else row[0]
-
-
-def _scram(password: str, iterations: int = 4096) -> str:
-    """PostgreSQL's SCRAM-SHA-256 verifier of ``password`` (as psql's \\password sends it)."""
-    salt = os.urandom(16)
-    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
-    client_key = hmac.new(salted, b"Client Key", "sha256").digest()
-    server_key = hmac.new(salted, b"Server Key", "sha256").digest()
-    b64 = lambda b: base64.b64encode(b).decode()  # noqa: E731
-    return f"SCRAM-SHA-256${iterations}:{b64(salt)}${b64(hashlib.sha256(client_key).digest())}:{b64(server_key)}"
 
 
 def _connect_sqlite(storage: str, tracking: str) -> sqlite3.Connection:
@@ -560,12 +274,6 @@ def _connect_sqlite(storage: str, tracking: str) -> sqlite3.Connection:
 
 def _read_only(action: int, *args: Any) -> int:
     return sqlite3.SQLITE_OK if action in _READER_ACTIONS else sqlite3.SQLITE_DENY
-
-
-def _statements(sql: str) -> list[str]:
-    """The statements of a script whose comments are whole lines (as in sql/views.sql)."""
-    code = "\n".join(line for line in sql.splitlines() if not line.lstrip().startswith("--"))
-    return [statement.strip() for statement in code.split(";") if statement.strip()]
 
 
 def _query_error(e: Exception, timeout: float) -> str:

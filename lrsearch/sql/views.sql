@@ -1,6 +1,6 @@
 -- lrsearch's SQL views over Optuna's tables (schema `optuna`) and MLflow's (schema `mlflow`).
 -- One text for PostgreSQL and SQLite: a macro name and its arguments (split by ;;) in
--- braces mark the few dialect-specific expressions, expanded by lrsearch/sql/queries.py;
+-- braces mark the few dialect-specific expressions, expanded by lrsearch/sql/schema.py;
 -- the attr macro gives the key of an Optuna attribute (lrsearch/core/attrs.py).
 -- On PostgreSQL the views live in schema `lrsearch`; on SQLite they are TEMP views over the attached `optuna` and `mlflow` files.
 
