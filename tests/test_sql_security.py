@@ -3,17 +3,20 @@ reader role) and on the embedded SQLite files: every attack fails and changes no
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from conftest import fill_results
+from conftest import fill_results, free_port, missing
 from mlflow import MlflowClient
 
 from lrsearch.core.errors import UsageError
@@ -147,6 +150,64 @@ def test_grant_reader_refuses_a_privileged_role_and_a_bad_name(results_pg):
         grant_reader(results_pg, "postgres")
     with pytest.raises(UsageError, match="expected a role name of lowercase letters"):
         grant_reader(results_pg, 'x"; DROP TABLE optuna.trials; --')
+
+
+READER_PASSWORD = "r3ader-s3cret-pw"
+
+
+@pytest.fixture(scope="module")
+def scram_server():
+    """A private PostgreSQL (its socket folder and port) that asks every TCP login for its
+    password by SCRAM: the shared one trusts every login, so any password would do there."""
+    initdb = shutil.which("initdb") or next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))), None)
+    if initdb is None:
+        missing("initdb", "a private PostgreSQL checks the reader's password: install PostgreSQL's server")
+    bindir = Path(initdb).parent
+    folder = Path(tempfile.mkdtemp(prefix="lrsearch-scram-"))
+    as_owner: list[str] = []
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+        as_owner = ["runuser", "-u", "postgres", "--"]
+        shutil.chown(folder, "postgres")
+    data, port = folder / "data", free_port()
+    pg_ctl = [*as_owner, str(bindir / "pg_ctl"), "-D", str(data)]
+    run = {"check": True, "capture_output": True, "timeout": 120}
+    subprocess.run(
+        [*as_owner, initdb, "-D", str(data), "-U", "postgres", "-N", "--auth-local=trust", "--auth-host=scram-sha-256"],
+        **run,
+    )
+    options = f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off"
+    subprocess.run([*pg_ctl, "-l", str(folder / "log"), "-w", "-o", options, "start"], **run)
+    yield folder, port
+    subprocess.run([*pg_ctl, "-m", "immediate", "stop"], capture_output=True, timeout=120)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_the_reader_logs_in_with_its_password_and_no_other(results_pg, scram_server, monkeypatch):
+    import psycopg
+    from psycopg import sql
+
+    role = f"lrsearch_reader_{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv("LRSEARCH_READER_PASSWORD", READER_PASSWORD)
+    url = grant_reader(results_pg, role)
+    engine = sa.create_engine(results_pg, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
+    with engine.connect() as conn:
+        verifier = conn.execute(
+            sa.text("SELECT rolpassword FROM pg_authid WHERE rolname = :role"), {"role": role}
+        ).scalar()
+        conn.execute(sa.text(f"DROP OWNED BY {role}"))
+        conn.execute(sa.text(f"DROP ROLE {role}"))
+    engine.dispose()
+    assert READER_PASSWORD not in url and verifier.startswith("SCRAM-SHA-256$") and READER_PASSWORD not in verifier
+    # The verifier grant_reader stored, on a server that checks it: the password logs in, another does not.
+    folder, port = scram_server
+    with psycopg.connect(host=str(folder), port=port, user="postgres", dbname="postgres", autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(role), sql.Literal(verifier)))
+    login = {"host": "127.0.0.1", "port": port, "user": role, "dbname": "postgres", "connect_timeout": 10}
+    with psycopg.connect(**login, password=READER_PASSWORD) as conn:
+        assert conn.pgconn.used_password and conn.execute("SELECT current_user").fetchone() == (role,)
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        psycopg.connect(**login, password="not-" + READER_PASSWORD)
 
 
 def test_the_cli_refuses_in_one_line_with_exit_2(results_pg, reader_url, tmp_path):

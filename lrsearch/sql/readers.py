@@ -4,9 +4,6 @@ needs to run a query a user wrote."""
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
 import os
 import re
 
@@ -72,7 +69,9 @@ def grant_reader(url: str, role: str) -> str:
             ):
                 raise UsageError(f"--grant-reader: role {role!r} exists and can do more than read; choose another name")
             if password is not None:
-                conn.execute(sql.SQL("ALTER ROLE {} PASSWORD {}").format(ident, sql.Literal(_scram(password))))
+                # libpq's SCRAM verifier, made here as psql's \password makes it: no clear text is sent.
+                verifier = conn.pgconn.encrypt_password(password.encode(), role.encode(), b"scram-sha-256").decode()
+                conn.execute(sql.SQL("ALTER ROLE {} PASSWORD {}").format(ident, sql.Literal(verifier)))
             database = sql.Identifier(conn.info.dbname)
             conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(database, ident))
             conn.execute(sql.SQL("GRANT USAGE ON SCHEMA lrsearch, optuna, mlflow TO {}").format(ident))
@@ -100,13 +99,3 @@ def grant_reader(url: str, role: str) -> str:
     except psycopg.OperationalError as e:
         raise LrsearchError(f"cannot connect to {redact(url)}: {reason(e)}") from None
     return with_user(url, role)
-
-
-def _scram(password: str, iterations: int = 4096) -> str:
-    """PostgreSQL's SCRAM-SHA-256 verifier of ``password`` (as psql's \\password sends it)."""
-    salt = os.urandom(16)
-    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
-    client_key = hmac.new(salted, b"Client Key", "sha256").digest()
-    server_key = hmac.new(salted, b"Server Key", "sha256").digest()
-    b64 = lambda b: base64.b64encode(b).decode()  # noqa: E731
-    return f"SCRAM-SHA-256${iterations}:{b64(salt)}${b64(hashlib.sha256(client_key).digest())}:{b64(server_key)}"
