@@ -360,7 +360,8 @@ def _trial(state, value=None, params=None, user_attrs=None, values=None):
 
 
 def fill_results(storage_url: str, client) -> None:
-    """Studies ``acc`` (7 trials: COMPLETE, +inf, PRUNED, FAIL, RUNNING, no MLflow run, -inf),
+    """Studies ``acc`` (7 trials: COMPLETE, +inf, PRUNED, FAIL, RUNNING, no MLflow run, -inf;
+    the first three with their epochs trained, the PRUNED and FAIL ones with why they ended),
     ``loss`` (minimize, 3 trials) and ``multi`` (two objectives), with one MLflow run (its
     ``lr`` curve: 0.01, 0.005, 0.0025)."""
     import math
@@ -388,12 +389,14 @@ def fill_results(storage_url: str, client) -> None:
             TrialState.COMPLETE,
             0.9,
             {"optimizer": "adam", "lr": 0.01},
-            {attrs.MLFLOW_RUN: run.info.run_id, attrs.HYPERPARAMETERS: hp},
+            {attrs.MLFLOW_RUN: run.info.run_id, attrs.HYPERPARAMETERS: hp, attrs.EPOCHS_TRAINED: 4},
         )
     )
     acc.add_trial(_trial(TrialState.COMPLETE, math.inf, {"optimizer": "sgd", "lr": 0.1, "momentum": 0.5}))
-    acc.add_trial(_trial(TrialState.PRUNED, None, {"optimizer": "sgd", "lr": 0.5, "momentum": 0.9}))
-    acc.add_trial(_trial(TrialState.FAIL, None, {"optimizer": "adam", "lr": 0.2}))
+    pruned = {attrs.REASON: "pruned at epoch 1: below the median", attrs.EPOCHS_TRAINED: 2}
+    acc.add_trial(_trial(TrialState.PRUNED, None, {"optimizer": "sgd", "lr": 0.5, "momentum": 0.9}, pruned))
+    failed = {attrs.REASON: "RuntimeError: out of memory", attrs.EPOCHS_TRAINED: 0}
+    acc.add_trial(_trial(TrialState.FAIL, None, {"optimizer": "adam", "lr": 0.2}, failed))
     with warnings.catch_warnings():  # "heartbeats are meant for optimize": this trial is left RUNNING
         warnings.simplefilter("ignore", UserWarning)
         acc.ask({"optimizer": CategoricalDistribution(["sgd", "adam"])})

@@ -54,6 +54,12 @@ def test_trials_view_decodes_both_stores(stores):
     assert rows[("acc", 5)]["params"] == {"optimizer": "sgd", "lr": 0.001, "momentum": 0.0, "patience": 5}
     assert rows[("acc", 5)]["mlflow_run_id"] is None and rows[("acc", 5)]["val_acc"] is None
     assert [rows[("acc", n)]["state"] for n in (2, 3, 4)] == ["PRUNED", "FAIL", "RUNNING"]
+    assert [(rows[("acc", n)]["reason"], rows[("acc", n)]["epochs_trained"]) for n in (0, 2, 3, 4)] == [
+        (None, 4),
+        ("pruned at epoch 1: below the median", 2),
+        ("RuntimeError: out of memory", 0),
+        (None, None),  # still running
+    ]
     assert rows[("loss", 0)]["direction"] == "minimize"
 
 
@@ -168,7 +174,7 @@ def test_the_docs_queries_give_the_same_answers_on_both_dialects(stores):
     page = (Path(__file__).parent.parent / "docs" / "sql.md").read_text()
     block = page.split("```sql\n", 1)[1].split("```", 1)[0]
     statements = [s.replace("'quickstart'", "'acc'") for s in _statements(block)]
-    assert len(statements) == 5
+    assert len(statements) == 6
 
     def rows(sql):  # PostgreSQL's ROUND gives NUMERIC: compare numbers as floats
         return [tuple(float(v) if isinstance(v, Decimal) else v for v in r.values()) for r in _query(stores, sql)]
@@ -179,7 +185,11 @@ def test_the_docs_queries_give_the_same_answers_on_both_dialects(stores):
     assert rows(statements[1]) == [(-3, 1, 0.7, 0.7), (-2, 1, 0.9, 0.9), (-1, 2, None, None)]
     assert rows(statements[2]) == [(None, 4, 25.0), ("constant", 1, 0.0)]
     assert [r[:2] for r in rows(statements[3])] == [("COMPLETE", 4), ("FAIL", 1), ("PRUNED", 1), ("RUNNING", 1)]
-    assert rows(statements[4]) == [(0, 0.01), (1, 0.005), (2, 0.0025)]
+    assert rows(statements[4]) == [
+        ("PRUNED", "pruned at epoch 1: below the median", 2),
+        ("FAIL", "RuntimeError: out of memory", 0),
+    ]
+    assert rows(statements[5]) == [(0, 0.01), (1, 0.005), (2, 0.0025)]
 
 
 def test_postgres_views_come_from_server_and_sql_and_are_replaced_when_they_change(tmp_path):

@@ -49,4 +49,6 @@ SQL_NAMES = {
     "model": MODEL,
     "train_seconds": TRAIN_SECONDS,
     "pbt": PBT,
+    "reason": REASON,
+    "epochs_trained": EPOCHS_TRAINED,
 }
