@@ -743,7 +743,7 @@ def main() -> None:
     import torch
 
     from lrsearch.fit.training import quiet_lightning
-    from lrsearch.track.tracking import quiet_mlflow
+    from lrsearch.track.quiet import quiet_mlflow
 
     torch.set_num_threads(1)
     quiet_lightning()

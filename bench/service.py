@@ -277,7 +277,7 @@ def main() -> None:
     args = parser.parse_args()
     import optuna
 
-    from lrsearch.track.tracking import quiet_mlflow
+    from lrsearch.track.quiet import quiet_mlflow
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     quiet_mlflow()

@@ -262,7 +262,8 @@ def test_a_tracking_server_that_never_answers_costs_one_bounded_call(monkeypatch
     import threading
 
     from lrsearch.core.errors import TrackingError
-    from lrsearch.track.tracking import HTTP_LIMITS, Tracker
+    from lrsearch.track.probe import HTTP_LIMITS
+    from lrsearch.track.tracking import Tracker
 
     for name in HTTP_LIMITS:
         monkeypatch.delenv(name, raising=False)

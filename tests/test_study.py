@@ -277,7 +277,7 @@ def test_embedded_stores_are_wal_and_checkpointed_when_the_loop_ends(write_study
 
 
 def test_log_batch_calls_stay_within_mlflows_limits():
-    from lrsearch.track.tracking import _batches
+    from lrsearch.track.records import _batches
 
     batches = list(_batches(list(range(150)), list(range(5)), list(range(2500))))
     assert [(len(b["params"]), len(b["tags"]), len(b["metrics"])) for b in batches] == [

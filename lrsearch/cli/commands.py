@@ -118,7 +118,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_submit(args: argparse.Namespace) -> int:
     from lrsearch.service.queue import submit
     from lrsearch.store.urls import tracking_uri
-    from lrsearch.track.tracking import links
+    from lrsearch.track.links import links
 
     cfg = _study_config(args)
     if cfg.finds_lr:  # the range test trains: quiet the libraries (nothing else imports them)
@@ -427,7 +427,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
 def _quiet() -> None:
     import optuna
 
-    from lrsearch.track.tracking import quiet_mlflow
+    from lrsearch.track.quiet import quiet_mlflow
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     quiet_mlflow()

@@ -134,7 +134,7 @@ def print_result(
     """The study's top trials as `lrsearch best` shows them, and where MLflow shows the rest."""
     from lrsearch.results.ranking import best_trials, state_counts
     from lrsearch.store.urls import tracking_uri
-    from lrsearch.track.tracking import links, trial_link
+    from lrsearch.track.links import links, trial_link
 
     uri = tracking_uri(tracking)
     rows = [{**r, "mlflow": trial_link(uri, experiment_id, r["mlflow_run_id"])} for r in best_trials(study, 5)]

@@ -12,7 +12,7 @@ from lrsearch.choices.optimizers import OPTIMIZERS
 from lrsearch.core.text import params_text
 from lrsearch.results.ranking import best_so_far
 from lrsearch.results.trial_curves import TrialCurves, varied_params
-from lrsearch.track.tracking import History
+from lrsearch.track.records import History
 
 
 def plot_learning_curves(history: History, title: str, path: Path) -> Path:

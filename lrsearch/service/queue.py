@@ -24,7 +24,8 @@ from lrsearch.store.heartbeat import grace_period
 from lrsearch.store.queue_store import QueueStore
 from lrsearch.store.storage import check_stores, open_storage
 from lrsearch.store.urls import is_postgres, redact, sqlite_path, storage_url, tracking_uri
-from lrsearch.track.tracking import check_tracking, run_url
+from lrsearch.track.links import run_url
+from lrsearch.track.probe import check_tracking
 
 
 def target_trials(cfg: Config) -> int:

@@ -115,7 +115,7 @@ def _create_tables(backend: str, db: str) -> None:
     from lrsearch.sql.schema import ensure_views
     from lrsearch.store.lock import close_connections
     from lrsearch.store.storage import open_storage
-    from lrsearch.track.tracking import quiet_mlflow
+    from lrsearch.track.quiet import quiet_mlflow
 
     quiet_mlflow()
     store = SqlAlchemyStore(backend, (data_dir() / "artifacts").as_uri())  # type: ignore[no-untyped-call]  # MLflow's

@@ -176,7 +176,7 @@ def best_trials_sql(storage: str | None, tracking: str | None, name: str, top: i
     """``lrsearch best``: the study's rows of ``best_trials`` with ``rank <= top``, each with
     ``mlflow``: its run's page on a tracking server, else its run's id; and ``model``: the
     registered model's URI on the row of the trial it was made from (else None)."""
-    from lrsearch.track.tracking import trial_link
+    from lrsearch.track.links import trial_link
 
     with ResultsDatabase(storage, tracking) as db:
         if not db.query("SELECT 1 FROM studies WHERE study_name = ?", (name,)).rows:

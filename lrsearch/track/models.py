@@ -131,7 +131,7 @@ def log_model(tracker: Tracker, experiment_id: str, name: str, candidate: Candid
     upload): called outside the store lock."""
     from mlflow.entities import LoggedModelOutput, LoggedModelStatus
 
-    from lrsearch.track.tracking import artifact_dir
+    from lrsearch.track.artifacts import artifact_dir
 
     client = tracker.client
     run = tracker._call(client.get_run, candidate.run_id)

@@ -18,7 +18,9 @@ from typing import Any, Protocol
 
 from lrsearch.core import attrs, faults
 from lrsearch.core.errors import first_line
-from lrsearch.track.tracking import History, Tracker, artifact_dir
+from lrsearch.track.artifacts import artifact_dir
+from lrsearch.track.records import History
+from lrsearch.track.tracking import Tracker
 
 # A drawing made where the record is sent: (function, its arguments, the file name); the
 # function is called as fn(*args, path) and must be importable by name (it is pickled).
@@ -218,7 +220,7 @@ def send_trial_record(
 
 
 def json_bytes(obj: Any) -> bytes:
-    """``obj`` as an artifact's JSON text, as ``tracking.write_json`` writes it."""
+    """``obj`` as an artifact's JSON text, as ``artifacts.write_json`` writes it."""
     return json.dumps(obj, indent=2, sort_keys=True, default=str).encode()
 
 

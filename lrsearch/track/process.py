@@ -133,12 +133,12 @@ class TrackingProcess:
         return self._child.request("call", _NO_STORE, fn, args, {})
 
     def run_url(self, experiment_id: str, run_id: str) -> str:
-        from lrsearch.track.tracking import run_url
+        from lrsearch.track.links import run_url
 
         return run_url(self.uri, experiment_id, run_id)
 
     def trials_url(self, experiment_id: str) -> str:
-        from lrsearch.track.tracking import trials_url
+        from lrsearch.track.links import trials_url
 
         return trials_url(self.uri, experiment_id)
 

@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
-import logging
 import os
-import tempfile
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -21,48 +18,23 @@ from typing import Any
 
 from lrsearch.core import attrs
 from lrsearch.core.errors import TrackingError
-from lrsearch.core.names import (
-    DEFAULT_UI_PORT,
-    NOTE_TAG,
-    OBJECTIVE_METRIC,
-    TRIALS_VIEW,
-    VIEW_TAG_PREFIX,
-    run_path,
-    trials_path,
-)
+from lrsearch.core.names import NOTE_TAG, OBJECTIVE_METRIC, TRIALS_VIEW, VIEW_TAG_PREFIX
 from lrsearch.core.stopping import check_stop
-from lrsearch.core.text import fmt
-from lrsearch.store.folders import artifact_root, folder_name
 from lrsearch.store.lock import store_lock
 from lrsearch.store.retry import Retry, reason
 from lrsearch.store.storage import MLFLOW_MARKERS, check_sqlite_owner, new_sqlite_file
-from lrsearch.store.urls import credentials, is_server, redact, sqlite_path, without_credentials
+from lrsearch.store.urls import is_server, redact, sqlite_path
+from lrsearch.track.artifacts import _experiment_artifacts
+from lrsearch.track.links import run_url, trials_url
+from lrsearch.track.probe import HTTP_LIMITS, _without
+from lrsearch.track.quiet import quiet_mlflow
+from lrsearch.track.records import History, _batches, _metrics, _now_ms, _param_value, _trial_param_value
 
 PARENT_TAG = "mlflow.parentRunId"
 # A new run's token: a create_run repeated after a dropped connection first looks for it.
 TOKEN_TAG = "lrsearch.token"
 # Optuna trial state -> MLflow run status. A pruned trial was stopped on purpose: KILLED.
 STATUS_FOR_STATE = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
-DEFAULT_UI = f"http://127.0.0.1:{DEFAULT_UI_PORT}"
-# log_batch limits (MLflow REST API): per request.
-_MAX_METRICS, _MAX_PARAMS, _MAX_TAGS, _MAX_ENTITIES = 1000, 100, 100, 1000
-# Bounds on each request to a tracking server (MLflow's defaults can stall a call for
-# minutes); lrsearch repeats a failed call itself (retry.py), knowing which calls are safe
-# to repeat. A variable already set in the environment wins.
-HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
-
-# (step, value, timestamp_ms) per metric key, as MemoryLogger records a trial's metrics.
-History = Mapping[str, Sequence[tuple[int, float, int]]]
-
-
-def quiet_mlflow() -> None:
-    """Keep MLflow's and Alembic's migration chatter off the terminal, and psycopg's warning
-    when MLflow's metric insert on PostgreSQL meets a row it already holds ("error ignored
-    terminating <psycopg.Pipeline …>: pipeline aborted"): MLflow catches that IntegrityError
-    and inserts the new rows alone, so nothing is lost."""
-    for name in ("mlflow", "alembic"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    logging.getLogger("psycopg").setLevel(logging.ERROR)
 
 
 class Tracker:
@@ -424,143 +396,3 @@ class Tracker:
         tag_list = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
         for batch in _batches(param_list, tag_list, list(metrics)):  # each safe to repeat: same rows
             self._call(functools.partial(self.client.log_batch, run_id, **batch))
-
-
-def check_tracking(uri: str) -> None:
-    """Raise :class:`TrackingError` if a tracking server does not answer, or refuses the
-    login, with one REST request and without importing MLflow (``submit`` writes nothing to
-    MLflow: a worker does, and ``submit`` must answer at once). The same bounds and messages
-    as :meth:`Tracker.check`; an embedded store has nothing to reach."""
-    if not is_server(uri):
-        return
-    import base64
-    import socket
-    import urllib.error
-    import urllib.request
-
-    timeout = float(os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT") or HTTP_LIMITS["MLFLOW_HTTP_REQUEST_TIMEOUT"])
-    request = urllib.request.Request(
-        f"{without_credentials(uri).rstrip('/')}/api/2.0/mlflow/experiments/search?max_results=1"
-    )
-    user, password = credentials(uri)
-    if user is not None:
-        token = base64.b64encode(f"{user}:{password or ''}".encode()).decode()
-        request.add_header("Authorization", f"Basic {token}")
-    elif os.environ.get("MLFLOW_TRACKING_TOKEN"):
-        request.add_header("Authorization", f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}")
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            response.read()
-    except urllib.error.HTTPError as e:
-        if e.code in (401, 403):
-            raise TrackingError(
-                f"MLflow tracking at {redact(uri)} refused the login: set "
-                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
-            ) from None
-        raise TrackingError(f"cannot reach MLflow tracking at {redact(uri)}: HTTP {e.code} {e.reason}") from None
-    except (urllib.error.URLError, OSError) as e:
-        cause = getattr(e, "reason", e)
-        if isinstance(cause, (socket.timeout, TimeoutError)):
-            why = f"no answer within {timeout:g} s"
-        elif isinstance(cause, OSError) and cause.strerror:
-            why = cause.strerror[:1].lower() + cause.strerror[1:]
-        else:
-            why = str(cause)
-        raise TrackingError(f"cannot reach MLflow tracking at {redact(uri)}: {_without(why, uri)}") from None
-
-
-def ui_base(uri: str) -> str:
-    """Where the MLflow UI of tracking store ``uri`` is: the tracking server itself (without
-    any credentials the URI carries), or for an embedded store ``lrsearch ui``'s default."""
-    return without_credentials(uri).rstrip("/") if is_server(uri) else DEFAULT_UI
-
-
-def run_url(uri: str, experiment_id: str, run_id: str) -> str:
-    """The MLflow UI page of a run."""
-    return f"{ui_base(uri)}/{run_path(experiment_id, run_id)}"
-
-
-def trials_url(uri: str, experiment_id: str) -> str:
-    """The study's trials in MLflow's runs table, best first (descriptions.trials_view)."""
-    return f"{ui_base(uri)}/{trials_path(experiment_id)}"
-
-
-def links(uri: str, experiment_id: str, parent_run_id: str) -> list[str]:
-    """What ``run`` and ``submit`` print: the study's run page and its trials table, and for
-    an embedded store where its UI will be."""
-    lines = [
-        f"MLflow: {run_url(uri, experiment_id, parent_run_id)}  (the study: outcome, top trials, figures)",
-        f"        {trials_url(uri, experiment_id)}  (its trials, best first)",
-    ]
-    if not is_server(uri):
-        lines.append(
-            f"        (served by `lrsearch ui`, on its default port {DEFAULT_UI_PORT}; with --port P, use port P)"
-        )
-    return lines
-
-
-def trial_link(uri: str, experiment_id: str, run_id: str | None) -> str | None:
-    """What a trial's row shows for its run: the page's URL on a tracking server; the run's
-    id on an embedded store, whose UI runs only while ``lrsearch ui`` does."""
-    if run_id is None:
-        return None
-    return run_url(uri, experiment_id, run_id) if is_server(uri) else run_id
-
-
-def write_json(obj: Any, path: Path) -> Path:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    return path
-
-
-def artifact_dir() -> tempfile.TemporaryDirectory[str]:
-    """A scratch folder for a run's artifacts before upload."""
-    return tempfile.TemporaryDirectory(prefix="lrsearch-")
-
-
-def _experiment_artifacts(uri: str, name: str) -> str | None:
-    root = artifact_root(uri)
-    return None if root is None else f"{root}/{folder_name(name)}"
-
-
-def _metrics(history: History) -> list[Any]:
-    """The history's points as MLflow metrics, each once: a point logged twice in one
-    millisecond (same key, step, value and time) is one row of MLflow's, and sending it twice
-    in a batch would fail the batch's insert (MLflow then inserts the rows one by one)."""
-    from mlflow.entities import Metric
-
-    points = dict.fromkeys((key, value, ts, step) for key, points in history.items() for step, value, ts in points)
-    return [Metric(*point) for point in points]
-
-
-def _param_value(value: Any) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, default=str)
-    return text[:6000]  # MLflow's limit for a param value
-
-
-def _trial_param_value(value: Any) -> Any:
-    """A trial's param as its run shows it: a float as the descriptions write numbers
-    (``8.261e-05``, 4 significant digits), because MLflow's runs table cuts a long one
-    (``8.26080839…``) in its narrow columns; anything else as :func:`_param_value` logs it.
-    The exact value stays in Optuna, the SQL views and the run's ``trial_config.json``."""
-    return fmt(value) if isinstance(value, float) else value
-
-
-def _batches(params: list[Any], tags: list[Any], metrics: list[Any]) -> Iterable[dict[str, Any]]:
-    """``log_batch`` arguments within MLflow's per-request limits (params, tags, total)."""
-    while params or tags or metrics:
-        batch = {"params": params[:_MAX_PARAMS], "tags": tags[:_MAX_TAGS]}
-        room = _MAX_ENTITIES - len(batch["params"]) - len(batch["tags"])
-        batch["metrics"] = metrics[: min(room, _MAX_METRICS)]
-        params, tags, metrics = params[_MAX_PARAMS:], tags[_MAX_TAGS:], metrics[len(batch["metrics"]) :]
-        yield batch
-
-
-def _without(text: str, uri: str) -> str:
-    """``text`` with the URI (and so any password in it) shown redacted."""
-    return text.replace(uri, redact(uri)) if uri in text else text
-
-
-def _now_ms() -> int:
-    import time
-
-    return int(time.time() * 1000)
