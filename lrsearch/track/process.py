@@ -10,13 +10,9 @@ its own, MLflow's work runs on the other core, and its import and a new store's 
 overlap the worker's import of torch and Lightning.
 
 One process serves every tracking store its worker uses (a handle each:
-:class:`TrackingProcess`), from the first handle to the worker's end. It reads requests from
-a socket until its end of file: then it finishes what it was given, folds each SQLite
-store's log back into its file, and exits. So a worker that dies leaves no record half-sent
-that it had handed over. SIGINT and SIGTERM end the worker (which passes them on here):
-here they only cut short the waits through an outage, as in the worker.
-
-    python -m lrsearch.track.process FD KIND    (started by the first handle)
+:class:`TrackingProcess`), from the first handle to the worker's end. This module is the
+worker's side: the handles, the requests sent and their answers awaited; the process itself,
+and how it ends, is ``process_main.py``.
 """
 
 from __future__ import annotations
@@ -34,9 +30,8 @@ from typing import Any
 
 from lrsearch.core.errors import LrsearchError, first_line
 from lrsearch.track.outbox import Outbox
+from lrsearch.track.process_main import _CLOSE, _NO_STORE, _OPEN, _import, _method
 
-_OPEN, _CLOSE = "open", "close"  # a request's function field for a handle's store
-_NO_STORE = 0  # the store key of requests that need none (handles count from 1)
 DEBUG_ENV = "LRSEARCH_DEBUG"  # set by the CLI's --debug: the process's stderr is the worker's
 
 
@@ -185,7 +180,7 @@ class _Child:
         kind = "server" if is_server(uri) else "file"  # what to import ahead (URIs go by the socket)
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "lrsearch.track.process", str(theirs.fileno()), kind],
+                [sys.executable, "-m", "lrsearch.track.process_main", str(theirs.fileno()), kind],
                 pass_fds=(theirs.fileno(),),
                 env=env,
                 stdin=subprocess.DEVNULL,
@@ -279,174 +274,7 @@ def close_all() -> None:
         child.end()
 
 
-def _method(tracker: Any, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    return getattr(tracker, name)(*args, **kwargs)
-
-
 # Saving an MLflow model checks its requirements against the installed packages, which
 # first maps every installed distribution's files to its modules (a third of a second here,
 # cached by MLflow after): done ahead too. A private function: if it goes, nothing is warmed.
 _PACKAGES_MAP = "mlflow.utils.requirements_utils:_init_packages_to_modules_map"
-
-
-def _import(tracker: Any, *modules: str) -> None:
-    """Import ``modules`` on a thread of the tracking process's own (it goes on meanwhile);
-    ``module:function``: call that function of it, with no arguments."""
-    import importlib
-
-    def imports() -> None:
-        for module in modules:
-            name, _, function = module.partition(":")
-            try:
-                imported = importlib.import_module(name)
-                if function:
-                    getattr(imported, function)()
-            except Exception:  # the work that needs it says what is wrong
-                return
-
-    threading.Thread(target=imports, name="lrsearch-imports", daemon=True).start()
-
-
-# -- the tracking process itself ------------------------------------------------------------
-
-
-def _error(e: BaseException) -> tuple[str, int, str]:
-    """An error as it travels back: its one-line message, exit code and class name."""
-    if isinstance(e, LrsearchError):
-        return str(e), e.exit_code, type(e).__name__
-    return f"{type(e).__name__}: {first_line(e)}", 1, type(e).__name__
-
-
-class _Store:
-    """A handle's store in the tracking process: its tracker, once made."""
-
-    def __init__(self) -> None:
-        self.made = threading.Event()
-        self.tracker: Any = None
-        self.error: BaseException | None = None
-
-
-def main(fd: int, kind: str) -> None:
-    import queue
-    from multiprocessing.connection import Connection
-
-    from lrsearch.core import faults
-    from lrsearch.core.stopping import StopFlag
-    from lrsearch.store.storage import checkpoint
-
-    # SIGINT and SIGTERM end the worker, and this process with its socket; here they only
-    # cut short the waits through an outage (core/stopping.check_stop), as in the worker.
-    StopFlag().install()
-    faults.companions.append(os.getppid())
-    conn = Connection(fd)
-    _import_ahead(kind)
-    send_lock = threading.Lock()
-    stores: dict[int, _Store] = {}
-
-    def reply(request: int, ok: bool, value: Any) -> None:
-        try:
-            with send_lock:
-                try:
-                    conn.send((request, ok, value))
-                except (pickle.PicklingError, TypeError, AttributeError) as e:  # an answer that cannot travel
-                    conn.send((request, False, _error(e)))
-        except (OSError, ValueError):  # the worker is gone: what it handed over is still written
-            pass
-
-    def make(store: _Store, uri: str, worker: int, environ: dict[str, str]) -> None:
-        from lrsearch.core import stopping
-        from lrsearch.track.tracking import Tracker
-
-        faults.worker = worker
-        os.environ.clear()
-        os.environ.update(environ)
-        if stopping._installed is not None:  # a signal the worker had before: its studies since wait out outages
-            stopping._installed.signum = None
-        try:
-            store.tracker = Tracker(uri)
-        except BaseException as e:
-            store.error = e
-        store.made.set()
-
-    def handle(request: int, key: int, payload: bytes) -> None:
-        try:
-            fn, args, kwargs = pickle.loads(payload)
-            if fn == _OPEN:  # made on a thread of its own: the other stores' work goes on
-                store = stores[key] = _Store()
-                threading.Thread(target=make, args=(store, *args), daemon=True).start()
-                store.made.wait()
-                if store.error is not None:
-                    raise store.error
-                value = None
-            elif key == _NO_STORE:
-                value = fn(None, *args, **kwargs)
-            else:
-                store = stores[key]
-                store.made.wait()
-                if store.error is not None:
-                    raise store.error
-                if fn == _CLOSE:
-                    del stores[key]
-                    checkpoint(store.tracker.uri)
-                    value = None
-                else:
-                    value = fn(store.tracker, *args, **kwargs)
-        except BaseException as e:
-            reply(request, False, _error(e))
-            return
-        reply(request, True, value)
-
-    # Two lanes, each a thread: jobs in order ("first" ones ahead of the others: a trial's run
-    # is made as it starts, however many finished trials' records wait), and calls, which
-    # the worker waits for.
-    jobs: queue.PriorityQueue[Any] = queue.PriorityQueue()
-    calls: queue.Queue[Any] = queue.Queue()
-    order = itertools.count()
-
-    def serve_jobs() -> None:
-        while (item := jobs.get())[2] is not None:
-            handle(*item[2])
-
-    def serve_calls() -> None:
-        while (item := calls.get()) is not None:
-            handle(*item)
-
-    threads = [
-        threading.Thread(target=serve_jobs, name="lrsearch-jobs"),
-        threading.Thread(target=serve_calls, name="lrsearch-calls"),
-    ]
-    for thread in threads:
-        thread.start()
-    while True:
-        try:
-            request, lane, key, payload = conn.recv()
-        except (EOFError, OSError):
-            break
-        if lane == "call":
-            calls.put((request, key, payload))
-        else:
-            jobs.put((0 if lane == "first" else 1, next(order), (request, key, payload)))
-    jobs.put((2, next(order), None))
-    calls.put(None)
-    for thread in threads:
-        thread.join()
-    for store in stores.values():
-        if store.tracker is not None:
-            checkpoint(store.tracker.uri)
-
-
-def _import_ahead(kind: str) -> None:
-    """What ``Tracker(uri)`` will import, while the worker checks its input and imports
-    torch (about a second: most of a worker's tracking set-up)."""
-    import mlflow  # noqa: F401
-    from mlflow import MlflowClient  # noqa: F401
-
-    if kind == "file":
-        import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
-
-
-if __name__ == "__main__":
-    main(int(sys.argv[1]), sys.argv[2])
-    # Everything is written and closed: skip tearing down MLflow's and SQLAlchemy's modules,
-    # which takes longer than the work (as the CLI's own ``entry`` does).
-    os._exit(0)
