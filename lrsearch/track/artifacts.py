@@ -1,20 +1,12 @@
 """A run's artifacts on their way to MLflow: the scratch folder they are gathered in before
-upload, JSON files there, and where an experiment's artifacts go (an embedded store's: beside
+upload, and where an experiment's artifacts go (an embedded store's: beside
 its file; a tracking server decides for its own)."""
 
 from __future__ import annotations
 
-import json
 import tempfile
-from pathlib import Path
-from typing import Any
 
 from lrsearch.store.folders import artifact_root, folder_name
-
-
-def write_json(obj: Any, path: Path) -> Path:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    return path
 
 
 def artifact_dir() -> tempfile.TemporaryDirectory[str]:

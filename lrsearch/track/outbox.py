@@ -220,7 +220,7 @@ def send_trial_record(
 
 
 def json_bytes(obj: Any) -> bytes:
-    """``obj`` as an artifact's JSON text, as ``artifacts.write_json`` writes it."""
+    """``obj`` as an artifact's JSON text (sorted keys, indented: readable in MLflow's artifact view)."""
     return json.dumps(obj, indent=2, sort_keys=True, default=str).encode()
 
 
