@@ -2,43 +2,33 @@
 
 Every key is checked once, here, against a declared constraint, and every mistake is
 reported with one template: ``FILE: [section].key: expected …, got …``. Nothing is
-created before a file has passed.
+created before a file has passed. ``table.py`` reads a table and words its mistakes,
+``params.py`` reads the ``[params]`` entries; this module reads the file and its sections.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lrsearch.choices.data import MAX_SAMPLES, MAX_VALUES, SOURCES, DataConfig, scale_of
 from lrsearch.choices.network import ModelConfig
-from lrsearch.choices.population import PopulationConfig, changeable, interval_for, refusal
+from lrsearch.choices.population import PopulationConfig, changeable, interval_for
 from lrsearch.choices.sampling import PRUNERS, SAMPLERS
-from lrsearch.choices.space import (
-    FIND_FACTOR,
-    HYPERPARAMETERS,
-    Choices,
-    Find,
-    Fixed,
-    Hyperparameter,
-    ParamSpec,
-    Range,
-    resolve_find,
-)
-from lrsearch.core.constraints import MAX_SEED, POSITIVE, Interval, Satisfies, declared, int_in
+from lrsearch.choices.space import Find, ParamSpec, resolve_find
+from lrsearch.config.params import _params, _spec_to_toml
+from lrsearch.config.table import _Table
+from lrsearch.core.constraints import MAX_SEED, Interval, Satisfies, declared, int_in
 from lrsearch.core.errors import ConfigError, UsageError, shown
-from lrsearch.core.registry import did_you_mean
 
 DIRECTIONS = ("maximize", "minimize")
 METRICS = ("val/acc", "val/loss", "train/acc", "train/loss")
 DEFAULT_TRIALS = 20
-TABLES = ("study", "data", "model", "train", "params", "tracking", "pbt")
 # A study's name becomes an MLflow experiment name, a folder name and a URL part: letters,
 # digits, '.', '_' and '-', starting with a letter or digit (no '..', no '/').
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
@@ -356,227 +346,3 @@ def _train(t: _Table) -> TrainConfig:
 
 def _tracking(t: _Table) -> TrackingConfig:
     return _read(t, TrackingConfig)
-
-
-def _params(t: _Table, sampler: str) -> dict[str, ParamSpec]:
-    specs: dict[str, ParamSpec] = {}
-    for name, value in t.items():
-        hp = HYPERPARAMETERS.get(name)
-        if hp is None:
-            raise t.error(
-                name,
-                "unknown hyperparameter; expected one of "
-                + ", ".join(HYPERPARAMETERS)
-                + did_you_mean(name, HYPERPARAMETERS),
-                show_got=False,
-            )
-        specs[name] = _param(t, hp, value)
-        if sampler == "pbt" and (problem := refusal(name, specs[name])) is not None:
-            raise t.error(name, problem, show_got=False)
-        if sampler == "grid" and isinstance(specs[name], (Range, Find)):
-            raise t.error(
-                name,
-                "expected a fixed value or { choices = [...] } for sampler 'grid' (a grid cannot enumerate a range)",
-                show_got=False,
-            )
-    t.consumed.update(dict.fromkeys(specs))
-    return specs
-
-
-def _param(t: _Table, hp: Hyperparameter, value: Any) -> ParamSpec:
-    key = hp.name
-    if not isinstance(value, dict):
-        return Fixed(_param_value(t, key, hp, value))
-    if "choices" in value:
-        extra = set(value) - {"choices"}
-        if extra:
-            raise t.error(
-                f"{key}.{sorted(extra)[0]}", "unknown key; a choices table has only 'choices'", show_got=False
-            )
-        choices = value["choices"]
-        if not isinstance(choices, list) or not choices:
-            raise t.error(f"{key}.choices", f"expected a non-empty list of {hp.expected}", choices)
-        values = tuple(_param_value(t, f"{key}.choices", hp, c) for c in choices)
-        if len(set(values)) != len(values):
-            raise t.error(f"{key}.choices", "expected distinct values", choices)
-        return Choices(values)
-    if hp.kind in ("category", "bool"):
-        raise t.error(key, f"expected {hp.expected}, or {{ choices = [...] }}", value)
-    if "find" in value:
-        return _find(t, key, value)
-    unknown = set(value) - {"low", "high", "log", "step"}
-    if unknown:
-        raise t.error(
-            f"{key}.{sorted(unknown)[0]}", "unknown key; expected low, high, log, step (or choices)", show_got=False
-        )
-    for bound in ("low", "high"):
-        if bound not in value:
-            raise t.error(f"{key}.{bound}", f"expected a {bound} bound ({hp.expected})", show_got=False)
-    low = _param_value(t, f"{key}.low", hp, value["low"])
-    high = _param_value(t, f"{key}.high", hp, value["high"])
-    if low > high:
-        raise t.error(key, "expected low <= high", f"low={low}, high={high}", raw=True)
-    log = value.get("log", False)
-    if not isinstance(log, bool):
-        raise t.error(f"{key}.log", "expected true or false", log)
-    if log and not POSITIVE(low):
-        raise t.error(f"{key}.low", f"expected {POSITIVE.expected} when log = true", low)
-    step = value.get("step")
-    if step is not None:
-        if _number(step, hp.kind) is None or not POSITIVE(step):
-            raise t.error(f"{key}.step", f"expected {POSITIVE.expected}", step)
-        if log:
-            raise t.error(f"{key}.step", "expected no step when log = true", step)
-    return Range(low, high, log, step)
-
-
-def _find(t: _Table, key: str, value: Mapping[str, Any]) -> Find:
-    """``{ find = true, factor = 10 }``: only for lr."""
-    if key != "lr":
-        raise t.error(f"{key}.find", "expected no find: only lr's range can come from the range test", show_got=False)
-    unknown = set(value) - {"find", "factor"}
-    if unknown:
-        raise t.error(f"{key}.{sorted(unknown)[0]}", "unknown key; a find table has find and factor", show_got=False)
-    if value["find"] is not True:
-        raise t.error(f"{key}.find", "expected true", value["find"])
-    factor = value.get("factor", Find.factor)
-    if _number(factor, "float") is None or not FIND_FACTOR(factor):
-        raise t.error(
-            f"{key}.factor",
-            f"expected {FIND_FACTOR.expected} (the range is the suggestion / factor to the suggestion × factor)",
-            factor,
-        )
-    return Find(float(factor))
-
-
-def _param_value(t: _Table, key: str, hp: Hyperparameter, value: Any) -> Any:
-    parsed: Any
-    if hp.kind in ("category", "bool"):
-        parsed = value if isinstance(value, str if hp.kind == "category" else bool) else None
-    else:
-        parsed = _number(value, hp.kind)
-    if parsed is None or not hp.valid(parsed):
-        raise t.error(key, f"expected {hp.expected}", value)
-    return parsed
-
-
-# -- helpers ------------------------------------------------------------------------------
-
-
-def _number(value: Any, kind: str) -> float | int | None:
-    """``value`` as the hyperparameter's numeric kind, or None if it is not one (TOML's
-    ``inf`` and ``nan`` are not: no hyperparameter or size is infinite)."""
-    if isinstance(value, bool):
-        return None
-    if kind == "int":
-        return value if isinstance(value, int) else None
-    if isinstance(value, int):
-        return float(value) if abs(value) < 2**53 else None
-    return value if isinstance(value, float) and math.isfinite(value) else None
-
-
-_TYPE_NAMES = {
-    bool: "true or false",
-    str: "a string",
-    int: "an integer",
-    float: "a number",
-    list: "a list",
-    dict: "a table",
-}
-
-
-def _spec_to_toml(spec: ParamSpec) -> Any:
-    if isinstance(spec, Find):
-        return {"find": True, "factor": spec.factor}
-    if isinstance(spec, Fixed):
-        return spec.value
-    if isinstance(spec, Choices):
-        return {"choices": list(spec.values)}
-    table: dict[str, Any] = {"low": spec.low, "high": spec.high, "log": spec.log}
-    if spec.step is not None:
-        table["step"] = spec.step
-    return table
-
-
-class _Table:
-    """One TOML table being read: typed getters, and unknown keys reported at the end."""
-
-    def __init__(self, raw: Mapping[str, Any], source: str, section: str) -> None:
-        self.raw = raw
-        self.source = source
-        self.section = section
-        self.consumed: dict[str, None] = {}  # the keys this table knows, in the order read
-
-    def _key(self, key: str) -> str:
-        return f"[{self.section}].{key}" if self.section else f"[{key}]"
-
-    def error(
-        self, key: str, expected: str, got: Any = None, *, show_got: bool = True, raw: bool = False
-    ) -> ConfigError:
-        message = expected
-        if show_got:
-            message += f", got {got if raw else _show(got)}"
-        return ConfigError(self.source, self._key(key), message)
-
-    def items(self) -> list[tuple[str, Any]]:
-        return list(self.raw.items())
-
-    def table(self, key: str, required: bool = False) -> _Table:
-        self.consumed[key] = None
-        if key not in self.raw:
-            if required:
-                raise ConfigError(self.source, f"[{key}]", "expected this table (it is required)")
-            return _Table({}, self.source, key)
-        value = self.raw[key]
-        if not isinstance(value, dict):
-            raise ConfigError(self.source, f"[{key}]", f"expected a table, got {_show(value)}")
-        return _Table(value, self.source, key)
-
-    def get(
-        self,
-        key: str,
-        kind: type,
-        default: Any = None,
-        *,
-        required: bool = False,
-        check: Callable[[Any], bool] | None = None,
-        expected: str = "",
-    ) -> Any:
-        self.consumed[key] = None
-        if key not in self.raw:
-            if required:
-                raise self.error(key, f"expected {expected} (it is required)", show_got=False)
-            return default
-        value = self.raw[key]
-        number = kind is float and isinstance(value, int) and not isinstance(value, bool)
-        # bool is an int subclass: `true` is no integer, and 1 is no boolean
-        exact = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
-        if not (exact or number) or kind is float and not math.isfinite(value):
-            raise self.error(key, f"expected {expected or _TYPE_NAMES[kind]}", value)
-        value = float(value) if kind is float else value
-        if check is not None and not check(value):
-            raise self.error(key, f"expected {expected}", value)
-        return value
-
-    def finish(self) -> None:
-        for key in self.raw:
-            if key not in self.consumed:
-                if self.section:
-                    raise self.error(
-                        key,
-                        f"unknown key; expected one of {', '.join(self.consumed)}" + did_you_mean(key, self.consumed),
-                        show_got=False,
-                    )
-                raise ConfigError(
-                    self.source,
-                    f"[{key}]",
-                    f"unknown table; expected one of {', '.join(TABLES)}" + did_you_mean(key, TABLES),
-                )
-
-
-def _show(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, dict):
-        return "a table"
-    return shown(value)
