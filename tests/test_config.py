@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from lrsearch.choices.space import Choices, Fixed, Range
-from lrsearch.config import load_config, parse_config
+from lrsearch.config import load_config, parse_config, to_toml_text
 from lrsearch.core.errors import ConfigError
 
 
@@ -229,6 +231,35 @@ def test_csv_path_is_relative_to_the_study_file(tmp_path):
     study = tmp_path / "s.toml"
     study.write_text('[study]\nname = "s"\n[data]\nsource = "csv"\npath = "d.csv"\nlabel = "y"\n')
     assert load_config(study).data.path == (tmp_path / "d.csv").resolve()
+
+
+@pytest.mark.parametrize("study", sorted(Path("studies").glob("*.toml")), ids=lambda p: p.stem)
+def test_a_stored_configuration_written_as_a_study_file_reads_back_equal(tmp_path, study):
+    """``to_toml_text``: the ``study.toml`` a worker logs for a study it has no file of."""
+    cfg = load_config(study)
+    back = load_config(_written(tmp_path, to_toml_text(cfg)))
+    assert back.to_toml() == cfg.to_toml() and back.differences(cfg) == []
+
+
+def test_a_written_study_file_keeps_every_kind_of_spec_and_a_csv_path(tmp_path):
+    (tmp_path / 'd "1".csv').write_text("a,b,y\n1,2,x\n")
+    params = {
+        "lr": {"find": True, "factor": 3.0},
+        "momentum": {"low": 0.0, "high": 0.9, "step": 0.1},
+        "optimizer": {"choices": ["sgd", "adam"]},
+        "nesterov": True,
+    }
+    data = {"source": "csv", "path": 'd "1".csv', "label": "y"}
+    cfg = parse_config(_raw(params, data=data, model={"hidden": [8, 4]}), "f.toml", base_dir=tmp_path)
+    back = load_config(_written(tmp_path, to_toml_text(cfg)))
+    assert back.params == cfg.params and back.data == cfg.data and back.model == cfg.model
+    assert back.differences(cfg) == []
+
+
+def _written(folder: Path, text: str) -> Path:
+    assert text.startswith("# study ")
+    (folder / "written.toml").write_text(text)
+    return folder / "written.toml"
 
 
 def test_a_study_file_that_is_not_utf8_is_named(tmp_path):

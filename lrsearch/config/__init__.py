@@ -16,6 +16,8 @@ from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import tomli_w
+
 from lrsearch.choices.data import MAX_SAMPLES, MAX_VALUES, SOURCES, DataConfig, scale_of
 from lrsearch.choices.network import ModelConfig
 from lrsearch.choices.population import PopulationConfig, changeable, interval_for
@@ -171,23 +173,8 @@ class Config:
 def to_toml_text(cfg: Config) -> str:
     """The config as a study file (``Config.to_toml``'s tables, which ``parse_config`` reads
     back): the ``study.toml`` a worker logs for a study submitted from another host."""
-    import json
-
-    def value(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, (int, float)):
-            return repr(v)  # finite: the config refuses inf and nan
-        if isinstance(v, str):
-            return json.dumps(v)  # a TOML basic string: JSON's escapes are TOML's
-        if isinstance(v, (list, tuple)):
-            return "[" + ", ".join(value(x) for x in v) + "]"
-        return "{ " + ", ".join(f"{k} = {value(x)}" for k, x in v.items()) + " }"
-
-    lines = [f"# study {cfg.study.name!r} as it was submitted (lrsearch's stored configuration)"]
-    for part, table in cfg.to_toml().items():
-        lines += ["", f"[{part}]", *(f"{k} = {value(v)}" for k, v in table.items())]
-    return "\n".join(lines) + "\n"
+    header = f"# study {cfg.study.name!r} as it was submitted (lrsearch's stored configuration)\n\n"
+    return header + tomli_w.dumps(cfg.to_toml())
 
 
 def _flat(tables: Mapping[str, Any]) -> dict[str, Any]:
