@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from lrsearch.choices import data
+from lrsearch.choices import csv_file
 from lrsearch.choices.data import check_data, load_data
 from lrsearch.config import load_config
 from lrsearch.core.errors import UsageError
@@ -148,7 +148,7 @@ def test_a_missing_csv_or_a_directory_is_refused(cli, tmp_path, command, what):
 def test_rows_are_counted_across_chunks(tmp_path, monkeypatch, content, message):
     """The same mistakes, with the file converted a row at a time: the row is still the line."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(data, "CHUNK_ROWS", 1)
+    monkeypatch.setattr(csv_file, "CHUNK_ROWS", 1)
     (tmp_path / "data.csv").write_bytes(content)
     (tmp_path / "study.toml").write_text(STUDY)
     with pytest.raises(UsageError) as e:
@@ -215,8 +215,8 @@ def test_the_load_reuses_the_checks_parse_until_the_file_changes(tmp_path, monke
 
 
 def test_a_long_read_says_how_far_it_got(cli, tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "PROGRESS_EVERY", 0.0)  # a line per chunk, as a slow read shows it
-    monkeypatch.setattr(data, "CHUNK_ROWS", 2)
+    monkeypatch.setattr(csv_file, "PROGRESS_EVERY", 0.0)  # a line per chunk, as a slow read shows it
+    monkeypatch.setattr(csv_file, "CHUNK_ROWS", 2)
     (tmp_path / "data.csv").write_bytes(GOOD)
     (tmp_path / "study.toml").write_text(STUDY)
     result = cli("validate", "study.toml")
