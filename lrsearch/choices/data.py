@@ -215,21 +215,21 @@ def _csv(cfg: DataConfig) -> _Table:
     last parse in this process while the file's size and modification time are unchanged:
     ``run`` checks it (``submit``) and then trains on it (the worker's session), and a
     million rows take seconds to parse. Nobody writes to these arrays (the split copies)."""
-    global _last_csv
-
     assert cfg.path is not None and cfg.label is not None  # checked by config
     try:
         stat = cfg.path.stat()
     except OSError as e:
         raise _unreadable(cfg.path, e) from None
-    key = (cfg.path, stat.st_size, stat.st_mtime_ns, cfg.label)
-    if _last_csv is None or _last_csv[0] != key:
-        _last_csv = None  # the previous file's arrays go before the next one's are built
-        _last_csv = key, _CsvFile(cfg.path).read(cfg.label)
-    return _last_csv[1]
+    return _parsed(cfg.path, stat.st_size, stat.st_mtime_ns, cfg.label)
 
 
-_last_csv: tuple[tuple[Any, ...], _Table] | None = None
+@functools.lru_cache(maxsize=1)  # one file's arrays at most: a large file's take gigabytes
+def _parsed(path: Path, size: int, mtime_ns: int, label: str) -> _Table:
+    """The file read, once per key: ``size`` and ``mtime_ns`` are there to tell a changed file."""
+    # lru_cache would keep the previous file's arrays until this returns: they go before the
+    # next one's are built (and a file that fails leaves none behind).
+    _parsed.cache_clear()
+    return _CsvFile(path).read(label)
 
 
 @dataclass(frozen=True)
