@@ -65,7 +65,7 @@ INITS: Registry[Init] = Registry(
 )
 
 
-# The [model] section of a study file, beside the choices it names (config.py reads it).
+# The [model] section of a study file, beside the choices it names (config/ reads it).
 MAX_LAYERS, MAX_UNITS = 8, 4096
 
 

@@ -1,5 +1,5 @@
 """How a study-file key declares its constraint: its type, default and check, once, on the
-dataclass field that holds it (``config.py`` reads and checks every key from these; the
+dataclass field that holds it (``config/`` reads and checks every key from these; the
 sections beside their registries, ``DataConfig`` in ``data.py`` and ``ModelConfig`` in
 ``network.py``, declare theirs here too).
 

@@ -3,7 +3,7 @@ docs line.
 
 Each concept owns its registry (optimizers in ``optimizers.py``, schedules in
 ``schedules.py``, activations and initializations in ``network.py``, data sources in
-``data.py``, samplers and pruners in ``sampling.py``); validation (``config.py``), sampling
+``data.py``, samplers and pruners in ``sampling.py``); validation (``config/``), sampling
 (``space.py``), the report and the docs' tables read it. Adding a choice is one entry.
 Registries import nothing heavy: factories import torch or Optuna when called.
 """
