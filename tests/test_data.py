@@ -176,7 +176,7 @@ def test_a_good_csv_validates_and_runs(cli, tmp_path):
     assert good.returncode == 0 and "study.toml: ok" in good.stdout and good.stderr == ""
     ran = cli("run", "study.toml", "--no-report")
     assert ran.returncode == 0, ran.stderr
-    assert ran.stdout.startswith("study 'csv': 1 trials (1 COMPLETE), target 1")
+    assert ran.stdout.startswith("study 'csv': 1 trial (1 COMPLETE), target 1")
 
 
 def test_what_a_csv_file_becomes(tmp_path, monkeypatch):

@@ -49,6 +49,15 @@ def test_a_trial_says_how_it_ended_then_its_params():
     reason = "pruned at epoch 11: val/acc=0.41, worse than the median of the other trials at that epoch"
     assert trial_note("PRUNED", reason, "val/acc", None, 13, params).startswith(f"PRUNED: {reason} · optimizer=sgd")
     assert trial_note("FAIL", None, "val/acc", None, 0, {}) == "FAIL: no reason recorded"
+    assert trial_note("COMPLETE", None, "val/acc", 0.5, 1, {}) == "COMPLETE: val/acc 0.5 after 1 epoch"
+
+
+def test_a_study_of_one_trial_counts_it_in_the_singular():
+    study = _study("maximize", [(TrialState.PRUNED, None, {attrs.REASON: "pruned at epoch 0: …"})])
+    study.set_user_attr(attrs.TARGET, 1)
+    note = study_note(study, phase="done", experiment_id="3", pruner="median")
+    assert note.splitlines()[0] == "**demo** · done · 1 of 1 trial (1 PRUNED) · maximize val/acc"
+    assert "1 trial was stopped early (PRUNED, by the median pruner;" in note
 
 
 @pytest.mark.parametrize("direction", ["maximize", "minimize"])
@@ -96,8 +105,8 @@ def test_the_study_note_ranks_links_and_counts(direction):
         f"{values[best]:.4g}{CELL_GAP}",
         f"10{CELL_GAP}",
     ]
-    assert "1 trials were stopped early (PRUNED, by the median pruner;" in note
-    assert "1 trials failed (retried: they do not count); the last, trial 5: RuntimeError: boom" in note
+    assert "1 trial was stopped early (PRUNED, by the median pruner;" in note  # one noun, singular
+    assert "1 trial failed (retried: they do not count); the last, trial 5: RuntimeError: boom" in note
     assert (
         f"![optimization history](get-artifact?path=report%2Fpreview%2Foptimization_history.png&run_uuid={'p' * 32})"
     ) in note

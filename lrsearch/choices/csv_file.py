@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from lrsearch.choices.source_table import Origin, _digest, _Table
 from lrsearch.core.errors import UsageError
+from lrsearch.core.text import count
 
 if TYPE_CHECKING:
     import numpy as np
@@ -86,7 +87,7 @@ class _CsvFile:
                 codes.append(self._labels(cells[target], label, classes, rows))
                 rows += len(chunk)
                 if time.monotonic() - last_shown >= PROGRESS_EVERY:
-                    print(f"lrsearch: reading {self.name}: {rows:,} rows…", file=sys.stderr, flush=True)
+                    print(f"lrsearch: reading {self.name}: {count(rows, 'row')}…", file=sys.stderr, flush=True)
                     last_shown = time.monotonic()
         finally:
             if enabled:
@@ -95,7 +96,7 @@ class _CsvFile:
             raise UsageError(f"{self.name}: no data rows, only the header")
         if len(classes) < 2:
             raise UsageError(
-                f"{self.name}: column {_echo(label)}: {_count(len(classes), 'class', 'classes')} "
+                f"{self.name}: column {_echo(label)}: {count(len(classes), 'class', 'classes')} "
                 f"({', '.join(map(_echo, classes))}), expected at least 2"
             )
         # Classes in sorted order, as np.unique numbered them before: seeded studies keep their indices.
@@ -138,7 +139,7 @@ class _CsvFile:
             i = next(i for i, fields in enumerate(chunk) if len(fields) != width)
             raise UsageError(
                 f"{self.name}: row {self._line_of(before + i + 1)}: "
-                f"{_count(len(chunk[i]), 'field')}, expected {width} (the header's)"
+                f"{count(len(chunk[i]), 'field')}, expected {width} (the header's)"
             )
 
     def _numbers(self, cells: tuple[str, ...], name: str, before: int) -> np.ndarray:
@@ -251,7 +252,3 @@ def _echo(value: str, limit: int = 60) -> str:
 def _names(names: list[str], limit: int = 8) -> str:
     shown = ", ".join(map(_echo, names[:limit]))
     return f"the columns {shown}" + (f" and {len(names) - limit} more" if len(names) > limit else "")
-
-
-def _count(n: int, noun: str, plural: str | None = None) -> str:
-    return f"{n:,} {noun if n == 1 else plural or noun + 's'}"

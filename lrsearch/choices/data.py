@@ -10,11 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lrsearch.choices.csv_file import _count, _CsvFile, _shown, _unreadable
+from lrsearch.choices.csv_file import _CsvFile, _shown, _unreadable
 from lrsearch.choices.source_table import Origin, _digest, _Table
 from lrsearch.core.constraints import MAX_SEED, Interval, Satisfies, declared, int_in
 from lrsearch.core.errors import UsageError
 from lrsearch.core.registry import Registry
+from lrsearch.core.text import count
 
 if TYPE_CHECKING:
     import numpy as np
@@ -146,7 +147,7 @@ def _check_split(cfg: DataConfig, rows: int) -> int:
     if n_val < 1 or n_val >= rows:
         if cfg.path is not None:
             raise UsageError(
-                f"{_shown(cfg.path)}: {_count(rows, 'data row')}, too few for [data].val_fraction = "
+                f"{_shown(cfg.path)}: {count(rows, 'data row')}, too few for [data].val_fraction = "
                 f"{cfg.val_fraction} (it leaves none for training or validation)"
             )
         raise UsageError(

@@ -10,6 +10,7 @@ from typing import Any
 
 from lrsearch.core.errors import WARNING_PREFIX
 from lrsearch.core.study_record import StudyRecord
+from lrsearch.core.text import count
 
 # `run`'s summary and `best`: the same columns (mlflow: the run's page on a tracking server,
 # else its id).
@@ -138,7 +139,7 @@ def print_result(
 
     uri = tracking_uri(tracking)
     rows = [{**r, "mlflow": trial_link(uri, experiment_id, r["mlflow_run_id"])} for r in best_trials(study, 5)]
-    print(f"study {study.study_name!r}: {len(study.trials)} trials ({state_counts(study)}), target {target}")
+    print(f"study {study.study_name!r}: {count(len(study.trials), 'trial')} ({state_counts(study)}), target {target}")
     if arrays is not None:
         print(array_line(arrays, sampler))
     if rows:

@@ -14,6 +14,12 @@ def fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def count(n: int, noun: str, plural: str | None = None) -> str:
+    """``n`` and its noun, singular for 1 (``count(1, "trial")``: "1 trial"; ``count(3, "class",
+    "classes")``: "3 classes"), with thousands separated."""
+    return f"{n:,} {noun if n == 1 else plural or noun + 's'}"
+
+
 def params_text(params: Mapping[str, Any], sep: str = ", ") -> str:
     return sep.join(f"{k}={fmt(v)}" for k, v in params.items())
 

@@ -25,7 +25,7 @@ from lrsearch.core import attrs
 from lrsearch.core.names import NOTE_FIGURES, OBJECTIVE_METRIC, PREVIEW_DIR, run_path, trials_path
 from lrsearch.core.phase import explain
 from lrsearch.core.study_record import StudyRecord
-from lrsearch.core.text import exploits_text, fmt, params_text
+from lrsearch.core.text import count, exploits_text, fmt, params_text
 
 TOP_TRIALS = 10
 # MLflow 3.17's run page draws a description's tables with neither cell padding nor borders
@@ -48,7 +48,7 @@ def trial_note(
     """One line for a trial's run: how it ended, then its sampled hyperparameters (a member
     of population-based training: those it ended with, from which draw, and its copies)."""
     if state == "COMPLETE" and value is not None:
-        ended = f"COMPLETE: {metric} {fmt(value)} after {epochs} epochs"
+        ended = f"COMPLETE: {metric} {fmt(value)} after {count(epochs, 'epoch')}"
     else:
         ended = f"{state}: {reason or 'no reason recorded'}"
     if lineage is not None:
@@ -108,8 +108,8 @@ def study_note(
     counted = state_text(counts) or "no trials yet"
     way = direction(study)
     lines = [
-        f"**{study.study_name}** · {phase} · {finished} of {target if target is not None else '?'} "
-        f"trials ({counted}) · {way} {metric}",
+        f"**{study.study_name}** · {phase} · {finished} of "
+        f"{count(target, 'trial') if target is not None else '? trials'} ({counted}) · {way} {metric}",
         "",
     ]
     why = explain(phase, record.unrunnable, record.interrupted)
@@ -159,7 +159,8 @@ def study_note(
     pruned = counts.get("PRUNED", 0)
     if pruned:
         lines += [
-            f"{pruned} trials were stopped early (PRUNED{f', by the {pruner} pruner' if pruner else ''}; "
+            f"{count(pruned, 'trial')} {'was' if pruned == 1 else 'were'} stopped early "
+            f"(PRUNED{f', by the {pruner} pruner' if pruner else ''}; "
             f"the reason is each trial run's description and `reason` tag). "
             f"[All trials, best first]({trials_path(experiment_id)})",
             "",
@@ -170,7 +171,7 @@ def study_note(
     if failed:
         last = failed[-1]
         lines += [
-            f"{len(failed)} trials failed (retried: they do not count); the last, trial {last.number}: "
+            f"{count(len(failed), 'trial')} failed (retried: they do not count); the last, trial {last.number}: "
             f"{last.user_attrs.get(attrs.REASON, 'no reason recorded')}",
             "",
         ]

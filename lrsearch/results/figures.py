@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from lrsearch.choices.optimizers import OPTIMIZERS
-from lrsearch.core.text import params_text
+from lrsearch.core.text import count, params_text
 from lrsearch.results.ranking import best_so_far
 from lrsearch.results.trial_curves import TrialCurves, varied_params
 from lrsearch.track.records import History
@@ -136,7 +136,9 @@ def plot_grid_lr(trials: Sequence[TrialCurves], name: str, path: Path) -> Path:
 
 def plot_lr_curves(trials: Sequence[TrialCurves], name: str, path: Path) -> Path:
     """The learning rate per epoch (``lr`` from MLflow) of the top trials, best first."""
-    return _lr_figure(trials, [], f"{name}: learning rate per epoch of the top {len(trials)} trials", path, rank=True)
+    return _lr_figure(
+        trials, [], f"{name}: learning rate per epoch of the top {count(len(trials), 'trial')}", path, rank=True
+    )
 
 
 # The lr curves' legend: in the description's PREVIEW_WIDTH-pixel copy of a NOTE_FIGURE_WIDTH

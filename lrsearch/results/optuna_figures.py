@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from lrsearch.core.text import count
 from lrsearch.results.figures import _save
 from lrsearch.results.tick_labels import _fit_tick_labels, _labels
 
@@ -83,13 +84,16 @@ def plot_importances(study: Any, name: str, out: Path) -> Path | None:
     ax = fig.subplots()
     names = list(importances)[::-1]
     ax.barh(names, [importances[n_] for n_ in names])
-    ax.set(title=f"{name}: parameter importances (Optuna, PED-ANOVA) from {n} complete trials", xlabel="importance")
+    ax.set(
+        title=f"{name}: parameter importances (Optuna, PED-ANOVA) from {count(n, 'complete trial')}",
+        xlabel="importance",
+    )
     ax.grid(alpha=0.3, axis="x")
     if n < FEW_TRIALS:
         fig.text(
             0.01,
             0.01,
-            f"Only {n} complete trials (fewer than {FEW_TRIALS}): these importances can change "
+            f"Only {count(n, 'complete trial')} (fewer than {FEW_TRIALS}): these importances can change "
             "completely from one study to the next.",
             color="tab:red",
             fontsize="small",
@@ -212,7 +216,7 @@ def plot_contour(study: Any, name: str, out: Path) -> Path | None:
         return None
     with optuna_figure(
         lambda: plot(study, params=["lr", "momentum"]),
-        f"{name}: objective over lr and momentum ({len(both)} trials with momentum)",
+        f"{name}: objective over lr and momentum ({count(len(both), 'trial')} with momentum)",
         (8, 6),
     ) as fig:
         return None if fig is None else _save(fig, out / "contour_lr_momentum.png", tight=True)

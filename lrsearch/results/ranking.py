@@ -19,7 +19,7 @@ from optuna.trial import FrozenTrial, TrialState
 from lrsearch.choices.space import in_sampling_order
 from lrsearch.core import attrs
 from lrsearch.core.errors import unknown_study
-from lrsearch.core.text import shown_params
+from lrsearch.core.text import count, shown_params
 from lrsearch.store.storage import open_storage
 from lrsearch.store.urls import redact, storage_url
 
@@ -167,7 +167,7 @@ def tracking_warnings(study: optuna.Study) -> list[str]:
         return []
     shown = ", ".join(map(str, lost[:10])) + (", …" if len(lost) > 10 else "")
     return [
-        f"MLflow tracking was lost for {len(lost)} trials ({shown}); they are complete in Optuna, "
+        f"MLflow tracking was lost for {count(len(lost), 'trial')} ({shown}); they are complete in Optuna, "
         f"with the error in their {attrs.TRACKING_ERROR!r} user attribute"
     ]
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from lrsearch.core.errors import LrsearchError
 from lrsearch.core.stopping import PARENT_FD_ENV, PARENT_PID_ENV, StopFlag
 from lrsearch.core.study_record import StudyRecord
+from lrsearch.core.text import count
 from lrsearch.store.urls import STORAGE_ENV, TRACKING_ENV, storage_url, tracking_uri
 
 if TYPE_CHECKING:
@@ -144,7 +145,7 @@ def run_study(
         session.parent_run_id,
         session.mlflow_url,
         session.warnings + tracking_warnings(session.study) + [x for w in others for x in w.warnings],
-        [f"{len(failed)} of {len(others)} other workers failed ({failed[0]})"] if failed else [],
+        [f"{len(failed)} of {count(len(others), 'other worker')} failed ({failed[0]})"] if failed else [],
         cancelled,
         None if own else tracker,
         session.arrays,

@@ -17,6 +17,7 @@ from lrsearch.config import DEFAULT_TRIALS, Config, stored_config
 from lrsearch.core.errors import UsageError, shown
 from lrsearch.core.phase import explain
 from lrsearch.core.study_record import Cancellation, StudyRecord, utc_now
+from lrsearch.core.text import count
 from lrsearch.fit.lr_find import range_test, record_range_test
 from lrsearch.sql.schema import ensure_indexes
 from lrsearch.store.folders import report_dir
@@ -304,7 +305,7 @@ def cancel(name: str, *, now: bool = False, storage: str | None = None, tracking
             finished = store.count_trials(study_id, FINISHED)
             running = store.count_trials(study_id, ("RUNNING",))
             if finished >= target:
-                return f"study {name!r} is done ({finished} of {target} trials): nothing to cancel"
+                return f"study {name!r} is done ({finished} of {count(target, 'trial')}): nothing to cancel"
             store.set_user_attrs(study_id, StudyRecord.to_attrs(cancelled=Cancellation(utc_now(), now)))
     what = ("stopping at their next epoch" if now else "finishing") if running else "none running"
-    return f"study {name!r} cancelled: {finished} of {target} trials done, {running} running ({what})"
+    return f"study {name!r} cancelled: {finished} of {count(target, 'trial')} done, {running} running ({what})"
