@@ -65,6 +65,8 @@ def test_run_then_best_on_the_embedded_default(cli, write_study, tmp_path):
     assert run.returncode == 0, run.stderr
     assert "study 'tiny': 2 trials (2 COMPLETE), target 2" in run.stdout
     assert "2/2" in run.stderr
+    [row] = json.loads(cli("status", "--format", "json").stdout)
+    assert row["state"] == "done" and row["created"] and "submitted" not in row  # nobody submitted it
     lines = run.stdout.splitlines()
     links = lines[lines.index(next(line for line in lines if line.startswith("MLflow: "))) :]
     assert re.fullmatch(

@@ -238,7 +238,7 @@ STATUS_COLUMNS = [
     "best_value",
     "best_trial",
     "workers",
-    "submitted",
+    "created",
     "eta_s",
     "mlflow_url",
     "reason",
@@ -277,7 +277,7 @@ def status(name: str | None = None, *, storage: str | None = None, tracking: str
                 "best_value": r["best_value"],
                 "best_trial": r["best_trial_number"],
                 "workers": active,
-                "submitted": r["submitted_at"],
+                "created": r["submitted_at"],  # by submit, or by run (which submits it too)
                 "eta_s": 0.0 if r["state"] == "done" else eta,
                 "mlflow_url": run_url(tracking, r["mlflow_experiment_id"], r["mlflow_parent_run_id"])
                 if r["mlflow_parent_run_id"]
