@@ -2,7 +2,8 @@
 
 Each call goes through a :class:`lrsearch.store.retry.Retry`; the two that would not be safe to
 repeat as they are (creating a trial, changing a trial's state) are made safe here, as the
-docstring of ``retry.py`` explains.
+docstring of ``retry.py`` explains. lrsearch's own statements, which Optuna's storage has no
+call for, are in ``array_writes.py``, ``atomic_writes.py`` and ``trial_reads.py``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from optuna.storages import BaseStorage
 from optuna.storages._heartbeat import BaseHeartbeat  # the interface fail_stale_trials checks
 
 from lrsearch.core.errors import LrsearchError
-from lrsearch.store import array_writes
+from lrsearch.store import array_writes, atomic_writes, trial_reads
 from lrsearch.store.retry import Retry, reason
 
 CLAIM_ATTR = "lrsearch_claim"  # a new trial's token: see RetryingStorage.create_new_trial
@@ -172,25 +173,7 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
     def set_study_user_attrs(self, study_id: int, values: dict[str, Any]) -> None:
         """Several study user attributes in one transaction (Optuna writes one per call):
         a submitted study is queued with all of its attributes or none, in one commit."""
-        rdb = self._rdb
-        self._call(self._set_study_user_attrs, rdb, study_id, values)
-
-    @staticmethod
-    def _set_study_user_attrs(rdb: Any, study_id: int, values: dict[str, Any]) -> None:
-        import json
-
-        from optuna.storages._rdb import models
-        from optuna.storages._rdb.storage import _create_scoped_session
-
-        with _create_scoped_session(rdb.scoped_session, True) as session:
-            stored = {a.key: a for a in models.StudyUserAttributeModel.where_study_id(study_id, session)}
-            for key, value in values.items():
-                if key in stored:
-                    stored[key].value_json = json.dumps(value)
-                else:
-                    session.add(
-                        models.StudyUserAttributeModel(study_id=study_id, key=key, value_json=json.dumps(value))
-                    )
+        self._call(atomic_writes.set_study_user_attrs, self._rdb, study_id, values)
 
     def set_trial_user_attrs(self, trial_id: int, values: dict[str, Any]) -> None:
         """Several user attributes of a running trial in one transaction (a trial's end:
@@ -213,26 +196,7 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
                 return None
             return current.state.name == "FAIL" and all(current.user_attrs.get(k) == v for k, v in user_attrs.items())
 
-        rdb = self._rdb
-        return self._call(self._fail_trial, rdb, trial_id, user_attrs, recover=done)
-
-    @staticmethod
-    def _fail_trial(rdb: Any, trial_id: int, user_attrs: dict[str, Any]) -> bool:
-        import datetime
-
-        from optuna.storages._rdb import models
-        from optuna.storages._rdb.storage import _create_scoped_session
-        from optuna.trial import TrialState
-
-        with _create_scoped_session(rdb.scoped_session) as session:
-            trial = models.TrialModel.find_or_raise_by_id(trial_id, session, for_update=True)
-            if trial.state.is_finished():
-                return False
-            for key, value in user_attrs.items():  # Optuna's own per-attribute write, minus its commit
-                rdb._set_trial_attr_without_commit(session, models.TrialUserAttributeModel, trial_id, key, value)
-            trial.state = TrialState.FAIL
-            trial.datetime_complete = datetime.datetime.now()  # as Optuna writes it
-        return True
+        return self._call(atomic_writes.fail_trial, self._rdb, trial_id, user_attrs, recover=done)
 
     def report_trials(
         self, values: dict[int, tuple[int, float]], system_attrs: dict[int, dict[str, Any]] | None = None
@@ -246,23 +210,7 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
         """Seconds since each trial's last heartbeat, on the database's clock (trials that
         never beat are left out). A finished trial's worker keeps beating until its MLflow
         record is sent (see ``array_host.py``), so this tells a record on its way from a lost one."""
-        rdb = self._rdb
-        return self._call(self._heartbeat_ages, rdb, list(trial_ids)) if trial_ids else {}
-
-    @staticmethod
-    def _heartbeat_ages(rdb: Any, trial_ids: list[int]) -> dict[int, float]:
-        import sqlalchemy as sa
-        from optuna.storages._rdb import models
-        from optuna.storages._rdb.storage import _create_scoped_session
-
-        with _create_scoped_session(rdb.scoped_session) as session:
-            now = session.execute(sa.func.now()).scalar_one().replace(tzinfo=None)
-            beats = (
-                session.query(models.TrialHeartbeatModel)
-                .filter(models.TrialHeartbeatModel.trial_id.in_(trial_ids))
-                .all()
-            )
-            return {b.trial_id: (now - b.heartbeat).total_seconds() for b in beats}
+        return self._call(trial_reads.heartbeat_ages, self._rdb, list(trial_ids)) if trial_ids else {}
 
     def set_study_system_attr(self, study_id: int, key: str, value: Any) -> None:
         self._do("set_study_system_attr", study_id, key, value)
@@ -404,23 +352,7 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
         return taken
 
     def _waiting(self, study_id: int) -> list[int]:
-        import sqlalchemy as sa
-        from optuna.storages._rdb import models
-        from optuna.storages._rdb.storage import _create_scoped_session
-        from optuna.trial import TrialState
-
-        def read(rdb: Any) -> list[int]:
-            trials = models.TrialModel.__table__
-            with _create_scoped_session(rdb.scoped_session) as session:
-                return list(
-                    session.execute(
-                        sa.select(trials.c.trial_id)
-                        .where(trials.c.study_id == study_id, trials.c.state == TrialState.WAITING)
-                        .order_by(trials.c.trial_id)
-                    ).scalars()
-                )
-
-        return self._call(read, self._rdb)
+        return self._call(trial_reads.waiting, self._rdb, study_id)
 
     def values_at(self, study_id: int, step: int) -> list[tuple[int, float]]:
         """(trial number, value) of the study's COMPLETE, RUNNING and PRUNED trials at
@@ -431,23 +363,7 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
     def count_states(self, study_id: int) -> dict[str, int]:
         """The study's trials by state (its name): one query, where ``study.get_trials`` reads
         every unfinished trial whole."""
-        import sqlalchemy as sa
-        from optuna.storages._rdb import models
-        from optuna.storages._rdb.storage import _create_scoped_session
-
-        def read(rdb: Any) -> dict[str, int]:
-            trials = models.TrialModel.__table__
-            with _create_scoped_session(rdb.scoped_session) as session:
-                return {
-                    state.name: n
-                    for state, n in session.execute(
-                        sa.select(trials.c.state, sa.func.count())
-                        .where(trials.c.study_id == study_id)
-                        .group_by(trials.c.state)
-                    )
-                }
-
-        return self._call(read, self._rdb)
+        return self._call(trial_reads.count_states, self._rdb, study_id)
 
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:  # BaseHeartbeat's interface
         return list(self.stale_heartbeats(study_id))
@@ -459,28 +375,7 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
         a worker's. lrsearch's own trials all beat from their claim, in its transaction
         (``array_writes.create_trials``, ``take_waiting``)."""
         rdb = self._rdb
-        return self._call(self._stale_heartbeats, rdb, study_id, rdb.grace_period or 2 * rdb.heartbeat_interval)
-
-    @staticmethod
-    def _stale_heartbeats(rdb: Any, study_id: int, grace: float) -> dict[int, Any]:
-        import datetime
-
-        import sqlalchemy as sa
-        from optuna.storages._rdb import models
-        from optuna.storages._rdb.storage import _create_scoped_session
-        from optuna.trial import TrialState
-
-        trials, beats = models.TrialModel.__table__, models.TrialHeartbeatModel.__table__
-        with _create_scoped_session(rdb.scoped_session) as session:
-            # Naive, like the stored heartbeats (Optuna does the same for PostgreSQL).
-            now = session.execute(sa.func.now()).scalar_one().replace(tzinfo=None)
-            rows = session.execute(
-                sa.select(trials.c.trial_id, beats.c.heartbeat)
-                .join(beats, beats.c.trial_id == trials.c.trial_id)
-                .where(trials.c.study_id == study_id, trials.c.state == TrialState.RUNNING)
-            )
-            limit = datetime.timedelta(seconds=grace)
-            return {trial_id: beat for trial_id, beat in rows if now - beat > limit}
+        return self._call(trial_reads.stale_heartbeats, rdb, study_id, rdb.grace_period or 2 * rdb.heartbeat_interval)
 
     def get_heartbeat_interval(self) -> int | None:  # None: no heartbeats (an in-memory storage)
         return getattr(self._inner, "get_heartbeat_interval", lambda: None)()
