@@ -10,7 +10,7 @@ import pytest
 from lrsearch.choices.data import load_data
 from lrsearch.config import parse_config
 from lrsearch.fit.training import train
-from lrsearch.service.objective import outcome
+from lrsearch.service.ending import outcome
 
 CFG = parse_config({"study": {"name": "t"}, "train": {"epochs": 4, "batch_size": 50}}, "t.toml")
 DATA = load_data(CFG.data)
