@@ -1,7 +1,8 @@
 """The command line: a thin layer over the public API, and the only place that prints and exits.
 
-``parser.py`` reads the command line, ``commands.py`` calls the library, ``output.py``
-prints; this module is the one error boundary (exit codes, one line, ``--debug``).
+``parser.py`` reads the command line, ``commands.py`` and ``result_commands.py`` call the
+library, ``output.py`` prints; this module is the one error boundary (exit codes, one line,
+``--debug``).
 """
 
 from __future__ import annotations

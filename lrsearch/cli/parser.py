@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from lrsearch.cli import commands
+from lrsearch.cli import commands, result_commands
 
 
 def _option(kind: type, constraint: Any) -> Any:
@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
         "unless it already is",
     )
     stores(p)
-    p.set_defaults(command=commands.cmd_best)
+    p.set_defaults(command=result_commands.cmd_best)
 
     p = sub.add_parser("report", help="draw a study's figures and HTML report from the stores")
     p.add_argument("name", help="study name")
@@ -193,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the Markdown results table (final val acc, first epoch >= 0.80) instead",
     )
     stores(p)
-    p.set_defaults(command=commands.cmd_report)
+    p.set_defaults(command=result_commands.cmd_report)
 
     p = sub.add_parser("sql", help="run a read-only SQL query over the results views")
     p.add_argument("query", nargs="?", help='e.g. "SELECT * FROM best_trials WHERE rank <= 3"')
@@ -209,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
         "$LRSEARCH_READER_PASSWORD), and exit; needs a superuser's --storage",
     )
     stores(p)
-    p.set_defaults(command=commands.cmd_sql)
+    p.set_defaults(command=result_commands.cmd_sql)
 
     p = sub.add_parser("validate", help="check a study file and exit (2 on a mistake)")
     p.add_argument("file")
@@ -243,5 +243,5 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also show the MLflow server's own log: its INFO lines and one line per request",
     )
-    p.set_defaults(command=commands.cmd_ui)
+    p.set_defaults(command=result_commands.cmd_ui)
     return parser
