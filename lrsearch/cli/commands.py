@@ -15,6 +15,7 @@ from typing import Any
 
 from lrsearch.cli.output import Progress, format_rows, print_result, warn
 from lrsearch.core.errors import LrsearchError, UsageError, first_line
+from lrsearch.core.text import count
 
 EXIT_OK = 0
 
@@ -126,7 +127,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         _quiet()
     sub = submit(cfg, storage=args.storage, tracking=args.tracking_uri)
     print(
-        f"study {sub.name!r} {'resubmitted' if sub.resumed else 'submitted'}: {sub.target} trials, "
+        f"study {sub.name!r} {'resubmitted' if sub.resumed else 'submitted'}: {count(sub.target, 'trial')}, "
         f"for any `lrsearch worker` on {_redact(sub.url)}"
     )
     if sub.parent_run_id is not None and sub.experiment_id is not None:
