@@ -89,6 +89,29 @@ def test_run_then_best_on_the_embedded_default(cli, write_study, tmp_path):
     assert len(rows) == 2 and rows[0]["value"] >= rows[1]["value"]
     assert set(rows[0]) >= {"number", "value", "state", "params", "mlflow_run_id"}
     assert rows[0]["params"]["schedule"] == "time_decay" and len(rows[0]["mlflow_run_id"]) == 32
+    assert list(rows[0]) == [  # one key a fact: no typed copies of params, the run's id once
+        "rank",
+        "number",
+        "value",
+        "state",
+        "params",
+        "epochs_trained",
+        "duration_s",
+        "wall_s",
+        "mlflow_run_id",
+        "mlflow_url",
+        "mlflow_status",
+        "val_acc",
+        "val_loss",
+        "train_loss",
+        "model",
+    ]
+    assert rows[0]["mlflow_url"].startswith("http://127.0.0.1:5000/#/experiments/")  # lrsearch ui's
+    assert rows[0]["mlflow_url"].split("/runs/")[1].startswith(rows[0]["mlflow_run_id"])
+    from lrsearch.results.ranking import load_study
+
+    sampled = {t.number: t.params for t in load_study("tiny", f"sqlite:///{tmp_path}/lrsearch-data/optuna.db").trials}
+    assert [r["params"] for r in rows] == [sampled[r["number"]] for r in rows]  # to the last digit
 
     table = cli("best", "tiny", "--top", "1")
     assert table.returncode == 0 and table.stdout.splitlines()[0].split()[:4] == ["rank", "number", "value", "state"]
@@ -118,8 +141,8 @@ def test_run_then_best_on_the_embedded_default(cli, write_study, tmp_path):
     )
     csv_out = cli("best", "tiny", "--format", "csv")
     assert csv_out.stdout.splitlines()[0] == (
-        "rank,number,value,state,params,optimizer,lr,momentum,schedule,"
-        "duration_s,wall_s,mlflow_run_id,mlflow,mlflow_status,val_acc,val_loss,train_loss,model"
+        "rank,number,value,state,params,epochs_trained,"
+        "duration_s,wall_s,mlflow_run_id,mlflow_url,mlflow_status,val_acc,val_loss,train_loss,model"
     )
 
     sql = cli("sql", "select optimizer, max(value) as best from best_trials group by optimizer", "--format", "json")

@@ -12,6 +12,7 @@ from pathlib import Path
 from lrsearch.cli.commands import EXIT_OK, _quiet
 from lrsearch.cli.output import TRIAL_COLUMNS, format_rows, model_line
 from lrsearch.core.errors import UsageError
+from lrsearch.core.text import count
 
 
 def cmd_best(args: argparse.Namespace) -> int:
@@ -42,15 +43,12 @@ def cmd_best(args: argparse.Namespace) -> int:
             "value",
             "state",
             "params",
-            *pbt,
-            "optimizer",
-            "lr",
-            "momentum",
-            "schedule",
+            *pbt,  # params: the sampled hyperparameters, each once (the views' typed columns repeat them)
+            "epochs_trained",
             "duration_s",
             "wall_s",
             "mlflow_run_id",
-            "mlflow",
+            "mlflow_url",
             "mlflow_status",
             "val_acc",
             "val_loss",
@@ -75,7 +73,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     paths = write_report(
         args.name, storage=args.storage, tracking=args.tracking_uri, out=Path(args.out) if args.out else None
     )
-    print(f"report: {paths[-1]} ({len(paths) - 1} figures)")
+    print(f"report: {paths[-1]} ({count(len(paths) - 1, 'figure')})")
     return EXIT_OK
 
 

@@ -174,9 +174,10 @@ class ResultsDatabase:
 
 def best_trials_sql(storage: str | None, tracking: str | None, name: str, top: int) -> list[dict[str, Any]]:
     """``lrsearch best``: the study's rows of ``best_trials`` with ``rank <= top``, each with
-    ``mlflow``: its run's page on a tracking server, else its run's id; and ``model``: the
-    registered model's URI on the row of the trial it was made from (else None)."""
-    from lrsearch.track.links import trial_link
+    ``mlflow_url``: its run's page (an embedded store's while ``lrsearch ui`` runs), ``mlflow``:
+    what the table shows of it (the page on a tracking server, else the run's id), and
+    ``model``: the registered model's URI on the row of the trial it was made from (else None)."""
+    from lrsearch.track.links import run_url, trial_link
 
     with ResultsDatabase(storage, tracking) as db:
         if not db.query("SELECT 1 FROM studies WHERE study_name = ?", (name,)).rows:
@@ -194,7 +195,9 @@ def best_trials_sql(storage: str | None, tracking: str | None, name: str, top: i
         params = json.loads(row["params"]) if isinstance(row["params"], str) else row["params"]
         pbt = json.loads(row["pbt"]) if isinstance(row["pbt"], str) else row["pbt"]
         row.update(shown_params(in_sampling_order(params or {}), pbt))
-        row["mlflow"] = trial_link(uri, experiment_id, row["mlflow_run_id"]) if experiment_id else row["mlflow_run_id"]
+        run_id = row["mlflow_run_id"]
+        row["mlflow_url"] = run_url(uri, experiment_id, run_id) if experiment_id and run_id else None
+        row["mlflow"] = trial_link(uri, experiment_id, run_id) if experiment_id else run_id
         # The registered model, on the row of the trial it was made from.
         row["model"] = model["uri"] if model and model.get("run_id") == row["mlflow_run_id"] else None
     return rows

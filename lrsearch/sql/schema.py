@@ -40,6 +40,7 @@ _MACROS: dict[str, dict[str, str]] = {
         "choice_json": "(({0})::jsonb -> 'attributes' -> 'choices' -> CAST({1} AS INTEGER))",
         "choice_text": "(({0})::jsonb -> 'attributes' -> 'choices' ->> CAST({1} AS INTEGER))",
         "to_json": "to_jsonb({0})",
+        "float_json": "to_jsonb({0})",  # the shortest text that reads back the same number
         "object_agg": "COALESCE(jsonb_object_agg({0}, {1}), jsonb_build_object())",
         # A trial's duration (results.duration_s's rule): whole milliseconds, half away from zero.
         "seconds": "CAST(round(CAST(EXTRACT(EPOCH FROM ({1} - {0})) AS NUMERIC), 3) AS " + _NUM + ")",
@@ -67,6 +68,9 @@ _MACROS: dict[str, dict[str, str]] = {
         "'$.attributes.choices[' || CAST({1} AS INTEGER) || ']')) END)",
         "choice_text": "json_extract({0}, '$.attributes.choices[' || CAST({1} AS INTEGER) || ']')",
         "to_json": "{0}",
+        # SQLite's JSON writes a REAL with 15 digits, which can read back as another number
+        # (its last digits off Optuna's); 17 always read back the same.
+        "float_json": "json(printf('%!.17g', {0}))",
         "object_agg": "json_group_object({0}, {1})",
         # As on PostgreSQL, from the exact microseconds of the stored text ('YYYY-MM-DD
         # HH:MM:SS.ffffff', as SQLAlchemy writes it): SQLite's date functions read a time to the

@@ -28,7 +28,7 @@ SELECT
                      THEN {choice_json: p.distribution_json ;; p.param_value}
                  WHEN {text: p.distribution_json ;; name} = 'IntDistribution'
                      THEN {to_json: CAST(p.param_value AS BIGINT)}
-                 ELSE {to_json: p.param_value} END}
+                 ELSE {float_json: p.param_value} END}
        FROM optuna.trial_params p WHERE p.trial_id = t.trial_id) AS params,
     t.datetime_start,
     t.datetime_complete,
