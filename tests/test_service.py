@@ -34,9 +34,15 @@ def _cfg(name: str, trials: int, epochs: int, **study):
 
 
 def _worker(
-    storage: str, tracking: str, max_idle: float, env: dict | None = None, *, array: int | None = None
+    storage: str,
+    tracking: str,
+    max_idle: float,
+    env: dict | None = None,
+    *,
+    array: int | None = None,
+    quiet: bool = False,
 ) -> subprocess.Popen:
-    """A file-less ``lrsearch worker`` on the stores (``--array`` if given)."""
+    """A file-less ``lrsearch worker`` on the stores (``--array``, ``--quiet`` if given)."""
     return subprocess.Popen(
         [
             sys.executable,
@@ -50,6 +56,7 @@ def _worker(
             "--max-idle",
             str(max_idle),
             *(["--array", str(array)] if array is not None else []),
+            *(["--quiet"] if quiet else []),
         ],
         env={**os.environ, **(env or {})},
         stdout=subprocess.PIPE,
@@ -273,10 +280,13 @@ def test_a_study_no_worker_can_run_says_why_and_a_corrected_submit_queues_it(sto
     store.set_study_user_attr(
         study_id, attrs.CONFIG, {**stored, "params": {**stored["params"], "optimizer": {"choices": ["lion"]}}}
     )
-    worker = _worker(storage, tracking, max_idle=2)
+    worker = _worker(storage, tracking, max_idle=2, quiet=True)
     out, err = worker.communicate(timeout=300)
     assert worker.returncode == 0, err
-    assert "lrsearch: warning: study 'newer' skipped: study 'newer' (stored configuration): [params].optimizer" in err
+    assert out == "" and err.startswith(  # --quiet: the warning only
+        "lrsearch: warning: study 'newer' skipped: study 'newer' (stored configuration): [params].optimizer"
+    )
+    assert len(err.splitlines()) == 1, err
     assert _row(stores, "fine")["state"] == "done"
     row = _row(stores, "newer")
     assert row["state"] == "unrunnable" and row["complete"] == 0
@@ -295,6 +305,17 @@ def test_a_study_no_worker_can_run_says_why_and_a_corrected_submit_queues_it(sto
     worker = _worker(storage, tracking, max_idle=2)
     out, err = worker.communicate(timeout=300)
     assert worker.returncode == 0 and "skipped" not in err, err
+    # It says what it takes up and leaves, and ends with run's summary of each study it trained.
+    said = [line.split(": ", 1)[1] for line in err.splitlines() if line.startswith("worker ")]
+    assert said[0].startswith("serving the studies submitted to ") and said[-1] == "idle for 2 s, done"
+    assert re.fullmatch(r"study 'newer' taken up: 0 of 2 trials finished; [12] trials? at a time here", said[1])
+    assert re.fullmatch(
+        r"study 'newer' done: 2 trials trained here \((\d COMPLETE|\d COMPLETE, \d PRUNED|\d PRUNED)\); "
+        r"best val/acc \S+ \(trial [01]\)",
+        said[2],
+    ), said
+    assert len(said) == 4 and out.startswith("study 'newer': 2 trials (")
+    assert "(its trials, best first)" in out
     client, parent, runs = _parent(tracking, "newer")
     assert _row(stores, "newer")["state"] == "done" and parent.info.status == "FINISHED"
     assert parent.data.params["study.name"] == "newer"  # the params wait for a worker that can run it

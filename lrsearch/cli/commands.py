@@ -177,7 +177,6 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from lrsearch.core.stopping import watch_parent
-    from lrsearch.results.ranking import state_counts
 
     watch_parent()
     if args.worker_index is None:
@@ -188,13 +187,21 @@ def cmd_worker(args: argparse.Namespace) -> int:
         return _serve(args)
     if args.max_idle is not None:
         raise UsageError("--max-idle: only without a study file (a worker with a file ends with its study)")
-    result = _run(args, _study_config(args), progress=False)
-    print(
-        f"worker {args.worker_index}: study {result.study.study_name!r} done "
-        f"({state_counts(result.study)}), target {result.target}",
-        file=sys.stderr,
-    )
-    warn(result.warnings)
+    cfg = _study_config(args)
+    result = _run(args, cfg, progress=False)
+    if args.quiet:
+        warn(result.warnings)
+    else:  # as run ends
+        print_result(
+            result.study,
+            result.target,
+            result.experiment_id,
+            result.parent_run_id,
+            args.tracking_uri,
+            result.warnings,
+            result.arrays,
+            cfg.study.sampler,
+        )
     return EXIT_OK
 
 
@@ -257,33 +264,47 @@ def _serve(args: argparse.Namespace) -> int:
     from lrsearch.service.worker import serve, setup_process
 
     setup_process()
-    print(
-        f"worker {args.worker_index}: serving the studies submitted to {_redact(_storage(args))}"
-        + (f" (until idle for {args.max_idle:g} s)" if args.max_idle else ""),
-        file=sys.stderr,
-        flush=True,
-    )
+
+    def say(line: str) -> None:  # what the worker is doing, on stderr: stdout is for the summary
+        if not args.quiet:
+            print(f"worker {args.worker_index}: {line}", file=sys.stderr, flush=True)
 
     def announce(line: str) -> None:
         warn([line])
         sys.stderr.flush()
 
+    say(
+        f"serving the studies submitted to {_redact(_storage(args))}"
+        + (f" (until idle for {args.max_idle:g} s)" if args.max_idle else "")
+    )
     try:
-        warn(
-            serve(
-                args.storage,
-                args.tracking_uri,
-                index=args.worker_index,
-                stop=stop,
-                max_idle=args.max_idle,
-                warn=announce,
-                array=args.array,
-                tracker=tracker,
-            )
+        served = serve(
+            args.storage,
+            args.tracking_uri,
+            index=args.worker_index,
+            stop=stop,
+            max_idle=args.max_idle,
+            warn=announce,
+            say=say,
+            array=args.array,
+            tracker=tracker,
         )
     finally:
         tracker.close()
-    print(f"worker {args.worker_index}: idle for {args.max_idle:g} s, done", file=sys.stderr)
+    warn(served.warnings)
+    say(f"idle for {args.max_idle:g} s, done")
+    if not args.quiet:  # each study it trained, as run ends
+        for session in served.sessions:
+            print_result(
+                session.study,
+                session.target,
+                session.experiment_id,
+                session.parent_run_id,
+                args.tracking_uri,
+                [],
+                session.arrays,
+                session.cfg.study.sampler,
+            )
     return EXIT_OK
 
 

@@ -126,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="this worker's index, for its sampler seed (default: from the host and process id)",
     )
     array_option(p)
+    p.add_argument(
+        "--quiet",
+        action="store_true",
+        help="print warnings and errors only (not the studies it takes up and leaves, nor their summary)",
+    )
     p.set_defaults(command=commands.cmd_worker)
 
     p = sub.add_parser("status", help="the submitted studies: state, progress, best value, workers, time left")

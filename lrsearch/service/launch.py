@@ -204,6 +204,7 @@ def _start_workers(
         cfg.study.name,
         "--epochs",
         str(cfg.train.epochs),
+        "--quiet",  # run prints the study's summary (its output goes nowhere)
     ]
     if cfg.study.trials is not None:
         command += ["--trials", str(cfg.study.trials)]

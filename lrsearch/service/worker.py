@@ -6,7 +6,9 @@ from __future__ import annotations
 import functools
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import optuna
@@ -15,6 +17,7 @@ from lrsearch.core import faults
 from lrsearch.core.errors import LrsearchError, first_line
 from lrsearch.core.stopping import StopFlag, stopped_by
 from lrsearch.core.study_record import StudyRecord
+from lrsearch.core.text import count, fmt
 from lrsearch.service.array_host import TrialCallback, _Array
 from lrsearch.service.claims import _CANCELLED, _DONE, _cancelled, _claim, _released_on_error
 from lrsearch.service.objective import Objective
@@ -70,6 +73,7 @@ class Worker:
         stop: StopFlag | None = None,
         callbacks: Sequence[TrialCallback] = (),
         warn: Callable[[str], None] | None = None,
+        say: Callable[[str], None] | None = None,
         array: int | str | None = None,
     ) -> None:
         self.store = store
@@ -77,8 +81,11 @@ class Worker:
         self.tracker = tracker
         self.index = index
         self.stop = stop or StopFlag()
-        self.callbacks = callbacks
+        self.callbacks = [*callbacks, self._count]
         self.warn = warn or (lambda line: None)
+        self.say = say or (lambda line: None)  # what it takes up and leaves, for the person watching it
+        self.ran: dict[str, Counter[str]] = {}  # the trials it trained of each study, by how they ended
+        self.served: list[Session] = []  # the studies it trained trials of, in the order it took them up
         self.sessions: dict[str, tuple[Session, Objective]] = {}
         self.ended: dict[str, str] = {}  # studies that ended while served here: name -> "done" or "cancelled"
         # Studies this worker cannot run (a configuration this version cannot read, a CSV
@@ -128,6 +135,13 @@ class Worker:
             if not claimed:  # its open slots run elsewhere
                 continue
             self._last = name
+            if name not in self.ran:
+                self.ran[name] = Counter()
+                self.served.append(session)
+                self.say(
+                    f"study {name!r} taken up: {session.finished} of {count(session.target, 'trial')} "
+                    f"finished; {count(len(claimed), 'trial')} at a time here"
+                )
             if not session.started:
                 with _released_on_error(session, claimed):
                     start_parent(session, objective.records)
@@ -193,6 +207,7 @@ class Worker:
             session.warnings.extend(objective.drain())
             ended = self.ended.get(session.study.study_name)
             close_parent(session, "KILLED" if ended == "cancelled" else status, why)
+            self._left(session, ended or ("left" if status == "FINISHED" else "stopped"))
             lines += session.warnings
         self.beats.stop()
         for url in (self.url, self.tracker.uri):
@@ -235,7 +250,35 @@ class Worker:
         close_parent(session, "KILLED" if how == "cancelled" else "FINISHED")  # only its open studies
         if how == "done" and not StudyRecord.from_attrs(session.study.user_attrs).done:
             session.store.set_study_user_attrs(session.study_id, StudyRecord.to_attrs(done=True))
+        self._left(session, how)
         self.warnings += session.warnings
+
+    def _count(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        self.ran[study.study_name][trial.state.name] += 1
+
+    def _left(self, session: Session, how: str) -> None:
+        """One line as this worker lets a study go (``how``: done, cancelled, left to the
+        other workers, stopped): the trials it trained of it, and the study's best so far."""
+        from lrsearch.results.ranking import best_trials, state_text
+
+        ran = self.ran.get(session.study.study_name)
+        if ran is None:  # joined, never trained here
+            return
+        best = best_trials(session.study, 1)
+        shown = f"; best {session.cfg.study.metric} {fmt(best[0]['value'])} (trial {best[0]['number']})" if best else ""
+        self.say(
+            f"study {session.study.study_name!r} {how}: {count(sum(ran.values()), 'trial')} trained here"
+            f"{f' ({state_text(ran)})' if ran else ''}{shown}"
+        )
+
+
+@dataclass
+class Served:
+    """What a worker did: the studies it trained trials of, in the order it took them up,
+    and the warnings of every study it served."""
+
+    sessions: list[Session]
+    warnings: list[str]
 
 
 def serve(
@@ -247,13 +290,14 @@ def serve(
     callbacks: Sequence[TrialCallback] = (),
     max_idle: float | None = None,
     warn: Callable[[str], None] | None = None,
+    say: Callable[[str], None] | None = None,
     array: int | str | None = None,
     tracker: Any = None,
-) -> list[str]:
+) -> Served:
     """Serve every study submitted to ``storage`` until stopped, or ``max_idle`` seconds
-    pass with nothing to do. Polls while idle, backing off to ``MAX_WAIT_S``. Returns the
-    warnings of the studies it served. ``tracker``: its MLflow client (default: a tracking
-    process of its own, closed at the end)."""
+    pass with nothing to do. Polls while idle, backing off to ``MAX_WAIT_S``. ``say`` hears
+    a line as it takes up a study and as it lets one go. ``tracker``: its MLflow client
+    (default: a tracking process of its own, closed at the end)."""
     from lrsearch.track.process import TrackingProcess
 
     url = storage_url(storage)
@@ -265,7 +309,7 @@ def serve(
         if own:
             tracker.close()
         raise
-    worker = Worker(store, url, tracker, index=index, stop=stop, callbacks=callbacks, warn=warn, array=array)
+    worker = Worker(store, url, tracker, index=index, stop=stop, callbacks=callbacks, warn=warn, say=say, array=array)
     idle_since, wait = time.monotonic(), WAIT_S
     status, why = "FAILED", None
     try:
@@ -286,7 +330,7 @@ def serve(
         lines = worker.finish(status, why)
         if own:
             tracker.close()
-    return lines
+    return Served(worker.served, lines)
 
 
 def work(
