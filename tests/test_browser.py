@@ -202,7 +202,7 @@ def test_mlflow_ui_explains_the_study(write_study, tmp_path):
             page.close()
             page = context.new_page()
             page.goto(root + trials_path(exp))
-            page.wait_for_url("**orderByKey=metrics.%60objective%60**", timeout=30000)  # the view applied
+            page.wait_for_url("**orderByKey=tags.%60rank_key%60**", timeout=30000)  # the view applied
             page.get_by_text("2 matching runs").wait_for(timeout=30000)
             rows = page.locator("[role=row]", has_text="trial-")  # (each row's other cells: another element)
             playwright.expect(rows.nth(0)).to_contain_text(f"trial-{complete.number}", timeout=15000)
@@ -237,3 +237,78 @@ def test_mlflow_ui_explains_the_study(write_study, tmp_path):
         assert shot.stat().st_size > 10_000, shot.name
     if os.environ.get("LRSEARCH_SCREENSHOTS"):
         shutil.copytree(shots, os.environ["LRSEARCH_SCREENSHOTS"], dirs_exist_ok=True)
+
+
+# Three learning rates that all separate well-spread blobs: the trials tie on val/acc.
+TIES = """\
+[study]
+name = "ties"
+sampler = "grid"
+pruner = "none"
+seed = 7
+
+[data]
+cluster_std = 0.3
+
+[train]
+epochs = 4
+
+[params]
+optimizer = "sgd"
+lr = { choices = [0.03, 0.05, 0.08] }
+momentum = 0.9
+"""
+
+
+def test_trials_tied_on_the_metric_rank_alike_in_best_the_views_the_description_and_the_ui(write_study, tmp_path):
+    """MLflow orders a view by one key, its ties newest first: the trials view orders by each
+    run's rank_key, so tied trials show in the one ranking's order, as everywhere else."""
+    if not Path(CHROMIUM).exists():
+        missing("Chromium", f"no browser at {CHROMIUM} (apt-get install chromium; .ci/run does)")
+    try:
+        import playwright.sync_api as playwright
+    except ImportError:
+        missing("Playwright", "pip install -e '.[test]' installs it")
+    from lrsearch.core.text import fmt
+    from lrsearch.results.ranking import ranking
+    from lrsearch.sql.queries import best_trials_sql
+
+    data = tmp_path / "lrsearch-data"
+    storage, tracking = f"sqlite:///{data / 'optuna.db'}", f"sqlite:///{data / 'mlflow.db'}"
+    path = write_study(TIES)
+    result = run_study(load_config(path), storage=storage, tracking=tracking, study_file=path)
+    values = [t.value for t in result.study.trials]
+    assert len(set(values)) < len(values), values  # a tie, or this test shows nothing
+    order = [t.number for t in ranking(result.study.trials, "maximize")]
+    assert [r["trial_number"] for r in best_trials_sql(storage, tracking, "ties", 10)] == order
+    model = result.study.user_attrs["lrsearch_model"]
+    assert model["trial"] == order[0]  # the registered model is the top trial's
+
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "lrsearch.cli", "server", "--db", tracking, "--port", str(port)],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        env={**os.environ, "LRSEARCH_DATA": str(data)},
+    )
+    root = f"http://127.0.0.1:{port}/"
+    try:
+        wait_for_http(f"{root}health", server)
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = browser.new_context(viewport={"width": 1500, "height": 1000}).new_page()
+            page.goto(root + run_path(result.experiment_id, result.parent_run_id))
+            note = page.locator("[data-testid=note-editor-preview-content]")
+            note.get_by_text("ties", exact=True).wait_for(timeout=30000)
+            assert note.inner_text().split("Best val/acc: ", 1)[1].startswith(f"{fmt(values[order[0]])}, trial {order[0]}:")
+            page.goto(root + trials_path(result.experiment_id))
+            page.get_by_text(f"{len(order)} matching runs").wait_for(timeout=30000)
+            rows = page.locator("[role=row]", has_text="trial-")
+            playwright.expect(rows).to_have_count(len(order), timeout=15000)
+            shown = [int(re.search(r"trial-(\d+)", rows.nth(i).inner_text()).group(1)) for i in range(len(order))]
+            assert shown == order
+            browser.close()
+    finally:
+        stop_process_group(server)

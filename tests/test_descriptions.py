@@ -135,8 +135,8 @@ def test_the_trials_view_filters_the_study_and_ranks_by_objective(direction):
     state = json.loads(trials_view("demo", direction, "val/loss", ["optimizer", "lr"]))
     assert state == {
         "searchFilter": "tags.study = 'demo'",
-        "orderByKey": "metrics.`objective`",
-        "orderByAsc": direction == "minimize",
+        "orderByKey": "tags.`rank_key`",
+        "orderByAsc": True,  # rank_key sorts best first in either direction (test_results.py)
         "selectedColumns": [
             "metrics.`objective`",
             "metrics.`val/loss`",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from types import SimpleNamespace
 
 import optuna
 from conftest import TINY_STUDY
@@ -65,6 +66,36 @@ def _same_ranking(storage: str, tracking: str | None = None) -> None:
         params = db.query("SELECT params FROM trials WHERE study_name = 'flags'").rows[0][0]
         params = json.loads(params) if isinstance(params, str) else params
         assert params == {"nesterov": True, "optimizer": "sgd"} and params["nesterov"] is True  # not 1
+
+
+def test_mlflow_orders_the_trials_view_as_the_ranking_ties_included(tmp_path):
+    """The trials view sorts runs by one key (MLflow's ties go to the newer run): each
+    COMPLETE trial's rank_key tag gives the ranking's order, ties to the earlier trial, in
+    either direction; runs without one (a PRUNED trial) come after."""
+    import json as json_
+
+    from lrsearch.core.names import RANK_TAG
+    from lrsearch.results.descriptions import trials_view
+    from lrsearch.results.ranking import rank_key
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    values = [0.5, 0.2, 0.5, -0.0, 0.2, 0.0, 0.9, 1e-300, -3.0, 0.5]  # ties, signs, a tiny one
+    for direction in ("minimize", "maximize"):
+        experiment = client.create_experiment(direction)
+        trials = []
+        for number, value in enumerate([*values, None]):  # runs made in trial order: newer last
+            run = client.create_run(experiment, run_name=f"trial-{number}")
+            state = "COMPLETE" if value is not None else "PRUNED"
+            trials.append(SimpleNamespace(number=number, state=state, value=value))
+            if value is not None:
+                client.set_tag(run.info.run_id, RANK_TAG, rank_key(value, number, direction))
+        view = json_.loads(trials_view(direction, direction, "val/acc", ["lr"]))
+        order = [f"{view['orderByKey']} {'ASC' if view['orderByAsc'] else 'DESC'}"]
+        shown = [r.info.run_name for r in client.search_runs([experiment], order_by=order)]
+        assert shown == [*(f"trial-{t.number}" for t in ranking(trials, direction)), f"trial-{len(values)}"]
+        assert shown[:3] == (
+            ["trial-8", "trial-3", "trial-5"] if direction == "minimize" else ["trial-6", "trial-0", "trial-2"]
+        )
 
 
 def test_sql_and_python_rank_alike_on_sqlite(stores):

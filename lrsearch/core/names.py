@@ -9,6 +9,7 @@ NOTE_TAG = "mlflow.note.content"  # MLflow's run page renders it as Markdown: a 
 VIEW_TAG_PREFIX = "mlflow.sharedViewState."
 TRIALS_VIEW = "lrsearch-trials"  # one experiment per study: one key is enough
 OBJECTIVE_METRIC = "objective"  # a COMPLETE trial's value, logged once at its end
+RANK_TAG = "rank_key"  # a COMPLETE trial's place in the study's one ranking, as text (ranking.rank_key)
 UI_QUERY = "workflowType=machine_learning"  # MLflow 3 opens on its GenAI views otherwise
 DEFAULT_UI_PORT = 5000  # where `lrsearch ui` serves the UI unless told --port
 

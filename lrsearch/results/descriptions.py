@@ -7,8 +7,9 @@
 - The trials table: an MLflow *shared view* (an experiment tag
   ``mlflow.sharedViewState.<key>`` holding the runs table's state as JSON; MLflow 3.17's UI
   reads it for ``…/runs?viewStateShareKey=<key>``) filters the experiment to the study's
-  trials, ranks them by ``objective`` (logged on COMPLETE trials only, so they come first)
-  and shows the searched hyperparameters, the state and the pruning reason as columns.
+  trials, ranks them by the one ranking (each COMPLETE trial's ``rank_key`` tag; the others,
+  without one, come after) and shows the objective, the searched hyperparameters, the state
+  and the pruning reason as columns.
 
 Links inside descriptions are relative to the UI (``#/experiments/…``, ``get-artifact?…``),
 so they work whatever host and port serve it.
@@ -22,7 +23,7 @@ from typing import Any
 from urllib.parse import quote
 
 from lrsearch.core import attrs
-from lrsearch.core.names import NOTE_FIGURES, OBJECTIVE_METRIC, PREVIEW_DIR, run_path, trials_path
+from lrsearch.core.names import NOTE_FIGURES, OBJECTIVE_METRIC, PREVIEW_DIR, RANK_TAG, run_path, trials_path
 from lrsearch.core.phase import explain
 from lrsearch.core.study_record import StudyRecord
 from lrsearch.core.text import count, exploits_text, fmt, params_text
@@ -72,8 +73,8 @@ def trials_view(study_name: str, direction: str, metric: str, params: Sequence[s
     return json.dumps(
         {
             "searchFilter": f"tags.study = '{study_name}'",
-            "orderByKey": f"metrics.`{OBJECTIVE_METRIC}`",
-            "orderByAsc": direction == "minimize",
+            "orderByKey": f"tags.`{RANK_TAG}`",
+            "orderByAsc": True,  # best first in the study's direction: see ranking.rank_key
             "selectedColumns": columns,
         }
     )

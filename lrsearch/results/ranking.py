@@ -1,14 +1,16 @@
 """Reading a study's results: its trials counted, ranked and shown as records.
 
 One ranking serves every view of the trials (``run``'s summary, the progress bar, the
-parent run's metrics, the report): best first in the study's direction, ties to the
-earlier trial. ``sql/views.sql`` ranks ``best_trials`` by the same rule in SQL, for
-``lrsearch best`` and SQL users; ``tests/test_results.py`` holds the two together.
+parent run's metrics, the report, the registered model): best first in the study's
+direction, ties to the earlier trial. ``sql/views.sql`` ranks ``best_trials`` by the same
+rule in SQL, for ``lrsearch best`` and SQL users, and MLflow's trials view by each run's
+:func:`rank_key`; ``tests/test_results.py`` holds them together.
 """
 
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any, Protocol, TypeVar
@@ -56,6 +58,18 @@ def ranking(trials: Iterable[T], direction: str, states: Sequence[str] = ("COMPL
 
     kept = [t for t in trials if state(t) in order and t.value is not None and math.isfinite(t.value)]
     return sorted(kept, key=lambda t: (order[state(t)], sign * float(t.value or 0.0), t.number))
+
+
+def rank_key(value: float, number: int, direction: str) -> str:
+    """A COMPLETE trial's place in :func:`ranking`, as text that sorts the same way (ascending:
+    best first, ties to the earlier trial) and depends on the trial alone, so that it is
+    written once, at the trial's end: MLflow's trials view orders the runs by it (their tag
+    ``rank_key``), as MLflow orders a view by one key only, its ties by start time."""
+    bits = struct.unpack(">Q", struct.pack(">d", value + 0.0))[0]  # + 0.0: -0.0 ranks as 0.0
+    ordered = bits ^ 0xFFFF_FFFF_FFFF_FFFF if bits >> 63 else bits | 1 << 63  # as the floats order
+    if direction == "maximize":
+        ordered ^= 0xFFFF_FFFF_FFFF_FFFF
+    return f"{ordered:016x}.{number:010d}"
 
 
 def best_so_far(trials: Sequence[T], direction: str) -> list[T]:

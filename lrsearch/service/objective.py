@@ -28,6 +28,7 @@ from lrsearch.fit.member import Member, TrainResult
 from lrsearch.fit.training import fit_array
 from lrsearch.results.descriptions import trial_note
 from lrsearch.results.figures import plot_learning_curves
+from lrsearch.results.ranking import rank_key
 from lrsearch.service.ending import Ending, TakenOver, outcome
 from lrsearch.track.models import network_bytes
 from lrsearch.track.outbox import Drawing, Outbox, TrialRecord, json_bytes, outbox_for
@@ -252,13 +253,13 @@ class Objective:
         if run is None:
             record.recorded()
             return
-        objective = ending.value if ending.state == "COMPLETE" else None
+        value = ending.value if ending.state == "COMPLETE" else None
         lineage = self.lineage(ending.member) if self.cfg.population else None
         note = trial_note(
             ending.state,
             ending.reason,
             self.cfg.study.metric,
-            objective,
+            value,
             result.epochs,
             in_sampling_order(trial.params),
             lineage,
@@ -272,7 +273,11 @@ class Objective:
                 ending.reason,
                 ending.status,
                 note=note,
-                objective=objective,
+                # Its value and place in the one ranking, for MLflow's trials view (which, as the
+                # ranking, leaves out a value that is not finite).
+                objective=(value, rank_key(value, trial.number, self.cfg.study.direction))
+                if value is not None and math.isfinite(value)
+                else None,
                 then=record.recorded,
             )
         except BaseException:

@@ -148,7 +148,7 @@ class TrialRecord:
         status: str | None = None,
         *,
         note: str | None = None,
-        objective: float | None = None,
+        objective: tuple[float, str] | None = None,
         then: Callable[[], None] = lambda: None,
     ) -> None:
         """Close the run in the background (once it is open) with the trial's metric
@@ -205,7 +205,7 @@ def send_trial_record(
     reason: str | None,
     status: str | None,
     note: str | None,
-    objective: float | None,
+    objective: tuple[float, str] | None,
 ) -> None:
     faults.point("record")
     with artifact_dir() as tmp:

@@ -18,7 +18,7 @@ from typing import Any
 
 from lrsearch.core import attrs
 from lrsearch.core.errors import TrackingError
-from lrsearch.core.names import NOTE_TAG, OBJECTIVE_METRIC, TRIALS_VIEW, VIEW_TAG_PREFIX
+from lrsearch.core.names import NOTE_TAG, OBJECTIVE_METRIC, RANK_TAG, TRIALS_VIEW, VIEW_TAG_PREFIX
 from lrsearch.core.stopping import check_stop
 from lrsearch.store.lock import store_lock
 from lrsearch.store.retry import Retry, reason
@@ -234,23 +234,21 @@ class Tracker:
         artifacts: Path | None = None,
         status: str | None = None,
         note: str | None = None,
-        objective: float | None = None,
+        objective: tuple[float, str] | None = None,
     ) -> None:
         """Send the trial's metric history, its final state, description (``note``) and
         artifacts, and close the run with the status that ``state`` maps to (or ``status``,
-        e.g. KILLED on an interrupt). ``objective``: a COMPLETE trial's value, logged as the
-        metric the study's trials view ranks by (a pruned trial has none: it ranks last)."""
+        e.g. KILLED on an interrupt). ``objective``: a COMPLETE trial's value and rank key,
+        the metric and tag the study's trials view shows and ranks by (others have none)."""
         from mlflow.entities import Metric
 
-        tags = {"state": state}
-        if reason:
-            tags["reason"] = reason
-        if note:
-            tags[NOTE_TAG] = note
+        tags = {"state": state, **({"reason": reason} if reason else {}), **({NOTE_TAG: note} if note else {})}
+        if objective is not None:
+            tags[RANK_TAG] = objective[1]
         metrics = _metrics(history)
         if objective is not None:
             last = max((step for points in history.values() for step, _, _ in points), default=0)
-            metrics.append(Metric(OBJECTIVE_METRIC, objective, _now_ms(), last))
+            metrics.append(Metric(OBJECTIVE_METRIC, objective[0], _now_ms(), last))
         self._log(run_id, metrics=metrics, tags=tags)
         if artifacts is not None:
             self._call(self.client.log_artifacts, run_id, str(artifacts))
