@@ -33,3 +33,14 @@ def test_the_architecture_page_names_every_module():
         and not (p.parent.name == "core" and p.stem in words)
     ]
     assert not missing, f"docs/architecture.md's tree does not name: {missing}"
+
+
+def test_getting_started_reaches_the_first_study_before_any_advisory():
+    """The install, then the first study: the dependency floors and their advisories have a
+    page of their own, linked, in the site's navigation."""
+    page = (ROOT / "docs" / "index.md").read_text()
+    before = page.split("lrsearch run studies/quickstart.toml", 1)[0]
+    assert not re.search(r"CVE-|GHSA-|^\|", before, re.MULTILINE), "advisories before the first study"
+    assert "(dependencies.md)" in before
+    assert "CVE-" in (ROOT / "docs" / "dependencies.md").read_text()
+    assert "dependencies.md" in (ROOT / "mkdocs.yml").read_text()
