@@ -10,6 +10,12 @@ from pathlib import Path
 
 import pytest
 
+# Tests that ask() for trials as another Optuna client would, on a store with heartbeats:
+# Optuna warns that heartbeats are meant for Study.optimize (lrsearch itself never asks).
+ASKS_AS_ANOTHER_CLIENT = pytest.mark.filterwarnings(
+    "ignore:Heartbeat of storage is supposed to be used with Study.optimize:UserWarning"
+)
+
 # In CI (CI=true) a part the tests need and cannot find is a failure, not a skip: a green CI
 # must not hide a missing PostgreSQL or browser. On a developer's machine they skip, saying why.
 IN_CI = os.environ.get("CI", "").lower() == "true"

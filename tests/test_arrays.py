@@ -8,6 +8,7 @@ import math
 
 import optuna
 import pytest
+from conftest import ASKS_AS_ANOTHER_CLIENT
 from mlflow import MlflowClient
 
 from lrsearch.choices.data import load_data
@@ -330,6 +331,7 @@ def test_a_service_worker_trains_a_submitted_study_in_arrays(store, tmp_path, re
         assert sorted(steps) == list(range(trial.user_attrs["epochs_trained"]))
 
 
+@ASKS_AS_ANOTHER_CLIENT
 def test_the_sampling_window_reads_what_the_database_holds(stores):
     """While an array's new trials are sampled, the study is read once and each write goes
     into that copy too: every read in the window equals a fresh read of the database."""

@@ -302,7 +302,11 @@ def test_trials_tied_on_the_metric_rank_alike_in_best_the_views_the_description_
             page.goto(root + run_path(result.experiment_id, result.parent_run_id))
             note = page.locator("[data-testid=note-editor-preview-content]")
             note.get_by_text("ties", exact=True).wait_for(timeout=30000)
-            assert note.inner_text().split("Best val/acc: ", 1)[1].startswith(f"{fmt(values[order[0]])}, trial {order[0]}:")
+            assert (
+                note.inner_text()
+                .split("Best val/acc: ", 1)[1]
+                .startswith(f"{fmt(values[order[0]])}, trial {order[0]}:")
+            )
             page.goto(root + trials_path(result.experiment_id))
             page.get_by_text(f"{len(order)} matching runs").wait_for(timeout=30000)
             rows = page.locator("[role=row]", has_text="trial-")

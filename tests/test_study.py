@@ -7,6 +7,7 @@ import math
 
 import optuna
 import pytest
+from conftest import ASKS_AS_ANOTHER_CLIENT
 from mlflow import MlflowClient
 
 from lrsearch.choices.data import load_data
@@ -339,6 +340,7 @@ def test_trials_claimed_but_never_begun_are_ended_on_an_error_and_queued_ones_qu
     assert len(again) == 1 and again[0].system_attrs["fixed_params"] == {"optimizer": "adam", "lr": 0.01}
 
 
+@ASKS_AS_ANOTHER_CLIENT
 def test_a_claim_made_without_the_lock_never_passes_the_total(write_study, stores):
     """What the worker loop does with a trial claimed while the store lock's connection was
     down (another worker may have claimed the same slot): kept if the trials before it leave
@@ -473,6 +475,7 @@ def test_a_wrong_heartbeat_setting_is_named(write_study, cli, monkeypatch, tmp_p
 # Slow: it waits for the database's clock, which stores a heartbeat to the second (SQLite's
 # now()); a clock of its own would not be the one the rule reads.
 @pytest.mark.slow
+@ASKS_AS_ANOTHER_CLIENT
 def test_a_lost_trial_is_queued_again_twice_at_most(write_study, stores, monkeypatch):
     """Each time its worker is lost, a trial ends FAIL and its params are queued again, with
     the trials it retries in ``retry_history``; the third loss queues nothing."""
@@ -502,6 +505,7 @@ def test_a_lost_trial_is_queued_again_twice_at_most(write_study, stores, monkeyp
 # Slow: it waits for the database's clock, which stores a heartbeat to the second (SQLite's
 # now()); a clock of its own would not be the one the rule reads.
 @pytest.mark.slow
+@ASKS_AS_ANOTHER_CLIENT
 def test_a_trial_that_beats_again_between_two_looks_is_not_failed(write_study, stores, monkeypatch):
     """A worker that saw no outage finds another's trial stale: one look cannot tell a lost
     worker from one whose beats an outage held back. The live one beats again within an
@@ -529,6 +533,7 @@ def test_a_trial_that_beats_again_between_two_looks_is_not_failed(write_study, s
     assert states[held.number] == "RUNNING" and states[lost.number] == "FAIL"
 
 
+@ASKS_AS_ANOTHER_CLIENT
 def test_a_trial_is_failed_with_its_reason_in_one_step_unless_its_worker_told_it_first(write_study, stores):
     """Failing a stale trial writes its reason and its FAIL state together, holding its row:
     a trial its own worker told meanwhile is left as told, without the reason."""
