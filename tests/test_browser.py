@@ -160,6 +160,14 @@ def test_mlflow_ui_explains_the_study(write_study, tmp_path):
             child.wait_for_url(f"**/runs/{complete.user_attrs['mlflow_run_id']}**", timeout=15000)
             child.get_by_text(f"trial-{complete.number}", exact=True).first.wait_for(timeout=15000)
             child.close()
+            # The study's model, one click away: its registered version's page.
+            with context.expect_page() as opened:
+                note.get_by_role("link", name="models:/tiny@best", exact=True).click()
+            model_page = opened.value
+            model_page.wait_for_url("**/models/tiny/versions/1**", timeout=15000)
+            playwright.expect(model_page.locator("body")).to_contain_text("Version 1", timeout=30000)
+            playwright.expect(model_page.locator("body")).to_contain_text(complete.user_attrs["mlflow_run_id"][:8])
+            model_page.close()
             page.set_viewport_size({"width": 1500, "height": 1000})  # the tables below: room for every column
 
             # A pruned trial's run says why on its page.

@@ -160,7 +160,10 @@ def _check_records(client: MlflowClient, name: str, study) -> tuple[str, dict]:
     }
     assert float(version.tags["lrsearch.value"]) == best.value
     parent = client.get_run(study.user_attrs["mlflow_parent_run_id"])
-    assert f"Model: `models:/{name}@best` (version 1, trial {best.number})" in parent.data.tags["mlflow.note.content"]
+    assert (  # linked to its page: one click from the study's run
+        f"Model: [`models:/{name}@best`](#/models/{name}/versions/1) (version 1, trial {best.number})"
+        in parent.data.tags["mlflow.note.content"]
+    )
     assert study.user_attrs["lrsearch_model"] == {
         "name": name,
         "version": "1",

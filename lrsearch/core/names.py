@@ -5,6 +5,8 @@ the CLI, the tests) import them from here."""
 
 from __future__ import annotations
 
+from urllib.parse import quote
+
 NOTE_TAG = "mlflow.note.content"  # MLflow's run page renders it as Markdown: a run's description
 VIEW_TAG_PREFIX = "mlflow.sharedViewState."
 TRIALS_VIEW = "lrsearch-trials"  # one experiment per study: one key is enough
@@ -38,6 +40,11 @@ PREVIEW_DIR = "preview"
 def run_path(experiment_id: str, run_id: str) -> str:
     """A run's page, relative to the UI's root."""
     return f"#/experiments/{experiment_id}/runs/{run_id}?{UI_QUERY}"
+
+
+def model_version_path(name: str, version: str) -> str:
+    """A registered model version's page, relative to the UI's root."""
+    return f"#/models/{quote(name)}/versions/{version}"
 
 
 def trials_path(experiment_id: str) -> str:

@@ -23,7 +23,15 @@ from typing import Any
 from urllib.parse import quote
 
 from lrsearch.core import attrs
-from lrsearch.core.names import NOTE_FIGURES, OBJECTIVE_METRIC, PREVIEW_DIR, RANK_TAG, run_path, trials_path
+from lrsearch.core.names import (
+    NOTE_FIGURES,
+    OBJECTIVE_METRIC,
+    PREVIEW_DIR,
+    RANK_TAG,
+    model_version_path,
+    run_path,
+    trials_path,
+)
 from lrsearch.core.phase import explain
 from lrsearch.core.study_record import StudyRecord
 from lrsearch.core.text import count, exploits_text, fmt, params_text
@@ -135,7 +143,8 @@ def study_note(
         model = record.model
         if model:  # registered when the study finished (or by `lrsearch best --register`)
             lines += [
-                f"Model: `{model.uri}` (version {model.version}, trial {model.trial}): "
+                f"Model: [`{model.uri}`]({model_version_path(model.name, model.version)}) "
+                f"(version {model.version}, trial {model.trial}): "
                 f'`mlflow.pyfunc.load_model("{model.uri}")` takes the data\'s feature columns and '
                 f"returns each row's label and class probabilities.",
                 "",
