@@ -9,11 +9,13 @@ Screenshots land in the test's folder, and in $LRSEARCH_SCREENSHOTS when set (to
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -87,23 +89,20 @@ FITS_ITS_BOX = """note => {
 }"""
 
 
-def test_mlflow_ui_explains_the_study(write_study, tmp_path):
+def _playwright():
+    """Playwright's sync API, with Chromium there to drive (else the test skips, saying why)."""
     if not Path(CHROMIUM).exists():
         missing("Chromium", f"no browser at {CHROMIUM} (apt-get install chromium; .ci/run does)")
     try:
         import playwright.sync_api as playwright
     except ImportError:
         missing("Playwright", "pip install -e '.[test]' installs it")
-    data = tmp_path / "lrsearch-data"
-    storage, tracking = f"sqlite:///{data / 'optuna.db'}", f"sqlite:///{data / 'mlflow.db'}"
-    path = write_study(STUDY)
-    result = run_study(load_config(path), storage=storage, tracking=tracking, study_file=path)
-    write_report("tiny", storage=storage, tracking=tracking, out=tmp_path / "report")
-    trials = {t.state.name: t for t in result.study.trials}
-    complete, pruned = trials["COMPLETE"], trials["PRUNED"]
-    reason = pruned.user_attrs["reason"]
-    assert reason.startswith("non-finite train/loss at epoch ")
+    return playwright
 
+
+@contextlib.contextmanager
+def _server(tmp_path: Path, data: Path, tracking: str) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`lrsearch server` on the tracking store, on a free port: its root URL, once it answers."""
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "lrsearch.cli", "server", "--db", tracking, "--port", str(port)],
@@ -114,11 +113,29 @@ def test_mlflow_ui_explains_the_study(write_study, tmp_path):
         env={**os.environ, "LRSEARCH_DATA": str(data)},
     )
     root = f"http://127.0.0.1:{port}/"
+    try:
+        wait_for_http(f"{root}health", server)
+        yield root, server
+    finally:
+        stop_process_group(server)
+
+
+def test_mlflow_ui_explains_the_study(write_study, tmp_path):
+    playwright = _playwright()
+    data = tmp_path / "lrsearch-data"
+    storage, tracking = f"sqlite:///{data / 'optuna.db'}", f"sqlite:///{data / 'mlflow.db'}"
+    path = write_study(STUDY)
+    result = run_study(load_config(path), storage=storage, tracking=tracking, study_file=path)
+    write_report("tiny", storage=storage, tracking=tracking, out=tmp_path / "report")
+    trials = {t.state.name: t for t in result.study.trials}
+    complete, pruned = trials["COMPLETE"], trials["PRUNED"]
+    reason = pruned.user_attrs["reason"]
+    assert reason.startswith("non-finite train/loss at epoch ")
+
     exp = result.experiment_id
     shots = tmp_path / "shots"
     shots.mkdir()
-    try:
-        wait_for_http(f"{root}health", server)
+    with _server(tmp_path, data, tracking) as (root, server):
         cmdline = Path(f"/proc/{server.pid}/cmdline").read_bytes().split(b"\0")  # `server` binds loopback too
         assert cmdline[cmdline.index(b"--host") + 1] == b"127.0.0.1"
         with playwright.sync_playwright() as p:
@@ -239,8 +256,6 @@ def test_mlflow_ui_explains_the_study(write_study, tmp_path):
             )
             page.screenshot(path=str(shots / "report_artifact.png"))
             browser.close()
-    finally:
-        stop_process_group(server)
     for shot in shots.iterdir():
         assert shot.stat().st_size > 10_000, shot.name
     if os.environ.get("LRSEARCH_SCREENSHOTS"):
@@ -271,12 +286,7 @@ momentum = 0.9
 def test_trials_tied_on_the_metric_rank_alike_in_best_the_views_the_description_and_the_ui(write_study, tmp_path):
     """MLflow orders a view by one key, its ties newest first: the trials view orders by each
     run's rank_key, so tied trials show in the one ranking's order, as everywhere else."""
-    if not Path(CHROMIUM).exists():
-        missing("Chromium", f"no browser at {CHROMIUM} (apt-get install chromium; .ci/run does)")
-    try:
-        import playwright.sync_api as playwright
-    except ImportError:
-        missing("Playwright", "pip install -e '.[test]' installs it")
+    playwright = _playwright()
     from lrsearch.core.text import fmt
     from lrsearch.results.ranking import ranking
     from lrsearch.sql.queries import best_trials_sql
@@ -292,18 +302,7 @@ def test_trials_tied_on_the_metric_rank_alike_in_best_the_views_the_description_
     model = result.study.user_attrs["lrsearch_model"]
     assert model["trial"] == order[0]  # the registered model is the top trial's
 
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "lrsearch.cli", "server", "--db", tracking, "--port", str(port)],
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-        env={**os.environ, "LRSEARCH_DATA": str(data)},
-    )
-    root = f"http://127.0.0.1:{port}/"
-    try:
-        wait_for_http(f"{root}health", server)
+    with _server(tmp_path, data, tracking) as (root, _):
         with playwright.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             page = browser.new_context(viewport={"width": 1500, "height": 1000}).new_page()
@@ -322,5 +321,3 @@ def test_trials_tied_on_the_metric_rank_alike_in_best_the_views_the_description_
             shown = [int(re.search(r"trial-(\d+)", rows.nth(i).inner_text()).group(1)) for i in range(len(order))]
             assert shown == order
             browser.close()
-    finally:
-        stop_process_group(server)

@@ -93,16 +93,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         tracker.prepare_report()  # it draws some of the report's figures
     try:
         result = _run(args, cfg, workers=args.workers, tracker=tracker)
-        print_result(
-            result.study,
-            result.target,
-            result.experiment_id,
-            result.parent_run_id,
-            args.tracking_uri,
-            result.warnings,
-            result.arrays,
-            cfg.study.sampler,
-        )
+        print_result(result, cfg.study.sampler, args.tracking_uri, result.warnings)
         if result.errors:
             raise LrsearchError(f"{result.errors[0]}; run the same command again to resume")
         if result.cancelled:
@@ -192,16 +183,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if args.quiet:
         warn(result.warnings)
     else:  # as run ends
-        print_result(
-            result.study,
-            result.target,
-            result.experiment_id,
-            result.parent_run_id,
-            args.tracking_uri,
-            result.warnings,
-            result.arrays,
-            cfg.study.sampler,
-        )
+        print_result(result, cfg.study.sampler, args.tracking_uri, result.warnings)
     return EXIT_OK
 
 
@@ -294,17 +276,8 @@ def _serve(args: argparse.Namespace) -> int:
     warn(served.warnings)
     say(f"idle for {args.max_idle:g} s, done")
     if not args.quiet:  # each study it trained, as run ends
-        for session in served.sessions:
-            print_result(
-                session.study,
-                session.target,
-                session.experiment_id,
-                session.parent_run_id,
-                args.tracking_uri,
-                [],
-                session.arrays,
-                session.cfg.study.sampler,
-            )
+        for session in served.sessions:  # (their warnings are above)
+            print_result(session, session.cfg.study.sampler, args.tracking_uri, [])
     return EXIT_OK
 
 

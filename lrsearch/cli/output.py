@@ -122,20 +122,21 @@ class Progress:
             self.bar.close()
 
 
-def print_result(
-    study: Any,
-    target: int,
-    experiment_id: str,
-    parent_run_id: str,
-    tracking: str | None,
-    warnings: list[str],
-    arrays: Any = None,
-    sampler: str = "tpe",
-) -> None:
-    """The study's top trials as `lrsearch best` shows them, and where MLflow shows the rest."""
+def print_result(ran: Any, sampler: str, tracking: str | None, warnings: list[str]) -> None:
+    """The study's top trials as `lrsearch best` shows them, and where MLflow shows the rest.
+    ``ran``: what ran it says of it (``study``, ``target``, ``experiment_id``, ``parent_run_id``,
+    ``arrays``): a ``StudyRun`` of ``run``, or a worker's ``Session``."""
     from lrsearch.results.ranking import best_trials, state_counts
     from lrsearch.store.urls import tracking_uri
     from lrsearch.track.links import links, trial_link
+
+    study, target, experiment_id, parent_run_id, arrays = (
+        ran.study,
+        ran.target,
+        ran.experiment_id,
+        ran.parent_run_id,
+        ran.arrays,
+    )
 
     uri = tracking_uri(tracking)
     rows = [{**r, "mlflow": trial_link(uri, experiment_id, r["mlflow_run_id"])} for r in best_trials(study, 5)]
