@@ -181,9 +181,9 @@ def auth_environment(db: str) -> dict[str, str]:
     }
     if is_postgres(db):
         prepare_database(db, extra_schemas=(AUTH_SCHEMA,))
-        password = pg_parts(db).password
-        if password:
-            env["PGPASSWORD"] = str(password)
+        db_password = pg_parts(db).password  # the database's, not the admin's
+        if db_password:
+            env["PGPASSWORD"] = str(db_password)
         database = with_user(schema_url(db, AUTH_SCHEMA))
     else:
         path = sqlite_path(db)

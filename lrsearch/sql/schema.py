@@ -10,13 +10,16 @@ import hashlib
 import re
 import sqlite3
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lrsearch.core import attrs
 from lrsearch.core.errors import UsageError
 from lrsearch.store.lock import store_lock
 from lrsearch.store.postgres import prepare_database
 from lrsearch.store.urls import is_postgres, sqlite_path, storage_url, tracking_uri
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection
 
 VIEWS = ("trials", "best_trials", "studies")
 # Indexes the views' plans need on Optuna's tables (named lrsearch_*, created idempotently).
@@ -146,6 +149,7 @@ def ensure_views(url: str) -> bool:
     version = views_version()
     with store_lock(url) as lock:
         conn = lock.connection
+        assert conn is not None  # a PostgreSQL store lock holds a connection of its own
         try:
             if _pg_view_version(conn) == version:
                 return True
@@ -192,7 +196,7 @@ def _pg_view_version(conn: Any) -> str | None:
     return conn.execute(sql).fetchone()[0]
 
 
-def _view_readers(conn: Any) -> list[str]:
+def _view_readers(conn: Connection) -> list[str]:
     """The roles (quoted) granted SELECT on ``lrsearch.trials``, but for its owner."""
     import sqlalchemy as sa
 

@@ -13,19 +13,23 @@ from __future__ import annotations
 
 import datetime
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import sqlalchemy as sa
 from optuna.distributions import distribution_to_json
 from optuna.exceptions import UpdateFinishedTrialError
+from optuna.storages import RDBStorage
 from optuna.storages._rdb import models
 from optuna.storages._rdb.storage import _create_scoped_session
 from optuna.trial import TrialState
+from sqlalchemy.orm import Session
 
 # What a held-back write to a new trial is: ("param", name, internal value, distribution),
 # ("user", key, value) or ("system", key, value).
 Write = tuple[Any, ...]
+# Optuna's model of a trial's user attributes, or of its system attributes (the same columns).
+AttributeModel = type[models.TrialUserAttributeModel] | type[models.TrialSystemAttributeModel]
 
 
 def local_now() -> datetime.datetime:
@@ -33,7 +37,7 @@ def local_now() -> datetime.datetime:
     return datetime.datetime.now()
 
 
-def create_trials(rdb: Any, study_id: int, count: int, start: datetime.datetime) -> list[int]:
+def create_trials(rdb: RDBStorage, study_id: int, count: int, start: datetime.datetime) -> list[int]:
     """``count`` new RUNNING trials of the study, each numbered as Optuna numbers them (the
     study's trials before it), started at ``start`` (naive local time, as Optuna's), with a first heartbeat if
     the store keeps them; their ids. ``start`` also tells a repeat whether the first try
@@ -72,7 +76,7 @@ def _rowcount(result: Any) -> int:
     return int(result.rowcount)
 
 
-def take_waiting(rdb: Any, trial_id: int) -> bool:
+def take_waiting(rdb: RDBStorage, trial_id: int) -> bool:
     """A queued trial (WAITING) taken: RUNNING, started now, with its first heartbeat if the
     store keeps them, in one transaction (as Optuna's ``ask`` takes a queued trial, and as
     :func:`create_trials` makes new ones, so that every trial of lrsearch's beats from its
@@ -91,7 +95,7 @@ def take_waiting(rdb: Any, trial_id: int) -> bool:
     return bool(taken)
 
 
-def taken(rdb: Any, trial_id: int) -> bool | None:
+def taken(rdb: RDBStorage, trial_id: int) -> bool | None:
     """Whether a :func:`take_waiting` whose answer was lost committed (its heartbeat is there:
     True; still WAITING: None, try again; anything else: another took it, False)."""
     trials = models.TrialModel.__table__
@@ -105,14 +109,14 @@ def taken(rdb: Any, trial_id: int) -> bool | None:
         return state == TrialState.RUNNING and (beat is not None or rdb.heartbeat_interval is None)
 
 
-def drop_system_attr(rdb: Any, trial_id: int, key: str) -> None:
+def drop_system_attr(rdb: RDBStorage, trial_id: int, key: str) -> None:
     """A trial's system attribute ``key`` deleted (Optuna's storage API has no call for it)."""
     attrs = models.TrialSystemAttributeModel.__table__
     with _create_scoped_session(rdb.scoped_session) as session:
         session.execute(attrs.delete().where(attrs.c.trial_id == trial_id, attrs.c.key == key))
 
 
-def created_at(rdb: Any, study_id: int, start: datetime.datetime) -> list[int] | None:
+def created_at(rdb: RDBStorage, study_id: int, start: datetime.datetime) -> list[int] | None:
     """The trials a :func:`create_trials` at ``start`` made, if it committed (None if not)."""
     trials = models.TrialModel.__table__
     with _create_scoped_session(rdb.scoped_session) as session:
@@ -124,7 +128,7 @@ def created_at(rdb: Any, study_id: int, start: datetime.datetime) -> list[int] |
         return list(found) or None
 
 
-def write_claimed(rdb: Any, writes: dict[int, list[Write]]) -> None:
+def write_claimed(rdb: RDBStorage, writes: dict[int, list[Write]]) -> None:
     """What sampling wrote to just-claimed trials (``RetryingStorage.sampling``): their
     parameters and attributes. Raises Optuna's ``UpdateFinishedTrialError`` if one of them
     has ended meanwhile (nothing is written)."""
@@ -158,7 +162,7 @@ def write_claimed(rdb: Any, writes: dict[int, list[Write]]) -> None:
         _set_attrs(session, models.TrialSystemAttributeModel, attrs["system"])
 
 
-def report(rdb: Any, values: dict[int, tuple[int, float]], system_attrs: dict[int, dict[str, Any]]) -> None:
+def report(rdb: RDBStorage, values: dict[int, tuple[int, float]], system_attrs: dict[int, dict[str, Any]]) -> None:
     """One intermediate value (step, value) for each of several running trials, and some
     system attributes of theirs; ``UpdateFinishedTrialError`` if one has ended (nothing written)."""
     stored = models.TrialIntermediateValueModel.intermediate_value_to_stored_repr
@@ -178,14 +182,14 @@ def report(rdb: Any, values: dict[int, tuple[int, float]], system_attrs: dict[in
         _set_attrs(session, models.TrialSystemAttributeModel, system_attrs)
 
 
-def set_user_attrs(rdb: Any, values: dict[int, dict[str, Any]]) -> None:
+def set_user_attrs(rdb: RDBStorage, values: dict[int, dict[str, Any]]) -> None:
     """User attributes of several running trials; ``UpdateFinishedTrialError`` if one has ended."""
     with _create_scoped_session(rdb.scoped_session) as session:
         _running_or_raise(session, list(values))
         _set_attrs(session, models.TrialUserAttributeModel, values)
 
 
-def end(rdb: Any, endings: dict[int, tuple[TrialState, Sequence[float] | None, dict[str, Any]]]) -> set[int]:
+def end(rdb: RDBStorage, endings: Mapping[int, tuple[TrialState, Sequence[float] | None, dict[str, Any]]]) -> set[int]:
     """End running trials (trial id -> state, values, user attributes); the trials that had
     ended already (another worker failed them) are left as they were, and returned."""
     trials = models.TrialModel.__table__
@@ -212,7 +216,7 @@ def end(rdb: Any, endings: dict[int, tuple[TrialState, Sequence[float] | None, d
     return taken
 
 
-def beat(rdb: Any, trial_ids: Sequence[int]) -> None:
+def beat(rdb: RDBStorage, trial_ids: Sequence[int]) -> None:
     """A heartbeat, now (the database's clock), for each of ``trial_ids``."""
     with _create_scoped_session(rdb.scoped_session) as session:
         now = session.execute(sa.func.now()).scalar_one()
@@ -225,7 +229,7 @@ def beat(rdb: Any, trial_ids: Sequence[int]) -> None:
         )
 
 
-def values_at(rdb: Any, study_id: int, step: int) -> list[tuple[int, float]]:
+def values_at(rdb: RDBStorage, study_id: int, step: int) -> list[tuple[int, float]]:
     """(trial number, value) of the study's COMPLETE, RUNNING and PRUNED trials at ``step``:
     reported there, or for a PRUNED trial that stopped before it, its last report."""
     trials = models.TrialModel.__table__
@@ -257,14 +261,14 @@ def values_at(rdb: Any, study_id: int, step: int) -> list[tuple[int, float]]:
     return [(number, stored(value, kind)) for number, value, kind in rows]
 
 
-def _running_or_raise(session: Any, trial_ids: list[int]) -> None:
+def _running_or_raise(session: Session, trial_ids: list[int]) -> None:
     """Optuna's check before it writes to a trial, for several: each still RUNNING."""
     if not trial_ids:
         return
     trials = models.TrialModel.__table__
     # Their rows locked, as Optuna locks a trial's before it writes (PostgreSQL; SQLite
     # serializes writers): a trial failed elsewhere meanwhile is not written to.
-    states = dict(
+    states: dict[int, TrialState] = dict(
         session.execute(
             sa.select(trials.c.trial_id, trials.c.state).where(trials.c.trial_id.in_(set(trial_ids))).with_for_update()
         ).all()
@@ -276,7 +280,7 @@ def _running_or_raise(session: Any, trial_ids: list[int]) -> None:
             raise UpdateFinishedTrialError(f"trial#{trial_id} has already finished and can not be updated")
 
 
-def _set_attrs(session: Any, model: Any, values: dict[int, dict[str, Any]]) -> None:
+def _set_attrs(session: Session, model: AttributeModel, values: dict[int, dict[str, Any]]) -> None:
     """Trials' user or system attributes (``model``: Optuna's model of either), trial id ->
     key -> value, stored as Optuna stores them (JSON)."""
     _upsert(
@@ -293,7 +297,7 @@ def _set_attrs(session: Any, model: Any, values: dict[int, dict[str, Any]]) -> N
 
 
 def _upsert(
-    session: Any, table: sa.Table, rows: list[dict[str, Any]], keys: tuple[str, ...], updated: tuple[str, ...]
+    session: Session, table: sa.Table, rows: list[dict[str, Any]], keys: tuple[str, ...], updated: tuple[str, ...]
 ) -> None:
     """Insert ``rows``, or update ``updated`` where a row with the same ``keys`` exists."""
     if not rows:
@@ -304,7 +308,9 @@ def _upsert(
     if dialect not in ("postgresql", "sqlite"):  # another database: Optuna's own writes, one row at a time
         _row_by_row(session, table, rows, keys, updated)
         return
-    statement: Any = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
+    statement: postgresql.Insert | sqlite.Insert = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(
+        table
+    )
     session.execute(
         statement.on_conflict_do_update(index_elements=list(keys), set_={c: statement.excluded[c] for c in updated}),
         rows,
@@ -312,9 +318,9 @@ def _upsert(
 
 
 def _row_by_row(
-    session: Any, table: sa.Table, rows: list[dict[str, Any]], keys: tuple[str, ...], updated: tuple[str, ...]
+    session: Session, table: sa.Table, rows: list[dict[str, Any]], keys: tuple[str, ...], updated: tuple[str, ...]
 ) -> None:
     for row in rows:
         match = [table.c[k] == row[k] for k in keys]
-        if session.execute(table.update().where(*match).values({c: row[c] for c in updated})).rowcount == 0:
+        if _rowcount(session.execute(table.update().where(*match).values({c: row[c] for c in updated}))) == 0:
             session.execute(table.insert().values(row))

@@ -9,12 +9,13 @@ import datetime
 import json
 from typing import Any
 
+from optuna.storages import RDBStorage
 from optuna.storages._rdb import models
 from optuna.storages._rdb.storage import _create_scoped_session
 from optuna.trial import TrialState
 
 
-def set_study_user_attrs(rdb: Any, study_id: int, values: dict[str, Any]) -> None:
+def set_study_user_attrs(rdb: RDBStorage, study_id: int, values: dict[str, Any]) -> None:
     """Several user attributes of a study: new ones added, the others' values replaced."""
     with _create_scoped_session(rdb.scoped_session, True) as session:
         stored = {a.key: a for a in models.StudyUserAttributeModel.where_study_id(study_id, session)}
@@ -25,7 +26,7 @@ def set_study_user_attrs(rdb: Any, study_id: int, values: dict[str, Any]) -> Non
                 session.add(models.StudyUserAttributeModel(study_id=study_id, key=key, value_json=json.dumps(value)))
 
 
-def fail_trial(rdb: Any, trial_id: int, user_attrs: dict[str, Any]) -> bool:
+def fail_trial(rdb: RDBStorage, trial_id: int, user_attrs: dict[str, Any]) -> bool:
     """A RUNNING trial ended FAIL with ``user_attrs``, its row held meanwhile: False, and
     nothing written, if it had ended."""
     with _create_scoped_session(rdb.scoped_session) as session:

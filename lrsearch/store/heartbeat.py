@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lrsearch.store.retrying_storage import RetryingStorage
 
 
 def heartbeat_interval() -> int:
@@ -53,7 +56,7 @@ class Heartbeats:
     again at the next interval; the trials meet the same outage.
     """
 
-    def __init__(self, store: Any) -> None:
+    def __init__(self, store: RetryingStorage) -> None:
         self.store = store
         self._held: set[int] = set()
         self._lock = threading.Lock()

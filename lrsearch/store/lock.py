@@ -6,11 +6,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING
 
 from lrsearch.store.folders import make_folder
 from lrsearch.store.postgres import LOCK_KEY, pg_connect_args
 from lrsearch.store.urls import is_postgres, pg_parts, redact, sqlite_path
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection, Engine
+
+    from lrsearch.store.retry import Retry
 
 
 class StoreLock:
@@ -18,7 +23,7 @@ class StoreLock:
     ends with its connection, which a database restart or ``pg_terminate_backend`` drops).
     On PostgreSQL, ``connection`` is the lock's own, for work done under it."""
 
-    def __init__(self, connection: Any = None, key: int = 0) -> None:
+    def __init__(self, connection: Connection | None = None, key: int = 0) -> None:
         self.connection = connection
         self._key = key
 
@@ -42,7 +47,7 @@ class StoreLock:
 
 
 @contextlib.contextmanager
-def store_lock(url: str, retry: Any = None) -> Iterator[StoreLock]:
+def store_lock(url: str, retry: Retry | None = None) -> Iterator[StoreLock]:
     """Hold a lock shared by every lrsearch process on this store: a PostgreSQL advisory
     lock, or a lock file beside an SQLite file. For short critical sections only, never
     nested (each process has one connection for it). On PostgreSQL, taking the lock waits
@@ -81,7 +86,7 @@ def _lock_url(url: str) -> str:
     )
 
 
-def _lock_connection(url: str, key: int) -> Any:
+def _lock_connection(url: str, key: int) -> Connection:
     import sqlalchemy as sa
 
     conn = _lock_engine(url).connect()
@@ -94,7 +99,7 @@ def _lock_connection(url: str, key: int) -> Any:
     return conn
 
 
-def _unlock(conn: Any, key: int) -> None:
+def _unlock(conn: Connection, key: int) -> None:
     import sqlalchemy as sa
 
     try:
@@ -111,10 +116,10 @@ def close_connections() -> None:
         engine.dispose()
 
 
-_LOCK_ENGINES: dict[str, Any] = {}
+_LOCK_ENGINES: dict[str, Engine] = {}
 
 
-def _lock_engine(url: str) -> Any:
+def _lock_engine(url: str) -> Engine:
     """One connection per store for its lock, kept open: a worker takes the lock once per
     trial, and connecting each time cost more than the claim itself."""
     import sqlalchemy as sa

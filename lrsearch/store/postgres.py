@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lrsearch.core.errors import LrsearchError
 from lrsearch.store.heartbeat import grace_period
 from lrsearch.store.urls import pg_parts, pg_url, redact
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
 
 SCHEMAS = ("optuna", "mlflow", "lrsearch")
 LOCK_KEY = 0x6C7273  # "lrs": advisory-lock keys of this project
@@ -157,7 +160,7 @@ def reason(e: BaseException) -> str:
     return why(e)
 
 
-def bound_idle_transactions(engine: Any) -> None:
+def bound_idle_transactions(engine: Engine) -> None:
     """PostgreSQL ends a session of this worker that idles inside a transaction for longer
     than the grace period: a worker paused mid-transaction (a suspended machine) would
     otherwise hold its trial's row lock for good, and every other worker would wait on it
@@ -165,7 +168,7 @@ def bound_idle_transactions(engine: Any) -> None:
     session is a lost connection, retried."""
     import sqlalchemy as sa
 
-    @sa.event.listens_for(engine, "connect")
+    @sa.event.listens_for(engine, "connect")  # (its arguments: the driver's connection, untyped)
     def bound(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.execute(f"SET idle_in_transaction_session_timeout = {grace_period() * 1000}")
         dbapi_connection.commit()

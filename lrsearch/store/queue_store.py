@@ -41,7 +41,7 @@ class QueueStore:
         self.postgres = is_postgres(url)
         self._conn = self._connect()
 
-    def _connect(self) -> Any:
+    def _connect(self) -> Any:  # sqlite3's or psycopg's connection: the statements branch on self.postgres
         if not self.postgres:
             path = sqlite_path(self.url)
             if path is None:  # lrsearch keeps studies in SQLite files or PostgreSQL

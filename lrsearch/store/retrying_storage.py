@@ -10,36 +10,42 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime
 import functools
 import threading
 import uuid
-from collections.abc import Callable, Container, Iterator, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable, Container, Iterator, Mapping, Sequence
+from typing import Any, cast
 
+from optuna import Study
+from optuna._typing import JSONSerializable
+from optuna.distributions import BaseDistribution
 from optuna.exceptions import StorageInternalError, UpdateFinishedTrialError
-from optuna.storages import BaseStorage
+from optuna.storages import BaseStorage, RDBStorage
 from optuna.storages._heartbeat import BaseHeartbeat  # the interface fail_stale_trials checks
+from optuna.study import StudyDirection
+from optuna.study._frozen import FrozenStudy
+from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy.engine import Engine
 
 from lrsearch.core.errors import LrsearchError
 from lrsearch.store import array_writes, atomic_writes, trial_reads
-from lrsearch.store.retry import Retry, reason
+from lrsearch.store.retry import Retry, T, reason
 
 CLAIM_ATTR = "lrsearch_claim"  # a new trial's token: see RetryingStorage.create_new_trial
-
-T = TypeVar("T")
 
 
 class RetryingStorage(BaseStorage, BaseHeartbeat):
     """An Optuna storage (``inner``, an RDB storage) whose every call is repeated through
     ``retry`` while its database cannot be reached."""
 
-    def __init__(self, inner: Any, retry: Retry, engine: Any = None) -> None:
+    def __init__(self, inner: BaseStorage, retry: Retry, engine: Engine | None = None) -> None:
         self._inner = inner
         self.retry = retry
         self._engine = engine
-        self._window: dict[int, list[Any]] | None = None  # see sampling()
+        self._window: dict[int, list[FrozenTrial]] | None = None  # see sampling()
         self._window_thread: int | None = None
-        self._behind: dict[int, list[tuple[Any, ...]]] = {}  # trial id -> its writes held back
+        self._behind: dict[int, list[array_writes.Write]] = {}  # trial id -> its writes held back
 
     @contextlib.contextmanager
     def sampling(self, study_id: int | None = None, new: Sequence[int] = ()) -> Iterator[set[int]]:
@@ -93,9 +99,10 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
         self._engine = getattr(self._rdb, "engine", None)
 
     @property
-    def _rdb(self) -> Any:
+    def _rdb(self) -> RDBStorage:
         """The RDB storage under Optuna's cache, for the statements written here."""
-        return getattr(self._inner, "_backend", self._inner)
+        # An RDB storage wherever lrsearch's own statements run (an in-memory one has no engine).
+        return cast(RDBStorage, getattr(self._inner, "_backend", self._inner))
 
     def close(self) -> None:
         """Close the storage's database connections (before this process execs another)."""
@@ -115,7 +122,7 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
 
     # -- made safe to repeat -----------------------------------------------------------
 
-    def create_new_trial(self, study_id: int, template_trial: Any = None) -> int:
+    def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
         """Create the trial with a token among its system attributes; before trying again,
         look for that token, so a trial is never created twice. The token goes once the trial
         is found: no lrsearch attribute stays on it (``study.trials``, ``trials_dataframe``
@@ -146,7 +153,7 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
                         frozen.system_attrs.pop(CLAIM_ATTR, None)
         return trial_id
 
-    def set_trial_state_values(self, trial_id: int, state: Any, values: Sequence[float] | None = None) -> bool:
+    def set_trial_state_values(self, trial_id: int, state: TrialState, values: Sequence[float] | None = None) -> bool:
         """Before trying again, read the trial: if it has the state (and values) asked for,
         the earlier try committed. (A queued trial taken by this worker, WAITING -> RUNNING,
         is taken under the store lock, so no other lrsearch worker took it meanwhile.)"""
@@ -161,7 +168,7 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
 
     # -- idempotent: repeated as they are ----------------------------------------------
 
-    def create_new_study(self, directions: Sequence[Any], study_name: str | None = None) -> int:
+    def create_new_study(self, directions: Sequence[StudyDirection], study_name: str | None = None) -> int:
         return self._do("create_new_study", directions, study_name)  # a repeat: DuplicatedStudyError
 
     def delete_study(self, study_id: int) -> None:
@@ -212,7 +219,7 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
         record is sent (see ``array_host.py``), so this tells a record on its way from a lost one."""
         return self._call(trial_reads.heartbeat_ages, self._rdb, list(trial_ids)) if trial_ids else {}
 
-    def set_study_system_attr(self, study_id: int, key: str, value: Any) -> None:
+    def set_study_system_attr(self, study_id: int, key: str, value: JSONSerializable) -> None:
         self._do("set_study_system_attr", study_id, key, value)
 
     def get_study_id_from_name(self, study_name: str) -> int:
@@ -221,7 +228,7 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
     def get_study_name_from_id(self, study_id: int) -> str:
         return self._do("get_study_name_from_id", study_id)
 
-    def get_study_directions(self, study_id: int) -> list[Any]:
+    def get_study_directions(self, study_id: int) -> list[StudyDirection]:
         return self._do("get_study_directions", study_id)
 
     def get_study_user_attrs(self, study_id: int) -> dict[str, Any]:
@@ -230,10 +237,12 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
     def get_study_system_attrs(self, study_id: int) -> dict[str, Any]:
         return self._do("get_study_system_attrs", study_id)
 
-    def get_all_studies(self) -> list[Any]:
+    def get_all_studies(self) -> list[FrozenStudy]:
         return self._do("get_all_studies")
 
-    def set_trial_param(self, trial_id: int, param_name: str, param_value_internal: float, distribution: Any) -> None:
+    def set_trial_param(
+        self, trial_id: int, param_name: str, param_value_internal: float, distribution: BaseDistribution
+    ) -> None:
         if self._held_back(trial_id, "param", param_name, param_value_internal, distribution):
             self._check_distribution(trial_id, param_name, distribution)
         else:
@@ -242,7 +251,7 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
             trial.params = {**trial.params, param_name: distribution.to_external_repr(param_value_internal)}
             trial.distributions = {**trial.distributions, param_name: distribution}
 
-    def _check_distribution(self, trial_id: int, name: str, distribution: Any) -> None:
+    def _check_distribution(self, trial_id: int, name: str, distribution: BaseDistribution) -> None:
         """What Optuna checks as it stores a parameter: the same name has a compatible
         distribution in every trial of the study (the window's copy holds them all)."""
         from optuna.distributions import check_distribution_compatibility
@@ -255,14 +264,14 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
                 check_distribution_compatibility(trial.distributions[name], distribution)
                 return
 
-    def _windowed(self, trial_id: int) -> list[Any]:
+    def _windowed(self, trial_id: int) -> list[FrozenTrial]:
         """The sampling window's copy of a trial (see :meth:`sampling`), to write into."""
         return [t for trials in (self._window or {}).values() for t in trials if t._trial_id == trial_id]
 
     def get_trial_id_from_study_id_trial_number(self, study_id: int, trial_number: int) -> int:
         return self._do("get_trial_id_from_study_id_trial_number", study_id, trial_number)
 
-    def get_best_trial(self, study_id: int) -> Any:
+    def get_best_trial(self, study_id: int) -> FrozenTrial:
         return self._do("get_best_trial", study_id)
 
     def set_trial_intermediate_value(self, trial_id: int, step: int, intermediate_value: float) -> None:
@@ -274,20 +283,22 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
         for trial in self._windowed(trial_id):
             trial.user_attrs = {**trial.user_attrs, key: value}
 
-    def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
+    def set_trial_system_attr(self, trial_id: int, key: str, value: JSONSerializable) -> None:
         if not self._held_back(trial_id, "system", key, value):
             self._do("set_trial_system_attr", trial_id, key, value)
         for trial in self._windowed(trial_id):  # TPE's relative params, shared with the liars
             trial.system_attrs = {**trial.system_attrs, key: value}
 
-    def get_trial(self, trial_id: int) -> Any:
+    def get_trial(self, trial_id: int) -> FrozenTrial:
         if trial_id in self._behind and self._window_thread == threading.get_ident():
             found = self._windowed(trial_id)
             if found:  # with what is held back so far
                 return copy.deepcopy(found[0])
         return self._do("get_trial", trial_id)
 
-    def get_all_trials(self, study_id: int, deepcopy: bool = True, states: Container[Any] | None = None) -> list[Any]:
+    def get_all_trials(
+        self, study_id: int, deepcopy: bool = True, states: Container[TrialState] | None = None
+    ) -> list[FrozenTrial]:
         if self._window is None or self._window_thread != threading.get_ident():
             return self._do("get_all_trials", study_id, deepcopy, states)
         if study_id not in self._window:
@@ -299,14 +310,14 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
         """Tried once: a heartbeat repeats on its own, every interval, so a live worker's
         beats resume within an interval of the database's return (a retry's backoff would
         hold them back for up to ``MAX_RETRY_DELAY_S``)."""
-        self.retry.once(self._inner.record_heartbeat, trial_id)
+        self.retry.once(cast(BaseHeartbeat, self._inner).record_heartbeat, trial_id)  # asked only with heartbeats on
 
     def record_heartbeats(self, trial_ids: Sequence[int]) -> None:
         """A heartbeat for each of ``trial_ids``, in one transaction, tried once (see
         :meth:`record_heartbeat`)."""
         self.retry.once(array_writes.beat, self._rdb, list(trial_ids))
 
-    def end_trials(self, endings: dict[int, tuple[Any, Sequence[float] | None, dict[str, Any]]]) -> set[int]:
+    def end_trials(self, endings: Mapping[int, tuple[TrialState, Sequence[float] | None, dict[str, Any]]]) -> set[int]:
         """End several running trials in one transaction, each (trial id -> state, values,
         user attributes) as ``study.tell`` stores it after its attributes: the trials of an
         array that end at one epoch boundary. Returns the trials that had ended already
@@ -368,19 +379,20 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:  # BaseHeartbeat's interface
         return list(self.stale_heartbeats(study_id))
 
-    def stale_heartbeats(self, study_id: int) -> dict[int, Any]:
+    def stale_heartbeats(self, study_id: int) -> dict[int, datetime.datetime]:
         """RUNNING trials whose last heartbeat is older than the grace period, each with that
         heartbeat: Optuna's rule, on the database's clock. A trial that never beat is left
         alone, as Optuna leaves it: another client's (``study.ask()`` on the same store), not
         a worker's. lrsearch's own trials all beat from their claim, in its transaction
         (``array_writes.create_trials``, ``take_waiting``)."""
         rdb = self._rdb
+        assert rdb.heartbeat_interval is not None  # as Optuna's own check asserts: heartbeats are on
         return self._call(trial_reads.stale_heartbeats, rdb, study_id, rdb.grace_period or 2 * rdb.heartbeat_interval)
 
     def get_heartbeat_interval(self) -> int | None:  # None: no heartbeats (an in-memory storage)
         return getattr(self._inner, "get_heartbeat_interval", lambda: None)()
 
-    def get_heartbeat_stale_trial_callback(self) -> Any:
+    def get_heartbeat_stale_trial_callback(self) -> Callable[[Study, FrozenTrial], None] | None:
         return getattr(self._inner, "get_heartbeat_stale_trial_callback", lambda: None)()
 
     def remove_session(self) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lrsearch.core.errors import LrsearchError, UsageError, first_line
 from lrsearch.store.folders import make_folder
@@ -14,6 +14,11 @@ from lrsearch.store.heartbeat import grace_period, heartbeat_interval
 from lrsearch.store.lock import store_lock
 from lrsearch.store.postgres import bound_idle_transactions, pg_connect_args, prepare_database, reason
 from lrsearch.store.urls import is_postgres, redact, schema_url, sqlite_path
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
+
+    from lrsearch.store.retrying_storage import RetryingStorage
 
 # How long an SQLite writer waits for a lock before "database is locked".
 SQLITE_TIMEOUT_S = 60
@@ -26,7 +31,7 @@ OPTUNA_MARKERS = ("studies", "version_info")
 MLFLOW_MARKERS = ("experiments", "runs")
 
 
-def open_storage(url: str, *, create: bool = True, hint: str = "") -> Any:
+def open_storage(url: str, *, create: bool = True, hint: str = "") -> RetryingStorage:
     """An Optuna storage for ``url``, with heartbeats on, whose calls wait out a lost
     connection (see ``retry.py``; ``hint`` ends the message when the wait runs out).
 
@@ -146,13 +151,13 @@ def check_sqlite_owner(path: Path, markers: tuple[str, ...], kind: str, option: 
         )
 
 
-def _relax_sync(engine: Any) -> None:
+def _relax_sync(engine: Engine) -> None:
     """``synchronous=NORMAL`` on this engine's SQLite connections: in WAL mode a commit then
     waits for no fsync (a dozen per trial); a power cut may lose the last commits, never the
     file (a crash of the process loses nothing)."""
     import sqlalchemy as sa
 
-    @sa.event.listens_for(engine, "connect")
+    @sa.event.listens_for(engine, "connect")  # (its arguments: the driver's connection, untyped)
     def _normal_sync(connection: Any, record: Any) -> None:
         if connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal":  # stores made before WAL: as they were
             connection.execute("PRAGMA synchronous=NORMAL")

@@ -6,15 +6,15 @@ stale ones) on the database's clock. ``RetryingStorage`` makes each call through
 from __future__ import annotations
 
 import datetime
-from typing import Any
 
 import sqlalchemy as sa
+from optuna.storages import RDBStorage
 from optuna.storages._rdb import models
 from optuna.storages._rdb.storage import _create_scoped_session
 from optuna.trial import TrialState
 
 
-def waiting(rdb: Any, study_id: int) -> list[int]:
+def waiting(rdb: RDBStorage, study_id: int) -> list[int]:
     """The study's queued trials (WAITING), in order."""
     trials = models.TrialModel.__table__
     with _create_scoped_session(rdb.scoped_session) as session:
@@ -27,7 +27,7 @@ def waiting(rdb: Any, study_id: int) -> list[int]:
         )
 
 
-def count_states(rdb: Any, study_id: int) -> dict[str, int]:
+def count_states(rdb: RDBStorage, study_id: int) -> dict[str, int]:
     """The study's trials by state (its name)."""
     trials = models.TrialModel.__table__
     with _create_scoped_session(rdb.scoped_session) as session:
@@ -39,7 +39,7 @@ def count_states(rdb: Any, study_id: int) -> dict[str, int]:
         }
 
 
-def heartbeat_ages(rdb: Any, trial_ids: list[int]) -> dict[int, float]:
+def heartbeat_ages(rdb: RDBStorage, trial_ids: list[int]) -> dict[int, float]:
     """Seconds since each trial's last heartbeat (trials that never beat are left out)."""
     with _create_scoped_session(rdb.scoped_session) as session:
         now = session.execute(sa.func.now()).scalar_one().replace(tzinfo=None)
@@ -49,7 +49,7 @@ def heartbeat_ages(rdb: Any, trial_ids: list[int]) -> dict[int, float]:
         return {b.trial_id: (now - b.heartbeat).total_seconds() for b in beats}
 
 
-def stale_heartbeats(rdb: Any, study_id: int, grace: float) -> dict[int, Any]:
+def stale_heartbeats(rdb: RDBStorage, study_id: int, grace: float) -> dict[int, datetime.datetime]:
     """RUNNING trials whose last heartbeat is older than ``grace`` seconds, each with that heartbeat."""
     trials, beats = models.TrialModel.__table__, models.TrialHeartbeatModel.__table__
     with _create_scoped_session(rdb.scoped_session) as session:

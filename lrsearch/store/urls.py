@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import URL
 
 DATA_DIR_ENV = "LRSEARCH_DATA"
 STORAGE_ENV = "LRSEARCH_STORAGE"
@@ -113,7 +116,7 @@ def without_credentials(uri: str) -> str:
     return f"{scheme}://{rest.split('@', 1)[1]}"
 
 
-def pg_parts(url: str) -> Any:
+def pg_parts(url: str) -> URL:
     """A PostgreSQL URL parsed (SQLAlchemy's ``URL``), with the psycopg 3 driver spelled out."""
     from sqlalchemy.engine import make_url
 
