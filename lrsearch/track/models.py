@@ -21,8 +21,10 @@ from lrsearch.core.study_record import ModelRecord
 
 if TYPE_CHECKING:
     import torch
+    from mlflow.entities.model_registry import ModelVersion
 
     from lrsearch.choices.data import Dataset
+    from lrsearch.track.process import TrackerLike
     from lrsearch.track.tracking import Tracker
 
 SERVED_MODEL = Path(__file__).with_name("served_model.py")
@@ -86,7 +88,7 @@ class Candidate:
 
 
 def register_best(
-    tracker: Tracker,
+    tracker: TrackerLike,
     experiment_id: str,
     name: str,
     candidate: Candidate,
@@ -211,7 +213,7 @@ def _tags(name: str, candidate: Candidate) -> dict[str, str]:
     }
 
 
-def _aliased(tracker: Tracker, name: str) -> Any:
+def _aliased(tracker: Tracker, name: str) -> ModelVersion | None:
     """The version the alias points at, or None (no such model, or no alias yet)."""
     from mlflow.exceptions import MlflowException
 

@@ -14,13 +14,16 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from lrsearch.core import attrs, faults
 from lrsearch.core.errors import first_line
 from lrsearch.track.artifacts import artifact_dir
 from lrsearch.track.records import History
 from lrsearch.track.tracking import Tracker
+
+if TYPE_CHECKING:
+    from lrsearch.track.process import TrackerLike
 
 # A drawing made where the record is sent: (function, its arguments, the file name); the
 # function is called as fn(*args, path) and must be importable by name (it is pickled).
@@ -81,11 +84,10 @@ class Outbox:
             self._errors.append(f"{label}: {first_line(error)}")
 
 
-def outbox_for(tracker: Any) -> Outbox:
+def outbox_for(tracker: TrackerLike) -> Outbox:
     """An outbox whose jobs run where ``tracker`` does: in the tracking process for its
     handle, else on a thread of this process."""
-    make = getattr(tracker, "outbox", None)
-    return make() if make is not None else Outbox(ThreadRunner(tracker))
+    return Outbox(ThreadRunner(tracker)) if isinstance(tracker, Tracker) else tracker.outbox()
 
 
 @dataclass

@@ -26,13 +26,20 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from lrsearch.core.errors import LrsearchError, first_line
 from lrsearch.track.outbox import Outbox
 from lrsearch.track.process_main import _CLOSE, _NO_STORE, _OPEN, _import, _method
 
+if TYPE_CHECKING:
+    from lrsearch.track.tracking import Tracker
+
 DEBUG_ENV = "LRSEARCH_DEBUG"  # set by the CLI's --debug: the process's stderr is the worker's
+
+# What a worker's MLflow calls go through: a Tracker in this process, or a handle on one in
+# the tracking process (it answers the Tracker's methods, through __getattr__).
+TrackerLike: TypeAlias = "Tracker | TrackingProcess"
 
 
 class RemoteError(LrsearchError):
@@ -202,7 +209,9 @@ class _Child:
         faults.companions.append(self.proc.pid)  # a fault that kills the worker kills this process too
         stopping.helpers.append(self.proc.pid)
 
-    def request(self, lane: str, key: int, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Future[Any]:
+    def request(
+        self, lane: str, key: int, fn: Callable[..., Any] | str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Future[Any]:
         future: Future[Any] = Future()
         try:  # pickled here, so that a request the process could not read never goes
             payload = pickle.dumps((fn, args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)

@@ -16,9 +16,12 @@ import os
 import pickle
 import sys
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lrsearch.core.errors import LrsearchError, first_line
+
+if TYPE_CHECKING:
+    from lrsearch.track.tracking import Tracker
 
 _OPEN, _CLOSE = "open", "close"  # a request's function field for a handle's store
 _NO_STORE = 0  # the store key of requests that need none (handles count from 1)
@@ -26,11 +29,11 @@ _NO_STORE = 0  # the store key of requests that need none (handles count from 1)
 
 # What a handle's requests run here: the worker sends them by name (pickled), this process
 # imports and runs them.
-def _method(tracker: Any, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+def _method(tracker: Tracker, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     return getattr(tracker, name)(*args, **kwargs)
 
 
-def _import(tracker: Any, *modules: str) -> None:
+def _import(tracker: Tracker | None, *modules: str) -> None:
     """Import ``modules`` on a thread of the tracking process's own (it goes on meanwhile);
     ``module:function``: call that function of it, with no arguments."""
     import importlib
@@ -60,7 +63,7 @@ class _Store:
 
     def __init__(self) -> None:
         self.made = threading.Event()
-        self.tracker: Any = None
+        self.tracker: Tracker | None = None
         self.error: BaseException | None = None
 
 
@@ -125,6 +128,7 @@ def main(fd: int, kind: str) -> None:
                     raise store.error
                 if fn == _CLOSE:
                     del stores[key]
+                    assert store.tracker is not None  # made, or its error raised above
                     checkpoint(store.tracker.uri)
                     value = None
                 else:

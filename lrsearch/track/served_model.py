@@ -6,10 +6,8 @@ writes it, and the probability of each class (``proba_<label>``)."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import mlflow
-from mlflow.pyfunc.model import PythonModel
+from mlflow.pyfunc.model import PythonModel, PythonModelContext
 
 # The torch.nn classes lrsearch's networks use (choices/network.py): no other name in a
 # network file is looked up.
@@ -24,7 +22,7 @@ class StudyNetwork(PythonModel):
     # predict's type hints as one, and warn that there are none.
     _skip_type_hint_validation = True
 
-    def load_context(self, context: Any) -> None:
+    def load_context(self, context: PythonModelContext) -> None:
         import torch
 
         saved = torch.load(context.artifacts["network"], weights_only=True)

@@ -13,15 +13,16 @@ import functools
 import os
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lrsearch.core import attrs
 from lrsearch.core.errors import TrackingError
 from lrsearch.core.names import NOTE_TAG, OBJECTIVE_METRIC, RANK_TAG, TRIALS_VIEW, VIEW_TAG_PREFIX
 from lrsearch.core.stopping import check_stop
 from lrsearch.store.lock import store_lock
-from lrsearch.store.retry import Retry, reason
+from lrsearch.store.retry import Retry, T, reason
 from lrsearch.store.storage import MLFLOW_MARKERS, check_sqlite_owner, new_sqlite_file
 from lrsearch.store.urls import is_server, redact, sqlite_path
 from lrsearch.track.artifacts import _experiment_artifacts
@@ -29,6 +30,9 @@ from lrsearch.track.links import run_url, trials_url
 from lrsearch.track.probe import HTTP_LIMITS, _without
 from lrsearch.track.quiet import quiet_mlflow
 from lrsearch.track.records import History, _batches, _metrics, _now_ms, _param_value, _trial_param_value
+
+if TYPE_CHECKING:
+    from mlflow.entities import Run
 
 PARENT_TAG = "mlflow.parentRunId"
 # A new run's token: a create_run repeated after a dropped connection first looks for it.
@@ -80,11 +84,9 @@ class Tracker:
     def prepare_report(self) -> None:
         """Nothing here (a tracking process imports what drawing a report needs ahead)."""
 
-    def start(self, fn: Callable[..., Any], *args: Any) -> Any:
+    def start(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
         """``fn(None, *args)``, here and now (a tracking process's handle runs it there,
         meanwhile); a finished future."""
-        from concurrent.futures import Future
-
         done: Future[Any] = Future()
         try:
             done.set_result(fn(None, *args))
@@ -351,7 +353,7 @@ class Tracker:
     def trials_url(self, experiment_id: str) -> str:
         return trials_url(self.uri, experiment_id)
 
-    def _run(self, run_id: str) -> Any:
+    def _run(self, run_id: str) -> Run | None:
         """The run, or None if it was deleted (by hand) or belongs to another store."""
         from mlflow.exceptions import MlflowException
 
@@ -361,7 +363,9 @@ class Tracker:
             return None
         return run if run.info.lifecycle_stage == "active" else None
 
-    def _call(self, fn: Callable[..., Any], *args: Any, recover: Callable[[], Any] | None = None, **kwargs: Any) -> Any:
+    def _call(
+        self, fn: Callable[..., T], *args: Any, recover: Callable[[], T | None] | None = None, **kwargs: Any
+    ) -> T:
         return self.retry.call(fn, *args, recover=recover, **kwargs)
 
     def _create_run(self, experiment_id: str, name: str, tags: Mapping[str, str]) -> str:
@@ -369,7 +373,7 @@ class Tracker:
         looked for before trying again."""
         token = uuid.uuid4().hex
 
-        def created() -> Any:
+        def created() -> Run | None:
             runs = self.client.search_runs([experiment_id], f"tags.`{TOKEN_TAG}` = '{token}'", max_results=1)
             return runs[0] if runs else None
 
