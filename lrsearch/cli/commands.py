@@ -11,11 +11,18 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from lrsearch.cli.output import Progress, format_rows, print_result, warn
 from lrsearch.core.errors import LrsearchError, UsageError, first_line
 from lrsearch.core.text import count
+
+if TYPE_CHECKING:
+    import optuna
+
+    from lrsearch.config import Config
+    from lrsearch.service.launch import StudyRun
+    from lrsearch.track.process import TrackerLike, TrackingProcess
 
 EXIT_OK = 0
 
@@ -201,13 +208,19 @@ def cmd_server(args: argparse.Namespace) -> int:
     )
 
 
-def _study_config(args: argparse.Namespace) -> Any:
+def _study_config(args: argparse.Namespace) -> Config:
     from lrsearch.config import load_config
 
     return load_config(args.file).with_overrides(trials=args.trials, epochs=args.epochs, name=args.name)
 
 
-def _run(args: argparse.Namespace, cfg: Any, workers: int = 1, progress: bool = True, tracker: Any = None) -> Any:
+def _run(
+    args: argparse.Namespace,
+    cfg: Config,
+    workers: int = 1,
+    progress: bool = True,
+    tracker: TrackingProcess | None = None,
+) -> StudyRun:
     """Run the study here (and in ``workers - 1`` more processes) until its total is reached."""
     from lrsearch.core.stopping import StopFlag
     from lrsearch.service.launch import run_study
@@ -303,7 +316,7 @@ def _store_flags(args: argparse.Namespace) -> str:
     return flags
 
 
-def _report(args: argparse.Namespace, cfg: Any, study: Any, tracker: Any) -> None:
+def _report(args: argparse.Namespace, cfg: Config, study: optuna.Study, tracker: TrackerLike) -> None:
     """The study's report, at the end of `run`; a failure to draw it is a warning only."""
     from lrsearch.results.report import write_report
 

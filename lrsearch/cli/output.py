@@ -6,11 +6,18 @@ import csv
 import io
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lrsearch.core.errors import WARNING_PREFIX
 from lrsearch.core.study_record import StudyRecord
 from lrsearch.core.text import count
+
+if TYPE_CHECKING:
+    import optuna
+    from optuna.trial import FrozenTrial
+
+    from lrsearch.service.launch import StudyRun
+    from lrsearch.service.session import ArrayUse, Session
 
 # `run`'s summary and `best`: the same columns (mlflow: the run's page on a tracking server,
 # else its id).
@@ -58,7 +65,7 @@ class Progress:
     def __init__(self, name: str, enabled: bool = True) -> None:
         self.name = name
         self.enabled = enabled
-        self.bar: Any = None
+        self.bar: Any = None  # tqdm's bar (tqdm has no type information)
         self._read_at = 0.0
         self._best: tuple[float, int] | None = None
         self._maximize = True
@@ -73,7 +80,7 @@ class Progress:
             total=total, initial=min(done, total), desc=self.name, unit="trial", file=sys.stderr, dynamic_ncols=True
         )
 
-    def __call__(self, study: Any, trial: Any) -> None:
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         import time
 
         if self.bar is None:
@@ -93,7 +100,7 @@ class Progress:
             self._show_best(trial.value, trial.number)
         self.bar.refresh()
 
-    def refresh(self, study: Any) -> None:
+    def refresh(self, study: optuna.Study) -> None:
         """Show the study's state as its store has it (any worker's trials count)."""
         import time
 
@@ -122,7 +129,7 @@ class Progress:
             self.bar.close()
 
 
-def print_result(ran: Any, sampler: str, tracking: str | None, warnings: list[str]) -> None:
+def print_result(ran: StudyRun | Session, sampler: str, tracking: str | None, warnings: list[str]) -> None:
     """The study's top trials as `lrsearch best` shows them, and where MLflow shows the rest.
     ``ran``: what ran it says of it (``study``, ``target``, ``experiment_id``, ``parent_run_id``,
     ``arrays``): a ``StudyRun`` of ``run``, or a worker's ``Session``."""
@@ -153,7 +160,7 @@ def print_result(ran: Any, sampler: str, tracking: str | None, warnings: list[st
     warn(warnings)
 
 
-def array_line(use: Any, sampler: str) -> str:
+def array_line(use: ArrayUse, sampler: str) -> str:
     """How many trials trained at once, and why (``service.session.ArrayUse``)."""
     from lrsearch.choices.sampling import FIRST_ARRAY, SAMPLERS, TRIALS_PER_MEMBER
 

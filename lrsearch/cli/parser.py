@@ -4,12 +4,16 @@ is a constraint object of core/constraints.py, as in the study files)."""
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from lrsearch.cli import commands, result_commands
 
+if TYPE_CHECKING:
+    from lrsearch.core.constraints import Constraint
 
-def _option(kind: type, constraint: Any) -> Any:
+
+def _option(kind: type, constraint: Constraint) -> Callable[[str], Any]:
     """An argparse type: ``text`` read as ``kind`` and accepted if ``constraint(value)`` (an
     object of ``core/constraints.py``); else one message, ``expected …, got …``, whatever was
     wrong with it."""

@@ -10,7 +10,6 @@ import copy
 import functools
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
@@ -21,6 +20,7 @@ from lrsearch.core.errors import LrsearchError
 from lrsearch.core.stopping import Interrupted, StopFlag, TrialStop
 from lrsearch.fit.member import Member
 from lrsearch.service.claims import _CANCELLED, _DONE, _cancelled, _claim, _fail_untold, _queue_again
+from lrsearch.service.ending import Ending
 from lrsearch.service.objective import Objective
 from lrsearch.service.session import Session
 from lrsearch.store.heartbeat import Heartbeats
@@ -218,7 +218,7 @@ class _Array:
             raise first
 
 
-def _frozen(ending: Any) -> FrozenTrial:
+def _frozen(ending: Ending) -> FrozenTrial:
     """The trial as its end stored it (``study.tell`` returns as much)."""
     import datetime
 

@@ -24,6 +24,7 @@ from lrsearch.store.retry import MAX_RETRY_DELAY_S
 MAX_RETRIES = 2  # re-queues of a trial whose worker died (retries of retries count)
 
 
+# What _claim returns instead of trial ids, compared by identity (Any: they stand in a list's place).
 _DONE: Any = object()
 
 

@@ -35,7 +35,7 @@ class Ending:
     def trial(self) -> optuna.trial.Trial:
         return self.member.context.trial
 
-    def told(self) -> tuple[Any, list[float] | None]:
+    def told(self) -> tuple[optuna.trial.TrialState, list[float] | None]:
         """The Optuna state and values ``study.tell`` stores for it: a PRUNED trial's value
         is its last report (if any), as Optuna's tell keeps it."""
         from optuna.trial import TrialState

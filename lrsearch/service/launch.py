@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
     from lrsearch.config import Config
     from lrsearch.service.session import ArrayUse
+    from lrsearch.track.process import TrackingProcess
 
 # A worker process that run_study starts tells it its warnings and its error, if it fails,
 # as JSON lines on a pipe of its own whose write end it finds here; its stderr is not read.
@@ -59,7 +60,7 @@ class StudyRun:
     warnings: list[str]
     errors: list[str] = field(default_factory=list)  # other worker processes that failed
     cancelled: bool = False  # by `lrsearch cancel` while it ran
-    tracker: Any = None  # the MLflow client it used (the caller's, if it gave one)
+    tracker: TrackingProcess | None = None  # the MLflow client it used (the caller's, if it gave one)
     arrays: ArrayUse | None = None  # how this process trained its trials together
 
 
@@ -75,7 +76,7 @@ def run_study(
     stop: StopFlag | None = None,
     worker: int = 0,
     array: int | str | None = None,
-    tracker: Any = None,
+    tracker: TrackingProcess | None = None,
 ) -> StudyRun:
     """Create or resume the study ``cfg`` describes and run trials until its total is reached,
     here and in ``workers - 1`` other processes (which need ``study_file``).

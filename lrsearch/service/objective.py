@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
@@ -32,7 +32,9 @@ from lrsearch.results.ranking import rank_key
 from lrsearch.service.ending import Ending, TakenOver, outcome
 from lrsearch.track.models import network_bytes
 from lrsearch.track.outbox import Drawing, Outbox, TrialRecord, json_bytes, outbox_for
-from lrsearch.track.tracking import Tracker
+
+if TYPE_CHECKING:
+    from lrsearch.track.process import TrackerLike
 
 
 @dataclass
@@ -46,7 +48,7 @@ class Objective:
 
     cfg: Config
     data: Dataset
-    tracker: Tracker
+    tracker: TrackerLike
     experiment_id: str
     parent_run_id: str
     stop: StopFlag = field(default_factory=StopFlag)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 from lrsearch.choices.data import check_data
 from lrsearch.choices.space import grid_size
@@ -18,7 +18,7 @@ from lrsearch.core.errors import UsageError, shown
 from lrsearch.core.phase import explain
 from lrsearch.core.study_record import Cancellation, StudyRecord, utc_now
 from lrsearch.core.text import count
-from lrsearch.fit.lr_find import range_test, record_range_test
+from lrsearch.fit.lr_find import RangeTest, range_test, record_range_test
 from lrsearch.sql.schema import ensure_indexes
 from lrsearch.store.folders import report_dir
 from lrsearch.store.heartbeat import grace_period
@@ -27,6 +27,9 @@ from lrsearch.store.storage import check_stores, open_storage
 from lrsearch.store.urls import is_postgres, redact, sqlite_path, storage_url, tracking_uri
 from lrsearch.track.links import run_url
 from lrsearch.track.probe import check_tracking
+
+if TYPE_CHECKING:
+    from lrsearch.store.retrying_storage import RetryingStorage
 
 
 def target_trials(cfg: Config) -> int:
@@ -141,7 +144,7 @@ def _queue(url: str, *, create: bool = True) -> Iterator[QueueStore]:
         store.close()
 
 
-def _record_range_test(found: Any, cfg: Config, url: str, tracking: str) -> None:
+def _record_range_test(found: RangeTest, cfg: Config, url: str, tracking: str) -> None:
     """The range test's plot and ``lr-find`` run in the study's MLflow experiment."""
     from lrsearch.track.tracking import Tracker
 
@@ -204,7 +207,11 @@ def _check_drift(record: StudyRecord, cfg: Config, url: str) -> None:
         )
 
 
-def queue(store: Any, *, with_config: bool = False) -> Any:
+@overload
+def queue(store: RetryingStorage, *, with_config: Literal[False] = False) -> list[str]: ...
+@overload
+def queue(store: RetryingStorage, *, with_config: Literal[True]) -> dict[str, str]: ...
+def queue(store: RetryingStorage, *, with_config: bool = False) -> list[str] | dict[str, str]:
     """The submitted studies with open slots (not done, not cancelled), in the order workers
     take them: higher priority first, then the oldest submission. A few reads, whatever the
     number of trials: cheap enough to poll. ``with_config``: a dict of each name to a digest

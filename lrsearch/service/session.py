@@ -8,7 +8,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 
@@ -24,6 +24,13 @@ from lrsearch.store.storage import open_storage
 from lrsearch.store.urls import redact, tracking_uri
 from lrsearch.track.models import Registered
 from lrsearch.track.tracking import Tracker
+
+if TYPE_CHECKING:
+    from lrsearch.service.queue import Submission
+    from lrsearch.store.retry import Retry
+    from lrsearch.store.retrying_storage import RetryingStorage
+    from lrsearch.track.outbox import Outbox
+    from lrsearch.track.process import TrackerLike
 
 
 @dataclass
@@ -48,10 +55,10 @@ class Session:
 
     cfg: Config
     study: optuna.Study
-    store: Any  # the study's storage (lrsearch.store.retrying_storage.RetryingStorage)
+    store: RetryingStorage  # the study's storage
     study_id: int
     url: str
-    tracker: Tracker
+    tracker: TrackerLike
     experiment_id: str
     parent_run_id: str
     data: Dataset
@@ -60,7 +67,7 @@ class Session:
     started: bool = False  # this worker set the parent run RUNNING (at its first claim)
     finished: int = 0  # COMPLETE + PRUNED trials, as last counted, and told here since
     # Trials found stale at one look (claims._fail_stale_trials): id -> (last heartbeat, when seen).
-    suspects: dict[int, tuple[Any, float]] = field(default_factory=dict)
+    suspects: dict[int, tuple[datetime.datetime, float]] = field(default_factory=dict)
     arrays: ArrayUse | None = None  # how this worker trained the study's trials, once it has
 
     @property
@@ -69,7 +76,13 @@ class Session:
 
 
 def join(
-    name: str, store: Any, url: str, tracker: Tracker, *, worker: int = 0, study_file: Path | None = None
+    name: str,
+    store: RetryingStorage,
+    url: str,
+    tracker: TrackerLike,
+    *,
+    worker: int = 0,
+    study_file: Path | None = None,
 ) -> Session:
     """This worker's session on a submitted study: its stored configuration, a sampler of
     this worker's own, its data, and its MLflow experiment and parent run (made by the first
@@ -107,11 +120,11 @@ def join(
 
 
 def open_records(
-    store: Any,
+    store: RetryingStorage,
     study_id: int,
     cfg: Config,
     url: str,
-    tracker: Tracker,
+    tracker: TrackerLike,
     study_file: Path | None = None,
     data: Dataset | None = None,
 ) -> tuple[str, str]:
@@ -166,7 +179,7 @@ def open_records(
     return experiment_id, parent_run_id
 
 
-def mark_unrunnable(store: Any, name: str, url: str, tracker: Tracker, reason: str) -> None:
+def mark_unrunnable(store: RetryingStorage, name: str, url: str, tracker: TrackerLike, reason: str) -> None:
     """Record why this worker cannot run a submitted study, where ``status``, the ``studies``
     view and the parent run's description show it. The study stays queued for other workers
     (another version, another host with its data); the first that can run it, or submitting
@@ -225,8 +238,8 @@ def open_session(
     tracking: str | None = None,
     study_file: Path | None = None,
     worker: int = 0,
-    tracker: Any = None,
-    submitted: Any = None,
+    tracker: TrackerLike | None = None,
+    submitted: Submission | None = None,
 ) -> Session:
     """Submit the study ``cfg`` describes (or resume it; ``submitted``: already done, its
     ``queue.Submission``) and join it as a worker. ``tracker``: the worker's MLflow client
@@ -240,7 +253,7 @@ def open_session(
     return join(cfg.study.name, store, submission.url, tracker, worker=worker, study_file=study_file)
 
 
-def start_parent(session: Session, outbox: Any) -> None:
+def start_parent(session: Session, outbox: Outbox) -> None:
     """The parent run RUNNING at this worker's first claim (and again after the study was
     interrupted meanwhile), with a description saying so, both sent in the background
     (``outbox``) while the trial trains."""
@@ -291,7 +304,7 @@ def _register(session: Session) -> None:
 
 
 def register_model(
-    study: optuna.Study, url: str, tracker: Tracker, experiment_id: str, *, retry: Any = None
+    study: optuna.Study, url: str, tracker: TrackerLike, experiment_id: str, *, retry: Retry | None = None
 ) -> Registered | None:
     """The study's best COMPLETE trial with a run as its registered model (see
     :func:`~lrsearch.track.models.register_best`), kept in the study's attributes

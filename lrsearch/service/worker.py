@@ -9,7 +9,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import optuna
 
@@ -28,6 +28,10 @@ from lrsearch.store.lock import close_connections
 from lrsearch.store.storage import checkpoint, open_storage
 from lrsearch.store.urls import storage_url, tracking_uri
 from lrsearch.track.tracking import Tracker
+
+if TYPE_CHECKING:
+    from lrsearch.store.retrying_storage import RetryingStorage
+    from lrsearch.track.process import TrackerLike, TrackingProcess
 
 WAIT_S = 0.25  # how soon a worker with nothing to claim looks again (a few reads) ...
 MAX_WAIT_S = 0.5  # ... backing off to this while it stays idle
@@ -65,9 +69,9 @@ class Worker:
 
     def __init__(
         self,
-        store: Any,
+        store: RetryingStorage,
         url: str,
-        tracker: Tracker,
+        tracker: TrackerLike,
         *,
         index: int = 0,
         stop: StopFlag | None = None,
@@ -292,7 +296,7 @@ def serve(
     warn: Callable[[str], None] | None = None,
     say: Callable[[str], None] | None = None,
     array: int | str | None = None,
-    tracker: Any = None,
+    tracker: TrackingProcess | None = None,
 ) -> Served:
     """Serve every study submitted to ``storage`` until stopped, or ``max_idle`` seconds
     pass with nothing to do. Polls while idle, backing off to ``MAX_WAIT_S``. ``say`` hears
@@ -371,7 +375,7 @@ def work(
         worker.finish(status, why)  # the warnings stay in session.warnings
 
 
-def _config_of(store: Any, name: str) -> str:
+def _config_of(store: RetryingStorage, name: str) -> str:
     try:
         user_attrs = store.get_study_user_attrs(store.get_study_id_from_name(name))
         return config_digest(StudyRecord.from_attrs(user_attrs).config)

@@ -19,7 +19,7 @@ import sqlite3
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lrsearch.choices.space import in_sampling_order
 from lrsearch.core.errors import LrsearchError, UsageError, first_line, unknown_study
@@ -27,6 +27,9 @@ from lrsearch.core.text import shown_params
 from lrsearch.sql.schema import _pg_view_version, ensure_views, view_sql, views_version
 from lrsearch.store.retry import reason
 from lrsearch.store.urls import is_postgres, libpq_url, redact, sqlite_path, storage_url, tracking_uri, with_user
+
+if TYPE_CHECKING:
+    import psycopg
 
 DEFAULT_TIMEOUT_S = 30.0
 # A role that can do more than read: write lrsearch's tables or views, create in their
@@ -79,7 +82,7 @@ class ResultsDatabase:
         self.url = storage_url(storage)
         self.timeout = timeout
         if is_postgres(self.url):
-            self._conn: Any = None
+            self._conn: Any = None  # psycopg's connection here, sqlite3's below: each call branches on the dialect
             if not user_sql:  # lrsearch's own queries: the views made or replaced if they are not current
                 try:
                     self._conn = _connect_pg(self.url, user_sql)
@@ -203,7 +206,7 @@ def best_trials_sql(storage: str | None, tracking: str | None, name: str, top: i
     return rows
 
 
-def _connect_pg(url: str, user_sql: bool) -> Any:
+def _connect_pg(url: str, user_sql: bool) -> psycopg.Connection[tuple[Any, ...]]:
     import psycopg
 
     conninfo = _conninfo(url)
