@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from lrsearch.core import attrs
@@ -35,6 +35,14 @@ from lrsearch.core.names import (
 from lrsearch.core.phase import explain
 from lrsearch.core.study_record import StudyRecord
 from lrsearch.core.text import count, exploits_text, fmt, params_text
+
+if TYPE_CHECKING:
+    import optuna
+    from optuna.trial import FrozenTrial
+
+    from lrsearch.track.outbox import Outbox
+    from lrsearch.track.process import TrackerLike
+    from lrsearch.track.tracking import Tracker
 
 TOP_TRIALS = 10
 # MLflow 3.17's run page draws a description's tables with neither cell padding nor borders
@@ -89,7 +97,7 @@ def trials_view(study_name: str, direction: str, metric: str, params: Sequence[s
 
 
 def study_note(
-    study: Any,
+    study: optuna.Study,
     *,
     phase: str,
     experiment_id: str,
@@ -214,7 +222,7 @@ def searched(params: Mapping[str, Any]) -> list[str]:
     return varied or list(in_sampling_order(params))
 
 
-def phase_of(study: Any, user_attrs: Mapping[str, Any] | None = None) -> str:
+def phase_of(study: optuna.Study, user_attrs: Mapping[str, Any] | None = None) -> str:
     """What a study is doing, as its description says it (the rule of ``phase.py``, which
     ``status`` and the ``studies`` view follow). ``user_attrs``: as for :func:`study_note`."""
     from lrsearch.results.ranking import counts
@@ -223,7 +231,11 @@ def phase_of(study: Any, user_attrs: Mapping[str, Any] | None = None) -> str:
 
 
 def write_study_note(
-    study: Any, tracker: Any, phase: str | None = None, user_attrs: Mapping[str, Any] | None = None, outbox: Any = None
+    study: optuna.Study,
+    tracker: TrackerLike,
+    phase: str | None = None,
+    user_attrs: Mapping[str, Any] | None = None,
+    outbox: Outbox | None = None,
 ) -> None:
     """Set the study's parent run description (:func:`study_note`) as the study stands now
     (``phase``: as :func:`phase_of` tells, unless given), with the report's main figures if
@@ -251,7 +263,7 @@ def write_study_note(
         tracker.run(set_study_note, parent, text)
 
 
-def set_study_note(tracker: Any, parent: str, text: str) -> None:
+def set_study_note(tracker: Tracker, parent: str, text: str) -> None:
     """The parent run's description: ``text`` (:func:`study_note` without figures), and the
     report's main figures if the run has them (a job of the tracker's: ``outbox.py``)."""
     folder = f"report/{PREVIEW_DIR}"
@@ -265,7 +277,7 @@ def _table_row(cells: Sequence[str]) -> str:
     return "| " + " | ".join([*(f"{cell}{CELL_GAP}" for cell in cells[:-1]), cells[-1]]) + " |"
 
 
-def _trial_link(experiment_id: str, trial: Any) -> str:
+def _trial_link(experiment_id: str, trial: FrozenTrial) -> str:
     run_id = trial.user_attrs.get(attrs.MLFLOW_RUN)
     return run_path(experiment_id, run_id) if run_id else trials_path(experiment_id)
 

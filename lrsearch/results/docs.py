@@ -22,7 +22,7 @@ from lrsearch.choices.sampling import PRUNERS, SAMPLERS
 from lrsearch.choices.schedules import SCHEDULES
 from lrsearch.choices.space import _OWNERS, HYPERPARAMETERS, Hyperparameter
 from lrsearch.config import DataConfig
-from lrsearch.core.registry import Registry
+from lrsearch.core.registry import Entry, Registry
 
 _BLOCK = re.compile(r"(<!-- lrsearch\.docs: (\w+) -->\n).*?(<!-- /lrsearch\.docs -->)", re.S)
 
@@ -89,7 +89,7 @@ def choices() -> str:
     return "\n".join(lines)
 
 
-def _source_keys(entry: Any) -> str:
+def _source_keys(entry: Entry) -> str:
     """A data source's own keys, with their defaults (none for a required key)."""
     if not isinstance(entry, Source):
         return ""

@@ -6,13 +6,17 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lrsearch.choices.optimizers import OPTIMIZERS
 from lrsearch.core.text import count, params_text
 from lrsearch.results.ranking import best_so_far
 from lrsearch.results.trial_curves import TrialCurves, varied_params
 from lrsearch.track.records import History
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 
 def plot_learning_curves(history: History, title: str, path: Path) -> Path:
@@ -41,7 +45,7 @@ def plot_learning_curves(history: History, title: str, path: Path) -> Path:
     return path
 
 
-def _line(ax: Any, history: History, key: str, label: str) -> None:
+def _line(ax: Axes, history: History, key: str, label: str) -> None:
     points = history.get(key)
     if points:
         ax.plot([s for s, _, _ in points], [v for _, v, _ in points], label=label)
@@ -83,6 +87,7 @@ def _fmt(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
+# fig: a matplotlib Figure, as Any: savefig's stub types each keyword apart, and they come here as a dict.
 def _save(fig: Any, path: Path, tight: bool = False) -> Path:
     """``tight``: cropped to what is drawn (Optuna's figures place their colour bars themselves)."""
     fig.savefig(path, dpi=DPI, **({"bbox_inches": "tight"} if tight else {}))
@@ -153,7 +158,7 @@ def _lr_figure(trials: Sequence[TrialCurves], axes: Sequence[str], title: str, p
     return _save(lr_figure(trials, axes, title, rank), path)
 
 
-def lr_figure(trials: Sequence[TrialCurves], axes: Sequence[str], title: str, rank: bool = False) -> Any:
+def lr_figure(trials: Sequence[TrialCurves], axes: Sequence[str], title: str, rank: bool = False) -> Figure:
     """The learning rate per epoch of ``trials``, labelled by rank and params (``rank``) or by
     the grid's ``axes``; the legend below the curves (they fill the axes)."""
     import textwrap

@@ -12,9 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from lrsearch.core import attrs
+
+if TYPE_CHECKING:
+    from optuna.trial import FrozenTrial
 
 
 @dataclass(frozen=True)
@@ -30,7 +34,7 @@ class Stretch:
     optimizer: str | None = None
 
 
-def values_by_epoch(trial: Any, key: str, epochs: int) -> list[Any]:
+def values_by_epoch(trial: FrozenTrial, key: str, epochs: int) -> list[Any]:
     """``key``'s value (lr, momentum) at each epoch of ``trial``: its first draw, then what
     each copy gave it from the epoch after the copy."""
     hp = trial.user_attrs.get(attrs.HYPERPARAMETERS) or trial.params
@@ -44,11 +48,12 @@ def values_by_epoch(trial: Any, key: str, epochs: int) -> list[Any]:
     return out
 
 
-def line(trials: Sequence[Any], member: Any) -> list[Stretch]:
+def line(trials: Sequence[FrozenTrial], member: FrozenTrial) -> list[Stretch]:
     """The stretches of ``member``'s line, earliest first: who trained its network when."""
     by_number = {t.number: t for t in trials}
     last = int(member.user_attrs.get(attrs.EPOCHS_TRAINED) or 0) - 1
     stretches: list[Stretch] = []
+    holder: FrozenTrial | None
     holder, end = member, last
     while holder is not None and end >= 0:
         exploits = [e for e in (holder.user_attrs.get(attrs.PBT) or {}).get("exploits", []) if e["epoch"] < end]
@@ -81,17 +86,17 @@ def schedule_text(stretches: Sequence[Stretch], limit: int = 12) -> str:
     return "lr " + " → ".join(parts) + more
 
 
-def is_population(trials: Sequence[Any]) -> bool:
+def is_population(trials: Sequence[FrozenTrial]) -> bool:
     return any(attrs.PBT in t.user_attrs for t in trials)
 
 
-def final_params(trial: Any) -> Mapping[str, Any]:
+def final_params(trial: FrozenTrial) -> Mapping[str, Any]:
     """What the trial ended with: a population member's final values, else its params."""
     pbt = trial.user_attrs.get(attrs.PBT)
     return pbt["final"] if pbt else trial.params
 
 
-def plot_schedule(trials: Sequence[Any], member: Any, title: str, path: Any) -> Any:
+def plot_schedule(trials: Sequence[FrozenTrial], member: FrozenTrial, title: str, path: Path) -> Path:
     """The report's ``pbt_schedule.png``: left, the learning rate along ``member``'s line
     (bold, each stretch coloured by the trial that trained it) over every member's own
     (faint); right, its family tree: which trial trained the network at each epoch, and

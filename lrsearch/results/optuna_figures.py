@@ -8,11 +8,20 @@ import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lrsearch.core.text import count
 from lrsearch.results.figures import _save
 from lrsearch.results.tick_labels import _fit_tick_labels, _labels
+
+if TYPE_CHECKING:
+    import optuna
+    from matplotlib.axes import Axes
+    from matplotlib.axis import Axis
+    from matplotlib.figure import Figure
+    from optuna.trial import FrozenTrial
+
+    from lrsearch.track.tracking import Tracker
 
 FEW_TRIALS = 20  # below this many complete trials, parameter importances are noise
 
@@ -25,10 +34,10 @@ _FIGURES_HERE = ("importances", "contour")
 
 
 def draw_optuna_figures(
-    tracker: Any,
+    tracker: Tracker | None,
     name: str,
     way: str,
-    trials: Sequence[Any],
+    trials: Sequence[FrozenTrial],
     out: str,
     which: Sequence[str] = (*_FIGURES_HERE, *_FIGURES_ELSEWHERE),
 ) -> list[str]:
@@ -63,7 +72,7 @@ def draw_optuna_figures(
     return [str(path) for key in which if (path := plots[key](study, name, Path(out))) is not None]
 
 
-def plot_importances(study: Any, name: str, out: Path) -> Path | None:
+def plot_importances(study: optuna.Study, name: str, out: Path) -> Path | None:
     """Optuna's parameter importances (its default evaluator: PED-ANOVA since Optuna 5), with
     the number of complete trials they rest on; None when there is nothing to rank."""
     import warnings
@@ -104,13 +113,13 @@ def plot_importances(study: Any, name: str, out: Path) -> Path | None:
     return _save(fig, out / "param_importances.png")
 
 
-def plot_parallel_coordinate(study: Any, name: str, out: Path) -> Path | None:
+def plot_parallel_coordinate(study: optuna.Study, name: str, out: Path) -> Path | None:
     """Optuna's parallel coordinates of the complete trials."""
     with parallel_figure(study, name) as fig:
         return None if fig is None else _save(fig, out / "parallel_coordinate.png", tight=True)
 
 
-def parallel_figure(study: Any, name: str) -> Any:
+def parallel_figure(study: optuna.Study, name: str) -> contextlib.AbstractContextManager[Figure | None]:
     """The parallel coordinates' figure (a context manager: closed after), None if nothing to
     draw. Optuna writes each parameter's tick labels beside its axis, where the trials' lines
     cross it: here on a white ground, above the lines, and the title clear of the top labels."""
@@ -121,7 +130,7 @@ def parallel_figure(study: Any, name: str) -> Any:
     )
 
 
-def _parallel_labels(fig: Any, axes: list[Any], title: str) -> None:
+def _parallel_labels(fig: Figure, axes: list[Axes], title: str) -> None:
     (ax,) = axes
     ax.set_title(title, pad=16)  # the top tick labels reach above the axes
     twins = [a for a in ax.get_shared_x_axes().get_siblings(ax) if a is not ax]  # one per parameter
@@ -132,7 +141,7 @@ def _parallel_labels(fig: Any, axes: list[Any], title: str) -> None:
                 label.set_bbox(LABEL_GROUND)
 
 
-def plot_slices(study: Any, name: str, out: Path) -> Path | None:
+def plot_slices(study: optuna.Study, name: str, out: Path) -> Path | None:
     """Optuna's slice plot: the objective against each parameter, one panel per parameter."""
     with slices_figure(study, name) as fig:
         return None if fig is None else _save(fig, out / "slices.png", tight=True)
@@ -146,7 +155,7 @@ SLICE_COLUMNS = 3  # panels per row of the slice plot
 SLICE_PANEL = (4.4, 3.3)  # inches per panel: room for a schedule's name under each of its ticks
 
 
-def slices_figure(study: Any, name: str) -> Any:
+def slices_figure(study: optuna.Study, name: str) -> contextlib.AbstractContextManager[Figure | None]:
     """The slice plot's figure (a context manager: closed after), None if nothing to draw.
     Optuna draws every panel in one row, as narrow as the figure allows, so neighbouring
     panels' tick labels ran into each other (``'adagrad''constant'``): here at most
@@ -159,7 +168,8 @@ def slices_figure(study: Any, name: str) -> Any:
     )
 
 
-def _slices_in_rows(fig: Any, axes: list[Any], title: str) -> None:
+# axes: Axes, as Any: matplotlib types a collection's array as optional, checked here call by call.
+def _slices_in_rows(fig: Figure, axes: list[Any], title: str) -> None:
     from matplotlib.colors import Normalize
 
     cols = min(SLICE_COLUMNS, len(axes))
@@ -195,14 +205,14 @@ def _unquoted(label: str) -> str:
     return label[1:-1] if len(label) >= 2 and label[0] == label[-1] and label[0] in "'\"" else label
 
 
-def _is_categorical(axis: Any) -> bool:
+def _is_categorical(axis: Axis) -> bool:
     from matplotlib.category import StrCategoryFormatter
 
     formatter = axis.get_major_formatter()
     return isinstance(getattr(formatter, "inner", formatter), StrCategoryFormatter)  # (inside _labels)
 
 
-def plot_contour(study: Any, name: str, out: Path) -> Path | None:
+def plot_contour(study: optuna.Study, name: str, out: Path) -> Path | None:
     """Optuna's contour of lr against momentum, over the trials that have both (two or more,
     with more than one value of each)."""
     from optuna.visualization.matplotlib import plot_contour as plot
@@ -224,8 +234,11 @@ def plot_contour(study: Any, name: str, out: Path) -> Path | None:
 
 @contextlib.contextmanager
 def optuna_figure(
-    draw: Any, title: str, size: tuple[float, float], finish: Callable[[Any, list[Any], str], None] | None = None
-) -> Iterator[Any]:
+    draw: Callable[[], Any],
+    title: str,
+    size: tuple[float, float],
+    finish: Callable[[Figure, list[Axes], str], None] | None = None,
+) -> Iterator[Figure | None]:
     """One of ``optuna.visualization.matplotlib``'s plots (drawn with pyplot, on its own
     figure, closed after) at the report's ``size`` with ``title`` (or as ``finish(figure,
     axes, title)`` arranges it); None if it has nothing to draw."""

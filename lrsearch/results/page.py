@@ -8,12 +8,15 @@ import html
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lrsearch.core.names import DEFAULT_UI_PORT
 from lrsearch.results.figures import _fmt, _grid_order, _label
 from lrsearch.results.trial_curves import TrialCurves, varied_params
 from lrsearch.store.urls import is_server
-from lrsearch.track.tracking import Tracker
+
+if TYPE_CHECKING:
+    from lrsearch.track.process import TrackerLike
 
 
 def _seconds(s: float | None) -> str:
@@ -25,7 +28,7 @@ def write_html(
     rows: Sequence[TrialCurves],
     figures: Sequence[Path],
     path: Path,
-    tracker: Tracker | None = None,
+    tracker: TrackerLike | None = None,
     way: str = "maximize",
     experiment_id: str | None = None,
 ) -> Path:

@@ -36,7 +36,7 @@ class Ranked(Protocol):
     def number(self) -> int: ...
 
     @property
-    def state(self) -> Any: ...  # a TrialState, or its name
+    def state(self) -> TrialState | str: ...  # a TrialState, or its name
 
     @property
     def value(self) -> float | None: ...

@@ -6,7 +6,7 @@ and logged on the study's parent run."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from lrsearch.core import attrs
 from lrsearch.core.names import NOTE_FIGURES, PREVIEW_DIR
@@ -29,6 +29,11 @@ from lrsearch.store.folders import report_dir
 from lrsearch.store.urls import storage_url, tracking_uri
 from lrsearch.track.tracking import Tracker
 
+if TYPE_CHECKING:
+    import optuna
+
+    from lrsearch.track.process import TrackerLike
+
 
 def write_report(
     name: str,
@@ -36,8 +41,8 @@ def write_report(
     storage: str | None = None,
     tracking: str | None = None,
     out: Path | None = None,
-    study: Any = None,
-    tracker: Any = None,
+    study: optuna.Study | None = None,
+    tracker: TrackerLike | None = None,
 ) -> list[Path]:
     """Draw the study's report from the stores into ``out`` (default: see
     ``folders.report_dir``) and log it under ``report/`` on the parent MLflow run.
@@ -64,7 +69,7 @@ def results_table(name: str, *, storage: str | None = None, tracking: str | None
 TOP_CURVES = 5  # trials whose learning-rate curves the report draws
 
 
-def build_report(study: Any, tracker: Tracker, out: Path, grid: bool) -> list[Path]:
+def build_report(study: optuna.Study, tracker: TrackerLike, out: Path, grid: bool) -> list[Path]:
     """Write the study's figures (PNG) and one self-contained HTML page into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     frozen = study.get_trials(deepcopy=False)  # read once: the table's and Optuna's figures' trials

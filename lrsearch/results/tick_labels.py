@@ -6,10 +6,18 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from matplotlib.axis import Axis
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import Formatter
+    from matplotlib.transforms import Bbox
 
 
-def _labels(inner: Any, kept: Sequence[float] | None = None, text: Callable[[str], str] | None = None) -> Any:
+def _labels(
+    inner: Formatter, kept: Sequence[float] | None = None, text: Callable[[str], str] | None = None
+) -> Formatter:
     """A tick formatter that labels as ``inner`` does, but only the ticks in ``kept`` (all if
     None), each label passed through ``text``. Offsets, and what ``inner`` learns from all
     the ticks' positions (a log axis's minor labels), stay its own."""
@@ -22,7 +30,7 @@ def _labels(inner: Any, kept: Sequence[float] | None = None, text: Callable[[str
 def _labels_class() -> type:
     from matplotlib.ticker import Formatter  # here: importing the report module draws nothing
 
-    class Labels(Formatter):
+    class Labels(Formatter):  # (inner, axis: Any where matplotlib's stubs want lists, or its private types)
         def __init__(self, inner: Any, kept: Sequence[float] | None, text: Callable[[str], str] | None) -> None:
             self.inner, self.kept, self.text = inner, kept, text
 
@@ -51,7 +59,7 @@ def _labels_class() -> type:
     return Labels
 
 
-def _fit_tick_labels(fig: Any, axes: Sequence[Any], turn: Sequence[Any] = ()) -> None:
+def _fit_tick_labels(fig: Figure, axes: Sequence[Axis], turn: Sequence[Axis] = ()) -> None:
     """Leave out the tick labels of each of ``axes`` (x or y Axis objects) that would overlap
     another of its labels as the figure draws: major ticks' first, then the minor ones a log
     axis labels, each in axis order. Those in ``turn`` (categories: each label is needed)
@@ -68,7 +76,7 @@ def _fit_tick_labels(fig: Any, axes: Sequence[Any], turn: Sequence[Any] = ()) ->
                 label.set_rotation_mode("anchor" if angle == 30 else "default")
         fig.canvas.draw()
     for axis in axes:
-        kept: list[Any] = []
+        kept: list[Bbox] = []
         for minor in (False, True):
             keep = []
             for loc, box in _tick_labels(fig, axis, minor):
@@ -81,7 +89,8 @@ def _fit_tick_labels(fig: Any, axes: Sequence[Any], turn: Sequence[Any] = ()) ->
                 axis.set_major_formatter(_labels(axis.get_major_formatter(), kept=keep))
 
 
-def _tick_labels(fig: Any, axis: Any, minor: bool | None = None) -> list[tuple[float, Any]]:
+# fig: a Figure drawn by Agg, whose canvas has get_renderer (Any: the base canvas's stub has none).
+def _tick_labels(fig: Any, axis: Axis, minor: bool | None = None) -> list[tuple[float, Bbox]]:
     """(position, drawn extent with 2 pixels' margin) of the tick labels that ``axis`` drew:
     its major ticks', its minor ticks', or both (None)."""
     renderer = fig.canvas.get_renderer()
@@ -100,6 +109,6 @@ def _tick_labels(fig: Any, axis: Any, minor: bool | None = None) -> list[tuple[f
     return out
 
 
-def _overlap(labels: Sequence[tuple[float, Any]]) -> bool:
+def _overlap(labels: Sequence[tuple[float, Bbox]]) -> bool:
     boxes = [box for _, box in labels]
     return any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])

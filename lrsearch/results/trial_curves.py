@@ -5,13 +5,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lrsearch.choices.space import in_sampling_order
 from lrsearch.core import attrs
 from lrsearch.core.text import exploits_text, params_text
 from lrsearch.results.ranking import duration_s, wall_s
 from lrsearch.track.tracking import Tracker
+
+if TYPE_CHECKING:
+    from optuna.trial import FrozenTrial
+
+    from lrsearch.track.process import TrackerLike
 
 CURVE_KEYS = ("train/acc", "val/acc", "lr")
 
@@ -45,7 +50,7 @@ class TrialCurves:
 
 
 def collect(
-    frozen: Sequence[Any], tracker: Tracker | None, states: Sequence[str] = ("COMPLETE", "PRUNED")
+    frozen: Sequence[FrozenTrial], tracker: Tracker | None, states: Sequence[str] = ("COMPLETE", "PRUNED")
 ) -> list[TrialCurves]:
     """A study's trials (``frozen``, as Optuna gives them) in ``states``, with their MLflow
     metric histories if ``tracker`` is given (else :func:`with_curves` reads those of the
@@ -83,7 +88,7 @@ def collect(
     return trials if tracker is None else with_curves(trials, tracker)
 
 
-def with_curves(trials: Sequence[TrialCurves], tracker: Any) -> list[TrialCurves]:
+def with_curves(trials: Sequence[TrialCurves], tracker: TrackerLike) -> list[TrialCurves]:
     """``trials`` with their metric histories (``CURVE_KEYS``), read in one call."""
     histories = tracker.histories([t.run_id for t in trials if t.run_id], CURVE_KEYS)
     for t in trials:
