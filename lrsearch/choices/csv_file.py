@@ -22,6 +22,8 @@ from lrsearch.core.errors import UsageError
 from lrsearch.core.text import count
 
 if TYPE_CHECKING:
+    from _csv import Reader
+
     import numpy as np
 
 CHUNK_ROWS = 65_536  # rows converted at a time: the Python strings of one chunk only are alive
@@ -47,7 +49,7 @@ class _CsvFile:
         if b"\0" in self.data:  # valid UTF-8, yet binary: the csv module would take it as text
             raise self._byte_error(self.data.index(b"\0"), "not text", "")
 
-    def _reader(self) -> Any:
+    def _reader(self) -> Reader:
         """The csv module's records, from the bytes (a str of the whole file would take four times their size)."""
         # utf-8-sig: a spreadsheet's byte-order mark is not part of the first column's name.
         text = io.TextIOWrapper(io.BytesIO(self.data), encoding="utf-8-sig", newline="")

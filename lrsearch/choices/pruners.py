@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import binascii
 import math
-from collections.abc import Collection
+from collections.abc import Collection, Container
 from typing import Any
 
 import numpy as np
@@ -67,6 +67,8 @@ class PeerPercentilePruner(BasePruner):
         return best < cut if maximize else best > cut
 
 
+# study (Any, here and below): an Optuna study, or a view of one that answers get_trials (a
+# pruning check's snapshot, fit/pruning.py; a Hyperband bracket): they share no class.
 def peer_values(study: Any, step: int) -> list[tuple[int, float]]:
     """(trial number, value at ``step``) of every trial that has one (see :func:`_at`): from
     the study's ``values_at`` where it has one (a pruning check's snapshot: one query), else
@@ -195,7 +197,7 @@ class _Bracket:
         self._pruner = pruner
         self._bracket = bracket
 
-    def get_trials(self, deepcopy: bool = True, states: Any = None) -> list[FrozenTrial]:
+    def get_trials(self, deepcopy: bool = True, states: Container[TrialState] | None = None) -> list[FrozenTrial]:
         name = self._study.study_name
         return [
             t
@@ -207,7 +209,7 @@ class _Bracket:
         return getattr(self._study, name)
 
 
-def records(pruner: Any, trial: FrozenTrial, study_name: str) -> dict[str, float]:
+def records(pruner: BasePruner, trial: FrozenTrial, study_name: str) -> dict[str, float]:
     """What ``pruner`` records for ``trial`` before judging it (system attributes), if anything."""
     if isinstance(pruner, ArrayHyperbandPruner):
         return pruner.records(trial, study_name)
@@ -216,7 +218,7 @@ def records(pruner: Any, trial: FrozenTrial, study_name: str) -> dict[str, float
     return {}
 
 
-def judge(pruner: Any, study: Any, trial: FrozenTrial, recorded: Collection[str] = ()) -> bool:
+def judge(pruner: BasePruner, study: Any, trial: FrozenTrial, recorded: Collection[str] = ()) -> bool:
     """Whether ``pruner`` stops ``trial``, its :func:`records` (keys ``recorded``) stored just before."""
     if isinstance(pruner, (ArrayHalvingPruner, ArrayHyperbandPruner)):
         return pruner.judge(study, trial, recorded)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from lrsearch.choices.space import grid_space
 from lrsearch.core.registry import Registry
@@ -74,7 +74,13 @@ def _grid(params: Mapping[str, ParamSpec], seed: int | None) -> optuna.samplers.
         once the grid is done, which ends ``study.optimize`` but fails outside it. The worker
         loop asks and tells trials itself and ends at the study's total, the grid's size."""
 
-        def after_trial(self, study: optuna.Study, trial: Any, state: Any, values: Sequence[float] | None) -> None:
+        def after_trial(
+            self,
+            study: optuna.Study,
+            trial: optuna.trial.FrozenTrial,
+            state: optuna.trial.TrialState,
+            values: Sequence[float] | None,
+        ) -> None:
             pass
 
     return GridSampler(grid_space(params), seed=seed)

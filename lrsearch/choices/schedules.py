@@ -41,6 +41,7 @@ class Schedule:
     optimizer update and :meth:`step_epoch` at the end of every epoch.
     """
 
+    # scheduler: Any, as PyTorch types LRScheduler.step(epoch), which ReduceLROnPlateau's step(metric) overrides.
     def __init__(self, scheduler: Any, interval: str, monitor: str | None = None, warmup_steps: int = 0) -> None:
         self.scheduler = scheduler
         self.interval = interval  # "step" or "epoch"

@@ -14,7 +14,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import tomli_w
 
@@ -27,6 +27,9 @@ from lrsearch.config.params import _params, _spec_to_toml
 from lrsearch.config.table import _Table
 from lrsearch.core.constraints import MAX_SEED, Interval, Satisfies, declared, int_in
 from lrsearch.core.errors import ConfigError, UsageError, shown
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 DIRECTIONS = ("maximize", "minimize")
 METRICS = ("val/acc", "val/loss", "train/acc", "train/loss")
@@ -269,8 +272,10 @@ def parse_config(raw: Mapping[str, Any], source: str, base_dir: Path = Path(".")
 
 # -- sections -----------------------------------------------------------------------------
 
+Section = TypeVar("Section", bound="DataclassInstance")  # a section's dataclass
 
-def _read(t: _Table, cls: type) -> Any:
+
+def _read(t: _Table, cls: type[Section]) -> Section:
     """The section's dataclass, every declared key read, then the table's unknown keys refused."""
     values = {}
     for f in dataclasses.fields(cls):

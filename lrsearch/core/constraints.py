@@ -85,6 +85,7 @@ class Satisfies:
         return self.check(value)
 
 
+# Returns Any, as dataclasses.field does: a field of any declared type (its default, of any type).
 def declared(
     kind: type,
     default: Any = MISSING,

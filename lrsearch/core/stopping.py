@@ -12,7 +12,6 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from types import FrameType
-from typing import Any
 
 from lrsearch.core.errors import LrsearchError
 
@@ -125,13 +124,15 @@ class StopFlag:
             self._deferred = signum
 
 
-def _quiet_interrupts(hook: Callable[[Any], None]) -> Callable[[Any], None]:
+def _quiet_interrupts(
+    hook: Callable[[sys.UnraisableHookArgs], None],
+) -> Callable[[sys.UnraisableHookArgs], None]:
     """Python's hook for exceptions it cannot raise, minus :class:`Interrupted`: a second
     signal that lands inside a finalizer (a weakref callback during garbage collection) is
     dropped there, and would print a traceback. Its signal is sent again instead, so the
     second Ctrl-C still stops training at once."""
 
-    def handle(unraisable: Any) -> None:
+    def handle(unraisable: sys.UnraisableHookArgs) -> None:
         error = unraisable.exc_value
         if not isinstance(error, Interrupted):
             hook(unraisable)

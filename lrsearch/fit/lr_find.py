@@ -26,12 +26,15 @@ import math
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lrsearch.choices.optimizers import OPTIMIZERS
 from lrsearch.choices.space import Choices, Find, Fixed
 from lrsearch.config import Config
 from lrsearch.core.errors import LrsearchError
+
+if TYPE_CHECKING:
+    from lrsearch.choices.data import Dataset
 
 MIN_LR, MAX_LR = 1e-7, 10.0
 # Rates tried: many against the smoothing's memory, so the smoothed loss lags the rate by
@@ -129,7 +132,7 @@ def range_test(cfg: Config, optimizer: str | None = None, factor: float | None =
     return result
 
 
-def _sweep(cfg: Config, data: Any, name: str, seed: int) -> Sweep:
+def _sweep(cfg: Config, data: Dataset, name: str, seed: int) -> Sweep:
     """One sweep with Lightning's ``Tuner.lr_find``, from a fresh network seeded ``seed``."""
     import warnings
 
@@ -219,6 +222,7 @@ def suggest(losses: list[float]) -> int | None:
     return best
 
 
+# tracker: a Tracker (track/tracking.py), which fit/ is below, so it cannot name it.
 def record_range_test(result: RangeTest, cfg: Config, tracker: Any, experiment_id: str, out: Path) -> tuple[Path, str]:
     """Draw the test into ``out`` and record it as the ``lr-find`` run of the study's
     experiment; the plot's path and the run's id."""
@@ -235,7 +239,7 @@ def record_range_test(result: RangeTest, cfg: Config, tracker: Any, experiment_i
     return path, run_id
 
 
-def plot(result: RangeTest, title: str, path: Any) -> Any:
+def plot(result: RangeTest, title: str, path: Path) -> Path:
     """Loss against learning rate on a log axis, one line per sweep, the suggestion and the
     search range marked."""
     from matplotlib.figure import Figure

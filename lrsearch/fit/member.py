@@ -55,7 +55,7 @@ class Member:
     seed: int
     epochs: int
     trial: optuna.trial.Trial | None = None
-    context: Any = None
+    context: Any = None  # the service's record of the trial (Any: service/ is above fit/)
     result: TrainResult = field(default_factory=TrainResult)
     # Set by the array while it trains:
     generator: torch.Generator | None = None  # its weights' initialization, then its data order

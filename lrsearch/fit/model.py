@@ -8,7 +8,7 @@ import functools
 import math
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pytorch_lightning as pl
 import torch
@@ -20,6 +20,12 @@ from lrsearch.choices.schedules import Schedule, make_schedule
 from lrsearch.core import faults
 from lrsearch.fit.array_optimizer import ArrayOptimizer
 from lrsearch.fit.member import Member
+
+if TYPE_CHECKING:
+    from lrsearch.config import Config
+    from lrsearch.core.stopping import StopFlag, TrialStop
+    from lrsearch.fit.population import Population
+    from lrsearch.fit.pruning import Pruning
 
 # LearningRateMonitor logs member KEY's learning rate as "lr@KEY" (and its momentum as
 # "lr@KEY-momentum"); the array's logger files them under LR_NAME for that member.
@@ -51,16 +57,16 @@ class ArrayClassifier(pl.LightningModule):
 
     def __init__(
         self,
-        cfg: Any,
+        cfg: Config,
         n_features: int,
         n_classes: int,
         val: tuple[torch.Tensor, torch.Tensor],
         steps_per_epoch: int,
         members: Sequence[Member],
         host: ArrayHost | None = None,
-        stop: Any = None,
-        pruning: Any = None,
-        population: Any = None,
+        stop: StopFlag | TrialStop | None = None,
+        pruning: Pruning | None = None,
+        population: Population | None = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -375,12 +381,12 @@ def _shadow_template(optimizer: str, momentum: bool, nesterov: bool) -> torch.op
     return make_optimizer([torch.zeros(1, requires_grad=True)], hp)
 
 
-def _kind(hp: Any) -> tuple[str, bool, bool]:
+def _kind(hp: Mapping[str, Any]) -> tuple[str, bool, bool]:
     """Members that share one batched update: one optimizer, momentum or not, Nesterov or not."""
     return hp["optimizer"], bool(hp.get("momentum")), bool(hp.get("nesterov"))
 
 
-def _activation_class(cfg: Any) -> str:
+def _activation_class(cfg: Config) -> str:
     from lrsearch.choices.network import ACTIVATIONS
 
     return ACTIVATIONS[cfg.model.activation].torch_class

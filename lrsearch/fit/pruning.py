@@ -6,12 +6,16 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Container, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from optuna.exceptions import UpdateFinishedTrialError
 
 from lrsearch.choices.pruners import judge, records
 from lrsearch.fit.member import Member
+
+if TYPE_CHECKING:
+    import optuna
+    from optuna.trial import FrozenTrial, TrialState
 
 
 class Pruning:
@@ -97,7 +101,7 @@ def _check(due: list[tuple[Member, float, int]]) -> set[Member]:
     return taken | pruned
 
 
-def _trial(member: Member) -> Any:
+def _trial(member: Member) -> optuna.trial.Trial:
     """The Optuna trial of a member that reports (``Pruning.due`` checks only those)."""
     assert member.trial is not None
     return member.trial
@@ -109,19 +113,20 @@ class _Snapshot:
     reported at a step, read in one query where the storage can (the percentile pruner's
     need: ``pruners.peer_values``)."""
 
-    def __init__(self, study: Any) -> None:
+    def __init__(self, study: optuna.Study) -> None:
         self._study = study
-        self._trials: list[Any] | None = None
+        self._trials: list[FrozenTrial] | None = None
         self._at: dict[int, list[tuple[int, float]]] = {}
         if hasattr(study._storage, "values_at"):
             self.values_at = self._values_at
 
     def _values_at(self, step: int) -> list[tuple[int, float]]:
         if step not in self._at:
-            self._at[step] = self._study._storage.values_at(self._study._study_id, step)
+            storage: Any = self._study._storage  # lrsearch's RetryingStorage (store/, above fit/)
+            self._at[step] = storage.values_at(self._study._study_id, step)
         return self._at[step]
 
-    def get_trials(self, deepcopy: bool = True, states: Container[Any] | None = None) -> list[Any]:
+    def get_trials(self, deepcopy: bool = True, states: Container[TrialState] | None = None) -> list[FrozenTrial]:
         if self._trials is None:
             self._trials = self._study.get_trials(deepcopy=False)
         trials = [t for t in self._trials if states is None or t.state in states]
