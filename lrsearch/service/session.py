@@ -160,7 +160,7 @@ def open_records(
                 "direction": cfg.study.direction,
                 "metric": cfg.study.metric,
             },
-            study_file=study_file,
+            study_file=study_file.resolve(),  # read by the tracking process, whose folder may differ
             run_id=record.parent_run_id,
             status="SCHEDULED",
         )
