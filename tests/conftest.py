@@ -367,7 +367,7 @@ def _trial(state, value=None, params=None, user_attrs=None, values=None):
 
 def fill_results(storage_url: str, client) -> None:
     """Studies ``acc`` (7 trials: COMPLETE, +inf, PRUNED, FAIL, RUNNING, no MLflow run, -inf;
-    the first three with their epochs trained, the PRUNED and FAIL ones with why they ended),
+    the first three with their epochs trained and array, the PRUNED and FAIL ones with why they ended),
     ``loss`` (minimize, 3 trials) and ``multi`` (two objectives), with one MLflow run (its
     ``lr`` curve: 0.01, 0.005, 0.0025)."""
     import math
@@ -395,13 +395,18 @@ def fill_results(storage_url: str, client) -> None:
             TrialState.COMPLETE,
             0.9,
             {"optimizer": "adam", "lr": 0.01},
-            {attrs.MLFLOW_RUN: run.info.run_id, attrs.HYPERPARAMETERS: hp, attrs.EPOCHS_TRAINED: 4},
+            {
+                attrs.MLFLOW_RUN: run.info.run_id,
+                attrs.HYPERPARAMETERS: hp,
+                attrs.EPOCHS_TRAINED: 4,
+                attrs.ARRAY_ID: "a0",
+            },
         )
     )
     acc.add_trial(_trial(TrialState.COMPLETE, math.inf, {"optimizer": "sgd", "lr": 0.1, "momentum": 0.5}))
-    pruned = {attrs.REASON: "pruned at epoch 1: below the median", attrs.EPOCHS_TRAINED: 2}
+    pruned = {attrs.REASON: "pruned at epoch 1: below the median", attrs.EPOCHS_TRAINED: 2, attrs.ARRAY_ID: "a1"}
     acc.add_trial(_trial(TrialState.PRUNED, None, {"optimizer": "sgd", "lr": 0.5, "momentum": 0.9}, pruned))
-    failed = {attrs.REASON: "RuntimeError: out of memory", attrs.EPOCHS_TRAINED: 0}
+    failed = {attrs.REASON: "RuntimeError: out of memory", attrs.EPOCHS_TRAINED: 0, attrs.ARRAY_ID: "a1"}
     acc.add_trial(_trial(TrialState.FAIL, None, {"optimizer": "adam", "lr": 0.2}, failed))
     with warnings.catch_warnings():  # "heartbeats are meant for optimize": this trial is left RUNNING
         warnings.simplefilter("ignore", UserWarning)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 
 import optuna
 import pytest
@@ -179,7 +180,8 @@ momentum = 0.9
 
 def test_a_study_run_in_arrays_records_every_trial_as_alone(write_study, cli, tmp_path):
     """8 grid trials in arrays of 3 (refilled as trials end): each has its own Optuna trial,
-    child run (params, per-epoch metrics, LR curve, state, note) and row in the SQL views;
+    child run (params, per-epoch metrics, LR curve, state, note) and row in the SQL views (with
+    the array it trained in);
     the diverging ones end PRUNED with their reason, the parent run says which size ran."""
     done = cli("run", str(write_study(ARRAY_STUDY)), "--array", "3", "--no-report")
     assert done.returncode == 0, done.stderr
@@ -212,13 +214,19 @@ def test_a_study_run_in_arrays_records_every_trial_as_alone(write_study, cli, tm
         [client.get_experiment_by_name("tiny").experiment_id], "tags.`lrsearch.role` = 'study'"
     )[0]
     assert parent.data.tags["array"] == "3" and parent.data.tags["array.size"] == "3"
+    # One worker, one fit, its slots refilled: every trial trained in the same array.
+    (array_id,) = {t.user_attrs["array_id"] for t in trials}
+    assert re.fullmatch(r"[0-9a-f]{12}", array_id)
     rows = json.loads(
         cli(
-            "sql", "SELECT trial_number, state, mlflow_status FROM trials WHERE study_name = 'tiny'", "--format", "json"
+            "sql",
+            "SELECT trial_number, state, mlflow_status, array_id FROM trials WHERE study_name = 'tiny'",
+            "--format",
+            "json",
         ).stdout
     )
-    assert sorted((r["trial_number"], r["state"], r["mlflow_status"]) for r in rows) == sorted(
-        (t.number, t.state.name, runs[str(t.number)].info.status) for t in trials
+    assert sorted((r["trial_number"], r["state"], r["mlflow_status"], r["array_id"]) for r in rows) == sorted(
+        (t.number, t.state.name, runs[str(t.number)].info.status, array_id) for t in trials
     )
 
 

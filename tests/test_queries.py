@@ -60,6 +60,7 @@ def test_trials_view_decodes_both_stores(stores):
         ("RuntimeError: out of memory", 0),
         (None, None),  # still running
     ]
+    assert [rows[("acc", n)]["array_id"] for n in (0, 2, 3, 4)] == ["a0", "a1", "a1", None]
     assert rows[("loss", 0)]["direction"] == "minimize"
 
 
@@ -174,7 +175,7 @@ def test_the_docs_queries_give_the_same_answers_on_both_dialects(stores):
     page = (Path(__file__).parent.parent / "docs" / "sql.md").read_text()
     block = page.split("```sql\n", 1)[1].split("```", 1)[0]
     statements = [s.replace("'quickstart'", "'acc'") for s in _statements(block)]
-    assert len(statements) == 6
+    assert len(statements) == 7
 
     def rows(sql):  # PostgreSQL's ROUND gives NUMERIC: compare numbers as floats
         return [tuple(float(v) if isinstance(v, Decimal) else v for v in r.values()) for r in _query(stores, sql)]
@@ -189,7 +190,8 @@ def test_the_docs_queries_give_the_same_answers_on_both_dialects(stores):
         ("PRUNED", "pruned at epoch 1: below the median", 2),
         ("FAIL", "RuntimeError: out of memory", 0),
     ]
-    assert rows(statements[5]) == [(0, 0.01), (1, 0.005), (2, 0.0025)]
+    assert rows(statements[5]) == [("a0", 1, 0), ("a1", 2, 1)]
+    assert rows(statements[6]) == [(0, 0.01), (1, 0.005), (2, 0.0025)]
 
 
 def test_postgres_views_come_from_server_and_sql_and_are_replaced_when_they_change(tmp_path):

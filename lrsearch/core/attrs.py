@@ -25,6 +25,7 @@ MLFLOW_RUN = "mlflow_run_id"  # the trial's MLflow child run
 REASON = "reason"  # why a trial ended PRUNED or FAIL
 TRACKING_ERROR = "tracking_error"  # why its MLflow record is incomplete
 EPOCHS_TRAINED = "epochs_trained"
+ARRAY_ID = "array_id"  # the trial array (one fit) it trained in: trials that trained together share it
 TRAIN_SECONDS = "train_seconds"
 # Population-based training: {"final": the hyperparameters it ended with, "exploits": [{"epoch",
 # "source", "reason", "before", "after"}, …]} (its params are its first draw: Optuna's).
@@ -51,4 +52,5 @@ SQL_NAMES = {
     "pbt": PBT,
     "reason": REASON,
     "epochs_trained": EPOCHS_TRAINED,
+    "array_id": ARRAY_ID,
 }

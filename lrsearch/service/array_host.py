@@ -9,6 +9,7 @@ import contextlib
 import copy
 import functools
 import threading
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 
 import optuna
@@ -50,6 +51,7 @@ class _Array:
         target: Callable[[], int] = lambda: 1,
     ) -> None:
         self.session = session
+        self.id = uuid.uuid4().hex[:12]  # its trials' array_id: which trials trained in this one fit
         self.target = target  # how many trials to train at once from now on
         self.objective = objective
         self.stop = stop
@@ -145,7 +147,9 @@ class _Array:
                     # read again for each trial, here from the window's copy.
                     self.session.study._thread_local.cached_all_trials = None
                     trial = optuna.Trial(self.session.study, trial_id)
-                    member = self.objective.begin(trial, recorded=functools.partial(self.beats.release, trial_id))
+                    member = self.objective.begin(
+                        trial, recorded=functools.partial(self.beats.release, trial_id), array=self.id
+                    )
                     self.beats.hold(trial_id)
                     members.append(member)
         except BaseException as e:

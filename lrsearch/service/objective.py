@@ -88,11 +88,13 @@ class Objective:
             raise
         return self.end(member, stop)
 
-    def begin(self, trial: optuna.trial.Trial, recorded: Callable[[], None] | None = None) -> Member:
+    def begin(
+        self, trial: optuna.trial.Trial, recorded: Callable[[], None] | None = None, array: str | None = None
+    ) -> Member:
         """A claimed trial's parameters sampled and its MLflow run started (in the
-        background): the member of an array that trains it."""
+        background): the member of an array that trains it (``array``: that array's id)."""
         cfg = self.cfg
-        record = _Record(trial, recorded or (lambda: None))
+        record = _Record(trial, recorded or (lambda: None), array=array)
         try:
             hp = sample_params(trial, cfg.params, cfg.train.epochs)
             seed = trial_seed(cfg.study.seed, trial.number)
@@ -161,6 +163,8 @@ class Objective:
         record: _Record = member.context
         result = member.result
         run_attrs = {} if record.linked else record.run.attrs() if record.run is not None else {}
+        if record.array is not None:  # stored with its end, in the same transaction as the array's others
+            run_attrs[attrs.ARRAY_ID] = record.array
         if error is not None:
             interrupted = isinstance(error, (Interrupted, KeyboardInterrupt))
             reason = "interrupted" if interrupted else f"{type(error).__name__}: {first_line(error)}"
@@ -332,6 +336,7 @@ class _Record:
     linked: bool = False  # its run's id (or why there is none) stored with the trial
     handed: bool = False  # to the tracking thread, which calls `recorded` once it is sent
     started: float = field(default_factory=time.perf_counter)
+    array: str | None = None  # the id of the array (one fit) it trains in
 
 
 def trial_seed(study_seed: int | None, number: int) -> int:

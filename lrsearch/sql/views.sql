@@ -46,6 +46,8 @@ SELECT
     -- Why it ended PRUNED or FAIL (NULL for a COMPLETE trial), and the epochs it trained.
     {scalar: rs.value_json} AS reason,
     CAST({scalar: ep.value_json} AS INTEGER) AS epochs_trained,
+    -- The trial array (one fit) it trained in: the trials that trained together share it.
+    {scalar: ay.value_json} AS array_id,
     t.trial_id
 FROM optuna.trials t
 JOIN optuna.studies s ON s.study_id = t.study_id
@@ -57,6 +59,7 @@ LEFT JOIN optuna.trial_user_attributes ts ON ts.trial_id = t.trial_id AND ts.key
 LEFT JOIN optuna.trial_user_attributes pb ON pb.trial_id = t.trial_id AND pb.key = {attr: pbt}
 LEFT JOIN optuna.trial_user_attributes rs ON rs.trial_id = t.trial_id AND rs.key = {attr: reason}
 LEFT JOIN optuna.trial_user_attributes ep ON ep.trial_id = t.trial_id AND ep.key = {attr: epochs_trained}
+LEFT JOIN optuna.trial_user_attributes ay ON ay.trial_id = t.trial_id AND ay.key = {attr: array_id}
 LEFT JOIN mlflow.runs r ON r.run_uuid = {scalar: ra.value_json};
 
 {trial_lookup}
@@ -68,7 +71,7 @@ SELECT
     ranked.rank, ranked.study_name, tr.trial_number, tr.state, tr.value, tr.direction,
     tr.optimizer, tr.lr, tr.momentum, tr.schedule, tr.params, tr.datetime_start,
     tr.datetime_complete, tr.duration_s, tr.wall_s, tr.mlflow_run_id, tr.mlflow_status, tr.val_acc,
-    tr.val_loss, tr.train_loss, tr.pbt, tr.reason, tr.epochs_trained, tr.trial_id
+    tr.val_loss, tr.train_loss, tr.pbt, tr.reason, tr.epochs_trained, tr.array_id, tr.trial_id
 FROM (
     SELECT
         t.trial_id,
