@@ -266,7 +266,7 @@ def test_a_worker_killed_at_any_moment_of_a_trial_leaves_nothing_running(pg_url,
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 1, err
     assert err.strip().splitlines()[-1] == (
-        "lrsearch: error: 1 of 1 other workers failed (worker 1: exit code -9); run the same command again to resume"
+        "lrsearch: error: 1 of 1 other worker failed (worker 1: exit code -9); run the same command again to resume"
     )
     study = _study(pg_url, name)
     states = _states(study)
