@@ -41,7 +41,7 @@ def open_storage(url: str, *, create: bool = True, hint: str = "") -> RetryingSt
     Trials whose worker stopped beating are the worker loop's to fail (``service/claims.py``).
     """
     import optuna
-    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+    from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError
 
     from lrsearch.store.retry import Retry
     from lrsearch.store.retrying_storage import RetryingStorage
@@ -67,15 +67,24 @@ def open_storage(url: str, *, create: bool = True, hint: str = "") -> RetryingSt
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats
             if path is not None:
                 new_sqlite_file(path)
-            warm = _schema_is_current(url, engine_kwargs, optuna.__version__)
-            storage = optuna.storages.RDBStorage(
-                url,
-                engine_kwargs=engine_kwargs,
-                heartbeat_interval=beats["heartbeat_interval"],
-                grace_period=beats["grace_period"],
-                skip_table_creation=warm,
-                skip_compatibility_check=warm,
-            )
+            for attempt in (1, 2):
+                warm = _schema_is_current(url, engine_kwargs, optuna.__version__)
+                try:
+                    storage = optuna.storages.RDBStorage(
+                        url,
+                        engine_kwargs=engine_kwargs,
+                        heartbeat_interval=beats["heartbeat_interval"],
+                        grace_period=beats["grace_period"],
+                        skip_table_creation=warm,
+                        skip_compatibility_check=warm,
+                    )
+                    break
+                except IntegrityError:
+                    # Another Optuna client (not an lrsearch process: those hold the lock)
+                    # created the tables at the same moment and stamped their version first:
+                    # they are there now, so a second look finds them.
+                    if attempt == 2:
+                        raise
             if path is not None:
                 _relax_sync(storage.engine)
             else:
