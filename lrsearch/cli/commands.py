@@ -280,7 +280,7 @@ def _serve(args: argparse.Namespace) -> int:
             stop=stop,
             max_idle=args.max_idle,
             warn=announce,
-            say=say,
+            say=None if args.quiet else say,
             array=args.array,
             tracker=tracker,
         )

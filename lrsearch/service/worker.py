@@ -87,7 +87,7 @@ class Worker:
         self.stop = stop or StopFlag()
         self.callbacks = [*callbacks, self._count]
         self.warn = warn or (lambda line: None)
-        self.say = say or (lambda line: None)  # what it takes up and leaves, for the person watching it
+        self.say = say  # what it takes up and leaves, for the person watching it (None: nobody is)
         self.ran: dict[str, Counter[str]] = {}  # the trials it trained of each study, by how they ended
         self.served: list[Session] = []  # the studies it trained trials of, in the order it took them up
         self.sessions: dict[str, tuple[Session, Objective]] = {}
@@ -142,10 +142,11 @@ class Worker:
             if name not in self.ran:
                 self.ran[name] = Counter()
                 self.served.append(session)
-                self.say(
-                    f"study {name!r} taken up: {session.finished} of {count(session.target, 'trial')} "
-                    f"finished; {count(len(claimed), 'trial')} at a time here"
-                )
+                if self.say is not None:
+                    self.say(
+                        f"study {name!r} taken up: {session.finished} of {count(session.target, 'trial')} "
+                        f"finished; {count(len(claimed), 'trial')} at a time here"
+                    )
             if not session.started:
                 with _released_on_error(session, claimed):
                     start_parent(session, objective.records)
@@ -266,7 +267,7 @@ class Worker:
         from lrsearch.results.ranking import best_trials, state_text
 
         ran = self.ran.get(session.study.study_name)
-        if ran is None:  # joined, never trained here
+        if ran is None or self.say is None:  # joined, never trained here; or nobody to tell (a read saved)
             return
         best = best_trials(session.study, 1)
         shown = f"; best {session.cfg.study.metric} {fmt(best[0]['value'])} (trial {best[0]['number']})" if best else ""
