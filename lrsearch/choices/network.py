@@ -94,12 +94,12 @@ def build_mlp(n_in: int, n_out: int, cfg: ModelConfig, generator: torch.Generato
     layers: list[nn.Module] = []
     width = n_in
     for size in cfg.hidden:
-        linear = nn.Linear(width, size)
+        linear = nn.Linear(width, size, device="cpu")  # drawn on the CPU: the same weights on every device
         if init is not None:
             init(linear, generator)
         layers += [linear, activation()]
         width = size
-    out = nn.Linear(width, n_out)
+    out = nn.Linear(width, n_out, device="cpu")
     if out_init is not None:
         out_init(out, generator)
     layers.append(out)

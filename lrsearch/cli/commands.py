@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lrsearch.cli.output import Progress, format_rows, print_result, warn
-from lrsearch.core.errors import LrsearchError, UsageError, first_line
+from lrsearch.core.errors import ConfigError, LrsearchError, UsageError, first_line
 from lrsearch.core.text import count
 
 if TYPE_CHECKING:
@@ -63,8 +63,9 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.file)
     check_data(cfg.data)  # before any store is opened (the range test reuses what it read)
+    accelerator = _accelerator(args, cfg)
     _quiet()
-    result = range_test(cfg, args.optimizer, args.factor)  # "no clear minimum": exit 1, nothing written
+    result = range_test(cfg, args.optimizer, args.factor, accelerator)  # "no clear minimum": exit 1, nothing written
     tracker = Tracker(tracking_uri(args.tracking_uri))
     tracker.check()
     experiment_id = tracker.experiment(cfg.study.name)
@@ -95,6 +96,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from lrsearch.track.process import TrackingProcess
 
     cfg = _study_config(args)
+    _accelerator(args, cfg)
     tracker = TrackingProcess(tracking_uri(args.tracking_uri), args.worker_index or 0)  # MLflow, imported meanwhile
     if not args.no_report:
         tracker.prepare_report()  # it draws some of the report's figures
@@ -178,7 +180,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     watch_parent()
     if args.worker_index is None:
-        from lrsearch.service.worker import default_index
+        from lrsearch.service.worker_process import default_index
 
         args.worker_index = default_index()
     if args.file is None:
@@ -186,6 +188,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if args.max_idle is not None:
         raise UsageError("--max-idle: only without a study file (a worker with a file ends with its study)")
     cfg = _study_config(args)
+    _accelerator(args, cfg)
     result = _run(args, cfg, progress=False)
     if args.quiet:
         warn(result.warnings)
@@ -206,6 +209,19 @@ def cmd_server(args: argparse.Namespace) -> int:
         workers=args.workers,
         auth=args.auth,
     )
+
+
+def _accelerator(args: argparse.Namespace, cfg: Config | None = None) -> str | None:
+    """Lightning's accelerator for this host's training (``--accelerator``, else the study's),
+    checked here, before anything is made: a GPU this host lacks is a usage error."""
+    from lrsearch.choices.accelerators import unavailable
+
+    name = args.accelerator or (cfg.train.accelerator if cfg is not None else None)
+    if name is not None and (why := unavailable(name)) is not None:
+        if args.accelerator or cfg is None:
+            raise UsageError(f"--accelerator: {why}")
+        raise ConfigError(args.file, "[train].accelerator", why)
+    return name
 
 
 def _study_config(args: argparse.Namespace) -> Config:
@@ -239,6 +255,7 @@ def _run(
             stop=stop,
             worker=args.worker_index,
             array=args.array,
+            accelerator=args.accelerator,
             tracker=tracker,
         )
 
@@ -250,13 +267,15 @@ def _serve(args: argparse.Namespace) -> int:
     for flag in ("trials", "epochs", "name"):
         if getattr(args, flag) is not None:
             raise UsageError(f"--{flag}: only with a study file (submitted studies keep their own)")
+    _accelerator(args)
     stop = StopFlag()
     stop.install()
     from lrsearch.store.urls import tracking_uri
     from lrsearch.track.process import TrackingProcess
 
     tracker = TrackingProcess(tracking_uri(args.tracking_uri), args.worker_index)  # MLflow, imported meanwhile
-    from lrsearch.service.worker import serve, setup_process
+    from lrsearch.service.worker import serve
+    from lrsearch.service.worker_process import setup_process
 
     setup_process()
 
@@ -282,6 +301,7 @@ def _serve(args: argparse.Namespace) -> int:
             warn=announce,
             say=None if args.quiet else say,
             array=args.array,
+            accelerator=args.accelerator,
             tracker=tracker,
         )
     finally:

@@ -56,6 +56,13 @@ def _array(text: str) -> int | str:
     return text if text == "auto" else _option(int, ARRAY)(text)
 
 
+def _accelerator(text: str) -> str:
+    from lrsearch.choices.accelerators import ACCELERATORS
+    from lrsearch.core.constraints import Options
+
+    return _option(str, Options(ACCELERATORS.names))(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from lrsearch.core.names import DEFAULT_UI_PORT
 
@@ -88,6 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
             '(default: the study\'s [train] array, itself "auto" by default)',
         )
 
+    def accelerator_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--accelerator",
+            type=_accelerator,
+            metavar="NAME",
+            help="Lightning's accelerator: auto (a GPU where torch sees one, else the CPU), cpu or gpu "
+            "(default: the study's [train] accelerator, itself auto by default)",
+        )
+
     def study_options(p: argparse.ArgumentParser, file_required: bool = True) -> None:
         p.add_argument("file", nargs=None if file_required else "?", help="study file, e.g. studies/quickstart.toml")
         p.add_argument("--trials", type=_positive_int, metavar="N", help="the study's total number of trials")
@@ -105,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="worker processes on this host (default 1: trials run in this process)",
     )
     array_option(p)
+    accelerator_option(p)
     p.add_argument(
         "--no-report", action="store_true", help="skip the end-of-study report (lrsearch report NAME draws it later)"
     )
@@ -130,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="this worker's index, for its sampler seed (default: from the host and process id)",
     )
     array_option(p)
+    accelerator_option(p)
     p.add_argument(
         "--quiet",
         action="store_true",
@@ -239,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="F",
         help="the search range: suggestion / F to suggestion × F (default: lr's factor, else 10)",
     )
+    accelerator_option(p)
     p.add_argument("--format", choices=("table", "json"), default="table")
     stores(p)
     p.set_defaults(command=commands.cmd_lr_find)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import tomli_w
 
+from lrsearch.choices.accelerators import ACCELERATORS
 from lrsearch.choices.data import MAX_SAMPLES, MAX_VALUES, SOURCES, DataConfig, scale_of
 from lrsearch.choices.network import ModelConfig
 from lrsearch.choices.population import PopulationConfig, changeable, interval_for
@@ -76,6 +77,13 @@ class TrainConfig:
     # per trial, timed by the worker (training.choose_array_size). Not part of the study:
     # each worker may use its own (the CLI's --array), and a resubmission may change it.
     array: int | str = declared(object, "auto", ARRAY)
+    # Lightning's accelerator; like ``array``, how a worker trains, not what the study is
+    # (the CLI's --accelerator, per worker; a resubmission may change it).
+    accelerator: str = declared(str, "auto", choices=ACCELERATORS)
+
+
+# Keys that say how a worker trains, not what the study is: a resubmission may change them.
+WORKER_KEYS = ("[train].array", "[train].accelerator")
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,11 @@ the options a trial's hyperparameters hold), so a member trains as it would alon
 same float product is formed here from the per-slot tensor, rounded the way the kernel
 rounds it: on torch 2.13 (CPU) every slot came out bit-identical to torch.optim over 200
 updates, for every optimizer and option (tests/test_array_optimizer.py allows 1e-5).
+
+The stacked parameters and their state live on the module's device; the per-slot
+hyperparameters and step counts stay on the CPU, where a schedule writes them through NumPy
+views. On another device (a GPU) each step sends the few ``[K]`` scalars its rules read, in
+the parameters' dtype (MPS has no float64), and the rows it reaches by index.
 """
 
 from __future__ import annotations
@@ -55,7 +60,7 @@ def _take(tensor: torch.Tensor, rows: _Rows) -> torch.Tensor:
         return tensor
     if isinstance(rows, slice):
         return tensor[rows]
-    return tensor.index_select(0, rows)
+    return tensor.index_select(0, rows if rows.device == tensor.device else rows.to(tensor.device))
 
 
 @dataclass(frozen=True)
@@ -97,6 +102,7 @@ class ArrayOptimizer:
             raise ValueError("every stacked parameter must be 3-D with dim 0 = the K slots")
         self._params = list(params)
         self._size = size
+        self._device = params[0].device  # the parameters' and their state's (the slot arrays are the CPU's)
 
     def _slot_arrays(self, size: int) -> dict[str, torch.Tensor]:
         """Per-slot hyperparameters and step counts, flat ``[K]``; the update reads them as
@@ -104,8 +110,9 @@ class ArrayOptimizer:
         steps feed Adam's bias corrections); the others as the parameters' dtype, since torch's
         kernels cast a Python scalar to it."""
         dtype = self._params[0].dtype
-        arrays = {name: torch.zeros(size, dtype=torch.float64) for name in ("lr", "weight_decay", "step")}
-        arrays.update({name: torch.zeros(size, dtype=dtype) for name in ("neg_lr", "momentum")})
+        cpu = torch.device("cpu")
+        arrays = {name: torch.zeros(size, dtype=torch.float64, device=cpu) for name in ("lr", "weight_decay", "step")}
+        arrays.update({name: torch.zeros(size, dtype=dtype, device=cpu) for name in ("neg_lr", "momentum")})
         # NumPy views write one slot's value in place in well under a microsecond.
         self._numpy = {name: array.numpy() for name, array in arrays.items()}
         return arrays
@@ -167,10 +174,10 @@ class ArrayOptimizer:
         old_first, old_second, old_slots_arrays = self._first, self._second, self._slots
         if None not in old_slots:  # every slot an old one's: one gather (a slot may be copied twice)
             self._bind(params)
-            index = torch.tensor(old_slots, dtype=torch.long)
+            index = torch.tensor(old_slots, dtype=torch.long, device="cpu")
             with torch.no_grad():
-                self._first = [s.index_select(0, index) for s in old_first]
-                self._second = [s.index_select(0, index) for s in old_second]
+                self._first = [_take(s, index) for s in old_first]
+                self._second = [_take(s, index) for s in old_second]
             self._slots = {name: array.index_select(0, index) for name, array in old_slots_arrays.items()}
             self._numpy = {name: array.numpy() for name, array in self._slots.items()}
             self._variant = [self._variant[old] for old in old_slots]  # type: ignore[index]
@@ -178,13 +185,16 @@ class ArrayOptimizer:
             return
         self._bind(params)
         kept = [(new, old) for new, old in enumerate(old_slots) if old is not None]
-        dst = torch.tensor([new for new, _ in kept], dtype=torch.long)
-        src = torch.tensor([old for _, old in kept], dtype=torch.long)
+        dst = torch.tensor([new for new, _ in kept], dtype=torch.long, device="cpu")
+        src = torch.tensor([old for _, old in kept], dtype=torch.long, device="cpu")
+        dst_here, src_here = dst.to(self._device), src.to(self._device)
         self._first = [
-            torch.zeros_like(p).index_copy_(0, dst, s.index_select(0, src)) for p, s in zip(self._params, old_first)
+            torch.zeros_like(p).index_copy_(0, dst_here, s.index_select(0, src_here))
+            for p, s in zip(self._params, old_first)
         ]
         self._second = [
-            torch.zeros_like(p).index_copy_(0, dst, s.index_select(0, src)) for p, s in zip(self._params, old_second)
+            torch.zeros_like(p).index_copy_(0, dst_here, s.index_select(0, src_here))
+            for p, s in zip(self._params, old_second)
         ]
         self._slots = self._slot_arrays(self._size)
         for name, array in self._slots.items():
@@ -198,7 +208,7 @@ class ArrayOptimizer:
         groups = []
         for variant in dict.fromkeys(v for v in self._variant if v is not None):
             slots = [slot for slot, v in enumerate(self._variant) if v == variant]
-            index = torch.tensor(slots, dtype=torch.long)
+            index = torch.tensor(slots, dtype=torch.long, device="cpu")
             if len(slots) == self._size:
                 rows: _Rows = None
             elif slots[-1] - slots[0] + 1 == len(slots):
@@ -208,7 +218,9 @@ class ArrayOptimizer:
             hyper = None if isinstance(rows, torch.Tensor) else self._hyper(rows)
             decays = variant == "adam" and bool(self._slots["weight_decay"][index].any())
             groups.append(_Group(variant, index, rows, hyper, decays))
-        self._empty = torch.tensor([slot for slot, v in enumerate(self._variant) if v is None], dtype=torch.long)
+        self._empty = torch.tensor(
+            [slot for slot, v in enumerate(self._variant) if v is None], dtype=torch.long, device="cpu"
+        )
         return groups
 
     def _hyper(self, rows: _Rows) -> dict[str, torch.Tensor]:
@@ -220,6 +232,8 @@ class ArrayOptimizer:
         from each parameter's ``.grad``; other slots keep weights, state and step count."""
         if self._groups is None:
             self._groups = self._regroup()
+        if mask is not None and mask.device.type != "cpu":
+            mask = mask.cpu()  # which slots update is the CPU's business (the step counts live there)
         empty = self._empty
         if empty.numel() and (mask is None or bool(mask[empty].any())):
             raise RuntimeError(f"slots {empty.tolist()} have no member: assign() them before step(), or mask them out")
@@ -243,6 +257,10 @@ class ArrayOptimizer:
         rule, uses_first, uses_second = _RULES[group.variant]
         if group.variant == "adam":
             hyper = {**hyper, **_adam_scalars(hyper, group.decays)}
+        if self._device.type != "cpu":
+            hyper = _sent(hyper, self._device, self._params[0].dtype)
+            if isinstance(rows, torch.Tensor):
+                rows = rows.to(self._device)
         for p, first, second in zip(self._params, self._first, self._second):
             if p.grad is None:
                 continue
@@ -256,6 +274,12 @@ class ArrayOptimizer:
                     first.index_copy_(0, rows, rows_first)
                 if uses_second:
                     second.index_copy_(0, rows, rows_second)
+
+
+def _sent(hyper: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """What the rules read (the parameters' dtype: the doubles only feed Adam's scalars), on
+    ``device``: a handful of ``[G]`` copies a step."""
+    return {name: array.to(device) for name, array in hyper.items() if array.dtype == dtype}
 
 
 def _adam_scalars(hyper: dict[str, torch.Tensor], decays: bool) -> dict[str, torch.Tensor]:

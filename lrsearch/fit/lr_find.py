@@ -110,10 +110,18 @@ def optimizer_for(cfg: Config, name: str | None = None) -> str:
     return "sgd"
 
 
-def range_test(cfg: Config, optimizer: str | None = None, factor: float | None = None) -> RangeTest:
+def range_test(
+    cfg: Config, optimizer: str | None = None, factor: float | None = None, accelerator: str | None = None
+) -> RangeTest:
     """Run the range test for the study ``cfg`` describes: ``SWEEPS`` sweeps from the study's
     seed on, the suggestion their median. :class:`NoMinimum` when no sweep's loss falls
-    between ``MIN_LR`` and ``MAX_LR``."""
+    between ``MIN_LR`` and ``MAX_LR``. ``accelerator``: Lightning's (default: the study's,
+    where this host has it, else the CPU: ``submit`` runs the test on the submitting host,
+    which need not be the GPU host that trains)."""
+    from lrsearch.choices.accelerators import unavailable
+
+    if accelerator is None:
+        accelerator = cfg.train.accelerator if unavailable(cfg.train.accelerator) is None else "cpu"
     name = optimizer_for(cfg, optimizer)
     spec = cfg.params.get("lr")
     result = RangeTest(name, factor or (spec.factor if isinstance(spec, Find) else Find.factor))
@@ -121,7 +129,7 @@ def range_test(cfg: Config, optimizer: str | None = None, factor: float | None =
     from lrsearch.choices.data import load_data
 
     data = load_data(cfg.data)
-    result.sweeps = [_sweep(cfg, data, name, seed + i) for i in range(SWEEPS)]
+    result.sweeps = [_sweep(cfg, data, name, seed + i, accelerator) for i in range(SWEEPS)]
     found = sorted(s.suggestion for s in result.sweeps if s.suggestion is not None)
     if not found:
         raise NoMinimum(
@@ -132,7 +140,7 @@ def range_test(cfg: Config, optimizer: str | None = None, factor: float | None =
     return result
 
 
-def _sweep(cfg: Config, data: Dataset, name: str, seed: int) -> Sweep:
+def _sweep(cfg: Config, data: Dataset, name: str, seed: int, accelerator: str) -> Sweep:
     """One sweep with Lightning's ``Tuner.lr_find``, from a fresh network seeded ``seed``."""
     import warnings
 
@@ -151,7 +159,7 @@ def _sweep(cfg: Config, data: Dataset, name: str, seed: int) -> Sweep:
     hp.update(
         {k: spec.value for k, spec in cfg.params.items() if isinstance(spec, Fixed) and k in OPTIMIZERS[name].options}
     )
-    net = build_mlp(data.n_features, data.n_classes, cfg.model, torch.Generator().manual_seed(seed))
+    net = build_mlp(data.n_features, data.n_classes, cfg.model, torch.Generator(device="cpu").manual_seed(seed))
 
     class RangeTestModule(pl.LightningModule):
         def __init__(self) -> None:
@@ -181,7 +189,7 @@ def _sweep(cfg: Config, data: Dataset, name: str, seed: int) -> Sweep:
     ):
         warnings.simplefilter("ignore")
         trainer = pl.Trainer(
-            accelerator="cpu",
+            accelerator=accelerator,
             devices=1,
             max_epochs=-1,
             logger=False,

@@ -4,7 +4,6 @@ all of them, one batched optimizer update. A trial trained alone is an array of 
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -110,7 +109,9 @@ class ArrayClassifier(pl.LightningModule):
         old = self.flat.detach() if keep and self.flat is not None else None
         self.flat = torch.stack(
             [
-                old[i] if old is not None and i is not None else torch.cat([t.reshape(1, -1) for t in f or ()], dim=1)
+                old[i]
+                if old is not None and i is not None
+                else torch.cat([t.reshape(1, -1) for t in f or ()], dim=1).to(self.device)
                 for _, i, f in rows
             ]
         ).requires_grad_(True)
@@ -131,8 +132,10 @@ class ArrayClassifier(pl.LightningModule):
         return [self.flat[:, 0, start:end].view(k, *shape) for start, end, shape in self._layout]
 
     def _initial_weights(self, member: Member) -> list[torch.Tensor]:
-        """The weights ``build_mlp`` gives this member's seed: the same as alone."""
-        member.generator = torch.Generator().manual_seed(member.seed)
+        """The weights ``build_mlp`` gives this member's seed: the same as alone, and on every
+        device (drawn on the CPU, by the member's own generator, which also draws its data
+        order)."""
+        member.generator = torch.Generator(device="cpu").manual_seed(member.seed)
         net = build_mlp(*self.shape, self.cfg.model, member.generator)
         return [
             t
@@ -150,7 +153,7 @@ class ArrayClassifier(pl.LightningModule):
         self.optimizer.set_lr(slot, member.lr)
 
     def _shadow(self, member: Member) -> None:
-        member.shadow = make_optimizer([torch.zeros(1, requires_grad=True)], member.hp)
+        member.shadow = make_optimizer([torch.zeros(1, requires_grad=True, device="cpu")], member.hp)
         member.shadow._opt_called = True  # type: ignore[attr-defined]  # its scheduler never sees a step
         member.schedule = make_schedule(member.shadow, member.hp, member.epochs, self.steps_per_epoch)
         from pytorch_lightning.utilities.types import LRSchedulerConfig
@@ -171,7 +174,7 @@ class ArrayClassifier(pl.LightningModule):
         for copier, source, hp in copies:
             take[members.index(copier)] = members.index(source)
             copier.hp = dict(hp)
-            _retune_shadow(copier, hp)
+            copier.retune_shadow(hp)
         # One gather of every stacked tensor does the copies and puts each optimizer's slots
         # in one contiguous run again (a copier may have taken another optimizer).
         order = sorted(range(len(members)), key=lambda i: _kind(members[i].hp))
@@ -195,6 +198,9 @@ class ArrayClassifier(pl.LightningModule):
         return None
 
     def on_fit_start(self) -> None:
+        # Lightning has moved the module (and moves each batch) to the device it chose; the
+        # stacked weights are no module parameter, and the validation set no batch.
+        self.val = (self.val[0].to(self.device), self.val[1].to(self.device))
         self._stack([], self._first)
         self._first = []
         self._epoch_started = time.perf_counter()
@@ -217,11 +223,12 @@ class ArrayClassifier(pl.LightningModule):
         members, optimizer = self.members, self.optimizer
         assert optimizer is not None
         k, n = len(members), len(x)
-        orders = torch.stack([torch.randperm(n, generator=m.generator) for m in members])
+        # Each member's order from its own CPU generator, as alone and on every device.
+        orders = torch.stack([torch.randperm(n, generator=m.generator, device="cpu") for m in members]).to(x.device)
         # The schedules that move the learning rate after every update (or are warming up).
         stepped = [(slot, m) for slot, m in enumerate(members) if _schedule(m).per_update]
-        loss_sum = torch.zeros(k, dtype=torch.float64)
-        correct = torch.zeros(k, dtype=torch.long)
+        loss_sum = torch.zeros(k, dtype=_sum_dtype(x.device), device=x.device)
+        correct = torch.zeros(k, dtype=torch.long, device=x.device)
         active: torch.Tensor | None = None  # None: every member still updates this epoch
         broken: dict[int, float] = {}  # slot -> its non-finite training loss
         for start in range(0, n, self.batch_size):
@@ -250,14 +257,14 @@ class ArrayClassifier(pl.LightningModule):
                 optimizer.set_lr(slot, m.lr)
             b = idx.shape[1]
             counted = values if active is None else torch.where(active, values, 0.0)
-            loss_sum += counted.double() * b
+            loss_sum += counted.to(loss_sum.dtype) * b
             correct += (
                 (logits.argmax(-1) == yb).sum(1) if active is None else ((logits.argmax(-1) == yb).sum(1) * active)
             )
-        train_loss = (loss_sum / n).tolist()
+        train_loss = [total / n for total in loss_sum.tolist()]
         for slot, value in broken.items():
             train_loss[slot] = value
-        train_acc = (correct.double() / n).tolist()
+        train_acc = [c / n for c in correct.tolist()]  # (as a float64 division: Python's)
         self._end_epoch(train_loss, train_acc)
 
     @torch.no_grad()
@@ -267,7 +274,7 @@ class ArrayClassifier(pl.LightningModule):
         logits = self(x.expand(k, -1, -1))
         losses = F.cross_entropy(logits.transpose(1, 2), y.expand(k, -1), reduction="none").mean(1)
         correct = (logits.argmax(-1) == y).sum(1)
-        return losses.tolist(), (correct.double() / len(y)).tolist()
+        return losses.tolist(), [c / len(y) for c in correct.tolist()]
 
     def _diverge(self, member: Member, key: str) -> None:
         """It ends at the end of this epoch: ``key`` is not finite (the trial ends PRUNED, saying so)."""
@@ -328,7 +335,9 @@ class ArrayClassifier(pl.LightningModule):
         for m in leaving:
             # Its final network, kept with its result (a copy: the stacked weights are restacked).
             slot = self.members.index(m)
-            m.result.weights = [w[slot].detach().clone() for w in self.weights]
+            m.result.weights = [
+                w[slot].detach().to("cpu", copy=True) for w in self.weights
+            ]  # (saved, served on the CPU)
             self._forget(m)
         keep = [i for i, m in enumerate(self.members) if m not in leaving]
         new = list(self.host.boundary(self.members, leaving, refill=not stopping)) if self.host is not None else []
@@ -345,40 +354,15 @@ class ArrayClassifier(pl.LightningModule):
             self.trainer.should_stop = True
 
 
+def _sum_dtype(device: torch.device) -> torch.dtype:
+    """The epoch's loss total in doubles, where the device has them (Apple's MPS has not)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def _schedule(member: Member) -> Schedule:
     """A member's schedule, once it trains (``ArrayClassifier._shadow`` made it)."""
     assert member.schedule is not None
     return member.schedule
-
-
-def _retune_shadow(member: Member, hp: Mapping[str, Any]) -> None:
-    """A copier's shadow optimizer made to read as ``hp``'s (population-based training's
-    constant schedule): its param group and defaults replaced in place, as a new shadow of
-    ``hp``'s optimizer would have them (a new torch optimizer and scheduler cost ~0.15 ms
-    a copy, more than the copy). LearningRateMonitor reads only these: the group's ``lr``,
-    ``momentum`` (or the defaults' ``betas``) and ``weight_decay``."""
-    template = _shadow_template(hp["optimizer"], bool(hp.get("momentum")), bool(hp.get("nesterov")))
-    shadow = member.shadow
-    assert shadow is not None
-    group = shadow.param_groups[0]
-    fresh = {**template.param_groups[0], "params": group["params"], "lr": hp["lr"], "initial_lr": hp["lr"]}
-    fresh.update({k: hp[k] for k in ("momentum", "weight_decay", "nesterov") if k in hp and k in fresh})
-    group.clear()
-    group.update(fresh)
-    shadow.defaults = template.defaults
-    _schedule(member).scheduler.base_lrs = [hp["lr"]]  # the constant schedule: lr = base × 1
-
-
-@functools.cache
-def _shadow_template(optimizer: str, momentum: bool, nesterov: bool) -> torch.optim.Optimizer:
-    """One weightless optimizer of each kind: its defaults and param group's keys."""
-    hp = {
-        "optimizer": optimizer,
-        "lr": 1.0,
-        **({"momentum": 0.5} if momentum else {}),
-        **({"nesterov": True} if nesterov else {}),
-    }
-    return make_optimizer([torch.zeros(1, requires_grad=True)], hp)
 
 
 def _kind(hp: Mapping[str, Any]) -> tuple[str, bool, bool]:

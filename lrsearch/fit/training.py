@@ -59,13 +59,15 @@ def fit_array(
     host: ArrayHost | None = None,
     stop: StopFlag | TrialStop | None = None,
     population: Population | None = None,
+    accelerator: str | None = None,
 ) -> ArrayClassifier | None:
     """Train ``members`` (trials of the study ``cfg``, each with its own hyperparameters,
     seed and epochs) at once, in one Lightning fit, until every member has left: finished,
     pruned, diverged, or stopped at an epoch boundary once ``stop`` is requested. The
     ``host`` hears of each member as it leaves and may send new members in its place.
     ``population``: population-based training's exploits (default: the study's, if it
-    searches by PBT)."""
+    searches by PBT). ``accelerator``: Lightning's (default: the study's ``[train]
+    accelerator``); the module's tensors follow the device it picks."""
     pruning = (
         Pruning(cfg.study.metric, check_interval(cfg.train.epochs, cfg.study.prune_every))
         if cfg.study.pruner != "none"
@@ -89,7 +91,7 @@ def fit_array(
     )
     trainer = pl.Trainer(
         max_epochs=-1,  # each member counts its own epochs; the fit ends when none is left
-        accelerator="cpu",
+        accelerator=accelerator or cfg.train.accelerator,
         devices=1,
         logger=ArrayLogger(lambda: module.members),
         callbacks=[LearningRateMonitor(logging_interval="epoch", log_momentum=True)],
@@ -159,7 +161,7 @@ def largest_array(cfg: Config, data: Dataset) -> int:
     return max(1, min(MAX_ARRAY, MAX_ARRAY_BYTES // member_bytes(cfg, data)))
 
 
-def choose_array_size(cfg: Config, data: Dataset, trials: int | None = None) -> int:
+def choose_array_size(cfg: Config, data: Dataset, trials: int | None = None, accelerator: str | None = None) -> int:
     """The array size ``array = "auto"`` uses, timed on this machine with this study's data
     and network, a few epochs per size: going up ``PROBE_SIZES`` (to the largest size that
     memory allows, and the study's total of ``trials``) while each size is at least
@@ -179,7 +181,7 @@ def choose_array_size(cfg: Config, data: Dataset, trials: int | None = None) -> 
     started = time.perf_counter()
     for k in sorted({*(k for k in PROBE_SIZES if k <= cap), cap}):
         members = [Member(str(i), _PROBE_HP, i, PROBE_EPOCHS) for i in range(k)]
-        module = fit_array(cfg, data, members)
+        module = fit_array(cfg, data, members, accelerator=accelerator)
         assert module is not None
         ends = module.epoch_ends
         per_trial = min(b - a for a, b in zip(ends, ends[1:])) / k

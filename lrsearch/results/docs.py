@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lrsearch.choices.accelerators import ACCELERATORS
 from lrsearch.choices.data import SOURCES, Source
 from lrsearch.choices.network import ACTIVATIONS, INITS
 from lrsearch.choices.optimizers import OPTIMIZERS
@@ -81,6 +82,7 @@ def choices() -> str:
         ("[model].activation", ACTIVATIONS),
         ("[model].init", INITS),
         ("[data].source", SOURCES),
+        ("[train].accelerator", ACCELERATORS),
     ]
     lines = ["| key | choice | what it is |", "|---|---|---|"]
     for key, registry in keys:

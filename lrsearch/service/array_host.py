@@ -49,10 +49,12 @@ class _Array:
         refill: bool,
         beats: Heartbeats,
         target: Callable[[], int] = lambda: 1,
+        accelerator: str = "cpu",
     ) -> None:
         self.session = session
         self.id = uuid.uuid4().hex[:12]  # its trials' array_id: which trials trained in this one fit
         self.target = target  # how many trials to train at once from now on
+        self.accelerator = accelerator  # Lightning's, as the worker was told or the study says
         self.objective = objective
         self.stop = stop
         self.callbacks = callbacks
@@ -75,7 +77,14 @@ class _Array:
                 faults.point("joined")
                 with self.stop.interruptible():  # a second signal stops training at once
                     if members:  # none if another worker ended every one before it began
-                        fit_array(self.session.cfg, self.session.data, members, self, self.trial_stop)
+                        fit_array(
+                            self.session.cfg,
+                            self.session.data,
+                            members,
+                            self,
+                            self.trial_stop,
+                            accelerator=self.accelerator,
+                        )
                 faults.point("trained")
                 if self.open:  # the fit ended before they left it: Lightning's own SIGTERM handler ends it mid-epoch
                     with self.stop.shielded():

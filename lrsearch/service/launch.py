@@ -76,6 +76,7 @@ def run_study(
     stop: StopFlag | None = None,
     worker: int = 0,
     array: int | str | None = None,
+    accelerator: str | None = None,
     tracker: TrackingProcess | None = None,
 ) -> StudyRun:
     """Create or resume the study ``cfg`` describes and run trials until its total is reached,
@@ -83,7 +84,7 @@ def run_study(
 
     ``on_start(target, finished)`` is called once the study is open; ``callbacks`` after
     each trial run here, as ``study.optimize`` calls them. Signals ``stop`` receives are
-    passed on to the other processes. ``array`` overrides ``[train] array`` in every worker.
+    passed on to the other processes. ``array`` and ``accelerator`` override ``[train]``'s in every worker.
     ``tracker``: this worker's MLflow client, the caller's to close (default: a tracking
     process of its own, started first so that its imports overlap this process's, and
     closed before returning).
@@ -91,7 +92,9 @@ def run_study(
     from lrsearch.track.process import TrackingProcess
 
     stop = stop or StopFlag()
-    others, alive = _start_workers(cfg, study_file, workers - 1, storage, tracking, array) if workers > 1 else ([], -1)
+    others, alive = (
+        _start_workers(cfg, study_file, workers - 1, storage, tracking, array, accelerator) if workers > 1 else ([], -1)
+    )
     if others:
         stop.on_signal = lambda signum: _signal(others, signum)
     own = tracker is None
@@ -107,7 +110,8 @@ def run_study(
         tracker.open()  # MLflow's store opened (or made) there while this process imports torch and Lightning
         from lrsearch.results.ranking import count_finished, tracking_warnings
         from lrsearch.service.session import close_parent, open_session
-        from lrsearch.service.worker import setup_process, work
+        from lrsearch.service.worker import work
+        from lrsearch.service.worker_process import setup_process
 
         setup_process()
         session = open_session(
@@ -118,10 +122,11 @@ def run_study(
             worker=worker,
             tracker=tracker,
             submitted=submitted,
+            accelerator=accelerator,
         )
         if on_start is not None:
             on_start(session.target, count_finished(session.study))
-        work(session, stop=stop, callbacks=callbacks, index=worker, array=array)
+        work(session, stop=stop, callbacks=callbacks, index=worker, array=array, accelerator=accelerator)
         status = "FINISHED"
     except BaseException as e:
         if session is None:  # the study never opened here (bad data, unreachable store): nor there
@@ -187,7 +192,13 @@ class _WorkerProcess:
 
 
 def _start_workers(
-    cfg: Config, study_file: Path | None, count: int, storage: str | None, tracking: str | None, array: int | str | None
+    cfg: Config,
+    study_file: Path | None,
+    count: int,
+    storage: str | None,
+    tracking: str | None,
+    array: int | str | None,
+    accelerator: str | None = None,
 ) -> tuple[list[_WorkerProcess], int]:
     """``count`` ``lrsearch worker`` processes on this study, and the write end of a pipe
     whose end of file tells them that this process died (kept here, not inherited, until
@@ -211,6 +222,8 @@ def _start_workers(
         command += ["--trials", str(cfg.study.trials)]
     if array is not None:
         command += ["--array", str(array)]
+    if accelerator is not None:
+        command += ["--accelerator", accelerator]
     read_end, alive = os.pipe()
     env = {
         **os.environ,

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 
 from lrsearch.choices.data import check_data
 from lrsearch.choices.space import grid_size
-from lrsearch.config import DEFAULT_TRIALS, Config, stored_config
+from lrsearch.config import DEFAULT_TRIALS, WORKER_KEYS, Config, stored_config
 from lrsearch.core.errors import UsageError, shown
 from lrsearch.core.phase import explain
 from lrsearch.core.study_record import Cancellation, StudyRecord, utc_now
@@ -188,7 +188,7 @@ def stored_range(url: str, name: str) -> Mapping[str, Any] | None:
 
 def _check_drift(record: StudyRecord, cfg: Config, url: str) -> None:
     """Refuse a configuration that differs from the stored one, except a higher ``trials``
-    and the array size (how a worker trains, not what the study is)."""
+    and the keys of how a worker trains (``WORKER_KEYS``: the array size, the accelerator)."""
     raw = record.config
     if raw is None:  # a study made before configurations were stored, or by another tool
         return
@@ -196,7 +196,7 @@ def _check_drift(record: StudyRecord, cfg: Config, url: str) -> None:
     differ = [
         key
         for key in stored.differences(cfg)
-        if key != "[train].array" and (key != "[study].trials" or target_trials(cfg) < target_trials(stored))
+        if key not in WORKER_KEYS and (key != "[study].trials" or target_trials(cfg) < target_trials(stored))
     ]
     if differ:
         shown = ", ".join(differ[:5]) + (", …" if len(differ) > 5 else "")

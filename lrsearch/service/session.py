@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import optuna
 
+from lrsearch.choices.accelerators import unavailable
 from lrsearch.choices.data import Dataset, load_data
 from lrsearch.choices.sampling import make_pruner, make_sampler
 from lrsearch.config import Config, stored_config
@@ -83,6 +84,7 @@ def join(
     *,
     worker: int = 0,
     study_file: Path | None = None,
+    accelerator: str | None = None,
 ) -> Session:
     """This worker's session on a submitted study: its stored configuration, a sampler of
     this worker's own, its data, and its MLflow experiment and parent run (made by the first
@@ -104,6 +106,8 @@ def join(
             raise UsageError(f"study {name!r} has lr = {{ find = true }} but no range stored: submit it again")
         cfg = cfg.with_lr_range(found["low"], found["high"])
     data = load_data(cfg.data)  # a CSV file this host lacks: unrunnable here, before any record
+    if (why := unavailable(accelerator or cfg.train.accelerator)) is not None:  # (nor a GPU it lacks)
+        raise UsageError(f"{'--accelerator' if accelerator else '[train].accelerator'}: {why}")
     # Its store opened before the lock: a new MLflow store is made under the same lock.
     tracker.ready()
     with store_lock(url, store.retry):  # one experiment and parent run, however many workers join
@@ -240,6 +244,7 @@ def open_session(
     worker: int = 0,
     tracker: TrackerLike | None = None,
     submitted: Submission | None = None,
+    accelerator: str | None = None,
 ) -> Session:
     """Submit the study ``cfg`` describes (or resume it; ``submitted``: already done, its
     ``queue.Submission``) and join it as a worker. ``tracker``: the worker's MLflow client
@@ -250,7 +255,9 @@ def open_session(
     submission = submitted or submit(cfg, storage=storage, tracking=tracking)
     store = open_storage(submission.url, hint="; run the same command again to resume the study")
     tracker = tracker or TrackingProcess(tracking_uri(tracking), worker)
-    return join(cfg.study.name, store, submission.url, tracker, worker=worker, study_file=study_file)
+    return join(
+        cfg.study.name, store, submission.url, tracker, worker=worker, study_file=study_file, accelerator=accelerator
+    )
 
 
 def start_parent(session: Session, outbox: Outbox) -> None:

@@ -4,7 +4,6 @@ total is reached; trials whose worker died are failed and queued again on the wa
 from __future__ import annotations
 
 import functools
-import os
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -37,28 +36,6 @@ WAIT_S = 0.25  # how soon a worker with nothing to claim looks again (a few read
 MAX_WAIT_S = 0.5  # ... backing off to this while it stays idle
 
 
-def default_index() -> int:
-    """A worker's index when none is given (its sampler's seed): distinct per process and per
-    host, since in containers every worker may be pid 1."""
-    import socket
-    import zlib
-
-    return zlib.crc32(f"{socket.gethostname()}:{os.getpid()}".encode())
-
-
-def setup_process() -> None:
-    """Process-wide settings for a process that trains: quiet libraries, one torch thread
-    (faster than several for these small networks, and fair to parallel workers)."""
-    import torch
-
-    from lrsearch.fit.training import quiet_lightning
-
-    # Optuna logs a failed trial with its traceback: lrsearch reports failures in one line.
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    torch.set_num_threads(int(os.environ.get("LRSEARCH_TORCH_THREADS", "1")))
-    quiet_lightning()
-
-
 class Worker:
     """One worker's warm state: its storage, its tracker, and a session on each study it has
     served (sampler, data, MLflow records), kept between trials and between studies.
@@ -79,6 +56,7 @@ class Worker:
         warn: Callable[[str], None] | None = None,
         say: Callable[[str], None] | None = None,
         array: int | str | None = None,
+        accelerator: str | None = None,
     ) -> None:
         self.store = store
         self.url = url
@@ -98,6 +76,7 @@ class Worker:
         self.broken: dict[str, str] = {}
         self.warnings: list[str] = []  # of the studies it has let go
         self.array = array  # trials trained at once: "auto", a size, or None (each study's [train] array)
+        self.accelerator = accelerator  # Lightning's, or None (each study's [train] accelerator)
         self.sizes: dict[str, int] = {}  # the array size used for each study served
         self.beats = Heartbeats(store)  # of the trials it holds, in one statement
         self._last: str | None = None
@@ -154,7 +133,7 @@ class Worker:
                         "the study's array size",
                         Tracker.set_tags,
                         session.parent_run_id,
-                        {"array": self._wanted(session), "array.size": size},
+                        {"array": self._wanted(session), "array.size": size, "accelerator": self._accelerator(session)},
                     )
             # An array's trials end (and start) together: their MLflow records, two jobs each,
             # wait for the tracking thread instead of holding up the array.
@@ -162,7 +141,14 @@ class Worker:
             # Its slots are refilled as its trials end only where it is the only study served:
             # several studies take turns, an array each.
             array = _Array(
-                session, objective, self.stop, self.callbacks, refill=len(names) == 1, beats=self.beats, target=target
+                session,
+                objective,
+                self.stop,
+                self.callbacks,
+                refill=len(names) == 1,
+                beats=self.beats,
+                target=target,
+                accelerator=self._accelerator(session),
             )
             if session.arrays is None:
                 session.arrays = ArrayUse(self._wanted(session), size, len(claimed), len(claimed))
@@ -177,6 +163,9 @@ class Worker:
         if session.cfg.population:  # a population trains as one array, whatever --array says
             return session.cfg.pbt.population
         return self.array if self.array is not None else session.cfg.train.array
+
+    def _accelerator(self, session: Session) -> str:
+        return self.accelerator if self.accelerator is not None else session.cfg.train.accelerator
 
     def _target(self, session: Session, size: int) -> int:
         """The array's size now: ``size`` as asked for; with ``auto``, for a sampler that
@@ -196,7 +185,7 @@ class Worker:
         if name not in self.sizes:
             wanted = self._wanted(session)
             self.sizes[name] = (
-                choose_array_size(session.cfg, session.data, session.target)
+                choose_array_size(session.cfg, session.data, session.target, self._accelerator(session))
                 if wanted == "auto"
                 else min(int(wanted), largest_array(session.cfg, session.data))
             )
@@ -229,7 +218,9 @@ class Worker:
     def _session(self, name: str) -> tuple[Session, Objective] | None:
         if name not in self.sessions:
             try:
-                session = join(name, self.store, self.url, self.tracker, worker=self.index)
+                session = join(
+                    name, self.store, self.url, self.tracker, worker=self.index, accelerator=self.accelerator
+                )
             except LrsearchError as e:  # this study cannot run here; the others can
                 self._unrunnable(name, str(e))
                 return None
@@ -297,6 +288,7 @@ def serve(
     warn: Callable[[str], None] | None = None,
     say: Callable[[str], None] | None = None,
     array: int | str | None = None,
+    accelerator: str | None = None,
     tracker: TrackingProcess | None = None,
 ) -> Served:
     """Serve every study submitted to ``storage`` until stopped, or ``max_idle`` seconds
@@ -314,7 +306,18 @@ def serve(
         if own:
             tracker.close()
         raise
-    worker = Worker(store, url, tracker, index=index, stop=stop, callbacks=callbacks, warn=warn, say=say, array=array)
+    worker = Worker(
+        store,
+        url,
+        tracker,
+        index=index,
+        stop=stop,
+        callbacks=callbacks,
+        warn=warn,
+        say=say,
+        array=array,
+        accelerator=accelerator,
+    )
     idle_since, wait = time.monotonic(), WAIT_S
     status, why = "FAILED", None
     try:
@@ -345,6 +348,7 @@ def work(
     callbacks: Sequence[TrialCallback] = (),
     index: int = 0,
     array: int | str | None = None,
+    accelerator: str | None = None,
 ) -> None:
     """Run trials of this one study until its total of COMPLETE + PRUNED trials is reached
     (or it is cancelled), then close the parent run if this worker is the last.
@@ -355,7 +359,14 @@ def work(
     queued again, under the same lock, to be taken by the next claim.
     """
     worker = Worker(
-        session.store, session.url, session.tracker, index=index, stop=stop, callbacks=callbacks, array=array
+        session.store,
+        session.url,
+        session.tracker,
+        index=index,
+        stop=stop,
+        callbacks=callbacks,
+        array=array,
+        accelerator=accelerator,
     )
     worker.add(session)
     name = session.study.study_name
