@@ -53,18 +53,18 @@ def _line(ax: Axes, history: History, key: str, label: str) -> None:
 
 # -- a study's report ---------------------------------------------------------------------
 
-DPI = 200  # hi-dpi PNGs: sharp when the page shows them at full width
+DPI = 270  # hi-dpi PNGs: sharp when the page shows them at full width (a 6-inch figure: 1,620 pixels)
 
 # The report's figures that the parent run's description shows (names.NOTE_FIGURES; the others
-# are in report.html), as copies PREVIEW_WIDTH pixels wide in names.PREVIEW_DIR: MLflow shows a description's images at
-# their
-# own size (its Markdown drops width attributes), and at the UI's default width (a 1280-pixel
-# window, its assistant panel open) the box is 714 pixels wide: a wider image (780 before)
-# pushed the whole description past the box's right edge, cutting off lines of text too.
+# are in report.html), as copies PREVIEW_WIDTH pixels wide in names.PREVIEW_DIR: MLflow shows a
+# description's images at their own size (its Markdown drops width attributes). From a window
+# about 1240 pixels wide (MLflow 3.18, its assistant panel shut) the run page sets its 464-pixel
+# "About this run" column beside the description, which leaves the description 514 pixels
+# there (554 at 1280): a wider image (680 before) pushed that column past the page's edge.
 # The figures it shows are NOTE_FIGURE_WIDTH inches wide, so their text keeps its size there.
-PREVIEW_WIDTH = 680
+PREVIEW_WIDTH = 500
 
-NOTE_FIGURE_WIDTH = 8.0  # 10-point text: ~12 pixels in the copy
+NOTE_FIGURE_WIDTH = 6.0  # 10-point text: ~12 pixels in the copy
 
 
 def _previews(figures: Sequence[Path], folder: Path) -> None:
@@ -109,9 +109,9 @@ def plot_grid(trials: Sequence[TrialCurves], name: str, path: Path) -> Path:
     ordered = _grid_order(trials, axes_names)
     cols = min(4, len(ordered))
     rows = math.ceil(len(ordered) / cols)
-    # 2.8 inches a panel: four across, copied PREVIEW_WIDTH pixels wide for the description,
-    # keep their text as large as 3.2-inch panels had it in the 780-pixel copies before.
-    fig = Figure(figsize=(2.8 * cols, 2.6 * rows + 0.6))
+    # 2.1 inches a panel: four across, copied PREVIEW_WIDTH pixels wide for the description,
+    # keep their text as large as 2.8-inch panels had it in the 680-pixel copies before.
+    fig = Figure(figsize=(2.1 * cols, 2.0 * rows + 0.6))
     panels = fig.subplots(rows, cols, sharex=True, sharey=True, squeeze=False).ravel()
     for ax, t in zip(panels, ordered):
         for key, label in (("train/acc", "train"), ("val/acc", "validation")):
@@ -147,11 +147,11 @@ def plot_lr_curves(trials: Sequence[TrialCurves], name: str, path: Path) -> Path
 
 
 # The lr curves' legend: in the description's PREVIEW_WIDTH-pixel copy of a NOTE_FIGURE_WIDTH
-# figure, at about the size of the description's own text (12 pt at 680/576 pixels a point:
+# figure, at about the size of the description's own text (12 pt at 500/432 pixels a point:
 # ~14 px; "small" in the 10-inch figure it was, copied 780 pixels wide, was ~9 px).
 LEGEND_PT = 12.0
 
-_LEGEND_CHARS = 74  # a legend line's characters at LEGEND_PT in NOTE_FIGURE_WIDTH inches; longer labels wrap
+_LEGEND_CHARS = 55  # a legend line's characters at LEGEND_PT in NOTE_FIGURE_WIDTH inches; longer labels wrap
 
 
 def _lr_figure(trials: Sequence[TrialCurves], axes: Sequence[str], title: str, path: Path, rank: bool = False) -> Path:
@@ -176,7 +176,7 @@ def lr_figure(trials: Sequence[TrialCurves], axes: Sequence[str], title: str, ra
     ]
     columns = 1 if rank or len(trials) <= 6 else 2  # a grid's short labels: two columns
     legend_lines = sum(label.count("\n") + 1 for label in labels) / columns
-    fig = Figure(figsize=(NOTE_FIGURE_WIDTH, 3.9 + 0.26 * legend_lines))
+    fig = Figure(figsize=(NOTE_FIGURE_WIDTH, 3.0 + 0.26 * legend_lines))
     ax = fig.subplots()
     for i, (t, label) in enumerate(zip(trials, labels), 1):
         points = t.curves.get("lr", [])
@@ -199,7 +199,7 @@ def plot_history(trials: Sequence[TrialCurves], name: str, direction: str, objec
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    fig = Figure(figsize=(NOTE_FIGURE_WIDTH, 4.0))
+    fig = Figure(figsize=(NOTE_FIGURE_WIDTH, 3.0))
     ax = fig.subplots()
     ordered = sorted(trials, key=lambda t: t.number)
     done = [t for t in ordered if t.state == "COMPLETE" and t.value is not None]
@@ -245,7 +245,7 @@ def plot_objective_vs_lr(trials: Sequence[TrialCurves], name: str, objective: st
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
-    fig = Figure(figsize=(NOTE_FIGURE_WIDTH, 4.0))
+    fig = Figure(figsize=(NOTE_FIGURE_WIDTH, 3.0))
     ax = fig.subplots()
     by_optimizer: dict[str, list[TrialCurves]] = {}
     for t in trials:
