@@ -140,10 +140,19 @@ def test_mlflow_ui_explains_the_study(write_study, tmp_path):
         assert cmdline[cmdline.index(b"--host") + 1] == b"127.0.0.1"
         with playwright.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            # The UI's default width: a 1280-pixel window (its assistant panel open). Tall, so
-            # that the screenshot holds the whole description.
+            # The UI's default width: a 1280-pixel window. Tall, so that the screenshot holds the
+            # whole description.
             context = browser.new_context(viewport={"width": 1280, "height": 2400})
             page = context.new_page()
+
+            # A first visit, as a tracking user needs it (track/ui_app.py): the sidebar's switch on
+            # Model training (GenAI's sidebar has "AI Registry" instead), the assistant panel
+            # not opened by itself.
+            page.goto(root)
+            page.get_by_text("Model registry", exact=True).wait_for(timeout=30000)
+            page.wait_for_timeout(1000)  # (the panel opens as the page settles, where it does)
+            assert page.get_by_placeholder("Ask a question...").count() == 0
+            assert page.get_by_text("AI Registry", exact=True).count() == 0
 
             # The parent run's description: outcome, best trial, top-trial table, figures.
             page.goto(root + run_path(exp, result.parent_run_id))
@@ -199,9 +208,8 @@ def test_mlflow_ui_explains_the_study(write_study, tmp_path):
             row.wait_for(timeout=30000)
             playwright.expect(row).to_contain_text("@ best")
             playwright.expect(row).to_contain_text("Version 1")
-            page.wait_for_timeout(1000)  # MLflow's one-time notice about its registry UI, if it comes
-            page.keyboard.press("Escape")
-            page.wait_for_timeout(500)
+            page.wait_for_timeout(1000)  # MLflow's one-time notice about its registry UI would be up by now
+            assert page.locator("[role=dialog]").count() == 0
             page.screenshot(path=str(shots / "models.png"))
             page.goto(root + "#/models/tiny")
             playwright.expect(page.locator("body")).to_contain_text(f"lrsearch.trial: {complete.number}", timeout=30000)
@@ -255,6 +263,13 @@ def test_mlflow_ui_explains_the_study(write_study, tmp_path):
                 f"() => [...document.images].some(i => i.complete && i.naturalWidth == {full})", timeout=30000
             )
             page.screenshot(path=str(shots / "report_artifact.png"))
+
+            # The user's own choice is kept: the defaults fill only what the browser has no value for.
+            page.goto(root)
+            page.get_by_text("GenAI", exact=True).click()
+            page.get_by_text("AI Registry", exact=True).wait_for(timeout=15000)
+            page.reload()
+            page.get_by_text("AI Registry", exact=True).wait_for(timeout=30000)
             browser.close()
     for shot in shots.iterdir():
         assert shot.stat().st_size > 10_000, shot.name

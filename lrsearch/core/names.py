@@ -14,6 +14,9 @@ OBJECTIVE_METRIC = "objective"  # a COMPLETE trial's value, logged once at its e
 RANK_TAG = "rank_key"  # a COMPLETE trial's place in the study's one ranking, as text (ranking.rank_key)
 UI_QUERY = "workflowType=machine_learning"  # MLflow 3 opens on its GenAI views otherwise
 DEFAULT_UI_PORT = 5000  # where `lrsearch ui` serves the UI unless told --port
+# The MLflow app `lrsearch ui` and `lrsearch server` run (`mlflow server --app-name`): pyproject.toml's
+# mlflow.app entry point, track/ui_app.py.
+UI_APP = "lrsearch"
 
 # The model a study registers: each trial run's network file, the model's alias.
 NETWORK_FILE = "network.pt"

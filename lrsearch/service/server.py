@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from lrsearch.core.errors import WARNING_PREFIX, LrsearchError, UsageError
+from lrsearch.core.names import UI_APP
 from lrsearch.store.folders import artifact_root, make_folder
 from lrsearch.store.postgres import prepare_database
 from lrsearch.store.urls import data_dir, is_postgres, pg_parts, redact, schema_url, shown_host, sqlite_path, with_user
@@ -160,8 +161,8 @@ def server_command(
     ]
     if allowed_hosts:
         cmd += ["--allowed-hosts", allowed_hosts]
-    if auth:
-        cmd += ["--app-name", "basic-auth"]
+    # MLflow's login app, else MLflow's app with its UI's defaults for a tracking user (track/ui_app.py).
+    cmd += ["--app-name", "basic-auth" if auth else UI_APP]
     return cmd
 
 
