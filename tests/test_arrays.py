@@ -155,6 +155,9 @@ def test_runs_summary_says_how_many_trials_trained_together_and_why():
     assert array_line(ArrayUse(64, 5, 5, 5), "tpe") == (
         "trials trained together: 5 at a time (array 64 asked for; memory allows 5)"
     )
+    assert array_line(ArrayUse(4, 4, 4, 4, device="cuda:0"), "tpe") == (
+        "trials trained together: 4 at a time on cuda:0 (array 4 asked for)"
+    )
 
 
 ARRAY_STUDY = """\

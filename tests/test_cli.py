@@ -125,8 +125,8 @@ def test_run_then_best_on_the_embedded_default(cli, write_study, tmp_path):
 
     # (the probe's timing decides: 2 trials at once, or 1 where arrays would not pay)
     assert lines[1] in (
-        "trials trained together: 2 at a time (auto: arrays of 2 train fastest a trial on this machine)",
-        "trials trained together: 1 at a time (auto: larger arrays train no faster a trial here)",
+        "trials trained together: 2 at a time on cpu (auto: arrays of 2 train fastest a trial on this machine)",
+        "trials trained together: 1 at a time on cpu (auto: larger arrays train no faster a trial here)",
     )
     summary = lines[2 : lines.index(links[0])]
     assert split(summary[0]) == ["number", "value", "state", "params", "duration_s", "wall_s", "mlflow"]

@@ -214,12 +214,13 @@ def test_a_worker_without_a_gpu_skips_a_study_that_asks_for_one_and_says_why(cli
     # The same study trained on the CPU by a worker told so: --accelerator is the worker's.
     r = cli("worker", "--max-idle", "0.5", "--accelerator", "cpu", "--array", "3")
     assert r.returncode == 0 and "study 'tiny' taken up" in r.stderr
+    assert "trials trained together: 3 at a time on cpu (array 3 asked for)" in r.stdout.splitlines()
     from mlflow import MlflowClient
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'lrsearch-data' / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("tiny").experiment_id
     (parent,) = client.search_runs([experiment], "tags.`lrsearch.role` = 'study'")
-    assert parent.data.tags["accelerator"] == "cpu"
+    assert parent.data.tags["accelerator"] == "cpu" and parent.data.tags["device"] == "cpu"  # asked; picked
     (row,) = json.loads(cli("status", "tiny", "--format", "json").stdout)
     assert (row["state"], row["complete"]) == ("done", 3)
 

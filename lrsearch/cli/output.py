@@ -180,7 +180,8 @@ def array_line(use: ArrayUse, sampler: str) -> str:
                 f"; {sampler} learns from finished trials, so its arrays start at {FIRST_ARRAY} and grow "
                 f"to 1/{TRIALS_PER_MEMBER} of the finished trials"
             )
-    return f"trials trained together: {together} at a time ({why})"
+    on = f" on {use.device}" if use.device is not None else ""
+    return f"trials trained together: {together} at a time{on} ({why})"
 
 
 def model_line(uri: str, trial: int, version: str | None = None) -> str:

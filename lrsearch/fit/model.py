@@ -89,6 +89,7 @@ class ArrayClassifier(pl.LightningModule):
         self.weights: list[torch.Tensor] = []  # W0, b0, W1, b1, ...: views of ``flat``, dim 0 = member
         self.optimizer: ArrayOptimizer | None = None
         self.epoch_ends: list[float] = []  # perf_counter() at each epoch's end (the array-size probe reads them)
+        self.trained_on: torch.device | None = None  # the device Lightning picked (it moves the module back after)
         self._first = list(members)
 
     # -- membership ----------------------------------------------------------------------
@@ -200,6 +201,7 @@ class ArrayClassifier(pl.LightningModule):
     def on_fit_start(self) -> None:
         # Lightning has moved the module (and moves each batch) to the device it chose; the
         # stacked weights are no module parameter, and the validation set no batch.
+        self.trained_on = self.device
         self.val = (self.val[0].to(self.device), self.val[1].to(self.device))
         self._stack([], self._first)
         self._first = []

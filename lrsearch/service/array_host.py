@@ -55,6 +55,7 @@ class _Array:
         self.id = uuid.uuid4().hex[:12]  # its trials' array_id: which trials trained in this one fit
         self.target = target  # how many trials to train at once from now on
         self.accelerator = accelerator  # Lightning's, as the worker was told or the study says
+        self.device: str | None = None  # the device it picked, once the fit has started
         self.objective = objective
         self.stop = stop
         self.callbacks = callbacks
@@ -77,7 +78,7 @@ class _Array:
                 faults.point("joined")
                 with self.stop.interruptible():  # a second signal stops training at once
                     if members:  # none if another worker ended every one before it began
-                        fit_array(
+                        module = fit_array(
                             self.session.cfg,
                             self.session.data,
                             members,
@@ -85,6 +86,8 @@ class _Array:
                             self.trial_stop,
                             accelerator=self.accelerator,
                         )
+                        if module is not None and module.trained_on is not None:
+                            self.device = str(module.trained_on)
                 faults.point("trained")
                 if self.open:  # the fit ended before they left it: Lightning's own SIGTERM handler ends it mid-epoch
                     with self.stop.shielded():

@@ -45,6 +45,7 @@ class ArrayUse:
     size: int
     first: int
     most: int
+    device: str | None = None  # where Lightning trained them ("cpu", "cuda:0", "mps:0"), once known
 
     def saw(self, together: int) -> None:
         self.most = max(self.most, together)

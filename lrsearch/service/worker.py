@@ -154,6 +154,11 @@ class Worker:
                 session.arrays = ArrayUse(self._wanted(session), size, len(claimed), len(claimed))
             session.arrays.saw(len(claimed))
             array.train(claimed)
+            if array.device is not None and session.arrays.device is None:
+                session.arrays.device = array.device
+                objective.records.submit(
+                    "the study's device", Tracker.set_tags, session.parent_run_id, {"device": array.device}
+                )
             if _cancelled(session) is not None:
                 self._end(session, "cancelled")
             return True
