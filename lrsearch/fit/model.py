@@ -335,11 +335,10 @@ class ArrayClassifier(pl.LightningModule):
             m.result.epochs += 1
         leaving = [m for m in self.members if stopping or m.ended_early or m.epoch >= m.epochs]
         for m in leaving:
-            # Its final network, kept with its result (a copy: the stacked weights are restacked).
+            # Its final network, kept with its result on the CPU, where it is saved and served (a
+            # copy: the stacked weights are restacked).
             slot = self.members.index(m)
-            m.result.weights = [
-                w[slot].detach().to("cpu", copy=True) for w in self.weights
-            ]  # (saved, served on the CPU)
+            m.result.weights = [w[slot].detach().to("cpu", copy=True) for w in self.weights]
             self._forget(m)
         keep = [i for i, m in enumerate(self.members) if m not in leaving]
         new = list(self.host.boundary(self.members, leaving, refill=not stopping)) if self.host is not None else []

@@ -49,12 +49,12 @@ class _Array:
         refill: bool,
         beats: Heartbeats,
         target: Callable[[], int] = lambda: 1,
-        accelerator: str = "cpu",
+        accelerator: str | None = None,
     ) -> None:
         self.session = session
         self.id = uuid.uuid4().hex[:12]  # its trials' array_id: which trials trained in this one fit
         self.target = target  # how many trials to train at once from now on
-        self.accelerator = accelerator  # Lightning's, as the worker was told or the study says
+        self.accelerator = accelerator  # Lightning's, as the worker was told (None: the study's, as fit_array reads it)
         self.device: str | None = None  # the device it picked, once the fit has started
         self.objective = objective
         self.stop = stop
